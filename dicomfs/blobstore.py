@@ -1,0 +1,422 @@
+"""Series blobs on local disk: single-flight downloads, crash-safe commits, LRU eviction.
+
+Design note
+-----------
+* A series blob is one file holding the series' instances back to back, plus a *manifest*
+  (instance key -> offset, length) kept in its own small diskcache.
+* A download writes into ``partial/<random>.part``. Readers of instance k wait only until k's
+  bytes are complete in that file (an event per change), then read through their own dup'ed fd.
+* When the download ends cleanly the file is fsync'ed and handed to the blob index (a diskcache
+  with ``size_limit`` and least-recently-used eviction). ``BlobDisk.store`` *renames* it into the
+  index directory (no copy), in the same call that records it, after the manifest was written.
+  A crash at any point leaves at worst a ``.part`` file (deleted on start) or an unindexed file:
+  never an index entry for a blob that was not complete and verified.
+* Single-flight: one ``SeriesDownload`` per series at a time; every reader joins it. Downloads
+  belong to the store's own nursery, so a reader that gives up does not cancel them.
+* Eviction runs in a background task (``Cache.cull`` in a worker thread), never in a read. A blob
+  that is evicted while a reader holds it open is moved to ``graveyard/`` and deleted when the
+  last reader lets go (``BlobDisk.remove``).
+* Sources that have a local file per instance (folders, the demo) are served in place.
+
+Must not know about FUSE, inodes or the tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cachetools
+import diskcache
+import trio
+
+from dicomfs.errors import CacheError, DicomfsError, IntegrityError, NotFound, SourceError
+from dicomfs.records import InstanceRecord, SeriesRecord
+from dicomfs.sources.base import Source
+
+log = logging.getLogger(__name__)
+
+WRITE_BATCH = 1 << 20
+DOWNLOAD_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Manifest:
+    members: dict[str, tuple[int, int]]  # key -> (offset, length)
+    size: int
+
+
+@dataclass(frozen=True)
+class CompletedBlob:
+    """A finished ``.part`` file, handed to ``BlobDisk.store`` to be moved into the index."""
+
+    path: str
+    size: int
+
+
+class _Pins:
+    """Blob files that readers hold open, and evicted ones waiting for their last reader."""
+
+    def __init__(self, graveyard: Path) -> None:
+        self.graveyard = graveyard
+        self.counts: Counter[str] = Counter()
+        self.buried: dict[str, str] = {}
+
+    def pin(self, path: str) -> None:
+        self.counts[path] += 1
+
+    def unpin(self, path: str) -> None:
+        self.counts[path] -= 1
+        if self.counts[path] <= 0:
+            del self.counts[path]
+            grave = self.buried.pop(path, None)
+            if grave is not None:
+                _unlink_quietly(grave)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class BlobDisk(diskcache.Disk):
+    """diskcache storage that adopts finished blob files by rename and spares pinned ones."""
+
+    pins: _Pins  # set on the per-store subclass made by ``_disk_class``
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple[Any, ...]:
+        if isinstance(value, CompletedBlob):
+            filename, full_path = self.filename(key, value)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            os.rename(value.path, full_path)
+            return value.size, diskcache.core.MODE_BINARY, filename, None
+        return super().store(value, read, key)  # type: ignore[no-any-return]
+
+    def remove(self, file_path: str) -> None:
+        full_path = os.path.join(self._directory, file_path)
+        if self.pins.counts.get(full_path):
+            grave = str(self.pins.graveyard / uuid.uuid4().hex)
+            try:
+                os.rename(full_path, grave)
+                self.pins.buried[full_path] = grave
+                return
+            except OSError:
+                pass
+        super().remove(file_path)
+
+
+def _disk_class(pins: _Pins) -> type[BlobDisk]:
+    return type("PinnedBlobDisk", (BlobDisk,), {"pins": pins})
+
+
+class InstanceHandle:
+    """An open instance: a private fd on the file that holds it, and where in that file."""
+
+    def __init__(self, fd: int, offset: int, length: int, release: Any = None) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        self._release = release
+        self._nowait = True
+
+    async def read(self, off: int, size: int) -> bytes:
+        if off >= self.length or size <= 0:
+            return b""
+        size = min(size, self.length - off)
+        pos = self.offset + off
+        if self._nowait:
+            # Page-cache hits are answered inline; only a read that would block goes to a thread.
+            buf = bytearray(size)
+            try:
+                if os.preadv(self.fd, [buf], pos, os.RWF_NOWAIT) == size:
+                    return bytes(buf)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False
+        data = await trio.to_thread.run_sync(os.pread, self.fd, size, pos)
+        if len(data) != size:
+            raise IntegrityError("cached blob is shorter than its manifest")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+@dataclass
+class _Member:
+    offset: int
+    length: int
+
+
+class SeriesDownload:
+    """One running download of a series blob; also the sink the source writes into."""
+
+    def __init__(self, series: SeriesRecord, path: Path) -> None:
+        self.series = series
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.members: dict[str, _Member] = {}
+        self.end = 0  # end of the last complete member
+        self.finished = False
+        self.error: BaseException | None = None
+        self._changed = trio.Event()
+
+    # --- SeriesSink -------------------------------------------------------------------------
+    def wants(self, key: str) -> bool:
+        return key not in self.members
+
+    async def begin(self, key: str, size: int | None) -> _MemberWriter:
+        return _MemberWriter(self, key, self.end, size)
+
+    # --- readers ----------------------------------------------------------------------------
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_member(self, key: str) -> _Member:
+        while True:
+            member = self.members.get(key)
+            if member is not None:
+                return member
+            if self.finished:
+                if self.error is not None:
+                    raise SourceError(f"series {self.series.uid} could not be fetched: {self.error}")
+                raise NotFound(f"instance {key} is missing from its series retrieve")
+            await self._changed.wait()
+
+    def manifest(self) -> Manifest:
+        return Manifest({k: (m.offset, m.length) for k, m in self.members.items()}, self.end)
+
+
+class _MemberWriter:
+    def __init__(self, download: SeriesDownload, key: str, offset: int, announced: int | None) -> None:
+        self._download = download
+        self._key = key
+        self._offset = offset
+        self._announced = announced
+        self._written = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    async def write(self, data: bytes) -> None:
+        if self._announced is not None and self._written + self._pending_bytes + len(data) > self._announced:
+            raise IntegrityError(f"instance {self._key} is longer than announced")
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= WRITE_BATCH:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        pos = self._offset + self._written
+        await trio.to_thread.run_sync(_pwrite_all, self._download.fd, data, pos)
+        self._written += len(data)
+
+    async def finish(self) -> None:
+        await self._flush()
+        if self._announced is not None and self._written != self._announced:
+            raise IntegrityError(f"instance {self._key} is shorter than announced")
+        download = self._download
+        download.members[self._key] = _Member(self._offset, self._written)
+        download.end = self._offset + self._written
+        download.notify()
+
+
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, pos)
+        view = view[written:]
+        pos += written
+
+
+class BlobStore:
+    """The disk cache of series blobs for one source."""
+
+    def __init__(self, cache_dir: Path, size_limit: int, source: Source) -> None:
+        self.source = source
+        self.cache_dir = cache_dir
+        self.size_limit = size_limit
+        self.partial_dir = cache_dir / "partial"
+        graveyard = cache_dir / "graveyard"
+        for folder in (self.partial_dir, graveyard):
+            shutil.rmtree(folder, ignore_errors=True)  # leftovers of a crash are never valid
+            folder.mkdir(parents=True, exist_ok=True)
+        self._pins = _Pins(graveyard)
+        try:
+            self.index = diskcache.Cache(
+                str(cache_dir / "blobs"), size_limit=size_limit, cull_limit=0,
+                eviction_policy="least-recently-used", disk=_disk_class(self._pins),
+            )
+            self.manifests = diskcache.Cache(str(cache_dir / "manifests"))
+        except Exception as exc:
+            raise CacheError(f"cannot open the cache in {cache_dir}: {exc}") from None
+        self._manifest_memory: cachetools.LRUCache[str, Manifest] = cachetools.LRUCache(4096)
+        self._downloads: dict[str, SeriesDownload] = {}
+        self._nursery: trio.Nursery | None = None
+        self._cull_wanted = trio.Event()
+        self.retrievals = 0  # series downloads started (for statistics)
+
+    def close(self) -> None:
+        self.index.close()
+        self.manifests.close()
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the downloads and the eviction task; returns when cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await self._cull_wanted.wait()
+                self._cull_wanted = trio.Event()
+                try:
+                    removed = await trio.to_thread.run_sync(self.index.cull)
+                    if removed:
+                        log.info("evicted %d series blobs to stay under the cache size limit", removed)
+                except Exception as exc:
+                    log.warning("cache eviction failed: %s", exc)
+
+    # --- sizes ------------------------------------------------------------------------------
+    async def manifest(self, series: SeriesRecord) -> Manifest | None:
+        manifest = self._manifest_memory.get(series.key)
+        if manifest is None:
+            manifest = await trio.to_thread.run_sync(self.manifests.get, series.key)
+            if manifest is not None:
+                self._manifest_memory[series.key] = manifest
+        return manifest
+
+    async def known_sizes(self, series: SeriesRecord) -> dict[str, int]:
+        """Sizes known without downloading: from a stored manifest or a running download."""
+        manifest = await self.manifest(series)
+        sizes = {k: length for k, (_, length) in manifest.members.items()} if manifest else {}
+        download = self._downloads.get(series.key)
+        if download is not None:
+            sizes.update({k: m.length for k, m in download.members.items()})
+        return sizes
+
+    async def size_of(self, series: SeriesRecord, instance: InstanceRecord) -> int:
+        """The exact size of an instance, downloading its series if nothing else knows it."""
+        if instance.size is not None:
+            return instance.size
+        sizes = await self.known_sizes(series)
+        if instance.key in sizes:
+            return sizes[instance.key]
+        member = await self._download(series).wait_member(instance.key)
+        return member.length
+
+    # --- reading ----------------------------------------------------------------------------
+    async def open_instance(self, series: SeriesRecord, instance: InstanceRecord) -> InstanceHandle:
+        local = self.source.local_file(instance)
+        if local is not None:
+            return await trio.to_thread.run_sync(_open_local, local, instance)
+        manifest = await self.manifest(series)
+        if manifest is not None and instance.key in manifest.members:
+            handle = await self._open_cached(series, manifest, instance.key)
+            if handle is not None:
+                return handle
+        download = self._download(series)
+        member = await download.wait_member(instance.key)
+        return InstanceHandle(os.dup(download.fd), member.offset, member.length)
+
+    async def _open_cached(self, series: SeriesRecord, manifest: Manifest, key: str) -> InstanceHandle | None:
+        blob = await trio.to_thread.run_sync(lambda: self.index.get(series.key, read=True))
+        if blob is None:
+            return None
+        with blob:
+            path = blob.name
+            fd = os.dup(blob.fileno())
+        offset, length = manifest.members[key]
+        if offset + length > os.fstat(fd).st_size:
+            os.close(fd)
+            raise IntegrityError(f"cached blob of series {series.uid} is shorter than its manifest")
+        self._pins.pin(path)
+        return InstanceHandle(fd, offset, length, release=lambda: self._pins.unpin(path))
+
+    def is_cached(self, series: SeriesRecord) -> bool:
+        return series.key in self.index
+
+    # --- downloading ------------------------------------------------------------------------
+    def _download(self, series: SeriesRecord) -> SeriesDownload:
+        download = self._downloads.get(series.key)
+        if download is None:
+            if self._nursery is None:
+                raise CacheError("the blob store is not running")
+            path = self.partial_dir / f"{uuid.uuid4().hex}.part"
+            download = SeriesDownload(series, path)
+            self._downloads[series.key] = download
+            self.retrievals += 1
+            self._nursery.start_soon(self._run_download, download)
+        return download
+
+    async def _run_download(self, download: SeriesDownload) -> None:
+        series = download.series
+        try:
+            for attempt in range(DOWNLOAD_ATTEMPTS):
+                try:
+                    await self.source.fetch_series(series, download)
+                    break
+                except SourceError as exc:
+                    if attempt + 1 == DOWNLOAD_ATTEMPTS:
+                        raise
+                    log.warning("series %s: %s; retrying", series.uid, exc)
+                    await trio.sleep(0.5 * 2**attempt)
+            await self._commit(download)
+        except DicomfsError as exc:
+            log.error("series %s could not be fetched from %s: %s", series.uid,
+                      self.source.description, exc)
+            download.error = exc
+        except Exception as exc:  # a bug must not take the daemon down with it
+            log.exception("series %s: unexpected error while fetching", series.uid)
+            download.error = exc
+        finally:
+            download.finished = True
+            del self._downloads[series.key]
+            download.notify()
+            os.close(download.fd)
+            _unlink_quietly(str(download.path))
+
+    async def _commit(self, download: SeriesDownload) -> None:
+        manifest = download.manifest()
+
+        def commit() -> None:
+            os.ftruncate(download.fd, manifest.size)
+            os.fsync(download.fd)
+            self.manifests.set(download.series.key, manifest)
+            self.index.set(download.series.key, CompletedBlob(str(download.path), manifest.size))
+
+        await trio.to_thread.run_sync(commit)
+        self._manifest_memory[download.series.key] = manifest
+        self._cull_wanted.set()
+        log.info("series %s cached: %d instances, %d bytes", download.series.uid,
+                 len(manifest.members), manifest.size)
+
+
+def _open_local(path: Path, instance: InstanceRecord) -> InstanceHandle:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise SourceError(f"cannot open {path}: {exc.strerror}") from None
+    size = os.fstat(fd).st_size
+    if instance.size is not None and size != instance.size:
+        os.close(fd)
+        raise IntegrityError(f"{path} changed size since it was indexed; remount to re-index")
+    return InstanceHandle(fd, 0, size)

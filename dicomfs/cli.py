@@ -1,0 +1,219 @@
+"""The ``dicomfs`` command line: parse arguments, report errors in one line, pick an exit status.
+
+Owns user-facing option handling, detaching (a child process in the foreground mode that reports
+readiness through a pipe), and ``umount``. Must not implement mounting or fetching itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dicomfs import __version__
+from dicomfs.errors import DicomfsError, UsageError
+from dicomfs.sources import credentials_from_environment, parse_source
+
+log = logging.getLogger("dicomfs")
+
+READY_TIMEOUT = 600.0
+UMOUNT_TIMEOUT = 60.0
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """``20G``, ``512M``, ``1.5T`` or a plain byte count (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise UsageError(f"invalid size {text!r} (examples: 20G, 512M, 1.5T)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise UsageError(f"invalid size {text!r}: must be positive")
+    return size
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "dicomfs"
+
+
+def default_cache_size(cache_dir: Path) -> int:
+    """A fifth of the free space where the cache lives (at least 1 GiB)."""
+    probe = cache_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return max(free // 5, 1 << 30)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicomfs", description="Mount a DICOM archive as folders.")
+    parser.add_argument("--version", action="version", version=f"dicomfs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    mount = commands.add_parser("mount", help="mount SOURCE (DICOMweb URL, folder, or 'demo') on MOUNTPOINT")
+    mount.add_argument("source")
+    mount.add_argument("mountpoint")
+    mount.add_argument("--foreground", action="store_true", help="do not detach")
+    mount.add_argument("--cache-dir", help="default: $XDG_CACHE_HOME/dicomfs/<source-id>")
+    mount.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: 1/5 of free disk)")
+    mount.add_argument("--log-level", default="INFO",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    mount.add_argument("--log-file", help="where a detached daemon logs (default: <cache-dir>/dicomfs.log)")
+    mount.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    mount.add_argument("--systemd", action="store_true",
+                       help="stay in the foreground and send READY=1 to $NOTIFY_SOCKET when mounted")
+    mount.add_argument("--user", help="HTTP basic auth user; password from DICOMFS_PASSWORD or --password-file")
+    mount.add_argument("--password-file")
+    mount.add_argument("--token-file", help="bearer token file (or DICOMFS_TOKEN)")
+    mount.add_argument("--listing-ttl", type=float, default=60.0,
+                       help="seconds a study or series listing is trusted (default 60)")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    umount = commands.add_parser("umount", help="unmount and wait for the daemon to exit")
+    umount.add_argument("mountpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return _mount(args, list(sys.argv[1:] if argv is None else argv))
+        if args.command == "umount":
+            return _umount(Path(args.mountpoint))
+    except DicomfsError as exc:
+        print(f"dicomfs: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _mount(args: argparse.Namespace, argv: list[str]) -> int:
+    from dicomfs.mount import MountOptions, check_mountpoint
+
+    spec = parse_source(args.source)
+    mountpoint = check_mountpoint(Path(args.mountpoint).expanduser())
+    credentials = credentials_from_environment(args.user, args.password_file, args.token_file)
+    cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root() / spec.source_id
+    cache_size = parse_size(args.cache_size) if args.cache_size else default_cache_size(cache_dir)
+    options = MountOptions(spec, mountpoint, cache_dir, cache_size, credentials,
+                           allow_other=args.allow_other, listing_ttl=args.listing_ttl)
+    if args.foreground or args.systemd:
+        return _run_foreground(options, args)
+    return _detach(options, args, argv)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "pyfuse3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _run_foreground(options: object, args: argparse.Namespace) -> int:
+    import trio
+
+    from dicomfs.mount import sd_notify, serve
+
+    _configure_logging(args.log_level)
+    ready_fd: int | None = args.ready_fd
+
+    def on_ready() -> None:
+        nonlocal ready_fd
+        if args.systemd:
+            sd_notify("READY=1")
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        trio.run(serve, options, on_ready)
+    except DicomfsError as exc:
+        log.error("%s", exc)
+        if ready_fd is not None:
+            os.write(ready_fd, f"error: {exc}\n".encode())
+        raise
+    except Exception as exc:
+        log.exception("the daemon failed")
+        if ready_fd is not None:
+            os.write(ready_fd, f"error: {type(exc).__name__}: {exc}\n".encode())
+        return 1
+    return 0
+
+
+def _detach(options: object, args: argparse.Namespace, argv: list[str]) -> int:
+    cache_dir: Path = options.cache_dir  # type: ignore[attr-defined]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log_path = Path(args.log_file).expanduser() if args.log_file else cache_dir / "dicomfs.log"
+    read_fd, write_fd = os.pipe()
+    child_argv = [sys.executable, "-m", "dicomfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen(child_argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                 pass_fds=(write_fd,), start_new_session=True)
+    os.close(write_fd)
+    message = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not message.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]:
+            child.kill()
+            raise DicomfsError(f"the daemon did not become ready in {READY_TIMEOUT:.0f}s (see {log_path})")
+        chunk = os.read(read_fd, 4096)
+        if not chunk:
+            break
+        message += chunk
+    os.close(read_fd)
+    text = message.decode(errors="replace").strip()
+    if text == "ready":
+        return 0
+    if text.startswith("error: "):
+        raise DicomfsError(text[len("error: "):])
+    raise DicomfsError(f"the daemon exited with status {child.wait()} before mounting (see {log_path})")
+
+
+def _umount(mountpoint: Path) -> int:
+    from dicomfs.mount import pidfile_for
+
+    mountpoint = Path(os.path.abspath(mountpoint.expanduser()))
+    pidfile = pidfile_for(mountpoint)
+    try:
+        pid: int | None = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        pid = None
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=UMOUNT_TIMEOUT)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        raise DicomfsError(f"cannot unmount {mountpoint}: {reason}")
+    if pid is not None:
+        deadline = time.monotonic() + UMOUNT_TIMEOUT
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise DicomfsError(f"unmounted, but the daemon (pid {pid}) did not exit")
+            time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            return stat_file.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,154 @@
+"""The pyfuse3 Operations: a thin translation of kernel requests into tree and blob-store calls.
+
+Owns file and directory handles and the mapping of dicomfs errors to errno. Must not contain
+caching, fetching or naming logic: that lives in ``tree`` and ``blobstore``.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pyfuse3
+
+from dicomfs.blobstore import BlobStore, InstanceHandle
+from dicomfs.errors import DicomfsError
+from dicomfs.tree import Attributes, Kind, Node, Tree
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 4096
+
+
+@contextmanager
+def _errno_at_the_edge(what: str) -> Iterator[None]:
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except DicomfsError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("%s: %s", what, exc)
+        raise pyfuse3.FUSEError(exc.errno) from None
+    except Exception:
+        log.exception("%s: unexpected error", what)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+def entry_attributes(attrs: Attributes, uid: int, gid: int) -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = attrs.inode
+    entry.generation = 0
+    entry.entry_timeout = attrs.entry_timeout
+    entry.attr_timeout = attrs.attr_timeout
+    entry.st_mode = attrs.mode
+    entry.st_nlink = attrs.nlink
+    entry.st_uid = uid
+    entry.st_gid = gid
+    entry.st_rdev = 0
+    entry.st_size = attrs.size
+    entry.st_blksize = BLOCK_SIZE
+    entry.st_blocks = (attrs.size + 511) // 512
+    entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attrs.mtime_ns
+    return entry
+
+
+class DicomOperations(pyfuse3.Operations):
+    def __init__(self, tree: Tree, blobs: BlobStore) -> None:
+        super().__init__()
+        self.tree = tree
+        self.blobs = blobs
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._handles = itertools.count(1)
+        self._files: dict[int, InstanceHandle] = {}
+        self._dirs: dict[int, list[tuple[Node, Attributes]]] = {}
+
+    def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
+        return entry_attributes(attrs, self._uid, self._gid)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        text = os.fsdecode(name)
+        with _errno_at_the_edge(f"lookup {text!r}"):
+            node = await self.tree.lookup(self.tree.get(parent_inode), text)
+            attrs = await self.tree.attributes(node)
+            self.tree.remember(node)
+            return self._entry(attrs)
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        with _errno_at_the_edge("getattr"):
+            return self._entry(await self.tree.attributes(self.tree.get(inode)))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.tree.forget(inode, count)
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        with _errno_at_the_edge("opendir"):
+            entries = await self.tree.children(self.tree.get(inode))
+            fh = next(self._handles)
+            self._dirs[fh] = entries
+            return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for index in range(start_id, len(entries)):
+            node, attrs = entries[index]
+            if not pyfuse3.readdir_reply(token, node.name.encode(), self._entry(attrs), index + 1):
+                break
+            self.tree.remember(node)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        with _errno_at_the_edge("open"):
+            node = self.tree.get(inode)
+            if node.kind is not Kind.INSTANCE:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            assert node.series is not None and node.instance is not None
+            handle = await self.blobs.open_instance(node.series, node.instance)
+            fh = next(self._handles)
+            self._files[fh] = handle
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._files.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        with _errno_at_the_edge("read"):
+            return await handle.read(off, size)
+
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            handle.close()
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = BLOCK_SIZE
+        stats.f_blocks = max(self.blobs.size_limit // BLOCK_SIZE, 1)
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = self.tree.known_inodes
+        stats.f_ffree = stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> None:
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)

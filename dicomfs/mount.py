@@ -1,0 +1,156 @@
+"""Daemon lifecycle: the trio nursery, the FUSE session, signals, systemd notify, clean unmount.
+
+Owns the order of start-up (lock the cache, open and check the source, start the blob store,
+mount) and of shut-down (unmount, cancel downloads, close stores), the pid file that
+``dicomfs umount`` waits on, and ``READY=1``. Must not implement any filesystem behaviour.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from dicomfs.blobstore import BlobStore
+from dicomfs.catalog import Catalog
+from dicomfs.errors import CacheError, UsageError
+from dicomfs.fs import DicomOperations
+from dicomfs.sources import Credentials, SourceSpec, open_source
+from dicomfs.tree import Tree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    spec: SourceSpec
+    mountpoint: Path
+    cache_dir: Path
+    cache_size: int
+    credentials: Credentials
+    allow_other: bool = False
+    listing_ttl: float = 60.0
+
+
+def check_mountpoint(path: Path) -> Path:
+    """An absolute, existing, empty-of-mounts directory; a one-line UsageError otherwise."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UsageError(f"{path} is a stale dicomfs mount: run 'dicomfs umount {path}' first") from None
+        raise UsageError(f"mount point {path} does not exist") from None
+    if not os.path.isdir(path) or not st:
+        raise UsageError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise UsageError(f"{path} is already a mount point")
+    return path.resolve()
+
+
+def runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dicomfs-{os.getuid()}"
+    folder = Path(base) / "dicomfs"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+def pidfile_for(mountpoint: Path) -> Path:
+    digest = hashlib.sha256(str(mountpoint.resolve()).encode()).hexdigest()[:16]
+    return runtime_dir() / f"{digest}.pid"
+
+
+class CacheLock:
+    """One daemon per cache directory: an exclusive flock held for the daemon's lifetime."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise CacheError(f"cache {cache_dir} is in use by another dicomfs process "
+                             "(use a different --cache-dir)") from None
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+
+def sd_notify(message: str) -> None:
+    """Send ``message`` to systemd's notification socket, if there is one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+def fuse_options(allow_other: bool) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=dicomfs", "subtype=dicomfs", "ro", "noatime"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
+    """Mount, serve until unmounted or signalled, and unmount. Raises DicomfsError on failure."""
+    lock = CacheLock(options.cache_dir)
+    try:
+        source = open_source(options.spec, options.credentials, options.cache_dir)
+        try:
+            await source.check()
+            await _serve_source(options, source, on_ready)
+        finally:
+            with trio.CancelScope(shield=True):
+                await source.aclose()
+    finally:
+        lock.release()
+
+
+async def _serve_source(options: MountOptions, source: object, on_ready: Callable[[], None]) -> None:
+    blobs = BlobStore(options.cache_dir, options.cache_size, source)  # type: ignore[arg-type]
+    catalog = Catalog(source, options.cache_dir / "catalog", listing_ttl=options.listing_ttl)  # type: ignore[arg-type]
+    tree = Tree(catalog, blobs, listing_ttl=options.listing_ttl)
+    pidfile = pidfile_for(options.mountpoint)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(blobs.run)
+            pyfuse3.init(DicomOperations(tree, blobs), str(options.mountpoint),
+                         fuse_options(options.allow_other))
+            try:
+                pidfile.write_text(f"{os.getpid()}\n")
+                nursery.start_soon(_terminate_on_signal)
+                log.info("mounted %s on %s", source.description, options.mountpoint)  # type: ignore[attr-defined]
+                on_ready()
+                await pyfuse3.main(min_tasks=4, max_tasks=256)
+            finally:
+                sd_notify("STOPPING=1")
+                pyfuse3.close(unmount=True)
+                pidfile.unlink(missing_ok=True)
+                log.info("unmounted %s", options.mountpoint)
+            nursery.cancel_scope.cancel()
+    finally:
+        catalog.close()
+        blobs.close()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

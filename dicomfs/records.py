@@ -1,0 +1,75 @@
+"""The records a source yields: what exists in an archive, independent of how it was found.
+
+Owns the plain data types shared by sources, catalog, blob store and tree. Must not do I/O.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+DicomJson = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    uid: str  # the folder name: a StudyInstanceUID or the archive's hashed key
+    attrs: DicomJson = field(default_factory=dict, compare=False)  # QIDO-style DICOM JSON
+
+    @property
+    def mtime_ns(self) -> int:
+        return dicom_datetime_ns(self.attrs, "00080020", "00080030")
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    study_uid: str
+    uid: str
+    attrs: DicomJson = field(default_factory=dict, compare=False)
+
+    @property
+    def key(self) -> str:
+        """Identifies the series blob in the cache."""
+        return f"{self.study_uid}/{self.uid}"
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    study_uid: str
+    series_uid: str
+    key: str  # the file name without ".dcm": a SOPInstanceUID or a hashed key
+    size: int | None = None  # exact P10 size when the archive says so without a download
+    crc32c: int | None = None
+    mtime_ns: int | None = None
+    attrs: DicomJson = field(default_factory=dict, compare=False)
+
+
+def json_value(attrs: DicomJson, tag: str) -> Any:
+    """First value of ``tag`` in a DICOM JSON object, or None."""
+    element = attrs.get(tag)
+    if not isinstance(element, dict):
+        return None
+    values = element.get("Value")
+    if not isinstance(values, list) or not values:
+        return None
+    return values[0]
+
+
+def dicom_datetime_ns(attrs: DicomJson, date_tag: str, time_tag: str) -> int:
+    """A stable timestamp from a DICOM date (and time) element, as UTC; 0 when absent."""
+    date = json_value(attrs, date_tag)
+    if not isinstance(date, str) or len(date) < 8 or not date[:8].isdigit():
+        return 0
+    clock = json_value(attrs, time_tag)
+    hhmmss = "000000"
+    if isinstance(clock, str):
+        digits = clock.split(".")[0].replace(":", "")
+        if digits.isdigit():
+            hhmmss = (digits + "000000")[:6]
+    try:
+        parsed = time.strptime(date[:8] + hhmmss, "%Y%m%d%H%M%S")
+    except ValueError:
+        return 0
+    return calendar.timegm(parsed) * 1_000_000_000

@@ -1,0 +1,90 @@
+"""Archive sources. ``open_source`` turns a SOURCE string from the command line into one.
+
+Owns the choice of implementation by URL scheme; each implementation lives in its own module
+and implements the protocol in ``base``. Nothing outside this package knows which one is in use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dicomfs.errors import UsageError
+from dicomfs.sources.base import Credentials, Source, SourceSpec
+
+
+def parse_source(text: str) -> SourceSpec:
+    """Classify a SOURCE argument without touching the network or the disk."""
+    if text == "demo":
+        return SourceSpec(kind="demo", location="demo")
+    lowered = text.lower()
+    for prefix in ("dicomweb+http://", "dicomweb+https://"):
+        if lowered.startswith(prefix):
+            return _dicomweb_spec(text[len("dicomweb+") :])
+    if lowered.startswith(("http://", "https://")):
+        return _dicomweb_spec(text)
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise UsageError(f"unknown source scheme {scheme!r} (use http(s)://, a folder, or demo)")
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"source {text!r} is neither a URL, 'demo', nor an existing folder")
+    return SourceSpec(kind="folder", location=str(path.resolve()))
+
+
+def _dicomweb_spec(url: str) -> SourceSpec:
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+    except Exception:
+        raise UsageError("the DICOMweb URL is not valid") from None
+    if parsed.userinfo:
+        raise UsageError(
+            "put no credentials in the URL: use --user with DICOMFS_PASSWORD, or DICOMFS_TOKEN"
+        )
+    if not parsed.host:
+        raise UsageError("the DICOMweb URL has no host")
+    return SourceSpec(kind="dicomweb", location=str(parsed).rstrip("/"))
+
+
+def open_source(spec: SourceSpec, credentials: Credentials, work_dir: Path) -> Source:
+    """Build the source for ``spec``. ``work_dir`` is a private folder inside the cache."""
+    if spec.kind == "dicomweb":
+        from dicomfs.sources.dicomweb import DicomwebSource
+
+        return DicomwebSource(spec.location, credentials)
+    if spec.kind == "folder":
+        from dicomfs.sources.folder import FolderSource
+
+        return FolderSource(Path(spec.location), work_dir)
+    if spec.kind == "demo":
+        from dicomfs.sources.demo import open_demo_source
+
+        return open_demo_source(work_dir)
+    raise UsageError(f"unknown source kind {spec.kind!r}")
+
+
+def credentials_from_environment(user: str | None, password_file: str | None,
+                                 token_file: str | None) -> Credentials:
+    """Collect credentials from the environment and files, never from argv."""
+    password = os.environ.get("DICOMFS_PASSWORD")
+    if password_file:
+        password = _read_secret(password_file)
+    token = os.environ.get("DICOMFS_TOKEN")
+    if token_file:
+        token = _read_secret(token_file)
+    if user and password is None:
+        raise UsageError("--user needs a password in DICOMFS_PASSWORD or --password-file")
+    return Credentials(user=user, password=password if user else None, token=token or None)
+
+
+def _read_secret(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read secret file {path}: {exc.strerror}") from None
+
+
+__all__ = ["Credentials", "Source", "SourceSpec", "credentials_from_environment", "open_source",
+           "parse_source"]

@@ -1,0 +1,78 @@
+"""The source protocol: what every archive implementation provides, and nothing more.
+
+A source lists studies, series and instances as records and delivers a series' bytes into a
+``SeriesSink`` provided by the blob store. It must not cache blobs, know about FUSE, or keep
+state that the catalog owns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str  # "dicomweb" | "folder" | "demo"
+    location: str  # URL without credentials, or an absolute folder path
+
+    @property
+    def source_id(self) -> str:
+        """A stable, readable, file-name-safe identifier, used for the default cache dir."""
+        readable = re.sub(r"[^A-Za-z0-9.-]+", "_", self.location.split("://")[-1]).strip("_")
+        digest = hashlib.sha256(f"{self.kind}:{self.location}".encode()).hexdigest()[:10]
+        return f"{self.kind}-{readable[-40:]}-{digest}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:  # never print secrets, even in a traceback
+        return f"Credentials(user={self.user!r}, password=***, token=***)"
+
+
+class MemberWriter(Protocol):
+    """Receives one instance's bytes, in order."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def finish(self) -> None: ...
+
+
+class SeriesSink(Protocol):
+    """Where a source delivers the instances of a series as they arrive."""
+
+    def wants(self, key: str) -> bool:
+        """False if this instance is already stored (a resumed download may skip it)."""
+        ...
+
+    async def begin(self, key: str, size: int | None) -> MemberWriter: ...
+
+
+class Source(Protocol):
+    description: str  # safe to log: no credentials
+
+    async def check(self) -> None:
+        """Raise SourceError if the archive cannot be used (unreachable, auth refused)."""
+
+    async def list_studies(self) -> list[StudyRecord]: ...
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]: ...
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]: ...
+
+    async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
+        """Deliver every instance of ``series`` to ``sink``; raise SourceError on failure."""
+
+    def local_file(self, instance: InstanceRecord) -> Path | None:
+        """A local file holding exactly this instance's bytes, if the source has one."""
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,188 @@
+"""DICOMweb source: QIDO-RS for listings, one WADO-RS series retrieve per series blob.
+
+Owns the DICOMweb dialect: paged QIDO queries, the exact Accept header that yields the stored
+bytes (``transfer-syntax=*``), and naming each multipart part by the SOPInstanceUID in its file
+meta header. Must not cache anything or know about files on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dicomfs.errors import ProtocolError, SourceError
+from dicomfs.multipart import MultipartParser, PartData, PartEnd, PartStart, boundary_from_content_type
+from dicomfs.p10 import NeedMoreData, parse_file_meta
+from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord, json_value
+from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
+from dicomfs.sources.http import HttpClient
+from dicomfs.uids import is_uid
+
+log = logging.getLogger(__name__)
+
+SERIES_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+PAGE_SIZE = 1000
+MAX_PAGES = 100_000
+
+STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
+
+
+class DicomwebSource:
+    """An archive reached through QIDO-RS and WADO-RS under one service root URL."""
+
+    def __init__(
+        self,
+        root: str,
+        credentials: Credentials,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        page_size: int = PAGE_SIZE,
+        timeout: float = 30.0,
+    ) -> None:
+        self.root = root.rstrip("/")
+        self.description = self.root
+        self.page_size = page_size
+        self.http = HttpClient(credentials, transport=transport, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def check(self) -> None:
+        await self.http.get_json(f"{self.root}/studies?limit=1")
+
+    async def list_studies(self) -> list[StudyRecord]:
+        rows = await self._qido(f"{self.root}/studies")
+        return [StudyRecord(uid, attrs) for uid, attrs in _valid(rows, STUDY_UID, "study")]
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        rows = await self._qido(f"{self.root}/studies/{study_uid}/series")
+        return [SeriesRecord(study_uid, uid, attrs) for uid, attrs in _valid(rows, SERIES_UID, "series")]
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        rows = await self._qido(f"{self.root}/studies/{series.study_uid}/series/{series.uid}/instances")
+        return [
+            InstanceRecord(series.study_uid, series.uid, uid, attrs=attrs)
+            for uid, attrs in _valid(rows, SOP_UID, "instance")
+        ]
+
+    def local_file(self, instance: InstanceRecord) -> Path | None:
+        return None
+
+    async def _qido(self, url: str) -> list[dict[str, Any]]:
+        """All rows of a QIDO query, page by page.
+
+        A short page ends the listing unless the server says (a ``Warning`` header) that it cut
+        the page to its own maximum; a page that brings nothing new ends it too (a server that
+        ignores ``offset``).
+        """
+        rows: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        offset = 0
+        for _ in range(MAX_PAGES):
+            sep = "&" if "?" in url else "?"
+            page, headers = await self.http.get_json(f"{url}{sep}limit={self.page_size}&offset={offset}")
+            if page is None:
+                page = []
+            if not isinstance(page, list) or not all(isinstance(row, dict) for row in page):
+                raise ProtocolError(f"QIDO answer from {url} is not a JSON array of objects")
+            fresh = [row for row in page if _row_identity(row) not in seen]
+            seen.update(_row_identity(row) for row in fresh)
+            rows.extend(fresh)
+            if not page or not fresh:
+                break
+            offset += len(page)
+            if len(page) < self.page_size and "warning" not in headers:
+                break
+        return rows
+
+    async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
+        url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}"
+        async with self.http.stream(url, {"Accept": SERIES_ACCEPT}) as response:
+            parser = MultipartParser(boundary_from_content_type(response.headers.get("content-type", "")))
+            part = _PartRouter(sink)
+            try:
+                async for chunk in response.aiter_bytes():
+                    for event in parser.feed(chunk):
+                        await part.handle(event)
+            except httpx.TransportError as exc:
+                raise SourceError(f"series retrieve from {self.root} broke off: {type(exc).__name__}") from None
+            parser.close()
+
+
+class _PartRouter:
+    """Names each part by its SOPInstanceUID and forwards its bytes to the sink."""
+
+    def __init__(self, sink: SeriesSink) -> None:
+        self._sink = sink
+        self._head = bytearray()
+        self._size: int | None = None
+        self._writer: MemberWriter | None = None
+        self._skipping = False
+        self._in_part = False
+
+    async def handle(self, event: PartStart | PartData | PartEnd) -> None:
+        if isinstance(event, PartStart):
+            self._head.clear()
+            self._size = event.content_length
+            self._writer = None
+            self._skipping = False
+            self._in_part = True
+        elif isinstance(event, PartData):
+            if self._writer is not None:
+                await self._writer.write(event.data)
+            elif not self._skipping:
+                self._head += event.data
+                await self._try_name()
+        else:
+            if self._writer is None and not self._skipping:
+                await self._try_name(final=True)
+            if self._writer is not None:
+                await self._writer.finish()
+            self._writer = None
+            self._in_part = False
+
+    async def _try_name(self, final: bool = False) -> None:
+        try:
+            meta = parse_file_meta(self._head)
+        except NeedMoreData:
+            if final:
+                raise ProtocolError("a multipart part is too short to be a DICOM file") from None
+            return
+        key = meta.sop_instance_uid
+        if not is_uid(key):
+            log.warning("skipping a part with an invalid SOPInstanceUID %r", key[:80])
+            self._skipping = True
+            return
+        if not self._sink.wants(key):
+            self._skipping = True
+            return
+        self._writer = await self._sink.begin(key, self._size)
+        head = bytes(self._head)
+        self._head.clear()
+        await self._writer.write(head)
+
+
+def _row_identity(row: dict[str, Any]) -> str:
+    for tag in (SOP_UID, SERIES_UID, STUDY_UID):
+        value = json_value(row, tag)
+        if isinstance(value, str):
+            return f"{tag}={value}"
+    return repr(sorted(row))[:200]
+
+
+def _valid(rows: list[dict[str, Any]], tag: str, level: str) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    seen: set[str] = set()
+    for row in rows:
+        uid = json_value(row, tag)
+        if not isinstance(uid, str) or not is_uid(uid):
+            log.warning("archive listed a %s with an invalid UID %r: skipped", level, str(uid)[:80])
+            continue
+        if uid in seen:
+            continue
+        seen.add(uid)
+        out.append((uid, row))
+    return out

@@ -1,0 +1,196 @@
+"""Local folder source: a directory tree of DICOM Part 10 files, indexed once.
+
+Owns the scan of the folder and its persistent index (one JSON file in the source's work dir,
+written atomically), revalidated on every start by size and mtime so that only new or changed
+files are parsed again. Files are served in place: nothing is copied into the blob cache.
+Must not write inside the source folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dicomfs.errors import NotFound, SourceError
+from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.sources.base import SeriesSink
+from dicomfs.uids import is_uid
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+READ_CHUNK = 1 << 20
+
+STUDY_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+              "StudyDescription", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+              "StudyInstanceUID")
+SERIES_TAGS = ("Modality", "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime",
+               "SeriesInstanceUID")
+INSTANCE_TAGS = ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
+                 "NumberOfFrames")
+
+
+def _parse_file(path: str) -> dict[str, Any] | None:
+    """Index entry of one file, or None if it is not a usable Part 10 file. Blocking."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=list(STUDY_TAGS + SERIES_TAGS + INSTANCE_TAGS))
+    except Exception as exc:  # pydicom raises many kinds of errors for non-DICOM files
+        log.debug("not indexed (unreadable as DICOM): %s: %s", path, exc)
+        return None
+    meta = getattr(ds, "file_meta", None)
+    sop = str(getattr(meta, "MediaStorageSOPInstanceUID", "") or ds.get("SOPInstanceUID", ""))
+    study = str(ds.get("StudyInstanceUID", ""))
+    series = str(ds.get("SeriesInstanceUID", ""))
+    if meta is None or "TransferSyntaxUID" not in meta:
+        log.debug("not indexed (no file meta information): %s", path)
+        return None
+    if not (is_uid(study) and is_uid(series) and is_uid(sop)):
+        log.warning("not indexed (missing or invalid UIDs): %s", path)
+        return None
+
+    def attrs(keywords: tuple[str, ...]) -> dict[str, Any]:
+        subset = pydicom.Dataset()
+        for keyword in keywords:
+            if keyword in ds:
+                subset[keyword] = ds[keyword]
+        try:
+            return subset.to_json_dict()
+        except Exception:
+            return {}
+
+    return {
+        "study": study, "series": series, "sop": sop,
+        "study_attrs": attrs(STUDY_TAGS), "series_attrs": attrs(SERIES_TAGS),
+        "instance_attrs": attrs(INSTANCE_TAGS),
+    }
+
+
+def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
+    """Walk ``root``; reuse entries whose size and mtime are unchanged. Blocking."""
+    files: dict[str, Any] = {}
+    parsed = reused = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if not os.path.isfile(path):
+                continue
+            rel = os.path.relpath(path, root)
+            old = previous.get(rel)
+            if old is not None and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
+                files[rel] = old
+                reused += 1
+                continue
+            entry = _parse_file(path)
+            parsed += 1
+            if entry is None:
+                entry = {"skip": True}
+            entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+            files[rel] = entry
+    log.info("indexed %s: %d files parsed, %d unchanged", root, parsed, reused)
+    return files
+
+
+class FolderSource:
+    """Serves the Part 10 files below one folder, grouped by their UIDs."""
+
+    def __init__(self, root: Path, work_dir: Path) -> None:
+        self.root = root
+        self.description = str(root)
+        self._index_path = work_dir / "folder-index.json"
+        self._studies: dict[str, StudyRecord] = {}
+        self._series: dict[str, dict[str, SeriesRecord]] = defaultdict(dict)
+        self._instances: dict[tuple[str, str], list[InstanceRecord]] = defaultdict(list)
+        self._paths: dict[tuple[str, str, str], Path] = {}
+        self._loaded = False
+
+    async def check(self) -> None:
+        await self._load()
+
+    async def aclose(self) -> None:
+        pass
+
+    async def _load(self) -> None:
+        if self._loaded:
+            return
+        if not self.root.is_dir():
+            raise SourceError(f"source folder {self.root} is not accessible")
+        files = await trio.to_thread.run_sync(self._refresh_index)
+        self._group(files)
+        self._loaded = True
+
+    def _refresh_index(self) -> dict[str, Any]:
+        previous: dict[str, Any] = {}
+        try:
+            stored = json.loads(self._index_path.read_text())
+            if stored.get("version") == INDEX_VERSION and stored.get("root") == str(self.root):
+                previous = stored["files"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+        files = build_index(self.root, previous)
+        if files != previous:
+            tmp = self._index_path.with_suffix(".tmp")
+            self._index_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as out:
+                json.dump({"version": INDEX_VERSION, "root": str(self.root), "files": files}, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self._index_path)
+        return files
+
+    def _group(self, files: dict[str, Any]) -> None:
+        for rel, entry in files.items():
+            if entry.get("skip"):
+                continue
+            study, series, sop = entry["study"], entry["series"], entry["sop"]
+            if (study, series, sop) in self._paths:
+                log.warning("duplicate SOPInstanceUID %s in %s: first copy kept", sop, rel)
+                continue
+            self._paths[(study, series, sop)] = self.root / rel
+            self._studies.setdefault(study, StudyRecord(study, entry["study_attrs"]))
+            self._series[study].setdefault(series, SeriesRecord(study, series, entry["series_attrs"]))
+            self._instances[(study, series)].append(
+                InstanceRecord(study, series, sop, size=entry["size"], mtime_ns=entry["mtime_ns"],
+                               attrs=entry["instance_attrs"])
+            )
+
+    async def list_studies(self) -> list[StudyRecord]:
+        await self._load()
+        return list(self._studies.values())
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        await self._load()
+        return list(self._series.get(study_uid, {}).values())
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        await self._load()
+        return list(self._instances.get((series.study_uid, series.uid), []))
+
+    def local_file(self, instance: InstanceRecord) -> Path | None:
+        return self._paths.get((instance.study_uid, instance.series_uid, instance.key))
+
+    async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
+        for instance in await self.list_instances(series):
+            path = self.local_file(instance)
+            if path is None:
+                raise NotFound(f"instance {instance.key} vanished from {self.root}")
+            if not sink.wants(instance.key):
+                continue
+            writer = await sink.begin(instance.key, instance.size)
+            with open(path, "rb") as source_file:
+                while chunk := await trio.to_thread.run_sync(source_file.read, READ_CHUNK):
+                    await writer.write(chunk)
+            await writer.finish()
