@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 WRITE_BATCH = 1 << 20
 DOWNLOAD_ATTEMPTS = 3
+JOIN_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
@@ -188,16 +189,24 @@ class SeriesDownload:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait_member(self, key: str) -> _Member:
+    async def wait_member(self, key: str) -> _Member | None:
+        """Wait until ``key`` is complete; None if the download already ended and was committed."""
         while True:
             member = self.members.get(key)
             if member is not None:
-                return member
+                return None if self.finished else member
             if self.finished:
                 if self.error is not None:
                     raise SourceError(f"series {self.series.uid} could not be fetched: {self.error}")
                 raise NotFound(f"instance {key} is missing from its series retrieve")
             await self._changed.wait()
+
+    async def open_member(self, key: str) -> InstanceHandle | None:
+        member = await self.wait_member(key)
+        if member is None:
+            return None
+        # No await between the check above and the dup: the fd is still open here.
+        return InstanceHandle(os.dup(self.fd), member.offset, member.length)
 
     def manifest(self) -> Manifest:
         return Manifest({k: (m.offset, m.length) for k, m in self.members.items()}, self.end)
@@ -274,6 +283,7 @@ class BlobStore:
         self._downloads: dict[str, SeriesDownload] = {}
         self._nursery: trio.Nursery | None = None
         self._cull_wanted = trio.Event()
+        self._commits: Counter[str] = Counter()  # completed downloads per series
         self.retrievals = 0  # series downloads started (for statistics)
 
     def close(self) -> None:
@@ -317,27 +327,42 @@ class BlobStore:
         """The exact size of an instance, downloading its series if nothing else knows it."""
         if instance.size is not None:
             return instance.size
-        sizes = await self.known_sizes(series)
-        if instance.key in sizes:
-            return sizes[instance.key]
-        member = await self._download(series).wait_member(instance.key)
-        return member.length
+        for _ in range(JOIN_ATTEMPTS):
+            commits = self._commits[series.key]
+            sizes = await self.known_sizes(series)
+            if instance.key in sizes:
+                return sizes[instance.key]
+            if self._commits[series.key] != commits:
+                continue  # a download finished while we looked: look again
+            member = await self._join_or_start(series).wait_member(instance.key)
+            if member is not None:
+                return member.length
+        raise SourceError(f"series {series.uid} keeps changing in the cache; giving up")
 
     # --- reading ----------------------------------------------------------------------------
     async def open_instance(self, series: SeriesRecord, instance: InstanceRecord) -> InstanceHandle:
         local = self.source.local_file(instance)
         if local is not None:
             return await trio.to_thread.run_sync(_open_local, local, instance)
-        manifest = await self.manifest(series)
-        if manifest is not None and instance.key in manifest.members:
-            handle = await self._open_cached(series, manifest, instance.key)
+        for _ in range(JOIN_ATTEMPTS):
+            download = self._downloads.get(series.key)
+            if download is None:
+                commits = self._commits[series.key]
+                handle = await self._open_cached(series, instance.key)
+                if handle is not None:
+                    return handle
+                if self._commits[series.key] != commits:
+                    continue  # a download finished while we looked: look again
+                download = self._join_or_start(series)
+            handle = await download.open_member(instance.key)
             if handle is not None:
                 return handle
-        download = self._download(series)
-        member = await download.wait_member(instance.key)
-        return InstanceHandle(os.dup(download.fd), member.offset, member.length)
+        raise SourceError(f"series {series.uid} keeps changing in the cache; giving up")
 
-    async def _open_cached(self, series: SeriesRecord, manifest: Manifest, key: str) -> InstanceHandle | None:
+    async def _open_cached(self, series: SeriesRecord, key: str) -> InstanceHandle | None:
+        manifest = await self.manifest(series)
+        if manifest is None or key not in manifest.members:
+            return None
         blob = await trio.to_thread.run_sync(lambda: self.index.get(series.key, read=True))
         if blob is None:
             return None
@@ -355,7 +380,7 @@ class BlobStore:
         return series.key in self.index
 
     # --- downloading ------------------------------------------------------------------------
-    def _download(self, series: SeriesRecord) -> SeriesDownload:
+    def _join_or_start(self, series: SeriesRecord) -> SeriesDownload:
         download = self._downloads.get(series.key)
         if download is None:
             if self._nursery is None:
@@ -405,6 +430,7 @@ class BlobStore:
 
         await trio.to_thread.run_sync(commit)
         self._manifest_memory[download.series.key] = manifest
+        self._commits[download.series.key] += 1
         self._cull_wanted.set()
         log.info("series %s cached: %d instances, %d bytes", download.series.uid,
                  len(manifest.members), manifest.size)

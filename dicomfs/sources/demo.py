@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from dicomfs.sources.folder import FolderSource
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,12 @@ def _test_files_dir() -> Path:
     return Path(pydicom.data.__file__).parent / "test_files"
 
 
-def _new_uid(*parts: str) -> str:
-    from pydicom.uid import generate_uid
+_DEMO_NAMESPACE = uuid.UUID("5a0c3a6e-4f7e-4d8e-9a55-6d1c0f5e2b11")
 
-    return str(generate_uid(prefix=None, entropy_srcs=["dicomfs-demo", *parts]))
+
+def _new_uid(*parts: str) -> str:
+    """A deterministic UID in the 2.25 (UUID-derived) arc."""
+    return f"2.25.{uuid.uuid5(_DEMO_NAMESPACE, '/'.join(parts)).int}"
 
 
 def _rewrite(src: Path, dst: Path, study_key: str, series_key: str, instance_key: str,
