@@ -1,0 +1,57 @@
+"""Synthetic DICOM instances for tests and benchmarks (pydicom, no network)."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def make_instance(study: str, series: str, sop: str | None = None, *, pixel_bytes: int = 64,
+                  number: int = 1, patient: str = "TEST^PATIENT", study_date: str = "20240102") -> bytes:
+    """A valid Part 10 file: a secondary capture with ``pixel_bytes`` of 8-bit pixels."""
+    sop = sop or generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientName = patient
+    ds.PatientID = "TEST-1"
+    ds.StudyDate = study_date
+    ds.StudyTime = "120000"
+    ds.Modality = "OT"
+    ds.InstanceNumber = number
+    side = 1
+    while side * side < pixel_bytes:
+        side += 1
+    ds.Rows = ds.Columns = side
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes((i * 7 + number) % 256 for i in range(side * side))
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def multipart(parts: list[bytes], boundary: str = "dicomfs-test-boundary", *, lengths: bool = True) -> bytes:
+    out = bytearray()
+    for body in parts:
+        out += f"--{boundary}\r\nContent-Type: application/dicom\r\n".encode()
+        if lengths:
+            out += f"Content-Length: {len(body)}\r\n".encode()
+        out += b"\r\n" + body + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out)

@@ -1,0 +1,214 @@
+"""Unit tests of the blob store with a scripted source: single-flight, early readers, failures,
+crash leftovers, eviction of pinned blobs."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from dicomfs.blobstore import BlobStore
+from dicomfs.errors import IntegrityError, SourceError
+from dicomfs.records import InstanceRecord, SeriesRecord
+from dicomfs.sources.base import SeriesSink
+
+
+class ScriptedSource:
+    description = "scripted"
+
+    def __init__(self, series: dict[str, dict[str, bytes]]) -> None:
+        self.series = series
+        self.calls: Counter[str] = Counter()
+        self.before_instance: Callable[[str], Awaitable[None]] | None = None
+        self.fail_after: int | None = None  # raise after this many instances, once
+        self.lie_about_size = False
+
+    async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
+        self.calls[series.key] += 1
+        for index, (key, data) in enumerate(self.series[series.key].items()):
+            if self.fail_after is not None and index == self.fail_after:
+                self.fail_after = None
+                raise SourceError("connection reset (scripted)")
+            if self.before_instance is not None:
+                await self.before_instance(key)
+            if not sink.wants(key):
+                continue
+            writer = await sink.begin(key, len(data) - 1 if self.lie_about_size else len(data))
+            await writer.write(data[:7])
+            await trio.sleep(0)
+            await writer.write(data[7:])
+            await writer.finish()
+
+    def local_file(self, instance: InstanceRecord) -> None:
+        return None
+
+
+SERIES = SeriesRecord("1.2", "1.2.3")
+FILES = {f"1.2.3.{i}": os.urandom(1000 + i) for i in range(5)}
+
+
+def instance(key: str) -> InstanceRecord:
+    return InstanceRecord("1.2", "1.2.3", key)
+
+
+async def read_all(store: BlobStore, key: str) -> bytes:
+    handle = await store.open_instance(SERIES, instance(key))
+    try:
+        return await handle.read(0, 1 << 20)
+    finally:
+        handle.close()
+
+
+async def wait_cached(store: BlobStore, series: SeriesRecord) -> None:
+    with trio.fail_after(5):
+        while not store.is_cached(series):
+            await trio.sleep(0.01)
+
+
+async def with_store(tmp_path: Path, source: ScriptedSource, body, size_limit: int = 1 << 30) -> None:
+    store = BlobStore(tmp_path / "cache", size_limit, source)  # type: ignore[arg-type]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            with trio.fail_after(20):
+                await body(store)
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_concurrent_readers_share_one_download(tmp_path: Path) -> None:
+    source = ScriptedSource({SERIES.key: FILES})
+    results: dict[str, bytes] = {}
+
+    async def body(store: BlobStore) -> None:
+        async def reader(key: str) -> None:
+            results[key] = await read_all(store, key)
+
+        async with trio.open_nursery() as readers:
+            for key in list(FILES) * 3:
+                readers.start_soon(reader, key)
+        assert results == FILES
+        assert source.calls[SERIES.key] == 1
+        # served from disk afterwards, no new request
+        assert await read_all(store, "1.2.3.2") == FILES["1.2.3.2"]
+        assert await store.size_of(SERIES, instance("1.2.3.4")) == len(FILES["1.2.3.4"])
+        assert source.calls[SERIES.key] == 1
+
+    await with_store(tmp_path, source, body)
+
+
+async def test_reader_of_first_instance_does_not_wait_for_the_rest(tmp_path: Path) -> None:
+    source = ScriptedSource({SERIES.key: FILES})
+    release = trio.Event()
+
+    async def hold_back(key: str) -> None:
+        if key == "1.2.3.1":
+            await release.wait()
+
+    source.before_instance = hold_back
+
+    async def body(store: BlobStore) -> None:
+        assert await read_all(store, "1.2.3.0") == FILES["1.2.3.0"]  # would hang if it waited
+        release.set()
+        assert await read_all(store, "1.2.3.4") == FILES["1.2.3.4"]
+
+    await with_store(tmp_path, source, body)
+
+
+async def test_a_broken_transfer_is_resumed_without_refetching_instances(tmp_path: Path) -> None:
+    source = ScriptedSource({SERIES.key: FILES})
+    source.fail_after = 3
+    delivered: list[str] = []
+
+    async def note(key: str) -> None:
+        delivered.append(key)
+
+    source.before_instance = note
+
+    async def body(store: BlobStore) -> None:
+        assert await read_all(store, "1.2.3.4") == FILES["1.2.3.4"]
+        for key, data in FILES.items():
+            assert await read_all(store, key) == data
+        assert source.calls[SERIES.key] == 2
+
+    await with_store(tmp_path, source, body)
+
+
+async def test_a_lying_archive_gives_errors_and_no_cached_blob(tmp_path: Path) -> None:
+    source = ScriptedSource({SERIES.key: FILES})
+    source.lie_about_size = True
+
+    async def body(store: BlobStore) -> None:
+        with pytest.raises(SourceError, match="longer than announced"):
+            await read_all(store, "1.2.3.0")
+        assert not store.is_cached(SERIES)
+        assert list((tmp_path / "cache" / "partial").iterdir()) == []
+        source.lie_about_size = False
+        assert await read_all(store, "1.2.3.0") == FILES["1.2.3.0"]  # the next reader tries again
+
+    await with_store(tmp_path, source, body)
+
+
+async def test_leftovers_of_a_crash_are_never_served(tmp_path: Path) -> None:
+    partial = tmp_path / "cache" / "partial"
+    partial.mkdir(parents=True)
+    (partial / "deadbeef.part").write_bytes(b"half a blob")
+    source = ScriptedSource({SERIES.key: FILES})
+
+    async def body(store: BlobStore) -> None:
+        assert list(partial.iterdir()) == []
+        assert await read_all(store, "1.2.3.1") == FILES["1.2.3.1"]
+        assert source.calls[SERIES.key] == 1
+
+    await with_store(tmp_path, source, body)
+
+
+async def test_eviction_spares_blobs_that_are_being_read(tmp_path: Path) -> None:
+    many = {f"1.2.{n}": {f"1.2.{n}.1": os.urandom(200_000)} for n in range(6)}
+    source = ScriptedSource(many)
+
+    async def body(store: BlobStore) -> None:
+        first = SeriesRecord("1.2", "0")
+        (await store.open_instance(first, InstanceRecord("1.2", "0", "1.2.0.1"))).close()
+        await wait_cached(store, first)
+        handle = await store.open_instance(first, InstanceRecord("1.2", "0", "1.2.0.1"))  # from disk
+        source.series = {SeriesRecord("1.2", str(n)).key: many[f"1.2.{n}"] for n in range(6)}
+        assert first.key in source.series
+        for n in range(1, 6):
+            series = SeriesRecord("1.2", str(n))
+            h = await store.open_instance(series, InstanceRecord("1.2", str(n), f"1.2.{n}.1"))
+            h.close()
+            await trio.sleep(0.05)
+        with trio.fail_after(5):
+            while store.index.volume() > store.size_limit:
+                await trio.sleep(0.05)
+        assert not store.is_cached(first)  # the oldest blob was evicted...
+        data = await handle.read(0, 300_000)  # ...but its reader still reads it whole
+        assert data == many["1.2.0"]["1.2.0.1"]
+        graveyard = tmp_path / "cache" / "graveyard"
+        assert len(list(graveyard.iterdir())) == 1
+        handle.close()
+        assert list(graveyard.iterdir()) == []
+
+    source.series = {SeriesRecord("1.2", "0").key: many["1.2.0"]}
+    await with_store(tmp_path, source, body, size_limit=700_000)
+
+
+async def test_short_cached_blob_is_an_integrity_error(tmp_path: Path) -> None:
+    source = ScriptedSource({SERIES.key: FILES})
+
+    async def body(store: BlobStore) -> None:
+        await read_all(store, "1.2.3.0")
+        await wait_cached(store, SERIES)
+        with store.index.get(SERIES.key, read=True) as blob:
+            path = blob.name
+        os.truncate(path, 10)
+        with pytest.raises(IntegrityError):
+            await read_all(store, "1.2.3.4")
+
+    await with_store(tmp_path, source, body)

@@ -1,0 +1,166 @@
+"""The DICOMweb source against a mock transport: paging, empty answers, hostile answers."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from dicomfs.errors import ProtocolError, SourceError, SourceUnavailable
+from dicomfs.records import SeriesRecord
+from dicomfs.sources.base import Credentials
+from dicomfs.sources.dicomweb import SERIES_ACCEPT, DicomwebSource
+from dicomfs.sources.http import RetryPolicy
+from tests.factory import make_instance, multipart
+
+ROOT = "http://archive.test/dicom-web"
+
+
+def study_row(uid: object) -> dict:
+    return {"0020000D": {"vr": "UI", "Value": [uid]}, "00080020": {"vr": "DA", "Value": ["20240102"]}}
+
+
+def source_for(handler, **kwargs) -> DicomwebSource:
+    source = DicomwebSource(ROOT, Credentials(), transport=httpx.MockTransport(handler), **kwargs)
+    source.http.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
+    return source
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.sizes: dict[str, int | None] = {}
+
+    def wants(self, key: str) -> bool:
+        return key not in self.files
+
+    async def begin(self, key: str, size: int | None):
+        sink = self
+        sink.sizes[key] = size
+        buffer = bytearray()
+
+        class Writer:
+            async def write(self, data: bytes) -> None:
+                buffer.extend(data)
+
+            async def finish(self) -> None:
+                sink.files[key] = bytes(buffer)
+
+        return Writer()
+
+
+async def test_qido_pages_through_large_listings() -> None:
+    uids = [f"1.2.3.{i}" for i in range(2500)]
+    seen_queries = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen_queries.append(str(request.url))
+        limit = int(request.url.params["limit"])
+        offset = int(request.url.params["offset"])
+        return httpx.Response(200, json=[study_row(u) for u in uids[offset:offset + limit]])
+
+    source = source_for(handler, page_size=1000)
+    studies = await source.list_studies()
+    assert [s.uid for s in studies] == uids
+    assert len(seen_queries) == 3
+
+
+async def test_qido_follows_a_server_that_caps_pages_and_says_so() -> None:
+    uids = [f"1.2.3.{i}" for i in range(250)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        offset = int(request.url.params["offset"])
+        page = uids[offset:offset + 100]
+        headers = {"Warning": "299 archive: result truncated"} if len(page) == 100 else {}
+        return httpx.Response(200, json=[study_row(u) for u in page], headers=headers)
+
+    assert [s.uid for s in await source_for(handler).list_studies()] == uids
+
+
+async def test_qido_stops_when_a_server_ignores_offset() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=[study_row(f"1.2.{i}") for i in range(5)])
+
+    assert len(await source_for(handler, page_size=5).list_studies()) == 5
+
+
+@pytest.mark.parametrize("response", [httpx.Response(204), httpx.Response(200, json=[]),
+                                      httpx.Response(200, content=b"")])
+async def test_empty_answers_mean_empty(response: httpx.Response) -> None:
+    assert await source_for(lambda request: response).list_studies() == []
+
+
+async def test_hostile_uids_are_skipped() -> None:
+    rows = [study_row(u) for u in ["1.2.3", "../../etc", "1.2/3", "1.2\x003", "9" * 300, 17, None]]
+    rows.append({"0020000D": {"vr": "UI"}})
+    rows.append(study_row("1.2.3"))  # duplicate
+
+    studies = await source_for(lambda r: httpx.Response(200, json=rows)).list_studies()
+    assert [s.uid for s in studies] == ["1.2.3"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"an": "object"}', b"[1, 2]"])
+async def test_malformed_json_is_a_protocol_error(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        await source_for(lambda r: httpx.Response(200, content=body)).list_studies()
+
+
+async def test_retries_on_5xx_and_429_then_succeeds() -> None:
+    answers = [httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"}),
+               httpx.Response(200, json=[study_row("1.2")])]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0)
+
+    assert [s.uid for s in await source_for(handler).list_studies()] == ["1.2"]
+
+
+async def test_unreachable_archive_is_source_unavailable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(SourceUnavailable):
+        await source_for(handler).check()
+
+
+async def test_auth_failure_names_no_secret() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["Authorization"] == "Bearer s3cr3t-token"
+        return httpx.Response(401)
+
+    source = DicomwebSource(ROOT, Credentials(token="s3cr3t-token"), transport=httpx.MockTransport(handler))
+    with pytest.raises(SourceUnavailable) as info:
+        await source.check()
+    assert "s3cr3t" not in str(info.value)
+    assert "s3cr3t" not in repr(Credentials(token="s3cr3t-token", password="pw"))
+
+
+@pytest.mark.parametrize("lengths", [True, False])
+async def test_series_retrieve_names_parts_by_sop_uid(lengths: bool) -> None:
+    files = {f"1.2.3.4.{i}": make_instance("1.2.3", "1.2.3.4", f"1.2.3.4.{i}", number=i) for i in range(5)}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["Accept"] == SERIES_ACCEPT
+        assert request.url.path == "/dicom-web/studies/1.2.3/series/1.2.3.4"
+        return httpx.Response(200, content=multipart(list(files.values()), lengths=lengths),
+                              headers={"Content-Type": 'multipart/related; type="application/dicom"; '
+                                                       'boundary=dicomfs-test-boundary'})
+
+    sink = Sink()
+    await source_for(handler).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), sink)
+    assert sink.files == files
+    assert sink.sizes == {k: (len(v) if lengths else None) for k, v in files.items()}
+
+
+async def test_series_retrieve_rejects_truncated_and_non_dicom_parts() -> None:
+    good = make_instance("1.2.3", "1.2.3.4", "1.2.3.4.1")
+    headers = {"Content-Type": "multipart/related; boundary=dicomfs-test-boundary"}
+    truncated = multipart([good])[:-40]
+    with pytest.raises(ProtocolError, match="truncated"):
+        await source_for(lambda r: httpx.Response(200, content=truncated, headers=headers)).fetch_series(
+            SeriesRecord("1.2.3", "1.2.3.4"), Sink())
+    junk = multipart([b"\0" * 200])
+    with pytest.raises(ProtocolError, match="not a DICOM"):
+        await source_for(lambda r: httpx.Response(200, content=junk, headers=headers)).fetch_series(
+            SeriesRecord("1.2.3", "1.2.3.4"), Sink())
+    with pytest.raises(SourceError):
+        await source_for(lambda r: httpx.Response(404)).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())

@@ -1,0 +1,192 @@
+"""The FUSE Operations called directly (no kernel): names, sizes, errors, reads.
+
+Two archives: the demo folder (sizes known up front) and a scripted DICOMweb-like archive whose
+sizes are only known once a series has been fetched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from dicomfs.blobstore import BlobStore
+from dicomfs.catalog import Catalog
+from dicomfs.fs import DicomOperations
+from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.sources.demo import build_demo_archive
+from dicomfs.sources.folder import FolderSource
+from dicomfs.tree import ROOT_INODE, Tree, path_inode
+from tests.test_blobstore import ScriptedSource
+
+
+class ScriptedArchive(ScriptedSource):
+    """Listings like a DICOMweb server: no sizes until a series is fetched."""
+
+    def __init__(self, series: dict[str, dict[str, bytes]]) -> None:
+        super().__init__(series)
+        self.listings: Counter[str] = Counter()
+
+    async def check(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def list_studies(self) -> list[StudyRecord]:
+        self.listings["studies"] += 1
+        return [StudyRecord(k.split("/")[0], {"00080020": {"vr": "DA", "Value": ["20200101"]}})
+                for k in self.series]
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        self.listings["series"] += 1
+        return [SeriesRecord(study_uid, k.split("/")[1]) for k in self.series if k.startswith(study_uid + "/")]
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        self.listings["instances"] += 1
+        return [InstanceRecord(series.study_uid, series.uid, key) for key in self.series[series.key]]
+
+
+class Mounted:
+    def __init__(self, ops: DicomOperations) -> None:
+        self.ops = ops
+
+    async def resolve(self, path: str) -> int:
+        inode = ROOT_INODE
+        for part in [p for p in path.split("/") if p]:
+            inode = (await self.ops.lookup(inode, part.encode())).st_ino
+        return inode
+
+    async def listdir(self, path: str) -> dict[str, pyfuse3.EntryAttributes]:
+        fh = await self.ops.opendir(await self.resolve(path), None)
+        found: dict[str, pyfuse3.EntryAttributes] = {}
+
+        def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+            found[name.decode()] = attr
+            return True
+
+        original = pyfuse3.readdir_reply
+        pyfuse3.readdir_reply = reply  # the real one needs a kernel request
+        try:
+            await self.ops.readdir(fh, 0, None)
+        finally:
+            pyfuse3.readdir_reply = original
+            await self.ops.releasedir(fh)
+        return found
+
+    async def read(self, path: str) -> bytes:
+        info = await self.ops.open(await self.resolve(path), os.O_RDONLY, None)
+        try:
+            out = bytearray()
+            while chunk := await self.ops.read(info.fh, len(out), 4096):
+                out += chunk
+            return bytes(out)
+        finally:
+            await self.ops.release(info.fh)
+
+
+@asynccontextmanager
+async def mounted(source: object, cache: Path) -> AsyncIterator[Mounted]:
+    blobs = BlobStore(cache, 1 << 30, source)  # type: ignore[arg-type]
+    catalog = Catalog(source, cache / "catalog")  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(blobs.run)
+        yield Mounted(DicomOperations(Tree(catalog, blobs), blobs))
+        nursery.cancel_scope.cancel()
+    catalog.close()
+    blobs.close()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_archive(tmp_path_factory.mktemp("demo") / "archive")
+
+
+async def test_demo_tree_matches_the_files(demo_dir: Path, tmp_path: Path) -> None:
+    import pydicom
+
+    source = FolderSource(demo_dir, tmp_path / "work")
+    await source.check()
+    expected: dict[str, bytes] = {}
+    for path in demo_dir.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        expected[f"studies/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"] = path.read_bytes()
+    async with mounted(source, tmp_path / "cache") as fs:
+        seen: dict[str, bytes] = {}
+        for study in await fs.listdir("studies"):
+            for series in await fs.listdir(f"studies/{study}"):
+                entries = await fs.listdir(f"studies/{study}/{series}")
+                for name, attr in entries.items():
+                    path = f"studies/{study}/{series}/{name}"
+                    seen[path] = await fs.read(path)
+                    assert attr.st_size == len(seen[path])  # sizes known without reading
+                    assert attr.st_mode & 0o777 == 0o444
+        assert seen == expected
+        assert len(seen) == 54
+
+
+async def test_errors_and_probe_names(demo_dir: Path, tmp_path: Path) -> None:
+    source = FolderSource(demo_dir, tmp_path / "work")
+    async with mounted(source, tmp_path / "cache") as fs:
+        studies = await fs.listdir("studies")
+        study = sorted(studies)[0]
+        for name in [".Trash-0", ".hidden", "autorun.inf", ".xdg-volume-info", "._x", "desktop.ini",
+                     "..", "1.2/3", "not-a-uid.dcm", "9" * 300, "1.2.3"]:
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await fs.ops.lookup(await fs.resolve(f"studies/{study}"), name.encode())
+            assert info.value.errno == errno.ENOENT
+        series = sorted(await fs.listdir(f"studies/{study}"))[0]
+        instance = sorted(await fs.listdir(f"studies/{study}/{series}"))[0]
+        inode = await fs.resolve(f"studies/{study}/{series}/{instance}")
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await fs.ops.open(inode, flags, None)
+            assert info.value.errno == errno.EROFS
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await fs.ops.open(await fs.resolve(f"studies/{study}"), os.O_RDONLY, None)
+        assert info.value.errno == errno.EISDIR
+        assert inode == path_inode("studies", study, series, instance)
+        stats = await fs.ops.statfs(None)
+        assert stats.f_namemax == 255 and stats.f_bsize == 4096
+
+
+async def test_sizes_unknown_until_fetched_are_never_shown(tmp_path: Path) -> None:
+    files = {f"1.2.3.{i}": os.urandom(500 + i) for i in range(4)}
+    archive = ScriptedArchive({"1.2/1.2.3": files})
+    async with mounted(archive, tmp_path / "cache") as fs:
+        assert list(await fs.listdir("studies")) == ["1.2"]
+        assert list(await fs.listdir("studies/1.2")) == ["1.2.3"]
+        entries = await fs.listdir("studies/1.2/1.2.3")
+        # Listing studies, a study, and a series folder fetched no instance data...
+        assert archive.calls == Counter()
+        # ...and entries of unknown size carry zero timeouts, so the kernel asks again.
+        assert all(a.st_size == 0 and a.attr_timeout == 0 and a.entry_timeout == 0 for a in entries.values())
+        # A lookup learns the exact size (this fetches the series once).
+        attr = await fs.ops.lookup(await fs.resolve("studies/1.2/1.2.3"), b"1.2.3.2.dcm")
+        assert attr.st_size == len(files["1.2.3.2"]) and attr.attr_timeout > 0
+        assert await fs.read("studies/1.2/1.2.3/1.2.3.3.dcm") == files["1.2.3.3"]
+        entries = await fs.listdir("studies/1.2/1.2.3")
+        assert {n: a.st_size for n, a in entries.items()} == {f"{k}.dcm": len(v) for k, v in files.items()}
+        assert archive.calls == Counter({"1.2/1.2.3": 1})
+        # listings are cached
+        await fs.listdir("studies/1.2")
+        assert archive.listings == Counter({"studies": 1, "series": 1, "instances": 1})
+
+
+async def test_archive_errors_become_eio(tmp_path: Path) -> None:
+    archive = ScriptedArchive({"1.2/1.2.3": {"1.2.3.1": b"x" * 100}})
+    archive.lie_about_size = True
+    async with mounted(archive, tmp_path / "cache") as fs:
+        parent = await fs.resolve("studies/1.2/1.2.3")
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await fs.ops.lookup(parent, b"1.2.3.1.dcm")
+        assert info.value.errno == errno.EIO
+        archive.lie_about_size = False
+        assert (await fs.ops.lookup(parent, b"1.2.3.1.dcm")).st_size == 100
