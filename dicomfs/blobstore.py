@@ -37,7 +37,7 @@ import cachetools
 import diskcache
 import trio
 
-from dicomfs.errors import CacheError, DicomfsError, IntegrityError, NotFound, SourceError
+from dicomfs.errors import CacheError, DicomfsError, IntegrityError, SourceError
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.sources.base import Source
 
@@ -198,7 +198,7 @@ class SeriesDownload:
             if self.finished:
                 if self.error is not None:
                     raise SourceError(f"series {self.series.uid} could not be fetched: {self.error}")
-                raise NotFound(f"instance {key} is missing from its series retrieve")
+                raise IntegrityError(f"instance {key} is listed but missing from its series retrieve")
             await self._changed.wait()
 
     async def open_member(self, key: str) -> InstanceHandle | None:

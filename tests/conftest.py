@@ -1,0 +1,60 @@
+"""Shared fixtures: the demo files, a real Orthanc holding them, mounts that always unmount."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicomfs.sources.demo import build_demo_archive
+from tests.mounting import Mount
+from tests.servers import OrthancServer
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_archive(tmp_path_factory.mktemp("demo") / "archive")
+
+
+@pytest.fixture(scope="session")
+def demo_expected(demo_dir: Path) -> dict[str, str]:
+    """Relative mount path -> sha256 of the source file, for every demo instance."""
+    expected = {}
+    for path in sorted(demo_dir.rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        expected[f"studies/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"] = sha256(path)
+    return expected
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[OrthancServer]:
+    """One Orthanc for the session, holding the demo files exactly as uploaded."""
+    with OrthancServer(tmp_path_factory.mktemp("orthanc")) as server:
+        server.upload(sorted(demo_dir.rglob("*.dcm")))
+        yield server
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    mounts: list[Mount] = []
+
+    def make(source: str, *extra: str, name: str = "mnt", cache: str = "cache",
+             env: dict[str, str] | None = None, start: bool = True) -> Mount:
+        mount = Mount(source, tmp_path / name, tmp_path / cache, *extra, env=env)
+        mounts.append(mount)
+        return mount.start() if start else mount
+
+    yield make
+    for mount in reversed(mounts):
+        mount.stop()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}

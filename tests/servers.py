@@ -1,0 +1,237 @@
+"""Real servers on loopback for integration tests and benchmarks: Orthanc, a counting proxy.
+
+Every wait has a hard timeout. Nothing here is a mock: Orthanc is the Debian package, the proxy
+forwards real HTTP to it byte for byte (and counts what passes).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+import zipfile
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class OrthancServer:
+    """``/usr/sbin/Orthanc`` with its own storage and ports, as the spec prescribes."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None, users: dict[str, str] | None = None) -> None:
+        if not (os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN)):
+            raise RuntimeError("Orthanc is not installed: run scripts/install.sh (apt packages orthanc, "
+                               "orthanc-dicomweb)")
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.users = users
+        self.process: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "orthanc.json"
+        config = {
+            "Name": "dicomfs-test", "StorageDirectory": str(workdir / "db"),
+            "IndexDirectory": str(workdir / "db"), "HttpPort": self.port, "DicomPort": free_port(),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users),
+            "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "HttpThreadsCount": 8,
+        }
+        if users:
+            config["RegisteredUsers"] = users
+        self.config.write_text(json.dumps(config))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def start(self) -> OrthancServer:
+        log = open(self.workdir / "orthanc.log", "ab")
+        self.process = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=log,
+                                        stdin=subprocess.DEVNULL)
+        log.close()
+        wait_until(self._answers, 30, "Orthanc to answer /system")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {self.process.returncode}: see {self.workdir}/orthanc.log")
+        try:
+            with urllib.request.urlopen(self._request("/system"), timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _request(self, path: str, data: bytes | None = None) -> urllib.request.Request:
+        request = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET")
+        if self.users:
+            import base64
+
+            user, password = next(iter(self.users.items()))
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        return request
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def upload(self, files: list[Path] | list[bytes]) -> None:
+        """Store files; more than a few go up as one zip (Orthanc unpacks it)."""
+        blobs = [f.read_bytes() if isinstance(f, Path) else f for f in files]
+        if len(blobs) <= 3:
+            for blob in blobs:
+                self._post("/instances", blob)
+            return
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for number, blob in enumerate(blobs):
+                archive.writestr(f"{number}.dcm", blob)
+        self._post("/instances", buffer.getvalue())
+
+    def _post(self, path: str, body: bytes) -> None:
+        with urllib.request.urlopen(self._request(path, body), timeout=300) as response:
+            answer = json.loads(response.read() or b"null")
+        items = answer if isinstance(answer, list) else [answer]
+        bad = [item for item in items if isinstance(item, dict) and item.get("Status") not in ("Success", "AlreadyStored")]
+        if bad:
+            raise RuntimeError(f"Orthanc refused uploads: {bad[:3]}")
+
+    def statistics(self) -> dict:
+        with urllib.request.urlopen(self._request("/statistics"), timeout=10) as response:
+            return json.loads(response.read())
+
+    def __enter__(self) -> OrthancServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class CountingProxy:
+    """A transparent HTTP proxy in front of one server that counts requests by kind.
+
+    ``kind(path)`` classifies: "qido" for searches, "wado-series" for series retrieves,
+    "wado-other" for any other retrieve. ``failures`` lets a test answer the next N requests
+    with an error status.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.counts: Counter[str] = Counter()
+        self.paths: list[str] = []
+        self.fail_next = 0
+        self.fail_status = 500
+        self.throttle = 0.0  # seconds to sleep after each 64 KiB forwarded
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with proxy.lock:
+                    proxy.counts[proxy.kind(self.path)] += 1
+                    proxy.paths.append(self.path)
+                    failing = proxy.fail_next > 0
+                    if failing:
+                        proxy.fail_next -= 1
+                if failing:
+                    self.send_response(proxy.fail_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                try:
+                    upstream.request("GET", self.path, headers=headers)
+                    response = upstream.getresponse()
+                except OSError:
+                    self.send_response(502)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "keep-alive"):
+                        self.send_header(name, value)
+                self.end_headers()
+                try:
+                    while chunk := response.read(65536):
+                        self.wfile.write(chunk)
+                        if proxy.throttle:
+                            time.sleep(proxy.throttle)
+                except OSError:
+                    pass
+                finally:
+                    upstream.close()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @staticmethod
+    def kind(path: str) -> str:
+        route = path.split("?")[0].rstrip("/")
+        parts = route.split("/")
+        if "studies" not in parts:
+            return "other"
+        tail = parts[parts.index("studies"):]
+        if tail[-1] in ("studies", "series", "instances"):
+            return "qido"
+        if len(tail) == 4 and tail[2] == "series":
+            return "wado-series"
+        return "wado-other"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    def __enter__(self) -> CountingProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def require_tools(*names: str) -> None:
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        raise RuntimeError(f"missing tools {missing}: run scripts/install.sh")

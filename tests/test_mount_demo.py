@@ -1,0 +1,179 @@
+"""Real mounts of the built-in demo and of a local folder: the tree, the bytes, the errors, the CLI."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fsutil import hashes, listdir, read_errno, sh, stat_errno
+from tests.mounting import Mount, dicomfs, is_mounted
+from tests.servers import free_port, require_tools, wait_until
+
+
+def test_demo_mount_serves_the_source_bytes(mount_factory: Callable[..., Mount],
+                                            demo_expected: dict[str, str]) -> None:
+    require_tools("fusermount3", "dcmdump")
+    mount = mount_factory("demo")
+    assert listdir(mount.path) == ["studies"]
+    assert hashes(mount.path) == demo_expected
+    # real DICOM readers accept every file
+    code = ("import pydicom, sys\nfor p in sys.argv[1:]:\n    ds = pydicom.dcmread(p)\n"
+            "    assert ds.SOPInstanceUID in p, p\nprint(len(sys.argv) - 1)\n")
+    paths = [str(mount.path / rel) for rel in demo_expected]
+    assert sh(sys.executable, "-c", code, *paths).stdout.strip() == str(len(paths))
+    for path in paths:
+        assert "TransferSyntaxUID" in sh("dcmdump", "-M", path).stdout
+
+
+def test_demo_tree_is_read_only_and_ignores_probes(mount_factory: Callable[..., Mount],
+                                                   demo_expected: dict[str, str]) -> None:
+    mount = mount_factory("demo")
+    some_file = mount.path / next(iter(demo_expected))
+    study_dir = some_file.parent.parent
+    for probe in (".Trash", ".Trash-0", ".hidden", "autorun.inf", ".xdg-volume-info", ".DS_Store",
+                  "._x", "desktop.ini", "Thumbs.db"):
+        assert stat_errno(mount.path / probe) == errno.ENOENT
+        assert stat_errno(study_dir / probe) == errno.ENOENT
+    assert sh("touch", str(mount.path / "studies" / "new"), check=False).returncode != 0
+    result = sh(sys.executable, "-c", "open(__import__('sys').argv[1], 'r+b')", str(some_file), check=False)
+    assert "Read-only file system" in result.stderr
+    result = sh("mkdir", str(study_dir / "x"), check=False)
+    assert "Read-only file system" in result.stderr
+    mode = os.stat(some_file).st_mode
+    assert mode & 0o777 == 0o444 and os.stat(study_dir).st_mode & 0o777 == 0o555
+    vfs = os.statvfs(mount.path)
+    assert vfs.f_bsize == 4096 and vfs.f_namemax == 255
+
+
+def test_inodes_and_mtimes_survive_a_remount(mount_factory: Callable[..., Mount],
+                                             demo_expected: dict[str, str]) -> None:
+    mount = mount_factory("demo")
+
+    def snapshot() -> dict[str, tuple[int, int, int]]:
+        out = sh("find", str(mount.path), "-printf", "%P %i %T@ %s\n").stdout
+        return {line.split()[0]: tuple(line.split()[1:]) for line in out.splitlines() if line.split()}
+
+    before = snapshot()
+    assert len([k for k in before if k.endswith(".dcm")]) == len(demo_expected)
+    mount.stop()
+    mount.start()
+    assert snapshot() == before
+
+
+def test_umount_command_waits_for_the_daemon(mount_factory: Callable[..., Mount]) -> None:
+    mount = mount_factory("demo")
+    result = dicomfs("umount", str(mount.path))
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(mount.path)
+    assert not mount.alive()
+    # unmounting again is a clear error, not a hang
+    again = dicomfs("umount", str(mount.path))
+    assert again.returncode != 0 and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_folder_source_is_indexed_once(mount_factory: Callable[..., Mount], demo_dir: Path,
+                                       demo_expected: dict[str, str], tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    shutil.copytree(demo_dir, folder)
+    (folder / "notes.txt").write_text("not DICOM")
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    mount = mount_factory(str(folder))
+    assert hashes(mount.path) == demo_expected  # the two non-DICOM files are not shown
+    assert "57 files parsed, 0 unchanged" in mount.log
+    mount.stop()
+    mount.start()
+    assert hashes(mount.path) == demo_expected
+    assert "0 files parsed, 57 unchanged" in mount.log  # the remount reused the index
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # source untouched
+
+
+@pytest.mark.parametrize("source, message", [
+    ("ftp://example.org/x", "unknown source scheme"),
+    ("s3x://bucket", "unknown source scheme"),
+    ("/nonexistent/folder", "neither a URL"),
+    ("http://user:pw@127.0.0.1:1/dicom-web", "no credentials in the URL"),
+])
+def test_bad_sources_are_one_line_errors(source: str, message: str, tmp_path: Path) -> None:
+    result = dicomfs("mount", source, str(tmp_path), "--cache-dir", str(tmp_path / "c"))
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert "pw" not in result.stderr
+    assert not is_mounted(tmp_path)
+
+
+def test_unreachable_archive_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    result = dicomfs("mount", f"http://127.0.0.1:{free_port()}/dicom-web", str(tmp_path / "mnt"),
+                     "--cache-dir", str(tmp_path / "c"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "cannot reach" in result.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+
+def test_bad_mount_points_and_options(mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    for args, message in [
+        (("demo", str(tmp_path / "missing")), "does not exist"),
+        (("demo", str(tmp_path), "--cache-size", "lots"), "invalid size"),
+        (("demo", str(tmp_path), "--user", "bob"), "DICOMFS_PASSWORD"),
+    ]:
+        result = dicomfs("mount", *args, "--cache-dir", str(tmp_path / "c"))
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    mount = mount_factory("demo")
+    result = dicomfs("mount", "demo", str(mount.path), "--cache-dir", str(tmp_path / "other"))
+    assert result.returncode != 0 and "already a mount point" in result.stderr
+    second = tmp_path / "second"
+    second.mkdir()
+    result = dicomfs("mount", "demo", str(second), "--cache-dir", str(mount.cache_dir))
+    assert result.returncode != 0 and "in use by another dicomfs" in result.stderr
+    assert not is_mounted(second)
+
+
+def test_systemd_mode_notifies_and_stops_cleanly(tmp_path: Path, demo_expected: dict[str, str]) -> None:
+    notify_path = str(tmp_path / "notify.sock")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(120)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "dicomfs", "mount", "demo", str(mountpoint), "--systemd",
+             "--cache-dir", str(tmp_path / "cache")],
+            env={**os.environ, "NOTIFY_SOCKET": notify_path}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            assert notify.recv(4096) == b"READY=1"
+            assert is_mounted(mountpoint)
+            assert len(hashes(mountpoint)) == len(demo_expected)
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=60) == 0
+            assert notify.recv(4096) == b"STOPPING=1"
+            assert not is_mounted(mountpoint)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(timeout=30)
+            if is_mounted(mountpoint):
+                sh("fusermount3", "-u", "-z", str(mountpoint), check=False)
+
+
+def test_stale_mount_point_is_reported(mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    mount = mount_factory("demo")
+    os.kill(mount.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    wait_until(lambda: not mount.alive(), 30, "the daemon to die")
+    result = dicomfs("mount", "demo", str(mount.path), "--cache-dir", str(tmp_path / "c2"))
+    assert result.returncode != 0
+    assert "stale" in result.stderr or "already a mount point" in result.stderr
+    assert dicomfs("umount", str(mount.path)).returncode == 0
+    assert not is_mounted(mount.path)
