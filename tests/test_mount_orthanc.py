@@ -1,0 +1,206 @@
+"""Real mounts of a real Orthanc (Debian package): bytes, clients, request accounting, outages."""
+
+from __future__ import annotations
+
+import errno
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.factory import make_instance
+from tests.fsutil import hashes, listdir, read_errno, sh
+from tests.mounting import Mount
+from tests.servers import CountingProxy, OrthancServer, require_tools
+
+# Every kind of object the issue names must be among the files checked byte for byte.
+REQUIRED_SYNTAXES = {
+    "1.2.840.10008.1.2.1": "explicit little endian",
+    "1.2.840.10008.1.2": "implicit little endian",
+    "1.2.840.10008.1.2.2": "big endian",
+    "1.2.840.10008.1.2.1.99": "deflate",
+    "1.2.840.10008.1.2.4.50": "JPEG baseline",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+    "1.2.840.10008.1.2.5": "RLE",
+}
+
+
+def test_every_file_is_byte_identical_to_the_upload(orthanc: OrthancServer, demo_dir: Path,
+                                                    demo_expected: dict[str, str],
+                                                    mount_factory: Callable[..., Mount]) -> None:
+    syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+                for p in demo_dir.rglob("*.dcm")}
+    assert set(REQUIRED_SYNTAXES) <= syntaxes
+    assert any(int(pydicom.dcmread(p, stop_before_pixels=True).get("NumberOfFrames", 1)) > 1
+               for p in demo_dir.rglob("*.dcm"))
+    mount = mount_factory(orthanc.dicomweb)
+    assert hashes(mount.path) == demo_expected
+    # ... and again from the disk cache after a remount
+    mount.stop()
+    mount.start()
+    assert hashes(mount.path) == demo_expected
+
+
+def test_dicom_tools_read_the_files(orthanc: OrthancServer, demo_expected: dict[str, str],
+                                   mount_factory: Callable[..., Mount]) -> None:
+    require_tools("dcmdump", "dcmftest")
+    mount = mount_factory(orthanc.dicomweb)
+    paths = [str(mount.path / rel) for rel in demo_expected]
+    code = ("import pydicom, sys\nfor p in sys.argv[1:]:\n    ds = pydicom.dcmread(p)\n"
+            "    assert p.endswith(ds.SOPInstanceUID + '.dcm'), p\n    ds.PixelData\nprint('ok')\n")
+    assert sh(sys.executable, "-c", code, *paths).stdout.strip() == "ok"
+    for path in paths:
+        assert "(0002,0010)" in sh("dcmdump", "-M", path).stdout
+    assert "yes" in sh("dcmftest", *paths).stdout
+
+
+def test_cp_rsync_and_tar_round_trips(orthanc: OrthancServer, demo_expected: dict[str, str],
+                                      mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    require_tools("rsync", "tar")
+    mount = mount_factory(orthanc.dicomweb)
+    studies = mount.path / "studies"
+    sh("cp", "-r", str(studies), str(tmp_path / "copy"))
+    assert {f"studies/{k}": v for k, v in hashes(tmp_path / "copy").items()} == demo_expected
+    first = sh("rsync", "-a", "--stats", f"{studies}/", str(tmp_path / "rsync")).stdout
+    assert f"Number of regular files transferred: {len(demo_expected)}" in first
+    second = sh("rsync", "-a", "--stats", f"{studies}/", str(tmp_path / "rsync")).stdout
+    assert "Number of regular files transferred: 0" in second  # sizes and mtimes are stable
+    sh("tar", "-cf", str(tmp_path / "studies.tar"), "-C", str(mount.path), "studies")
+    (tmp_path / "untar").mkdir()
+    sh("tar", "-xf", str(tmp_path / "studies.tar"), "-C", str(tmp_path / "untar"))
+    assert hashes(tmp_path / "untar") == demo_expected
+
+
+def test_listing_studies_and_study_folders_fetches_no_instance_data(
+        orthanc: OrthancServer, demo_expected: dict[str, str],
+        mount_factory: Callable[..., Mount]) -> None:
+    with CountingProxy(orthanc.port) as proxy:
+        mount = mount_factory(proxy.dicomweb)
+        studies = listdir(mount.path / "studies")
+        assert len(studies) == len({k.split("/")[1] for k in demo_expected})
+        for study in studies:
+            for series in listdir(mount.path / "studies" / study):
+                listdir(mount.path / "studies" / study / series)  # names only: no sizes needed
+        sh("find", str(mount.path), "-name", "*.dcm")
+        assert proxy.counts["qido"] > 0
+        assert proxy.counts["wado-series"] == 0 and proxy.counts["wado-other"] == 0, proxy.paths
+        # `ls -l` of a series folder needs exact sizes: that costs one retrieve of that series
+        study = studies[0]
+        series = listdir(mount.path / "studies" / study)[0]
+        sh("ls", "-l", str(mount.path / "studies" / study / series))
+        assert proxy.counts["wado-series"] == 1 and proxy.counts["wado-other"] == 0
+
+
+def test_concurrent_readers_cause_one_retrieval(orthanc: OrthancServer, demo_expected: dict[str, str],
+                                                mount_factory: Callable[..., Mount]) -> None:
+    series_sizes: dict[str, list[str]] = {}
+    for rel in demo_expected:
+        series_sizes.setdefault(rel.rsplit("/", 1)[0], []).append(rel)
+    biggest = max(series_sizes.values(), key=len)
+    assert len(biggest) >= 5
+    with CountingProxy(orthanc.port) as proxy:
+        proxy.throttle = 0.01
+        mount = mount_factory(proxy.dicomweb)
+        results: dict[str, str] = {}
+
+        def read(rel: str) -> None:
+            results[rel] = hashes(mount.path / Path(rel).parent)[Path(rel).name]
+
+        threads = [threading.Thread(target=read, args=(rel,)) for rel in biggest + biggest[::-1]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+        assert results == {rel: demo_expected[rel] for rel in biggest}
+        assert proxy.counts["wado-series"] == 1, proxy.paths
+
+
+def test_archive_outage_gives_eio_and_recovers(tmp_path: Path, demo_dir: Path, demo_expected: dict[str, str],
+                                               mount_factory: Callable[..., Mount]) -> None:
+    server = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        server.upload(sorted(demo_dir.rglob("*.dcm")))
+        mount = mount_factory(server.dicomweb)
+        files = sorted(demo_expected)
+        studies = sorted({rel.split("/")[1] for rel in files})
+        cached = [rel for rel in files if rel.split("/")[1] == studies[0]]
+        uncached = [rel for rel in files if rel.split("/")[1] == studies[1]]
+        assert all(read_errno(mount.path / rel) == 0 for rel in cached)
+        listdir(mount.path / "studies" / studies[1] / uncached[0].split("/")[2])
+        server.stop()
+        assert read_errno(mount.path / uncached[0]) == errno.EIO
+        assert mount.alive()
+        # cached data and listings keep working
+        assert hashes(mount.path / "studies" / studies[0]) == {
+            rel.split("/", 2)[2]: demo_expected[rel] for rel in cached}
+        assert listdir(mount.path / "studies") == studies
+        assert "could not be fetched" in mount.log
+        server.start()
+        assert read_errno(mount.path / uncached[0]) == 0
+        assert hashes(mount.path) == demo_expected
+    finally:
+        server.stop()
+
+
+def test_a_series_of_1500_instances(tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    study, series = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.1.1"
+    files = {f"{series}.{n}": make_instance(study, series, f"{series}.{n}", pixel_bytes=16, number=n)
+             for n in range(1, 1501)}
+    server = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        server.upload(list(files.values()))
+        assert server.statistics()["CountInstances"] == 1500
+        mount = mount_factory(server.dicomweb)
+        folder = mount.path / "studies" / study / series
+        assert listdir(folder) == sorted(f"{key}.dcm" for key in files)
+        import hashlib
+
+        expected = {f"{k}.dcm": hashlib.sha256(v).hexdigest() for k, v in files.items()}
+        assert hashes(folder) == expected
+    finally:
+        server.stop()
+
+
+def test_basic_auth_password_stays_secret(tmp_path: Path, demo_dir: Path,
+                                          mount_factory: Callable[..., Mount]) -> None:
+    secret = "pw-9f8e7d6c"
+    server = OrthancServer(tmp_path / "orthanc", users={"alice": secret}).start()
+    try:
+        server.upload(sorted(demo_dir.rglob("*.dcm"))[:3])
+        mount = mount_factory(server.dicomweb, "--user", "alice", env={"DICOMFS_PASSWORD": secret})
+        assert len(hashes(mount.path)) == 3
+        cmdline = Path(f"/proc/{mount.pid}/cmdline").read_bytes()
+        assert secret.encode() not in cmdline
+        assert secret not in mount.log
+        wrong = mount_factory(server.dicomweb, "--user", "alice", env={"DICOMFS_PASSWORD": "nope"},
+                              name="mnt2", cache="cache2", start=False)
+        with pytest.raises(AssertionError, match="refused access"):
+            wrong.start()
+    finally:
+        server.stop()
+
+
+def test_killed_mid_download_leaves_nothing_that_reads_wrong(
+        orthanc: OrthancServer, demo_expected: dict[str, str],
+        mount_factory: Callable[..., Mount]) -> None:
+    with CountingProxy(orthanc.port) as proxy:
+        proxy.throttle = 0.2  # slow enough to be killed mid-series
+        mount = mount_factory(proxy.dicomweb)
+        rel = max(demo_expected, key=lambda r: sum(1 for k in demo_expected if k.startswith(r.rsplit("/", 1)[0])))
+        thread = threading.Thread(target=read_errno, args=(mount.path / rel,), daemon=True)
+        thread.start()
+        from tests.servers import wait_until
+
+        wait_until(lambda: any((mount.cache_dir / "partial").glob("*.part")), 60, "a download to start")
+        wait_until(lambda: any(p.stat().st_size > 0 for p in (mount.cache_dir / "partial").glob("*.part")),
+                   60, "bytes to arrive")
+        mount.kill()
+        thread.join(timeout=60)
+        proxy.throttle = 0
+        mount.start()
+        assert hashes(mount.path) == demo_expected
