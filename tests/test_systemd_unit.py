@@ -1,0 +1,93 @@
+"""The shipped systemd unit: it parses, and its command lines do what systemd would make them do
+(clear a stale mount, start, report READY=1, stop on SIGTERM, clean up)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fsutil import hashes, sh
+from tests.mounting import Mount, is_mounted
+from tests.servers import require_tools, wait_until
+
+UNIT = Path(__file__).parent.parent / "systemd" / "dicomfs@.service"
+DICOMFS = "/usr/local/bin/dicomfs"
+
+
+def unit_commands(key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if line.startswith(key + "=")]
+
+
+def expand(command: str, env: dict[str, str]) -> tuple[bool, list[str]]:
+    """systemd's rules: ``${X}`` is one word, ``$X`` splits on white space; ``-`` ignores failure."""
+    ignore = command.startswith("-")
+    words: list[str] = []
+    for word in shlex.split(command.lstrip("-")):
+        if re.fullmatch(r"\$\{\w+\}", word):
+            words.append(env[word[2:-1]])
+        elif re.fullmatch(r"\$\w+", word):
+            words.extend(env[word[1:]].split())
+        else:
+            words.append(word)
+    if words[0] == DICOMFS:
+        words[:1] = [sys.executable, "-m", "dicomfs"]
+    return ignore, words
+
+
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    require_tools("systemd-analyze")
+    wrapper = tmp_path / "dicomfs"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m dicomfs \"$@\"\n")
+    wrapper.chmod(0o755)
+    unit = tmp_path / "dicomfs@test.service"
+    unit.write_text(UNIT.read_text().replace(DICOMFS, str(wrapper)))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Type=notify" in UNIT.read_text() and "--systemd" in unit_commands("ExecStart")[0]
+
+
+def test_unit_commands_clear_stale_mounts_start_and_stop(tmp_path: Path) -> None:
+    require_tools("fusermount3")
+    env = {"SOURCE": "demo", "MOUNTPOINT": str(tmp_path / "mnt"),
+           "DICOMFS_OPTIONS": f"--cache-dir {tmp_path / 'cache'} --listing-ttl 30"}
+    # A previous daemon was killed: its mount point is now a dead mount.
+    crashed = Mount("demo", tmp_path / "mnt", tmp_path / "old-cache").start()
+    os.kill(crashed.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    wait_until(lambda: not crashed.alive(), 30, "the old daemon to die")
+    assert is_mounted(tmp_path / "mnt")
+
+    for command in unit_commands("ExecStartPre"):
+        ignore, words = expand(command, env)
+        result = subprocess.run(words, capture_output=True, timeout=60)
+        assert ignore or result.returncode == 0, result.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+    notify_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(120)
+        _, words = expand(unit_commands("ExecStart")[0], env)
+        daemon = subprocess.Popen(words, env={**os.environ, "NOTIFY_SOCKET": notify_path},
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert notify.recv(100) == b"READY=1"
+            assert len(hashes(tmp_path / "mnt")) == 54
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=60) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(timeout=30)
+    for command in unit_commands("ExecStopPost"):
+        ignore, words = expand(command, env)
+        assert subprocess.run(words, capture_output=True, timeout=60).returncode == 0 or ignore
+    mounted_after = is_mounted(tmp_path / "mnt")
+    if mounted_after:
+        sh("fusermount3", "-u", "-z", str(tmp_path / "mnt"), check=False)
+    assert not mounted_after
