@@ -16,10 +16,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomfs import __version__
 from dicomfs.errors import DicomfsError, UsageError
 from dicomfs.sources import credentials_from_environment, parse_source
+
+if TYPE_CHECKING:
+    from dicomfs.mount import MountOptions
 
 log = logging.getLogger("dicomfs")
 
@@ -118,7 +122,7 @@ def _configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def _run_foreground(options: object, args: argparse.Namespace) -> int:
+def _run_foreground(options: MountOptions, args: argparse.Namespace) -> int:
     import trio
 
     from dicomfs.mount import sd_notify, serve
@@ -150,8 +154,8 @@ def _run_foreground(options: object, args: argparse.Namespace) -> int:
     return 0
 
 
-def _detach(options: object, args: argparse.Namespace, argv: list[str]) -> int:
-    cache_dir: Path = options.cache_dir  # type: ignore[attr-defined]
+def _detach(options: MountOptions, args: argparse.Namespace, argv: list[str]) -> int:
+    cache_dir = options.cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(args.log_file).expanduser() if args.log_file else cache_dir / "dicomfs.log"
     read_fd, write_fd = os.pipe()

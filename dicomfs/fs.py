@@ -10,7 +10,7 @@ import errno
 import itertools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -84,7 +84,7 @@ class DicomOperations(pyfuse3.Operations):
         with _errno_at_the_edge("getattr"):
             return self._entry(await self.tree.attributes(self.tree.get(inode)))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self.tree.forget(inode, count)
 
@@ -149,6 +149,5 @@ class DicomOperations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return []
 
-    async def access(self, inode: int, mode: int, ctx: Any) -> None:
-        if mode & os.W_OK:
-            raise pyfuse3.FUSEError(errno.EROFS)
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return not mode & os.W_OK  # read-only; the kernel checks the rest (default_permissions)

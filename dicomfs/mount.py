@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import CacheError, UsageError
 from dicomfs.fs import DicomOperations
-from dicomfs.sources import Credentials, SourceSpec, open_source
+from dicomfs.sources import Credentials, Source, SourceSpec, open_source
 from dicomfs.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def check_mountpoint(path: Path) -> Path:
         if exc.errno == errno.ENOTCONN:
             raise UsageError(f"{path} is a stale dicomfs mount: run 'dicomfs umount {path}' first") from None
         raise UsageError(f"mount point {path} does not exist") from None
-    if not os.path.isdir(path) or not st:
+    if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"{path} is already a mount point")
@@ -121,9 +122,9 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         lock.release()
 
 
-async def _serve_source(options: MountOptions, source: object, on_ready: Callable[[], None]) -> None:
-    blobs = BlobStore(options.cache_dir, options.cache_size, source)  # type: ignore[arg-type]
-    catalog = Catalog(source, options.cache_dir / "catalog", listing_ttl=options.listing_ttl)  # type: ignore[arg-type]
+async def _serve_source(options: MountOptions, source: Source, on_ready: Callable[[], None]) -> None:
+    blobs = BlobStore(options.cache_dir, options.cache_size, source)
+    catalog = Catalog(source, options.cache_dir / "catalog", listing_ttl=options.listing_ttl)
     tree = Tree(catalog, blobs, listing_ttl=options.listing_ttl)
     pidfile = pidfile_for(options.mountpoint)
     try:
@@ -134,7 +135,7 @@ async def _serve_source(options: MountOptions, source: object, on_ready: Callabl
             try:
                 pidfile.write_text(f"{os.getpid()}\n")
                 nursery.start_soon(_terminate_on_signal)
-                log.info("mounted %s on %s", source.description, options.mountpoint)  # type: ignore[attr-defined]
+                log.info("mounted %s on %s", source.description, options.mountpoint)
                 on_ready()
                 await pyfuse3.main(min_tasks=4, max_tasks=256)
             finally:

@@ -12,10 +12,10 @@ fi
 .venv/bin/dicomfs mount demo "$mountpoint"
 echo
 echo "The demo archive is mounted at $mountpoint:"
-find "$mountpoint/studies" -maxdepth 2 | head -12
+find "$mountpoint/studies" -maxdepth 2 | head -12 || true
 echo "..."
 echo "$(find "$mountpoint/studies" -name '*.dcm' | wc -l) instance files, $(du -sh --apparent-size "$mountpoint" | cut -f1) in all."
-first=$(find "$mountpoint/studies" -name '*.dcm' | sort | head -1)
+first=$(find "$mountpoint/studies" -name "*.dcm" | sort | head -1 || true)
 echo
 echo "One of them, read with pydicom:"
 .venv/bin/python -c "import pydicom, sys; ds = pydicom.dcmread(sys.argv[1]); print(' ', ds.PatientName, ds.Modality, ds.file_meta.TransferSyntaxUID.name, ds.Rows, 'x', ds.Columns)" "$first"

@@ -32,10 +32,12 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-if [ "$want_tests" = 1 ]; then
-    .venv/bin/python -m pip install -q -e ".[test]"
-else
-    .venv/bin/python -m pip install -q -e .
+target="."
+[ "$want_tests" = 1 ] && target=".[test]"
+# pip is chatty on stderr even when all is well: keep its output, show it only if it fails.
+if ! .venv/bin/python -m pip install -q -e "$target" > .venv/pip-install.log 2>&1; then
+    cat .venv/pip-install.log >&2
+    echo "pip install failed (log: .venv/pip-install.log)" >&2
+    exit 1
 fi
 echo "dicomfs installed: $(.venv/bin/dicomfs --version) in $(pwd)/.venv"

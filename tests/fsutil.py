@@ -3,6 +3,7 @@ so that a misbehaving mount fails the test instead of hanging it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 TIMEOUT = 180
 
 
-def sh(*command: str, timeout: float = TIMEOUT, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def sh(*command: str, timeout: float = TIMEOUT, check: bool = True, cwd: Path | None = None,
+       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed ({result.returncode}): {result.stderr[-2000:]}")
     return result

@@ -124,7 +124,8 @@ class OrthancServer:
         with urllib.request.urlopen(self._request(path, body), timeout=300) as response:
             answer = json.loads(response.read() or b"null")
         items = answer if isinstance(answer, list) else [answer]
-        bad = [item for item in items if isinstance(item, dict) and item.get("Status") not in ("Success", "AlreadyStored")]
+        stored = ("Success", "AlreadyStored")
+        bad = [item for item in items if isinstance(item, dict) and item.get("Status") not in stored]
         if bad:
             raise RuntimeError(f"Orthanc refused uploads: {bad[:3]}")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fsutil import hashes, listdir, read_errno, sh, stat_errno
+from tests.fsutil import hashes, listdir, sh, stat_errno
 from tests.mounting import Mount, dicomfs, is_mounted
 from tests.servers import free_port, require_tools, wait_until
 

@@ -7,8 +7,7 @@ import os
 import pytest
 
 from dicomfs.errors import ProtocolError
-from dicomfs.multipart import (MultipartParser, PartData, PartEnd, PartStart,
-                               boundary_from_content_type)
+from dicomfs.multipart import MultipartParser, PartData, PartEnd, PartStart, boundary_from_content_type
 
 BOUNDARY = b"b0undary-42"
 

@@ -72,11 +72,12 @@ def _new_uid(*parts: str) -> str:
 def _rewrite(src: Path, dst: Path, study_key: str, series_key: str, instance_key: str,
              overrides: dict[str, str]) -> None:
     import pydicom
+    from pydicom.uid import UID
 
     ds = pydicom.dcmread(src)
     ds.StudyInstanceUID = _new_uid("study", study_key)
     ds.SeriesInstanceUID = _new_uid("series", study_key, series_key)
-    sop = _new_uid("instance", instance_key)
+    sop = UID(_new_uid("instance", instance_key))
     ds.SOPInstanceUID = sop
     ds.file_meta.MediaStorageSOPInstanceUID = sop
     for keyword, value in overrides.items():

@@ -121,7 +121,6 @@ class _PartRouter:
         self._size: int | None = None
         self._writer: MemberWriter | None = None
         self._skipping = False
-        self._in_part = False
 
     async def handle(self, event: PartStart | PartData | PartEnd) -> None:
         if isinstance(event, PartStart):
@@ -129,7 +128,6 @@ class _PartRouter:
             self._size = event.content_length
             self._writer = None
             self._skipping = False
-            self._in_part = True
         elif isinstance(event, PartData):
             if self._writer is not None:
                 await self._writer.write(event.data)
@@ -142,7 +140,6 @@ class _PartRouter:
             if self._writer is not None:
                 await self._writer.finish()
             self._writer = None
-            self._in_part = False
 
     async def _try_name(self, final: bool = False) -> None:
         try:
