@@ -29,6 +29,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import trio
 
 from dicomfs.errors import CacheError, DicomfsError, IntegrityError, SourceError
 from dicomfs.records import InstanceRecord, SeriesRecord
-from dicomfs.sources.base import Source
+from dicomfs.sources.base import InstanceFetcher, Source
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,17 @@ class _Member:
     length: int
 
 
-class SeriesDownload:
-    """One running download of a series blob; also the sink the source writes into."""
+Fetch = Callable[["SeriesDownload"], Awaitable[None]]
 
-    def __init__(self, series: SeriesRecord, path: Path) -> None:
+
+class SeriesDownload:
+    """One running download of a blob (a whole series, or one instance of it); also the sink the
+    source writes into."""
+
+    def __init__(self, blob_key: str, series: SeriesRecord, path: Path, fetch: Fetch) -> None:
+        self.blob_key = blob_key
         self.series = series
+        self.fetch = fetch
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.members: dict[str, _Member] = {}
@@ -197,7 +204,7 @@ class SeriesDownload:
                 return None if self.finished else member
             if self.finished:
                 if self.error is not None:
-                    raise SourceError(f"series {self.series.uid} could not be fetched: {self.error}")
+                    raise SourceError(f"{self.blob_key} could not be fetched: {self.error}")
                 raise IntegrityError(f"instance {key} is listed but missing from its series retrieve")
             await self._changed.wait()
 
@@ -283,7 +290,9 @@ class BlobStore:
         self._downloads: dict[str, SeriesDownload] = {}
         self._nursery: trio.Nursery | None = None
         self._cull_wanted = trio.Event()
-        self._commits: Counter[str] = Counter()  # completed downloads per series
+        self._commits: Counter[str] = Counter()  # completed downloads per blob key
+        self._series_touched: set[str] = set()  # series with an instance opened since start
+        self._instance_blobs: dict[str, set[str]] = {}  # series -> its single-instance blobs
         self.retrievals = 0  # series downloads started (for statistics)
 
     def close(self) -> None:
@@ -306,17 +315,17 @@ class BlobStore:
                     log.warning("cache eviction failed: %s", exc)
 
     # --- sizes ------------------------------------------------------------------------------
-    async def manifest(self, series: SeriesRecord) -> Manifest | None:
-        manifest = self._manifest_memory.get(series.key)
+    async def manifest(self, blob_key: str) -> Manifest | None:
+        manifest = self._manifest_memory.get(blob_key)
         if manifest is None:
-            manifest = await trio.to_thread.run_sync(self.manifests.get, series.key)
+            manifest = await trio.to_thread.run_sync(self.manifests.get, blob_key)
             if manifest is not None:
-                self._manifest_memory[series.key] = manifest
+                self._manifest_memory[blob_key] = manifest
         return manifest
 
     async def known_sizes(self, series: SeriesRecord) -> dict[str, int]:
         """Sizes known without downloading: from a stored manifest or a running download."""
-        manifest = await self.manifest(series)
+        manifest = await self.manifest(series.key)
         sizes = {k: length for k, (_, length) in manifest.members.items()} if manifest else {}
         download = self._downloads.get(series.key)
         if download is not None:
@@ -334,13 +343,19 @@ class BlobStore:
                 return sizes[instance.key]
             if self._commits[series.key] != commits:
                 continue  # a download finished while we looked: look again
-            member = await self._join_or_start(series).wait_member(instance.key)
+            member = await self._series_download(series).wait_member(instance.key)
             if member is not None:
                 return member.length
         raise SourceError(f"series {series.uid} keeps changing in the cache; giving up")
 
     # --- reading ----------------------------------------------------------------------------
     async def open_instance(self, series: SeriesRecord, instance: InstanceRecord) -> InstanceHandle:
+        """Open an instance, fetching what is needed: the series blob, or first just the instance.
+
+        Policy for sources that can fetch one instance cheaply (COD: a Range request): the first
+        instance opened in a series that is not cached is fetched alone; opening a second one
+        means someone is reading through the series, so the whole series is fetched once.
+        """
         local = self.source.local_file(instance)
         if local is not None:
             return await trio.to_thread.run_sync(_open_local, local, instance)
@@ -348,22 +363,50 @@ class BlobStore:
             download = self._downloads.get(series.key)
             if download is None:
                 commits = self._commits[series.key]
-                handle = await self._open_cached(series, instance.key)
+                handle = await self._open_cached(series.key, instance.key)
+                if handle is None and isinstance(self.source, InstanceFetcher):
+                    handle = await self._open_instance_alone(series, instance, self.source)
                 if handle is not None:
                     return handle
                 if self._commits[series.key] != commits:
                     continue  # a download finished while we looked: look again
-                download = self._join_or_start(series)
+                download = self._series_download(series)
             handle = await download.open_member(instance.key)
             if handle is not None:
                 return handle
         raise SourceError(f"series {series.uid} keeps changing in the cache; giving up")
 
-    async def _open_cached(self, series: SeriesRecord, key: str) -> InstanceHandle | None:
-        manifest = await self.manifest(series)
+    async def _open_instance_alone(self, series: SeriesRecord, instance: InstanceRecord,
+                                   source: InstanceFetcher) -> InstanceHandle | None:
+        blob_key = f"{series.key}#{instance.key}"
+        for _ in range(JOIN_ATTEMPTS):
+            download = self._downloads.get(blob_key)
+            if download is None:
+                commits = self._commits[blob_key]
+                handle = await self._open_cached(blob_key, instance.key)
+                if handle is not None:
+                    return handle
+                if self._commits[blob_key] != commits:
+                    continue
+                if series.key in self._series_touched or series.key in self._downloads:
+                    return None  # reading through the series: fetch all of it
+                self._series_touched.add(series.key)
+                self._instance_blobs.setdefault(series.key, set()).add(blob_key)
+
+                async def fetch(sink: SeriesDownload) -> None:
+                    await source.fetch_instance(instance, sink)
+
+                download = self._start(blob_key, series, fetch)
+            handle = await download.open_member(instance.key)
+            if handle is not None:
+                return handle
+        return None
+
+    async def _open_cached(self, blob_key: str, key: str) -> InstanceHandle | None:
+        manifest = await self.manifest(blob_key)
         if manifest is None or key not in manifest.members:
             return None
-        blob = await trio.to_thread.run_sync(lambda: self.index.get(series.key, read=True))
+        blob = await trio.to_thread.run_sync(lambda: self.index.get(blob_key, read=True))
         if blob is None:
             return None
         with blob:
@@ -372,7 +415,7 @@ class BlobStore:
         offset, length = manifest.members[key]
         if offset + length > os.fstat(fd).st_size:
             os.close(fd)
-            raise IntegrityError(f"cached blob of series {series.uid} is shorter than its manifest")
+            raise IntegrityError(f"cached blob {blob_key} is shorter than its manifest")
         self._pins.pin(path)
         return InstanceHandle(fd, offset, length, release=lambda: self._pins.unpin(path))
 
@@ -380,41 +423,49 @@ class BlobStore:
         return series.key in self.index
 
     # --- downloading ------------------------------------------------------------------------
-    def _join_or_start(self, series: SeriesRecord) -> SeriesDownload:
+    def _series_download(self, series: SeriesRecord) -> SeriesDownload:
+        """The running download of ``series``, started if there is none."""
         download = self._downloads.get(series.key)
-        if download is None:
-            if self._nursery is None:
-                raise CacheError("the blob store is not running")
-            path = self.partial_dir / f"{uuid.uuid4().hex}.part"
-            download = SeriesDownload(series, path)
-            self._downloads[series.key] = download
-            self.retrievals += 1
-            self._nursery.start_soon(self._run_download, download)
+        if download is not None:
+            return download
+
+        async def fetch(sink: SeriesDownload) -> None:
+            await self.source.fetch_series(series, sink)
+
+        self._series_touched.add(series.key)
+        return self._start(series.key, series, fetch)
+
+    def _start(self, blob_key: str, series: SeriesRecord, fetch: Fetch) -> SeriesDownload:
+        if self._nursery is None:
+            raise CacheError("the blob store is not running")
+        download = SeriesDownload(blob_key, series, self.partial_dir / f"{uuid.uuid4().hex}.part", fetch)
+        self._downloads[blob_key] = download
+        self.retrievals += 1
+        self._nursery.start_soon(self._run_download, download)
         return download
 
     async def _run_download(self, download: SeriesDownload) -> None:
-        series = download.series
+        what = download.blob_key
         try:
             for attempt in range(DOWNLOAD_ATTEMPTS):
                 try:
-                    await self.source.fetch_series(series, download)
+                    await download.fetch(download)
                     break
                 except SourceError as exc:
                     if attempt + 1 == DOWNLOAD_ATTEMPTS:
                         raise
-                    log.warning("series %s: %s; retrying", series.uid, exc)
+                    log.warning("%s: %s; retrying", what, exc)
                     await trio.sleep(0.5 * 2**attempt)
             await self._commit(download)
         except DicomfsError as exc:
-            log.error("series %s could not be fetched from %s: %s", series.uid,
-                      self.source.description, exc)
+            log.error("%s could not be fetched from %s: %s", what, self.source.description, exc)
             download.error = exc
         except Exception as exc:  # a bug must not take the daemon down with it
-            log.exception("series %s: unexpected error while fetching", series.uid)
+            log.exception("%s: unexpected error while fetching", what)
             download.error = exc
         finally:
             download.finished = True
-            del self._downloads[series.key]
+            del self._downloads[download.blob_key]
             download.notify()
             os.close(download.fd)
             _unlink_quietly(str(download.path))
@@ -422,18 +473,26 @@ class BlobStore:
     async def _commit(self, download: SeriesDownload) -> None:
         manifest = download.manifest()
 
+        blob_key = download.blob_key
+        # A whole series makes the single instances fetched from it before redundant.
+        redundant = self._instance_blobs.pop(blob_key, set()) if blob_key == download.series.key else set()
+
         def commit() -> None:
             os.ftruncate(download.fd, manifest.size)
             os.fsync(download.fd)
-            self.manifests.set(download.series.key, manifest)
-            self.index.set(download.series.key, CompletedBlob(str(download.path), manifest.size))
+            self.manifests.set(blob_key, manifest)
+            self.index.set(blob_key, CompletedBlob(str(download.path), manifest.size))
+            for key in redundant:
+                self.index.delete(key)
+                self.manifests.delete(key)
 
         await trio.to_thread.run_sync(commit)
-        self._manifest_memory[download.series.key] = manifest
-        self._commits[download.series.key] += 1
+        self._manifest_memory[blob_key] = manifest
+        for key in redundant:
+            self._manifest_memory.pop(key, None)
+        self._commits[blob_key] += 1
         self._cull_wanted.set()
-        log.info("series %s cached: %d instances, %d bytes", download.series.uid,
-                 len(manifest.members), manifest.size)
+        log.info("%s cached: %d instances, %d bytes", blob_key, len(manifest.members), manifest.size)
 
 
 def _open_local(path: Path, instance: InstanceRecord) -> InstanceHandle:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from dicomfs import __version__
 from dicomfs.errors import DicomfsError, UsageError
-from dicomfs.sources import credentials_from_environment, parse_source
+from dicomfs.sources import SourceOptions, credentials_from_environment, parse_source
 
 if TYPE_CHECKING:
     from dicomfs.mount import MountOptions
@@ -62,7 +62,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dicomfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    mount = commands.add_parser("mount", help="mount SOURCE (DICOMweb URL, folder, or 'demo') on MOUNTPOINT")
+    mount = commands.add_parser("mount", help="mount SOURCE (DICOMweb URL, gs:// COD bucket, folder, or 'demo') "
+                                "on MOUNTPOINT")
     mount.add_argument("source")
     mount.add_argument("mountpoint")
     mount.add_argument("--foreground", action="store_true", help="do not detach")
@@ -77,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--user", help="HTTP basic auth user; password from DICOMFS_PASSWORD or --password-file")
     mount.add_argument("--password-file")
     mount.add_argument("--token-file", help="bearer token file (or DICOMFS_TOKEN)")
+    mount.add_argument("--endpoint", help="object store endpoint for gs:// sources "
+                       "(default: $STORAGE_EMULATOR_HOST or Google Cloud Storage)")
+    mount.add_argument("--user-project", help="project billed for requester-pays buckets")
     mount.add_argument("--listing-ttl", type=float, default=60.0,
                        help="seconds a study or series listing is trusted (default 60)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -110,7 +114,8 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root() / spec.source_id
     cache_size = parse_size(args.cache_size) if args.cache_size else default_cache_size(cache_dir)
     options = MountOptions(spec, mountpoint, cache_dir, cache_size, credentials,
-                           allow_other=args.allow_other, listing_ttl=args.listing_ttl)
+                           allow_other=args.allow_other, listing_ttl=args.listing_ttl,
+                           source_options=SourceOptions(args.endpoint, args.user_project))
     if args.foreground or args.systemd:
         return _run_foreground(options, args)
     return _detach(options, args, argv)

@@ -16,7 +16,7 @@ import signal
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
@@ -26,7 +26,7 @@ from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import CacheError, UsageError
 from dicomfs.fs import DicomOperations
-from dicomfs.sources import Credentials, Source, SourceSpec, open_source
+from dicomfs.sources import Credentials, Source, SourceOptions, SourceSpec, open_source
 from dicomfs.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class MountOptions:
     credentials: Credentials
     allow_other: bool = False
     listing_ttl: float = 60.0
+    source_options: SourceOptions = field(default_factory=SourceOptions)
 
 
 def check_mountpoint(path: Path) -> Path:
@@ -111,7 +112,7 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount, serve until unmounted or signalled, and unmount. Raises DicomfsError on failure."""
     lock = CacheLock(options.cache_dir)
     try:
-        source = open_source(options.spec, options.credentials, options.cache_dir)
+        source = open_source(options.spec, options.credentials, options.cache_dir, options.source_options)
         try:
             await source.check()
             await _serve_source(options, source, on_ready)

@@ -18,6 +18,7 @@ import time
 import urllib.request
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -148,9 +149,11 @@ class CountingProxy:
     with an error status.
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, classify: Callable[[str], str] | None = None) -> None:
         self.upstream_port = upstream_port
+        self.classify = classify or self.kind
         self.counts: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()  # response body bytes per kind
         self.paths: list[str] = []
         self.fail_next = 0
         self.fail_status = 500
@@ -166,7 +169,8 @@ class CountingProxy:
 
             def do_GET(self) -> None:
                 with proxy.lock:
-                    proxy.counts[proxy.kind(self.path)] += 1
+                    kind = proxy.classify(self.path)
+                    proxy.counts[kind] += 1
                     proxy.paths.append(self.path)
                     failing = proxy.fail_next > 0
                     if failing:
@@ -194,6 +198,8 @@ class CountingProxy:
                 try:
                     while chunk := response.read(65536):
                         self.wfile.write(chunk)
+                        with proxy.lock:
+                            proxy.bytes[kind] += len(chunk)
                         if proxy.throttle:
                             time.sleep(proxy.throttle)
                 except OSError:
@@ -223,6 +229,10 @@ class CountingProxy:
     def dicomweb(self) -> str:
         return f"http://127.0.0.1:{self.port}/dicom-web"
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def __enter__(self) -> CountingProxy:
         self.thread.start()
         return self
@@ -236,3 +246,64 @@ def require_tools(*names: str) -> None:
     missing = [name for name in names if shutil.which(name) is None]
     if missing:
         raise RuntimeError(f"missing tools {missing}: run scripts/install.sh")
+
+
+class GcsEmulator:
+    """``gcp-storage-emulator`` (PyPI) on loopback, in memory, with one bucket."""
+
+    def __init__(self, bucket: str = "cod-test") -> None:
+        self.bucket = bucket
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GcsEmulator:
+        import sys
+
+        executable = Path(sys.executable).parent / "gcp-storage-emulator"
+        if not executable.exists():
+            raise RuntimeError("gcp-storage-emulator is not installed: run scripts/install.sh --test")
+        self.process = subprocess.Popen(
+            [str(executable), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory",
+             "--default-bucket", self.bucket, "--quiet"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._answers, 30, "the GCS emulator to answer")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"the GCS emulator exited with {self.process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/storage/v1/b/{self.bucket}", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def upload(self, objects: dict[str, bytes]) -> None:
+        from urllib.parse import quote
+
+        for name, data in objects.items():
+            url = f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?uploadType=media&name={quote(name, safe='')}"
+            request = urllib.request.Request(url, data=data, method="POST",
+                                             headers={"Content-Type": "application/octet-stream"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.status == 200, name
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def __enter__(self) -> GcsEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -6,11 +6,24 @@ and implements the protocol in ``base``. Nothing outside this package knows whic
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from dicomfs.errors import UsageError
 from dicomfs.sources.base import Credentials, Source, SourceSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Settings some sources need besides their location."""
+
+    endpoint: str | None = None  # object store endpoint (COD); default from the environment
+    user_project: str | None = None  # requester-pays project (COD)
 
 
 def parse_source(text: str) -> SourceSpec:
@@ -23,9 +36,13 @@ def parse_source(text: str) -> SourceSpec:
             return _dicomweb_spec(text[len("dicomweb+") :])
     if lowered.startswith(("http://", "https://")):
         return _dicomweb_spec(text)
+    if lowered.startswith("gs://"):
+        return _gs_spec(text)
+    if lowered.startswith(("cod+https://", "cod+http://")):
+        return _cod_url_spec(text[len("cod+"):])
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise UsageError(f"unknown source scheme {scheme!r} (use http(s)://, a folder, or demo)")
+        raise UsageError(f"unknown source scheme {scheme!r} (use http(s)://, gs://, cod+https://, a folder, or demo)")
     path = Path(text).expanduser()
     if not path.is_dir():
         raise UsageError(f"source {text!r} is neither a URL, 'demo', nor an existing folder")
@@ -48,8 +65,47 @@ def _dicomweb_spec(url: str) -> SourceSpec:
     return SourceSpec(kind="dicomweb", location=str(parsed).rstrip("/"))
 
 
-def open_source(spec: SourceSpec, credentials: Credentials, work_dir: Path) -> Source:
+def _gs_spec(text: str) -> SourceSpec:
+    """``gs://<bucket>/<datastore path>``: the path is used exactly as written."""
+    bucket, _, prefix = text[len("gs://"):].partition("/")
+    _check_bucket(bucket)
+    return SourceSpec(kind="cod", location=f"gs://{bucket}/{prefix.strip('/')}")
+
+
+def _cod_url_spec(url: str) -> SourceSpec:
+    """``https://host/<bucket>/<prefix>``, the COD downloader's string form: ``/dicomweb`` is
+    appended to the prefix (``dicomweb`` when there is none); ``?token=`` becomes the token."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        raise UsageError("put no credentials in the URL: use DICOMFS_TOKEN or --token-file")
+    bucket, _, prefix = parts.path.strip("/").partition("/")
+    _check_bucket(bucket)
+    prefix = f"{prefix.strip('/')}/dicomweb" if prefix.strip("/") else "dicomweb"
+    token = parse_qs(parts.query).get("token", [None])[0]
+    if token:
+        log.warning("a token in the source URL is visible in 'ps': prefer DICOMFS_TOKEN or --token-file")
+    return SourceSpec(kind="cod", location=f"gs://{bucket}/{prefix}",
+                      endpoint=f"{parts.scheme}://{parts.netloc}", token=token)
+
+
+def _check_bucket(bucket: str) -> None:
+    if not bucket or not all(c.isalnum() or c in "-_." for c in bucket):
+        raise UsageError(f"invalid bucket name {bucket!r}")
+
+
+def open_source(spec: SourceSpec, credentials: Credentials, work_dir: Path,
+                options: SourceOptions | None = None) -> Source:
     """Build the source for ``spec``. ``work_dir`` is a private folder inside the cache."""
+    options = options or SourceOptions()
+    if spec.kind == "cod":
+        from dicomfs.sources.cod import CodSource
+        from dicomfs.sources.gcs import default_endpoint
+
+        bucket, _, prefix = spec.location[len("gs://"):].partition("/")
+        if spec.token and not credentials.token:
+            credentials = Credentials(credentials.user, credentials.password, spec.token)
+        endpoint = options.endpoint or spec.endpoint or default_endpoint()
+        return CodSource(endpoint, bucket, prefix, credentials, user_project=options.user_project)
     if spec.kind == "dicomweb":
         from dicomfs.sources.dicomweb import DicomwebSource
 
@@ -86,5 +142,5 @@ def _read_secret(path: str) -> str:
         raise UsageError(f"cannot read secret file {path}: {exc.strerror}") from None
 
 
-__all__ = ["Credentials", "Source", "SourceSpec", "credentials_from_environment", "open_source",
+__all__ = ["Credentials", "Source", "SourceOptions", "SourceSpec", "credentials_from_environment", "open_source",
            "parse_source"]

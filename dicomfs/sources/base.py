@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # "dicomweb" | "folder" | "demo"
+    kind: str  # "dicomweb" | "cod" | "folder" | "demo"
     location: str  # URL without credentials, or an absolute folder path
+    endpoint: str | None = None  # where the location is served from, when the source names it
+    token: str | None = field(default=None, repr=False)  # a token that came with the source URL
 
     @property
     def source_id(self) -> str:
@@ -76,3 +78,10 @@ class Source(Protocol):
         """A local file holding exactly this instance's bytes, if the source has one."""
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class InstanceFetcher(Protocol):
+    """A source that can deliver one instance much more cheaply than its whole series."""
+
+    async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None: ...

@@ -75,6 +75,7 @@ class HttpClient:
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 16,
+        extra_headers: dict[str, str] | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
         self._client = httpx.AsyncClient(
@@ -84,7 +85,7 @@ class HttpClient:
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections),
             follow_redirects=True,
-            headers={"User-Agent": "dicomfs"},
+            headers={"User-Agent": "dicomfs", **(extra_headers or {})},
         )
 
     async def aclose(self) -> None:

@@ -1,0 +1,227 @@
+"""Cloud Optimized DICOM (COD) bucket source: series tars plus a metadata.json index each.
+
+Owns the bucket layout (``<prefix>/studies/<St>/series/<Se>.tar`` and
+``<Se>/metadata.json``), turning the index into records with exact sizes, and delivering
+instance bytes from the tar: the whole tar in one GET, or one instance by a Range request.
+Every instance is checked against its size and CRC32C before it reaches the sink.
+Must not cache blobs (the blob store does) or decide when to fetch a range or the whole tar.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cachetools
+import google_crc32c
+import httpx
+
+from dicomfs.errors import IntegrityError, NotFound, ProtocolError
+from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.singleflight import SingleFlight
+from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
+from dicomfs.sources.cod_metadata import MAX_METADATA_BYTES, CodInstance, CodSeries, parse_series_index
+from dicomfs.sources.gcs import GcsBucket, ObjectInfo
+from dicomfs.uids import is_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeriesObjects:
+    tar: ObjectInfo | None
+    has_index: bool
+    damaged: bool
+
+
+class CodSource:
+    """A COD datastore ``gs://<bucket>/<prefix>`` read through the GCS JSON API."""
+
+    def __init__(self, endpoint: str, bucket: str, prefix: str, credentials: Credentials, *,
+                 user_project: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
+                 page_size: int = 1000) -> None:
+        self.prefix = prefix.strip("/")
+        self.description = f"gs://{bucket}/{self.prefix}"
+        self.bucket = GcsBucket(endpoint, bucket, credentials, user_project=user_project,
+                                transport=transport, page_size=page_size)
+        self._objects: dict[tuple[str, str], SeriesObjects] = {}
+        self._indexes: cachetools.LRUCache[tuple[str, str], CodSeries] = cachetools.LRUCache(64)
+        self._flights: SingleFlight[CodSeries] = SingleFlight()
+
+    async def aclose(self) -> None:
+        await self.bucket.aclose()
+
+    def _path(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    async def check(self) -> None:
+        await self.bucket.list(self._path("studies") + "/", max_pages=1)
+
+    async def list_studies(self) -> list[StudyRecord]:
+        base = self._path("studies") + "/"
+        prefixes, _ = await self.bucket.list(base)
+        return [StudyRecord(key) for key in _children(prefixes, base, "study")]
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        base = self._path("studies", study_uid, "series") + "/"
+        _, objects = await self.bucket.list(base, delimiter=None)
+        found: dict[str, dict[str, ObjectInfo]] = {}
+        for info in objects:
+            rest = info.name[len(base):]
+            if rest.endswith(".tar") and "/" not in rest:
+                found.setdefault(rest[:-4], {})["tar"] = info
+            elif rest.count("/") == 1:
+                series, name = rest.split("/")
+                found.setdefault(series, {})[name] = info
+        records = []
+        for series_key, parts in sorted(found.items()):
+            if not is_key(series_key):
+                log.warning("bucket lists a series with an unsafe name %r: skipped", series_key[:80])
+                continue
+            objects_ = SeriesObjects(parts.get("tar"), "metadata.json" in parts, "error.log" in parts)
+            if objects_.tar is None or not objects_.has_index:
+                log.warning("series %s in %s has no %s: skipped", series_key, self.description,
+                            "tar" if objects_.tar is None else "metadata.json")
+                continue
+            if objects_.damaged:
+                log.warning("series %s in %s is damaged (it has an error.log)", series_key, self.description)
+            self._objects[(study_uid, series_key)] = objects_
+            records.append(SeriesRecord(study_uid, series_key))
+        return records
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        index = await self._index(series)
+        return [InstanceRecord(series.study_uid, series.uid, i.key, size=i.size, crc32c=i.crc32c,
+                               mtime_ns=i.mtime_ns, attrs=i.metadata) for i in index.instances.values()]
+
+    def local_file(self, instance: InstanceRecord) -> Path | None:
+        return None
+
+    # --- the series index ---------------------------------------------------------------------
+    async def _series_objects(self, series: SeriesRecord) -> SeriesObjects:
+        known = self._objects.get((series.study_uid, series.uid))
+        if known is None:
+            await self.list_series(series.study_uid)  # after a remount the catalog skipped this
+            known = self._objects.get((series.study_uid, series.uid))
+        if known is None or known.tar is None:
+            raise NotFound(f"series {series.uid} is no longer in {self.description}")
+        return known
+
+    async def _index(self, series: SeriesRecord) -> CodSeries:
+        cached = self._indexes.get((series.study_uid, series.uid))
+        if cached is not None:
+            return cached
+
+        async def load() -> CodSeries:
+            objects = await self._series_objects(series)
+            assert objects.tar is not None
+            raw = await self.bucket.read(self._path("studies", series.study_uid, "series", series.uid,
+                                                    "metadata.json"), MAX_METADATA_BYTES)
+            index = parse_series_index(raw, objects.tar.size)
+            self._indexes[(series.study_uid, series.uid)] = index
+            return index
+
+        return await self._flights.run((series.study_uid, series.uid), load)
+
+    def _tar_name(self, series: SeriesRecord) -> str:
+        return self._path("studies", series.study_uid, "series", f"{series.uid}.tar")
+
+    # --- bytes ----------------------------------------------------------------------------------
+    async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
+        """The whole tar in one GET (from the first instance still wanted, after a break)."""
+        index = await self._index(series)
+        wanted = sorted((i for i in index.instances.values() if sink.wants(i.key)), key=lambda i: i.start)
+        if not wanted:
+            return
+        async with self.bucket.stream(self._tar_name(series), start=wanted[0].start) as chunks:
+            await _route(chunks, wanted[0].start, wanted, sink)
+
+    async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None:
+        """One instance by a Range request."""
+        index = await self._index(SeriesRecord(instance.study_uid, instance.series_uid))
+        entry = index.instances.get(instance.key)
+        if entry is None:
+            raise NotFound(f"instance {instance.key} is not in its series index")
+        series = SeriesRecord(instance.study_uid, instance.series_uid)
+        async with self.bucket.stream(self._tar_name(series), start=entry.start, end=entry.end) as chunks:
+            if not await _route(chunks, entry.start, [entry], sink):
+                raise IntegrityError(f"instance {entry.key} failed its CRC32C check")
+
+
+class _Member:
+    """One instance being cut out of the tar stream, with its running CRC32C."""
+
+    def __init__(self, entry: CodInstance, writer: MemberWriter) -> None:
+        self.entry = entry
+        self.writer = writer
+        self.checksum = google_crc32c.Checksum()
+        self.received = 0
+
+
+async def _route(chunks: AsyncIterator[bytes], position: int, entries: list[CodInstance], sink: SeriesSink) -> bool:
+    """Cut ``entries`` (sorted by start) out of a byte stream that begins at ``position``.
+
+    Instances whose CRC32C does not match are logged and not finished (so never served).
+    Returns False if any instance was rejected; raises IntegrityError if the stream ends early.
+    """
+    pending = deque(entries)
+    current: _Member | None = None
+    all_good = True
+    async for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            if current is None:
+                if not pending:
+                    return all_good  # the rest of the tar is not ours to read
+                entry = pending[0]
+                if position < entry.start:  # tar headers and padding between instances
+                    skip = min(entry.start - position, len(view))
+                    view = view[skip:]
+                    position += skip
+                    continue
+                if position > entry.start:
+                    raise ProtocolError("COD byte ranges overlap or are out of order")
+                pending.popleft()
+                current = _Member(entry, await sink.begin(entry.key, entry.size))
+            need = current.entry.size - current.received
+            piece = bytes(view[:need])
+            view = view[len(piece):]
+            position += len(piece)
+            current.received += len(piece)
+            current.checksum.update(piece)
+            await current.writer.write(piece)
+            if current.received == current.entry.size:
+                if _crc_ok(current):
+                    await current.writer.finish()
+                else:
+                    all_good = False
+                current = None
+    if current is not None or pending:
+        raise IntegrityError("the tar is shorter than its index says")
+    return all_good
+
+
+def _crc_ok(member: _Member) -> bool:
+    expected = member.entry.crc32c
+    if expected is None:
+        return True
+    actual = int.from_bytes(member.checksum.digest(), "big")
+    if actual != expected:
+        log.error("instance %s: CRC32C mismatch (index %08x, bytes %08x): not served", member.entry.key,
+                  expected, actual)
+        return False
+    return True
+
+
+def _children(prefixes: list[str], base: str, level: str) -> list[str]:
+    keys = []
+    for prefix in prefixes:
+        key = prefix[len(base):].rstrip("/") if prefix.startswith(base) else ""
+        if is_key(key):
+            keys.append(key)
+        else:
+            log.warning("bucket lists a %s with an unsafe name %r: skipped", level, key[:80])
+    return sorted(set(keys))

@@ -1,0 +1,204 @@
+"""Real mounts of COD datastores in a GCS emulator (PyPI gcp-storage-emulator) started here."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cod_writer import CodSeriesFiles, series_from_files, write_series
+from tests.factory import make_instance
+from tests.fsutil import hashes, listdir, read_errno, sh
+from tests.mounting import Mount
+from tests.servers import CountingProxy, GcsEmulator
+
+BUCKET = "cod-test"
+BIG_STUDY, BIG_SERIES = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.7.1"
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Bucket:
+    def __init__(self, emulator: GcsEmulator) -> None:
+        self.emulator = emulator
+        self.expected: dict[str, dict[str, str]] = {}  # prefix -> mount path -> sha256
+        self.tars: dict[str, int] = {}  # object name -> size
+
+    def add(self, prefix: str, series: list[CodSeriesFiles]) -> None:
+        objects: dict[str, bytes] = {}
+        for one in series:
+            written, expected = write_series(prefix, one)
+            objects.update(written)
+            self.expected.setdefault(prefix, {}).update({k: digest(v) for k, v in expected.items()})
+        self.tars.update({k: len(v) for k, v in objects.items() if k.endswith(".tar")})
+        self.emulator.upload(objects)
+
+
+def classify(path: str) -> str:
+    if ".tar" in path:
+        return "tar"
+    if "metadata.json" in path:
+        return "metadata"
+    return "list" if "/o?" in path else "other"
+
+
+@pytest.fixture(scope="session")
+def bucket(demo_dir: Path) -> Iterator[Bucket]:
+    files = [p.read_bytes() for p in sorted(demo_dir.rglob("*.dcm"))]
+    with GcsEmulator(BUCKET) as emulator:
+        store = Bucket(emulator)
+        store.add("v1/dicomweb", series_from_files(files, version=1))
+        store.add("v2/dicomweb", series_from_files(files, version=2, gzip_metadata=False))
+        store.add("deid/dicomweb", series_from_files(files, version=2, hashed_keys=True))
+        big = {f"{BIG_SERIES}.{n}": make_instance(BIG_STUDY, BIG_SERIES, f"{BIG_SERIES}.{n}",
+                                                   pixel_bytes=20_000, number=n) for n in range(1, 101)}
+        store.add("big/dicomweb", [CodSeriesFiles(BIG_STUDY, BIG_SERIES, big)])
+        yield store
+
+
+def mount_env(bucket: Bucket) -> dict[str, str]:
+    return {"STORAGE_EMULATOR_HOST": bucket.emulator.endpoint}
+
+
+@pytest.mark.parametrize("prefix", ["v1/dicomweb", "v2/dicomweb", "deid/dicomweb"])
+def test_every_file_is_byte_identical(bucket: Bucket, prefix: str, mount_factory: Callable[..., Mount]) -> None:
+    mount = mount_factory(f"gs://{BUCKET}/{prefix}", env=mount_env(bucket))
+    assert hashes(mount.path) == bucket.expected[prefix]
+    assert len(bucket.expected[prefix]) == 54
+    # and again from the cache after a remount
+    mount.stop()
+    mount.start()
+    assert hashes(mount.path) == bucket.expected[prefix]
+
+
+def test_downloader_url_form_and_endpoint_option(bucket: Bucket, mount_factory: Callable[..., Mount]) -> None:
+    token = "t0k3n-abc"
+    mount = mount_factory(f"cod+{bucket.emulator.endpoint}/{BUCKET}/v1?token={token}")
+    assert hashes(mount.path) == bucket.expected["v1/dicomweb"]  # "/dicomweb" was appended
+    assert "visible in 'ps'" in mount.log and token not in mount.log
+    other = mount_factory(f"gs://{BUCKET}/v2/dicomweb", "--endpoint", bucket.emulator.endpoint,
+                          name="mnt2", cache="cache2")
+    assert hashes(other.path) == bucket.expected["v2/dicomweb"]
+
+
+def test_listing_and_sizes_touch_no_tar(bucket: Bucket, mount_factory: Callable[..., Mount]) -> None:
+    with CountingProxy(bucket.emulator.port, classify) as proxy:
+        mount = mount_factory(f"gs://{BUCKET}/v1/dicomweb", env={"STORAGE_EMULATOR_HOST": proxy.url})
+        out = sh("find", str(mount.path), "-type", "f", "-printf", "%P %s\n").stdout
+        sizes = dict(line.split() for line in out.splitlines())
+        assert set(sizes) == set(bucket.expected["v1/dicomweb"])
+        assert proxy.counts["tar"] == 0, proxy.paths
+        assert proxy.counts["metadata"] == 20  # one index per series, nothing else
+    # sizes are the real ones: compare with the bytes read through a fresh mount
+    check = mount_factory(f"gs://{BUCKET}/v1/dicomweb", env=mount_env(bucket), name="m3", cache="c3")
+    for rel, size in sizes.items():
+        assert os.path.getsize(check.path / rel) == int(size)
+
+
+def test_one_instance_is_one_range_and_a_series_copy_is_one_tar(bucket: Bucket, tmp_path: Path,
+                                                                 mount_factory: Callable[..., Mount]) -> None:
+    tar_name = f"big/dicomweb/studies/{BIG_STUDY}/series/{BIG_SERIES}.tar"
+    tar_size = bucket.tars[tar_name]
+    folder = Path("studies") / BIG_STUDY / BIG_SERIES
+    with CountingProxy(bucket.emulator.port, classify) as proxy:
+        mount = mount_factory(f"gs://{BUCKET}/big/dicomweb", env={"STORAGE_EMULATOR_HOST": proxy.url})
+        one = mount.path / folder / f"{BIG_SERIES}.50.dcm"
+        assert digest(one.read_bytes()) == bucket.expected["big/dicomweb"][str(folder / one.name)]
+        size = one.stat().st_size
+        assert proxy.counts["tar"] == 1
+        assert proxy.bytes["tar"] <= 1.1 * size, (proxy.bytes["tar"], size)
+        before = proxy.bytes["tar"]
+        sh("cp", "-r", str(mount.path / folder), str(tmp_path / "copy"))
+        moved = proxy.bytes["tar"] - before
+        assert moved <= 1.1 * tar_size, (moved, tar_size)
+        assert proxy.counts["tar"] == 2  # the whole tar, once
+        copied = {f"{folder}/{k}": v for k, v in hashes(tmp_path / "copy").items()}
+        assert copied == bucket.expected["big/dicomweb"]
+        assert len(copied) == 100
+
+
+def test_hostile_buckets_are_contained(bucket: Bucket, tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    import gzip
+    import json
+
+    prefix = "bad/dicomweb"
+    good = {f"1.2.9.1.{n}": make_instance("1.2.9", "1.2.9.1", f"1.2.9.1.{n}", number=n) for n in range(1, 4)}
+    objects, expected = write_series(prefix, CodSeriesFiles("1.2.9", "1.2.9.1", good))
+    # 1.2.9.2: one instance's bytes corrupted in the tar (CRC32C mismatch)
+    corrupt_files = {f"1.2.9.2.{n}": make_instance("1.2.9", "1.2.9.2", f"1.2.9.2.{n}", number=n) for n in (1, 2)}
+    corrupt, corrupt_expected = write_series(prefix, CodSeriesFiles("1.2.9", "1.2.9.2", corrupt_files))
+    tar_name = f"{prefix}/studies/1.2.9/series/1.2.9.2.tar"
+    tar = bytearray(corrupt[tar_name])
+    first = corrupt_files["1.2.9.2.1"]
+    at = bytes(tar).find(first) + len(first) - 5
+    tar[at] ^= 0xFF
+    corrupt[tar_name] = bytes(tar)
+    objects.update(corrupt)
+    # 1.2.9.3: the tar is shorter than the index says
+    short_files = {f"1.2.9.3.{n}": make_instance("1.2.9", "1.2.9.3", f"1.2.9.3.{n}", number=n) for n in (1, 2)}
+    short, _ = write_series(prefix, CodSeriesFiles("1.2.9", "1.2.9.3", short_files))
+    short_tar = f"{prefix}/studies/1.2.9/series/1.2.9.3.tar"
+    short_index = json.loads(gzip.decompress(short[f"{prefix}/studies/1.2.9/series/1.2.9.3/metadata.json"]))
+    cut = min(e["headers"]["end_byte"] for e in short_index["cod"]["instances"].values()) + 10
+    short[short_tar] = short[short_tar][:cut]
+    objects.update(short)
+    # 1.2.9.4: a hostile index: bad keys, ranges, sizes, encodings — and an error.log
+    hostile_files = {"1.2.9.4.1": make_instance("1.2.9", "1.2.9.4", "1.2.9.4.1")}
+    hostile, hostile_expected = write_series(prefix, CodSeriesFiles("1.2.9", "1.2.9.4", hostile_files, damaged=True))
+    index_name = f"{prefix}/studies/1.2.9/series/1.2.9.4/metadata.json"
+    document = json.loads(gzip.decompress(hostile[index_name]))
+    entry = document["cod"]["instances"]["1.2.9.4.1"]
+    tar_len = len(hostile[f"{prefix}/studies/1.2.9/series/1.2.9.4.tar"])
+    bad = {
+        "../../escape": dict(entry),
+        "1.2/3": dict(entry),
+        "1.2.9.4.5": {**entry, "headers": {"start_byte": tar_len - 10, "end_byte": tar_len + 90}, "size": 100},
+        "1.2.9.4.6": {**entry, "size": -5},
+        "1.2.9.4.7": {**entry, "version": "2.0", "metadata": "!!not base64!!"},
+        "1.2.9.4.8": {**entry, "version": "2.0", "metadata": "aGVsbG8="},  # base64, not zstd
+        "1.2.9.4.9": {**entry, "version": "9.9"},
+        # two entries in the tar's trailing blocks that overlap each other
+        "1.2.9.4.10": {**entry, "headers": {"start_byte": tar_len - 600, "end_byte": tar_len - 500}, "size": 100},
+        "1.2.9.4.11": {**entry, "headers": {"start_byte": tar_len - 550, "end_byte": tar_len - 450}, "size": 100},
+    }
+    document["cod"]["instances"].update(bad)
+    hostile[index_name] = gzip.compress(json.dumps(document).encode())
+    objects.update(hostile)
+    # 1.2.9.5: an index that is not JSON at all
+    objects[f"{prefix}/studies/1.2.9/series/1.2.9.5.tar"] = b"\0" * 1024
+    objects[f"{prefix}/studies/1.2.9/series/1.2.9.5/metadata.json"] = gzip.compress(b"{not json")
+    bucket.emulator.upload(objects)
+
+    (tmp_path / "bystander").write_text("untouched")
+    mount = mount_factory(f"gs://{BUCKET}/{prefix}", env=mount_env(bucket))
+    study = mount.path / "studies" / "1.2.9"
+    assert listdir(study) == ["1.2.9.1", "1.2.9.2", "1.2.9.3", "1.2.9.4", "1.2.9.5"]
+    assert hashes(study / "1.2.9.1") == {Path(k).name: digest(v) for k, v in expected.items()}
+    # CRC mismatch: EIO for that instance, alone (by range) and within the whole tar
+    assert read_errno(study / "1.2.9.2" / "1.2.9.2.1.dcm") == errno.EIO
+    assert read_errno(study / "1.2.9.2" / "1.2.9.2.2.dcm") == 0
+    assert read_errno(study / "1.2.9.2" / "1.2.9.2.1.dcm") == errno.EIO
+    # a tar shorter than its index: the entry past its end is skipped, the others serve
+    assert listdir(study / "1.2.9.3") == ["1.2.9.3.1.dcm"]
+    assert read_errno(study / "1.2.9.3" / "1.2.9.3.1.dcm") == 0
+    # the hostile index: only the good entry is listed, and it reads right
+    assert listdir(study / "1.2.9.4") == ["1.2.9.4.1.dcm"]
+    assert digest((study / "1.2.9.4" / "1.2.9.4.1.dcm").read_bytes()) == next(
+        digest(v) for v in hostile_expected.values())
+    assert sh("ls", str(study / "1.2.9.5"), check=False).returncode != 0
+    assert mount.alive()
+    log = mount.log
+    for message in ("CRC32C mismatch", "not a safe name",
+                    "past the end of the tar", "inconsistent byte range", "not base64 zstd",
+                    "does not decompress", "unknown entry version", "overlaps", "damaged",
+                    "not valid JSON"):
+        assert message in log, message
+    assert (tmp_path / "bystander").read_text() == "untouched"
+    for path in (tmp_path / "cache").rglob("*"):
+        assert "escape" not in path.name and ".." not in path.name
