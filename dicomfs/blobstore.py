@@ -44,9 +44,11 @@ from dicomfs.sources.base import InstanceFetcher, Source
 
 log = logging.getLogger(__name__)
 
-WRITE_BATCH = 1 << 20
+WRITE_BATCH = 1 << 20  # bytes of one instance gathered before they are queued for writing
+WRITE_QUEUE = 32  # queued writes before the download waits for the disk
 DOWNLOAD_ATTEMPTS = 3
 JOIN_ATTEMPTS = 4
+LRU_FLUSH_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,13 @@ class Manifest:
     size: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class CompletedBlob:
     """A finished ``.part`` file, handed to ``BlobDisk.store`` to be moved into the index."""
 
     path: str
     size: int
+    stored_at: str | None = None  # where BlobDisk.store moved it
 
 
 class _Pins:
@@ -100,6 +103,7 @@ class BlobDisk(diskcache.Disk):
             filename, full_path = self.filename(key, value)
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
             os.rename(value.path, full_path)
+            value.stored_at = full_path
             return value.size, diskcache.core.MODE_BINARY, filename, None
         return super().store(value, read, key)  # type: ignore[no-any-return]
 
@@ -130,7 +134,7 @@ class InstanceHandle:
         self._release = release
         self._nowait = True
 
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int) -> bytes | bytearray:
         if off >= self.length or size <= 0:
             return b""
         size = min(size, self.length - off)
@@ -140,7 +144,7 @@ class InstanceHandle:
             buf = bytearray(size)
             try:
                 if os.preadv(self.fd, [buf], pos, os.RWF_NOWAIT) == size:
-                    return bytes(buf)
+                    return buf  # pyfuse3 takes any buffer: no copy
             except BlockingIOError:
                 pass
             except OSError as exc:
@@ -168,9 +172,23 @@ class _Member:
 Fetch = Callable[["SeriesDownload"], Awaitable[None]]
 
 
+@dataclass
+class _Write:
+    """Bytes for the blob file; ``completes`` names the member these bytes finish."""
+
+    pos: int
+    data: bytes
+    completes: tuple[str, _Member] | None = None
+
+
 class SeriesDownload:
     """One running download of a blob (a whole series, or one instance of it); also the sink the
-    source writes into."""
+    source writes into.
+
+    The source's bytes go through a bounded queue to ``write_loop``, which writes them in a worker
+    thread, batch by batch, while the network keeps streaming. A member becomes visible to readers
+    only once its last byte is written.
+    """
 
     def __init__(self, blob_key: str, series: SeriesRecord, path: Path, fetch: Fetch) -> None:
         self.blob_key = blob_key
@@ -178,18 +196,49 @@ class SeriesDownload:
         self.fetch = fetch
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self.members: dict[str, _Member] = {}
-        self.end = 0  # end of the last complete member
+        self.members: dict[str, _Member] = {}  # written to disk, readable
+        self.end = 0  # end of the written members
+        self.reserved = 0  # end of the members the source has finished (maybe not yet written)
+        self._finished: set[str] = set()
         self.finished = False
         self.error: BaseException | None = None
         self._changed = trio.Event()
+        self._send, self._receive = trio.open_memory_channel[_Write](WRITE_QUEUE)
 
     # --- SeriesSink -------------------------------------------------------------------------
     def wants(self, key: str) -> bool:
-        return key not in self.members
+        return key not in self._finished
 
     async def begin(self, key: str, size: int | None) -> _MemberWriter:
-        return _MemberWriter(self, key, self.end, size)
+        return _MemberWriter(self, key, self.reserved, size)
+
+    # --- writing ----------------------------------------------------------------------------
+    async def enqueue(self, write: _Write) -> None:
+        await self._send.send(write)
+
+    def close_writes(self) -> None:
+        self._send.close()
+
+    async def write_loop(self) -> None:
+        """Write queued bytes in batches until the queue is closed; then every byte is on disk."""
+        async with self._receive:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < WRITE_QUEUE:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    await trio.to_thread.run_sync(_write_batch, self.fd, batch)
+                except OSError as exc:
+                    raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
+                done = [w.completes for w in batch if w.completes is not None]
+                for key, member in done:
+                    self.members[key] = member
+                    self.end = max(self.end, member.offset + member.length)
+                if done:
+                    self.notify()
 
     # --- readers ----------------------------------------------------------------------------
     def notify(self) -> None:
@@ -225,36 +274,38 @@ class _MemberWriter:
         self._key = key
         self._offset = offset
         self._announced = announced
-        self._written = 0
+        self._queued = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
 
     async def write(self, data: bytes) -> None:
-        if self._announced is not None and self._written + self._pending_bytes + len(data) > self._announced:
+        if self._announced is not None and self._queued + self._pending_bytes + len(data) > self._announced:
             raise IntegrityError(f"instance {self._key} is longer than announced")
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= WRITE_BATCH:
-            await self._flush()
+            await self._queue()
 
-    async def _flush(self) -> None:
-        if not self._pending:
-            return
-        data = b"".join(self._pending)
+    async def _queue(self, completes: tuple[str, _Member] | None = None) -> None:
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
-        pos = self._offset + self._written
-        await trio.to_thread.run_sync(_pwrite_all, self._download.fd, data, pos)
-        self._written += len(data)
+        await self._download.enqueue(_Write(self._offset + self._queued, data, completes))
+        self._queued += len(data)
 
     async def finish(self) -> None:
-        await self._flush()
-        if self._announced is not None and self._written != self._announced:
+        length = self._queued + self._pending_bytes
+        if self._announced is not None and length != self._announced:
             raise IntegrityError(f"instance {self._key} is shorter than announced")
         download = self._download
-        download.members[self._key] = _Member(self._offset, self._written)
-        download.end = self._offset + self._written
-        download.notify()
+        download.reserved = self._offset + length
+        download._finished.add(self._key)
+        await self._queue(completes=(self._key, _Member(self._offset, length)))
+
+
+def _write_batch(fd: int, batch: list[_Write]) -> None:
+    for write in batch:
+        _pwrite_all(fd, write.data, write.pos)
 
 
 def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
@@ -287,6 +338,8 @@ class BlobStore:
         except Exception as exc:
             raise CacheError(f"cannot open the cache in {cache_dir}: {exc}") from None
         self._manifest_memory: cachetools.LRUCache[str, Manifest] = cachetools.LRUCache(4096)
+        self._blob_paths: cachetools.LRUCache[str, str] = cachetools.LRUCache(4096)
+        self._recently_used: set[str] = set()
         self._downloads: dict[str, SeriesDownload] = {}
         self._nursery: trio.Nursery | None = None
         self._cull_wanted = trio.Event()
@@ -300,19 +353,32 @@ class BlobStore:
         self.manifests.close()
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the downloads and the eviction task; returns when cancelled."""
+        """Own the downloads and the maintenance task; returns when cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             while True:
-                await self._cull_wanted.wait()
+                with trio.move_on_after(LRU_FLUSH_SECONDS):
+                    await self._cull_wanted.wait()
+                cull = self._cull_wanted.is_set()
                 self._cull_wanted = trio.Event()
-                try:
-                    removed = await trio.to_thread.run_sync(self.index.cull)
-                    if removed:
-                        log.info("evicted %d series blobs to stay under the cache size limit", removed)
-                except Exception as exc:
-                    log.warning("cache eviction failed: %s", exc)
+                used, self._recently_used = self._recently_used, set()
+                if cull or used:
+                    await trio.to_thread.run_sync(self._maintain, used, cull)
+
+    def _maintain(self, used: set[str], cull: bool) -> None:
+        """Record recent use for the LRU order, then evict down to the size limit. Blocking."""
+        try:
+            for key in used:
+                blob = self.index.get(key, read=True)  # updates the access time
+                if blob is not None:
+                    blob.close()
+            if cull:
+                removed = self.index.cull()
+                if removed:
+                    log.info("evicted %d blobs to stay under the cache size limit", removed)
+        except Exception as exc:
+            log.warning("cache maintenance failed: %s", exc)
 
     # --- sizes ------------------------------------------------------------------------------
     async def manifest(self, blob_key: str) -> Manifest | None:
@@ -406,18 +472,36 @@ class BlobStore:
         manifest = await self.manifest(blob_key)
         if manifest is None or key not in manifest.members:
             return None
-        blob = await trio.to_thread.run_sync(lambda: self.index.get(blob_key, read=True))
-        if blob is None:
-            return None
-        with blob:
-            path = blob.name
-            fd = os.dup(blob.fileno())
+        fd = self._open_known_path(blob_key)
+        if fd is None:
+            blob = await trio.to_thread.run_sync(lambda: self.index.get(blob_key, read=True))
+            if blob is None:
+                return None
+            with blob:
+                self._blob_paths[blob_key] = blob.name
+                fd = os.dup(blob.fileno())
+        path = self._blob_paths[blob_key]
         offset, length = manifest.members[key]
         if offset + length > os.fstat(fd).st_size:
             os.close(fd)
             raise IntegrityError(f"cached blob {blob_key} is shorter than its manifest")
         self._pins.pin(path)
         return InstanceHandle(fd, offset, length, release=lambda: self._pins.unpin(path))
+
+    def _open_known_path(self, blob_key: str) -> int | None:
+        """Open a blob whose file we have seen, without asking the index (no thread, no SQL).
+
+        The index's access time is brought up to date later, in the background."""
+        path = self._blob_paths.get(blob_key)
+        if path is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # evicted since
+            del self._blob_paths[blob_key]
+            return None
+        self._recently_used.add(blob_key)
+        return fd
 
     def is_cached(self, series: SeriesRecord) -> bool:
         return series.key in self.index
@@ -447,22 +531,28 @@ class BlobStore:
     async def _run_download(self, download: SeriesDownload) -> None:
         what = download.blob_key
         try:
-            for attempt in range(DOWNLOAD_ATTEMPTS):
+            async with trio.open_nursery() as writer:
+                writer.start_soon(download.write_loop)
                 try:
-                    await download.fetch(download)
-                    break
-                except SourceError as exc:
-                    if attempt + 1 == DOWNLOAD_ATTEMPTS:
-                        raise
-                    log.warning("%s: %s; retrying", what, exc)
-                    await trio.sleep(0.5 * 2**attempt)
+                    for attempt in range(DOWNLOAD_ATTEMPTS):
+                        try:
+                            await download.fetch(download)
+                            break
+                        except SourceError as exc:
+                            if attempt + 1 == DOWNLOAD_ATTEMPTS:
+                                raise
+                            log.warning("%s: %s; retrying", what, exc)
+                            await trio.sleep(0.5 * 2**attempt)
+                finally:
+                    download.close_writes()
             await self._commit(download)
-        except DicomfsError as exc:
-            log.error("%s could not be fetched from %s: %s", what, self.source.description, exc)
-            download.error = exc
-        except Exception as exc:  # a bug must not take the daemon down with it
-            log.exception("%s: unexpected error while fetching", what)
-            download.error = exc
+        except* DicomfsError as group:
+            first = group.exceptions[0]
+            log.error("%s could not be fetched from %s: %s", what, self.source.description, first)
+            download.error = first
+        except* Exception as group:  # a bug must not take the daemon down with it
+            log.error("%s: unexpected error while fetching", what, exc_info=group)
+            download.error = group.exceptions[0]
         finally:
             download.finished = True
             del self._downloads[download.blob_key]
@@ -477,19 +567,24 @@ class BlobStore:
         # A whole series makes the single instances fetched from it before redundant.
         redundant = self._instance_blobs.pop(blob_key, set()) if blob_key == download.series.key else set()
 
+        blob = CompletedBlob(str(download.path), manifest.size)
+
         def commit() -> None:
             os.ftruncate(download.fd, manifest.size)
             os.fsync(download.fd)
             self.manifests.set(blob_key, manifest)
-            self.index.set(blob_key, CompletedBlob(str(download.path), manifest.size))
+            self.index.set(blob_key, blob)
             for key in redundant:
                 self.index.delete(key)
                 self.manifests.delete(key)
 
         await trio.to_thread.run_sync(commit)
         self._manifest_memory[blob_key] = manifest
+        if blob.stored_at is not None:
+            self._blob_paths[blob_key] = blob.stored_at
         for key in redundant:
             self._manifest_memory.pop(key, None)
+            self._blob_paths.pop(key, None)
         self._commits[blob_key] += 1
         self._cull_wanted.set()
         log.info("%s cached: %d instances, %d bytes", blob_key, len(manifest.members), manifest.size)

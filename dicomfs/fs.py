@@ -121,7 +121,8 @@ class DicomOperations(pyfuse3.Operations):
             self._files[fh] = handle
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
+        # (pyfuse3 replies with any object that has the buffer protocol; its stub says bytes)
         handle = self._files.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)

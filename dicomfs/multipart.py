@@ -87,7 +87,7 @@ class MultipartParser:
             # Fast path: pass body bytes straight through.
             take = min(self._remaining, len(data))
             if take:
-                events.append(PartData(bytes(data[:take])))
+                events.append(PartData(data if take == len(data) else data[:take]))
                 self._remaining -= take
                 data = data[take:]
             if self._remaining == 0:

@@ -141,7 +141,7 @@ async def test_series_retrieve_names_parts_by_sop_uid(lengths: bool) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.headers["Accept"] == SERIES_ACCEPT
         assert request.url.path == "/dicom-web/studies/1.2.3/series/1.2.3.4"
-        return httpx.Response(200, content=multipart(list(files.values()), lengths=lengths),
+        return httpx.Response(200, stream=httpx.ByteStream(multipart(list(files.values()), lengths=lengths)),
                               headers={"Content-Type": 'multipart/related; type="application/dicom"; '
                                                        'boundary=dicomfs-test-boundary'})
 
@@ -155,12 +155,14 @@ async def test_series_retrieve_rejects_truncated_and_non_dicom_parts() -> None:
     good = make_instance("1.2.3", "1.2.3.4", "1.2.3.4.1")
     headers = {"Content-Type": "multipart/related; boundary=dicomfs-test-boundary"}
     truncated = multipart([good])[:-40]
+
+    def answer(body: bytes) -> DicomwebSource:
+        return source_for(lambda r: httpx.Response(200, stream=httpx.ByteStream(body), headers=headers))
+
     with pytest.raises(ProtocolError, match="truncated"):
-        await source_for(lambda r: httpx.Response(200, content=truncated, headers=headers)).fetch_series(
-            SeriesRecord("1.2.3", "1.2.3.4"), Sink())
+        await answer(truncated).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
     junk = multipart([b"\0" * 200])
     with pytest.raises(ProtocolError, match="not a DICOM"):
-        await source_for(lambda r: httpx.Response(200, content=junk, headers=headers)).fetch_series(
-            SeriesRecord("1.2.3", "1.2.3.4"), Sink())
+        await answer(junk).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
     with pytest.raises(SourceError):
         await source_for(lambda r: httpx.Response(404)).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())

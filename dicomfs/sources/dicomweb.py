@@ -100,11 +100,13 @@ class DicomwebSource:
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}"
-        async with self.http.stream(url, {"Accept": SERIES_ACCEPT}) as response:
+        # identity: DICOM is mostly compressed pixels already, and raw bytes pass with no decoder
+        async with self.http.stream(url, {"Accept": SERIES_ACCEPT, "Accept-Encoding": "identity"}) as response:
             parser = MultipartParser(boundary_from_content_type(response.headers.get("content-type", "")))
             part = _PartRouter(sink)
             try:
-                async for chunk in response.aiter_bytes():
+                chunks = response.aiter_raw() if "content-encoding" not in response.headers else response.aiter_bytes()
+                async for chunk in chunks:
                     for event in parser.feed(chunk):
                         await part.handle(event)
             except httpx.TransportError as exc:
