@@ -1,0 +1,1 @@
+"""The dicomfs benchmark (see bench/README.md)."""
