@@ -4,8 +4,12 @@ Design note
 -----------
 * A series blob is one file holding the series' instances back to back, plus a *manifest*
   (instance key -> offset, length) kept in its own small diskcache.
-* A download writes into ``partial/<random>.part``. Readers of instance k wait only until k's
-  bytes are complete in that file (an event per change), then read through their own dup'ed fd.
+* A download writes into ``partial/<random>.part`` through a bounded queue drained by a writer
+  task (batches written in a worker thread), so the network is read while the disk is written.
+  Readers of instance k wait only until k's bytes are written (an event per change), then read
+  through their own dup'ed fd.
+* Sources that can fetch one instance cheaply (``InstanceFetcher``, e.g. COD by Range) get the
+  first instance opened in an uncached series fetched alone; a second one fetches the series.
 * When the download ends cleanly the file is fsync'ed and handed to the blob index (a diskcache
   with ``size_limit`` and least-recently-used eviction). ``BlobDisk.store`` *renames* it into the
   index directory (no copy), in the same call that records it, after the manifest was written.
@@ -27,6 +31,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -67,23 +72,43 @@ class CompletedBlob:
 
 
 class _Pins:
-    """Blob files that readers hold open, and evicted ones waiting for their last reader."""
+    """Blob files that readers hold open, and evicted ones waiting for their last reader.
+
+    Used from the event loop (pin, unpin) and from the eviction worker thread (bury): a lock
+    keeps the two from crossing."""
 
     def __init__(self, graveyard: Path) -> None:
         self.graveyard = graveyard
-        self.counts: Counter[str] = Counter()
-        self.buried: dict[str, str] = {}
+        self._counts: Counter[str] = Counter()
+        self._buried: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     def pin(self, path: str) -> None:
-        self.counts[path] += 1
+        with self._lock:
+            self._counts[path] += 1
 
     def unpin(self, path: str) -> None:
-        self.counts[path] -= 1
-        if self.counts[path] <= 0:
-            del self.counts[path]
-            grave = self.buried.pop(path, None)
-            if grave is not None:
-                _unlink_quietly(grave)
+        with self._lock:
+            self._counts[path] -= 1
+            if self._counts[path] > 0:
+                return
+            del self._counts[path]
+            grave = self._buried.pop(path, None)
+        if grave is not None:
+            _unlink_quietly(grave)
+
+    def bury(self, path: str) -> bool:
+        """Move a pinned blob to the graveyard instead of deleting it; False if not pinned."""
+        with self._lock:
+            if not self._counts.get(path):
+                return False
+            grave = str(self.graveyard / uuid.uuid4().hex)
+            try:
+                os.rename(path, grave)
+            except OSError:
+                return False
+            self._buried[path] = grave
+            return True
 
 
 def _unlink_quietly(path: str) -> None:
@@ -108,16 +133,8 @@ class BlobDisk(diskcache.Disk):
         return super().store(value, read, key)  # type: ignore[no-any-return]
 
     def remove(self, file_path: str) -> None:
-        full_path = os.path.join(self._directory, file_path)
-        if self.pins.counts.get(full_path):
-            grave = str(self.pins.graveyard / uuid.uuid4().hex)
-            try:
-                os.rename(full_path, grave)
-                self.pins.buried[full_path] = grave
-                return
-            except OSError:
-                pass
-        super().remove(file_path)
+        if not self.pins.bury(os.path.join(self._directory, file_path)):
+            super().remove(file_path)
 
 
 def _disk_class(pins: _Pins) -> type[BlobDisk]:
