@@ -177,3 +177,12 @@ def test_stale_mount_point_is_reported(mount_factory: Callable[..., Mount], tmp_
     assert "stale" in result.stderr or "already a mount point" in result.stderr
     assert dicomfs("umount", str(mount.path)).returncode == 0
     assert not is_mounted(mount.path)
+
+
+def test_allow_other_and_mount_options(mount_factory: Callable[..., Mount]) -> None:
+    mount = mount_factory("demo", "--allow-other")
+    with open("/proc/mounts") as mounts:
+        line = next(line for line in mounts if line.split()[1] == str(mount.path))
+    device, _, fstype, options = line.split()[:4]
+    assert device == "dicomfs" and fstype == "fuse.dicomfs"
+    assert "ro" in options.split(",") and "allow_other" in options.split(",")
