@@ -8,13 +8,24 @@ Three stages, each timed over the whole study (series after series, as ``cp -r``
 * ``blobstore_s``: ``BlobStore.open_instance`` of every instance in order, which downloads each
   series into the cache (adds writing the blob, waking readers, the commit with its fsync).
 
+``measure_cod`` does the same for one COD series (``httpx_raw_s``: the tar object, with the
+Range header dicomfs sends: from the first instance's bytes on; ``fetch_series_s``:
+``CodSource.fetch_series``, which adds cutting the instances out of the tar and their CRC32C;
+``blobstore_s`` as above, so it includes the first instance fetched alone),
+plus the single-instance path of row 2 of ``bench/cod.py``: ``range_raw_s`` (httpx, one Range
+GET of the instance), ``fetch_instance_s`` (``CodSource.fetch_instance``) and ``open_one_s``
+(``BlobStore.open_instance`` of that instance on an empty cache: all the daemon does for the
+``open()`` except FUSE); these three are medians of 5 tries, measured before the tar.
+
 Uses only dicomfs' source and blob-store interfaces, the ones the daemon itself uses.
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +33,9 @@ import httpx
 import trio
 
 from dicomfs.blobstore import BlobStore
-from dicomfs.sources.base import Credentials
+from dicomfs.records import InstanceRecord, SeriesRecord
+from dicomfs.sources.base import Credentials, Source
+from dicomfs.sources.cod import CodSource
 from dicomfs.sources.dicomweb import SERIES_ACCEPT, DicomwebSource
 
 
@@ -64,25 +77,77 @@ async def _stages(dicomweb: str, study_uid: str, cache_dir: Path) -> dict[str, f
             await source.fetch_series(record, _Discard())
         out["fetch_series_s"] = time.perf_counter() - started
 
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        store = BlobStore(cache_dir, 1 << 40, source)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run)
-                started = time.perf_counter()
-                for record, members in zip(series, instances, strict=True):
-                    for instance in members:
-                        (await store.open_instance(record, instance)).close()
-                out["blobstore_s"] = time.perf_counter() - started
-                nursery.cancel_scope.cancel()
-        finally:
-            store.close()
-            shutil.rmtree(cache_dir, ignore_errors=True)
+        out["blobstore_s"] = await _open_all(source, list(zip(series, instances, strict=True)), cache_dir)
         return out
     finally:
         await source.aclose()
 
 
+async def _open_all(source: Source, work: list[tuple[SeriesRecord, list[InstanceRecord]]], cache_dir: Path) -> float:
+    """Seconds to ``BlobStore.open_instance`` (and close) every instance, in order, on an empty cache."""
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    store = BlobStore(cache_dir, 1 << 40, source)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            started = time.perf_counter()
+            for record, members in work:
+                for instance in members:
+                    (await store.open_instance(record, instance)).close()
+            elapsed = time.perf_counter() - started
+            nursery.cancel_scope.cancel()
+        return elapsed
+    finally:
+        store.close()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+async def _cod_stages(endpoint: str, bucket: str, prefix: str, study_uid: str, series_uid: str, tar_name: str,
+                      probe: str, ranges: dict[str, tuple[int, int]], cache_dir: Path) -> dict[str, float]:
+    source = CodSource(endpoint, bucket, prefix, Credentials())
+    try:
+        record = next(s for s in await source.list_series(study_uid) if s.uid == series_uid)
+        instances = sorted(await source.list_instances(record), key=lambda i: i.key)
+        one = next(i for i in instances if i.key == probe)
+        url = source.bucket.media_url(tar_name)
+        probe_range, first = ranges[probe], min(start for start, _ in ranges.values())
+
+        async def httpx_get(client: httpx.AsyncClient, start: int, end: str) -> None:
+            async with client.stream("GET", url, headers={"Range": f"bytes={start}-{end}"}) as response:
+                async for _ in response.aiter_raw():
+                    pass
+
+        # the single instance first (tries of a few ms: the median of 5), then the whole tar
+        tries: dict[str, list[float]] = {}
+        async with httpx.AsyncClient(timeout=60) as client:
+            for _ in range(5):
+                tries.setdefault("range_raw_s", []).append(await _seconds(
+                    httpx_get(client, probe_range[0], str(probe_range[1] - 1))))
+                tries.setdefault("fetch_instance_s", []).append(await _seconds(
+                    source.fetch_instance(one, _Discard())))
+                tries.setdefault("open_one_s", []).append(await _open_all(source, [(record, [one])], cache_dir))
+            out = {name: statistics.median(values) for name, values in tries.items()}
+            # the same request as dicomfs makes: from the first instance's bytes on
+            out["httpx_raw_s"] = await _seconds(httpx_get(client, first, ""))
+        out["fetch_series_s"] = await _seconds(source.fetch_series(record, _Discard()))
+        out["blobstore_s"] = await _open_all(source, [(record, instances)], cache_dir)
+        return out
+    finally:
+        await source.aclose()
+
+
+async def _seconds(work: Awaitable[object]) -> float:
+    started = time.perf_counter()
+    await work
+    return time.perf_counter() - started
+
+
 def measure(dicomweb: str, study_uid: str, cache_dir: Path) -> dict[str, Any]:
     """One measurement of each stage, in seconds."""
     return trio.run(_stages, dicomweb, study_uid, cache_dir)
+
+
+def measure_cod(endpoint: str, bucket: str, prefix: str, study_uid: str, series_uid: str, tar_name: str,
+                probe: str, ranges: dict[str, tuple[int, int]], cache_dir: Path) -> dict[str, float]:
+    """One measurement of each COD stage, in seconds; ``ranges``: instance key -> [start, end) in the tar."""
+    return trio.run(_cod_stages, endpoint, bucket, prefix, study_uid, series_uid, tar_name, probe, ranges, cache_dir)

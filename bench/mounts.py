@@ -26,7 +26,7 @@ STOP_TIMEOUT = 30.0
 
 
 def run_timed(argv: list[str], *, capture: bool = False, timeout: float = 600.0,
-              cwd: Path | None = None) -> tuple[float, int, str]:
+              cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """Run a command; return (wall seconds, exit status, its stdout if ``capture``).
 
     ``subprocess.run(timeout=...)`` polls for the child's exit with sleeps of up to 50 ms, which
@@ -35,6 +35,7 @@ def run_timed(argv: list[str], *, capture: bool = False, timeout: float = 600.0,
     """
     started = time.perf_counter()
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=cwd,
+                               env={**os.environ, **env} if env else None,
                                stdout=subprocess.PIPE if capture else subprocess.DEVNULL)
     watchdog = threading.Timer(timeout, process.kill)
     watchdog.start()
@@ -118,11 +119,13 @@ class Mount:
 
 
 class DicomfsMount(Mount):
-    def __init__(self, source: str, path: Path, cache_dir: Path, log_file: Path) -> None:
+    def __init__(self, source: str, path: Path, cache_dir: Path, log_file: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.source = source
         self.path = path
         self.cache_dir = cache_dir
         self.log_file = log_file
+        self.env = env  # added to the daemon's environment (e.g. STORAGE_EMULATOR_HOST)
 
     def start(self) -> float:
         """Mount; returns how long ``dicomfs mount`` took to return (the daemon is ready then)."""
@@ -130,7 +133,7 @@ class DicomfsMount(Mount):
         elapsed, status, _ = run_timed(
             [sys.executable, "-m", "dicomfs", "mount", self.source, str(self.path), "--cache-dir",
              str(self.cache_dir), "--log-level", "INFO", "--log-file", str(self.log_file)],
-            timeout=MOUNT_TIMEOUT, cwd=ROOT)
+            timeout=MOUNT_TIMEOUT, cwd=ROOT, env=self.env)
         if status != 0 or not is_mounted(self.path):
             raise RuntimeError(f"dicomfs mount failed with status {status} (log: {self.log_file})")
         from dicomfs.mount import pidfile_for

@@ -77,17 +77,17 @@ def orthanc_version(server: Any) -> str:
 
 
 # --- rows -----------------------------------------------------------------------------------
-def _median(samples: dict[str, list[float]], name: str) -> float:
+def median_of(samples: dict[str, list[float]], name: str) -> float:
     return statistics.median(samples[name])
 
 
-def _spread(samples: dict[str, list[float]], ours: str, base: str, invert: bool = False) -> str:
+def ratio_spread(samples: dict[str, list[float]], ours: str, base: str, invert: bool = False) -> str:
     ratios = [(b / a if invert else a / b) for a, b in zip(samples[ours], samples[base])]
     return f"{min(ratios):.2f}–{max(ratios):.2f}"
 
 
-def _seconds(samples: dict[str, list[float]], name: str, size: int | None = None) -> str:
-    value = _median(samples, name)
+def seconds_text(samples: dict[str, list[float]], name: str, size: int | None = None) -> str:
+    value = median_of(samples, name)
     text = f"{value:.3f} s"
     return f"{text} ({size / value / MB:.0f} MB/s)" if size else text
 
@@ -95,46 +95,46 @@ def _seconds(samples: dict[str, list[float]], name: str, size: int | None = None
 def rows(results: dict[str, Any]) -> list[Row]:
     s, size = results["samples"], results["study_bytes"]
     out = []
-    cold, curl, rclone = (_median(s, n) for n in ("dicomfs_cold_s", "curl_s", "rclone_cold_s"))
+    cold, curl, rclone = (median_of(s, n) for n in ("dicomfs_cold_s", "curl_s", "rclone_cold_s"))
     ratio = cold / curl
     out.append(Row("1. cold `cp -r` of the study: dicomfs vs curl (one WADO-RS study retrieve)",
-                   _seconds(s, "dicomfs_cold_s", size), _seconds(s, "curl_s", size),
-                   f"{ratio:.2f}× (per run {_spread(s, 'dicomfs_cold_s', 'curl_s')})", "≤ 1.5×", ratio <= 1.5))
+                   seconds_text(s, "dicomfs_cold_s", size), seconds_text(s, "curl_s", size),
+                   f"{ratio:.2f}× (per run {ratio_spread(s, 'dicomfs_cold_s', 'curl_s')})", "≤ 1.5×", ratio <= 1.5))
     ratio = cold / rclone
     out.append(Row("2. cold `cp -r` of the study: dicomfs vs rclone mount of Orthanc WebDAV",
-                   _seconds(s, "dicomfs_cold_s", size), _seconds(s, "rclone_cold_s", size),
-                   f"{ratio:.2f}× (per run {_spread(s, 'dicomfs_cold_s', 'rclone_cold_s')})", "≤ 0.3×",
+                   seconds_text(s, "dicomfs_cold_s", size), seconds_text(s, "rclone_cold_s", size),
+                   f"{ratio:.2f}× (per run {ratio_spread(s, 'dicomfs_cold_s', 'rclone_cold_s')})", "≤ 0.3×",
                    ratio <= 0.3))
     for key, label in (("dropped", "after drop_caches"), ("hot", "backing files in page cache")):
         ours, base = f"dicomfs_warm_{key}_s", f"passthrough_warm_{key}_s"
         if ours not in s:
             continue
-        ratio = _median(s, base) / _median(s, ours)  # throughput ratio
+        ratio = median_of(s, base) / median_of(s, ours)  # throughput ratio
         number = "3" if key == "dropped" else "3b"
         out.append(Row(f"{number}. warm re-read (`cat` all files, fresh mount, {label}): "
                        "dicomfs vs pyfuse3 passthrough, throughput",
-                       _seconds(s, ours, size), _seconds(s, base, size),
-                       f"{ratio:.2f}× (per run {_spread(s, ours, base, invert=True)})", "≥ 0.8×", ratio >= 0.8))
+                       seconds_text(s, ours, size), seconds_text(s, base, size),
+                       f"{ratio:.2f}× (per run {ratio_spread(s, ours, base, invert=True)})", "≥ 0.8×", ratio >= 0.8))
     hwm = results["peak_hwm_kib"] / 1024
     out.append(Row("4. dicomfs daemon peak memory (max VmHWM over all daemons; max sampled VmRSS)",
                    f"{hwm:.0f} MiB (VmRSS {results['peak_rss_kib'] / 1024:.0f} MiB)", "—", "—", "≤ 150 MB",
                    hwm * 2**20 / MB <= 150))
     out.append(Row("dicomfs mount time (`dicomfs mount` until it returns, cold cache)",
-                   _seconds(s, "dicomfs_cold_mount_s"), "—", "—", "—", None))
+                   seconds_text(s, "dicomfs_cold_mount_s"), "—", "—", "—", None))
     if "local_cp_s" in s:
         out.append(Row("for scale: `cp -r` of the same files from local disk (page cache) to tmpfs, no FUSE",
-                       _seconds(s, "local_cp_s", size), _seconds(s, "curl_s", size),
-                       f"{_median(s, 'local_cp_s') / curl:.2f}×", "—", None))
+                       seconds_text(s, "local_cp_s", size), seconds_text(s, "curl_s", size),
+                       f"{median_of(s, 'local_cp_s') / curl:.2f}×", "—", None))
     if "dicomfs_cold_ls_s" in s:
         out.append(Row("cold `ls -R` of the study on a fresh dicomfs mount (QIDO listings only; part of row 1)",
-                       _seconds(s, "dicomfs_cold_ls_s"), "—", "—", "—", None))
+                       seconds_text(s, "dicomfs_cold_ls_s"), "—", "—", "—", None))
     for name, label in (("diagnose_httpx_raw_s", "httpx streaming the series retrieves to nowhere"),
                         ("diagnose_fetch_series_s", "+ multipart parsing and naming (fetch_series, bytes dropped)"),
                         ("diagnose_blobstore_s", "+ writing the cache blobs (BlobStore.open_instance of all)")):
         if name in s:
-            out.append(Row(f"diagnosis, no FUSE: {label}", _seconds(s, name, size), _seconds(s, "curl_s", size),
-                           f"{_median(s, name) / curl:.2f}×", "—", None))
-    out.append(Row("rclone mount time (until the mount appears)", _seconds(s, "rclone_mount_s"), "—", "—", "—", None))
+            out.append(Row(f"diagnosis, no FUSE: {label}", seconds_text(s, name, size), seconds_text(s, "curl_s", size),
+                           f"{median_of(s, name) / curl:.2f}×", "—", None))
+    out.append(Row("rclone mount time (until the mount appears)", seconds_text(s, "rclone_mount_s"), "—", "—", "—", None))
     out.append(Row("bytes dicomfs's `cp -r` produced vs uploaded", verification(results, "dicomfs"), "—", "—",
                    "identical", _all_identical(results, "dicomfs")))
     out.append(Row("bytes rclone's `cp -r` produced vs uploaded (the baseline's correctness, not a dicomfs target)",
@@ -182,7 +182,7 @@ def text_table(table: list[Row]) -> str:
 
 
 # --- the markdown block ---------------------------------------------------------------------
-def _markdown_table(table: list[Row]) -> str:
+def markdown_table(table: list[Row]) -> str:
     lines = ["| measurement | dicomfs (median) | baseline (median) | ratio | target | result |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in table:
@@ -191,24 +191,24 @@ def _markdown_table(table: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _raw_table(results: dict[str, Any]) -> str:
+def raw_table(results: dict[str, Any], digits: int = 3) -> str:
     samples, repeat = results["samples"], results["repeat"]
     lines = ["| sample | " + " | ".join(f"run {i + 1}" for i in range(repeat)) + " | median |",
              "| --- |" + " --- |" * (repeat + 1)]
     others = []
     for name in sorted(samples):
         values = samples[name]
-        cells = " | ".join(f"{v:.3f}" for v in values)
+        cells = " | ".join(f"{v:.{digits}f}" for v in values)
         if len(values) == repeat:
-            lines.append(f"| `{name}` | {cells} | {statistics.median(values):.3f} |")
+            lines.append(f"| `{name}` | {cells} | {statistics.median(values):.{digits}f} |")
         else:
             others.append(f"- `{name}` ({len(values)} samples): {cells.replace(' |', ',')}; "
-                          f"median {statistics.median(values):.3f}")
+                          f"median {statistics.median(values):.{digits}f}")
     return "\n".join(lines) + ("\n\nMounts made more than once per repetition:\n\n" + "\n".join(others)
                                if others else "")
 
 
-def _profile_section(profiles: dict[str, Any] | None) -> str:
+def profile_section(profiles: dict[str, Any] | None) -> str:
     if not profiles:
         return ""
     parts = []
@@ -245,23 +245,28 @@ def render_block(results: dict[str, Any], table: list[Row]) -> str:
 - **Repetitions:** {results['repeat']}, interleaved; medians shown, ratios are ratios of medians with the
   range of the per-repetition ratios. {drop}.
 
-{_markdown_table(table)}
+{markdown_table(table)}
 
 <details><summary>Every sample (seconds)</summary>
 
-{_raw_table(results)}
+{raw_table(results)}
 
 </details>
 
-{_profile_section(results.get('profiles'))}{END}"""
+{profile_section(results.get('profiles'))}{END}"""
 
 
 def write_doc(path: Path, results: dict[str, Any], table: list[Row]) -> None:
-    block = render_block(results, table)
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    replace_block(path, render_block(results, table), BEGIN, END)
+
+
+def replace_block(path: Path, block: str, begin: str, end: str) -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) in place of the text between
+    those markers in ``path``, or append it; the rest of the file is left alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
@@ -272,13 +277,15 @@ MAIN_THREAD_BUCKETS = [  # first match wins, tested against the whole stack
     ("FUSE read (DicomOperations.read, InstanceHandle.read)", ("DicomOperations.read ", "InstanceHandle.read ")),
     ("FUSE lookup/getattr (tree, blobstore.size_of)", ("DicomOperations.lookup ", "DicomOperations.getattr ")),
     ("FUSE open (blobstore.open_instance)", ("DicomOperations.open ",)),
-    ("FUSE opendir/readdir/release/other (incl. QIDO listings)", ("DicomOperations.",)),
+    ("FUSE opendir/readdir/release/other (incl. listings: QIDO, or bucket + metadata.json)", ("DicomOperations.",)),
     ("series download: multipart parsing + routing", ("MultipartParser", "_PartRouter.handle ")),
     ("series download: writing to the .part file (batching, thread hand-off)", ("_MemberWriter",)),
     ("series download: socket receive + HTTP parsing (httpx/httpcore/h11)",
-     ("fetch_series", "httpcore", "h11/", "receive_some", "_nonblocking_helper")),
+     ("httpcore", "h11/", "receive_some", "_nonblocking_helper")),
+    ("COD download: cutting instances out of the tar stream, CRC32C (cod._route itself)", (";_route (",)),
+    ("series download: socket receive + HTTP parsing (httpx/httpcore/h11)", ("fetch_series",)),
     ("series download: other", ("_run_download",)),
-    ("trio: blocked in epoll (waiting for the kernel, cp, Orthanc or a worker thread)", ("EpollIOManager",)),
+    ("trio: blocked in epoll (waiting for the kernel, cp, the archive or a worker thread)", ("EpollIOManager",)),
     ("pyfuse3 C code: receiving requests, sending replies (no Python frame below)",
      ("async_wrapper.<locals>.wrapper (_pyfuse3.py",)),
 ]

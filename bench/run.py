@@ -315,21 +315,28 @@ def profile_daemon(bench: Bench, spy: str, cache: Path, name: str, command: list
     raw = RESULTS / f"profile-{name}.txt"
     mount = bench.dicomfs("mnt-profile", cache)
     with bench.mounted(mount, "profile"):
-        recorder = subprocess.Popen([spy, "record", "-p", str(mount.pid), "-r", "1000", "-f", "raw", "-o",
-                                     str(raw), "--nonblocking", "--threads"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(1.0)  # py-spy attaches
+        assert mount.pid is not None
+        with py_spy_record(spy, mount.pid, raw):
             folder = str(bench.work / "mnt-profile/studies" / bench.study.uid)
             elapsed = timed([arg.replace("{mnt}", folder) for arg in command])
-            time.sleep(0.2)
-            recorder.send_signal(signal.SIGINT)
-            recorder.wait(timeout=60)
-        finally:
-            if recorder.poll() is None:
-                recorder.kill()
-                recorder.wait(timeout=10)
     return {"seconds_under_profiler": elapsed, "raw": str(raw.relative_to(ROOT)), **report.summarize_profile(raw)}
+
+
+@contextlib.contextmanager
+def py_spy_record(spy: str, pid: int, raw: Path) -> Iterator[None]:
+    """``py-spy record`` of ``pid`` (1 kHz, every thread, raw stacks into ``raw``) around the block."""
+    recorder = subprocess.Popen([spy, "record", "-p", str(pid), "-r", "1000", "-f", "raw", "-o", str(raw),
+                                 "--nonblocking", "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # py-spy attaches
+        yield
+        time.sleep(0.2)
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(timeout=60)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+            recorder.wait(timeout=10)
 
 
 def profile(bench: Bench) -> dict[str, dict[str, object]] | None:
