@@ -4,7 +4,13 @@ Design note
 -----------
 * A series blob is one file holding the series' instances back to back, plus a *manifest*
   (instance key -> offset, length) kept in its own small diskcache.
-* A download writes into ``partial/<random>.part`` through a bounded queue drained by a writer
+* Several processes may share one cache (a mount and a ``prefetch``). Each has its own folder
+  ``work/<pid>-<random>/`` (partial downloads, evicted blobs still open), locked with ``flock``
+  for the process's lifetime; folders whose lock is free belong to dead processes and are
+  deleted on start. Commits from all processes are serialised by ``commit.lock``: a series that
+  another process committed meanwhile is kept and ours discarded, so a manifest never describes
+  a blob other than the one in the index.
+* A download writes into ``work/<process>/<random>.part`` through a bounded queue drained by a writer
   task (batches written in a worker thread), so the network is read while the disk is written.
   Readers of instance k wait only until k's bytes are written (an event per change), then read
   through their own dup'ed fd.
@@ -14,12 +20,14 @@ Design note
   with ``size_limit`` and least-recently-used eviction). ``BlobDisk.store`` *renames* it into the
   index directory (no copy), in the same call that records it, after the manifest was written.
   A crash at any point leaves at worst a ``.part`` file (deleted on start) or an unindexed file:
-  never an index entry for a blob that was not complete and verified.
+  never an index entry for a blob that was not complete and verified. The manifest records each
+  member's CRC32C, computed as the bytes arrive, so ``verify`` can re-check a blob later.
 * Single-flight: one ``SeriesDownload`` per series at a time; every reader joins it. Downloads
   belong to the store's own nursery, so a reader that gives up does not cancel them.
 * Eviction runs in a background task (``Cache.cull`` in a worker thread), never in a read. A blob
-  that is evicted while a reader holds it open is moved to ``graveyard/`` and deleted when the
-  last reader lets go (``BlobDisk.remove``).
+  that is evicted while a reader of this process holds it open is moved to the process's
+  ``graveyard/`` and deleted when the last reader lets go (``BlobDisk.remove``); other
+  processes keep reading an unlinked file through their open descriptors.
 * Sources that have a local file per instance (folders, the demo) are served in place.
 
 Must not know about FUSE, inodes or the tree.
@@ -28,6 +36,7 @@ Must not know about FUSE, inodes or the tree.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -41,6 +50,7 @@ from typing import Any
 
 import cachetools
 import diskcache
+import google_crc32c
 import trio
 
 from dicomfs.errors import CacheError, DicomfsError, IntegrityError, SourceError
@@ -60,6 +70,52 @@ LRU_FLUSH_SECONDS = 5.0
 class Manifest:
     members: dict[str, tuple[int, int]]  # key -> (offset, length)
     size: int
+    crcs: dict[str, int] | None = None  # key -> CRC32C of the member (absent in old caches)
+
+
+class ProcessFolder:
+    """This process's private folder inside a shared cache, locked while the process lives."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        root = cache_dir / "work"
+        root.mkdir(parents=True, exist_ok=True)
+        sweep_dead_folders(root)
+        # Lock before the folder gets a name that sweepers look at.
+        fresh = root / f".new-{uuid.uuid4().hex}"
+        fresh.mkdir()
+        self._fd = os.open(fresh / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.path = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(fresh, self.path)
+        self.graveyard = self.path / "graveyard"
+        self.graveyard.mkdir()
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._fd)
+
+
+def sweep_dead_folders(root: Path) -> int:
+    """Delete the work folders of processes that are gone (their lock is free). Blocking."""
+    swept = 0
+    for folder in root.iterdir():
+        if folder.name.startswith(".new-"):
+            continue  # a process between mkdir and rename
+        try:
+            fd = os.open(folder / ".lock", os.O_RDWR)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            swept += 1
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        swept += 1
+    return swept
 
 
 @dataclass
@@ -219,6 +275,10 @@ class SeriesDownload:
         self._finished: set[str] = set()
         self.finished = False
         self.error: BaseException | None = None
+        self.done = trio.Event()  # set when the download ended, committed or not
+        self.received = 0  # bytes delivered by the source so far
+        self.crcs: dict[str, int] = {}
+        self.committed_elsewhere = False
         self._changed = trio.Event()
         self._send, self._receive = trio.open_memory_channel[_Write](WRITE_QUEUE)
 
@@ -282,7 +342,8 @@ class SeriesDownload:
         return InstanceHandle(os.dup(self.fd), member.offset, member.length)
 
     def manifest(self) -> Manifest:
-        return Manifest({k: (m.offset, m.length) for k, m in self.members.items()}, self.end)
+        return Manifest({k: (m.offset, m.length) for k, m in self.members.items()}, self.end,
+                        {k: self.crcs[k] for k in self.members})
 
 
 class _MemberWriter:
@@ -294,10 +355,13 @@ class _MemberWriter:
         self._queued = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._crc = 0
 
     async def write(self, data: bytes) -> None:
         if self._announced is not None and self._queued + self._pending_bytes + len(data) > self._announced:
             raise IntegrityError(f"instance {self._key} is longer than announced")
+        self._crc = google_crc32c.extend(self._crc, data)
+        self._download.received += len(data)
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= WRITE_BATCH:
@@ -317,6 +381,7 @@ class _MemberWriter:
         download = self._download
         download.reserved = self._offset + length
         download._finished.add(self._key)
+        download.crcs[self._key] = self._crc
         await self._queue(completes=(self._key, _Member(self._offset, length)))
 
 
@@ -340,20 +405,18 @@ class BlobStore:
         self.source = source
         self.cache_dir = cache_dir
         self.size_limit = size_limit
-        self.partial_dir = cache_dir / "partial"
-        graveyard = cache_dir / "graveyard"
-        for folder in (self.partial_dir, graveyard):
-            shutil.rmtree(folder, ignore_errors=True)  # leftovers of a crash are never valid
-            folder.mkdir(parents=True, exist_ok=True)
-        self._pins = _Pins(graveyard)
         try:
-            self.index = diskcache.Cache(
-                str(cache_dir / "blobs"), size_limit=size_limit, cull_limit=0,
-                eviction_policy="least-recently-used", disk=_disk_class(self._pins),
-            )
-            self.manifests = diskcache.Cache(str(cache_dir / "manifests"))
-        except Exception as exc:
-            raise CacheError(f"cannot open the cache in {cache_dir}: {exc}") from None
+            self._folder = ProcessFolder(cache_dir)
+        except OSError as exc:
+            raise CacheError(f"cannot use the cache in {cache_dir}: {exc.strerror}") from None
+        self.partial_dir = self._folder.path
+        self._pins = _Pins(self._folder.graveyard)
+        self._commit_lock = cache_dir / "commit.lock"
+        try:
+            self.index, self.manifests = open_indexes(cache_dir, size_limit, _disk_class(self._pins))
+        except CacheError:
+            self._folder.close()
+            raise
         self._manifest_memory: cachetools.LRUCache[str, Manifest] = cachetools.LRUCache(4096)
         self._blob_paths: cachetools.LRUCache[str, str] = cachetools.LRUCache(4096)
         self._recently_used: set[str] = set()
@@ -368,6 +431,7 @@ class BlobStore:
     def close(self) -> None:
         self.index.close()
         self.manifests.close()
+        self._folder.close()
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Own the downloads and the maintenance task; returns when cancelled."""
@@ -491,12 +555,23 @@ class BlobStore:
             return None
         fd = self._open_known_path(blob_key)
         if fd is None:
-            blob = await trio.to_thread.run_sync(lambda: self.index.get(blob_key, read=True))
-            if blob is None:
+            def open_blob() -> tuple[int, str, Manifest | None] | None:
+                # The blob and its manifest are read together: another process may have
+                # replaced an evicted blob since our copy of the manifest was loaded.
+                blob = self.index.get(blob_key, read=True)
+                if blob is None:
+                    return None
+                with blob:
+                    return os.dup(blob.fileno()), blob.name, self.manifests.get(blob_key)
+
+            opened = await trio.to_thread.run_sync(open_blob)
+            if opened is None:
                 return None
-            with blob:
-                self._blob_paths[blob_key] = blob.name
-                fd = os.dup(blob.fileno())
+            fd, self._blob_paths[blob_key], manifest = opened
+            if manifest is None or key not in manifest.members:
+                os.close(fd)
+                return None
+            self._manifest_memory[blob_key] = manifest
         path = self._blob_paths[blob_key]
         offset, length = manifest.members[key]
         if offset + length > os.fstat(fd).st_size:
@@ -522,6 +597,27 @@ class BlobStore:
 
     def is_cached(self, series: SeriesRecord) -> bool:
         return series.key in self.index
+
+    async def fetch_series(self, series: SeriesRecord) -> SeriesDownload | None:
+        """Make sure the whole series is cached: None if it already was, else the finished
+        download (joined if one was running). Raises the download's error if it failed."""
+        for _ in range(JOIN_ATTEMPTS):
+            download = self._downloads.get(series.key)
+            if download is None:
+                if await trio.to_thread.run_sync(self.is_cached, series):
+                    return None
+                download = self._series_download(series)
+            await download.done.wait()
+            if download.error is not None:
+                raise download.error if isinstance(download.error, DicomfsError) else \
+                    SourceError(f"series {series.uid} could not be fetched: {download.error}")
+            if not download.committed_elsewhere:
+                return download
+        raise SourceError(f"series {series.uid} keeps changing in the cache; giving up")
+
+    def downloads(self) -> list[SeriesDownload]:
+        """The downloads running now (for progress reports)."""
+        return list(self._downloads.values())
 
     # --- downloading ------------------------------------------------------------------------
     def _series_download(self, series: SeriesRecord) -> SeriesDownload:
@@ -574,6 +670,7 @@ class BlobStore:
             download.finished = True
             del self._downloads[download.blob_key]
             download.notify()
+            download.done.set()
             os.close(download.fd)
             _unlink_quietly(str(download.path))
 
@@ -589,13 +686,22 @@ class BlobStore:
         def commit() -> None:
             os.ftruncate(download.fd, manifest.size)
             os.fsync(download.fd)
-            self.manifests.set(blob_key, manifest)
-            self.index.set(blob_key, blob)
-            for key in redundant:
-                self.index.delete(key)
-                self.manifests.delete(key)
+            with _flocked(self._commit_lock):
+                if blob_key in self.index:
+                    download.committed_elsewhere = True  # by another process: keep theirs
+                    return
+                self.manifests.set(blob_key, manifest)
+                self.index.set(blob_key, blob)
+                for key in redundant:
+                    self.index.delete(key)
+                    self.manifests.delete(key)
 
         await trio.to_thread.run_sync(commit)
+        if download.committed_elsewhere:
+            self._manifest_memory.pop(blob_key, None)
+            self._commits[blob_key] += 1
+            log.info("%s was cached by another process meanwhile", blob_key)
+            return
         self._manifest_memory[blob_key] = manifest
         if blob.stored_at is not None:
             self._blob_paths[blob_key] = blob.stored_at
@@ -605,6 +711,34 @@ class BlobStore:
         self._commits[blob_key] += 1
         self._cull_wanted.set()
         log.info("%s cached: %d instances, %d bytes", blob_key, len(manifest.members), manifest.size)
+
+
+def open_indexes(cache_dir: Path, size_limit: int | None,
+                 disk: type[diskcache.Disk] = diskcache.Disk) -> tuple[diskcache.Cache, diskcache.Cache]:
+    """The blob index (LRU, size-limited) and the manifest store of a cache directory.
+    ``size_limit`` None keeps the limit stored in the cache."""
+    limit = {} if size_limit is None else {"size_limit": size_limit}
+    try:
+        index = diskcache.Cache(str(cache_dir / "blobs"), cull_limit=0, eviction_policy="least-recently-used",
+                                disk=disk, **limit)
+        manifests = diskcache.Cache(str(cache_dir / "manifests"))
+    except Exception as exc:
+        raise CacheError(f"cannot open the cache in {cache_dir}: {exc}") from None
+    return index, manifests
+
+
+class _flocked:
+    """An exclusive ``flock`` on a lock file, across processes (blocking: use in a thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)  # releases the lock
 
 
 def _open_local(path: Path, instance: InstanceRecord) -> InstanceHandle:

@@ -1,8 +1,12 @@
 """The catalog: which studies, series and instances exist, with their metadata.
 
 Owns listing freshness: in-memory TTL caches (cachetools) in front of a persistent store
-(diskcache) so that a remount does not re-query everything, single-flight so that N callers cause
-one query, and the fallback to the last stored listing when the archive is unreachable.
+(diskcache, shared by every process using the cache) so that a remount does not re-query
+everything, single-flight so that N callers cause one query, and the fallback to the last stored
+listing when the archive is unreachable: after one failure to reach it, stored listings are
+served without asking again for ``OFFLINE_RECHECK`` seconds. Studies that ``prefetch`` stored are
+remembered so that an offline mount lists them even if the whole archive was never listed.
+With a query, ``studies()`` lists only matching studies (see ``search``).
 Must not fetch instance data.
 """
 
@@ -18,7 +22,8 @@ import cachetools
 import diskcache
 import trio
 
-from dicomfs.errors import NotFound, SourceError
+from dicomfs.errors import AccessRefused, NotFound, SourceError, SourceUnavailable
+from dicomfs.query import Query
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import Source
@@ -26,6 +31,8 @@ from dicomfs.sources.base import Source
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+OFFLINE_RECHECK = 30.0
+KNOWN_STUDIES = ("known-studies",)
 
 
 class Catalog:
@@ -37,8 +44,10 @@ class Catalog:
         listing_ttl: float = 60.0,
         instance_ttl: float = 600.0,
         max_entries: int = 10_000,
+        query: Query | None = None,
     ) -> None:
         self.source = source
+        self.query = query or Query()
         self.listing_ttl = listing_ttl
         self.instance_ttl = instance_ttl
         self._listings: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(max_entries, listing_ttl)
@@ -46,16 +55,51 @@ class Catalog:
         self._store = diskcache.Cache(str(store_dir)) if store_dir is not None else None
         self._flights: SingleFlight[Any] = SingleFlight()
         self._offline_reported = False
+        self._offline_until = 0.0
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
 
     async def studies(self) -> dict[str, StudyRecord]:
+        """The studies this catalog shows: all of them, or those matching its query."""
+        if not self.query:
+            return await self.all_studies()
+
+        async def search() -> dict[str, StudyRecord]:
+            from dicomfs.search import Search
+
+            return {s.uid: s for s in await Search(self).studies(self.query)}
+
+        return await self._cached(("studies", self.query.text), self._listings, self.listing_ttl, search)
+
+    async def all_studies(self) -> dict[str, StudyRecord]:
         async def query() -> dict[str, StudyRecord]:
             return {s.uid: s for s in await self.source.list_studies()}
 
-        return await self._cached(("studies",), self._listings, self.listing_ttl, query)
+        async def offline() -> dict[str, StudyRecord] | None:
+            known = await self._load_stored(KNOWN_STUDIES)
+            return dict(known[1]) if known is not None else None
+
+        return await self._cached(("studies",), self._listings, self.listing_ttl, query, offline)
+
+    async def remember_studies(self, studies: list[StudyRecord]) -> None:
+        """Keep these studies listed while the archive is unreachable (prefetch calls this)."""
+        def merge() -> None:
+            assert self._store is not None
+            with self._store.transact():
+                known = self._store.get(KNOWN_STUDIES)
+                merged = dict(known[1]) if known is not None else {}
+                merged.update({s.uid: s for s in studies})
+                self._store.set(KNOWN_STUDIES, (time.time(), merged))
+
+        if self._store is not None:
+            await trio.to_thread.run_sync(merge)
+
+    async def has_stored_listing(self) -> bool:
+        """Whether an offline start has anything to show."""
+        return (await self._load_stored(("studies",)) is not None
+                or await self._load_stored(KNOWN_STUDIES) is not None)
 
     async def study(self, study_uid: str) -> StudyRecord:
         study = (await self.studies()).get(study_uid)
@@ -77,7 +121,8 @@ class Catalog:
                                   self.instance_ttl, query)
 
     async def _cached(self, key: tuple[str, ...], memory: cachetools.TTLCache[Any, Any], ttl: float,
-                      query: Callable[[], Awaitable[T]]) -> T:
+                      query: Callable[[], Awaitable[T]],
+                      offline: Callable[[], Awaitable[T | None]] | None = None) -> T:
         try:
             return memory[key]  # type: ignore[no-any-return]
         except KeyError:
@@ -85,25 +130,38 @@ class Catalog:
 
         async def load() -> T:
             stored = await self._load_stored(key)
-            if stored is not None and time.time() - stored[0] < ttl:
+            fresh = stored is not None and time.time() - stored[0] < ttl
+            if stored is not None and (fresh or time.monotonic() < self._offline_until):
                 memory[key] = stored[1]
                 return stored[1]  # type: ignore[no-any-return]
             try:
                 value = await query()
             except SourceError as exc:
-                if stored is None:
+                fallback = stored[1] if stored is not None else None
+                if isinstance(exc, SourceUnavailable) and not isinstance(exc, AccessRefused):
+                    if offline is not None:
+                        extra = await offline()
+                        if extra is not None:
+                            fallback = {**extra, **fallback} if fallback is not None else extra
+                    self._offline_until = time.monotonic() + OFFLINE_RECHECK
+                if fallback is None:
                     raise
-                if not self._offline_reported:
-                    log.warning("archive unreachable (%s): serving stored listings", exc)
-                    self._offline_reported = True
-                memory[key] = stored[1]
-                return stored[1]  # type: ignore[no-any-return]
+                self.report_offline(exc)
+                memory[key] = fallback
+                return fallback  # type: ignore[no-any-return]
             self._offline_reported = False
+            self._offline_until = 0.0
             memory[key] = value
             await self._save_stored(key, value)
             return value
 
         return await self._flights.run(key, load)
+
+    def report_offline(self, exc: BaseException) -> None:
+        """Say once (until the archive answers again) that stored listings are being served."""
+        if not self._offline_reported:
+            log.warning("archive unreachable (%s): serving stored listings", exc)
+            self._offline_reported = True
 
     async def _load_stored(self, key: tuple[str, ...]) -> tuple[float, Any] | None:
         if self._store is None:

@@ -7,6 +7,7 @@ readiness through a pipe), and ``umount``. Must not implement mounting or fetchi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -20,13 +21,16 @@ from typing import TYPE_CHECKING
 
 from dicomfs import __version__
 from dicomfs.errors import DicomfsError, UsageError
+from dicomfs.query import Query, parse_query
 from dicomfs.sources import SourceOptions, credentials_from_environment, parse_source
 
 if TYPE_CHECKING:
+    from dicomfs.archive import ArchiveOptions
     from dicomfs.mount import MountOptions
 
 log = logging.getLogger("dicomfs")
 
+DEFAULT_JOBS = 8
 READY_TIMEOUT = 600.0
 UMOUNT_TIMEOUT = 60.0
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -66,8 +70,10 @@ def _build_parser() -> argparse.ArgumentParser:
                                 "on MOUNTPOINT")
     mount.add_argument("source")
     mount.add_argument("mountpoint")
+    _add_archive_options(mount)
+    mount.add_argument("--query", action="append", metavar="KEY=VALUE",
+                       help="show only matching studies (DICOM keyword, * ? wildcards, date ranges)")
     mount.add_argument("--foreground", action="store_true", help="do not detach")
-    mount.add_argument("--cache-dir", help="default: $XDG_CACHE_HOME/dicomfs/<source-id>")
     mount.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: 1/5 of free disk)")
     mount.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
@@ -75,19 +81,63 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     mount.add_argument("--systemd", action="store_true",
                        help="stay in the foreground and send READY=1 to $NOTIFY_SOCKET when mounted")
-    mount.add_argument("--user", help="HTTP basic auth user; password from DICOMFS_PASSWORD or --password-file")
-    mount.add_argument("--password-file")
-    mount.add_argument("--token-file", help="bearer token file (or DICOMFS_TOKEN)")
-    mount.add_argument("--endpoint", help="object store endpoint for gs:// sources "
-                       "(default: $STORAGE_EMULATOR_HOST or Google Cloud Storage)")
-    mount.add_argument("--user-project", help="project billed for requester-pays buckets")
     mount.add_argument("--listing-ttl", type=float, default=60.0,
                        help="seconds a study or series listing is trusted (default 60)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
+    prefetch = commands.add_parser("prefetch", help="fetch whole studies into the cache (resumable)")
+    prefetch.add_argument("source")
+    prefetch.add_argument("studies", nargs="*", metavar="STUDY_UID")
+    prefetch.add_argument("--all", action="store_true", help="every study in the archive")
+    prefetch.add_argument("--query", action="append", metavar="KEY=VALUE", help="studies matching the query")
+    _add_archive_options(prefetch)
+    prefetch.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: 1/5 of free disk)")
+    prefetch.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                          help=f"series fetched at the same time (default {DEFAULT_JOBS})")
+    prefetch.add_argument("--dry-run", action="store_true", help="print the plan, transfer nothing")
+    prefetch.add_argument("--to", metavar="DIR", help="also write DIR/<study>/<series>/<instance>.dcm")
+    prefetch.add_argument("--zip", action="store_true", help="with --to: one <study>.zip per study instead")
+    prefetch.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                          type=str.upper)
+
+    ls = commands.add_parser("ls", help="search the archive")
+    ls.add_argument("source")
+    ls.add_argument("--query", action="append", metavar="KEY=VALUE",
+                    help="DICOM keyword=value; * and ? wildcards, YYYYMMDD-YYYYMMDD date ranges")
+    ls.add_argument("--level", choices=["study", "series", "instance"], default="study")
+    ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    _add_archive_options(ls)
+
+    cache = commands.add_parser("cache", help="inspect, check or empty caches")
+    cache.add_argument("action", choices=["stats", "verify", "clear"])
+    cache.add_argument("--cache-dir", help="one cache (default: every cache under $XDG_CACHE_HOME/dicomfs)")
+
     umount = commands.add_parser("umount", help="unmount and wait for the daemon to exit")
     umount.add_argument("mountpoint")
     return parser
+
+
+def _add_archive_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", help="default: $XDG_CACHE_HOME/dicomfs/<source-id>")
+    parser.add_argument("--user", help="HTTP basic auth user; password from DICOMFS_PASSWORD or --password-file")
+    parser.add_argument("--password-file")
+    parser.add_argument("--token-file", help="bearer token file (or DICOMFS_TOKEN)")
+    parser.add_argument("--endpoint", help="object store endpoint for gs:// sources "
+                        "(default: $STORAGE_EMULATOR_HOST or Google Cloud Storage)")
+    parser.add_argument("--user-project", help="project billed for requester-pays buckets")
+
+
+def _archive_options(args: argparse.Namespace, *, with_blobs: bool) -> ArchiveOptions:
+    from dicomfs.archive import ArchiveOptions
+
+    spec = parse_source(args.source)
+    credentials = credentials_from_environment(args.user, args.password_file, args.token_file)
+    cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root() / spec.source_id
+    cache_size = None
+    if with_blobs:
+        cache_size = parse_size(args.cache_size) if args.cache_size else default_cache_size(cache_dir)
+    return ArchiveOptions(spec, cache_dir, credentials, SourceOptions(args.endpoint, args.user_project),
+                          cache_size, getattr(args, "listing_ttl", 60.0), parse_query(args.query))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args, list(sys.argv[1:] if argv is None else argv))
         if args.command == "umount":
             return _umount(Path(args.mountpoint))
+        if args.command == "prefetch":
+            return _prefetch(args)
+        if args.command == "ls":
+            return _ls(args)
+        if args.command == "cache":
+            return _cache(args)
     except DicomfsError as exc:
         print(f"dicomfs: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
@@ -108,17 +164,123 @@ def main(argv: list[str] | None = None) -> int:
 def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     from dicomfs.mount import MountOptions, check_mountpoint
 
-    spec = parse_source(args.source)
+    archive = _archive_options(args, with_blobs=True)
     mountpoint = check_mountpoint(Path(args.mountpoint).expanduser())
-    credentials = credentials_from_environment(args.user, args.password_file, args.token_file)
-    cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root() / spec.source_id
-    cache_size = parse_size(args.cache_size) if args.cache_size else default_cache_size(cache_dir)
-    options = MountOptions(spec, mountpoint, cache_dir, cache_size, credentials,
+    assert archive.cache_size is not None
+    options = MountOptions(archive.spec, mountpoint, archive.cache_dir, archive.cache_size, archive.credentials,
                            allow_other=args.allow_other, listing_ttl=args.listing_ttl,
-                           source_options=SourceOptions(args.endpoint, args.user_project))
+                           source_options=archive.source_options, query=archive.query)
     if args.foreground or args.systemd:
         return _run_foreground(options, args)
     return _detach(options, args, argv)
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    import trio
+
+    from dicomfs.materialise import check_output_dir
+
+    if not (args.studies or args.all or args.query):
+        raise UsageError("say which studies: STUDY_UID ..., --all, or --query KEY=VALUE")
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if args.zip and not args.to:
+        raise UsageError("--zip needs --to DIR")
+    from dicomfs.uids import is_key
+
+    bad = [uid for uid in args.studies if not is_key(uid)]
+    if bad:
+        raise UsageError(f"{bad[0][:80]!r} is not a study UID")
+    options = _archive_options(args, with_blobs=True)
+    # The selection is studies; the catalog itself shows all of them.
+    selection = options.query
+    options = dataclasses.replace(options, query=None)
+    to = check_output_dir(Path(args.to)) if args.to and not args.dry_run else None
+    _configure_logging(args.log_level)
+    return trio.run(_run_prefetch, options, args, selection, to)
+
+
+async def _run_prefetch(options: ArchiveOptions, args: argparse.Namespace, selection: Query, to: Path | None) -> int:
+    from dicomfs.archive import open_archive
+    from dicomfs.prefetch import execute, make_plan, select_studies, summary
+
+    started = time.monotonic()
+    async with open_archive(options) as archive:
+        assert archive.blobs is not None
+        studies, missing = await select_studies(archive.catalog, args.studies, args.all, selection)
+        plan = await make_plan(archive.catalog, archive.blobs, studies, args.jobs)
+        plan.failures[:0] = missing
+        for line in plan.describe():
+            print(line, flush=True)
+        total = plan.total_bytes
+        if total is not None and total > archive.blobs.size_limit:
+            raise UsageError(f"the selection ({total} bytes) is larger than the cache limit "
+                             f"({archive.blobs.size_limit} bytes): raise --cache-size")
+        if args.dry_run:
+            for failure in plan.failures:
+                print(f"failed: {failure}", file=sys.stderr)
+            return 1 if plan.failures else 0
+        await archive.catalog.remember_studies(studies)
+        outcome = await execute(plan, archive.blobs, args.jobs, sys.stderr, to=to, zip_output=args.zip)
+    print(summary(plan, outcome, time.monotonic() - started), flush=True)
+    failures = plan.failures + outcome.failures
+    for failure in failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    import trio
+
+    options = _archive_options(args, with_blobs=False)
+    query, options = options.query, dataclasses.replace(options, query=None)
+    logging.basicConfig(level="WARNING", format="dicomfs: %(message)s")
+    return trio.run(_run_ls, options, query or Query(), args.level, args.json)
+
+
+async def _run_ls(options: ArchiveOptions, query: Query, level: str, as_json: bool) -> int:
+    from dicomfs.archive import open_archive
+    from dicomfs.listing import json_lines, rows, table
+
+    async with open_archive(options) as archive:
+        found = await rows(archive.catalog, query, level)
+    for line in json_lines(found) if as_json else table(found, level):
+        print(line)
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from dicomfs import cachedir
+    from dicomfs.progress import human_bytes
+
+    root = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root()
+    caches = cachedir.caches_under(root)
+    if args.cache_dir and not caches:
+        raise UsageError(f"{root} is not a dicomfs cache")
+    status = 0
+    for cache_dir in caches:
+        if args.action == "stats":
+            st = cachedir.stats(cache_dir)
+            limit = human_bytes(st.size_limit) if st.size_limit else "none"
+            print(f"{st.path}: {st.source}: {st.series} series, {st.instances} instances, "
+                  f"{human_bytes(st.blob_bytes)} ({st.blob_bytes} bytes) of blobs"
+                  + (f" and {st.single_instances} single-instance blobs" if st.single_instances else "")
+                  + f", {human_bytes(st.disk_bytes)} on disk, limit {limit}" + (", in use" if st.in_use else ""))
+        elif args.action == "verify":
+            with cachedir.CacheUse(cache_dir):
+                report = cachedir.verify(cache_dir)
+            print(f"{report.path}: checked {report.checked} blobs ({report.bytes_checked} bytes, "
+                  f"{report.crc_checked} instance CRC32Cs): {len(report.dropped)} bad, dropped")
+            for problem in report.dropped:
+                print(f"dropped: {problem}", file=sys.stderr)
+            if report.dropped:
+                status = 1
+        else:
+            freed = cachedir.clear(cache_dir)
+            print(f"{cache_dir}: cleared, {human_bytes(freed)} freed")
+    if not caches:
+        print(f"no caches under {root}")
+    return status
 
 
 def _configure_logging(level: str) -> None:

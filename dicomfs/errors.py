@@ -39,6 +39,10 @@ class SourceUnavailable(SourceError):
     """The archive could not be reached at all."""
 
 
+class AccessRefused(SourceUnavailable):
+    """The archive refused our credentials (HTTP 401/403): not an outage to ride out offline."""
+
+
 class ProtocolError(SourceError):
     """The archive answered, but with something malformed or hostile."""
 

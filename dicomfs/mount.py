@@ -1,14 +1,13 @@
 """Daemon lifecycle: the trio nursery, the FUSE session, signals, systemd notify, clean unmount.
 
-Owns the order of start-up (lock the cache, open and check the source, start the blob store,
-mount) and of shut-down (unmount, cancel downloads, close stores), the pid file that
+Owns the order of start-up (take a shared hold on the cache, open and check the source, or go
+offline on the stored catalog if the archive cannot be reached, start the blob store, mount) and of shut-down (unmount, cancel downloads, close stores), the pid file that
 ``dicomfs umount`` waits on, and ``READY=1``. Must not implement any filesystem behaviour.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -22,11 +21,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from dicomfs.blobstore import BlobStore
-from dicomfs.catalog import Catalog
-from dicomfs.errors import CacheError, UsageError
+from dicomfs.archive import ArchiveOptions, open_archive
+from dicomfs.errors import UsageError
 from dicomfs.fs import DicomOperations
-from dicomfs.sources import Credentials, Source, SourceOptions, SourceSpec, open_source
+from dicomfs.query import Query
+from dicomfs.sources import Credentials, SourceOptions, SourceSpec
 from dicomfs.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -42,6 +41,7 @@ class MountOptions:
     allow_other: bool = False
     listing_ttl: float = 60.0
     source_options: SourceOptions = field(default_factory=SourceOptions)
+    query: Query | None = None  # show only the studies that match
 
 
 def check_mountpoint(path: Path) -> Path:
@@ -71,23 +71,6 @@ def pidfile_for(mountpoint: Path) -> Path:
     return runtime_dir() / f"{digest}.pid"
 
 
-class CacheLock:
-    """One daemon per cache directory: an exclusive flock held for the daemon's lifetime."""
-
-    def __init__(self, cache_dir: Path) -> None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise CacheError(f"cache {cache_dir} is in use by another dicomfs process "
-                             "(use a different --cache-dir)") from None
-
-    def release(self) -> None:
-        os.close(self._fd)
-
-
 def sd_notify(message: str) -> None:
     """Send ``message`` to systemd's notification socket, if there is one."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -110,33 +93,19 @@ def fuse_options(allow_other: bool) -> set[str]:
 
 async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount, serve until unmounted or signalled, and unmount. Raises DicomfsError on failure."""
-    lock = CacheLock(options.cache_dir)
-    try:
-        source = open_source(options.spec, options.credentials, options.cache_dir, options.source_options)
-        try:
-            await source.check()
-            await _serve_source(options, source, on_ready)
-        finally:
-            with trio.CancelScope(shield=True):
-                await source.aclose()
-    finally:
-        lock.release()
-
-
-async def _serve_source(options: MountOptions, source: Source, on_ready: Callable[[], None]) -> None:
-    blobs = BlobStore(options.cache_dir, options.cache_size, source)
-    catalog = Catalog(source, options.cache_dir / "catalog", listing_ttl=options.listing_ttl)
-    tree = Tree(catalog, blobs, listing_ttl=options.listing_ttl)
-    pidfile = pidfile_for(options.mountpoint)
-    try:
+    archive_options = ArchiveOptions(options.spec, options.cache_dir, options.credentials, options.source_options,
+                                     options.cache_size, options.listing_ttl, options.query)
+    async with open_archive(archive_options) as archive:
+        assert archive.blobs is not None
+        tree = Tree(archive.catalog, archive.blobs, listing_ttl=options.listing_ttl)
+        pidfile = pidfile_for(options.mountpoint)
         async with trio.open_nursery() as nursery:
-            await nursery.start(blobs.run)
-            pyfuse3.init(DicomOperations(tree, blobs), str(options.mountpoint),
+            pyfuse3.init(DicomOperations(tree, archive.blobs), str(options.mountpoint),
                          fuse_options(options.allow_other))
             try:
                 pidfile.write_text(f"{os.getpid()}\n")
                 nursery.start_soon(_terminate_on_signal)
-                log.info("mounted %s on %s", source.description, options.mountpoint)
+                log.info("mounted %s on %s", archive.source.description, options.mountpoint)
                 on_ready()
                 await pyfuse3.main(min_tasks=4, max_tasks=256)
             finally:
@@ -145,9 +114,6 @@ async def _serve_source(options: MountOptions, source: Source, on_ready: Callabl
                 pidfile.unlink(missing_ok=True)
                 log.info("unmounted %s", options.mountpoint)
             nursery.cancel_scope.cancel()
-    finally:
-        catalog.close()
-        blobs.close()
 
 
 async def _terminate_on_signal() -> None:

@@ -147,7 +147,7 @@ async def test_a_lying_archive_gives_errors_and_no_cached_blob(tmp_path: Path) -
         with pytest.raises(SourceError, match="longer than announced"):
             await read_all(store, "1.2.3.0")
         assert not store.is_cached(SERIES)
-        assert list((tmp_path / "cache" / "partial").iterdir()) == []
+        assert list(store.partial_dir.glob("*.part")) == []
         source.lie_about_size = False
         assert await read_all(store, "1.2.3.0") == FILES["1.2.3.0"]  # the next reader tries again
 
@@ -155,13 +155,15 @@ async def test_a_lying_archive_gives_errors_and_no_cached_blob(tmp_path: Path) -
 
 
 async def test_leftovers_of_a_crash_are_never_served(tmp_path: Path) -> None:
-    partial = tmp_path / "cache" / "partial"
-    partial.mkdir(parents=True)
-    (partial / "deadbeef.part").write_bytes(b"half a blob")
+    dead = tmp_path / "cache" / "work" / "12345-deadbeef"  # a killed process's folder: its lock is free
+    dead.mkdir(parents=True)
+    (dead / ".lock").touch()
+    (dead / "deadbeef.part").write_bytes(b"half a blob")
     source = ScriptedSource({SERIES.key: FILES})
 
     async def body(store: BlobStore) -> None:
-        assert list(partial.iterdir()) == []
+        assert not dead.exists()
+        assert [p.name for p in (tmp_path / "cache" / "work").iterdir()] == [store.partial_dir.name]
         assert await read_all(store, "1.2.3.1") == FILES["1.2.3.1"]
         assert source.calls[SERIES.key] == 1
 
@@ -190,7 +192,7 @@ async def test_eviction_spares_blobs_that_are_being_read(tmp_path: Path) -> None
         assert not store.is_cached(first)  # the oldest blob was evicted...
         data = await handle.read(0, 300_000)  # ...but its reader still reads it whole
         assert data == many["1.2.0"]["1.2.0.1"]
-        graveyard = tmp_path / "cache" / "graveyard"
+        graveyard = store.partial_dir / "graveyard"
         assert len(list(graveyard.iterdir())) == 1
         handle.close()
         assert list(graveyard.iterdir()) == []

@@ -196,11 +196,12 @@ def test_killed_mid_download_leaves_nothing_that_reads_wrong(
         thread.start()
         from tests.servers import wait_until
 
-        wait_until(lambda: any((mount.cache_dir / "partial").glob("*.part")), 60, "a download to start")
-        wait_until(lambda: any(p.stat().st_size > 0 for p in (mount.cache_dir / "partial").glob("*.part")),
+        wait_until(lambda: any((mount.cache_dir / "work").glob("*/*.part")), 60, "a download to start")
+        wait_until(lambda: any(p.stat().st_size > 0 for p in (mount.cache_dir / "work").glob("*/*.part")),
                    60, "bytes to arrive")
         mount.kill()
         thread.join(timeout=60)
         proxy.throttle = 0
         mount.start()
         assert hashes(mount.path) == demo_expected
+        assert not any((mount.cache_dir / "work").glob("*/*.part"))  # the killed daemon's partial is gone

@@ -85,3 +85,12 @@ class InstanceFetcher(Protocol):
     """A source that can deliver one instance much more cheaply than its whole series."""
 
     async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None: ...
+
+
+@runtime_checkable
+class StudySearcher(Protocol):
+    """A source that can narrow a study listing on the archive's side (QIDO-RS)."""
+
+    async def search_studies(self, terms: list[tuple[str, str]]) -> list[StudyRecord]:
+        """Studies matching every ``(keyword, value)`` term, values in QIDO syntax."""
+        ...

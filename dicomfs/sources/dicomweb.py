@@ -28,6 +28,9 @@ PAGE_SIZE = 1000
 MAX_PAGES = 100_000
 
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
+# Asked for besides each server's defaults, so that listings show and filter on them.
+STUDY_FIELDS = "includefield=00081030&includefield=00080061"
+SERIES_FIELDS = "includefield=0008103E"
 
 
 class DicomwebSource:
@@ -54,11 +57,18 @@ class DicomwebSource:
         await self.http.get_json(f"{self.root}/studies?limit=1")
 
     async def list_studies(self) -> list[StudyRecord]:
-        rows = await self._qido(f"{self.root}/studies")
+        rows = await self._qido(f"{self.root}/studies?{STUDY_FIELDS}")
+        return [StudyRecord(uid, attrs) for uid, attrs in _valid(rows, STUDY_UID, "study")]
+
+    async def search_studies(self, terms: list[tuple[str, str]]) -> list[StudyRecord]:
+        # Built by hand: servers such as Orthanc do not percent-decode query values, so the
+        # values (already reduced to URL-safe characters by the query module) go as they are.
+        query = "&".join([*(f"{key}={value}" for key, value in terms), STUDY_FIELDS])
+        rows = await self._qido(f"{self.root}/studies?{query}")
         return [StudyRecord(uid, attrs) for uid, attrs in _valid(rows, STUDY_UID, "study")]
 
     async def list_series(self, study_uid: str) -> list[SeriesRecord]:
-        rows = await self._qido(f"{self.root}/studies/{study_uid}/series")
+        rows = await self._qido(f"{self.root}/studies/{study_uid}/series?{SERIES_FIELDS}")
         return [SeriesRecord(study_uid, uid, attrs) for uid, attrs in _valid(rows, SERIES_UID, "series")]
 
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:

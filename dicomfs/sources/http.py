@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import trio
 
-from dicomfs.errors import ProtocolError, SourceError, SourceUnavailable
+from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable
 from dicomfs.sources.base import Credentials
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def _transport_error(url: str, exc: httpx.TransportError) -> SourceError:
 
 def _status_error(url: str, status: int) -> SourceError:
     if status in (401, 403):
-        return SourceUnavailable(f"{_describe(url)} refused access (HTTP {status}): check credentials")
+        return AccessRefused(f"{_describe(url)} refused access (HTTP {status}): check credentials")
     if status == 404:
         return SourceError(f"{_describe(url)} not found (HTTP 404)")
     return SourceError(f"{_describe(url)} answered HTTP {status}")

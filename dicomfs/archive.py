@@ -1,0 +1,82 @@
+"""An opened archive: the source, its catalog and its blob store, set up and torn down in order.
+
+Owns what every command that talks to an archive shares (``mount``, ``prefetch``, ``ls``): a
+shared hold on the cache directory, the source, the catalog in the cache, checking the archive
+or going offline on the stored catalog when it cannot be reached, and running the blob store.
+Must not implement any command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from dicomfs.blobstore import BlobStore
+from dicomfs.cachedir import CacheUse, label
+from dicomfs.catalog import Catalog
+from dicomfs.errors import AccessRefused, SourceUnavailable
+from dicomfs.query import Query
+from dicomfs.sources import Credentials, Source, SourceOptions, SourceSpec, open_source
+
+
+@dataclass(frozen=True)
+class ArchiveOptions:
+    spec: SourceSpec
+    cache_dir: Path
+    credentials: Credentials
+    source_options: SourceOptions
+    cache_size: int | None = None  # None: no blob store (listing only)
+    listing_ttl: float = 60.0
+    query: Query | None = None  # the catalog shows only matching studies
+
+
+@dataclass
+class Archive:
+    source: Source
+    catalog: Catalog
+    blobs: BlobStore | None
+
+
+@asynccontextmanager
+async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
+    lock = CacheUse(options.cache_dir)
+    try:
+        label(options.cache_dir, options.spec)
+        source = open_source(options.spec, options.credentials, options.cache_dir, options.source_options)
+        try:
+            catalog = Catalog(source, options.cache_dir / "catalog", listing_ttl=options.listing_ttl,
+                              query=options.query)
+            try:
+                await check_or_go_offline(source, catalog)
+                blobs = BlobStore(options.cache_dir, options.cache_size, source) if options.cache_size else None
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if blobs is not None:
+                            await nursery.start(blobs.run)
+                        yield Archive(source, catalog, blobs)
+                        nursery.cancel_scope.cancel()
+                finally:
+                    if blobs is not None:
+                        blobs.close()
+            finally:
+                catalog.close()
+        finally:
+            with trio.CancelScope(shield=True):
+                await source.aclose()
+    finally:
+        lock.release()
+
+
+async def check_or_go_offline(source: Source, catalog: Catalog) -> None:
+    """Check the archive; when it cannot be reached but the cache holds a stored catalog, carry
+    on with that (prefetched studies stay readable). Credentials refused is always an error."""
+    try:
+        await source.check()
+    except SourceUnavailable as exc:
+        if isinstance(exc, AccessRefused) or not await catalog.has_stored_listing():
+            raise
+        catalog.report_offline(exc)

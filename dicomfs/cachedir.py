@@ -1,0 +1,225 @@
+"""A cache directory as a whole: who is using it, what it holds, checking and clearing it.
+
+Owns the directory-level lock (shared by mounts, prefetches and ``verify``; exclusive for
+``clear``), the ``source.json`` label that says which archive a cache belongs to, and the
+``dicomfs cache stats|verify|clear`` work. The layout inside (blobs, manifests, catalog, work
+folders) belongs to ``blobstore`` and ``catalog``; this module only reads it, or deletes blobs
+that fail verification. Blocking: callers run it in a thread or from the CLI.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diskcache
+import google_crc32c
+
+from dicomfs.errors import CacheError
+from dicomfs.sources.base import SourceSpec
+
+SOURCE_LABEL = "source.json"
+LOCK_NAME = "lock"
+VERIFY_CHUNK = 1 << 20
+
+
+class CacheUse:
+    """A flock on ``<cache>/lock``: shared while a process uses the cache, exclusive to clear it."""
+
+    def __init__(self, cache_dir: Path, *, exclusive: bool = False) -> None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise CacheError(f"cannot use the cache directory {cache_dir}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            if exclusive:
+                raise CacheError(f"cache {cache_dir} is in use by a running dicomfs mount or prefetch") from None
+            raise CacheError(f"cache {cache_dir} is being cleared; try again") from None
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> CacheUse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def label(cache_dir: Path, spec: SourceSpec) -> None:
+    """Record which archive this cache holds (for ``cache stats``)."""
+    path = cache_dir / SOURCE_LABEL
+    text = json.dumps({"kind": spec.kind, "location": spec.location})
+    try:
+        if path.exists() and path.read_text() == text:
+            return
+        tmp = path.with_name(f".{SOURCE_LABEL}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # only a label
+
+
+def caches_under(root: Path) -> list[Path]:
+    """The cache directories in a cache root (one per source)."""
+    if (root / "blobs").is_dir() or (root / SOURCE_LABEL).exists():
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and ((p / "blobs").is_dir() or (p / SOURCE_LABEL).exists()))
+
+
+@dataclass
+class CacheStats:
+    path: Path
+    source: str
+    series: int = 0
+    single_instances: int = 0
+    instances: int = 0
+    blob_bytes: int = 0
+    disk_bytes: int = 0
+    size_limit: int | None = None
+    in_use: bool = False
+
+
+def stats(cache_dir: Path) -> CacheStats:
+    from dicomfs.blobstore import open_indexes
+
+    result = CacheStats(cache_dir, _source_of(cache_dir), disk_bytes=_disk_usage(cache_dir))
+    result.in_use = _in_use(cache_dir)
+    if not (cache_dir / "blobs").is_dir():
+        return result
+    index, manifests = open_indexes(cache_dir, None)  # keep the stored size limit
+    try:
+        result.size_limit = int(index.size_limit)
+        for key in index.iterkeys():
+            manifest = manifests.get(key)
+            if "#" in str(key):
+                result.single_instances += 1
+            else:
+                result.series += 1
+            if manifest is not None:
+                result.instances += len(manifest.members)
+                result.blob_bytes += manifest.size
+    finally:
+        index.close()
+        manifests.close()
+    return result
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    checked: int = 0
+    bytes_checked: int = 0
+    dropped: list[str] = field(default_factory=list)  # "key: reason"
+    crc_checked: int = 0
+
+
+def verify(cache_dir: Path) -> VerifyReport:
+    """Re-check every blob against its manifest (size, CRC32C of each member); drop bad ones."""
+    from dicomfs.blobstore import open_indexes
+
+    report = VerifyReport(cache_dir)
+    if not (cache_dir / "blobs").is_dir():
+        return report
+    index, manifests = open_indexes(cache_dir, None)  # keep the stored size limit
+    try:
+        for key in list(index.iterkeys()):
+            reason = _check_blob(index, manifests, key, report)
+            if reason is not None:
+                index.delete(key)
+                manifests.delete(key)
+                report.dropped.append(f"{key}: {reason}")
+    finally:
+        index.close()
+        manifests.close()
+    return report
+
+
+def _check_blob(index: diskcache.Cache, manifests: diskcache.Cache, key: str, report: VerifyReport) -> str | None:
+    manifest = manifests.get(key)
+    if manifest is None:
+        return "no manifest"
+    blob = index.get(key, read=True)
+    if blob is None:
+        return None  # evicted meanwhile
+    with blob:
+        size = os.fstat(blob.fileno()).st_size
+        if size != manifest.size:
+            return f"{size} bytes on disk, {manifest.size} recorded"
+        report.checked += 1
+        report.bytes_checked += size
+        for member, (offset, length) in manifest.members.items():
+            if offset < 0 or offset + length > size:
+                return f"instance {member} lies outside the blob"
+            expected = (manifest.crcs or {}).get(member)
+            if expected is None:
+                continue
+            blob.seek(offset)
+            crc, left = 0, length
+            while left:
+                chunk = blob.read(min(VERIFY_CHUNK, left))
+                if not chunk:
+                    return f"instance {member} is truncated"
+                crc = google_crc32c.extend(crc, chunk)
+                left -= len(chunk)
+            report.crc_checked += 1
+            if crc != expected:
+                return f"instance {member} fails its CRC32C check"
+    return None
+
+
+def clear(cache_dir: Path) -> int:
+    """Delete everything cached; the bytes freed. Refuses while a mount or prefetch uses it."""
+    freed = _disk_usage(cache_dir)
+    with CacheUse(cache_dir, exclusive=True):
+        for entry in cache_dir.iterdir():
+            if entry.name in (LOCK_NAME, SOURCE_LABEL):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return freed - _disk_usage(cache_dir)
+
+
+def _source_of(cache_dir: Path) -> str:
+    try:
+        data = json.loads((cache_dir / SOURCE_LABEL).read_text())
+        return str(data["location"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "(unknown source)"
+
+
+def _in_use(cache_dir: Path) -> bool:
+    try:
+        fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _disk_usage(folder: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total

@@ -1,0 +1,151 @@
+"""Writing cached instances out as plain files: ``DIR/<St>/<Se>/<SOP>.dcm`` or one zip per study.
+
+Owns atomic output (a hidden temporary file in the target folder, fsync, rename), skipping files
+that already hold identical bytes, and nothing being written outside the output folder (names are
+validated UIDs or archive keys). Reads instances through the blob store, so it works for every
+source. Blocking file work runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from dicomfs.blobstore import BlobStore, InstanceHandle
+from dicomfs.errors import CacheError, DicomfsError, UsageError
+from dicomfs.records import InstanceRecord, SeriesRecord
+from dicomfs.uids import is_key
+
+COPY_CHUNK = 8 << 20
+
+
+@dataclass
+class Written:
+    files: int = 0
+    skipped: int = 0
+    bytes: int = 0
+
+
+def check_output_dir(path: Path) -> Path:
+    path = path.expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {path}: {exc.strerror}") from None
+    return path.resolve()
+
+
+async def write_series_files(blobs: BlobStore, series: SeriesRecord, instances: list[InstanceRecord],
+                             out_dir: Path, written: Written) -> None:
+    """``out_dir/<St>/<Se>/<SOP>.dcm`` for every instance; identical existing files are kept."""
+    _check_names(series, instances)
+    folder = out_dir / series.study_uid / series.uid
+    await trio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
+    for instance in instances:
+        handle = await blobs.open_instance(series, instance)
+        try:
+            wrote = await trio.to_thread.run_sync(_write_file, handle, folder / f"{instance.key}.dcm")
+        finally:
+            handle.close()
+        if wrote:
+            written.files += 1
+            written.bytes += handle.length
+        else:
+            written.skipped += 1
+
+
+async def write_study_zip(blobs: BlobStore, study_uid: str, members: list[tuple[SeriesRecord, list[InstanceRecord]]],
+                          out_dir: Path, written: Written) -> None:
+    """``out_dir/<St>.zip`` holding ``<Se>/<SOP>.dcm`` (stored, not deflated: DICOM pixel data is
+    mostly compressed already), written to a temporary name and renamed when complete."""
+    target = out_dir / f"{study_uid}.zip"
+    tmp = out_dir / f".{study_uid}.zip.{uuid.uuid4().hex[:8]}.tmp"
+    total = 0
+    try:
+        archive = await trio.to_thread.run_sync(lambda: zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True))
+        try:
+            for series, instances in members:
+                _check_names(series, instances)
+                for instance in instances:
+                    handle = await blobs.open_instance(series, instance)
+                    try:
+                        name = f"{series.uid}/{instance.key}.dcm"
+                        await trio.to_thread.run_sync(_zip_member, archive, name, handle)
+                        total += handle.length
+                    finally:
+                        handle.close()
+        finally:
+            await trio.to_thread.run_sync(archive.close)
+        await trio.to_thread.run_sync(_fsync_and_rename, tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    written.files += 1
+    written.bytes += total
+
+
+def _check_names(series: SeriesRecord, instances: list[InstanceRecord]) -> None:
+    for name in (series.study_uid, series.uid, *(i.key for i in instances)):
+        if not is_key(name):
+            raise DicomfsError(f"refusing to write a file named {name[:80]!r}")
+
+
+def _chunks(handle: InstanceHandle) -> list[tuple[int, int]]:
+    return [(pos, min(COPY_CHUNK, handle.length - pos)) for pos in range(0, handle.length, COPY_CHUNK)]
+
+
+def _same_bytes(handle: InstanceHandle, path: Path) -> bool:
+    try:
+        if path.stat().st_size != handle.length:
+            return False
+        with open(path, "rb") as existing:
+            for pos, size in _chunks(handle):
+                if existing.read(size) != os.pread(handle.fd, size, handle.offset + pos):
+                    return False
+        return True
+    except OSError:
+        return False
+
+
+def _write_file(handle: InstanceHandle, target: Path) -> bool:
+    """Write one instance atomically; False if ``target`` already held the same bytes."""
+    if _same_bytes(handle, target):
+        return False
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            for pos, size in _chunks(handle):
+                data = os.pread(handle.fd, size, handle.offset + pos)
+                if len(data) != size:
+                    raise CacheError(f"cached bytes of {target.name} are shorter than recorded")
+                out.write(data)
+        _fsync_and_rename(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"cannot write {target}: {exc.strerror}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _zip_member(archive: zipfile.ZipFile, name: str, handle: InstanceHandle) -> None:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = handle.length
+    with archive.open(info, "w", force_zip64=handle.length > 0x7FFFFFFF) as member:
+        for pos, size in _chunks(handle):
+            member.write(os.pread(handle.fd, size, handle.offset + pos))
+
+
+def _fsync_and_rename(tmp: Path, target: Path) -> None:
+    with open(tmp, "rb") as done:
+        os.fsync(done.fileno())
+    os.replace(tmp, target)

@@ -1,0 +1,251 @@
+"""``dicomfs prefetch``: plan a selection of studies, fetch their series into the shared cache.
+
+Owns the selection (study UIDs, ``--all``, ``--query``), the plan and its dry-run report, the
+bounded pool of series fetches, collecting failures without stopping the others, progress, and
+asking ``materialise`` for ``--to``/``--zip`` output. The blob store does the fetching and the
+crash-safe commits (so an interrupted prefetch leaves nothing half-written that looks complete);
+the catalog persists the listings (so an offline mount shows what was prefetched).
+Must not know which kind of source it talks to.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from dicomfs.blobstore import BlobStore
+from dicomfs.catalog import Catalog
+from dicomfs.errors import DicomfsError, NotFound
+from dicomfs.materialise import Written, write_series_files, write_study_zip
+from dicomfs.progress import Progress, human_bytes, human_duration
+from dicomfs.query import Query, parse_query
+from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.search import Search
+
+log = logging.getLogger("dicomfs")
+
+DEFAULT_JOBS = 8
+PROGRESS_TICK = 0.1
+
+
+@dataclass
+class SeriesPlan:
+    series: SeriesRecord
+    instances: list[InstanceRecord]
+    size: int | None  # bytes of its instances, if known before fetching
+    cached: bool  # complete in the cache (or served in place from a local source)
+
+
+@dataclass
+class Plan:
+    studies: list[StudyRecord] = field(default_factory=list)
+    series: list[SeriesPlan] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # what could not even be planned
+
+    @property
+    def instances(self) -> int:
+        return sum(len(s.instances) for s in self.series)
+
+    @property
+    def total_bytes(self) -> int | None:
+        sizes = [s.size for s in self.series]
+        return None if None in sizes else sum(s for s in sizes if s is not None)
+
+    @property
+    def cached(self) -> list[SeriesPlan]:
+        return [s for s in self.series if s.cached]
+
+    @property
+    def to_fetch(self) -> list[SeriesPlan]:
+        return [s for s in self.series if not s.cached]
+
+    def describe(self) -> list[str]:
+        cached_bytes = sum(s.size or 0 for s in self.cached)
+        fetch_sizes = [s.size for s in self.to_fetch]
+        total = self.total_bytes
+        lines = [
+            f"plan: {len(self.studies)} studies, {len(self.series)} series, {self.instances} instances, "
+            + (f"{human_bytes(total)} ({total} bytes)" if total is not None else "size unknown"),
+            f"already cached: {len(self.cached)} series, {human_bytes(cached_bytes)} ({cached_bytes} bytes)",
+        ]
+        if None in fetch_sizes:
+            unknown = fetch_sizes.count(None)
+            lines.append(f"to fetch: {len(self.to_fetch)} series, size unknown for {unknown} of them "
+                         "(the archive reports no sizes before a retrieve)")
+        else:
+            to_fetch = sum(s for s in fetch_sizes if s is not None)
+            lines.append(f"to fetch: {len(self.to_fetch)} series, {human_bytes(to_fetch)} ({to_fetch} bytes)")
+        return lines
+
+
+@dataclass
+class Outcome:
+    fetched_series: int = 0
+    fetched_bytes: int = 0
+    failures: list[str] = field(default_factory=list)
+    written: Written = field(default_factory=Written)
+
+
+async def select_studies(catalog: Catalog, uids: list[str], everything: bool, query: Query) -> tuple[list[StudyRecord], list[str]]:
+    """The studies asked for, and one message per UID the archive does not have."""
+    search = Search(catalog)
+    chosen: dict[str, StudyRecord] = {}
+    missing: list[str] = []
+    if everything:
+        chosen.update(await catalog.all_studies())
+    if query:
+        chosen.update({s.uid: s for s in await search.studies(query)})
+    found: dict[str, list[StudyRecord]] = {}
+
+    async def find(uid: str) -> None:
+        found[uid] = await search.studies(parse_query([f"StudyInstanceUID={uid}"]))
+
+    async with trio.open_nursery() as nursery:
+        for uid in dict.fromkeys(uids):
+            nursery.start_soon(find, uid)
+    for uid in dict.fromkeys(uids):
+        if found[uid]:
+            chosen[uid] = found[uid][0]
+        else:
+            missing.append(f"study {uid}: not found in the archive")
+    return list(chosen.values()), missing
+
+
+async def make_plan(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecord], jobs: int) -> Plan:
+    plan = Plan(studies=studies)
+    limit = trio.CapacityLimiter(jobs)
+    per_study: dict[str, list[SeriesPlan]] = {}
+
+    async def plan_series(series: SeriesRecord, into: list[SeriesPlan]) -> None:
+        async with limit:
+            instances = list((await catalog.instances_of(series)).values())
+            local = bool(instances) and blobs.source.local_file(instances[0]) is not None
+            cached = local or await trio.to_thread.run_sync(blobs.is_cached, series)
+            sizes = await blobs.known_sizes(series)
+            total: int | None = 0
+            for instance in instances:
+                size = instance.size if instance.size is not None else sizes.get(instance.key)
+                total = None if size is None or total is None else total + size
+            into.append(SeriesPlan(series, instances, total, cached))
+
+    async def plan_study(study: StudyRecord) -> None:
+        try:
+            async with limit:
+                series = list((await catalog.series_of(study.uid)).values())
+        except DicomfsError as exc:
+            plan.failures.append(f"study {study.uid}: {exc}")
+            return
+        into = per_study.setdefault(study.uid, [])
+        async with trio.open_nursery() as nursery:
+            for record in series:
+                nursery.start_soon(_guard, plan.failures, f"series {record.uid}", plan_series, record, into)
+
+    async with trio.open_nursery() as nursery:
+        for study in studies:
+            nursery.start_soon(plan_study, study)
+    order = {s.uid: n for n, s in enumerate(studies)}
+    for study_uid in sorted(per_study, key=order.__getitem__):
+        plan.series.extend(sorted(per_study[study_uid], key=lambda p: p.series.uid))
+    return plan
+
+
+async def _guard(failures: list[str], what: str, function, *args) -> None:  # type: ignore[no-untyped-def]
+    try:
+        await function(*args)
+    except DicomfsError as exc:
+        failures.append(f"{what}: {exc}")
+
+
+async def execute(plan: Plan, blobs: BlobStore, jobs: int, stream: TextIO, *,
+                  to: Path | None = None, zip_output: bool = False) -> Outcome:
+    """Fetch every series of the plan that is not cached; then write ``--to`` output."""
+    outcome = Outcome()
+    progress = Progress(stream, len(plan.series), plan.total_bytes)
+    done_bytes = sum(s.size or 0 for s in plan.cached)
+    done_series = len(plan.cached)
+    limit = trio.CapacityLimiter(jobs)
+    ok: set[str] = {s.series.key for s in plan.cached}
+
+    async def fetch(item: SeriesPlan) -> None:
+        nonlocal done_bytes, done_series
+        async with limit:
+            try:
+                download = await blobs.fetch_series(item.series)
+                size = download.manifest().size if download is not None else 0
+                manifest_keys = set(download.members) if download is not None else None
+                if manifest_keys is None:
+                    manifest_keys = set(await blobs.known_sizes(item.series))
+                missing = [i.key for i in item.instances if i.key not in manifest_keys]
+                if missing:
+                    raise NotFound(f"{len(missing)} listed instances were not in the retrieve")
+            except DicomfsError as exc:
+                outcome.failures.append(f"series {item.series.uid} (study {item.series.study_uid}): {exc}")
+                return
+            finally:
+                done_series += 1
+            ok.add(item.series.key)
+            outcome.fetched_series += 1
+            outcome.fetched_bytes += size
+            done_bytes += size
+
+    async with trio.open_nursery() as nursery:
+        async def tick() -> None:
+            while True:
+                in_flight = sum(d.received for d in blobs.downloads())
+                progress.update(done_bytes + in_flight, done_series)
+                await trio.sleep(PROGRESS_TICK)
+
+        nursery.start_soon(tick)
+        async with trio.open_nursery() as workers:
+            for item in plan.to_fetch:
+                workers.start_soon(fetch, item)
+        progress.update(done_bytes, done_series, force=True)
+        nursery.cancel_scope.cancel()
+    progress.close()
+    if to is not None:
+        await _materialise(plan, blobs, ok, to, zip_output, jobs, outcome)
+    return outcome
+
+
+async def _materialise(plan: Plan, blobs: BlobStore, ok: set[str], to: Path, zip_output: bool, jobs: int,
+                       outcome: Outcome) -> None:
+    limit = trio.CapacityLimiter(jobs)
+    by_study: dict[str, list[SeriesPlan]] = {}
+    for item in plan.series:
+        by_study.setdefault(item.series.study_uid, []).append(item)
+
+    async def write_study(study_uid: str, items: list[SeriesPlan]) -> None:
+        async with limit:
+            try:
+                if zip_output:
+                    if any(i.series.key not in ok for i in items):
+                        outcome.failures.append(f"study {study_uid}: not zipped, some of its series failed")
+                        return
+                    await write_study_zip(blobs, study_uid, [(i.series, i.instances) for i in items], to,
+                                          outcome.written)
+                else:
+                    for item in items:
+                        if item.series.key in ok:
+                            await write_series_files(blobs, item.series, item.instances, to, outcome.written)
+            except DicomfsError as exc:
+                outcome.failures.append(f"study {study_uid}: writing to {to} failed: {exc}")
+
+    async with trio.open_nursery() as nursery:
+        for study_uid, items in by_study.items():
+            nursery.start_soon(write_study, study_uid, items)
+
+
+def summary(plan: Plan, outcome: Outcome, seconds: float) -> str:
+    rate = outcome.fetched_bytes / seconds if seconds > 0 else 0.0
+    failed = len(plan.failures) + len(outcome.failures)
+    text = (f"prefetched {len(plan.studies)} studies, {len(plan.series)} series, {plan.instances} instances: "
+            f"fetched {outcome.fetched_series} series, {human_bytes(outcome.fetched_bytes)} "
+            f"({outcome.fetched_bytes} bytes) in {human_duration(seconds)} ({human_bytes(rate)}/s); "
+            f"{len(plan.cached)} series already cached; {failed} failed")
+    if outcome.written.files or outcome.written.skipped:
+        text += f"; wrote {outcome.written.files} files, {outcome.written.skipped} identical ones kept"
+    return text

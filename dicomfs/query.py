@@ -1,0 +1,156 @@
+"""Attribute queries from the command line: parse ``KEY=VALUE`` terms and match DICOM JSON.
+
+Owns what a query means: which level (study, series, instance) a key belongs to, wildcard
+(``*``, ``?``), date range (``YYYYMMDD-YYYYMMDD``, open ends allowed) and person-name matching,
+and how a term is written into a QIDO-RS query string for servers that do not percent-decode
+(characters a URL cannot carry literally are sent as ``*`` and the term is re-checked here).
+Must not do I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dicomfs.errors import UsageError
+from dicomfs.records import DicomJson
+
+STUDY_KEYWORDS = frozenset({
+    "StudyInstanceUID", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
+    "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+})
+SERIES_KEYWORDS = frozenset({
+    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime",
+    "BodyPartExamined", "Laterality", "ProtocolName", "PerformedProcedureStepStartDate", "Manufacturer",
+    "InstitutionName", "NumberOfSeriesRelatedInstances",
+})
+LEVELS = ("study", "series", "instance")
+# Characters Orthanc and other servers read literally in a query string (see specs/orthanc.md).
+_URL_SAFE = re.compile(r"[A-Za-z0-9*?.,^\-/_:]")
+_NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
+_RANGE_VRS = frozenset({"DA", "DT", "TM"})
+
+
+@dataclass(frozen=True)
+class Term:
+    keyword: str
+    tag: str  # 8 upper-case hex digits, as in DICOM JSON
+    vr: str
+    value: str
+    level: str
+
+    @property
+    def is_range(self) -> bool:
+        return self.vr in _RANGE_VRS and "-" in self.value
+
+    def matches(self, attrs: DicomJson) -> bool | None:
+        """True or False; None when ``attrs`` does not carry the attribute at all."""
+        element = attrs.get(self.tag)
+        if not isinstance(element, dict):
+            return True if self.value.strip("*") == "" else None
+        values = [_text(v) for v in element.get("Value") or []]
+        if self.value.strip("*") == "":
+            return True  # universal match: present, even empty
+        if self.is_range:
+            low, high = self.value.split("-", 1)
+            return any(_in_range(v, low, high) for v in values)
+        if "*" in self.value or "?" in self.value:
+            pattern = _wildcard_regex(self.value, ignore_case=self.vr == "PN")
+            return any(pattern.fullmatch(v) for v in values)
+        if self.vr == "UI" and "\\" in self.value:
+            return any(v in self.value.split("\\") for v in values)
+        return any(_equal(v, self.value, self.vr) for v in values)
+
+    def qido(self, level: str) -> tuple[str, str, bool] | None:
+        """``(key, value, exact)`` to put into a QIDO query at ``level``, or None when sending it
+        would not narrow anything. ``exact`` is False when the sent value is looser than the term
+        (it must be checked again on the answers)."""
+        keyword = self.keyword
+        if level == "study" and keyword == "Modality":
+            keyword = "ModalitiesInStudy"
+        sent = "".join(c if _URL_SAFE.fullmatch(c) else "*" for c in self.value)
+        sent = re.sub(r"\*+", "*", sent)
+        if sent.strip("*") == "":
+            return None
+        return keyword, sent, sent == self.value
+
+
+@dataclass(frozen=True)
+class Query:
+    terms: tuple[Term, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.terms)
+
+    def at(self, level: str) -> tuple[Term, ...]:
+        return tuple(t for t in self.terms if t.level == level)
+
+    @property
+    def text(self) -> str:
+        """A canonical spelling (for cache keys and messages)."""
+        return "&".join(sorted(f"{t.keyword}={t.value}" for t in self.terms))
+
+
+def parse_query(items: list[str] | None) -> Query:
+    """``["PatientName=Doe^J*", "StudyDate=20200101-20201231"]`` -> Query; UsageError if bad."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    terms: list[Term] = []
+    for item in items or []:
+        keyword, sep, value = item.partition("=")
+        keyword = keyword.strip()
+        if not sep or not keyword:
+            raise UsageError(f"query term {item!r} is not KEY=VALUE (e.g. PatientName=Doe*)")
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise UsageError(f"unknown DICOM keyword {keyword!r} in query term {item!r}")
+        vr = dictionary_VR(tag)
+        if vr == "SQ":
+            raise UsageError(f"cannot query on the sequence {keyword}")
+        term = Term(keyword, f"{tag:08X}", vr, value, _level_of(keyword))
+        if term.is_range and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", value):
+            raise UsageError(f"invalid range {value!r} for {keyword} (use YYYYMMDD-YYYYMMDD)")
+        terms.append(term)
+    return Query(tuple(terms))
+
+
+def _level_of(keyword: str) -> str:
+    if keyword in STUDY_KEYWORDS:
+        return "study"
+    if keyword in SERIES_KEYWORDS:
+        return "series"
+    return "instance"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict):  # a person name: match its alphabetic form
+        return str(value.get("Alphabetic", ""))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _wildcard_regex(value: str, ignore_case: bool) -> re.Pattern[str]:
+    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
+    return re.compile(body, re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL)
+
+
+def _in_range(value: str, low: str, high: str) -> bool:
+    digits = value.replace(":", "")
+    low, high = low.replace(":", ""), high.replace(":", "")
+    if low and digits[: len(low)] < low:
+        return False
+    return not (high and digits[: len(high)] > high)
+
+
+def _equal(value: str, wanted: str, vr: str) -> bool:
+    if vr == "PN":
+        return value.casefold() == wanted.casefold()
+    if vr in _NUMERIC_VRS:
+        try:
+            return float(value) == float(wanted)
+        except ValueError:
+            return False
+    return value.strip() == wanted.strip()

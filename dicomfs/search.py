@@ -1,0 +1,137 @@
+"""Searching an archive with a ``Query``: which studies, series and instances match.
+
+Owns the walk a query needs. Study-level terms go to the archive when it can search
+(``StudySearcher``, QIDO-RS) and are checked here otherwise, on the study's attributes or, for
+archives that list studies without attributes (COD), on the attributes of its first instance.
+Series- and instance-level terms keep a study when any of its series or instances match.
+Must not fetch instance data, only listings and metadata through the catalog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+from dicomfs.query import STUDY_KEYWORDS, Query, Term
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.sources.base import StudySearcher
+
+if TYPE_CHECKING:
+    from dicomfs.catalog import Catalog
+
+PARALLEL_LISTINGS = 8
+T = TypeVar("T")
+
+
+class Search:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._limit = trio.CapacityLimiter(PARALLEL_LISTINGS)
+
+    async def studies(self, query: Query) -> list[StudyRecord]:
+        study_terms = list(query.at("study"))
+        source = self.catalog.source
+        if study_terms and isinstance(source, StudySearcher):
+            sent: list[tuple[str, str]] = []
+            unchecked: list[Term] = []
+            for term in study_terms:
+                qido = term.qido("study")
+                if qido is None:
+                    continue
+                sent.append(qido[:2])
+                if not qido[2]:
+                    unchecked.append(term)
+            candidates = await source.search_studies(sent)
+            study_terms = unchecked  # the archive matched the rest
+        else:
+            candidates = list((await self.catalog.all_studies()).values())
+
+        async def keep(study: StudyRecord) -> bool:
+            if study_terms and not await self._terms_hold(
+                    study_terms, study.attrs, lambda: self.study_attrs(study)):
+                return False
+            if query.at("series") or query.at("instance"):
+                return bool(await self._series_in(study, query, first_only=True))
+            return True
+
+        return await self._filter(candidates, keep)
+
+    async def series(self, query: Query) -> list[SeriesRecord]:
+        found: list[SeriesRecord] = []
+        for study in await self.studies(query):
+            found.extend(await self._series_in(study, query))
+        return found
+
+    async def instances(self, query: Query) -> list[InstanceRecord]:
+        found: list[InstanceRecord] = []
+        for series in await self.series(query):
+            found.extend(await self._instances_in(series, query))
+        return found
+
+    async def study_attrs(self, study: StudyRecord) -> DicomJson:
+        """The study's attributes, completed from its first instance when the archive's study
+        listing carries none (study-level keywords only)."""
+        if "00100010" in study.attrs or "00080020" in study.attrs:
+            return study.attrs
+        from pydicom.datadict import tag_for_keyword
+
+        wanted = {f"{tag_for_keyword(k):08X}" for k in STUDY_KEYWORDS}
+        merged = dict(study.attrs)
+        for series in (await self.catalog.series_of(study.uid)).values():
+            instances = await self.catalog.instances_of(series)
+            if instances:
+                first = next(iter(instances.values()))
+                merged.update({t: v for t, v in first.attrs.items() if t in wanted and t not in merged})
+                break
+        return merged
+
+    async def _series_in(self, study: StudyRecord, query: Query, first_only: bool = False) -> list[SeriesRecord]:
+        series_terms = query.at("series")
+
+        async def keep(series: SeriesRecord) -> bool:
+            if series_terms and not await self._terms_hold(
+                    series_terms, series.attrs, lambda: self._first_instance_attrs(series)):
+                return False
+            if query.at("instance"):
+                return bool(await self._instances_in(series, query))
+            return True
+
+        candidates = list((await self.catalog.series_of(study.uid)).values())
+        if first_only:
+            for series in candidates:
+                if await keep(series):
+                    return [series]
+            return []
+        return await self._filter(candidates, keep)
+
+    async def _instances_in(self, series: SeriesRecord, query: Query) -> list[InstanceRecord]:
+        terms = query.at("instance")
+        instances = (await self.catalog.instances_of(series)).values()
+        return [i for i in instances if all(t.matches(i.attrs) for t in terms)]
+
+    async def _first_instance_attrs(self, series: SeriesRecord) -> DicomJson:
+        instances = await self.catalog.instances_of(series)
+        return next(iter(instances.values())).attrs if instances else {}
+
+    async def _terms_hold(self, terms: Sequence[Term], attrs: DicomJson,
+                          fallback: Callable[[], Awaitable[DicomJson]]) -> bool:
+        results = [t.matches(attrs) for t in terms]
+        if None in results:
+            richer = await fallback()
+            results = [r if r is not None else t.matches(richer) for t, r in zip(terms, results)]
+        return all(bool(r) for r in results)
+
+    async def _filter(self, items: list[T], keep: Callable[[T], Awaitable[bool]]) -> list[T]:
+        """``items`` for which ``keep`` holds, in order, checked concurrently (bounded)."""
+        verdicts = [False] * len(items)
+
+        async def check(index: int, item: T) -> None:
+            async with self._limit:
+                verdicts[index] = await keep(item)
+
+        async with trio.open_nursery() as nursery:
+            for index, item in enumerate(items):
+                nursery.start_soon(check, index, item)
+        return [item for item, verdict in zip(items, verdicts) if verdict]
