@@ -141,7 +141,12 @@ def _archive_options(args: argparse.Namespace, *, with_blobs: bool) -> ArchiveOp
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "prefetch" and not any(e.startswith("-") for e in extra):
+        args.studies += extra  # study UIDs after options: dicomfs prefetch SRC --cache-dir D UID...
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "mount":
             return _mount(args, list(sys.argv[1:] if argv is None else argv))

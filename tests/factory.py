@@ -12,7 +12,8 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def make_instance(study: str, series: str, sop: str | None = None, *, pixel_bytes: int = 64,
-                  number: int = 1, patient: str = "TEST^PATIENT", study_date: str = "20240102") -> bytes:
+                  number: int = 1, patient: str = "TEST^PATIENT", study_date: str = "20240102",
+                  modality: str = "OT", series_number: int = 1) -> bytes:
     """A valid Part 10 file: a secondary capture with ``pixel_bytes`` of 8-bit pixels."""
     sop = sop or generate_uid()
     meta = FileMetaDataset()
@@ -23,13 +24,16 @@ def make_instance(study: str, series: str, sop: str | None = None, *, pixel_byte
     ds.file_meta = meta
     ds.SOPClassUID = SECONDARY_CAPTURE
     ds.SOPInstanceUID = sop
+    if not patient.isascii():
+        ds.SpecificCharacterSet = "ISO_IR 192"
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
     ds.PatientName = patient
     ds.PatientID = "TEST-1"
     ds.StudyDate = study_date
     ds.StudyTime = "120000"
-    ds.Modality = "OT"
+    ds.Modality = modality
+    ds.SeriesNumber = series_number
     ds.InstanceNumber = number
     side = 1
     while side * side < pixel_bytes:

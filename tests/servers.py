@@ -145,8 +145,8 @@ class CountingProxy:
     """A transparent HTTP proxy in front of one server that counts requests by kind.
 
     ``kind(path)`` classifies: "qido" for searches, "wado-series" for series retrieves,
-    "wado-other" for any other retrieve. ``failures`` lets a test answer the next N requests
-    with an error status.
+    "wado-other" for any other retrieve. ``fail_next`` lets a test answer the next N requests
+    with an error status, ``fail_when(path)`` every request it picks.
     """
 
     def __init__(self, upstream_port: int, classify: Callable[[str], str] | None = None) -> None:
@@ -156,6 +156,7 @@ class CountingProxy:
         self.bytes: Counter[str] = Counter()  # response body bytes per kind
         self.paths: list[str] = []
         self.fail_next = 0
+        self.fail_when: Callable[[str], bool] | None = None
         self.fail_status = 500
         self.throttle = 0.0  # seconds to sleep after each 64 KiB forwarded
         self.lock = threading.Lock()
@@ -175,6 +176,8 @@ class CountingProxy:
                     failing = proxy.fail_next > 0
                     if failing:
                         proxy.fail_next -= 1
+                    elif proxy.fail_when is not None and proxy.fail_when(self.path):
+                        failing = True
                 if failing:
                     self.send_response(proxy.fail_status)
                     self.send_header("Content-Length", "0")

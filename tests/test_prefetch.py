@@ -1,0 +1,364 @@
+"""``dicomfs prefetch``, ``ls``, ``cache`` and ``mount --query`` against a real Orthanc.
+
+Bytes are checked against the files uploaded to Orthanc (sha256), transfers are counted by a
+proxy in front of it, and every run is a real ``dicomfs`` process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.factory import make_instance
+from tests.fsutil import hashes, listdir
+from tests.mounting import Mount, dicomfs
+from tests.servers import CountingProxy, OrthancServer, free_port, wait_until
+
+PATIENTS = [("Doe^John", "20200615"), ("O'Brien^Mary Ann", "20210101"), ("Müller^Jürgen", "20191231")]
+PREFETCH_TIMEOUT = 300
+
+
+@dataclass
+class Archive:
+    server: OrthancServer
+    files: dict[str, bytes]  # "<study>/<series>/<sop>.dcm" -> bytes as uploaded
+    folder: Path  # the same files on disk, for the folder source
+
+    @property
+    def expected(self) -> dict[str, str]:
+        return {rel: hashlib.sha256(data).hexdigest() for rel, data in self.files.items()}
+
+    def studies(self) -> set[str]:
+        return {rel.split("/")[0] for rel in self.files}
+
+    def series(self) -> set[str]:
+        return {rel.split("/")[1] for rel in self.files}
+
+    def datasets(self) -> Iterator[pydicom.Dataset]:
+        for data in self.files.values():
+            yield pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), stop_before_pixels=True)
+
+
+def build_archive(workdir: Path, demo_dir: Path) -> tuple[dict[str, bytes], Path]:
+    """The demo files plus three patients with awkward names, two series of 4 x 100 kB each."""
+    files: dict[str, bytes] = {}
+    for path in sorted(demo_dir.rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        files[f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"] = path.read_bytes()
+    for patient, date in PATIENTS:
+        study = generate_uid()
+        for number, modality in enumerate(("CT", "SR"), start=1):
+            series = generate_uid()
+            for instance in range(1, 5):
+                sop = generate_uid()
+                files[f"{study}/{series}/{sop}.dcm"] = make_instance(
+                    study, series, sop, pixel_bytes=100_000, number=instance, patient=patient, study_date=date,
+                    modality=modality, series_number=number)
+    folder = workdir / "files"
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return files, folder
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[Archive]:
+    workdir = tmp_path_factory.mktemp("prefetch-archive")
+    files, folder = build_archive(workdir, demo_dir)
+    with OrthancServer(workdir / "orthanc") as server:
+        server.upload(list(files.values()))
+        yield Archive(server, files, folder)
+
+
+def prefetch(source: str, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return dicomfs("prefetch", source, "--cache-dir", str(cache), *args, timeout=PREFETCH_TIMEOUT)
+
+
+@dataclass
+class PlanNumbers:
+    studies: int
+    series: int
+    instances: int
+    total_bytes: int | None
+    cached_series: int
+    cached_bytes: int
+
+
+def plan_numbers(output: str) -> PlanNumbers:
+    plan = re.search(r"plan: (\d+) studies, (\d+) series, (\d+) instances, (?:.*\((\d+) bytes\)|size unknown)", output)
+    cached = re.search(r"already cached: (\d+) series, .*\((\d+) bytes\)", output)
+    assert plan and cached, output
+    return PlanNumbers(int(plan[1]), int(plan[2]), int(plan[3]), int(plan[4]) if plan[4] else None,
+                       int(cached[1]), int(cached[2]))
+
+
+def fetched(output: str) -> tuple[int, int]:
+    match = re.search(r"fetched (\d+) series, .*?\((\d+) bytes\)", output)
+    assert match, output
+    return int(match[1]), int(match[2])
+
+
+def cached_series(cache: Path) -> int:
+    result = dicomfs("cache", "stats", "--cache-dir", str(cache), check=True)
+    match = re.search(r": (\d+) series, (\d+) instances", result.stdout)
+    assert match, result.stdout
+    return int(match[1])
+
+
+def test_prefetch_all_then_serve_everything_offline(tmp_path: Path, demo_dir: Path, demo_expected: dict[str, str],
+                                                     mount_factory: Callable[..., Mount]) -> None:
+    cache = tmp_path / "cache"
+    total = sum(p.stat().st_size for p in demo_dir.rglob("*.dcm"))
+    with OrthancServer(tmp_path / "orthanc") as server:
+        server.upload(sorted(demo_dir.rglob("*.dcm")))
+        dry = prefetch(server.dicomweb, cache, "--all", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        before = plan_numbers(dry.stdout)
+        assert (before.studies, before.series, before.instances) == (9, 20, 54)
+        assert before.total_bytes is None and before.cached_series == 0  # DICOMweb reports no sizes
+
+        run = prefetch(server.dicomweb, cache, "--all")
+        assert run.returncode == 0, run.stderr
+        assert fetched(run.stdout) == (20, total)  # the bytes stored are exactly the uploaded files
+        assert "prefetched 9 studies, 20 series, 54 instances" in run.stdout and "0 failed" in run.stdout
+
+        after = plan_numbers(prefetch(server.dicomweb, cache, "--all", "--dry-run").stdout)
+        assert (after.studies, after.series, after.instances) == (before.studies, before.series, before.instances)
+        assert after.total_bytes == after.cached_bytes == total and after.cached_series == 20
+
+    # The archive is gone: the same cache still lists and serves every prefetched study.
+    mount = mount_factory(server.dicomweb, cache="cache")
+    assert hashes(mount.path) == demo_expected
+    assert mount.log.count("archive unreachable") == 1
+    listing = dicomfs("ls", server.dicomweb, "--cache-dir", str(cache), "--json", check=True)
+    assert len(listing.stdout.splitlines()) == 9
+
+
+def test_resume_after_kill_9_refetches_only_what_was_missing(archive: Archive, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    total_series = len(archive.series())
+    with CountingProxy(archive.server.port) as proxy:
+        proxy.throttle = 0.01
+        process = subprocess.Popen([sys.executable, "-m", "dicomfs", "prefetch", proxy.dicomweb, "--all",
+                                    "--cache-dir", str(cache), "--jobs", "1"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: proxy.counts["wado-series"] >= 8 or process.poll() is not None, 120,
+                       "several series to be fetched")
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+        assert process.returncode == -signal.SIGKILL, "the prefetch finished before it could be killed"
+        done = cached_series(cache)
+        assert 0 < done < total_series
+
+        proxy.throttle = 0
+        before = proxy.counts["wado-series"]
+        rerun = prefetch(proxy.dicomweb, cache, "--all")
+        assert rerun.returncode == 0, rerun.stderr
+        assert proxy.counts["wado-series"] - before == total_series - done  # complete series are kept
+        assert fetched(rerun.stdout)[0] == total_series - done
+        assert f"{done} series already cached" in rerun.stdout
+
+    assert not list((cache / "work").glob("*/*.part"))
+    verify = dicomfs("cache", "verify", "--cache-dir", str(cache))
+    assert verify.returncode == 0 and ": 0 bad" in verify.stdout, verify.stdout + verify.stderr
+    assert f"checked {total_series} blobs" in verify.stdout
+    out = tmp_path / "out"
+    prefetch(archive.server.dicomweb, cache, "--all", "--to", str(out))
+    assert {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in out.rglob("*.dcm")} == archive.expected
+
+
+def test_a_failing_series_is_reported_and_the_rest_complete(archive: Archive, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    broken = sorted(archive.series())[0]
+    with CountingProxy(archive.server.port) as proxy:
+        proxy.fail_when = lambda path: f"/series/{broken}" in path and "/instances" not in path
+        run = prefetch(proxy.dicomweb, cache, "--all")
+        assert run.returncode == 1
+        assert "; 1 failed" in run.stdout
+        failures = [line for line in run.stderr.splitlines() if line.startswith("failed: ")]
+        assert len(failures) == 1 and f"series {broken}" in failures[0] and "HTTP 500" in failures[0]
+        assert cached_series(cache) == len(archive.series()) - 1
+
+        proxy.fail_when = None
+        again = prefetch(proxy.dicomweb, cache, "--all")
+        assert again.returncode == 0 and fetched(again.stdout)[0] == 1
+
+
+def test_to_and_zip_write_the_archive_files(archive: Archive, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    chosen = sorted(archive.studies())[:2]
+    expected = {rel: digest for rel, digest in archive.expected.items() if rel.split("/")[0] in chosen}
+    out = tmp_path / "out"
+    run = prefetch(archive.server.dicomweb, cache, *chosen, "--to", str(out))
+    assert run.returncode == 0, run.stderr
+    written = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*")
+               if p.is_file()}
+    assert written == expected  # nothing else either: no temporary files left behind
+    assert f"wrote {len(expected)} files, 0 identical ones kept" in run.stdout
+
+    victim = out / sorted(expected)[0]
+    victim.write_bytes(b"damaged")
+    again = prefetch(archive.server.dicomweb, cache, *chosen, "--to", str(out))
+    assert f"wrote 1 files, {len(expected) - 1} identical ones kept" in again.stdout
+    assert hashlib.sha256(victim.read_bytes()).hexdigest() == expected[sorted(expected)[0]]
+
+    zips = tmp_path / "zips"
+    run = prefetch(archive.server.dicomweb, cache, *chosen, "--to", str(zips), "--zip")
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in zips.iterdir()) == sorted(f"{uid}.zip" for uid in chosen)
+    from_zips = {}
+    for study in chosen:
+        with zipfile.ZipFile(zips / f"{study}.zip") as zipped:
+            assert zipped.testzip() is None
+            for name in zipped.namelist():
+                from_zips[f"{study}/{name}"] = hashlib.sha256(zipped.read(name)).hexdigest()
+    assert from_zips == expected
+
+
+def ls_uids(source: str, cache: Path, *args: str) -> list[str]:
+    result = dicomfs("ls", source, "--cache-dir", str(cache), "--json", *args, check=True)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    key = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID"}
+    return sorted(row[key[row["level"]]] for row in rows)
+
+
+@pytest.mark.parametrize("query, wanted", [
+    (["PatientName=Müller*"], lambda ds: str(ds.PatientName).startswith("Müller")),
+    (["PatientName=O'Brien^Mary Ann"], lambda ds: str(ds.PatientName) == "O'Brien^Mary Ann"),
+    (["PatientName=doe^j*"], lambda ds: str(ds.PatientName).lower().startswith("doe^j")),
+    (["PatientName=*Mary A?n"], lambda ds: str(ds.PatientName) == "O'Brien^Mary Ann"),
+    (["StudyDate=20191201-20200701"], lambda ds: "20191201" <= ds.StudyDate <= "20200701"),
+    (["StudyDate=20030505", "Modality=MR"], lambda ds: ds.StudyDate == "20030505" and ds.get("Modality") == "MR"),
+    (["PatientName=Nobody*"], lambda ds: False),
+])
+def test_ls_finds_studies_by_name_date_and_modality(archive: Archive, tmp_path: Path, query: list[str],
+                                                    wanted: Callable[[pydicom.Dataset], bool]) -> None:
+    expected = sorted({ds.StudyInstanceUID for ds in archive.datasets() if wanted(ds)})
+    terms = [arg for term in query for arg in ("--query", term)]
+    assert ls_uids(archive.server.dicomweb, tmp_path / "web", *terms) == expected  # QIDO on Orthanc
+    assert ls_uids(str(archive.folder), tmp_path / "folder", *terms) == expected  # filtered by dicomfs
+
+
+def test_ls_levels_and_table(archive: Archive, tmp_path: Path) -> None:
+    ct_series = sorted({ds.SeriesInstanceUID for ds in archive.datasets() if ds.get("Modality") == "CT"})
+    assert ls_uids(archive.server.dicomweb, tmp_path / "c", "--level", "series", "--query", "Modality=CT") == ct_series
+    muller = [ds for ds in archive.datasets() if str(ds.PatientName).startswith("Müller")]
+    firsts = sorted(ds.SOPInstanceUID for ds in muller if ds.get("InstanceNumber") == 1)
+    assert ls_uids(archive.server.dicomweb, tmp_path / "c", "--level", "instance", "--query", "PatientName=Müller*",
+                   "--query", "InstanceNumber=1") == firsts
+    table = dicomfs("ls", archive.server.dicomweb, "--cache-dir", str(tmp_path / "c"), "--query",
+                    "PatientName=Müller*", check=True).stdout.splitlines()
+    assert table[0].split()[:3] == ["StudyInstanceUID", "PatientName", "PatientID"]
+    assert len(table) == 2 and "Müller^Jürgen" in table[1] and muller[0].StudyInstanceUID in table[1]
+    assert table[1].split()[-2:] == ["2", "8"]  # series and instances
+
+
+def test_mount_query_shows_only_matching_studies(archive: Archive, mount_factory: Callable[..., Mount]) -> None:
+    wanted = sorted({ds.StudyInstanceUID for ds in archive.datasets() if str(ds.PatientName).startswith("Müller")})
+    mount = mount_factory(archive.server.dicomweb, "--query", "PatientName=Müller*")
+    assert listdir(mount.path / "studies") == wanted
+    got = hashes(mount.path / "studies")
+    assert {f"{rel}": d for rel, d in got.items()} == {
+        rel: d for rel, d in archive.expected.items() if rel.split("/")[0] in wanted}
+
+
+def test_prefetch_into_the_cache_of_a_running_mount(archive: Archive, mount_factory: Callable[..., Mount]) -> None:
+    mount = mount_factory(archive.server.dicomweb)
+    run = prefetch(archive.server.dicomweb, mount.cache_dir, "--all")
+    assert run.returncode == 0, run.stderr
+    assert hashes(mount.path / "studies") == archive.expected
+    verify = dicomfs("cache", "verify", "--cache-dir", str(mount.cache_dir))
+    assert verify.returncode == 0 and ": 0 bad" in verify.stdout
+    clear = dicomfs("cache", "clear", "--cache-dir", str(mount.cache_dir))
+    assert clear.returncode == 1 and "in use" in clear.stderr  # a running mount keeps its cache
+
+
+def test_progress_bar_on_a_terminal(archive: Archive, tmp_path: Path) -> None:
+    main, child = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "dicomfs", "prefetch", archive.server.dicomweb, "--all",
+                                "--cache-dir", str(tmp_path / "cache")],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=child)
+    os.close(child)
+    screen = b""
+    deadline = time.monotonic() + PREFETCH_TIMEOUT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal closed: the prefetch is done
+                break
+            if not chunk:
+                break
+            screen += chunk
+        elif process.poll() is not None:
+            break
+    os.close(main)
+    stdout = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 0, screen.decode(errors="replace")
+    frames = [f for f in screen.decode().replace("\n", "\r").split("\r") if f.strip()]
+    assert frames and all(f.startswith("[") for f in frames), frames
+    assert re.match(r"\[#+\] 100%", frames[-1]) and f"series {len(archive.series())}/" in frames[-1]
+    assert "prefetched " in stdout
+
+
+def test_a_corrupt_blob_is_found_dropped_and_fetched_again(archive: Archive, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    study = sorted(archive.studies())[0]
+    assert prefetch(archive.server.dicomweb, cache, study).returncode == 0
+    blob = max((p for p in (cache / "blobs").rglob("*") if p.is_file() and p.suffix != ".db"
+                and not p.name.startswith("cache.db")), key=lambda p: p.stat().st_size)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    verify = dicomfs("cache", "verify", "--cache-dir", str(cache))
+    assert verify.returncode == 1 and ": 1 bad" in verify.stdout and "CRC32C" in verify.stderr
+    again = prefetch(archive.server.dicomweb, cache, study, "--to", str(tmp_path / "out"))
+    assert fetched(again.stdout)[0] == 1
+    out = tmp_path / "out"
+    assert {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.dcm")} == {
+        rel: d for rel, d in archive.expected.items() if rel.startswith(study)}
+    assert dicomfs("cache", "clear", "--cache-dir", str(cache)).returncode == 0
+    assert cached_series(cache) == 0
+
+
+def test_bad_input_gets_one_line_and_a_status(archive: Archive, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    web = archive.server.dicomweb
+    for args, status, message in [
+        ((web,), 2, "say which studies"),
+        ((web, "--all", "--query", "PatientNmae=x"), 2, "unknown DICOM keyword"),
+        ((web, "--all", "--zip"), 2, "--zip needs --to"),
+        ((web, "../../etc"), 2, "is not a study UID"),
+        ((web, "--all", "--jobs", "0"), 2, "--jobs"),
+        ((f"http://127.0.0.1:{free_port()}/dicom-web", "--all"), 1, "cannot reach"),
+    ]:
+        result = prefetch(*args[:1], cache, *args[1:])
+        assert result.returncode == status and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    known = sorted(archive.studies())[0]
+    result = prefetch(web, cache, "1.2.3.999", known)
+    assert result.returncode == 1
+    assert "failed: study 1.2.3.999: not found in the archive" in result.stderr
+    assert "prefetched 1 studies" in result.stdout and "; 1 failed" in result.stdout
+    result = dicomfs("cache", "stats", "--cache-dir", str(tmp_path / "nothing-here"))
+    assert result.returncode == 2 and "not a dicomfs cache" in result.stderr

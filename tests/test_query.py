@@ -1,0 +1,105 @@
+"""Unit tests of query parsing and matching (dicomfs.query) and of the progress line."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+
+from dicomfs.errors import UsageError
+from dicomfs.progress import Progress
+from dicomfs.query import parse_query
+
+
+def attrs(**keywords: object) -> dict:
+    ds = pydicom.Dataset()
+    for keyword, value in keywords.items():
+        setattr(ds, keyword, value)
+    return ds.to_json_dict()
+
+
+def matches(term: str, **keywords: object) -> bool | None:
+    (parsed,) = parse_query([term]).terms
+    return parsed.matches(attrs(**keywords))
+
+
+def test_levels_tags_and_vrs() -> None:
+    query = parse_query(["PatientName=Doe*", "Modality=CT", "InstanceNumber=3"])
+    assert [(t.level, t.tag, t.vr) for t in query.terms] == [
+        ("study", "00100010", "PN"), ("series", "00080060", "CS"), ("instance", "00200013", "IS")]
+
+
+@pytest.mark.parametrize("term, value, expected", [
+    ("PatientName=Doe^John", "Doe^John", True),
+    ("PatientName=doe^john", "Doe^John", True),  # person names match without regard to case
+    ("PatientName=Doe*", "Doe^John", True),
+    ("PatientName=Do?^J*", "Doe^John", True),
+    ("PatientName=Doe", "Doe^John", False),  # no wildcard: the whole value
+    ("PatientName=O'Brien^Mary Ann", "O'Brien^Mary Ann", True),
+    ("PatientName=Müller^Jürgen", "Müller^Jürgen", True),
+    ("PatientName=M?ller*", "Müller^Jürgen", True),  # ? is one character, not one byte
+    ("PatientName=*", "", True),
+])
+def test_person_names(term: str, value: str, expected: bool) -> None:
+    assert matches(term, PatientName=value) is expected
+
+
+@pytest.mark.parametrize("term, expected", [
+    ("StudyDate=20200101-20201231", True),
+    ("StudyDate=20200615", True),
+    ("StudyDate=20200616-", False),
+    ("StudyDate=-20200614", False),
+    ("StudyDate=-20200615", True),
+    ("StudyDate=2021*", False),
+])
+def test_date_ranges(term: str, expected: bool) -> None:
+    assert matches(term, StudyDate="20200615") is expected
+
+
+def test_numbers_multi_values_absent_and_case_of_codes() -> None:
+    assert matches("SeriesNumber=3", SeriesNumber=3) is True
+    assert matches("SeriesNumber=03", SeriesNumber=3) is True
+    assert matches("ModalitiesInStudy=MR", ModalitiesInStudy=["CT", "MR"]) is True
+    assert matches("Modality=ct", Modality="CT") is False  # code strings are case sensitive
+    assert matches("StudyDescription=x") is None  # not there: the caller looks elsewhere
+
+
+def test_qido_form_keeps_what_servers_read_literally() -> None:
+    def sent(term: str, level: str = "study") -> tuple[str, str, bool] | None:
+        return parse_query([term]).terms[0].qido(level)
+
+    assert sent("PatientName=Doe^J*") == ("PatientName", "Doe^J*", True)
+    assert sent("StudyDate=20200101-20201231") == ("StudyDate", "20200101-20201231", True)
+    assert sent("PatientName=O'Brien^Mary Ann") == ("PatientName", "O*Brien^Mary*Ann", False)
+    assert sent("PatientName=Müller^Jürgen") == ("PatientName", "M*ller^J*rgen", False)
+    assert sent("Modality=CT") == ("ModalitiesInStudy", "CT", True)
+    assert sent("PatientName=*") is None
+    assert sent("PatientName=  ") is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["PatientName"], "not KEY=VALUE"),
+    (["=x"], "not KEY=VALUE"),
+    (["PatientNmae=x"], "unknown DICOM keyword"),
+    (["StudyDate=2020-01-01"], "invalid range"),
+    (["ReferencedSeriesSequence=1"], "sequence"),
+])
+def test_bad_terms_are_one_line_usage_errors(bad: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message) as info:
+        parse_query(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_progress_line_by_bytes_and_by_series() -> None:
+    stream = io.StringIO()
+    progress = Progress(stream, total_series=4, total_bytes=1000)
+    progress.update(250, 1, force=True)
+    assert " 25%" in progress.line(progress.started + 1, bar_width=0)
+    unknown = Progress(stream, total_series=4, total_bytes=None)
+    unknown.update(10_000, 3, force=True)
+    line = unknown.line(unknown.started + 1, bar_width=8)
+    assert line.startswith("[######--]  75%") and "series 3/4" in line
+    unknown.update(10_000, 4)
+    unknown.close()
+    assert stream.getvalue().strip().splitlines()[-1].endswith("series 4/4")
