@@ -202,3 +202,32 @@ def test_hostile_buckets_are_contained(bucket: Bucket, tmp_path: Path, mount_fac
     assert (tmp_path / "bystander").read_text() == "untouched"
     for path in (tmp_path / "cache").rglob("*"):
         assert "escape" not in path.name and ".." not in path.name
+
+
+def test_prefetch_plan_bytes_equal_the_transfer_and_ls_filters_on_metadata(bucket: Bucket, tmp_path: Path,
+                                                                          demo_dir: Path) -> None:
+    from tests.mounting import dicomfs
+
+    source = f"gs://{BUCKET}/v2/dicomweb"
+    cache = tmp_path / "cache"
+    env = mount_env(bucket)
+    total = sum(p.stat().st_size for p in demo_dir.rglob("*.dcm"))
+    with CountingProxy(bucket.emulator.port, classify) as proxy:
+        proxy_env = {"STORAGE_EMULATOR_HOST": proxy.url}
+        dry = dicomfs("prefetch", source, "--all", "--dry-run", "--cache-dir", str(cache), env=proxy_env, check=True)
+        assert "plan: 9 studies, 20 series, 54 instances, " in dry.stdout and f"({total} bytes)" in dry.stdout
+        assert "to fetch: 20 series, " in dry.stdout and proxy.counts["tar"] == 0  # sizes from metadata.json
+        run = dicomfs("prefetch", source, "--all", "--cache-dir", str(cache), env=proxy_env, check=True)
+        assert "fetched 20 series, " in run.stdout and f"({total} bytes)" in run.stdout
+        assert proxy.counts["tar"] == 20
+        tar_bytes = sum(size for name, size in bucket.tars.items() if name.startswith("v2/"))
+        assert total < proxy.bytes["tar"] <= tar_bytes  # each tar once (up to its last member)
+    verify = dicomfs("cache", "verify", "--cache-dir", str(cache), env=env, check=True)
+    assert "54 instance CRC32Cs): 0 bad" in verify.stdout
+    # COD lists studies without attributes: ls filters on each study's instance metadata.
+    listing = dicomfs("ls", source, "--cache-dir", str(cache), "--query", "PatientName=Doe^Peter",
+                      "--json", env=env, check=True)
+    import json
+
+    rows = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert len(rows) == 4 and {r["PatientName"] for r in rows} == {"Doe^Peter"}
