@@ -213,20 +213,23 @@ async def _run_prefetch(options: ArchiveOptions, args: argparse.Namespace, selec
     async with open_archive(options) as archive:
         assert archive.blobs is not None
         studies, missing = await select_studies(archive.catalog, args.studies, args.all, selection)
-        plan = await make_plan(archive.catalog, archive.blobs, studies, args.jobs)
+        plan = await make_plan(archive.catalog, archive.blobs, studies, args.jobs, list_instances=args.dry_run)
         plan.failures[:0] = missing
-        for line in plan.describe():
-            print(line, flush=True)
-        total = plan.total_bytes
-        if total is not None and total > archive.blobs.size_limit:
-            raise UsageError(f"the selection ({total} bytes) is larger than the cache limit "
-                             f"({archive.blobs.size_limit} bytes): raise --cache-size")
         if args.dry_run:
+            for line in plan.describe():
+                print(line, flush=True)
             for failure in plan.failures:
                 print(f"failed: {failure}", file=sys.stderr)
             return 1 if plan.failures else 0
+        print(f"prefetching {len(plan.studies)} studies, {len(plan.series)} series "
+              f"({len(plan.cached)} already cached)", flush=True)
         await archive.catalog.remember_studies(studies)
-        outcome = await execute(plan, archive.blobs, args.jobs, sys.stderr, to=to, zip_output=args.zip)
+        outcome = await execute(plan, archive.catalog, archive.blobs, args.jobs, sys.stderr, to=to,
+                                zip_output=args.zip)
+        cached_now = archive.blobs.index.volume()
+        if cached_now > archive.blobs.size_limit:
+            print(f"warning: the cache holds more than its limit ({archive.blobs.size_limit} bytes): the least "
+                  "recently used series will be evicted; raise --cache-size to keep them all", file=sys.stderr)
     print(summary(plan, outcome, time.monotonic() - started), flush=True)
     failures = plan.failures + outcome.failures
     for failure in failures:

@@ -35,7 +35,7 @@ PROGRESS_TICK = 0.1
 @dataclass
 class SeriesPlan:
     series: SeriesRecord
-    instances: list[InstanceRecord]
+    instances: list[InstanceRecord] | None  # None: listed while the series is fetched
     size: int | None  # bytes of its instances, if known before fetching
     cached: bool  # complete in the cache (or served in place from a local source)
 
@@ -48,7 +48,7 @@ class Plan:
 
     @property
     def instances(self) -> int:
-        return sum(len(s.instances) for s in self.series)
+        return sum(len(s.instances or ()) for s in self.series)
 
     @property
     def total_bytes(self) -> int | None:
@@ -115,22 +115,22 @@ async def select_studies(catalog: Catalog, uids: list[str], everything: bool, qu
     return list(chosen.values()), missing
 
 
-async def make_plan(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecord], jobs: int) -> Plan:
+async def make_plan(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecord], jobs: int, *,
+                    list_instances: bool = True) -> Plan:
+    """Studies -> series (-> instances, sizes). Without ``list_instances`` the instances are left
+    to ``execute``, which lists them while it fetches (a retrieve need not wait for the listing)."""
     plan = Plan(studies=studies)
     limit = trio.CapacityLimiter(jobs)
     per_study: dict[str, list[SeriesPlan]] = {}
+    in_place = blobs.source.serves_files_in_place
 
     async def plan_series(series: SeriesRecord, into: list[SeriesPlan]) -> None:
         async with limit:
-            instances = list((await catalog.instances_of(series)).values())
-            local = bool(instances) and blobs.source.local_file(instances[0]) is not None
-            cached = local or await trio.to_thread.run_sync(blobs.is_cached, series)
-            sizes = await blobs.known_sizes(series)
-            total: int | None = 0
-            for instance in instances:
-                size = instance.size if instance.size is not None else sizes.get(instance.key)
-                total = None if size is None or total is None else total + size
-            into.append(SeriesPlan(series, instances, total, cached))
+            cached = in_place or await trio.to_thread.run_sync(blobs.is_cached, series)
+            item = SeriesPlan(series, None, None, cached)
+            if list_instances:
+                await _list_instances(catalog, blobs, item)
+            into.append(item)
 
     async def plan_study(study: StudyRecord) -> None:
         try:
@@ -153,6 +153,16 @@ async def make_plan(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecor
     return plan
 
 
+async def _list_instances(catalog: Catalog, blobs: BlobStore, item: SeriesPlan) -> None:
+    item.instances = list((await catalog.instances_of(item.series)).values())
+    sizes = await blobs.known_sizes(item.series)
+    total: int | None = 0
+    for instance in item.instances:
+        size = instance.size if instance.size is not None else sizes.get(instance.key)
+        total = None if size is None or total is None else total + size
+    item.size = total
+
+
 async def _guard(failures: list[str], what: str, function, *args) -> None:  # type: ignore[no-untyped-def]
     try:
         await function(*args)
@@ -160,34 +170,46 @@ async def _guard(failures: list[str], what: str, function, *args) -> None:  # ty
         failures.append(f"{what}: {exc}")
 
 
-async def execute(plan: Plan, blobs: BlobStore, jobs: int, stream: TextIO, *,
+async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, stream: TextIO, *,
                   to: Path | None = None, zip_output: bool = False) -> Outcome:
-    """Fetch every series of the plan that is not cached; then write ``--to`` output."""
+    """Fetch every series of the plan that is not cached (listing instances meanwhile where the
+    plan has not), check each retrieve holds every listed instance; then write ``--to`` output."""
     outcome = Outcome()
     progress = Progress(stream, len(plan.series), plan.total_bytes)
     done_bytes = sum(s.size or 0 for s in plan.cached)
     done_series = len(plan.cached)
     limit = trio.CapacityLimiter(jobs)
-    ok: set[str] = {s.series.key for s in plan.cached}
+    ok: set[str] = set()
 
     async def fetch(item: SeriesPlan) -> None:
         nonlocal done_bytes, done_series
-        async with limit:
-            try:
-                download = await blobs.fetch_series(item.series)
-                size = download.manifest().size if download is not None else 0
-                manifest_keys = set(download.members) if download is not None else None
-                if manifest_keys is None:
-                    manifest_keys = set(await blobs.known_sizes(item.series))
-                missing = [i.key for i in item.instances if i.key not in manifest_keys]
+        download = None
+        try:
+            async with trio.open_nursery() as both:
+                if item.instances is None:
+                    both.start_soon(_list_instances, catalog, blobs, item)
+                if not item.cached:
+                    async with limit:
+                        download = await blobs.fetch_series(item.series)
+            assert item.instances is not None
+            stored = set(download.members) if download is not None else set(await blobs.known_sizes(item.series))
+            if not blobs.source.serves_files_in_place:
+                missing = [i.key for i in item.instances if i.key not in stored]
                 if missing:
                     raise NotFound(f"{len(missing)} listed instances were not in the retrieve")
-            except DicomfsError as exc:
-                outcome.failures.append(f"series {item.series.uid} (study {item.series.study_uid}): {exc}")
-                return
-            finally:
+        except* DicomfsError as group:
+            failure = group.exceptions[0]
+        else:
+            failure = None
+        if failure is not None:
+            outcome.failures.append(f"series {item.series.uid} (study {item.series.study_uid}): {failure}")
+            if not item.cached:
                 done_series += 1
-            ok.add(item.series.key)
+            return
+        ok.add(item.series.key)
+        if not item.cached:
+            size = download.manifest().size if download is not None else 0
+            done_series += 1
             outcome.fetched_series += 1
             outcome.fetched_bytes += size
             done_bytes += size
@@ -201,7 +223,7 @@ async def execute(plan: Plan, blobs: BlobStore, jobs: int, stream: TextIO, *,
 
         nursery.start_soon(tick)
         async with trio.open_nursery() as workers:
-            for item in plan.to_fetch:
+            for item in plan.series:
                 workers.start_soon(fetch, item)
         progress.update(done_bytes, done_series, force=True)
         nursery.cancel_scope.cancel()
@@ -225,12 +247,13 @@ async def _materialise(plan: Plan, blobs: BlobStore, ok: set[str], to: Path, zip
                     if any(i.series.key not in ok for i in items):
                         outcome.failures.append(f"study {study_uid}: not zipped, some of its series failed")
                         return
-                    await write_study_zip(blobs, study_uid, [(i.series, i.instances) for i in items], to,
+                    await write_study_zip(blobs, study_uid, [(i.series, i.instances or []) for i in items], to,
                                           outcome.written)
                 else:
                     for item in items:
                         if item.series.key in ok:
-                            await write_series_files(blobs, item.series, item.instances, to, outcome.written)
+                            await write_series_files(blobs, item.series, item.instances or [], to,
+                                                     outcome.written)
             except DicomfsError as exc:
                 outcome.failures.append(f"study {study_uid}: writing to {to} failed: {exc}")
 

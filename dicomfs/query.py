@@ -27,6 +27,16 @@ SERIES_KEYWORDS = frozenset({
     "InstitutionName", "NumberOfSeriesRelatedInstances",
 })
 LEVELS = ("study", "series", "instance")
+# Tags and VRs of common keys, so that a query on them needs no pydicom (slow to import).
+COMMON_KEYS = {
+    "StudyInstanceUID": ("0020000D", "UI"), "SeriesInstanceUID": ("0020000E", "UI"),
+    "SOPInstanceUID": ("00080018", "UI"), "PatientName": ("00100010", "PN"), "PatientID": ("00100020", "LO"),
+    "StudyDate": ("00080020", "DA"), "StudyTime": ("00080030", "TM"), "AccessionNumber": ("00080050", "SH"),
+    "StudyDescription": ("00081030", "LO"), "ModalitiesInStudy": ("00080061", "CS"),
+    "Modality": ("00080060", "CS"), "SeriesNumber": ("00200011", "IS"), "SeriesDescription": ("0008103E", "LO"),
+    "InstanceNumber": ("00200013", "IS"), "PatientBirthDate": ("00100030", "DA"), "PatientSex": ("00100040", "CS"),
+    "StudyID": ("00200010", "SH"), "ReferringPhysicianName": ("00080090", "PN"),
+}
 # Characters Orthanc and other servers read literally in a query string (see specs/orthanc.md).
 _URL_SAFE = re.compile(r"[A-Za-z0-9*?.,^\-/_:]")
 _NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
@@ -95,25 +105,30 @@ class Query:
 
 def parse_query(items: list[str] | None) -> Query:
     """``["PatientName=Doe^J*", "StudyDate=20200101-20201231"]`` -> Query; UsageError if bad."""
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
-
     terms: list[Term] = []
     for item in items or []:
         keyword, sep, value = item.partition("=")
         keyword = keyword.strip()
         if not sep or not keyword:
             raise UsageError(f"query term {item!r} is not KEY=VALUE (e.g. PatientName=Doe*)")
-        tag = tag_for_keyword(keyword)
-        if tag is None:
-            raise UsageError(f"unknown DICOM keyword {keyword!r} in query term {item!r}")
-        vr = dictionary_VR(tag)
-        if vr == "SQ":
-            raise UsageError(f"cannot query on the sequence {keyword}")
-        term = Term(keyword, f"{tag:08X}", vr, value, _level_of(keyword))
+        tag, vr = COMMON_KEYS.get(keyword) or _look_up(keyword, item)
+        term = Term(keyword, tag, vr, value, _level_of(keyword))
         if term.is_range and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", value):
             raise UsageError(f"invalid range {value!r} for {keyword} (use YYYYMMDD-YYYYMMDD)")
         terms.append(term)
     return Query(tuple(terms))
+
+
+def _look_up(keyword: str, item: str) -> tuple[str, str]:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise UsageError(f"unknown DICOM keyword {keyword!r} in query term {item!r}")
+    vr = dictionary_VR(tag)
+    if vr == "SQ":
+        raise UsageError(f"cannot query on the sequence {keyword}")
+    return f"{tag:08X}", vr
 
 
 def _level_of(keyword: str) -> str:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from dicomfs.query import STUDY_KEYWORDS, Query, Term
+from dicomfs.query import COMMON_KEYS, STUDY_KEYWORDS, Query, Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import StudySearcher
 
@@ -75,9 +75,7 @@ class Search:
         listing carries none (study-level keywords only)."""
         if "00100010" in study.attrs or "00080020" in study.attrs:
             return study.attrs
-        from pydicom.datadict import tag_for_keyword
-
-        wanted = {f"{tag_for_keyword(k):08X}" for k in STUDY_KEYWORDS}
+        wanted = {COMMON_KEYS[k][0] for k in STUDY_KEYWORDS if k in COMMON_KEYS}
         merged = dict(study.attrs)
         for series in (await self.catalog.series_of(study.uid)).values():
             instances = await self.catalog.instances_of(series)

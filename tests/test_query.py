@@ -103,3 +103,12 @@ def test_progress_line_by_bytes_and_by_series() -> None:
     unknown.update(10_000, 4)
     unknown.close()
     assert stream.getvalue().strip().splitlines()[-1].endswith("series 4/4")
+
+
+def test_the_built_in_keys_agree_with_the_dicom_dictionary() -> None:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    from dicomfs.query import COMMON_KEYS
+
+    for keyword, (tag, vr) in COMMON_KEYS.items():
+        assert (f"{tag_for_keyword(keyword):08X}", dictionary_VR(tag_for_keyword(keyword))) == (tag, vr), keyword

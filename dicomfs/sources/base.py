@@ -61,6 +61,7 @@ class SeriesSink(Protocol):
 
 class Source(Protocol):
     description: str  # safe to log: no credentials
+    serves_files_in_place: bool  # every instance has a ``local_file``: nothing to cache
 
     async def check(self) -> None:
         """Raise SourceError if the archive cannot be used (unreachable, auth refused)."""

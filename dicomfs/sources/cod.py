@@ -40,6 +40,8 @@ class SeriesObjects:
 class CodSource:
     """A COD datastore ``gs://<bucket>/<prefix>`` read through the GCS JSON API."""
 
+    serves_files_in_place = False
+
     def __init__(self, endpoint: str, bucket: str, prefix: str, credentials: Credentials, *,
                  user_project: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
                  page_size: int = 1000) -> None:

@@ -36,6 +36,8 @@ SERIES_FIELDS = "includefield=0008103E"
 class DicomwebSource:
     """An archive reached through QIDO-RS and WADO-RS under one service root URL."""
 
+    serves_files_in_place = False
+
     def __init__(
         self,
         root: str,

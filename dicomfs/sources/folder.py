@@ -107,6 +107,8 @@ def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
 class FolderSource:
     """Serves the Part 10 files below one folder, grouped by their UIDs."""
 
+    serves_files_in_place = True
+
     def __init__(self, root: Path, work_dir: Path) -> None:
         self.root = root
         self.description = str(root)

@@ -20,6 +20,7 @@ import trio
 
 from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable
 from dicomfs.sources.base import Credentials
+from dicomfs.sources.transport import LargeReadTransport
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,12 @@ class HttpClient:
         extra_headers: dict[str, str] | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client = httpx.AsyncClient(
             auth=_auth(credentials),
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            transport=transport,
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
+            transport=transport or LargeReadTransport(limits),
+            limits=limits,
             follow_redirects=True,
             headers={"User-Agent": "dicomfs", **(extra_headers or {})},
         )
