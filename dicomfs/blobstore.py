@@ -435,17 +435,23 @@ class BlobStore:
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Own the downloads and the maintenance task; returns when cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            while True:
-                with trio.move_on_after(LRU_FLUSH_SECONDS):
-                    await self._cull_wanted.wait()
-                cull = self._cull_wanted.is_set()
-                self._cull_wanted = trio.Event()
-                used, self._recently_used = self._recently_used, set()
-                if cull or used:
-                    await trio.to_thread.run_sync(self._maintain, used, cull)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._maintenance_loop()
+        finally:
+            self._nursery = None
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            with trio.move_on_after(LRU_FLUSH_SECONDS):
+                await self._cull_wanted.wait()
+            cull = self._cull_wanted.is_set()
+            self._cull_wanted = trio.Event()
+            used, self._recently_used = self._recently_used, set()
+            if cull or used:
+                await trio.to_thread.run_sync(self._maintain, used, cull)
 
     def _maintain(self, used: set[str], cull: bool) -> None:
         """Record recent use for the LRU order, then evict down to the size limit. Blocking."""
@@ -636,9 +642,14 @@ class BlobStore:
         if self._nursery is None:
             raise CacheError("the blob store is not running")
         download = SeriesDownload(blob_key, series, self.partial_dir / f"{uuid.uuid4().hex}.part", fetch)
+        try:
+            self._nursery.start_soon(self._run_download, download)
+        except RuntimeError:  # shutting down: the nursery takes no new downloads
+            os.close(download.fd)
+            _unlink_quietly(str(download.path))
+            raise CacheError("the blob store is shutting down") from None
         self._downloads[blob_key] = download
         self.retrievals += 1
-        self._nursery.start_soon(self._run_download, download)
         return download
 
     async def _run_download(self, download: SeriesDownload) -> None:

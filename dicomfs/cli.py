@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dicomfs: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
+        if args.command == "prefetch":
+            print("dicomfs: interrupted: complete series are kept; run the same command again to finish",
+                  file=sys.stderr)
         return 130
     return 2
 
@@ -206,6 +209,43 @@ def _prefetch(args: argparse.Namespace) -> int:
 
 
 async def _run_prefetch(options: ArchiveOptions, args: argparse.Namespace, selection: Query, to: Path | None) -> int:
+    """The prefetch, cancelled cleanly by Ctrl-C or SIGTERM: downloads stop, partial files are
+    removed, complete series stay cached (a rerun finishes the rest)."""
+    import signal
+
+    import trio
+
+    interrupted = False
+    status = 1
+    error: DicomfsError | None = None
+    async with trio.open_nursery() as nursery:
+        async def on_signal() -> None:
+            nonlocal interrupted
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    interrupted = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+        async def work() -> None:
+            nonlocal status, error
+            try:
+                status = await _prefetch_archive(options, args, selection, to)
+            except DicomfsError as exc:  # reported as one line by main(), not as a nursery's group
+                error = exc
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(on_signal)
+        nursery.start_soon(work)
+    if interrupted:
+        raise KeyboardInterrupt
+    if error is not None:
+        raise error
+    return status
+
+
+async def _prefetch_archive(options: ArchiveOptions, args: argparse.Namespace, selection: Query,
+                            to: Path | None) -> int:
     from dicomfs.archive import open_archive
     from dicomfs.prefetch import execute, make_plan, select_studies, summary
 

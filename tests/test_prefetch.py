@@ -186,6 +186,30 @@ def test_resume_after_kill_9_refetches_only_what_was_missing(archive: Archive, t
             for p in out.rglob("*.dcm")} == archive.expected
 
 
+def test_ctrl_c_stops_cleanly_and_keeps_complete_series(archive: Archive, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with CountingProxy(archive.server.port) as proxy:
+        proxy.throttle = 0.01
+        process = subprocess.Popen([sys.executable, "-m", "dicomfs", "prefetch", proxy.dicomweb, "--all",
+                                    "--cache-dir", str(cache), "--jobs", "2"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: proxy.counts["wado-series"] >= 6 or process.poll() is not None, 120,
+                       "several series to be fetched")
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "interrupted: complete series are kept" in stderr
+    assert not list((cache / "work").iterdir())  # its work folder (partial downloads) is gone
+    done = cached_series(cache)
+    assert 0 < done < len(archive.series())
+    verify = dicomfs("cache", "verify", "--cache-dir", str(cache))
+    assert verify.returncode == 0 and f"checked {done} blobs" in verify.stdout
+
+
 def test_a_failing_series_is_reported_and_the_rest_complete(archive: Archive, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     broken = sorted(archive.series())[0]
