@@ -169,7 +169,8 @@ def render(results: dict[str, object]) -> str:
     total = int(results["total_bytes"])  # type: ignore[arg-type]
     lines = [BEGIN, "", f"Run of `python -m bench.prefetch --studies {results['studies']} --instances "
              f"{results['instances_per_study']} --series {results['series_per_study']} --repeat {results['repeat']}` "
-             f"on {machine.get('cpu', '?')} ({machine.get('cpus', '?')} CPUs), Orthanc {machine.get('orthanc', '?')}: "
+             f"on {machine.get('date', '?')}, dicomfs {machine.get('dicomfs_commit', '?')}, {machine.get('cpu', '?')} "
+             f"({machine.get('nproc', '?')} CPUs), Orthanc {machine.get('orthanc', '?')}: "
              f"{results['studies']} studies, {total / 1e6:.0f} MB stored; prefetch `--jobs {results['jobs']}`, "
              "curl as many at once. Medians; spread of the per-repetition ratios in brackets.", "",
              "| dicomfs prefetch vs | time | ratio | target | met |", "| --- | --- | --- | --- | --- |"]

@@ -3,7 +3,7 @@
 # compiler for pyfuse3) and a virtualenv in .venv with dicomfs installed from this checkout.
 #   scripts/install.sh          what dicomfs needs to run
 #   scripts/install.sh --test   also what the test suite needs (Orthanc, dcmtk, rsync, GCS emulator)
-#   scripts/install.sh --bench  also what the benchmarks compare against (rclone, py-spy)
+#   scripts/install.sh --bench  also what the benchmarks compare against (rclone, py-spy, dicomtrolley)
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
