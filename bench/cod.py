@@ -65,7 +65,7 @@ from bench.run import (
 )
 from tests.cod_writer import CodSeriesFiles, write_series
 from tests.factory import make_instance
-from tests.servers import CountingProxy, GcsEmulator, require_tools
+from tests.servers import CountingProxy, GcsEmulator, classify_gcs, require_tools
 
 PIXEL_BYTES = 512 * 1024
 BUCKET, PREFIX = "cod-bench", "bench/dicomweb"
@@ -86,15 +86,6 @@ while chunk := os.read(fd, 1 << 20):
     digest.update(chunk)
 print(elapsed, digest.hexdigest())
 """
-
-
-def classify(path: str) -> str:
-    """What a request through the CountingProxy is for (as tests/test_mount_cod.py counts)."""
-    if ".tar" in path:
-        return "tar"
-    if "metadata.json" in path:
-        return "metadata"
-    return "list" if "/o?" in path else "other"
 
 
 # --- the series -----------------------------------------------------------------------------
@@ -513,7 +504,7 @@ def run(args: argparse.Namespace) -> int:
         emulator.start()
         print(f"writing {args.instances} instances as one COD series ...", flush=True)
         series = build_series(args.instances, work / "files", emulator)
-        proxy = cleanup.enter_context(CountingProxy(emulator.port, classify))
+        proxy = cleanup.enter_context(CountingProxy(emulator.port, classify_gcs))
         bench = Bench(work, scratch, emulator, proxy, series)
         load_before = os.getloadavg()
         for number in range(args.repeat):

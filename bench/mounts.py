@@ -98,8 +98,25 @@ class Mount:
     pid: int | None = None
     process: subprocess.Popen[bytes] | None = None
 
+    log_file: Path
+
     def start(self) -> float:
         raise NotImplementedError
+
+    def _spawn(self, argv: list[str], what: str) -> float:
+        """Start a mounting process that stays in the foreground; seconds until it is mounted."""
+        started = time.perf_counter()
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
+        self.pid = self.process.pid
+        wait_until(lambda: self._ready(what), MOUNT_TIMEOUT, f"{what} to mount", interval=0.005)
+        return time.perf_counter() - started
+
+    def _ready(self, what: str) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {self.process.returncode} (log: {self.log_file})")
+        return is_mounted(self.path)
 
     def stop(self) -> None:
         unmount(self.path)
@@ -155,18 +172,7 @@ class RcloneMount(Mount):
         config.touch()
         argv = ["rclone", "mount", f":webdav,url='{self.url}':", str(self.path), "--read-only",
                 "--vfs-cache-mode", "full", "--cache-dir", str(self.cache_dir), "--config", str(config)]
-        started = time.perf_counter()
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        self.pid = self.process.pid
-        wait_until(lambda: self._ready(), MOUNT_TIMEOUT, "rclone to mount", interval=0.005)
-        return time.perf_counter() - started
-
-    def _ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(f"rclone mount exited with {self.process.returncode} (log: {self.log_file})")
-        return is_mounted(self.path)
+        return self._spawn(argv, "rclone mount")
 
 
 class PassthroughMount(Mount):
@@ -177,17 +183,5 @@ class PassthroughMount(Mount):
 
     def start(self) -> float:
         self.path.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bench.passthrough", str(self.source), str(self.path)],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
-        self.pid = self.process.pid
-        wait_until(lambda: self._ready(), MOUNT_TIMEOUT, "the passthrough to mount", interval=0.005)
-        return time.perf_counter() - started
-
-    def _ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(f"passthrough exited with {self.process.returncode} (log: {self.log_file})")
-        return is_mounted(self.path)
+        return self._spawn([sys.executable, "-m", "bench.passthrough", str(self.source), str(self.path)],
+                           "the passthrough")

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -32,6 +33,45 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _OnLoopback:
+    """A server on 127.0.0.1:``port``; ``dicomweb`` is where Orthanc's DICOMweb root would be."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+
+class _ServerProcess(_OnLoopback):
+    """A server we run as a subprocess: ``start()`` it (or ``with``), ``stop()`` always ends it."""
+
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -40,7 +80,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> 
         time.sleep(interval)
 
 
-class OrthancServer:
+class OrthancServer(_ServerProcess):
     """``/usr/sbin/Orthanc`` with its own storage and ports, as the spec prescribes."""
 
     def __init__(self, workdir: Path, *, port: int | None = None, users: dict[str, str] | None = None) -> None:
@@ -63,14 +103,6 @@ class OrthancServer:
         if users:
             config["RegisteredUsers"] = users
         self.config.write_text(json.dumps(config))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def dicomweb(self) -> str:
-        return f"{self.url}/dicom-web"
 
     def start(self) -> OrthancServer:
         log = open(self.workdir / "orthanc.log", "ab")
@@ -98,15 +130,6 @@ class OrthancServer:
             request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         return request
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
 
     def upload(self, files: list[Path] | list[bytes]) -> None:
         """Store files; more than a few go up as one zip (Orthanc unpacks it)."""
@@ -134,14 +157,10 @@ class OrthancServer:
         with urllib.request.urlopen(self._request("/statistics"), timeout=10) as response:
             return json.loads(response.read())
 
-    def __enter__(self) -> OrthancServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
-class CountingProxy:
+
+class CountingProxy(_OnLoopback):
     """A transparent HTTP proxy in front of one server that counts requests by kind.
 
     ``kind(path)`` classifies: "qido" for searches, "wado-series" for series retrieves,
@@ -228,14 +247,6 @@ class CountingProxy:
             return "wado-series"
         return "wado-other"
 
-    @property
-    def dicomweb(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def __enter__(self) -> CountingProxy:
         self.thread.start()
         return self
@@ -251,7 +262,16 @@ def require_tools(*names: str) -> None:
         raise RuntimeError(f"missing tools {missing}: run scripts/install.sh")
 
 
-class GcsEmulator:
+def classify_gcs(path: str) -> str:
+    """What a request to the GCS JSON API is for: a tar, a metadata.json, a listing, other."""
+    if ".tar" in path:
+        return "tar"
+    if "metadata.json" in path:
+        return "metadata"
+    return "list" if "/o?" in path else "other"
+
+
+class GcsEmulator(_ServerProcess):
     """``gcp-storage-emulator`` (PyPI) on loopback, in memory, with one bucket."""
 
     def __init__(self, bucket: str = "cod-test") -> None:
@@ -261,7 +281,7 @@ class GcsEmulator:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.url
 
     def start(self) -> GcsEmulator:
         import sys
@@ -295,18 +315,5 @@ class GcsEmulator:
             with urllib.request.urlopen(request, timeout=60) as response:
                 assert response.status == 200, name
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
 
-    def __enter__(self) -> GcsEmulator:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

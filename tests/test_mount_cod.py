@@ -14,7 +14,7 @@ from tests.cod_writer import CodSeriesFiles, series_from_files, write_series
 from tests.factory import make_instance
 from tests.fsutil import hashes, listdir, read_errno, sh
 from tests.mounting import Mount
-from tests.servers import CountingProxy, GcsEmulator
+from tests.servers import CountingProxy, GcsEmulator, classify_gcs
 
 BUCKET = "cod-test"
 BIG_STUDY, BIG_SERIES = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.7.1"
@@ -38,14 +38,6 @@ class Bucket:
             self.expected.setdefault(prefix, {}).update({k: digest(v) for k, v in expected.items()})
         self.tars.update({k: len(v) for k, v in objects.items() if k.endswith(".tar")})
         self.emulator.upload(objects)
-
-
-def classify(path: str) -> str:
-    if ".tar" in path:
-        return "tar"
-    if "metadata.json" in path:
-        return "metadata"
-    return "list" if "/o?" in path else "other"
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +80,7 @@ def test_downloader_url_form_and_endpoint_option(bucket: Bucket, mount_factory: 
 
 
 def test_listing_and_sizes_touch_no_tar(bucket: Bucket, mount_factory: Callable[..., Mount]) -> None:
-    with CountingProxy(bucket.emulator.port, classify) as proxy:
+    with CountingProxy(bucket.emulator.port, classify_gcs) as proxy:
         mount = mount_factory(f"gs://{BUCKET}/v1/dicomweb", env={"STORAGE_EMULATOR_HOST": proxy.url})
         out = sh("find", str(mount.path), "-type", "f", "-printf", "%P %s\n").stdout
         sizes = dict(line.split() for line in out.splitlines())
@@ -106,7 +98,7 @@ def test_one_instance_is_one_range_and_a_series_copy_is_one_tar(bucket: Bucket, 
     tar_name = f"big/dicomweb/studies/{BIG_STUDY}/series/{BIG_SERIES}.tar"
     tar_size = bucket.tars[tar_name]
     folder = Path("studies") / BIG_STUDY / BIG_SERIES
-    with CountingProxy(bucket.emulator.port, classify) as proxy:
+    with CountingProxy(bucket.emulator.port, classify_gcs) as proxy:
         mount = mount_factory(f"gs://{BUCKET}/big/dicomweb", env={"STORAGE_EMULATOR_HOST": proxy.url})
         one = mount.path / folder / f"{BIG_SERIES}.50.dcm"
         assert digest(one.read_bytes()) == bucket.expected["big/dicomweb"][str(folder / one.name)]
@@ -212,7 +204,7 @@ def test_prefetch_plan_bytes_equal_the_transfer_and_ls_filters_on_metadata(bucke
     cache = tmp_path / "cache"
     env = mount_env(bucket)
     total = sum(p.stat().st_size for p in demo_dir.rglob("*.dcm"))
-    with CountingProxy(bucket.emulator.port, classify) as proxy:
+    with CountingProxy(bucket.emulator.port, classify_gcs) as proxy:
         proxy_env = {"STORAGE_EMULATOR_HOST": proxy.url}
         dry = dicomfs("prefetch", source, "--all", "--dry-run", "--cache-dir", str(cache), env=proxy_env, check=True)
         assert "plan: 9 studies, 20 series, 54 instances, " in dry.stdout and f"({total} bytes)" in dry.stdout
