@@ -21,6 +21,7 @@ from dicomfs.catalog import Catalog
 from dicomfs.errors import AccessRefused, SourceUnavailable
 from dicomfs.query import Query
 from dicomfs.sources import Credentials, Source, SourceOptions, SourceSpec, open_source
+from dicomfs.tasks import open_nursery
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
                 await check_or_go_offline(source, catalog)
                 blobs = BlobStore(options.cache_dir, options.cache_size, source) if options.cache_size else None
                 try:
-                    async with trio.open_nursery() as nursery:
+                    async with open_nursery() as nursery:
                         if blobs is not None:
                             await nursery.start(blobs.run)
                         yield Archive(source, catalog, blobs)

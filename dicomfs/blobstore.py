@@ -41,6 +41,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,7 @@ import trio
 from dicomfs.errors import CacheError, DicomfsError, IntegrityError, SourceError
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.sources.base import InstanceFetcher, Source
+from dicomfs.tasks import plain
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ WRITE_QUEUE = 32  # queued writes before the download waits for the disk
 DOWNLOAD_ATTEMPTS = 3
 JOIN_ATTEMPTS = 4
 LRU_FLUSH_SECONDS = 5.0
+STALE_NEW_FOLDER_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,13 @@ def sweep_dead_folders(root: Path) -> int:
     swept = 0
     for folder in root.iterdir():
         if folder.name.startswith(".new-"):
-            continue  # a process between mkdir and rename
+            # a process between mkdir and rename (a moment), or one that died right there
+            try:
+                if time.time() - folder.stat().st_mtime > STALE_NEW_FOLDER_SECONDS:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except OSError:
+                pass
+            continue
         try:
             fd = os.open(folder / ".lock", os.O_RDWR)
         except OSError:
@@ -182,8 +191,17 @@ class BlobDisk(diskcache.Disk):
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple[Any, ...]:
         if isinstance(value, CompletedBlob):
             filename, full_path = self.filename(key, value)
-            os.makedirs(os.path.dirname(full_path), exist_ok=True)
-            os.rename(value.path, full_path)
+            folder = os.path.dirname(full_path)
+            for attempt in range(10):
+                # Another process's eviction may remove the (empty) folder between the two calls.
+                os.makedirs(folder, exist_ok=True)
+                try:
+                    os.rename(value.path, full_path)
+                    break
+                except FileNotFoundError:
+                    if attempt == 9 or not os.path.exists(value.path):
+                        raise
+            _fsync_directory(folder)  # the rename survives a power cut before the index row does
             value.stored_at = full_path
             return value.size, diskcache.core.MODE_BINARY, filename, None
         return super().store(value, read, key)  # type: ignore[no-any-return]
@@ -191,6 +209,14 @@ class BlobDisk(diskcache.Disk):
     def remove(self, file_path: str) -> None:
         if not self.pins.bury(os.path.join(self._directory, file_path)):
             super().remove(file_path)
+
+
+def _fsync_directory(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _disk_class(pins: _Pins) -> type[BlobDisk]:
@@ -418,7 +444,8 @@ class BlobStore:
             self._folder.close()
             raise
         self._manifest_memory: cachetools.LRUCache[str, Manifest] = cachetools.LRUCache(4096)
-        self._blob_paths: cachetools.LRUCache[str, str] = cachetools.LRUCache(4096)
+        # blob key -> (file, the manifest read with it): a path is only ever used with its manifest
+        self._blob_paths: cachetools.LRUCache[str, tuple[str, Manifest]] = cachetools.LRUCache(4096)
         self._recently_used: set[str] = set()
         self._downloads: dict[str, SeriesDownload] = {}
         self._nursery: trio.Nursery | None = None
@@ -559,8 +586,8 @@ class BlobStore:
         manifest = await self.manifest(blob_key)
         if manifest is None or key not in manifest.members:
             return None
-        fd = self._open_known_path(blob_key)
-        if fd is None:
+        opened = self._open_known_path(blob_key)
+        if opened is None:
             def open_blob() -> tuple[int, str, Manifest | None] | None:
                 # The blob and its manifest are read together: another process may have
                 # replaced an evicted blob since our copy of the manifest was loaded.
@@ -570,15 +597,20 @@ class BlobStore:
                 with blob:
                     return os.dup(blob.fileno()), blob.name, self.manifests.get(blob_key)
 
-            opened = await trio.to_thread.run_sync(open_blob)
-            if opened is None:
+            found = await trio.to_thread.run_sync(open_blob)
+            if found is None:
                 return None
-            fd, self._blob_paths[blob_key], manifest = opened
-            if manifest is None or key not in manifest.members:
+            fd, path, fresh = found
+            if fresh is None:
                 os.close(fd)
                 return None
-            self._manifest_memory[blob_key] = manifest
-        path = self._blob_paths[blob_key]
+            self._blob_paths[blob_key] = (path, fresh)
+            self._manifest_memory[blob_key] = fresh
+            opened = fd, path, fresh
+        fd, path, manifest = opened  # offsets always from the manifest that came with this file
+        if key not in manifest.members:
+            os.close(fd)
+            return None
         offset, length = manifest.members[key]
         if offset + length > os.fstat(fd).st_size:
             os.close(fd)
@@ -586,23 +618,26 @@ class BlobStore:
         self._pins.pin(path)
         return InstanceHandle(fd, offset, length, release=lambda: self._pins.unpin(path))
 
-    def _open_known_path(self, blob_key: str) -> int | None:
+    def _open_known_path(self, blob_key: str) -> tuple[int, str, Manifest] | None:
         """Open a blob whose file we have seen, without asking the index (no thread, no SQL).
 
         The index's access time is brought up to date later, in the background."""
-        path = self._blob_paths.get(blob_key)
-        if path is None:
+        known = self._blob_paths.get(blob_key)
+        if known is None:
             return None
+        path, manifest = known
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # evicted since
             del self._blob_paths[blob_key]
             return None
         self._recently_used.add(blob_key)
-        return fd
+        return fd, path, manifest
 
     def is_cached(self, series: SeriesRecord) -> bool:
-        return series.key in self.index
+        """Whether the series' blob is in the index, its file present and its manifest stored.
+        Blocking (sqlite, open): call in a worker thread."""
+        return has_valid_entry(self.index, self.manifests, series.key)
 
     async def fetch_series(self, series: SeriesRecord) -> SeriesDownload | None:
         """Make sure the whole series is cached: None if it already was, else the finished
@@ -671,12 +706,12 @@ class BlobStore:
                     download.close_writes()
             await self._commit(download)
         except* DicomfsError as group:
-            first = group.exceptions[0]
+            first = plain(group)
             log.error("%s could not be fetched from %s: %s", what, self.source.description, first)
             download.error = first
         except* Exception as group:  # a bug must not take the daemon down with it
             log.error("%s: unexpected error while fetching", what, exc_info=group)
-            download.error = group.exceptions[0]
+            download.error = plain(group)
         finally:
             download.finished = True
             del self._downloads[download.blob_key]
@@ -697,8 +732,8 @@ class BlobStore:
         def commit() -> None:
             os.ftruncate(download.fd, manifest.size)
             os.fsync(download.fd)
-            with _flocked(self._commit_lock):
-                if blob_key in self.index:
+            with flocked(self._commit_lock):
+                if has_valid_entry(self.index, self.manifests, blob_key):
                     download.committed_elsewhere = True  # by another process: keep theirs
                     return
                 self.manifests.set(blob_key, manifest)
@@ -715,7 +750,7 @@ class BlobStore:
             return
         self._manifest_memory[blob_key] = manifest
         if blob.stored_at is not None:
-            self._blob_paths[blob_key] = blob.stored_at
+            self._blob_paths[blob_key] = (blob.stored_at, manifest)
         for key in redundant:
             self._manifest_memory.pop(key, None)
             self._blob_paths.pop(key, None)
@@ -738,7 +773,17 @@ def open_indexes(cache_dir: Path, size_limit: int | None,
     return index, manifests
 
 
-class _flocked:
+def has_valid_entry(index: diskcache.Cache, manifests: diskcache.Cache, blob_key: str) -> bool:
+    """An index entry whose file opens and whose manifest exists (an entry can outlive its file,
+    e.g. after a power cut; such an entry is replaced by the next commit). Blocking."""
+    blob = index.get(blob_key, read=True)
+    if blob is None:
+        return False
+    blob.close()
+    return manifests.get(blob_key) is not None
+
+
+class flocked:
     """An exclusive ``flock`` on a lock file, across processes (blocking: use in a thread)."""
 
     def __init__(self, path: Path) -> None:

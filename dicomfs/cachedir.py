@@ -68,6 +68,17 @@ def label(cache_dir: Path, spec: SourceSpec) -> None:
         pass  # only a label
 
 
+def stored_size_limit(cache_dir: Path) -> int | None:
+    """The size limit recorded in an existing cache (diskcache keeps its settings), or None."""
+    if not (cache_dir / "blobs" / "cache.db").exists():
+        return None
+    try:
+        with diskcache.Cache(str(cache_dir / "blobs")) as index:
+            return int(index.size_limit)
+    except Exception:  # an unreadable cache gets the default; opening it will say what is wrong
+        return None
+
+
 def caches_under(root: Path) -> list[Path]:
     """The cache directories in a cache root (one per source)."""
     if (root / "blobs").is_dir() or (root / SOURCE_LABEL).exists():
@@ -122,36 +133,63 @@ class VerifyReport:
     bytes_checked: int = 0
     dropped: list[str] = field(default_factory=list)  # "key: reason"
     crc_checked: int = 0
+    orphans: int = 0  # blob files without an entry, deleted
 
 
 def verify(cache_dir: Path) -> VerifyReport:
-    """Re-check every blob against its manifest (size, CRC32C of each member); drop bad ones."""
-    from dicomfs.blobstore import open_indexes
+    """Re-check every blob against its manifest (file present, size, CRC32C of each member) and
+    drop bad ones; delete blob files no entry refers to. Each check holds the commit lock, so no
+    process commits (or replaces) that series meanwhile."""
+    from dicomfs.blobstore import flocked, open_indexes
 
     report = VerifyReport(cache_dir)
     if not (cache_dir / "blobs").is_dir():
         return report
     index, manifests = open_indexes(cache_dir, None)  # keep the stored size limit
+    lock = cache_dir / "commit.lock"
     try:
         for key in list(index.iterkeys()):
-            reason = _check_blob(index, manifests, key, report)
-            if reason is not None:
-                index.delete(key)
-                manifests.delete(key)
-                report.dropped.append(f"{key}: {reason}")
+            with flocked(lock):
+                if key not in index:
+                    continue  # evicted meanwhile
+                reason = _check_blob(index, manifests, key, report)
+                if reason is not None:
+                    index.delete(key)
+                    manifests.delete(key)
+                    report.dropped.append(f"{key}: {reason}")
+        with flocked(lock):
+            report.orphans = _delete_orphans(index, cache_dir / "blobs")
     finally:
         index.close()
         manifests.close()
     return report
 
 
+def _delete_orphans(index: diskcache.Cache, folder: Path) -> int:
+    """Blob files without an index entry (a crash between the rename and the index row)."""
+    known: set[str] = set()
+    for key in index.iterkeys():
+        blob = index.get(key, read=True)
+        if blob is not None:
+            known.add(os.path.realpath(blob.name))
+            blob.close()
+    deleted = 0
+    for path in folder.rglob("*.val"):
+        if os.path.realpath(path) not in known:
+            path.unlink(missing_ok=True)
+            deleted += 1
+    return deleted
+
+
 def _check_blob(index: diskcache.Cache, manifests: diskcache.Cache, key: str, report: VerifyReport) -> str | None:
+    blob = index.get(key, read=True)
     manifest = manifests.get(key)
     if manifest is None:
+        if blob is not None:
+            blob.close()
         return "no manifest"
-    blob = index.get(key, read=True)
     if blob is None:
-        return None  # evicted meanwhile
+        return "its file is missing"
     with blob:
         size = os.fstat(blob.fileno()).st_size
         if size != manifest.size:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicomfs import __version__
+from dicomfs.cachedir import stored_size_limit
 from dicomfs.errors import DicomfsError, UsageError
 from dicomfs.query import Query, parse_query
 from dicomfs.sources import SourceOptions, credentials_from_environment, parse_source
@@ -135,7 +136,10 @@ def _archive_options(args: argparse.Namespace, *, with_blobs: bool) -> ArchiveOp
     cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root() / spec.source_id
     cache_size = None
     if with_blobs:
-        cache_size = parse_size(args.cache_size) if args.cache_size else default_cache_size(cache_dir)
+        # The limit belongs to the cache: every process using it keeps the one set first (or
+        # last given with --cache-size), not a default computed from today's free space.
+        cache_size = (parse_size(args.cache_size) if args.cache_size
+                      else stored_size_limit(cache_dir) or default_cache_size(cache_dir))
     return ArchiveOptions(spec, cache_dir, credentials, SourceOptions(args.endpoint, args.user_project),
                           cache_size, getattr(args, "listing_ttl", 60.0), parse_query(args.query))
 
@@ -215,10 +219,11 @@ async def _run_prefetch(options: ArchiveOptions, args: argparse.Namespace, selec
 
     import trio
 
+    from dicomfs.tasks import open_nursery
+
     interrupted = False
     status = 1
-    error: DicomfsError | None = None
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         async def on_signal() -> None:
             nonlocal interrupted
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -228,19 +233,14 @@ async def _run_prefetch(options: ArchiveOptions, args: argparse.Namespace, selec
                     return
 
         async def work() -> None:
-            nonlocal status, error
-            try:
-                status = await _prefetch_archive(options, args, selection, to)
-            except DicomfsError as exc:  # reported as one line by main(), not as a nursery's group
-                error = exc
+            nonlocal status
+            status = await _prefetch_archive(options, args, selection, to)
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(on_signal)
         nursery.start_soon(work)
     if interrupted:
         raise KeyboardInterrupt
-    if error is not None:
-        raise error
     return status
 
 
@@ -258,6 +258,9 @@ async def _prefetch_archive(options: ArchiveOptions, args: argparse.Namespace, s
         if args.dry_run:
             for line in plan.describe():
                 print(line, flush=True)
+            if plan.total_bytes is not None and plan.total_bytes > archive.blobs.size_limit:
+                print(f"note: that is more than the cache limit ({archive.blobs.size_limit} bytes): "
+                      "raise --cache-size, or the first series fetched will be evicted again", flush=True)
             for failure in plan.failures:
                 print(f"failed: {failure}", file=sys.stderr)
             return 1 if plan.failures else 0
@@ -266,10 +269,6 @@ async def _prefetch_archive(options: ArchiveOptions, args: argparse.Namespace, s
         await archive.catalog.remember_studies(studies)
         outcome = await execute(plan, archive.catalog, archive.blobs, args.jobs, sys.stderr, to=to,
                                 zip_output=args.zip)
-        cached_now = archive.blobs.index.volume()
-        if cached_now > archive.blobs.size_limit:
-            print(f"warning: the cache holds more than its limit ({archive.blobs.size_limit} bytes): the least "
-                  "recently used series will be evicted; raise --cache-size to keep them all", file=sys.stderr)
     print(summary(plan, outcome, time.monotonic() - started), flush=True)
     failures = plan.failures + outcome.failures
     for failure in failures:
@@ -318,7 +317,8 @@ def _cache(args: argparse.Namespace) -> int:
             with cachedir.CacheUse(cache_dir):
                 report = cachedir.verify(cache_dir)
             print(f"{report.path}: checked {report.checked} blobs ({report.bytes_checked} bytes, "
-                  f"{report.crc_checked} instance CRC32Cs): {len(report.dropped)} bad, dropped")
+                  f"{report.crc_checked} instance CRC32Cs): {len(report.dropped)} bad, dropped"
+                  + (f"; {report.orphans} unreferenced blob files deleted" if report.orphans else ""))
             for problem in report.dropped:
                 print(f"dropped: {problem}", file=sys.stderr)
             if report.dropped:

@@ -51,5 +51,9 @@ class IntegrityError(SourceError):
     """Bytes from the archive contradict what was announced (size, CRC32C)."""
 
 
+class OutputError(DicomfsError):
+    """An output folder cannot be written (permissions, full disk, a file in the way)."""
+
+
 class CacheError(DicomfsError):
     """The local cache is unusable (locked by another daemon, not writable)."""

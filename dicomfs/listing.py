@@ -10,12 +10,11 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import trio
-
 from dicomfs.catalog import Catalog
 from dicomfs.query import Query
 from dicomfs.records import DicomJson, json_value
 from dicomfs.search import Search
+from dicomfs.tasks import open_nursery
 
 COLUMNS = {
     "study": [("StudyInstanceUID", None), ("PatientName", "00100010"), ("PatientID", "00100020"),
@@ -40,7 +39,7 @@ async def rows(catalog: Catalog, query: Query, level: str) -> list[dict[str, Any
         async def complete(n: int) -> None:
             attrs_of[n] = await _with_counts(catalog, search, studies[n].uid, await search.study_attrs(studies[n]))
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for n in range(len(studies)):
                 nursery.start_soon(complete, n)
         for study, attrs in zip(studies, attrs_of):

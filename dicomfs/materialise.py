@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from dicomfs.blobstore import BlobStore, InstanceHandle
-from dicomfs.errors import CacheError, DicomfsError, UsageError
+from dicomfs.errors import CacheError, DicomfsError, OutputError, UsageError
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.uids import is_key
 
@@ -47,7 +47,10 @@ async def write_series_files(blobs: BlobStore, series: SeriesRecord, instances: 
     """``out_dir/<St>/<Se>/<SOP>.dcm`` for every instance; identical existing files are kept."""
     _check_names(series, instances)
     folder = out_dir / series.study_uid / series.uid
-    await trio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
+    try:
+        await trio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
+    except OSError as exc:
+        raise OutputError(f"cannot create {folder}: {exc.strerror}") from None
     for instance in instances:
         handle = await blobs.open_instance(series, instance)
         try:
@@ -65,6 +68,8 @@ async def write_study_zip(blobs: BlobStore, study_uid: str, members: list[tuple[
                           out_dir: Path, written: Written) -> None:
     """``out_dir/<St>.zip`` holding ``<Se>/<SOP>.dcm`` (stored, not deflated: DICOM pixel data is
     mostly compressed already), written to a temporary name and renamed when complete."""
+    for series, instances in members:
+        _check_names(series, instances)
     target = out_dir / f"{study_uid}.zip"
     tmp = out_dir / f".{study_uid}.zip.{uuid.uuid4().hex[:8]}.tmp"
     total = 0
@@ -72,7 +77,6 @@ async def write_study_zip(blobs: BlobStore, study_uid: str, members: list[tuple[
         archive = await trio.to_thread.run_sync(lambda: zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True))
         try:
             for series, instances in members:
-                _check_names(series, instances)
                 for instance in instances:
                     handle = await blobs.open_instance(series, instance)
                     try:
@@ -84,6 +88,9 @@ async def write_study_zip(blobs: BlobStore, study_uid: str, members: list[tuple[
         finally:
             await trio.to_thread.run_sync(archive.close)
         await trio.to_thread.run_sync(_fsync_and_rename, tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -129,7 +136,7 @@ def _write_file(handle: InstanceHandle, target: Path) -> bool:
         _fsync_and_rename(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise CacheError(f"cannot write {target}: {exc.strerror}") from None
+        raise OutputError(f"cannot write {target}: {exc.strerror}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

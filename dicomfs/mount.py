@@ -26,6 +26,7 @@ from dicomfs.errors import UsageError
 from dicomfs.fs import DicomOperations
 from dicomfs.query import Query
 from dicomfs.sources import Credentials, SourceOptions, SourceSpec
+from dicomfs.tasks import open_nursery
 from dicomfs.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         assert archive.blobs is not None
         tree = Tree(archive.catalog, archive.blobs, listing_ttl=options.listing_ttl)
         pidfile = pidfile_for(options.mountpoint)
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             pyfuse3.init(DicomOperations(tree, archive.blobs), str(options.mountpoint),
                          fuse_options(options.allow_other))
             try:

@@ -25,6 +25,7 @@ from dicomfs.progress import Progress, human_bytes, human_duration
 from dicomfs.query import Query, parse_query
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.search import Search
+from dicomfs.tasks import open_nursery
 
 log = logging.getLogger("dicomfs")
 
@@ -104,7 +105,7 @@ async def select_studies(catalog: Catalog, uids: list[str], everything: bool, qu
     async def find(uid: str) -> None:
         found[uid] = await search.studies(parse_query([f"StudyInstanceUID={uid}"]))
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         for uid in dict.fromkeys(uids):
             nursery.start_soon(find, uid)
     for uid in dict.fromkeys(uids):
@@ -140,11 +141,11 @@ async def make_plan(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecor
             plan.failures.append(f"study {study.uid}: {exc}")
             return
         into = per_study.setdefault(study.uid, [])
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for record in series:
                 nursery.start_soon(_guard, plan.failures, f"series {record.uid}", plan_series, record, into)
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         for study in studies:
             nursery.start_soon(plan_study, study)
     order = {s.uid: n for n, s in enumerate(studies)}
@@ -179,15 +180,20 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
     done_bytes = sum(s.size or 0 for s in plan.cached)
     done_series = len(plan.cached)
     limit = trio.CapacityLimiter(jobs)
+    listings = trio.CapacityLimiter(jobs)
     ok: set[str] = set()
+
+    async def list_instances(item: SeriesPlan) -> None:
+        async with listings:
+            await _list_instances(catalog, blobs, item)
 
     async def fetch(item: SeriesPlan) -> None:
         nonlocal done_bytes, done_series
         download = None
         try:
-            async with trio.open_nursery() as both:
+            async with open_nursery() as both:
                 if item.instances is None:
-                    both.start_soon(_list_instances, catalog, blobs, item)
+                    both.start_soon(list_instances, item)
                 if not item.cached:
                     async with limit:
                         download = await blobs.fetch_series(item.series)
@@ -208,13 +214,14 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
             return
         ok.add(item.series.key)
         if not item.cached:
-            size = download.manifest().size if download is not None else 0
             done_series += 1
+        if download is not None:  # None: it was cached already, or another process cached it
+            size = download.manifest().size
             outcome.fetched_series += 1
             outcome.fetched_bytes += size
             done_bytes += size
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         async def tick() -> None:
             while True:
                 in_flight = sum(d.received for d in blobs.downloads())
@@ -222,12 +229,19 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
                 await trio.sleep(PROGRESS_TICK)
 
         nursery.start_soon(tick)
-        async with trio.open_nursery() as workers:
+        async with open_nursery() as workers:
             for item in plan.series:
                 workers.start_soon(fetch, item)
         progress.update(done_bytes, done_series, force=True)
         nursery.cancel_scope.cancel()
     progress.close()
+    if not blobs.source.serves_files_in_place:
+        for item in plan.series:
+            if item.series.key in ok and not await trio.to_thread.run_sync(blobs.is_cached, item.series):
+                ok.discard(item.series.key)
+                outcome.failures.append(
+                    f"series {item.series.uid} (study {item.series.study_uid}): evicted again at once: the "
+                    f"selection is larger than the cache limit ({blobs.size_limit} bytes); raise --cache-size")
     if to is not None:
         await _materialise(plan, blobs, ok, to, zip_output, jobs, outcome)
     return outcome
@@ -257,7 +271,7 @@ async def _materialise(plan: Plan, blobs: BlobStore, ok: set[str], to: Path, zip
             except DicomfsError as exc:
                 outcome.failures.append(f"study {study_uid}: writing to {to} failed: {exc}")
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         for study_uid, items in by_study.items():
             nursery.start_soon(write_study, study_uid, items)
 

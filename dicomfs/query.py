@@ -39,6 +39,9 @@ COMMON_KEYS = {
 }
 # Characters Orthanc and other servers read literally in a query string (see specs/orthanc.md).
 _URL_SAFE = re.compile(r"[A-Za-z0-9*?.,^\-/_:]")
+# Attributes servers compute rather than match (Orthanc answers nothing for them): checked here.
+_NOT_SENT = frozenset({"NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+                       "NumberOfSeriesRelatedInstances"})
 _NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
 _RANGE_VRS = frozenset({"DA", "DT", "TM"})
 
@@ -69,22 +72,27 @@ class Term:
         if "*" in self.value or "?" in self.value:
             pattern = _wildcard_regex(self.value, ignore_case=self.vr == "PN")
             return any(pattern.fullmatch(v) for v in values)
-        if self.vr == "UI" and "\\" in self.value:
-            return any(v in self.value.split("\\") for v in values)
+        if self.vr == "UI" and ("\\" in self.value or "," in self.value):
+            return any(v in re.split(r"[\\,]", self.value) for v in values)
         return any(_equal(v, self.value, self.vr) for v in values)
 
     def qido(self, level: str) -> tuple[str, str, bool] | None:
-        """``(key, value, exact)`` to put into a QIDO query at ``level``, or None when sending it
-        would not narrow anything. ``exact`` is False when the sent value is looser than the term
-        (it must be checked again on the answers)."""
+        """``(key, value, exact)`` to put into a QIDO query at ``level``, or None when the term
+        is not sent (the caller checks it itself unless it matches anything). ``exact`` is False
+        when the sent value is looser than the term (it must be checked again on the answers)."""
+        if self.value.strip("*") == "" or self.keyword in _NOT_SENT:
+            return None
+        if self.vr in _RANGE_VRS and ("*" in self.value or "?" in self.value):
+            return None  # DICOM allows no wildcards on dates and times; servers answer 400
         keyword = self.keyword
         if level == "study" and keyword == "Modality":
             keyword = "ModalitiesInStudy"
-        sent = "".join(c if _URL_SAFE.fullmatch(c) else "*" for c in self.value)
+        value = self.value.replace("\\", ",") if self.vr == "UI" else self.value  # a UID list
+        sent = "".join(c if _URL_SAFE.fullmatch(c) else "*" for c in value)
         sent = re.sub(r"\*+", "*", sent)
         if sent.strip("*") == "":
             return None
-        return keyword, sent, sent == self.value
+        return keyword, sent, sent == value
 
 
 @dataclass(frozen=True)

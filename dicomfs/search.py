@@ -17,6 +17,7 @@ import trio
 from dicomfs.query import COMMON_KEYS, STUDY_KEYWORDS, Query, Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import StudySearcher
+from dicomfs.tasks import open_nursery
 
 if TYPE_CHECKING:
     from dicomfs.catalog import Catalog
@@ -38,10 +39,9 @@ class Search:
             unchecked: list[Term] = []
             for term in study_terms:
                 qido = term.qido("study")
-                if qido is None:
-                    continue
-                sent.append(qido[:2])
-                if not qido[2]:
+                if qido is not None:
+                    sent.append(qido[:2])
+                if (qido is None or not qido[2]) and term.value.strip("*"):
                     unchecked.append(term)
             candidates = await source.search_studies(sent)
             study_terms = unchecked  # the archive matched the rest
@@ -129,7 +129,7 @@ class Search:
             async with self._limit:
                 verdicts[index] = await keep(item)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for index, item in enumerate(items):
                 nursery.start_soon(check, index, item)
         return [item for item, verdict in zip(items, verdicts) if verdict]

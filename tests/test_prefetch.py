@@ -273,6 +273,8 @@ def ls_uids(source: str, cache: Path, *args: str) -> list[str]:
     (["StudyDate=20191201-20200701"], lambda ds: "20191201" <= ds.StudyDate <= "20200701"),
     (["StudyDate=20030505", "Modality=MR"], lambda ds: ds.StudyDate == "20030505" and ds.get("Modality") == "MR"),
     (["PatientName=Nobody*"], lambda ds: False),
+    (["PatientName=Ö*"], lambda ds: str(ds.PatientName).startswith("Ö")),  # nothing QIDO can carry
+    (["StudyDate=2020*"], lambda ds: ds.StudyDate.startswith("2020")),  # no wildcards on dates in QIDO
 ])
 def test_ls_finds_studies_by_name_date_and_modality(archive: Archive, tmp_path: Path, query: list[str],
                                                     wanted: Callable[[pydicom.Dataset], bool]) -> None:
@@ -361,6 +363,18 @@ def test_a_corrupt_blob_is_found_dropped_and_fetched_again(archive: Archive, tmp
     out = tmp_path / "out"
     assert {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.dcm")} == {
         rel: d for rel, d in archive.expected.items() if rel.startswith(study)}
+    # A blob file that vanished (a power cut before the rename reached the disk) is found too.
+    other = sorted(archive.studies())[1]
+    assert prefetch(archive.server.dicomweb, cache, other).returncode == 0
+    victim = max((p for p in (cache / "blobs").rglob("*.val")), key=lambda p: p.stat().st_mtime)
+    victim.unlink()
+    stray = cache / "blobs" / "ab" / "cd" / "stray.val"  # and a file no entry refers to
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"left by a crash")
+    verify = dicomfs("cache", "verify", "--cache-dir", str(cache))
+    assert verify.returncode == 1 and "its file is missing" in verify.stderr
+    assert "1 unreferenced blob files deleted" in verify.stdout and not stray.exists()
+    assert fetched(prefetch(archive.server.dicomweb, cache, other).stdout)[0] == 1
     assert dicomfs("cache", "clear", "--cache-dir", str(cache)).returncode == 0
     assert cached_series(cache) == 0
 
@@ -386,3 +400,51 @@ def test_bad_input_gets_one_line_and_a_status(archive: Archive, tmp_path: Path) 
     assert "prefetched 1 studies" in result.stdout and "; 1 failed" in result.stdout
     result = dicomfs("cache", "stats", "--cache-dir", str(tmp_path / "nothing-here"))
     assert result.returncode == 2 and "not a dicomfs cache" in result.stderr
+
+    # The archive failing a search is one line too, for ls and prefetch alike.
+    with CountingProxy(archive.server.port) as proxy:
+        proxy.fail_when = lambda path: path.split("?")[0].endswith("/studies") and "PatientName" in path
+        for command in (("ls",), ("prefetch",)):
+            result = dicomfs(*command, proxy.dicomweb, "--cache-dir", str(tmp_path / "c2"),
+                             "--query", "PatientName=X*", timeout=PREFETCH_TIMEOUT)
+            assert result.returncode == 1 and "HTTP 500" in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    # An output folder that cannot take the files: one line, exit 1, no temporary files left.
+    out = tmp_path / "zips"
+    (out / f"{known}.zip").mkdir(parents=True)
+    result = prefetch(web, cache, known, "--to", str(out), "--zip")
+    assert result.returncode == 1 and f"cannot write {out / known}.zip" in result.stderr, result.stderr
+    assert [p.name for p in out.iterdir()] == [f"{known}.zip"]
+
+
+def test_the_cache_limit_is_kept_and_a_selection_too_large_for_it_is_reported(archive: Archive,
+                                                                                tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    study = sorted(archive.studies())[0]
+    assert prefetch(archive.server.dicomweb, cache, study, "--cache-size", "300M").returncode == 0
+    stats = dicomfs("cache", "stats", "--cache-dir", str(cache), check=True).stdout
+    assert "limit 300.0 MiB" in stats
+    assert prefetch(archive.server.dicomweb, cache, study).returncode == 0  # no --cache-size: kept
+    assert "limit 300.0 MiB" in dicomfs("cache", "stats", "--cache-dir", str(cache), check=True).stdout
+
+    small = tmp_path / "small"
+    run = prefetch(archive.server.dicomweb, small, "--all", "--cache-size", "1M")
+    assert run.returncode == 1
+    assert "evicted again at once" in run.stderr and "raise --cache-size" in run.stderr
+    rerun = prefetch(archive.server.dicomweb, small, "--all", "--cache-size", "1G")
+    assert rerun.returncode == 0, rerun.stderr
+
+
+def test_two_prefetches_at_once_share_the_work(archive: Archive, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "dicomfs", "prefetch", archive.server.dicomweb, "--all", "--cache-dir", str(cache)]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = [p.communicate(timeout=PREFETCH_TIMEOUT) for p in (first, second)]
+    assert first.returncode == second.returncode == 0, outputs
+    total = len(archive.series())
+    # Each series is counted by the one that cached it (both may have fetched it).
+    assert sum(fetched(out)[0] for out, _ in outputs) == total
+    verify = dicomfs("cache", "verify", "--cache-dir", str(cache))
+    assert verify.returncode == 0 and f"checked {total} blobs" in verify.stdout

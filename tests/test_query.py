@@ -63,6 +63,8 @@ def test_numbers_multi_values_absent_and_case_of_codes() -> None:
     assert matches("ModalitiesInStudy=MR", ModalitiesInStudy=["CT", "MR"]) is True
     assert matches("Modality=ct", Modality="CT") is False  # code strings are case sensitive
     assert matches("StudyDescription=x") is None  # not there: the caller looks elsewhere
+    assert matches("StudyInstanceUID=1.2.3\\1.2.4", StudyInstanceUID="1.2.4") is True
+    assert matches("StudyInstanceUID=1.2.3,1.2.5", StudyInstanceUID="1.2.4") is False
 
 
 def test_qido_form_keeps_what_servers_read_literally() -> None:
@@ -76,6 +78,10 @@ def test_qido_form_keeps_what_servers_read_literally() -> None:
     assert sent("Modality=CT") == ("ModalitiesInStudy", "CT", True)
     assert sent("PatientName=*") is None
     assert sent("PatientName=  ") is None
+    assert sent("PatientName=Ö*") is None  # nothing a URL can carry: checked by dicomfs instead
+    assert sent("StudyInstanceUID=1.2.3\\1.2.4") == ("StudyInstanceUID", "1.2.3,1.2.4", True)
+    assert sent("StudyDate=2020*") is None  # DICOM allows no wildcards on dates: checked locally
+    assert sent("NumberOfStudyRelatedSeries=2") is None  # computed by servers, not matched
 
 
 @pytest.mark.parametrize("bad, message", [

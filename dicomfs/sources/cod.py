@@ -23,7 +23,12 @@ from dicomfs.errors import IntegrityError, NotFound, ProtocolError
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
-from dicomfs.sources.cod_metadata import MAX_METADATA_BYTES, CodInstance, CodSeries, parse_series_index
+from dicomfs.sources.cod_metadata import (
+    MAX_METADATA_BYTES,
+    CodInstance,
+    CodSeries,
+    parse_series_index,
+)
 from dicomfs.sources.gcs import GcsBucket, ObjectInfo
 from dicomfs.uids import is_key
 

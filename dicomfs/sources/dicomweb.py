@@ -14,7 +14,13 @@ from typing import Any
 import httpx
 
 from dicomfs.errors import ProtocolError, SourceError
-from dicomfs.multipart import MultipartParser, PartData, PartEnd, PartStart, boundary_from_content_type
+from dicomfs.multipart import (
+    MultipartParser,
+    PartData,
+    PartEnd,
+    PartStart,
+    boundary_from_content_type,
+)
 from dicomfs.p10 import NeedMoreData, parse_file_meta
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink

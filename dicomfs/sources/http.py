@@ -58,6 +58,13 @@ def _auth(credentials: Credentials) -> httpx.Auth | None:
     return None
 
 
+def _proxied() -> bool:
+    """Whether the environment names a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``)."""
+    import urllib.request
+
+    return any(scheme in urllib.request.getproxies() for scheme in ("http", "https", "all"))
+
+
 def _describe(url: httpx.URL | str) -> str:
     """The URL as it may appear in a message: no query values, no user info."""
     parsed = httpx.URL(str(url))
@@ -83,7 +90,8 @@ class HttpClient:
         self._client = httpx.AsyncClient(
             auth=_auth(credentials),
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            transport=transport or LargeReadTransport(limits),
+            # httpx applies HTTP(S)_PROXY only to its own default transport: keep that one then.
+            transport=transport or (None if _proxied() else LargeReadTransport(limits)),
             limits=limits,
             follow_redirects=True,
             headers={"User-Agent": "dicomfs", **(extra_headers or {})},
