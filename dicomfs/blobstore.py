@@ -57,7 +57,7 @@ import trio
 from dicomfs.errors import CacheError, DicomfsError, IntegrityError, SourceError
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.sources.base import InstanceFetcher, Source
-from dicomfs.tasks import plain
+from dicomfs.tasks import leaves, plain
 
 log = logging.getLogger(__name__)
 
@@ -272,11 +272,19 @@ Fetch = Callable[["SeriesDownload"], Awaitable[None]]
 
 
 @dataclass
+class _Crc:
+    """A member's running CRC32C, advanced by the writer thread as its bytes are written."""
+
+    value: int = 0
+
+
+@dataclass
 class _Write:
     """Bytes for the blob file; ``completes`` names the member these bytes finish."""
 
     pos: int
-    data: bytes
+    data: bytes | memoryview
+    crc: _Crc
     completes: tuple[str, _Member] | None = None
 
 
@@ -336,9 +344,10 @@ class SeriesDownload:
                     await trio.to_thread.run_sync(_write_batch, self.fd, batch)
                 except OSError as exc:
                     raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
-                done = [w.completes for w in batch if w.completes is not None]
-                for key, member in done:
+                done = [(w.completes, w.crc.value) for w in batch if w.completes is not None]
+                for (key, member), crc in done:
                     self.members[key] = member
+                    self.crcs[key] = crc
                     self.end = max(self.end, member.offset + member.length)
                 if done:
                     self.notify()
@@ -379,14 +388,13 @@ class _MemberWriter:
         self._offset = offset
         self._announced = announced
         self._queued = 0
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_bytes = 0
-        self._crc = 0
+        self._crc = _Crc()
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         if self._announced is not None and self._queued + self._pending_bytes + len(data) > self._announced:
             raise IntegrityError(f"instance {self._key} is longer than announced")
-        self._crc = google_crc32c.extend(self._crc, data)
         self._download.received += len(data)
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -397,7 +405,7 @@ class _MemberWriter:
         data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
-        await self._download.enqueue(_Write(self._offset + self._queued, data, completes))
+        await self._download.enqueue(_Write(self._offset + self._queued, data, self._crc, completes))
         self._queued += len(data)
 
     async def finish(self) -> None:
@@ -407,16 +415,18 @@ class _MemberWriter:
         download = self._download
         download.reserved = self._offset + length
         download._finished.add(self._key)
-        download.crcs[self._key] = self._crc
         await self._queue(completes=(self._key, _Member(self._offset, length)))
 
 
 def _write_batch(fd: int, batch: list[_Write]) -> None:
+    """Write, and advance each member's CRC32C, in order (runs in a worker thread)."""
     for write in batch:
         _pwrite_all(fd, write.data, write.pos)
+        data = write.data if isinstance(write.data, bytes) else bytes(write.data)  # the C CRC wants bytes
+        write.crc.value = google_crc32c.extend(write.crc.value, data)
 
 
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, pos)
@@ -711,7 +721,7 @@ class BlobStore:
             download.error = first
         except* Exception as group:  # a bug must not take the daemon down with it
             log.error("%s: unexpected error while fetching", what, exc_info=group)
-            download.error = plain(group)
+            download.error = leaves(group)[0]
         finally:
             download.finished = True
             del self._downloads[download.blob_key]

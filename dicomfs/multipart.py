@@ -2,8 +2,9 @@
 
 Owns the framing of a multipart body: boundaries, part headers, per-part ``Content-Length``.
 Feed it bytes as they arrive; it returns events. It runs in linear time: with a per-part
-``Content-Length`` the body bytes are passed through without scanning, and without one each byte
-is scanned for the delimiter once (a tail shorter than the delimiter is kept between feeds).
+``Content-Length`` the body bytes are passed through without scanning or copying, and without one
+each byte is scanned for the delimiter once (a tail shorter than the delimiter is kept between
+feeds).
 It must not do I/O or interpret part contents.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from dicomfs.errors import ProtocolError
 
 MAX_HEADER_BYTES = 16 * 1024
+BOUNDARY_WINDOW = 64 * 1024  # bytes buffered at a time between two parts
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class PartStart:
 
 @dataclass(frozen=True)
 class PartData:
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -80,20 +82,26 @@ class MultipartParser:
         return self._state == _DONE
 
     def feed(self, data: bytes) -> list[Event]:
+        """Events for ``data``. Body bytes of a part with a Content-Length are handed out as
+        zero-copy ``memoryview`` slices of ``data``; only the few bytes around a boundary (and,
+        without a Content-Length, the body being scanned) go through the internal buffer."""
         events: list[Event] = []
-        if self._state == _DONE:
-            return events  # epilogue: ignored
-        if self._state == _BODY_SIZED and not self._buf:
-            # Fast path: pass body bytes straight through.
-            take = min(self._remaining, len(data))
-            if take:
-                events.append(PartData(data if take == len(data) else data[:take]))
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end and self._state != _DONE:
+            if self._state == _BODY_SIZED and not self._buf:
+                take = min(self._remaining, end - pos)
+                events.append(PartData(view[pos:pos + take]))
                 self._remaining -= take
-                data = data[take:]
-            if self._remaining == 0:
-                self._state = _BODY_CHECK
-        self._buf += data
-        self._advance(events)
+                pos += take
+                if self._remaining == 0:
+                    self._state = _BODY_CHECK
+                continue
+            # Boundaries and headers need little: buffer a window, not the rest of the chunk.
+            window = end - pos if self._state == _BODY_SCAN else BOUNDARY_WINDOW
+            self._buf += view[pos:pos + window]
+            pos += min(window, end - pos)
+            self._advance(events)
         return events
 
     def close(self) -> None:

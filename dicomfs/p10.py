@@ -30,7 +30,7 @@ class NeedMoreData(Exception):
     """The prefix is too short to contain the whole meta group."""
 
 
-def parse_file_meta(prefix: bytes | bytearray) -> FileMeta:
+def parse_file_meta(prefix: bytes | bytearray | memoryview) -> FileMeta:
     """Parse group 0002 from ``prefix``; raise NeedMoreData if it is incomplete.
 
     Raises ProtocolError if the bytes are not a Part 10 file.

@@ -114,3 +114,21 @@ def test_boundary_from_content_type() -> None:
         boundary_from_content_type("application/json")
     with pytest.raises(ProtocolError):
         boundary_from_content_type("multipart/related; type=application/dicom")
+
+
+@pytest.mark.parametrize("lengths", [True, False])
+@pytest.mark.parametrize("piece", [1 << 20, 70_000, 65_536 + 7, 333])
+def test_many_large_parts_in_pieces_around_the_buffer_window(lengths: bool, piece: int) -> None:
+    """Parts of 200 kB fed in pieces larger and smaller than the 64 KiB boundary window."""
+    parts = [os.urandom(200_000 + n) for n in range(5)] + [b"", b"tail"]
+    body = build(parts, lengths=lengths)
+    assert parse(body, list(range(piece, len(body), piece))) == parts
+
+
+def test_sized_part_bodies_are_views_of_the_input() -> None:
+    part = os.urandom(500_000)
+    body = build([part, part], lengths=True)
+    data = [e.data for e in MultipartParser(BOUNDARY).feed(body) if isinstance(e, PartData)]
+    copied = sum(len(d) for d in data if not isinstance(d, memoryview))
+    assert copied < 2 * 65_536  # only what passed through the window around each boundary
+    assert b"".join(data) == part + part

@@ -152,21 +152,28 @@ class _PartRouter:
             if self._writer is not None:
                 await self._writer.write(event.data)
             elif not self._skipping:
-                self._head += event.data
-                await self._try_name()
+                if self._head:
+                    self._head += event.data
+                    await self._try_name(self._head)
+                else:  # usually the whole file meta is in the first piece: name it without a copy
+                    await self._try_name(event.data)
         else:
             if self._writer is None and not self._skipping:
-                await self._try_name(final=True)
+                await self._try_name(self._head, final=True)
             if self._writer is not None:
                 await self._writer.finish()
             self._writer = None
 
-    async def _try_name(self, final: bool = False) -> None:
+    async def _try_name(self, head: bytes | bytearray | memoryview, final: bool = False) -> None:
+        """Name the part from ``head`` (its first bytes) and hand them on; keep them if the file
+        meta is not complete yet."""
         try:
-            meta = parse_file_meta(self._head)
+            meta = parse_file_meta(head)
         except NeedMoreData:
             if final:
                 raise ProtocolError("a multipart part is too short to be a DICOM file") from None
+            if head is not self._head:
+                self._head += head
             return
         key = meta.sop_instance_uid
         if not is_uid(key):
@@ -177,8 +184,9 @@ class _PartRouter:
             self._skipping = True
             return
         self._writer = await self._sink.begin(key, self._size)
-        head = bytes(self._head)
-        self._head.clear()
+        if head is self._head:
+            head = bytes(self._head)
+            self._head.clear()
         await self._writer.write(head)
 
 
