@@ -56,7 +56,8 @@ class DicomwebSource:
         self.root = root.rstrip("/")
         self.description = self.root
         self.page_size = page_size
-        self.http = HttpClient(credentials, transport=transport, timeout=timeout)
+        self.http = HttpClient(credentials, transport=transport, timeout=timeout,
+                               tls=not self.root.lower().startswith("http://"))
 
     async def aclose(self) -> None:
         await self.http.aclose()

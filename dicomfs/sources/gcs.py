@@ -46,7 +46,8 @@ class GcsBucket:
         self.bucket = bucket
         self.page_size = page_size
         headers = {"X-Goog-User-Project": user_project} if user_project else None
-        self.http = HttpClient(credentials, transport=transport, extra_headers=headers)
+        self.http = HttpClient(credentials, transport=transport, extra_headers=headers,
+                               tls=not self.endpoint.lower().startswith("http://"))
 
     async def aclose(self) -> None:
         await self.http.aclose()

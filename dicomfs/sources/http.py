@@ -84,14 +84,17 @@ class HttpClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 16,
         extra_headers: dict[str, str] | None = None,
+        tls: bool = True,
     ) -> None:
+        """``tls=False`` for a plain-http archive: no certificate store is loaded (tens of
+        milliseconds), and a redirect to https fails verification instead of going unchecked."""
         self.retry = retry or RetryPolicy()
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client = httpx.AsyncClient(
             auth=_auth(credentials),
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             # httpx applies HTTP(S)_PROXY only to its own default transport: keep that one then.
-            transport=transport or (None if _proxied() else LargeReadTransport(limits)),
+            transport=transport or (None if _proxied() else LargeReadTransport(limits, tls=tls)),
             limits=limits,
             follow_redirects=True,
             headers={"User-Agent": "dicomfs", **(extra_headers or {})},

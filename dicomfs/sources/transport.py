@@ -18,8 +18,10 @@ READ_SIZE = 1 << 20
 
 
 class LargeReadTransport(httpx.AsyncHTTPTransport):
-    def __init__(self, limits: httpx.Limits) -> None:
-        ssl_context = httpx.create_ssl_context()  # certificates load once (tens of milliseconds)
+    def __init__(self, limits: httpx.Limits, *, tls: bool = True) -> None:
+        # Certificates load once (tens of milliseconds), and only for an https archive; without
+        # them a TLS connection cannot be verified, so it fails rather than going unchecked.
+        ssl_context = httpx.create_ssl_context() if tls else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         super().__init__(limits=limits, verify=ssl_context)
         # httpx builds its pool without a way to pass a network backend: build the same pool
         # with one (the pool is the only thing this transport changes).
