@@ -21,7 +21,8 @@ Design note
   index directory (no copy), in the same call that records it, after the manifest was written.
   A crash at any point leaves at worst a ``.part`` file (deleted on start) or an unindexed file:
   never an index entry for a blob that was not complete and verified. The manifest records each
-  member's CRC32C, computed as the bytes arrive, so ``verify`` can re-check a blob later.
+  member's CRC32C, computed by the writer thread as the bytes are written, so ``verify`` can
+  re-check a blob later.
 * Single-flight: one ``SeriesDownload`` per series at a time; every reader joins it. Downloads
   belong to the store's own nursery, so a reader that gives up does not cancel them.
 * Eviction runs in a background task (``Cache.cull`` in a worker thread), never in a read. A blob
