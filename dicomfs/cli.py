@@ -75,7 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--query", action="append", metavar="KEY=VALUE",
                        help="show only matching studies (DICOM keyword, * ? wildcards, date ranges)")
     mount.add_argument("--foreground", action="store_true", help="do not detach")
-    mount.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: 1/5 of free disk)")
+    mount.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: the limit the cache "
+                       "already has, else 1/5 of free disk)")
     mount.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     mount.add_argument("--log-file", help="where a detached daemon logs (default: <cache-dir>/dicomfs.log)")
@@ -92,7 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--all", action="store_true", help="every study in the archive")
     prefetch.add_argument("--query", action="append", metavar="KEY=VALUE", help="studies matching the query")
     _add_archive_options(prefetch)
-    prefetch.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: 1/5 of free disk)")
+    prefetch.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: the limit the cache "
+                          "already has, else 1/5 of free disk)")
     prefetch.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
                           help=f"series fetched at the same time (default {DEFAULT_JOBS})")
     prefetch.add_argument("--dry-run", action="store_true", help="print the plan, transfer nothing")

@@ -56,7 +56,10 @@ class Term:
 
     @property
     def is_range(self) -> bool:
-        return self.vr in _RANGE_VRS and "-" in self.value
+        if self.vr not in _RANGE_VRS or "-" not in self.value:
+            return False
+        # A date-time may end in a UTC offset ("...120000-0500"): that is not a range.
+        return not (self.vr == "DT" and re.fullmatch(r"\d{8,}(\.\d+)?-\d{4}", self.value))
 
     def matches(self, attrs: DicomJson) -> bool | None:
         """True or False; None when ``attrs`` does not carry the attribute at all."""

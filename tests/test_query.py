@@ -57,6 +57,14 @@ def test_date_ranges(term: str, expected: bool) -> None:
     assert matches(term, StudyDate="20200615") is expected
 
 
+def test_a_date_time_with_a_utc_offset_is_not_a_range() -> None:
+    (offset,) = parse_query(["AcquisitionDateTime=20200101120000-0500"]).terms
+    assert not offset.is_range
+    assert offset.matches(attrs(AcquisitionDateTime="20200101120000-0500")) is True
+    (span,) = parse_query(["AcquisitionDateTime=20200101-20200201"]).terms
+    assert span.is_range and span.matches(attrs(AcquisitionDateTime="20200115093000")) is True
+
+
 def test_numbers_multi_values_absent_and_case_of_codes() -> None:
     assert matches("SeriesNumber=3", SeriesNumber=3) is True
     assert matches("SeriesNumber=03", SeriesNumber=3) is True
