@@ -166,3 +166,17 @@ async def test_series_retrieve_rejects_truncated_and_non_dicom_parts() -> None:
         await answer(junk).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
     with pytest.raises(SourceError):
         await source_for(lambda r: httpx.Response(404)).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
+
+
+def test_proxies_from_the_environment_keep_httpx_default_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomfs.sources.http import HttpClient
+    from dicomfs.sources.transport import LargeReadTransport
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    direct = HttpClient(Credentials())
+    assert isinstance(direct._client._transport, LargeReadTransport)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    proxied = HttpClient(Credentials())
+    assert not isinstance(proxied._client._transport, LargeReadTransport)
+    assert any(key.pattern.startswith("https") for key in proxied._client._mounts)  # httpx mounted the proxy
