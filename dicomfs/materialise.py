@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import uuid
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +73,8 @@ async def write_study_zip(blobs: BlobStore, study_uid: str, members: list[tuple[
     for series, instances in members:
         _check_names(series, instances)
     target = out_dir / f"{study_uid}.zip"
-    tmp = out_dir / f".{study_uid}.zip.{uuid.uuid4().hex[:8]}.tmp"
     total = 0
-    try:
+    with _temporary_for(target) as tmp:
         archive = await trio.to_thread.run_sync(lambda: zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True))
         try:
             for series, instances in members:
@@ -88,12 +89,6 @@ async def write_study_zip(blobs: BlobStore, study_uid: str, members: list[tuple[
         finally:
             await trio.to_thread.run_sync(archive.close)
         await trio.to_thread.run_sync(_fsync_and_rename, tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     written.files += 1
     written.bytes += total
 
@@ -125,8 +120,7 @@ def _write_file(handle: InstanceHandle, target: Path) -> bool:
     """Write one instance atomically; False if ``target`` already held the same bytes."""
     if _same_bytes(handle, target):
         return False
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with _temporary_for(target) as tmp:
         with open(tmp, "wb") as out:
             for pos, size in _chunks(handle):
                 data = os.pread(handle.fd, size, handle.offset + pos)
@@ -134,13 +128,22 @@ def _write_file(handle: InstanceHandle, target: Path) -> bool:
                     raise CacheError(f"cached bytes of {target.name} are shorter than recorded")
                 out.write(data)
         _fsync_and_rename(tmp, target)
+    return True
+
+
+@contextmanager
+def _temporary_for(target: Path) -> Iterator[Path]:
+    """A hidden temporary name beside ``target``, deleted unless it was renamed into place; an
+    OSError on the way becomes a one-line OutputError."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {target}: {exc.strerror}") from None
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return True
 
 
 def _zip_member(archive: zipfile.ZipFile, name: str, handle: InstanceHandle) -> None:
