@@ -284,7 +284,7 @@ class _Write:
     """Bytes for the blob file; ``completes`` names the member these bytes finish."""
 
     pos: int
-    data: bytes | memoryview
+    data: bytes | bytearray | memoryview
     crc: _Crc
     completes: tuple[str, _Member] | None = None
 
@@ -389,11 +389,11 @@ class _MemberWriter:
         self._offset = offset
         self._announced = announced
         self._queued = 0
-        self._pending: list[bytes | memoryview] = []
+        self._pending: list[bytes | bytearray | memoryview] = []
         self._pending_bytes = 0
         self._crc = _Crc()
 
-    async def write(self, data: bytes | memoryview) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._announced is not None and self._queued + self._pending_bytes + len(data) > self._announced:
             raise IntegrityError(f"instance {self._key} is longer than announced")
         self._download.received += len(data)
@@ -427,7 +427,7 @@ def _write_batch(fd: int, batch: list[_Write]) -> None:
         write.crc.value = google_crc32c.extend(write.crc.value, data)
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, pos)

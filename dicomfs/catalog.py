@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import cachetools
 import diskcache
@@ -142,7 +142,9 @@ class Catalog:
                     if offline is not None:
                         extra = await offline()
                         if extra is not None:
-                            fallback = {**extra, **fallback} if fallback is not None else extra
+                            # listings are dicts: the stored listing wins over remembered studies
+                            fallback = (cast(T, {**cast(dict[str, Any], extra), **cast(dict[str, Any], fallback)})
+                                        if fallback is not None else extra)
                     self._offline_until = time.monotonic() + OFFLINE_RECHECK
                 if fallback is None:
                     raise

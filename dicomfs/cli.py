@@ -207,7 +207,7 @@ def _prefetch(args: argparse.Namespace) -> int:
         raise UsageError(f"{bad[0][:80]!r} is not a study UID")
     options = _archive_options(args, with_blobs=True)
     # The selection is studies; the catalog itself shows all of them.
-    selection = options.query
+    selection = options.query or Query()
     options = dataclasses.replace(options, query=None)
     to = check_output_dir(Path(args.to)) if args.to and not args.dry_run else None
     _configure_logging(args.log_level)

@@ -203,11 +203,7 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
                 missing = [i.key for i in item.instances if i.key not in stored]
                 if missing:
                     raise NotFound(f"{len(missing)} listed instances were not in the retrieve")
-        except* DicomfsError as group:
-            failure = group.exceptions[0]
-        else:
-            failure = None
-        if failure is not None:
+        except DicomfsError as failure:
             outcome.failures.append(f"series {item.series.uid} (study {item.series.study_uid}): {failure}")
             if not item.cached:
                 done_series += 1

@@ -44,7 +44,9 @@ class Credentials:
 class MemberWriter(Protocol):
     """Receives one instance's bytes, in order."""
 
-    async def write(self, data: bytes) -> None: ...
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Take the next bytes; the writer may keep ``data`` until written, so it must not change."""
+        ...
 
     async def finish(self) -> None: ...
 
