@@ -153,26 +153,24 @@ def main(argv: list[str] | None = None) -> int:
         args.studies += extra  # study UIDs after options: dicomfs prefetch SRC --cache-dir D UID...
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    commands = {"umount": lambda: _umount(Path(args.mountpoint)), "prefetch": lambda: _prefetch(args),
+                "ls": lambda: _ls(args), "cache": lambda: _cache(args),
+                "mount": lambda: _mount(args, list(sys.argv[1:] if argv is None else argv))}
     try:
-        if args.command == "mount":
-            return _mount(args, list(sys.argv[1:] if argv is None else argv))
-        if args.command == "umount":
-            return _umount(Path(args.mountpoint))
-        if args.command == "prefetch":
-            return _prefetch(args)
-        if args.command == "ls":
-            return _ls(args)
-        if args.command == "cache":
-            return _cache(args)
+        status = commands[args.command]()
+        sys.stdout.flush()  # here, so that a closed pipe is reported below, not at interpreter exit
+        return status
     except DicomfsError as exc:
         print(f"dicomfs: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
+    except BrokenPipeError:  # the reader went away (``dicomfs ls … | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         if args.command == "prefetch":
             print("dicomfs: interrupted: complete series are kept; run the same command again to finish",
                   file=sys.stderr)
         return 130
-    return 2
 
 
 def _mount(args: argparse.Namespace, argv: list[str]) -> int:

@@ -448,3 +448,14 @@ def test_two_prefetches_at_once_share_the_work(archive: Archive, tmp_path: Path)
     assert sum(fetched(out)[0] for out, _ in outputs) == total
     verify = dicomfs("cache", "verify", "--cache-dir", str(cache))
     assert verify.returncode == 0 and f"checked {total} blobs" in verify.stdout
+
+
+@pytest.mark.parametrize("reader", ["head -n 2", "true"])
+def test_ls_into_a_pipe_that_closes_early_ends_quietly(tmp_path: Path, reader: str) -> None:
+    """``true`` closes the pipe before dicomfs writes a byte; ``head`` after two lines."""
+    command = f"{sys.executable} -m dicomfs ls demo --level instance --cache-dir {tmp_path / 'cache'} | {reader}"
+    result = subprocess.run(["bash", "-c", command + "; echo ${PIPESTATUS[0]} >&2"], capture_output=True,
+                            text=True, timeout=PREFETCH_TIMEOUT, stdin=subprocess.DEVNULL)
+    if reader.startswith("head"):
+        assert len(result.stdout.splitlines()) == 2 and result.stdout.startswith("SeriesInstanceUID")
+    assert result.stderr.strip() in ("0", "141"), result.stderr  # dicomfs said nothing else
