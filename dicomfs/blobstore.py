@@ -9,7 +9,9 @@ Design note
   for the process's lifetime; folders whose lock is free belong to dead processes and are
   deleted on start. Commits from all processes are serialised by ``commit.lock``: a series that
   another process committed meanwhile is kept and ours discarded, so a manifest never describes
-  a blob other than the one in the index.
+  a blob other than the one in the index. A running download holds ``locks/<hash of its key>``;
+  ``fetch_series`` (prefetch) waits for another process's download of the same series instead of
+  fetching it a second time, while a reader never waits (it would wait for the whole series).
 * A download writes into ``work/<process>/<random>.part`` through a bounded queue drained by a writer
   task (batches written in a worker thread), so the network is read while the disk is written.
   Readers of instance k wait only until k's bytes are written (an event per change), then read
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -68,6 +71,8 @@ DOWNLOAD_ATTEMPTS = 3
 JOIN_ATTEMPTS = 4
 LRU_FLUSH_SECONDS = 5.0
 STALE_NEW_FOLDER_SECONDS = 3600.0
+LOCK_POLL_SECONDS = 0.1
+MAX_WAIT_FOR_OTHER_PROCESS = 3600.0  # a prefetch waits this long for another process's download
 
 
 @dataclass(frozen=True)
@@ -449,6 +454,8 @@ class BlobStore:
         self.partial_dir = self._folder.path
         self._pins = _Pins(self._folder.graveyard)
         self._commit_lock = cache_dir / "commit.lock"
+        self._lock_dir = cache_dir / "locks"  # one lock file per blob being downloaded
+        self._lock_dir.mkdir(exist_ok=True)
         try:
             self.index, self.manifests = open_indexes(cache_dir, size_limit, _disk_class(self._pins))
         except CacheError:
@@ -658,6 +665,8 @@ class BlobStore:
             if download is None:
                 if await trio.to_thread.run_sync(self.is_cached, series):
                     return None
+                if await self._waited_for_another_process(series.key):
+                    continue  # it was downloading this series: look at the cache again
                 download = self._series_download(series)
             await download.done.wait()
             if download.error is not None:
@@ -666,6 +675,27 @@ class BlobStore:
             if not download.committed_elsewhere:
                 return download
         raise SourceError(f"series {series.uid} keeps changing in the cache; giving up")
+
+    async def _waited_for_another_process(self, blob_key: str) -> bool:
+        """If another process is downloading ``blob_key`` (it holds the key's lock), wait until it
+        is done and return True; False at once if nobody is."""
+        try:
+            fd = os.open(self._lock_dir / _lock_name(blob_key), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return False  # no usable lock: just download
+        waited = False
+        try:
+            with trio.move_on_after(MAX_WAIT_FOR_OTHER_PROCESS) as patience:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break  # free (and released again below: we only wanted to know)
+                    except BlockingIOError:
+                        waited = True
+                        await trio.sleep(LOCK_POLL_SECONDS)
+            return waited and not patience.cancelled_caught  # out of patience: download it ourselves
+        finally:
+            os.close(fd)
 
     def downloads(self) -> list[SeriesDownload]:
         """The downloads running now (for progress reports)."""
@@ -700,6 +730,10 @@ class BlobStore:
 
     async def _run_download(self, download: SeriesDownload) -> None:
         what = download.blob_key
+        # Say that this process is downloading the blob, for a prefetch in another process that
+        # would rather wait than fetch it twice. If someone else holds the lock, go on anyway:
+        # a reader here should not wait for a whole series that another process streams.
+        lock_fd = _try_lock(self._lock_dir / _lock_name(what))
         try:
             async with trio.open_nursery() as writer:
                 writer.start_soon(download.write_loop)
@@ -728,6 +762,8 @@ class BlobStore:
             del self._downloads[download.blob_key]
             download.notify()
             download.done.set()
+            if lock_fd is not None:
+                os.close(lock_fd)
             os.close(download.fd)
             _unlink_quietly(str(download.path))
 
@@ -782,6 +818,24 @@ def open_indexes(cache_dir: Path, size_limit: int | None,
     except Exception as exc:
         raise CacheError(f"cannot open the cache in {cache_dir}: {exc}") from None
     return index, manifests
+
+
+def _lock_name(blob_key: str) -> str:
+    return hashlib.sha256(blob_key.encode()).hexdigest()[:32]
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on ``path``, or None if it is taken (or unusable)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def has_valid_entry(index: diskcache.Cache, manifests: diskcache.Cache, blob_key: str) -> bool:

@@ -201,7 +201,9 @@ def test_killed_mid_download_leaves_nothing_that_reads_wrong(
                    60, "bytes to arrive")
         mount.kill()
         thread.join(timeout=60)
+        killed = [p for p in (mount.cache_dir / "work").iterdir() if any(p.glob("*.part"))]
+        assert killed, "the killed daemon left its partial download"
         proxy.throttle = 0
         mount.start()
+        assert not any(p.exists() for p in killed)  # swept when the new daemon started
         assert hashes(mount.path) == demo_expected
-        assert not any((mount.cache_dir / "work").glob("*/*.part"))  # the killed daemon's partial is gone

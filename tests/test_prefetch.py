@@ -318,6 +318,31 @@ def test_prefetch_into_the_cache_of_a_running_mount(archive: Archive, mount_fact
     assert clear.returncode == 1 and "in use" in clear.stderr  # a running mount keeps its cache
 
 
+def test_a_prefetch_waits_for_the_mount_downloading_the_same_series(archive: Archive, tmp_path: Path,
+                                                                       mount_factory: Callable[..., Mount]) -> None:
+    study = next(ds.StudyInstanceUID for ds in archive.datasets() if str(ds.PatientName) == "Doe^John")
+    series = sorted({rel.split("/")[1] for rel in archive.files if rel.startswith(study)})
+    first = next(rel for rel in sorted(archive.files) if rel.startswith(f"{study}/{series[0]}/"))
+    with CountingProxy(archive.server.port) as proxy:
+        proxy.throttle = 0.5  # 4 x 100 kB: the mount's download of the series takes seconds
+        mount = mount_factory(proxy.dicomweb)
+        reader = subprocess.Popen([sys.executable, "-c", f"open({str(mount.path / 'studies' / first)!r}, 'rb').read()"])
+        try:
+            wait_until(lambda: any(f"/series/{series[0]}" in p and "/instances" not in p and "/metadata" not in p
+                                   for p in proxy.paths), 60, "the mount to start the series download")
+            run = prefetch(proxy.dicomweb, mount.cache_dir, study)
+            assert run.returncode == 0, run.stderr
+            assert reader.wait(timeout=120) == 0
+        finally:
+            reader.kill()
+        retrieves = [p for p in proxy.paths if f"/series/{series[0]}" in p.split("?")[0]
+                     and proxy.kind(p) == "wado-series"]
+        assert len(retrieves) == 1, retrieves  # the prefetch waited for the mount's download
+        assert fetched(run.stdout)[0] == len(series) - 1
+    assert hashes(mount.path / "studies" / study) == {
+        rel[len(study) + 1:]: d for rel, d in archive.expected.items() if rel.startswith(study)}
+
+
 def test_progress_bar_on_a_terminal(archive: Archive, tmp_path: Path) -> None:
     main, child = pty.openpty()
     process = subprocess.Popen([sys.executable, "-m", "dicomfs", "prefetch", archive.server.dicomweb, "--all",
