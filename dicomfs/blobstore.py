@@ -471,7 +471,6 @@ class BlobStore:
         self._commits: Counter[str] = Counter()  # completed downloads per blob key
         self._series_touched: set[str] = set()  # series with an instance opened since start
         self._instance_blobs: dict[str, set[str]] = {}  # series -> its single-instance blobs
-        self.retrievals = 0  # series downloads started (for statistics)
 
     def close(self) -> None:
         self.index.close()
@@ -725,7 +724,6 @@ class BlobStore:
             _unlink_quietly(str(download.path))
             raise CacheError("the blob store is shutting down") from None
         self._downloads[blob_key] = download
-        self.retrievals += 1
         return download
 
     async def _run_download(self, download: SeriesDownload) -> None:

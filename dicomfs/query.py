@@ -26,7 +26,6 @@ SERIES_KEYWORDS = frozenset({
     "BodyPartExamined", "Laterality", "ProtocolName", "PerformedProcedureStepStartDate", "Manufacturer",
     "InstitutionName", "NumberOfSeriesRelatedInstances",
 })
-LEVELS = ("study", "series", "instance")
 # Tags and VRs of common keys, so that a query on them needs no pydicom (slow to import).
 COMMON_KEYS = {
     "StudyInstanceUID": ("0020000D", "UI"), "SeriesInstanceUID": ("0020000E", "UI"),

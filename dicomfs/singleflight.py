@@ -26,9 +26,6 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._flights: dict[Hashable, _Flight[T]] = {}
 
-    def running(self, key: Hashable) -> bool:
-        return key in self._flights
-
     async def run(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
         while True:
             flight = self._flights.get(key)
