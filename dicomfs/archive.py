@@ -8,6 +8,7 @@ Must not implement any command.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,7 +45,11 @@ class Archive:
 
 @asynccontextmanager
 async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
+    """The opened archive. A cache directory created here is removed again if the archive
+    turns out to be unusable before anything was done with it (no litter from a typo'd URL)."""
+    fresh = not options.cache_dir.exists()
     lock = CacheUse(options.cache_dir)
+    opened = False
     try:
         label(options.cache_dir, options.spec)
         source = open_source(options.spec, options.credentials, options.cache_dir, options.source_options)
@@ -58,6 +63,7 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
                     async with open_nursery() as nursery:
                         if blobs is not None:
                             await nursery.start(blobs.run)
+                        opened = True
                         yield Archive(source, catalog, blobs)
                         nursery.cancel_scope.cancel()
                 finally:
@@ -70,6 +76,8 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
                 await source.aclose()
     finally:
         lock.release()
+        if fresh and not opened:
+            shutil.rmtree(options.cache_dir, ignore_errors=True)
 
 
 async def check_or_go_offline(source: Source, catalog: Catalog) -> None:

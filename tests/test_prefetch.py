@@ -418,6 +418,11 @@ def test_bad_input_gets_one_line_and_a_status(archive: Archive, tmp_path: Path) 
         result = prefetch(*args[:1], cache, *args[1:])
         assert result.returncode == status and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    unreachable = f"http://127.0.0.1:{free_port()}/dicom-web"
+    for args in (("ls", unreachable, "--json"), ("prefetch", unreachable, "--all")):
+        result = dicomfs(*args, "--cache-dir", str(tmp_path / "typo"))
+        assert result.returncode == 1 and "cannot reach" in result.stderr, result.stderr
+        assert not (tmp_path / "typo").exists()  # no cache left behind for an archive never reached
     known = sorted(archive.studies())[0]
     result = prefetch(web, cache, "1.2.3.999", known)
     assert result.returncode == 1
