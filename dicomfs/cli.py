@@ -261,16 +261,18 @@ async def _prefetch_archive(options: ArchiveOptions, args: argparse.Namespace, s
             if plan.total_bytes is not None and plan.total_bytes > archive.blobs.size_limit:
                 print(f"note: that is more than the cache limit ({archive.blobs.size_limit} bytes): "
                       "raise --cache-size, or the first series fetched will be evicted again", flush=True)
-            for failure in plan.failures:
-                print(f"failed: {failure}", file=sys.stderr)
-            return 1 if plan.failures else 0
+            return _report_failures(plan.failures)
         print(f"prefetching {len(plan.studies)} studies, {len(plan.series)} series "
               f"({len(plan.cached)} already cached)", flush=True)
         await archive.catalog.remember_studies(studies)
         outcome = await execute(plan, archive.catalog, archive.blobs, args.jobs, sys.stderr, to=to,
                                 zip_output=args.zip)
     print(summary(plan, outcome, time.monotonic() - started), flush=True)
-    failures = plan.failures + outcome.failures
+    return _report_failures(plan.failures + outcome.failures)
+
+
+def _report_failures(failures: list[str]) -> int:
+    """One ``failed:`` line per failure on stderr; the exit status they call for."""
     for failure in failures:
         print(f"failed: {failure}", file=sys.stderr)
     return 1 if failures else 0

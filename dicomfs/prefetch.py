@@ -10,7 +10,6 @@ Must not know which kind of source it talks to.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -26,8 +25,6 @@ from dicomfs.query import Query, parse_query
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.search import Search
 from dicomfs.tasks import open_nursery
-
-log = logging.getLogger("dicomfs")
 
 DEFAULT_JOBS = 8
 PROGRESS_TICK = 0.1
