@@ -1,0 +1,250 @@
+"""The DICOM JSON model (PS3.18 Annex F) exactly as static DICOMweb files carry it.
+
+Owns the one canonical form every metadata file is written in, whatever produced the input (a
+pydicom data set, a DICOMweb server's metadata, a COD index entry): 8-hex-digit keys in
+ascending order, no group lengths, no group 0002 (its transfer syntax becomes
+AvailableTransferSyntaxUID), ``vr`` plus at most one of ``Value`` / ``BulkDataURI`` /
+``InlineBinary``, InlineBinary only on binary VRs, multi-values split, PN as objects, no
+NaN/Infinity. Every BulkDataURI is replaced by the URI a callback gives for the element's tag
+path (an archive's own bulk URIs mean nothing on a static server). Also owns the QIDO objects of
+the three levels and the deterministic encoding (compact JSON, gzip with no timestamp), so equal
+input always gives equal bytes and a size never changes. Must not do I/O.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from dicomfs.records import DicomJson
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+log = logging.getLogger(__name__)
+
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+NUMBER_VRS = frozenset({"IS", "DS", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"})
+# Strings of these VRs may hold several values separated by a backslash.
+SPLIT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI"})
+PIXEL_TAGS = frozenset({"7FE00008", "7FE00009", "7FE00010"})
+TRANSFER_SYNTAX = "00020010"
+AVAILABLE_TRANSFER_SYNTAX = "00083002"
+BULK_THRESHOLD = 1024  # binary values of this many bytes or more become bulk data files
+GZIP_LEVEL = 6
+_TAG = re.compile(r"^[0-9A-F]{8}$")
+
+TagPath = tuple[str, ...]  # ("0040A730", "0", "00282000"): tags and item indexes, outermost first
+BulkUri = Callable[[TagPath], str]
+
+
+def normalise(obj: Any, bulk_uri: BulkUri, *, transfer_syntax: str | None = None) -> DicomJson:
+    """One instance's DICOM JSON in canonical form (see the module docstring).
+
+    ``transfer_syntax`` (or the object's own (0002,0010)) becomes AvailableTransferSyntaxUID.
+    Elements that cannot be expressed correctly are dropped with a log line, never passed on.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError("DICOM JSON of an instance must be an object")
+    ts = transfer_syntax or _first_string(obj.get(TRANSFER_SYNTAX))
+    out = _dataset(obj, (), bulk_uri)
+    if ts and AVAILABLE_TRANSFER_SYNTAX not in out:
+        out[AVAILABLE_TRANSFER_SYNTAX] = {"vr": "UI", "Value": [ts]}
+    return dict(sorted(out.items()))
+
+
+def dataset_json(ds: Dataset) -> DicomJson:
+    """A pydicom data set as DICOM JSON, ready for ``normalise``: the transfer syntax of its file
+    meta as (0002,0010), binary values of ``BULK_THRESHOLD`` bytes or more and the pixel data
+    marked as bulk data (their URIs are set by ``normalise``)."""
+    out = _dataset_json(ds, ())
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if ts:
+        out[TRANSFER_SYNTAX] = {"vr": "UI", "Value": [str(ts)]}
+    return out
+
+
+def _dataset_json(ds: Dataset, path: TagPath) -> DicomJson:
+    """pydicom's own JSON for each element, bulk values marked (their URI is set later)."""
+    from pydicom.dataelem import DataElement
+    from pydicom.filewriter import correct_ambiguous_vr
+
+    try:
+        correct_ambiguous_vr(ds, True)
+    except Exception as exc:  # an implicit-VR file whose ambiguous VRs cannot be resolved
+        log.debug("ambiguous VRs left as they are: %s", exc)
+    out: DicomJson = {}
+    for raw in ds.elements():
+        tag = f"{int(raw.tag):08X}"
+        if tag[4:] == "0000" or tag.startswith("0002"):
+            continue
+        vr = str(raw.VR)
+        if tag in PIXEL_TAGS and not path:
+            out[tag] = {"vr": vr if vr in BINARY_VRS else "OW", "BulkDataURI": ""}
+            continue
+        try:
+            element: DataElement = ds[raw.tag]
+            vr = str(element.VR)
+            if vr == "SQ":
+                items = [_dataset_json(item, (*path, tag, str(i))) for i, item in enumerate(element.value)]
+                out[tag] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+            elif vr in BINARY_VRS and element.value is not None and len(element.value) >= BULK_THRESHOLD:
+                out[tag] = {"vr": vr, "BulkDataURI": ""}
+            else:
+                out[tag] = element.to_json_dict(None, 1 << 62)
+        except Exception as exc:
+            log.warning("element %s cannot be written as DICOM JSON (%s): left out", tag, exc)
+    return out
+
+
+def _dataset(obj: dict[str, Any], path: TagPath, bulk_uri: BulkUri) -> DicomJson:
+    out: DicomJson = {}
+    for key, element in obj.items():
+        tag = str(key).upper()
+        if not _TAG.match(tag) or tag[4:] == "0000" or tag.startswith("0002"):
+            continue
+        if not isinstance(element, dict) or not isinstance(element.get("vr"), str):
+            log.warning("element %s has no VR: left out", tag)
+            continue
+        fixed = _element(element, (*path, tag), bulk_uri)
+        if fixed is not None:
+            out[tag] = fixed
+    return dict(sorted(out.items()))
+
+
+def _element(element: dict[str, Any], path: TagPath, bulk_uri: BulkUri) -> dict[str, Any] | None:
+    vr = element["vr"]
+    tag = path[-1]
+    if "BulkDataURI" in element:
+        return {"vr": vr, "BulkDataURI": bulk_uri(path)}
+    if "InlineBinary" in element:
+        value = element["InlineBinary"]
+        if vr not in BINARY_VRS or not isinstance(value, str):
+            log.warning("element %s: InlineBinary on VR %s: left out", tag, vr)
+            return None
+        return {"vr": vr, "InlineBinary": value}
+    values = element.get("Value")
+    if values is None or values == []:
+        return {"vr": vr}
+    if not isinstance(values, list):
+        values = [values]
+    if vr == "SQ":
+        items = [_dataset(item, (*path, str(i)), bulk_uri) if isinstance(item, dict) else {}
+                 for i, item in enumerate(values)]
+        return {"vr": "SQ", "Value": items}
+    if vr in BINARY_VRS:
+        log.warning("element %s: a Value on binary VR %s: left out", tag, vr)
+        return None
+    fixed: list[Any] = []
+    for value in values:
+        if isinstance(value, str) and "\\" in value and vr in SPLIT_VRS:
+            fixed.extend(_scalar(vr, part) for part in value.split("\\"))
+        else:
+            fixed.append(_scalar(vr, value))
+    return {"vr": vr, "Value": fixed}
+
+
+def _scalar(vr: str, value: Any) -> Any:
+    if vr == "PN":
+        if isinstance(value, str):
+            return {"Alphabetic": value} if value else None
+        return value if isinstance(value, dict) else None
+    if vr in NUMBER_VRS:
+        if isinstance(value, str):
+            try:
+                value = float(value) if vr in ("DS", "FL", "FD") else int(value)
+            except ValueError:
+                return None
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                return None  # JSON has no NaN: an empty value is the honest rendering
+            return int(value) if value.is_integer() and vr in ("IS", "DS") else value
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value
+
+
+def _first_string(element: Any) -> str | None:
+    if isinstance(element, dict):
+        values = element.get("Value")
+        if isinstance(values, list) and values and isinstance(values[0], str):
+            return values[0]
+    return None
+
+
+# --- QIDO objects -----------------------------------------------------------------------------
+STUDY_TAGS = ("00080005", "00080020", "00080030", "00080050", "00080056", "00080061", "00080090",
+              "00081030", "00100010", "00100020", "00100030", "00100040", "0020000D", "00200010",
+              "00201206", "00201208")
+SERIES_TAGS = ("00080005", "00080021", "00080031", "00080060", "0008103E", "0020000D", "0020000E",
+               "00200011", "00201209")
+INSTANCE_TAGS = ("00080005", "00080016", "00080018", "0020000D", "0020000E", "00200013", "00280008",
+                 "00280010", "00280011", "00083002")
+
+
+def qido_object(tags: Iterable[str], *sources: DicomJson, computed: DicomJson | None = None) -> DicomJson:
+    """A QIDO-RS result object: ``tags`` taken from the first of ``sources`` that has each,
+    ``computed`` values (counts) where no source has them, canonical form."""
+    out: DicomJson = {}
+    for tag in tags:
+        for attrs in sources:
+            if tag in attrs:
+                out[tag] = attrs[tag]
+                break
+        else:
+            if computed and tag in computed:
+                out[tag] = computed[tag]
+    return normalise(out, _no_bulk)
+
+
+def _no_bulk(path: TagPath) -> str:
+    raise ValueError(f"a QIDO attribute {'/'.join(path)} holds bulk data")
+
+
+def count(value: int) -> dict[str, Any]:
+    return {"vr": "IS", "Value": [value]}
+
+
+def strings(vr: str, values: Iterable[str]) -> dict[str, Any]:
+    listed = list(values)
+    return {"vr": vr, "Value": listed} if listed else {"vr": vr}
+
+
+# --- bytes ------------------------------------------------------------------------------------
+def encode(document: Any) -> bytes:
+    """Compact UTF-8 JSON; refuses NaN and Infinity."""
+    return json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def gzipped(data: bytes) -> bytes:
+    """gzip with no timestamp or name: the same input gives the same bytes on every call."""
+    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
+
+
+def bulk_value(p10: bytes, tags: str) -> bytes:
+    """The value of the element at tag path ``tags`` ("0040A730.0.00282000") in a Part 10 file,
+    as stored. Raises ProtocolError if it is not there."""
+    import io
+
+    import pydicom
+
+    from dicomfs.errors import ProtocolError
+
+    parts = tags.split(".")
+    try:
+        node: Any = pydicom.dcmread(io.BytesIO(p10))
+        for index, part in enumerate(parts):
+            if index % 2:
+                node = node[int(part)]
+            else:
+                node = node[int(part, 16)].value
+    except Exception as exc:
+        raise ProtocolError(f"bulk data {tags} is not in the instance: {exc}") from None
+    if not isinstance(node, bytes | bytearray):
+        raise ProtocolError(f"bulk data {tags} is not a binary value")
+    return bytes(node)

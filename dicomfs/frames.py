@@ -1,0 +1,308 @@
+"""Frames of one DICOM instance, and the static DICOMweb frame file that carries one of them.
+
+Owns two things: where the frames of an instance begin and end inside its Part 10 bytes
+(encapsulated fragments and offset tables, native frame lengths, big endian byte order), and the
+exact bytes and size of ``instances/<sop>/frames/<n>.mht``: a one-part ``multipart/related`` body
+with a fixed boundary, so a static HTTP server can announce it with one constant Content-Type.
+Pure: no I/O, no trio. ``cut_frames`` parses with pydicom and blocks; callers run it in a worker
+thread. Must not decode, transcode or otherwise touch pixel values beyond byte order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from io import BytesIO
+from struct import unpack_from
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+
+from dicomfs.errors import ProtocolError
+from dicomfs.uids import is_uid
+
+# A static server sends CONTENT_TYPE for every ``.mht`` file; the boundary must therefore be one
+# fixed string. It is long and random enough not to occur in image data by accident.
+BOUNDARY = "dicomfs-frame-3c9e1f0b7a5d4e28"
+CONTENT_TYPE = 'multipart/related; type="application/octet-stream"; boundary=' + BOUNDARY
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+_NATIVE = frozenset(
+    {
+        IMPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_BIG_ENDIAN,
+        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    }
+)
+
+OCTET_STREAM = "application/octet-stream"
+_JPEG = "1.2.840.10008.1.2.4."
+
+
+def _media_types() -> dict[str, str]:
+    """PS3.18 Table 8.7.3-5 (plus the retired JPEG processes, which are JPEG bitstreams too)."""
+    types: dict[str, str] = {}
+    for process in [*range(50, 67), 70]:
+        types[f"{_JPEG}{process}"] = "image/jpeg"
+    types |= {_JPEG + "80": "image/jls", _JPEG + "81": "image/jls"}
+    types |= {_JPEG + "90": "image/jp2", _JPEG + "91": "image/jp2"}
+    types |= {_JPEG + "92": "image/jpx", _JPEG + "93": "image/jpx"}
+    types |= {f"{_JPEG}{n}": "image/jphc" for n in (201, 202, 203)}
+    types |= {f"{_JPEG}{n}": "image/jxl" for n in (110, 111, 112)}
+    for n in (100, 101):
+        types[f"{_JPEG}{n}"] = types[f"{_JPEG}{n}.1"] = "video/mpeg"
+    for n in (102, 103, 104, 105, 106):
+        types[f"{_JPEG}{n}"] = types[f"{_JPEG}{n}.1"] = "video/mp4"
+    types |= {_JPEG + "107": "video/H265", _JPEG + "108": "video/H265"}
+    types["1.2.840.10008.1.2.5"] = "image/dicom-rle"
+    return types
+
+
+_MEDIA_TYPES = _media_types()
+
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloat...
+_EXTENDED_OFFSET_TABLE = 0x7FE00001
+_EXTENDED_OFFSET_TABLE_LENGTHS = 0x7FE00002
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+_CLOSE_DELIMITER = f"\r\n--{BOUNDARY}--\r\n".encode("ascii")
+
+
+@dataclass(frozen=True)
+class Frames:
+    """The frames of one instance, frame 1 first, and the transfer syntax they are encoded in.
+
+    ``transfer_syntax`` is the stored syntax for encapsulated data and Explicit VR Little Endian
+    for every native one (the frames have been brought to little endian byte order).
+    """
+
+    transfer_syntax: str
+    frames: list[bytes]
+
+
+def is_native(transfer_syntax: str) -> bool:
+    """True for the uncompressed syntaxes: implicit LE, explicit LE, explicit BE, deflated LE."""
+    return transfer_syntax in _NATIVE
+
+
+def media_type(transfer_syntax: str) -> str:
+    """The PS3.18 media type of one frame in ``transfer_syntax`` (octet-stream if unknown)."""
+    return _MEDIA_TYPES.get(transfer_syntax, OCTET_STREAM)
+
+
+def _part_header(transfer_syntax: str) -> bytes:
+    if not is_uid(transfer_syntax):
+        raise ProtocolError(f"invalid transfer syntax UID {transfer_syntax[:70]!r}")
+    content_type = f"{media_type(transfer_syntax)};transfer-syntax={transfer_syntax}"
+    return f"--{BOUNDARY}\r\nContent-Type: {content_type}\r\n\r\n".encode("ascii")
+
+
+def frame_file(frame: bytes | memoryview, transfer_syntax: str) -> bytes:
+    """The whole ``frames/<n>.mht`` file: ``frame`` as the one part of a multipart body."""
+    return b"".join((_part_header(transfer_syntax), frame, _CLOSE_DELIMITER))
+
+
+def frame_file_size(frame_length: int, transfer_syntax: str) -> int:
+    """``len(frame_file(frame, transfer_syntax))`` for a frame of ``frame_length`` bytes."""
+    if frame_length < 0:
+        raise ValueError("a frame length cannot be negative")
+    return len(_part_header(transfer_syntax)) + frame_length + len(_CLOSE_DELIMITER)
+
+
+def _frame_length(rows: int, columns: int, samples: int, bits: int, photometric: str) -> int | None:
+    """Bytes in one native frame, or None when that is not a whole number (packed bits)."""
+    frame_bits = rows * columns * samples * bits
+    if frame_bits % 8:
+        return None
+    length = frame_bits // 8
+    if photometric == "YBR_FULL_422":  # PS3.3 C.7.6.3.1.2: two samples of chroma per two pixels
+        length = length // 3 * 2
+    return length
+
+
+def _json_int(attrs: Mapping[str, Any], key: str) -> int | None:
+    element = attrs.get(key)
+    values = element.get("Value") if isinstance(element, Mapping) else None
+    if not isinstance(values, list) or not values:
+        return None
+    value = values[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def native_frame_length(attrs: Mapping[str, Any]) -> int | None:
+    """The byte length of one native frame described by DICOM JSON attributes, or None.
+
+    None when Rows, Columns, SamplesPerPixel (default 1) or BitsAllocated is missing or invalid,
+    or when a frame is not a whole number of bytes.
+    """
+    samples = _json_int(attrs, "00280002") if "00280002" in attrs else 1
+    rows, columns = _json_int(attrs, "00280010"), _json_int(attrs, "00280011")
+    bits = _json_int(attrs, "00280100")
+    if rows is None or columns is None or samples is None or bits is None:
+        return None
+    photometric = attrs.get("00280004")
+    values = photometric.get("Value") if isinstance(photometric, Mapping) else None
+    name = values[0] if isinstance(values, list) and values else ""
+    return _frame_length(rows, columns, samples, bits, name if isinstance(name, str) else "")
+
+
+def _describe(exc: BaseException) -> str:
+    """One short line about a foreign exception, for the message of a ProtocolError."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _positive(value: Any, name: str) -> int:
+    if value is None:
+        raise ProtocolError(f"DICOM instance without {name}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or isinstance(value, float):
+        raise ProtocolError(f"invalid {name} {str(value)[:40]!r}")
+    return number
+
+
+def cut_frames(p10: bytes) -> Frames:
+    """Cut the frames of the instance in ``p10`` (a whole Part 10 file).
+
+    Raises ProtocolError for anything that is not an instance with well-formed pixel data.
+    """
+    try:
+        dataset = pydicom.dcmread(BytesIO(p10), force=False)
+    except InvalidDicomError as exc:
+        raise ProtocolError("not a DICOM Part 10 file (no DICM prefix)") from exc
+    except Exception as exc:  # pydicom raises many types for malformed input
+        raise ProtocolError(f"not a readable DICOM Part 10 file: {_describe(exc)}") from exc
+    try:
+        return _cut(dataset)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # values are converted lazily, so they fail late
+        raise ProtocolError(f"malformed DICOM data set: {_describe(exc)}") from exc
+
+
+def _cut(dataset: Dataset) -> Frames:
+    transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID") or "")
+    if not is_uid(transfer_syntax):
+        raise ProtocolError("DICOM file without a valid transfer syntax UID")
+    tag = next((tag for tag in _PIXEL_TAGS if tag in dataset), None)
+    if tag is None:
+        raise ProtocolError("DICOM instance without pixel data")
+    element = dataset[tag]
+    if not element.value:
+        raise ProtocolError("DICOM instance with an empty pixel data element")
+    count = _number_of_frames(dataset)
+    if element.is_undefined_length:
+        if is_native(transfer_syntax) or tag != _PIXEL_TAGS[0]:
+            raise ProtocolError("encapsulated pixel data in a native transfer syntax")
+        return Frames(transfer_syntax, _cut_encapsulated(dataset, element.value, count))
+    if not is_native(transfer_syntax):
+        raise ProtocolError(f"pixel data not encapsulated in transfer syntax {transfer_syntax}")
+    big_endian = transfer_syntax == EXPLICIT_VR_BIG_ENDIAN
+    frames = _cut_native(dataset, element.value, element.VR if big_endian else None, count)
+    return Frames(EXPLICIT_VR_LITTLE_ENDIAN, frames)
+
+
+def _number_of_frames(dataset: Dataset) -> int:
+    value = dataset.get("NumberOfFrames")
+    if value is None or value == "":
+        return 1
+    return _positive(value, "NumberOfFrames")
+
+
+def _cut_encapsulated(dataset: Dataset, value: bytes, count: int) -> list[bytes]:
+    offsets = _extended_offsets(dataset, value, count)
+    try:
+        frames = list(generate_frames(value, number_of_frames=count, extended_offsets=offsets))
+    except Exception as exc:
+        raise ProtocolError(f"malformed encapsulated pixel data: {_describe(exc)}") from exc
+    if len(frames) != count:
+        raise ProtocolError(f"encapsulated pixel data holds {len(frames)} frames, not {count}")
+    if offsets is not None:
+        lengths = unpack_from(f"<{count}Q", offsets[1])
+        if any(len(frame) != length for frame, length in zip(frames, lengths)):
+            raise ProtocolError("a frame of the extended offset table runs past the pixel data")
+    return frames
+
+
+def _extended_offsets(dataset: Dataset, value: bytes, count: int) -> tuple[bytes, bytes] | None:
+    """The raw Extended Offset Table and its lengths when present, after checking them."""
+    table = dataset.get(_EXTENDED_OFFSET_TABLE)
+    lengths = dataset.get(_EXTENDED_OFFSET_TABLE_LENGTHS)
+    table_value = table.value if table is not None else None
+    lengths_value = lengths.value if lengths is not None else None
+    if not table_value and not lengths_value:
+        return None
+    if not table_value or not lengths_value:
+        raise ProtocolError("extended offset table without its lengths, or lengths without it")
+    if len(table_value) != 8 * count or len(lengths_value) != 8 * count:
+        raise ProtocolError(f"extended offset table does not have {count} entries")
+    if len(value) < 8 or value[:4] != _ITEM_TAG:
+        raise ProtocolError("encapsulated pixel data does not start with an item")
+    first_fragment = 8 + unpack_from("<I", value, 4)[0]  # after the basic offset table
+    for offset in unpack_from(f"<{count}Q", table_value):
+        start = first_fragment + offset
+        if value[start : start + 4] != _ITEM_TAG:
+            raise ProtocolError("extended offset table points outside the fragments")
+    return bytes(table_value), bytes(lengths_value)
+
+
+def _cut_native(
+    dataset: Dataset, value: bytes, big_endian_vr: str | None, count: int
+) -> list[bytes]:
+    """Native frames in little endian order; ``big_endian_vr`` is the VR of big endian data."""
+    rows = _positive(dataset.get("Rows"), "Rows")
+    columns = _positive(dataset.get("Columns"), "Columns")
+    samples_value = dataset.get("SamplesPerPixel")
+    samples = 1 if samples_value is None else _positive(samples_value, "SamplesPerPixel")
+    bits = _positive(dataset.get("BitsAllocated"), "BitsAllocated")
+    photometric = str(dataset.get("PhotometricInterpretation") or "").strip()
+    length = _frame_length(rows, columns, samples, bits, photometric)
+    if length is None:
+        raise ProtocolError(f"a frame of {rows}x{columns} {bits}-bit pixels is not whole bytes")
+    needed = length * count
+    if len(value) < needed:
+        raise ProtocolError(
+            f"native pixel data is {len(value)} bytes, {count} frame(s) need {needed}"
+        )
+    # Anything beyond `needed` is padding (one byte for odd lengths, more from some writers);
+    # pydicom ignores it too.
+    if big_endian_vr is not None:
+        value = _to_little_endian(value, needed, big_endian_vr, bits)
+    return [bytes(value[start : start + length]) for start in range(0, needed, length)]
+
+
+def _to_little_endian(value: bytes, needed: int, vr: str, bits: int) -> bytes:
+    """The first ``needed`` bytes of big endian pixel data in little endian byte order.
+
+    OB is a byte stream and is never swapped. OW is a stream of 16-bit words, so 1- and 8-bit
+    data in OW has its byte pairs swapped (as pydicom does for 8-bit data); wider values (and
+    OF/OD float data) are swapped at their own width.
+    """
+    if vr == "OB":
+        return value[:needed]
+    if vr in ("OF", "OD"):
+        width = 4 if vr == "OF" else 8
+    elif bits <= 8:
+        width = 2
+    elif bits in (16, 32, 64):
+        width = bits // 8
+    else:
+        raise ProtocolError(f"cannot convert {bits}-bit big endian pixel data")
+    span = needed + (-needed) % width
+    source = bytes(value[:span]).ljust(span, b"\0")
+    swapped = bytearray(span)
+    for i in range(width):
+        swapped[i::width] = source[width - 1 - i :: width]
+    return bytes(swapped[:needed])

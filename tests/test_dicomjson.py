@@ -1,0 +1,163 @@
+"""The DICOM JSON rendering against PS3.18 Annex F rules, and pydicom round trips of real files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.sequence import Sequence
+
+from dicomfs import dicomjson
+
+DEMO_FILES = ("MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "CT_small.dcm",
+              "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "image_dfl.dcm", "examples_ybr_color.dcm",
+              "rtdose.dcm", "SC_rgb_rle_2frame.dcm", "examples_jpeg2k.dcm", "rtplan.dcm",
+              "waveform_ecg.dcm")
+
+
+def recording_uri(seen: list[str]) -> dicomjson.BulkUri:
+    def uri(path: dicomjson.TagPath) -> str:
+        seen.append(".".join(path))
+        return "bulkdata/" + ".".join(path)
+    return uri
+
+
+def test_annex_f_rules_on_archive_json() -> None:
+    seen: list[str] = []
+    raw = {
+        "00100010": {"vr": "PN", "Value": ["Doe^Jane"]},
+        "00080000": {"vr": "UL", "Value": [10]},  # group length
+        "00020010": {"vr": "UI", "Value": ["1.2.840.10008.1.2.4.80"]},
+        "00020000": {"vr": "UL", "Value": [100]},
+        "00080008": {"vr": "CS", "Value": ["ORIGINAL\\PRIMARY"]},
+        "00281050": {"vr": "DS", "Value": [float("nan"), "40.0", 12.5]},
+        "00280010": {"vr": "US", "Value": [512]},
+        "0009a010": {"vr": "LO", "InlineBinary": "AAAA"},  # InlineBinary on a text VR
+        "00282000": {"vr": "OB", "BulkDataURI": "http://archive/elsewhere/bulk/00282000"},
+        "7fe00010": {"vr": "OW", "BulkDataURI": {"uri": "gs://x", "head": "y"}},
+        "00400275": {"vr": "SQ", "Value": [{"00400007": {"vr": "LO", "Value": ["x"]},
+                                            "00000000": {"vr": "UL", "Value": [4]},
+                                            "00660023": {"vr": "OF", "BulkDataURI": "b"}}]},
+        "00181000": {"vr": "LO"},
+        "00200013": {"vr": "IS", "Value": ["7"]},
+    }
+    out = dicomjson.normalise(raw, recording_uri(seen))
+    keys = list(out)
+    assert keys == sorted(keys) and all(len(k) == 8 and k == k.upper() for k in keys)
+    assert not [k for k in keys if k.endswith("0000") or k.startswith("0002")]
+    assert out["00083002"] == {"vr": "UI", "Value": ["1.2.840.10008.1.2.4.80"]}
+    assert out["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}
+    assert out["00080008"]["Value"] == ["ORIGINAL", "PRIMARY"]
+    assert out["00281050"]["Value"] == [None, 40, 12.5]
+    assert out["00200013"]["Value"] == [7]
+    assert "0009A010" not in out
+    assert out["00282000"] == {"vr": "OB", "BulkDataURI": "bulkdata/00282000"}
+    assert out["7FE00010"] == {"vr": "OW", "BulkDataURI": "bulkdata/7FE00010"}
+    nested = out["00400275"]["Value"][0]
+    assert list(nested) == ["00400007", "00660023"]
+    assert nested["00660023"]["BulkDataURI"] == "bulkdata/00400275.0.00660023"
+    assert out["00181000"] == {"vr": "LO"}
+    assert sorted(seen) == ["00282000", "00400275.0.00660023", "7FE00010"]
+    for element in out.values():  # at most one of Value / BulkDataURI / InlineBinary
+        assert len({"Value", "BulkDataURI", "InlineBinary"} & set(element)) <= 1
+    json.loads(dicomjson.encode(out))  # strict JSON: no NaN anywhere
+    with pytest.raises(ValueError):
+        dicomjson.encode({"x": math.nan})
+
+
+def test_a_value_on_a_binary_vr_is_dropped_not_passed_on() -> None:
+    out = dicomjson.normalise({"00431028": {"vr": "OB", "Value": [1, 2]}}, recording_uri([]))
+    assert "00431028" not in out
+
+
+def test_gzip_is_deterministic_and_carries_no_timestamp() -> None:
+    data = dicomjson.encode([{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}])
+    first, second = dicomjson.gzipped(data), dicomjson.gzipped(data)
+    assert first == second
+    assert first[4:8] == b"\0\0\0\0"  # MTIME
+    assert gzip.decompress(first) == data
+
+
+def test_qido_object_takes_listed_tags_and_computed_counts() -> None:
+    attrs = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "A^B"}]}, "00181000": {"vr": "LO", "Value": ["x"]}}
+    out = dicomjson.qido_object(dicomjson.STUDY_TAGS, attrs, computed={"00201208": dicomjson.count(3)})
+    assert out == {"00100010": attrs["00100010"], "00201208": {"vr": "IS", "Value": [3]}}
+
+
+def _bulk_paths(document: dict, prefix: tuple[str, ...] = ()) -> dict[str, str]:
+    found = {}
+    for tag, element in document.items():
+        if "BulkDataURI" in element:
+            found[element["BulkDataURI"]] = ".".join((*prefix, tag))
+        for i, item in enumerate(element.get("Value", []) if element["vr"] == "SQ" else []):
+            found.update(_bulk_paths(item, (*prefix, tag, str(i))))
+    return found
+
+
+def _assert_same(ours: Dataset, source: Dataset, where: str) -> None:
+    for element in source:
+        tag = element.tag
+        if tag.element == 0 or tag.group == 0x0002 or tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):
+            continue
+        assert tag in ours, f"{where}: {element.keyword or tag} missing"
+        mine = ours[tag]
+        if element.VR == "SQ":
+            assert len(mine.value) == len(element.value), f"{where}: {tag} item count"
+            for i, (a, b) in enumerate(zip(mine.value, element.value)):
+                _assert_same(a, b, f"{where}/{tag}[{i}]")
+        elif element.value in (None, "", b"") or element.value == []:
+            assert mine.value in (None, "", b"") or mine.value == [], f"{where}: {tag} should be empty"
+        elif element.VR in ("DS", "FL", "FD") and not isinstance(element.value, bytes):
+            a = list(mine.value) if element.VM > 1 else [mine.value]
+            b = list(element.value) if element.VM > 1 else [element.value]
+            assert [float(x) for x in a] == pytest.approx([float(x) for x in b], rel=1e-12), f"{where}: {tag}"
+        elif element.VR in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
+            assert bytes(mine.value) == bytes(element.value), f"{where}: {tag} bytes differ"
+        else:
+            assert mine.value == element.value, f"{where}: {element.keyword or tag}: {mine.value!r} != {element.value!r}"
+
+
+@pytest.mark.parametrize("name", DEMO_FILES)
+def test_pydicom_round_trip_of_a_real_file(name: str) -> None:
+    """Dataset.from_json of our metadata (bulk data resolved through our bulk data values) equals
+    the source file's non-pixel elements."""
+    path = Path(pydicom.data.get_testdata_file(name))
+    p10 = path.read_bytes()
+    ds = pydicom.dcmread(path, defer_size=dicomjson.BULK_THRESHOLD)
+    out = dicomjson.normalise(dicomjson.dataset_json(ds), lambda p: "bulkdata/" + ".".join(p))
+    if ds.file_meta.TransferSyntaxUID:
+        assert out["00083002"]["Value"] == [str(ds.file_meta.TransferSyntaxUID)]
+    assert list(out) == sorted(out)
+    document = json.loads(dicomjson.encode(out))
+    paths = _bulk_paths(document)
+
+    def fetch(tag: str, vr: str, uri: str) -> bytes:
+        return dicomjson.bulk_value(p10, paths[uri])
+
+    pixel_uris = {document[t]["BulkDataURI"] for t in ("7FE00010",) if t in document}
+    for uri in pixel_uris:
+        paths.pop(uri)
+        document.pop("7FE00010")
+    ours = Dataset.from_json(document, bulk_data_uri_handler=fetch)
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    _assert_same(ours, source, name)
+    assert isinstance(source.get("PixelData"), type(None))
+
+
+def test_large_binary_values_become_bulk_data_and_small_ones_stay_inline() -> None:
+    ds = Dataset()
+    ds.PatientName = "A^B"
+    ds.add_new(0x00282000, "OB", b"\x01" * dicomjson.BULK_THRESHOLD)  # ICC profile
+    ds.add_new(0x00091010, "OB", b"\x02" * 10)
+    ds.ReferencedImageSequence = Sequence([Dataset()])
+    ds.ReferencedImageSequence[0].add_new(0x00660023, "OW", b"\x03\x00" * 600)
+    seen: list[str] = []
+    out = dicomjson.normalise(dicomjson.dataset_json(ds), recording_uri(seen))
+    assert out["00282000"] == {"vr": "OB", "BulkDataURI": "bulkdata/00282000"}
+    assert out["00091010"] == {"vr": "OB", "InlineBinary": "AgICAgICAgICAg=="}
+    assert seen == ["00081140.0.00660023", "00282000"]
