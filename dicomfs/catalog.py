@@ -6,7 +6,8 @@ everything, single-flight so that N callers cause one query, and the fallback to
 listing when the archive is unreachable: after one failure to reach it, stored listings are
 served without asking again for ``OFFLINE_RECHECK`` seconds. Studies that ``prefetch`` stored are
 remembered so that an offline mount lists them even if the whole archive was never listed.
-With a query, ``studies()`` lists only matching studies (see ``search``).
+With a query, ``studies()`` lists only matching studies (see ``search``). Also keeps each
+series' full metadata (the static DICOMweb tree's input) the same way.
 Must not fetch instance data.
 """
 
@@ -20,11 +21,12 @@ from typing import Any, TypeVar, cast
 
 import cachetools
 import diskcache
+import orjson
 import trio
 
 from dicomfs.errors import AccessRefused, NotFound, SourceError, SourceUnavailable
 from dicomfs.query import Query
-from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import Source
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 OFFLINE_RECHECK = 30.0
 KNOWN_STUDIES = ("known-studies",)
+METADATA_IN_MEMORY = 64
 
 
 class Catalog:
@@ -52,6 +55,8 @@ class Catalog:
         self.instance_ttl = instance_ttl
         self._listings: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(max_entries, listing_ttl)
         self._instance_lists: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(max_entries, instance_ttl)
+        # whole-series metadata is large: few series are kept in memory, the rest in the store
+        self._metadata: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(METADATA_IN_MEMORY, instance_ttl)
         self._store = diskcache.Cache(str(store_dir)) if store_dir is not None else None
         self._flights: SingleFlight[Any] = SingleFlight()
         self._offline_reported = False
@@ -120,16 +125,28 @@ class Catalog:
         return await self._cached(("instances", series.study_uid, series.uid), self._instance_lists,
                                   self.instance_ttl, query)
 
+    async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
+        """Every instance's DICOM JSON as the archive gives it (see ``Source.series_metadata``)."""
+        async def query() -> dict[str, DicomJson]:
+            return await self.source.series_metadata(series)
+
+        # stored as JSON bytes: pickling a large series' dicts takes ten times as long
+        return await self._cached(("metadata", series.study_uid, series.uid), self._metadata,
+                                  self.instance_ttl, query, codec=(orjson.dumps, orjson.loads))
+
     async def _cached(self, key: tuple[str, ...], memory: cachetools.TTLCache[Any, Any], ttl: float,
                       query: Callable[[], Awaitable[T]],
-                      offline: Callable[[], Awaitable[T | None]] | None = None) -> T:
+                      offline: Callable[[], Awaitable[T | None]] | None = None,
+                      codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None) -> T:
+        """``key``'s listing: from memory, the store (if younger than ``ttl``, or whatever its age
+        while offline) or ``query``; ``codec`` (encode, decode) is how the store keeps it."""
         try:
             return memory[key]  # type: ignore[no-any-return]
         except KeyError:
             pass
 
         async def load() -> T:
-            stored = await self._load_stored(key)
+            stored = await self._load_stored(key, codec[1] if codec else None)
             fresh = stored is not None and time.time() - stored[0] < ttl
             if stored is not None and (fresh or time.monotonic() < self._offline_until):
                 memory[key] = stored[1]
@@ -154,7 +171,7 @@ class Catalog:
             self._offline_reported = False
             self._offline_until = 0.0
             memory[key] = value
-            await self._save_stored(key, value)
+            await self._save_stored(key, value, codec[0] if codec else None)
             return value
 
         return await self._flights.run(key, load)
@@ -165,15 +182,27 @@ class Catalog:
             log.warning("archive unreachable (%s): serving stored listings", exc)
             self._offline_reported = True
 
-    async def _load_stored(self, key: tuple[str, ...]) -> tuple[float, Any] | None:
+    async def _load_stored(self, key: tuple[str, ...],
+                           decode: Callable[[Any], Any] | None = None) -> tuple[float, Any] | None:
         if self._store is None:
             return None
+
+        def load() -> tuple[float, Any] | None:
+            assert self._store is not None
+            stored = self._store.get(key)
+            if stored is not None and decode is not None:
+                return stored[0], decode(stored[1])
+            return stored  # type: ignore[no-any-return]
+
         try:
-            return await trio.to_thread.run_sync(self._store.get, key)  # type: ignore[no-any-return]
+            return await trio.to_thread.run_sync(load)
         except Exception as exc:  # a damaged store is a cache miss, not an outage
             log.warning("catalog store unreadable for %s: %s", key[0], exc)
             return None
 
-    async def _save_stored(self, key: tuple[str, ...], value: Any) -> None:
+    async def _save_stored(self, key: tuple[str, ...], value: Any,
+                           encode: Callable[[Any], Any] | None = None) -> None:
         if self._store is not None:
-            await trio.to_thread.run_sync(self._store.set, key, (time.time(), value))
+            store = self._store
+            await trio.to_thread.run_sync(
+                lambda: store.set(key, (time.time(), encode(value) if encode is not None else value)))

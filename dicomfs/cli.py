@@ -103,6 +103,20 @@ def _build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                           type=str.upper)
 
+    export = commands.add_parser("export", help="write the static DICOMweb tree of studies to a folder "
+                                 "(what <mount>/dicomweb shows), fetching them first")
+    export.add_argument("source")
+    export.add_argument("studies", nargs="*", metavar="STUDY_UID")
+    export.add_argument("--dicomweb", required=True, metavar="OUTDIR",
+                        help="the folder to write (it plays the part of <mount>/dicomweb)")
+    export.add_argument("--all", action="store_true", help="every study in the archive")
+    export.add_argument("--query", action="append", metavar="KEY=VALUE", help="studies matching the query")
+    _add_archive_options(export)
+    export.add_argument("--cache-size", help="cache size limit, e.g. 20G")
+    export.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="series fetched at the same time")
+    export.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        type=str.upper)
+
     ls = commands.add_parser("ls", help="search the archive")
     ls.add_argument("source")
     ls.add_argument("--query", action="append", metavar="KEY=VALUE",
@@ -149,11 +163,12 @@ def _archive_options(args: argparse.Namespace, *, with_blobs: bool) -> ArchiveOp
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "prefetch" and not any(e.startswith("-") for e in extra):
+    if args.command in ("prefetch", "export") and not any(e.startswith("-") for e in extra):
         args.studies += extra  # study UIDs after options: dicomfs prefetch SRC --cache-dir D UID...
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     commands = {"umount": lambda: _umount(Path(args.mountpoint)), "prefetch": lambda: _prefetch(args),
+                "export": lambda: _prefetch(args),
                 "ls": lambda: _ls(args), "cache": lambda: _cache(args),
                 "mount": lambda: _mount(args, list(sys.argv[1:] if argv is None else argv))}
     try:
@@ -167,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        if args.command == "prefetch":
+        if args.command in ("prefetch", "export"):
             print("dicomfs: interrupted: complete series are kept; run the same command again to finish",
                   file=sys.stderr)
         return 130
@@ -196,7 +211,8 @@ def _prefetch(args: argparse.Namespace) -> int:
         raise UsageError("say which studies: STUDY_UID ..., --all, or --query KEY=VALUE")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    if args.zip and not args.to:
+    exporting = args.command == "export"
+    if not exporting and args.zip and not args.to:
         raise UsageError("--zip needs --to DIR")
     from dicomfs.uids import is_key
 
@@ -207,7 +223,10 @@ def _prefetch(args: argparse.Namespace) -> int:
     # The selection is studies; the catalog itself shows all of them.
     selection = options.query or Query()
     options = dataclasses.replace(options, query=None)
-    to = check_output_dir(Path(args.to)) if args.to and not args.dry_run else None
+    if exporting:
+        to = check_output_dir(Path(args.dicomweb))
+    else:
+        to = check_output_dir(Path(args.to)) if args.to and not args.dry_run else None
     _configure_logging(args.log_level)
     return trio.run(_run_prefetch, options, args, selection, to)
 
@@ -250,12 +269,14 @@ async def _prefetch_archive(options: ArchiveOptions, args: argparse.Namespace, s
     from dicomfs.prefetch import execute, make_plan, select_studies, summary
 
     started = time.monotonic()
+    exporting = args.command == "export"
+    dry_run = not exporting and args.dry_run
     async with open_archive(options) as archive:
         assert archive.blobs is not None
         studies, missing = await select_studies(archive.catalog, args.studies, args.all, selection)
-        plan = await make_plan(archive.catalog, archive.blobs, studies, args.jobs, list_instances=args.dry_run)
+        plan = await make_plan(archive.catalog, archive.blobs, studies, args.jobs, list_instances=dry_run)
         plan.failures[:0] = missing
-        if args.dry_run:
+        if dry_run:
             for line in plan.describe():
                 print(line, flush=True)
             if plan.total_bytes is not None and plan.total_bytes > archive.blobs.size_limit:
@@ -265,10 +286,22 @@ async def _prefetch_archive(options: ArchiveOptions, args: argparse.Namespace, s
         print(f"prefetching {len(plan.studies)} studies, {len(plan.series)} series "
               f"({len(plan.cached)} already cached)", flush=True)
         await archive.catalog.remember_studies(studies)
-        outcome = await execute(plan, archive.catalog, archive.blobs, args.jobs, sys.stderr, to=to,
-                                zip_output=args.zip)
-    print(summary(plan, outcome, time.monotonic() - started), flush=True)
-    return _report_failures(plan.failures + outcome.failures)
+        outcome = await execute(plan, archive.catalog, archive.blobs, args.jobs, sys.stderr,
+                                to=None if exporting else to, zip_output=not exporting and args.zip)
+        print(summary(plan, outcome, time.monotonic() - started), flush=True)
+        failures = plan.failures + outcome.failures
+        if exporting and to is not None:
+            if failures:
+                _report_failures(failures)
+                print("dicomfs: nothing exported: fix the failures above and run the same command again",
+                      file=sys.stderr)
+                return 1
+            from dicomfs.export import export_tree
+
+            written = await export_tree(archive.catalog, archive.blobs, studies, to)
+            print(f"exported {len(studies)} studies to {to}: {written.files} files written "
+                  f"({written.bytes} bytes), {written.skipped} unchanged", flush=True)
+    return _report_failures(failures)
 
 
 def _report_failures(failures: list[str]) -> int:

@@ -18,7 +18,8 @@ import pyfuse3
 
 from dicomfs.blobstore import BlobStore, InstanceHandle
 from dicomfs.errors import DicomfsError
-from dicomfs.tree import Attributes, Kind, Node, Tree
+from dicomfs.tree import Attributes, Node, Tree
+from dicomfs.webtree import LISTING_FILES
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,19 @@ def entry_attributes(attrs: Attributes, uid: int, gid: int) -> pyfuse3.EntryAttr
     return entry
 
 
+class RenderedFile:
+    """An open file of the static DICOMweb tree: the bytes rendered when it was opened."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    async def read(self, off: int, size: int) -> memoryview:
+        return self._data[off:off + size]
+
+    def close(self) -> None:
+        self._data = memoryview(b"")
+
+
 class DicomOperations(pyfuse3.Operations):
     def __init__(self, tree: Tree, blobs: BlobStore) -> None:
         super().__init__()
@@ -66,7 +80,7 @@ class DicomOperations(pyfuse3.Operations):
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._handles = itertools.count(1)
-        self._files: dict[int, InstanceHandle] = {}
+        self._files: dict[int, InstanceHandle | RenderedFile] = {}
         self._dirs: dict[int, list[tuple[Node, Attributes]]] = {}
 
     def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
@@ -113,13 +127,19 @@ class DicomOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         with _errno_at_the_edge("open"):
             node = self.tree.get(inode)
-            if node.kind is not Kind.INSTANCE:
+            if node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            assert node.series is not None and node.instance is not None
-            handle = await self.blobs.open_instance(node.series, node.instance)
+            handle: InstanceHandle | RenderedFile
+            if node.web is not None:
+                handle = RenderedFile(await self.tree.web_files.content(node.web))
+                keep_cache = node.web.kind not in LISTING_FILES
+            else:
+                assert node.series is not None and node.instance is not None
+                handle = await self.blobs.open_instance(node.series, node.instance)
+                keep_cache = True
             fh = next(self._handles)
             self._files[fh] = handle
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         # (pyfuse3 replies with any object that has the buffer protocol; its stub says bytes)

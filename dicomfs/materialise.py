@@ -1,4 +1,5 @@
-"""Writing cached instances out as plain files: ``DIR/<St>/<Se>/<SOP>.dcm`` or one zip per study.
+"""Writing cached instances out as plain files: ``DIR/<St>/<Se>/<SOP>.dcm`` or one zip per study
+(and, for ``export``, any rendered file).
 
 Owns atomic output (a hidden temporary file in the target folder, fsync, rename), skipping files
 that already hold identical bytes, and nothing being written outside the output folder (names are
@@ -91,6 +92,20 @@ async def write_study_zip(blobs: BlobStore, study_uid: str, members: list[tuple[
         await trio.to_thread.run_sync(_fsync_and_rename, tmp, target)
     written.files += 1
     written.bytes += total
+
+
+def write_bytes(target: Path, data: bytes) -> bool:
+    """Write ``data`` to ``target`` atomically (not fsync'ed: callers sync once at the end);
+    False if it already held these bytes. Blocking."""
+    try:
+        if target.stat().st_size == len(data) and target.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    with _temporary_for(target) as tmp:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return True
 
 
 def _check_names(series: SeriesRecord, instances: list[InstanceRecord]) -> None:

@@ -1,6 +1,7 @@
 """The virtual directory tree: nodes, names, stable inode numbers and attributes.
 
-Owns the layout ``studies/<study>/<series>/<instance>.dcm``, the inode of every path (a hash of
+Owns the layout ``studies/<study>/<series>/<instance>.dcm`` and where the static DICOMweb tree
+(``dicomweb/``, laid out by ``webtree``, rendered by ``webfiles``) hangs in it, the inode of every path (a hash of
 its UIDs, so it survives remounts), mtimes from the archive or the DICOM dates, and the rule that
 a size is only ever reported when it is exact. Testable without FUSE. Must not read instance
 bytes (that is the blob store's job) and must not know pyfuse3.
@@ -20,11 +21,14 @@ from dicomfs.catalog import Catalog
 from dicomfs.errors import NotADirectory, NotFound
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.uids import is_key, is_probe_name
+from dicomfs.webfiles import WebFiles
+from dicomfs.webtree import LISTING_FILES, ROOT, WebLayout, WebNode
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 STUDIES = "studies"
+DICOMWEB = "dicomweb"
 SUFFIX = ".dcm"
 # Instances never change once stored: the kernel may keep their entries and attributes a day.
 IMMUTABLE_TIMEOUT = 86400.0
@@ -36,6 +40,7 @@ class Kind(enum.Enum):
     STUDY = "study"
     SERIES = "series"
     INSTANCE = "instance"
+    WEB = "dicomweb"  # anything below dicomweb/
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,12 @@ class Node:
     study: StudyRecord | None = None
     series: SeriesRecord | None = None
     instance: InstanceRecord | None = None
+    web: WebNode | None = None
 
     @property
     def is_dir(self) -> bool:
+        if self.web is not None:
+            return self.web.is_dir
         return self.kind is not Kind.INSTANCE
 
 
@@ -76,7 +84,12 @@ class Tree:
         self.listing_ttl = listing_ttl
         self.root = Node(Kind.ROOT, ROOT_INODE, "")
         self.studies_dir = Node(Kind.STUDIES, path_inode(STUDIES), STUDIES)
-        self._nodes: dict[int, Node] = {ROOT_INODE: self.root, self.studies_dir.inode: self.studies_dir}
+        self.web_files = WebFiles(catalog, blobs)
+        self.web = WebLayout(catalog, self.web_files)
+        self.dicomweb_dir = self._web_node(ROOT)
+        self._permanent = (ROOT_INODE, self.studies_dir.inode, self.dicomweb_dir.inode)
+        self._nodes: dict[int, Node] = {ROOT_INODE: self.root, self.studies_dir.inode: self.studies_dir,
+                                        self.dicomweb_dir.inode: self.dicomweb_dir}
         self._lookups: Counter[int] = Counter()
 
     # --- inode bookkeeping (the kernel's lookup counts) -------------------------------------
@@ -98,7 +111,7 @@ class Tree:
         self._lookups[inode] -= count
         if self._lookups[inode] <= 0:
             del self._lookups[inode]
-            if inode not in (ROOT_INODE, self.studies_dir.inode):
+            if inode not in self._permanent:
                 self._nodes.pop(inode, None)
 
     @property
@@ -112,6 +125,10 @@ class Tree:
         if parent.kind is Kind.ROOT:
             if name == STUDIES:
                 return self.studies_dir
+            if name == DICOMWEB:
+                return self.dicomweb_dir
+        elif parent.web is not None:
+            return self._web_node(await self.web.lookup(parent.web, name))
         elif parent.kind is Kind.STUDIES:
             if is_key(name):
                 study = (await self.catalog.studies()).get(name)
@@ -139,7 +156,14 @@ class Tree:
         kernel then asks again (``lookup``) before any program can see that size.
         """
         if node.kind is Kind.ROOT:
-            nodes = [self.studies_dir]
+            nodes = [self.studies_dir, self.dicomweb_dir]
+        elif node.web is not None:
+            if not node.web.is_dir:
+                raise NotADirectory(node.name)
+            children = [self._web_node(child) for child in await self.web.children(node.web)]
+            return [(child, self._web_attributes(child, None if child.web is None or child.web.is_dir
+                                                 else self.web_files.known_size(child.web)))
+                    for child in children]
         elif node.kind is Kind.STUDIES:
             studies = await self.catalog.studies()
             nodes = [self._study_node(s) for _, s in sorted(studies.items())]
@@ -163,6 +187,9 @@ class Tree:
     # --- attributes -------------------------------------------------------------------------
     async def attributes(self, node: Node) -> Attributes:
         """Exact attributes; for an instance of unknown size this may fetch its series."""
+        if node.web is not None:
+            size = None if node.web.is_dir else await self.web_files.size(node.web)
+            return self._web_attributes(node, size)
         if node.is_dir:
             return self._dir_attributes(node)
         assert node.series is not None and node.instance is not None
@@ -182,6 +209,18 @@ class Tree:
         return Attributes(node.inode, stat.S_IFREG | 0o444, size, mtime, 1,
                           IMMUTABLE_TIMEOUT, IMMUTABLE_TIMEOUT)
 
+    def _web_attributes(self, node: Node, size: int | None) -> Attributes:
+        """A static DICOMweb folder or file. Files that follow the listings are revalidated like
+        them; frames, bulk data and instance metadata never change."""
+        assert node.web is not None
+        if node.web.is_dir:
+            return self._dir_attributes(node)
+        mtime = node.study.mtime_ns if node.study is not None else 0
+        if size is None:
+            return Attributes(node.inode, stat.S_IFREG | 0o444, 0, mtime, 1, 0.0, 0.0)
+        timeout = self.listing_ttl if node.web.kind in LISTING_FILES else IMMUTABLE_TIMEOUT
+        return Attributes(node.inode, stat.S_IFREG | 0o444, size, mtime, 1, timeout, timeout)
+
     # --- node construction ------------------------------------------------------------------
     def _study_node(self, study: StudyRecord) -> Node:
         return Node(Kind.STUDY, path_inode(STUDIES, study.uid), study.uid, study=study)
@@ -189,6 +228,10 @@ class Tree:
     def _series_node(self, study: StudyRecord, series: SeriesRecord) -> Node:
         return Node(Kind.SERIES, path_inode(STUDIES, study.uid, series.uid), series.uid,
                     study=study, series=series)
+
+    def _web_node(self, web: WebNode) -> Node:
+        return Node(Kind.WEB, path_inode(DICOMWEB, *web.path), web.name, study=web.study,
+                    series=web.series, instance=web.instance, web=web)
 
     def _instance_node(self, study: StudyRecord, series: SeriesRecord, instance: InstanceRecord) -> Node:
         name = instance.key + SUFFIX

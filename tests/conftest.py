@@ -10,8 +10,11 @@ import pydicom
 import pytest
 
 from dicomfs.sources.demo import build_demo_archive
+from tests.cod_bucket import BIG_SERIES, BIG_STUDY, BUCKET, Bucket
+from tests.cod_writer import CodSeriesFiles, series_from_files
+from tests.factory import make_instance
 from tests.mounting import Mount
-from tests.servers import OrthancServer
+from tests.servers import GcsEmulator, OrthancServer
 
 
 def sha256(path: Path) -> str:
@@ -58,3 +61,19 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 
 def tree_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def bucket(demo_dir: Path) -> Iterator[Bucket]:
+    """One GCS emulator for the session: the demo files as COD v1, v2 and hashed-key stores, and a
+    series of 100 instances."""
+    files = [p.read_bytes() for p in sorted(demo_dir.rglob("*.dcm"))]
+    with GcsEmulator(BUCKET) as emulator:
+        store = Bucket(emulator)
+        store.add("v1/dicomweb", series_from_files(files, version=1))
+        store.add("v2/dicomweb", series_from_files(files, version=2, gzip_metadata=False))
+        store.add("deid/dicomweb", series_from_files(files, version=2, hashed_keys=True))
+        big = {f"{BIG_SERIES}.{n}": make_instance(BIG_STUDY, BIG_SERIES, f"{BIG_SERIES}.{n}",
+                                                   pixel_bytes=20_000, number=n) for n in range(1, 101)}
+        store.add("big/dicomweb", [CodSeriesFiles(BIG_STUDY, BIG_SERIES, big)])
+        yield store

@@ -30,6 +30,11 @@ def hashes(root: Path, timeout: float = TIMEOUT) -> dict[str, str]:
     return result
 
 
+def p10_hashes(mount_root: Path, timeout: float = TIMEOUT) -> dict[str, str]:
+    """``studies/…`` path -> sha256 of every instance file of a mount (not its ``dicomweb/``)."""
+    return {f"studies/{k}": v for k, v in hashes(mount_root / "studies", timeout).items()}
+
+
 def read_errno(path: Path, timeout: float = 120) -> int:
     """0 if the whole file reads, else the errno the read failed with."""
     code = ("import sys\ntry:\n    open(sys.argv[1], 'rb').read()\nexcept OSError as e:\n"

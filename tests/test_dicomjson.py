@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 from pathlib import Path
 
 import pydicom
@@ -65,9 +64,7 @@ def test_annex_f_rules_on_archive_json() -> None:
     assert sorted(seen) == ["00282000", "00400275.0.00660023", "7FE00010"]
     for element in out.values():  # at most one of Value / BulkDataURI / InlineBinary
         assert len({"Value", "BulkDataURI", "InlineBinary"} & set(element)) <= 1
-    json.loads(dicomjson.encode(out))  # strict JSON: no NaN anywhere
-    with pytest.raises(ValueError):
-        dicomjson.encode({"x": math.nan})
+    json.loads(dicomjson.encode(out), parse_constant=lambda name: pytest.fail(f"{name} in the output"))
 
 
 def test_a_value_on_a_binary_vr_is_dropped_not_passed_on() -> None:

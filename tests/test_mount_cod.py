@@ -3,87 +3,46 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.cod_writer import CodSeriesFiles, series_from_files, write_series
+from tests.cod_bucket import BIG_SERIES, BIG_STUDY, BUCKET, Bucket, digest, mount_env
+from tests.cod_writer import CodSeriesFiles, write_series
 from tests.factory import make_instance
-from tests.fsutil import hashes, listdir, read_errno, sh
+from tests.fsutil import hashes, listdir, p10_hashes, read_errno, sh
 from tests.mounting import Mount
-from tests.servers import CountingProxy, GcsEmulator, classify_gcs
-
-BUCKET = "cod-test"
-BIG_STUDY, BIG_SERIES = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.7.1"
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class Bucket:
-    def __init__(self, emulator: GcsEmulator) -> None:
-        self.emulator = emulator
-        self.expected: dict[str, dict[str, str]] = {}  # prefix -> mount path -> sha256
-        self.tars: dict[str, int] = {}  # object name -> size
-
-    def add(self, prefix: str, series: list[CodSeriesFiles]) -> None:
-        objects: dict[str, bytes] = {}
-        for one in series:
-            written, expected = write_series(prefix, one)
-            objects.update(written)
-            self.expected.setdefault(prefix, {}).update({k: digest(v) for k, v in expected.items()})
-        self.tars.update({k: len(v) for k, v in objects.items() if k.endswith(".tar")})
-        self.emulator.upload(objects)
-
-
-@pytest.fixture(scope="session")
-def bucket(demo_dir: Path) -> Iterator[Bucket]:
-    files = [p.read_bytes() for p in sorted(demo_dir.rglob("*.dcm"))]
-    with GcsEmulator(BUCKET) as emulator:
-        store = Bucket(emulator)
-        store.add("v1/dicomweb", series_from_files(files, version=1))
-        store.add("v2/dicomweb", series_from_files(files, version=2, gzip_metadata=False))
-        store.add("deid/dicomweb", series_from_files(files, version=2, hashed_keys=True))
-        big = {f"{BIG_SERIES}.{n}": make_instance(BIG_STUDY, BIG_SERIES, f"{BIG_SERIES}.{n}",
-                                                   pixel_bytes=20_000, number=n) for n in range(1, 101)}
-        store.add("big/dicomweb", [CodSeriesFiles(BIG_STUDY, BIG_SERIES, big)])
-        yield store
-
-
-def mount_env(bucket: Bucket) -> dict[str, str]:
-    return {"STORAGE_EMULATOR_HOST": bucket.emulator.endpoint}
+from tests.servers import CountingProxy, classify_gcs
 
 
 @pytest.mark.parametrize("prefix", ["v1/dicomweb", "v2/dicomweb", "deid/dicomweb"])
 def test_every_file_is_byte_identical(bucket: Bucket, prefix: str, mount_factory: Callable[..., Mount]) -> None:
     mount = mount_factory(f"gs://{BUCKET}/{prefix}", env=mount_env(bucket))
-    assert hashes(mount.path) == bucket.expected[prefix]
+    assert p10_hashes(mount.path) == bucket.expected[prefix]
     assert len(bucket.expected[prefix]) == 54
     # and again from the cache after a remount
     mount.stop()
     mount.start()
-    assert hashes(mount.path) == bucket.expected[prefix]
+    assert p10_hashes(mount.path) == bucket.expected[prefix]
 
 
 def test_downloader_url_form_and_endpoint_option(bucket: Bucket, mount_factory: Callable[..., Mount]) -> None:
     token = "t0k3n-abc"
     mount = mount_factory(f"cod+{bucket.emulator.endpoint}/{BUCKET}/v1?token={token}")
-    assert hashes(mount.path) == bucket.expected["v1/dicomweb"]  # "/dicomweb" was appended
+    assert p10_hashes(mount.path) == bucket.expected["v1/dicomweb"]  # "/dicomweb" was appended
     assert "visible in 'ps'" in mount.log and token not in mount.log
     other = mount_factory(f"gs://{BUCKET}/v2/dicomweb", "--endpoint", bucket.emulator.endpoint,
                           name="mnt2", cache="cache2")
-    assert hashes(other.path) == bucket.expected["v2/dicomweb"]
+    assert p10_hashes(other.path) == bucket.expected["v2/dicomweb"]
 
 
 def test_listing_and_sizes_touch_no_tar(bucket: Bucket, mount_factory: Callable[..., Mount]) -> None:
     with CountingProxy(bucket.emulator.port, classify_gcs) as proxy:
         mount = mount_factory(f"gs://{BUCKET}/v1/dicomweb", env={"STORAGE_EMULATOR_HOST": proxy.url})
-        out = sh("find", str(mount.path), "-type", "f", "-printf", "%P %s\n").stdout
-        sizes = dict(line.split() for line in out.splitlines())
+        out = sh("find", str(mount.path / "studies"), "-type", "f", "-printf", "%P %s\n").stdout
+        sizes = {f"studies/{name}": size for name, size in (line.split() for line in out.splitlines())}
         assert set(sizes) == set(bucket.expected["v1/dicomweb"])
         assert proxy.counts["tar"] == 0, proxy.paths
         assert proxy.counts["metadata"] == 20  # one index per series, nothing else

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fsutil import hashes, listdir, sh, stat_errno
+from tests.fsutil import listdir, p10_hashes, sh, stat_errno
 from tests.mounting import Mount, dicomfs, is_mounted
 from tests.servers import free_port, require_tools, wait_until
 
@@ -23,8 +23,8 @@ def test_demo_mount_serves_the_source_bytes(mount_factory: Callable[..., Mount],
                                             demo_expected: dict[str, str]) -> None:
     require_tools("fusermount3", "dcmdump")
     mount = mount_factory("demo")
-    assert listdir(mount.path) == ["studies"]
-    assert hashes(mount.path) == demo_expected
+    assert listdir(mount.path) == ["dicomweb", "studies"]
+    assert p10_hashes(mount.path) == demo_expected
     # real DICOM readers accept every file
     code = ("import pydicom, sys\nfor p in sys.argv[1:]:\n    ds = pydicom.dcmread(p)\n"
             "    assert ds.SOPInstanceUID in p, p\nprint(len(sys.argv) - 1)\n")
@@ -88,11 +88,11 @@ def test_folder_source_is_indexed_once(mount_factory: Callable[..., Mount], demo
     (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
     mount = mount_factory(str(folder))
-    assert hashes(mount.path) == demo_expected  # the two non-DICOM files are not shown
+    assert p10_hashes(mount.path) == demo_expected  # the two non-DICOM files are not shown
     assert "57 files parsed, 0 unchanged" in mount.log
     mount.stop()
     mount.start()
-    assert hashes(mount.path) == demo_expected
+    assert p10_hashes(mount.path) == demo_expected
     assert "0 files parsed, 57 unchanged" in mount.log  # the remount reused the index
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # source untouched
 
@@ -153,7 +153,7 @@ def test_systemd_mode_notifies_and_stops_cleanly(tmp_path: Path, demo_expected: 
         try:
             assert notify.recv(4096) == b"READY=1"
             assert is_mounted(mountpoint)
-            assert len(hashes(mountpoint)) == len(demo_expected)
+            assert len(p10_hashes(mountpoint)) == len(demo_expected)
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(timeout=60) == 0
             assert notify.recv(4096) == b"STOPPING=1"

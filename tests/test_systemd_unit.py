@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fsutil import hashes, sh
+from tests.fsutil import p10_hashes, sh
 from tests.mounting import Mount, is_mounted
 from tests.servers import require_tools, wait_until
 
@@ -77,7 +77,7 @@ def test_unit_commands_clear_stale_mounts_start_and_stop(tmp_path: Path) -> None
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             assert notify.recv(100) == b"READY=1"
-            assert len(hashes(tmp_path / "mnt")) == 54
+            assert len(p10_hashes(tmp_path / "mnt")) == 54
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(timeout=60) == 0
         finally:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,13 @@ class Source(Protocol):
     async def list_series(self, study_uid: str) -> list[SeriesRecord]: ...
 
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]: ...
+
+    async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
+        """Every instance's full DICOM JSON, by instance key, without fetching instance data.
+
+        As the archive has it: it may hold group 0002, the archive's own BulkDataURIs or odd
+        spellings; ``dicomjson.normalise`` makes it canonical.
+        """
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         """Deliver every instance of ``series`` to ``sink``; raise SourceError on failure."""

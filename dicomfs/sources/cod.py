@@ -20,7 +20,7 @@ import google_crc32c
 import httpx
 
 from dicomfs.errors import IntegrityError, NotFound, ProtocolError
-from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
 from dicomfs.sources.cod_metadata import (
@@ -103,6 +103,10 @@ class CodSource:
         index = await self._index(series)
         return [InstanceRecord(series.study_uid, series.uid, i.key, size=i.size, crc32c=i.crc32c,
                                mtime_ns=i.mtime_ns, attrs=i.metadata) for i in index.instances.values()]
+
+    async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
+        index = await self._index(series)
+        return {key: entry.metadata for key, entry in index.instances.items()}
 
     def local_file(self, instance: InstanceRecord) -> Path | None:
         return None

@@ -22,7 +22,7 @@ from dicomfs.multipart import (
     boundary_from_content_type,
 )
 from dicomfs.p10 import NeedMoreData, parse_file_meta
-from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord, json_value
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
 from dicomfs.sources.http import HttpClient
 from dicomfs.uids import is_uid
@@ -35,8 +35,9 @@ MAX_PAGES = 100_000
 
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 # Asked for besides each server's defaults, so that listings show and filter on them.
-STUDY_FIELDS = "includefield=00081030&includefield=00080061"
-SERIES_FIELDS = "includefield=0008103E"
+# Counts and modalities too: the static DICOMweb tree's QIDO files carry them.
+STUDY_FIELDS = "includefield=00081030&includefield=00080061&includefield=00201206&includefield=00201208"
+SERIES_FIELDS = "includefield=0008103E&includefield=00201209"
 
 
 class DicomwebSource:
@@ -86,6 +87,13 @@ class DicomwebSource:
             InstanceRecord(series.study_uid, series.uid, uid, attrs=attrs)
             for uid, attrs in _valid(rows, SOP_UID, "instance")
         ]
+
+    async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
+        url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}/metadata"
+        rows, _ = await self.http.get_json(url)
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise ProtocolError(f"series metadata from {self.root} is not a JSON array of objects")
+        return dict(_valid(rows, SOP_UID, "instance"))
 
     def local_file(self, instance: InstanceRecord) -> Path | None:
         return None

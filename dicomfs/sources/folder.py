@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from dicomfs.errors import NotFound, SourceError
-from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import SeriesSink
 from dicomfs.uids import is_uid
 
@@ -72,6 +72,24 @@ def _parse_file(path: str) -> dict[str, Any] | None:
         "study_attrs": attrs(STUDY_TAGS), "series_attrs": attrs(SERIES_TAGS),
         "instance_attrs": attrs(INSTANCE_TAGS),
     }
+
+
+def _read_metadata(paths: dict[str, Path | None]) -> dict[str, DicomJson]:
+    """Each file's DICOM JSON (large values are not read: they become bulk data). Blocking."""
+    import pydicom
+
+    from dicomfs.dicomjson import BULK_THRESHOLD, dataset_json
+
+    out: dict[str, DicomJson] = {}
+    for key, path in paths.items():
+        if path is None:
+            raise NotFound(f"instance {key} vanished")
+        try:
+            ds = pydicom.dcmread(path, defer_size=BULK_THRESHOLD)
+        except Exception as exc:
+            raise SourceError(f"{path} is no longer readable as DICOM: {exc}") from None
+        out[key] = dataset_json(ds)
+    return out
 
 
 def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +198,10 @@ class FolderSource:
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
         await self._load()
         return list(self._instances.get((series.study_uid, series.uid), []))
+
+    async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
+        paths = {i.key: self.local_file(i) for i in await self.list_instances(series)}
+        return await trio.to_thread.run_sync(_read_metadata, paths)
 
     def local_file(self, instance: InstanceRecord) -> Path | None:
         return self._paths.get((instance.study_uid, instance.series_uid, instance.key))

@@ -25,6 +25,7 @@ from dicomfs.sources.transport import LargeReadTransport
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+LARGE_JSON_BYTES = 1 << 20
 MAX_JSON_BYTES = 512 * 1024 * 1024
 
 
@@ -151,7 +152,10 @@ class HttpClient:
             if response.status_code == 204 or not body.strip():
                 return None, response.headers
             try:
-                return json.loads(body), response.headers
+                if len(body) < LARGE_JSON_BYTES:
+                    return json.loads(body), response.headers
+                # a whole series' metadata parses for a second or more: not on the event loop
+                return await trio.to_thread.run_sync(json.loads, body), response.headers
             except ValueError:
                 raise ProtocolError(f"malformed JSON from {_describe(url)}") from None
 

@@ -1,0 +1,69 @@
+"""``dicomfs export --dicomweb``: the static DICOMweb tree of chosen studies, written to a folder.
+
+Owns the walk of the tree and the files it writes: ``OUTDIR`` is what ``<mount>/dicomweb`` shows,
+for the chosen studies, byte for byte, because both come from the same ``webtree`` layout and
+``webfiles`` rendering. The series are fetched first by the prefetch machinery (progress,
+resumable, failures listed), so frames and bulk data are cut from the cache. Files that already
+hold the same bytes are kept; nothing is written outside ``OUTDIR`` (every name is a validated
+key or one of the layout's fixed names). Must not render anything itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from dicomfs.blobstore import BlobStore
+from dicomfs.catalog import Catalog
+from dicomfs.errors import OutputError
+from dicomfs.materialise import Written, write_bytes
+from dicomfs.records import StudyRecord
+from dicomfs.tasks import open_nursery
+from dicomfs.webfiles import WebFiles
+from dicomfs.webtree import ROOT, WebLayout, WebNode
+
+PARALLEL_FILES = 8
+
+
+async def export_tree(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecord], out_dir: Path) -> Written:
+    """Write the tree of ``studies`` below ``out_dir`` (which plays the part of ``dicomweb/``)."""
+    chosen = {study.uid: study for study in studies}
+
+    async def shown() -> dict[str, StudyRecord]:
+        return chosen
+
+    files = WebFiles(catalog, blobs, studies=shown)
+    layout = WebLayout(catalog, files)
+    written = Written()
+    limit = trio.CapacityLimiter(PARALLEL_FILES)
+
+    async def write(node: WebNode) -> None:
+        async with limit:
+            data = await files.content(node)
+            target = out_dir.joinpath(*node.path)
+            if await trio.to_thread.run_sync(write_bytes, target, data):
+                written.files += 1
+                written.bytes += len(data)
+            else:
+                written.skipped += 1
+
+    async def walk(node: WebNode, nursery: trio.Nursery) -> None:
+        folder = out_dir.joinpath(*node.path)
+        try:
+            await trio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
+        except OSError as exc:
+            raise OutputError(f"cannot create {folder}: {exc.strerror}") from None
+        async with limit:
+            children = await layout.children(node)
+        for child in children:
+            if child.is_dir:
+                nursery.start_soon(walk, child, nursery)
+            else:
+                nursery.start_soon(write, child)
+
+    async with open_nursery() as nursery:
+        nursery.start_soon(walk, ROOT, nursery)
+    await trio.to_thread.run_sync(os.sync)  # files are renamed into place unsynced: sync once
+    return written
