@@ -25,6 +25,7 @@ import orjson
 import trio
 
 from dicomfs.errors import AccessRefused, NotFound, SourceError, SourceUnavailable
+from dicomfs.gcpause import paused
 from dicomfs.query import Query
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
@@ -191,7 +192,7 @@ class Catalog:
             assert self._store is not None
             stored = self._store.get(key)
             if stored is not None and decode is not None:
-                return stored[0], decode(stored[1])
+                return stored[0], paused(decode, stored[1])
             return stored  # type: ignore[no-any-return]
 
         try:

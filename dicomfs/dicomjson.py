@@ -126,6 +126,17 @@ def _dataset(obj: dict[str, Any], path: TagPath, bulk_uri: BulkUri) -> DicomJson
         tag = _canonical_tag(key)
         if tag is None:
             continue
+        if type(element) is dict and len(element) == 2:  # the common case, inline: one plain value
+            values = element.get("Value")
+            if type(values) is list and len(values) == 1:
+                single, vr = values[0], element.get("vr")
+                kind = type(single)
+                if ((kind is str and vr in _PLAIN_STRING_VRS and "\\" not in single)
+                        or (kind is int and vr in NUMBER_VRS) or (kind is dict and vr == "PN")):
+                    out[tag] = element
+                    in_order = in_order and tag > previous
+                    previous = tag
+                    continue
         if not isinstance(element, dict) or not isinstance(element.get("vr"), str):
             log.warning("element %s has no VR: left out", tag)
             continue

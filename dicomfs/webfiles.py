@@ -23,6 +23,7 @@ from dicomfs import dicomjson, frames
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import IntegrityError, NotFound
+from dicomfs.gcpause import paused
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.search import Search
 from dicomfs.singleflight import SingleFlight
@@ -212,7 +213,7 @@ class WebFiles:
         known = self._series_json.get(series.key)
         if known is not None and known.source is source:
             return known
-        made = await trio.to_thread.run_sync(_canonical_series, series, source)
+        made = await trio.to_thread.run_sync(paused, _canonical_series, series, source)
         self._series_json[series.key] = made
         return made
 

@@ -22,7 +22,7 @@ from tests.cod_bucket import BUCKET, Bucket, mount_env
 from tests.fsutil import hashes, listdir, read_errno, sh
 from tests.mounting import Mount, dicomfs
 from tests.nginx import serve_static_tree
-from tests.servers import CountingProxy, OrthancServer
+from tests.servers import CountingProxy, OrthancServer, classify_gcs
 
 pytestmark = pytest.mark.mount
 
@@ -151,24 +151,29 @@ def test_listing_and_metadata_fetch_no_series_blob(orthanc: OrthancServer,
                                                    mount_factory: Callable[..., Mount]) -> None:
     with CountingProxy(orthanc.port) as proxy:
         mount = mount_factory(proxy.dicomweb)
-        web = mount.path / "dicomweb" / "studies"
-        read = 0
-        for study in [s for s in listdir(web) if s != "index.json.gz"]:
-            for name in ("index.json.gz", "series/index.json.gz"):
-                json.loads(gzip.decompress((web / study / name).read_bytes()))
-            for series in [s for s in listdir(web / study / "series") if s != "index.json.gz"]:
-                folder = web / study / "series" / series
-                for name in ("metadata.gz", "series-singleton.json.gz", "instances/index.json.gz"):
-                    json.loads(gzip.decompress((folder / name).read_bytes()))
-                    read += 1
-                for sop in [s for s in listdir(folder / "instances") if s != "index.json.gz"]:
-                    json.loads(gzip.decompress((folder / "instances" / sop / "metadata.gz").read_bytes()))
-        json.loads(gzip.decompress((web / "index.json.gz").read_bytes()))
-        assert read > 10
+        assert read_all_json(mount.path / "dicomweb" / "studies") > 54
         retrieves = [p for p in proxy.paths if p.split("?")[0].rstrip("/").split("/")[-1] not in
                      ("studies", "series", "instances", "metadata")]
         assert retrieves == [], retrieves
         assert proxy.counts["wado-series"] == 0
+
+
+def read_all_json(web: Path) -> int:
+    """Read every index and metadata file of a mounted dicomweb/studies tree; how many."""
+    read = 0
+    for study in [s for s in listdir(web) if s != "index.json.gz"]:
+        for name in ("index.json.gz", "series/index.json.gz"):
+            json.loads(gzip.decompress((web / study / name).read_bytes()))
+        for series in [s for s in listdir(web / study / "series") if s != "index.json.gz"]:
+            folder = web / study / "series" / series
+            for name in ("metadata.gz", "series-singleton.json.gz", "instances/index.json.gz"):
+                json.loads(gzip.decompress((folder / name).read_bytes()))
+                read += 1
+            for sop in [s for s in listdir(folder / "instances") if s != "index.json.gz"]:
+                json.loads(gzip.decompress((folder / "instances" / sop / "metadata.gz").read_bytes()))
+                read += 1
+    json.loads(gzip.decompress((web / "index.json.gz").read_bytes()))
+    return read
 
 
 def test_export_is_byte_identical_to_the_mounted_tree(orthanc: OrthancServer, tmp_path: Path,
@@ -237,6 +242,14 @@ def test_cod_bucket_through_nginx(bucket: Bucket, demo_dir: Path, served_mount: 
                     check_frames(client, uid, se, sop, files[sop], base)
                     seen += 1
         assert seen == len(files)
+
+
+def test_cod_listing_and_metadata_read_no_tar(bucket: Bucket, mount_factory: Callable[..., Mount]) -> None:
+    with CountingProxy(bucket.emulator.port, classify_gcs) as proxy:
+        mount = mount_factory(f"gs://{BUCKET}/v1/dicomweb", env={"STORAGE_EMULATOR_HOST": proxy.url})
+        assert read_all_json(mount.path / "dicomweb" / "studies") > 54
+        assert proxy.counts["tar"] == 0, proxy.paths
+        assert proxy.counts["metadata"] == 20  # one metadata.json per series, read once
 
 
 # --- local folders: metadata round trip and bad files ---------------------------------------------

@@ -19,6 +19,7 @@ import httpx
 import trio
 
 from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable
+from dicomfs.gcpause import paused
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.transport import LargeReadTransport
 
@@ -155,7 +156,7 @@ class HttpClient:
                 if len(body) < LARGE_JSON_BYTES:
                     return json.loads(body), response.headers
                 # a whole series' metadata parses for a second or more: not on the event loop
-                return await trio.to_thread.run_sync(json.loads, body), response.headers
+                return await trio.to_thread.run_sync(paused, json.loads, body), response.headers
             except ValueError:
                 raise ProtocolError(f"malformed JSON from {_describe(url)}") from None
 

@@ -1,0 +1,40 @@
+"""Pausing Python's cyclic garbage collector while a large JSON document is built or rewritten.
+
+Parsing a whole series' metadata creates about a million small objects, and each batch of them
+sets off a collection that walks every object alive: with the collector paused the same parse
+takes a third of the time (measured: 1.0 s -> 0.32 s for 29 MB from Orthanc). The collector is
+one per process, so the pause is too: a counter (under a lock) lets pauses in several worker
+threads overlap, and the collector runs again when the last one ends. Nothing here is cyclic, so
+nothing is lost by waiting. Must not be used around anything that may block for long.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_pauses = 0
+_was_enabled = True
+
+
+def paused(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``call(*args, **kwargs)`` with the cyclic garbage collector paused."""
+    global _pauses, _was_enabled
+    with _lock:
+        if _pauses == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        return call(*args, **kwargs)
+    finally:
+        with _lock:
+            _pauses -= 1
+            if _pauses == 0 and _was_enabled:
+                gc.enable()
