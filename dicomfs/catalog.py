@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 OFFLINE_RECHECK = 30.0
 KNOWN_STUDIES = ("known-studies",)
-METADATA_IN_MEMORY = 64
+METADATA_IN_MEMORY = 4  # webfiles keeps the canonical form; this serves concurrent callers
 
 
 class Catalog:
@@ -205,5 +205,8 @@ class Catalog:
                            encode: Callable[[Any], Any] | None = None) -> None:
         if self._store is not None:
             store = self._store
-            await trio.to_thread.run_sync(
-                lambda: store.set(key, (time.time(), encode(value) if encode is not None else value)))
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: store.set(key, (time.time(), encode(value) if encode is not None else value)))
+            except Exception as exc:  # a listing that cannot be stored is only not remembered
+                log.warning("catalog store cannot keep %s: %s", key[0], exc)

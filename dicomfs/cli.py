@@ -298,9 +298,9 @@ async def _prefetch_archive(options: ArchiveOptions, args: argparse.Namespace, s
                 return 1
             from dicomfs.export import export_tree
 
-            written = await export_tree(archive.catalog, archive.blobs, studies, to)
+            written, failures = await export_tree(archive.catalog, archive.blobs, studies, to)
             print(f"exported {len(studies)} studies to {to}: {written.files} files written "
-                  f"({written.bytes} bytes), {written.skipped} unchanged", flush=True)
+                  f"({written.bytes} bytes), {written.skipped} unchanged, {len(failures)} failed", flush=True)
     return _report_failures(failures)
 
 

@@ -40,6 +40,8 @@ _PLAIN_STRING_VRS = frozenset({"AE", "AS", "AT", "CS", "DA", "DT", "LO", "LT", "
 PIXEL_TAGS = frozenset({"7FE00008", "7FE00009", "7FE00010"})
 TRANSFER_SYNTAX = "00020010"
 AVAILABLE_TRANSFER_SYNTAX = "00083002"
+_INT64 = 1 << 63
+_INT53 = 1 << 53  # larger whole floats stay floats: not every JSON reader holds them as integers
 BULK_THRESHOLD = 1024  # binary values of this many bytes or more become bulk data files
 GZIP_LEVEL = 6
 _TAG = re.compile(r"^[0-9A-F]{8}$")
@@ -80,8 +82,12 @@ def _dataset_json(ds: Dataset, path: TagPath) -> DicomJson:
     from pydicom.dataelem import DataElement
     from pydicom.filewriter import correct_ambiguous_vr
 
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
     try:
-        correct_ambiguous_vr(ds, True)
+        # only implicit VR data has ambiguous VRs; the call reads every (also deferred) value
+        if not path and (syntax is None or syntax.is_implicit_VR):
+            correct_ambiguous_vr(ds, True)
     except Exception as exc:  # an implicit-VR file whose ambiguous VRs cannot be resolved
         log.debug("ambiguous VRs left as they are: %s", exc)
     out: DicomJson = {}
@@ -132,7 +138,8 @@ def _dataset(obj: dict[str, Any], path: TagPath, bulk_uri: BulkUri) -> DicomJson
                 single, vr = values[0], element.get("vr")
                 kind = type(single)
                 if ((kind is str and vr in _PLAIN_STRING_VRS and "\\" not in single)
-                        or (kind is int and vr in NUMBER_VRS) or (kind is dict and vr == "PN")):
+                        or (kind is int and vr in NUMBER_VRS and -_INT64 <= single < _INT64)
+                        or (kind is dict and vr == "PN")):
                     out[tag] = element
                     in_order = in_order and tag > previous
                     previous = tag
@@ -157,8 +164,8 @@ def _element(element: dict[str, Any], path: TagPath, tag: str, bulk_uri: BulkUri
             if all(type(v) is str and "\\" not in v for v in values):
                 return element
         elif vr in NUMBER_VRS:
-            if all(type(v) is int or (type(v) is float and math.isfinite(v) and not v.is_integer())
-                   for v in values):
+            if all((type(v) is int and -_INT64 <= v < _INT64)
+                   or (type(v) is float and math.isfinite(v) and not v.is_integer()) for v in values):
                 return element
         elif vr == "PN":
             if all(type(v) is dict for v in values):
@@ -205,8 +212,10 @@ def _scalar(vr: str, value: Any) -> Any:
         if isinstance(value, float):
             if not math.isfinite(value):
                 return None  # JSON has no NaN: an empty value is the honest rendering
-            return int(value) if value.is_integer() and vr in ("IS", "DS") else value
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+            return int(value) if value.is_integer() and vr in ("IS", "DS") and abs(value) < _INT53 else value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value if -_INT64 <= value < _INT64 else float(value)  # JSON readers stop at 64 bits
+        return None
     return value
 
 
@@ -234,8 +243,9 @@ def qido_object(tags: Iterable[str], *sources: DicomJson, computed: DicomJson | 
     out: DicomJson = {}
     for tag in tags:
         for attrs in sources:
-            if tag in attrs:
-                out[tag] = attrs[tag]
+            element = attrs.get(tag)
+            if isinstance(element, dict) and "BulkDataURI" not in element and "InlineBinary" not in element:
+                out[tag] = element
                 break
         else:
             if computed and tag in computed:
@@ -268,25 +278,28 @@ def gzipped(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
 
 
-def bulk_value(p10: bytes, tags: str) -> bytes:
+def bulk_value(p10: bytes | bytearray, tags: str) -> bytes:
     """The value of the element at tag path ``tags`` ("0040A730.0.00282000") in a Part 10 file,
-    as stored. Raises ProtocolError if it is not there."""
+    as stored (binary or not: archives mark text and numbers as bulk data too). Raises
+    ProtocolError if it is not there."""
     import io
 
     import pydicom
+    from pydicom.dataelem import RawDataElement
 
     from dicomfs.errors import ProtocolError
 
     parts = tags.split(".")
     try:
         node: Any = pydicom.dcmread(io.BytesIO(p10))
-        for index, part in enumerate(parts):
-            if index % 2:
-                node = node[int(part)]
-            else:
-                node = node[int(part, 16)].value
+        for index, part in enumerate(parts[:-1]):
+            node = node[int(part)] if index % 2 else node[int(part, 16)].value
+        element = node.get_item(int(parts[-1], 16))
     except Exception as exc:
         raise ProtocolError(f"bulk data {tags} is not in the instance: {exc}") from None
-    if not isinstance(node, bytes | bytearray):
-        raise ProtocolError(f"bulk data {tags} is not a binary value")
-    return bytes(node)
+    if element is None:
+        raise ProtocolError(f"bulk data {tags} is not in the instance")
+    value = element.value
+    if isinstance(element, RawDataElement) or isinstance(value, bytes | bytearray):
+        return bytes(value or b"")
+    raise ProtocolError(f"bulk data {tags} has no stored bytes")

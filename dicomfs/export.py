@@ -17,7 +17,7 @@ import trio
 
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
-from dicomfs.errors import OutputError
+from dicomfs.errors import DicomfsError, OutputError
 from dicomfs.materialise import Written, write_bytes
 from dicomfs.records import StudyRecord
 from dicomfs.tasks import open_nursery
@@ -27,8 +27,12 @@ from dicomfs.webtree import ROOT, WebLayout, WebNode
 PARALLEL_FILES = 8
 
 
-async def export_tree(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecord], out_dir: Path) -> Written:
-    """Write the tree of ``studies`` below ``out_dir`` (which plays the part of ``dicomweb/``)."""
+async def export_tree(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecord],
+                      out_dir: Path) -> tuple[Written, list[str]]:
+    """Write the tree of ``studies`` below ``out_dir`` (which plays the part of ``dicomweb/``).
+    A file that cannot be rendered (a broken instance, say) is listed in the failures returned,
+    and the rest is written; a folder that cannot be listed fails its whole subtree the same way.
+    An output error (disk full, permissions) stops everything."""
     chosen = {study.uid: study for study in studies}
 
     async def shown() -> dict[str, StudyRecord]:
@@ -39,9 +43,17 @@ async def export_tree(catalog: Catalog, blobs: BlobStore, studies: list[StudyRec
     written = Written()
     limit = trio.CapacityLimiter(PARALLEL_FILES)
 
+    failures: list[str] = []
+
     async def write(node: WebNode) -> None:
         async with limit:
-            data = await files.content(node)
+            try:
+                data = await files.content(node)
+            except DicomfsError as exc:
+                if isinstance(exc, OutputError):
+                    raise
+                failures.append(f"{'/'.join(node.path)}: {exc}")
+                return
             target = out_dir.joinpath(*node.path)
             if await trio.to_thread.run_sync(write_bytes, target, data):
                 written.files += 1
@@ -56,7 +68,11 @@ async def export_tree(catalog: Catalog, blobs: BlobStore, studies: list[StudyRec
         except OSError as exc:
             raise OutputError(f"cannot create {folder}: {exc.strerror}") from None
         async with limit:
-            children = await layout.children(node)
+            try:
+                children = await layout.children(node)
+            except DicomfsError as exc:
+                failures.append(f"{'/'.join(node.path) or '.'}/: {exc}")
+                return
         for child in children:
             if child.is_dir:
                 nursery.start_soon(walk, child, nursery)
@@ -66,4 +82,4 @@ async def export_tree(catalog: Catalog, blobs: BlobStore, studies: list[StudyRec
     async with open_nursery() as nursery:
         nursery.start_soon(walk, ROOT, nursery)
     await trio.to_thread.run_sync(os.sync)  # files are renamed into place unsynced: sync once
-    return written
+    return written, sorted(failures)

@@ -126,13 +126,16 @@ def _frame_length(rows: int, columns: int, samples: int, bits: int, photometric:
     return length
 
 
+_MAX_DIMENSION = 1 << 16  # Rows, Columns (US), samples and bits are 16-bit values in DICOM
+
+
 def _json_int(attrs: Mapping[str, Any], key: str) -> int | None:
     element = attrs.get(key)
     values = element.get("Value") if isinstance(element, Mapping) else None
     if not isinstance(values, list) or not values:
         return None
     value = values[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_DIMENSION:
         return None
     return value
 

@@ -113,11 +113,12 @@ class DicomOperations(pyfuse3.Operations):
         entries = self._dirs.get(fh)
         if entries is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        for index in range(start_id, len(entries)):
-            node, attrs = entries[index]
-            if not pyfuse3.readdir_reply(token, node.name.encode(), self._entry(attrs), index + 1):
-                break
-            self.tree.remember(node)
+        with _errno_at_the_edge("readdir"):
+            for index in range(start_id, len(entries)):
+                node, attrs = entries[index]
+                if not pyfuse3.readdir_reply(token, node.name.encode(), self._entry(attrs), index + 1):
+                    break
+                self.tree.remember(node)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

@@ -22,31 +22,41 @@ import trio
 from dicomfs import dicomjson, frames
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
-from dicomfs.errors import IntegrityError, NotFound
+from dicomfs.errors import DicomfsError, IntegrityError, NotFound
 from dicomfs.gcpause import paused
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.search import Search
 from dicomfs.singleflight import SingleFlight
 from dicomfs.tasks import open_nursery
-from dicomfs.webtree import LISTING_FILES, WebKind, WebNode
+from dicomfs.uids import is_key
+from dicomfs.webtree import LISTING_FILES, MAX_FRAMES, WebKind, WebNode
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LISTING_MEMORY = 64 << 20  # bytes of rendered index and series metadata files kept
+LISTING_MEMORY = 128 << 20  # bytes of rendered index and series metadata files kept
 FILE_MEMORY = 128 << 20  # bytes of rendered frames, bulk data and instance metadata kept
 KNOWN_SIZES = 1_000_000
-NORMALISED_SERIES = 32
+NORMALISED_SERIES = 16
 PARALLEL = 8
+PARALLEL_CUTS = 2  # instances whose frames are being cut at once (each is held in memory whole)
 
 
 @dataclass(frozen=True)
 class SeriesJson:
     """A series' metadata in canonical form, and what the layout needs to know from it."""
 
-    source: dict[str, DicomJson]  # the catalog's object it was made from
     instances: dict[str, DicomJson]  # instance key -> canonical DICOM JSON
     bulk: dict[str, list[str]]  # instance key -> non-pixel bulk data tag paths
+
+
+@dataclass
+class _Listing:
+    """A rendered listing file; ``pinned_until``: the kernel may hold its size until then."""
+
+    data: bytes
+    rendered: float  # trio.current_time()
+    pinned_until: float = 0.0
 
 
 class WebFiles:
@@ -56,25 +66,34 @@ class WebFiles:
         self.catalog = catalog
         self.blobs = blobs
         self.studies = studies or catalog.studies
+        self.ttl = catalog.listing_ttl
         self._search = Search(catalog)
-        self._listing_files: cachetools.TTLCache[WebNode, bytes] = cachetools.TTLCache(
-            LISTING_MEMORY, catalog.listing_ttl, getsizeof=len)
+        self._listings: cachetools.LRUCache[WebNode, _Listing] = cachetools.LRUCache(
+            LISTING_MEMORY, getsizeof=lambda entry: len(entry.data))
         self._files: cachetools.LRUCache[WebNode, bytes] = cachetools.LRUCache(FILE_MEMORY, getsizeof=len)
         self._sizes: cachetools.LRUCache[WebNode, int] = cachetools.LRUCache(KNOWN_SIZES)
-        self._series_json: cachetools.LRUCache[str, SeriesJson] = cachetools.LRUCache(NORMALISED_SERIES)
+        self._series_json: cachetools.TTLCache[str, SeriesJson] = cachetools.TTLCache(
+            NORMALISED_SERIES, catalog.instance_ttl)
         self._flights: SingleFlight[Any] = SingleFlight()
         # two levels, so that a study's task waiting for its series' tasks never starves them
         self._study_limit = trio.CapacityLimiter(PARALLEL)
         self._series_limit = trio.CapacityLimiter(PARALLEL)
+        self._cut_limit = trio.CapacityLimiter(PARALLEL_CUTS)
 
     # --- sizes ------------------------------------------------------------------------------------
     def known_size(self, node: WebNode) -> int | None:
-        """The size if it is known without any I/O (rendered before, or remembered)."""
-        cache = self._listing_files if node.kind in LISTING_FILES else self._files
-        data = cache.get(node)
-        if data is not None:
-            return len(data)
-        return self._sizes.get(node)
+        """The size if it is known without any I/O (rendered before, or remembered). A listing
+        file's size is told only while its rendering is younger than the listing TTL, and then
+        its bytes are kept for as long as the kernel may trust that size."""
+        if node.kind in LISTING_FILES:
+            entry = self._listings.get(node)
+            now = trio.current_time()
+            if entry is None or now - entry.rendered > self.ttl:
+                return None
+            entry.pinned_until = max(entry.pinned_until, now + self.ttl)
+            return len(entry.data)
+        data = self._files.get(node)
+        return len(data) if data is not None else self._sizes.get(node)
 
     async def size(self, node: WebNode) -> int:
         """The exact size: from the metadata for native frames, otherwise by rendering the file
@@ -82,6 +101,10 @@ class WebFiles:
         known = self.known_size(node)
         if known is not None:
             return known
+        if node.kind in LISTING_FILES:
+            entry = await self._render_listing(node)
+            entry.pinned_until = trio.current_time() + self.ttl
+            return len(entry.data)
         if node.kind is WebKind.FRAME:
             announced = await self._native_frame_file_size(node)
             if announced is not None:
@@ -99,48 +122,67 @@ class WebFiles:
 
     # --- contents ---------------------------------------------------------------------------------
     async def content(self, node: WebNode) -> bytes:
-        listing = node.kind in LISTING_FILES
-        cache = self._listing_files if listing else self._files
-        data = cache.get(node)
+        """The file's bytes. A listing file whose size the kernel may still hold is served as it
+        was then, so that a reader never gets more or fewer bytes than ``stat`` said."""
+        if node.kind in LISTING_FILES:
+            entry = self._listings.get(node)
+            now = trio.current_time()
+            if entry is not None and (now < entry.pinned_until or now - entry.rendered <= self.ttl):
+                return entry.data
+            entry = await self._render_listing(node)
+            entry.pinned_until = trio.current_time() + self.ttl
+            return entry.data
+        data = self._files.get(node)
         if data is not None:
             return data
 
         async def render() -> bytes:
             rendered = await self._render(node)
-            cache[node] = rendered
-            if not listing:
-                self._sizes[node] = len(rendered)
+            _keep(self._files, node, rendered)
+            self._sizes[node] = len(rendered)
             return rendered
 
         return await self._flights.run(("file", node), render)  # type: ignore[no-any-return]
+
+    async def _render_listing(self, node: WebNode) -> _Listing:
+        async def render() -> _Listing:
+            entry = _Listing(await self._render(node), trio.current_time())
+            _keep(self._listings, node, entry, len(entry.data))
+            return entry
+
+        return await self._flights.run(("listing", node), render)  # type: ignore[no-any-return]
 
     async def _render(self, node: WebNode) -> bytes:
         kind = node.kind
         if kind is WebKind.STUDIES_INDEX:
             studies = sorted((await self.studies()).values(), key=lambda s: s.uid)
-            return _json_file(await self._each(studies, self._study_object, self._study_limit))
+            return await _json_file(await self._each(studies, self._study_object, self._study_limit,
+                                                     skip_failures=True))
         if kind is WebKind.STUDY_INDEX:
             assert node.study is not None
-            return _json_file([await self._study_object(node.study)])
+            return await _json_file([await self._study_object(node.study)])
         if kind is WebKind.SERIES_INDEX:
             assert node.study is not None
             study = node.study
             series = sorted((await self.catalog.series_of(study.uid)).values(), key=lambda s: s.uid)
-            return _json_file(await self._each(series, lambda s: self._series_object(study, s),
-                                               self._series_limit))
+            return await _json_file(await self._each(series, lambda s: self._series_object(study, s),
+                                                     self._series_limit, skip_failures=True))
         if kind is WebKind.SERIES_SINGLETON:
             assert node.study is not None and node.series is not None
-            return _json_file([await self._series_object(node.study, node.series)])
+            return await _json_file([await self._series_object(node.study, node.series)])
         if kind is WebKind.INSTANCES_INDEX:
             assert node.series is not None
             instances = await self.catalog.instances_of(node.series)
-            return _json_file([_instance_object(node.series, instances[key]) for key in sorted(instances)])
+            return await _json_file([_instance_object(node.series, instances[key]) for key in sorted(instances)])
         if kind is WebKind.SERIES_METADATA:
             assert node.series is not None
             series_json = await self.series_json(node.series)
-            return _json_file([series_json.instances[key] for key in sorted(series_json.instances)])
+            listed = await self.catalog.instances_of(node.series)
+            # only instances that are listed too: a viewer asks for their frames next
+            return await _json_file([series_json.instances[key] for key in sorted(series_json.instances)
+                                     if key in listed])
         if kind is WebKind.INSTANCE_METADATA:
-            return _json_file([await self._instance_json(node)])
+            return await _json_file([await self._instance_json(node)])
         if kind is WebKind.FRAME:
             return await self._frame(node)
         if kind is WebKind.BULK_FILE:
@@ -192,30 +234,42 @@ class WebFiles:
             merged.update({t: attrs[t] for t in dicomjson.SERIES_TAGS if t in attrs and t not in merged})
         return merged
 
-    async def _each(self, items: list[T], make: Callable[[T], Awaitable[Any]],
-                    limit: trio.CapacityLimiter) -> list[Any]:
-        """``make`` of every item, in order, a few at a time."""
+    async def _each(self, items: list[T], make: Callable[[T], Awaitable[Any]], limit: trio.CapacityLimiter,
+                    *, skip_failures: bool = False) -> list[Any]:
+        """``make`` of every item, in order, a few at a time. With ``skip_failures`` an item whose
+        ``make`` fails is left out with a log line (one bad study must not hide the others)."""
         results: list[Any] = [None] * len(items)
+        failed: set[int] = set()
 
         async def one(index: int, item: T) -> None:
             async with limit:
-                results[index] = await make(item)
+                try:
+                    results[index] = await make(item)
+                except DicomfsError as exc:
+                    if not skip_failures:
+                        raise
+                    log.warning("left out of a listing file: %s: %s", getattr(item, "uid", item), exc)
+                    failed.add(index)
 
         async with open_nursery() as nursery:
             for index, item in enumerate(items):
                 nursery.start_soon(one, index, item)
-        return results
+        return [result for index, result in enumerate(results) if index not in failed]
 
     # --- metadata ---------------------------------------------------------------------------------
     async def series_json(self, series: SeriesRecord) -> SeriesJson:
-        """The series' metadata in canonical form (made again when the catalog's changes)."""
-        source = await self.catalog.series_metadata(series)
+        """The series' metadata in canonical form, made once per ``instance_ttl``."""
         known = self._series_json.get(series.key)
-        if known is not None and known.source is source:
+        if known is not None:
             return known
-        made = await trio.to_thread.run_sync(paused, _canonical_series, series, source)
-        self._series_json[series.key] = made
-        return made
+
+        async def make() -> SeriesJson:
+            source = await self.catalog.series_metadata(series)
+            made = await trio.to_thread.run_sync(paused, _canonical_series, series, source)
+            self._series_json[series.key] = made
+            return made
+
+        return await self._flights.run(("series json", series.key), make)  # type: ignore[no-any-return]
 
     async def _instance_json(self, node: WebNode) -> DicomJson:
         assert node.series is not None and node.instance is not None
@@ -227,20 +281,22 @@ class WebFiles:
     async def frame_count(self, node: WebNode) -> int:
         meta = await self._instance_json(node)
         # Some archives (Orthanc) leave the pixel data element out of the metadata of compressed
-        # images: an image is anything with pixel data or with rows and columns.
-        if not any(tag in meta for tag in (*dicomjson.PIXEL_TAGS, "00280010")):
+        # images: an image is anything with pixel data, or with the Image Pixel module's rows,
+        # columns, bits allocated and photometric interpretation.
+        if not any(tag in meta for tag in dicomjson.PIXEL_TAGS) and not all(
+                tag in meta for tag in ("00280010", "00280011", "00280100", "00280004")):
             return 0
         count = json_value(meta, "00280008")
-        return count if isinstance(count, int) and count > 0 else 1
+        return min(count, MAX_FRAMES) if isinstance(count, int) and count > 0 else 1
 
     async def bulk_paths(self, series: SeriesRecord) -> dict[str, list[str]]:
         return (await self.series_json(series)).bulk
 
     # --- instance bytes -----------------------------------------------------------------------------
-    async def _instance_bytes(self, series: SeriesRecord, instance: InstanceRecord) -> bytes:
+    async def _instance_bytes(self, series: SeriesRecord, instance: InstanceRecord) -> bytearray | bytes:
         handle = await self.blobs.open_instance(series, instance)
         try:
-            return bytes(await handle.read(0, handle.length))
+            return await handle.read(0, handle.length)
         finally:
             handle.close()
 
@@ -249,9 +305,9 @@ class WebFiles:
         series, instance = node.series, node.instance
 
         async def cut() -> list[bytes]:
-            data = await self._instance_bytes(series, instance)
-            cut = await trio.to_thread.run_sync(frames.cut_frames, data)
-            return [frames.frame_file(frame, cut.transfer_syntax) for frame in cut.frames]
+            async with self._cut_limit:  # each cut holds a whole instance in memory
+                data = await self._instance_bytes(series, instance)
+                return await trio.to_thread.run_sync(_frame_files, data)
 
         files = await self._flights.run(("frames", series.key, instance.key), cut)
         if node.frame > len(files):
@@ -261,12 +317,13 @@ class WebFiles:
         if announced is not None and announced != len(data):
             raise IntegrityError(f"frame {node.frame} of {instance.key} is {len(data)} bytes, "
                                  f"its metadata says {announced}")
-        for number, other in enumerate(files, 1):  # the viewer asks for the others next
-            if number != node.frame:
-                sibling = WebNode(WebKind.FRAME, (*node.path[:-1], f"{number}.mht"), node.study, series,
-                                  instance, frame=number)
-                self._files[sibling] = other
-                self._sizes[sibling] = len(other)
+        if sum(len(f) for f in files) <= self._files.maxsize // 4:
+            for number, other in enumerate(files, 1):  # the viewer asks for the others next
+                if number != node.frame:
+                    sibling = WebNode(WebKind.FRAME, (*node.path[:-1], f"{number}.mht"), node.study, series,
+                                      instance, frame=number)
+                    self._files[sibling] = other
+                    self._sizes[sibling] = len(other)
         return data
 
     async def _bulk(self, node: WebNode) -> bytes:
@@ -275,8 +332,22 @@ class WebFiles:
         return await trio.to_thread.run_sync(dicomjson.bulk_value, data, node.bulk)
 
 
-def _json_file(document: Any) -> bytes:
-    return dicomjson.gzipped(dicomjson.encode(document))
+def _frame_files(p10: bytearray | bytes) -> list[bytes]:
+    """Blocking (CPU): every frame file of one instance."""
+    cut = frames.cut_frames(p10)  # type: ignore[arg-type]
+    return [frames.frame_file(frame, cut.transfer_syntax) for frame in cut.frames]
+
+
+def _keep(cache: cachetools.Cache[Any, Any], key: Any, value: Any, size: int | None = None) -> None:
+    """Cache ``value`` unless it would take more than a quarter of the cache (cachetools refuses
+    values larger than the whole cache, and one huge file should not flush everything else)."""
+    if (size if size is not None else len(value)) <= cache.maxsize // 4:
+        cache[key] = value
+
+
+async def _json_file(document: Any) -> bytes:
+    """Encoded and gzip'd in a worker thread (a large series' metadata takes a tenth of a second)."""
+    return await trio.to_thread.run_sync(lambda: dicomjson.gzipped(dicomjson.encode(document)))
 
 
 def _instance_object(series: SeriesRecord, instance: InstanceRecord) -> DicomJson:
@@ -300,11 +371,14 @@ def _canonical_series(series: SeriesRecord, source: dict[str, DicomJson]) -> Ser
             paths.append(tags)
             return f"bulkdata/{series.uid}/{key}/{tags}"
 
+        if not is_key(key):
+            log.warning("series %s: metadata of an instance with an unusable key %r left out", series.uid, key[:80])
+            continue
         try:
             instances[key] = dicomjson.normalise(raw, uri)
-        except ValueError as exc:
+        except Exception as exc:  # whatever odd data the archive sent: that instance is left out
             log.warning("instance %s: metadata left out: %s", key, exc)
             continue
         if paths:
             bulk[key] = paths
-    return SeriesJson(source, instances, bulk)
+    return SeriesJson(instances, bulk)

@@ -169,11 +169,15 @@ class WebLayout:
                     return node.child(WebKind.BULK_INSTANCE, name, instance=instance)
         elif kind is WebKind.FRAMES and name.endswith(FRAME_SUFFIX):
             digits = name[: -len(FRAME_SUFFIX)]
-            if digits.isdigit() and not digits.startswith("0") and int(digits) <= MAX_FRAMES:
+            if digits.isascii() and digits.isdigit() and not digits.startswith("0") and len(digits) <= 7:
                 if int(digits) <= await self.metadata.frame_count(node):
                     return node.child(WebKind.FRAME, name, frame=int(digits))
-        elif kind in (WebKind.ROOT, WebKind.STUDY, WebKind.SERIES, WebKind.INSTANCE, WebKind.BULK,
-                      WebKind.BULK_INSTANCE):
+        elif kind is WebKind.BULK and is_key(name):
+            assert node.study is not None
+            series = (await self.catalog.series_of(node.study.uid)).get(name)
+            if series is not None and await self.metadata.bulk_paths(series):
+                return node.child(WebKind.BULK_SERIES, name, series=series)
+        elif kind in (WebKind.ROOT, WebKind.STUDY, WebKind.SERIES, WebKind.INSTANCE, WebKind.BULK_INSTANCE):
             for child in await self.children(node):  # short, fixed lists (or cheap metadata)
                 if child.name == name:
                     return child

@@ -75,7 +75,8 @@ def _parse_file(path: str) -> dict[str, Any] | None:
 
 
 def _read_metadata(paths: dict[str, Path | None]) -> dict[str, DicomJson]:
-    """Each file's DICOM JSON (large values are not read: they become bulk data). Blocking."""
+    """Each file's DICOM JSON; large values become bulk data and are not read (except in
+    implicit-VR files, where resolving ambiguous VRs reads every value). Blocking."""
     import pydicom
 
     from dicomfs.dicomjson import BULK_THRESHOLD, dataset_json

@@ -1,0 +1,135 @@
+"""The static DICOMweb tree through the Operations (no kernel): sizes that hold while the kernel may
+trust them, and hostile archive metadata contained to the files it concerns."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from dicomfs.blobstore import BlobStore
+from dicomfs.catalog import Catalog
+from dicomfs.fs import DicomOperations
+from dicomfs.records import DicomJson, SeriesRecord, StudyRecord
+from dicomfs.tree import Tree
+from tests.test_operations import Mounted, ScriptedArchive
+
+STUDY, SERIES = "1.2.840.1", "1.2.840.1.1"
+
+
+class MetadataArchive(ScriptedArchive):
+    """A scripted archive that also answers WADO-RS metadata, as scripted."""
+
+    def __init__(self, series: dict[str, dict[str, bytes]], metadata: dict[str, DicomJson]) -> None:
+        super().__init__(series)
+        self.metadata = metadata
+        self.extra_studies: list[StudyRecord] = []
+        self.study_attrs: DicomJson = {"00080020": {"vr": "DA", "Value": ["20200101"]}}
+
+    async def list_studies(self) -> list[StudyRecord]:
+        return [StudyRecord(STUDY, self.study_attrs), *self.extra_studies]
+
+    async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
+        return self.metadata
+
+
+async def run_mounted(source: MetadataArchive, cache: Path, listing_ttl: float, test) -> None:  # type: ignore[no-untyped-def]
+    blobs = BlobStore(cache, 1 << 30, source)  # type: ignore[arg-type]
+    catalog = Catalog(source, None, listing_ttl=listing_ttl)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(blobs.run)
+        await test(Mounted(DicomOperations(Tree(catalog, blobs, listing_ttl=listing_ttl), blobs)))
+        nursery.cancel_scope.cancel()
+    blobs.close()
+
+
+def plain_instance(key: str) -> DicomJson:
+    return {"00080018": {"vr": "UI", "Value": [key]}, "0020000D": {"vr": "UI", "Value": [STUDY]},
+            "0020000E": {"vr": "UI", "Value": [SERIES]}}
+
+
+async def test_a_listing_file_reads_at_the_size_the_kernel_was_told(tmp_path: Path) -> None:
+    """The studies index changes when a study arrives; a reader that opens it while the kernel
+    still holds the old size gets the old bytes (else it would read a truncated gzip)."""
+    source = MetadataArchive({f"{STUDY}/{SERIES}": {f"{SERIES}.1": b"x"}}, {})
+    ttl = 1.0
+
+    async def read_inode(fs: Mounted, inode: int) -> bytes:
+        """What a reader gets when the kernel opens an inode it knows (no lookup on the way)."""
+        info = await fs.ops.open(inode, os.O_RDONLY, None)
+        try:
+            return bytes(await fs.ops.read(info.fh, 0, 1 << 20))
+        finally:
+            await fs.ops.release(info.fh)
+
+    async def test(fs: Mounted) -> None:
+        studies = await fs.resolve("dicomweb/studies")
+        entry = await fs.ops.lookup(studies, b"index.json.gz")
+        first, inode = entry.st_size, entry.st_ino
+        assert entry.attr_timeout == ttl
+        await trio.sleep(0.6 * ttl)
+        assert (await fs.ops.getattr(inode)).st_size == first  # the kernel trusts this until 1.6 ttl
+        source.extra_studies.append(StudyRecord("1.2.840.2", {"00080020": {"vr": "DA", "Value": ["20210101"]}}))
+        await trio.sleep(0.6 * ttl)  # the catalog's listing has expired; the kernel's size has not
+        old = await read_inode(fs, inode)
+        assert len(old) == first
+        assert len(json.loads(gzip.decompress(old))) == 1
+        await trio.sleep(0.6 * ttl)  # now the kernel asks again, and sees the new study
+        second = (await fs.ops.getattr(inode)).st_size
+        new = await read_inode(fs, inode)
+        assert len(new) == second != first
+        assert len(json.loads(gzip.decompress(new))) == 2
+
+    await run_mounted(source, tmp_path / "cache", ttl, test)
+
+
+async def test_hostile_metadata_is_contained(tmp_path: Path) -> None:
+    hostile = {
+        **plain_instance(f"{SERIES}.1"),
+        "00281050": {"vr": "DS", "Value": [float("nan"), 10**20, 1e308]},
+        "00280008": {"vr": "IS", "Value": [10**12]},
+        "00280010": {"vr": "US", "Value": [10**15]},
+        "00280011": {"vr": "US", "Value": [10]},
+        "00280100": {"vr": "US", "Value": [16]},
+        "00280004": {"vr": "CS", "Value": ["MONOCHROME2"]},
+        "00083002": {"vr": "UI", "Value": ["1.2.840.10008.1.2.1"]},
+        "00181000": {"vr": "LO", "InlineBinary": "AAAA"},
+        "0009xxxx": {"vr": "LO", "Value": ["not a tag"]},
+        "00100020": "not an element",
+        "7FE00010": {"vr": "OW", "BulkDataURI": "http://archive/../../etc/passwd"},
+    }
+    source = MetadataArchive(
+        {f"{STUDY}/{SERIES}": {f"{SERIES}.1": b"not DICOM at all", f"{SERIES}.2": b"x"}},
+        {f"{SERIES}.1": hostile, f"{SERIES}.2": "garbage", "../../evil": plain_instance("1.2.3")})  # type: ignore[dict-item]
+    source.study_attrs = {"00100010": {"vr": "PN", "BulkDataURI": "http://archive/bulk"},
+                          "00080020": {"vr": "DA", "Value": ["20200101"]}}
+
+    async def test(fs: Mounted) -> None:
+        base = f"dicomweb/studies/{STUDY}/series/{SERIES}"
+        metadata = json.loads(gzip.decompress(await fs.read(f"{base}/metadata.gz")),
+                              parse_constant=lambda name: pytest.fail(f"{name} in the output"))
+        assert [m["00080018"]["Value"] for m in metadata] == [[f"{SERIES}.1"]]  # garbage and "../" left out
+        one = metadata[0]
+        assert one["00281050"]["Value"] == [None, 1e20, 1e308]
+        assert "00181000" not in one and "00100020" not in one
+        assert one["7FE00010"]["BulkDataURI"] == f"series/{SERIES}/instances/{SERIES}.1/frames"
+        frames = await fs.resolve(f"{base}/instances/{SERIES}.1/frames")
+        for name in (b"1000001.mht", "\u00b2.mht".encode(), b"01.mht", b"0.mht", b"x.mht"):
+            with pytest.raises(pyfuse3.FUSEError) as missing:
+                await fs.ops.lookup(frames, name)
+            assert missing.value.errno == errno.ENOENT, name
+        # the frame can be named, but its bytes are not DICOM: EIO for that read only
+        with pytest.raises(pyfuse3.FUSEError) as broken:
+            await fs.ops.lookup(frames, b"1.mht")
+        assert broken.value.errno == errno.EIO
+        studies = json.loads(gzip.decompress(await fs.read("dicomweb/studies/index.json.gz")))
+        assert studies[0]["00080020"]["Value"] == ["20200101"] and "00100010" not in studies[0]
+        assert os.fsencode(f"{SERIES}.1") in [n.encode() for n in await fs.listdir(f"{base}/instances")]
+
+    await run_mounted(source, tmp_path / "cache", 60.0, test)
