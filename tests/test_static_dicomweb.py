@@ -309,3 +309,11 @@ def test_an_unreadable_frame_is_eio_and_the_rest_is_served(tmp_path: Path,
     assert read_errno(frame(bad)) == errno.EIO  # still, and the mount still answers
     assert "frame" in mount.log or "Pixel" in mount.log or "pixel" in mount.log
     assert sh("ls", str(web)).returncode == 0
+    # export writes everything else and lists the one file it could not make
+    out = tmp_path / "export"
+    result = dicomfs("export", str(folder), "--all", "--dicomweb", str(out), "--cache-dir", str(tmp_path / "c2"))
+    assert result.returncode == 1
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and str(bad.SOPInstanceUID) in failed[0] and "frames/1.mht" in failed[0], result.stderr
+    written = out / frame(good_ds).relative_to(mount.path / "dicomweb")
+    assert written.read_bytes() == frame(good_ds).read_bytes()
