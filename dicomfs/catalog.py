@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 OFFLINE_RECHECK = 30.0
 KNOWN_STUDIES = ("known-studies",)
-METADATA_IN_MEMORY = 4  # webfiles keeps the canonical form; this serves concurrent callers
 
 
 class Catalog:
@@ -56,8 +55,6 @@ class Catalog:
         self.instance_ttl = instance_ttl
         self._listings: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(max_entries, listing_ttl)
         self._instance_lists: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(max_entries, instance_ttl)
-        # whole-series metadata is large: few series are kept in memory, the rest in the store
-        self._metadata: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(METADATA_IN_MEMORY, instance_ttl)
         self._store = diskcache.Cache(str(store_dir)) if store_dir is not None else None
         self._flights: SingleFlight[Any] = SingleFlight()
         self._offline_reported = False
@@ -132,15 +129,20 @@ class Catalog:
             return await self.source.series_metadata(series)
 
         # stored as JSON bytes: pickling a large series' dicts takes ten times as long
-        return await self._cached(("metadata", series.study_uid, series.uid), self._metadata,
+        # Not kept in memory: a large series' metadata is 300 MB as Python objects (1,500 CT
+        # headers), and its one user (webfiles) keeps a compact canonical form of it.
+        return await self._cached(("metadata", series.study_uid, series.uid), None,
                                   self.instance_ttl, query, codec=(orjson.dumps, orjson.loads))
 
-    async def _cached(self, key: tuple[str, ...], memory: cachetools.TTLCache[Any, Any], ttl: float,
+    async def _cached(self, key: tuple[str, ...], memory: cachetools.TTLCache[Any, Any] | None, ttl: float,
                       query: Callable[[], Awaitable[T]],
                       offline: Callable[[], Awaitable[T | None]] | None = None,
                       codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None) -> T:
         """``key``'s listing: from memory, the store (if younger than ``ttl``, or whatever its age
         while offline) or ``query``; ``codec`` (encode, decode) is how the store keeps it."""
+        if memory is None:
+            memory = {}  # type: ignore[assignment]  # remembered nowhere but in the store
+        assert memory is not None
         try:
             return memory[key]  # type: ignore[no-any-return]
         except KeyError:
