@@ -84,6 +84,14 @@ def timed_get(client: httpx.Client, url: str) -> tuple[float, list[dict]]:
     return seconds, json.loads(body)
 
 
+def peak_rss_mib(pid: int | None) -> float:
+    """The daemon's peak resident memory so far (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def check(ours: list[dict], theirs: list[dict]) -> bool:
     mine = {m["00080018"]["Value"][0]: m for m in ours}
     other = {m["00080018"]["Value"][0]: m for m in theirs}
@@ -126,6 +134,7 @@ def main() -> int:
                             seconds, again = timed_get(client, url)
                             cached.append(seconds)
                         checks.append(check(ours, theirs) and again == ours and len(ours) == args.instances)
+                        samples.setdefault("peak_rss_mib", []).append(peak_rss_mib(mount.pid))
                 finally:
                     mount.stop()
                 samples["orthanc"].append(orthanc)
@@ -166,6 +175,7 @@ def render(results: dict) -> str:
         f"| dicomfs + nginx, repeated request (median of {results['cached_requests']}) | {cached:.4f} | "
         f"first / repeated = {cached_ratio:.0f}× (per repetition: {speedups}) | ≥ 10× | "
         f"{'yes' if cached_ratio >= 10 else 'NO'} |",
+        f"| dicomfs daemon, peak resident memory (VmHWM) | {statistics.median(s['peak_rss_mib']):.0f} MiB | | | |",
         "",
         f"Every dicomfs answer checked against Orthanc's (SOP Instance UIDs, key attributes, "
         f"{results['instances']} entries, repeated answers identical): "
