@@ -309,3 +309,76 @@ def _to_little_endian(value: bytes, needed: int, vr: str, bits: int) -> bytes:
     for i in range(width):
         swapped[i::width] = source[width - 1 - i :: width]
     return bytes(swapped[:needed])
+
+
+Pieces = tuple[tuple[int, int], ...]  # (offset in the Part 10 file, length) of a frame's parts
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
+
+
+def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
+    """Where each of ``cut``'s frames lies in ``p10``, byte for byte, so that a frame can later be
+    served by reading just those ranges; None when the frames are not stored as served (big
+    endian or deflated data) or anything does not match exactly. Every located frame is compared
+    with the frame ``cut_frames`` made, so a frame served from its ranges is that frame."""
+    try:
+        dataset = pydicom.dcmread(BytesIO(p10), defer_size=256)
+        if dataset.file_meta.get("TransferSyntaxUID") in (EXPLICIT_VR_BIG_ENDIAN, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN):
+            return None
+        tag = next((tag for tag in _PIXEL_TAGS if tag in dataset), None)
+        if tag is None:
+            return None
+        raw = dataset.get_item(tag, keep_deferred=True)
+        start = raw.value_tell  # type: ignore[union-attr]
+        undefined = raw.length == 0xFFFFFFFF  # type: ignore[union-attr]
+    except Exception:
+        return None
+    view = memoryview(p10)
+    if undefined:
+        located = _locate_encapsulated(view, start, cut.frames)
+    else:
+        located = _locate_native(view, start, cut.frames)
+    return located
+
+
+def _locate_native(view: memoryview, start: int, frames: list[bytes]) -> list[Pieces] | None:
+    located: list[Pieces] = []
+    position = start
+    for frame in frames:
+        if view[position:position + len(frame)] != frame:
+            return None
+        located.append(((position, len(frame)),))
+        position += len(frame)
+    return located
+
+
+def _locate_encapsulated(view: memoryview, start: int, frames: list[bytes]) -> list[Pieces] | None:
+    fragments: list[tuple[int, int]] = []
+    position = start
+    first = True
+    while position + 8 <= len(view):
+        tag = bytes(view[position:position + 4])
+        length = unpack_from("<I", view, position + 4)[0]
+        if tag == _SEQUENCE_DELIMITER:
+            break
+        if tag != _ITEM_TAG or position + 8 + length > len(view):
+            return None
+        if not first:  # the first item is the basic offset table
+            fragments.append((position + 8, length))
+        first = False
+        position += 8 + length
+    located: list[Pieces] = []
+    index = 0
+    for frame in frames:
+        pieces: list[tuple[int, int]] = []
+        covered = 0
+        while covered < len(frame) and index < len(fragments):
+            offset, length = fragments[index]
+            if view[offset:offset + length] != frame[covered:covered + length]:
+                return None
+            pieces.append((offset, length))
+            covered += length
+            index += 1
+        if covered != len(frame):
+            return None
+        located.append(tuple(pieces))
+    return located

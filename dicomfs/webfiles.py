@@ -41,6 +41,7 @@ KNOWN_SIZES = 1_000_000
 NORMALISED_SERIES = 64
 PACK_LEVEL = 1  # zlib level of the kept per-instance JSON: fast, and still a fifth of the size
 PARALLEL = 8
+FRAME_MAPS = 10_000  # instances whose frame ranges are remembered
 PARALLEL_CUTS = 2  # instances whose frames are being cut at once (each is held in memory whole)
 
 
@@ -67,6 +68,14 @@ class SeriesJson:
     @property
     def bulk(self) -> dict[str, list[str]]:
         return {key: list(i.bulk) for key, i in self.instances.items() if i.bulk}
+
+
+@dataclass(frozen=True)
+class _FrameMap:
+    """Where an instance's frames lie in its bytes, and the transfer syntax they announce."""
+
+    transfer_syntax: str
+    pieces: list[frames.Pieces]
 
 
 @dataclass
@@ -98,6 +107,7 @@ class WebFiles:
         self._study_limit = trio.CapacityLimiter(PARALLEL)
         self._series_limit = trio.CapacityLimiter(PARALLEL)
         self._cut_limit = trio.CapacityLimiter(PARALLEL_CUTS)
+        self._frame_maps: cachetools.LRUCache[tuple[str, str], _FrameMap] = cachetools.LRUCache(FRAME_MAPS)
 
     # --- sizes ------------------------------------------------------------------------------------
     def known_size(self, node: WebNode) -> int | None:
@@ -310,30 +320,62 @@ class WebFiles:
             handle.close()
 
     async def _frame(self, node: WebNode) -> bytes:
+        """A frame file. The first frame asked for in an instance reads the whole instance, cuts
+        every frame and finds where each lies in the instance's bytes (checked byte for byte);
+        later frames are read from those ranges alone, so a 2 GB multi-frame instance costs one
+        full read, not one per frame. Data not stored as served (big endian, deflated) is cut
+        again each time a frame is not in the cache."""
         assert node.series is not None and node.instance is not None
         series, instance = node.series, node.instance
-
-        async def cut() -> list[bytes]:
-            async with self._cut_limit:  # each cut holds a whole instance in memory
-                data = await self._instance_bytes(series, instance)
-                return await trio.to_thread.run_sync(_frame_files, data)
-
-        files = await self._flights.run(("frames", series.key, instance.key), cut)
-        if node.frame > len(files):
-            raise NotFound(f"instance {instance.key} has {len(files)} frames, not {node.frame}")
-        data: bytes = files[node.frame - 1]
+        frame_map = self._frame_maps.get((series.key, instance.key))
+        if frame_map is not None:
+            if node.frame > len(frame_map.pieces):
+                raise NotFound(f"instance {instance.key} has {len(frame_map.pieces)} frames, not {node.frame}")
+            data = await self._frame_from_ranges(series, instance, frame_map, node.frame)
+        else:
+            files = await self._flights.run(("frames", series.key, instance.key), lambda: self._cut(node))
+            if node.frame > len(files):
+                raise NotFound(f"instance {instance.key} has {len(files)} frames, not {node.frame}")
+            data = files[node.frame - 1]
         announced = await self._native_frame_file_size(node)
         if announced is not None and announced != len(data):
             raise IntegrityError(f"frame {node.frame} of {instance.key} is {len(data)} bytes, "
                                  f"its metadata says {announced}")
-        if sum(len(f) for f in files) <= self._files.maxsize // 4:
-            for number, other in enumerate(files, 1):  # the viewer asks for the others next
-                if number != node.frame:
-                    sibling = WebNode(WebKind.FRAME, (*node.path[:-1], f"{number}.mht"), node.study, series,
-                                      instance, frame=number)
-                    self._files[sibling] = other
-                    self._sizes[sibling] = len(other)
         return data
+
+    async def _cut(self, node: WebNode) -> list[bytes]:
+        """Every frame file of ``node``'s instance; remembers where the frames lie, their sizes,
+        and (when they fit) the files themselves, since a viewer asks for them next."""
+        assert node.series is not None and node.instance is not None
+        series, instance = node.series, node.instance
+        async with self._cut_limit:  # each cut holds a whole instance in memory
+            data = await self._instance_bytes(series, instance)
+            syntax, files, located = await trio.to_thread.run_sync(_cut_and_locate, data)
+        del data
+        if located is not None:
+            self._frame_maps[(series.key, instance.key)] = _FrameMap(syntax, located)
+        keep = sum(len(f) for f in files) <= self._files.maxsize // 4
+        for number, file in enumerate(files, 1):
+            sibling = WebNode(WebKind.FRAME, (*node.path[:-1], f"{number}.mht"), node.study, series,
+                              instance, frame=number)
+            self._sizes[sibling] = len(file)
+            if keep and number != node.frame:
+                self._files[sibling] = file
+        return files
+
+    async def _frame_from_ranges(self, series: SeriesRecord, instance: InstanceRecord, frame_map: _FrameMap,
+                                 number: int) -> bytes:
+        handle = await self.blobs.open_instance(series, instance)
+        try:
+            parts = []
+            for offset, length in frame_map.pieces[number - 1]:
+                part = await handle.read(offset, length)
+                if len(part) != length:
+                    raise IntegrityError(f"instance {instance.key} is shorter than its frame {number}")
+                parts.append(part)
+        finally:
+            handle.close()
+        return await trio.to_thread.run_sync(lambda: frames.frame_file(b"".join(parts), frame_map.transfer_syntax))
 
     async def _bulk(self, node: WebNode) -> bytes:
         assert node.series is not None and node.instance is not None
@@ -341,10 +383,12 @@ class WebFiles:
         return await trio.to_thread.run_sync(dicomjson.bulk_value, data, node.bulk)
 
 
-def _frame_files(p10: bytearray | bytes) -> list[bytes]:
-    """Blocking (CPU): every frame file of one instance."""
+def _cut_and_locate(p10: bytearray | bytes) -> tuple[str, list[bytes], list[frames.Pieces] | None]:
+    """Blocking (CPU): the announced transfer syntax, every frame file of one instance, and where
+    the frames lie in ``p10`` (None if they are not stored as served)."""
     cut = frames.cut_frames(p10)  # type: ignore[arg-type]
-    return [frames.frame_file(frame, cut.transfer_syntax) for frame in cut.frames]
+    files = [frames.frame_file(frame, cut.transfer_syntax) for frame in cut.frames]
+    return cut.transfer_syntax, files, frames.locate_frames(p10, cut)
 
 
 def _keep(cache: cachetools.Cache[Any, Any], key: Any, value: Any, size: int | None = None) -> None:

@@ -133,3 +133,49 @@ async def test_hostile_metadata_is_contained(tmp_path: Path) -> None:
         assert os.fsencode(f"{SERIES}.1") in [n.encode() for n in await fs.listdir(f"{base}/instances")]
 
     await run_mounted(source, tmp_path / "cache", 60.0, test)
+
+
+@pytest.mark.parametrize("name", ["examples_ybr_color.dcm", "rtdose.dcm", "SC_rgb_rle_2frame.dcm",
+                                  "MR_small_bigendian.dcm"])
+async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path, name: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With frame files too large to keep, each later frame is read from where it lies in the
+    instance (not by reading and cutting the whole instance again), and is still pydicom's frame."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    from dicomfs import dicomjson, frames, webfiles
+
+    path = Path(pydicom.data.get_testdata_file(name))
+    data = path.read_bytes()
+    ds = pydicom.dcmread(path)
+    key = str(ds.SOPInstanceUID)
+    count = int(ds.get("NumberOfFrames") or 1)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        expected = list(generate_frames(ds.PixelData, number_of_frames=count))
+    else:
+        expected = frames.cut_frames(data).frames  # big endian: swapped, checked in test_frames
+    source = MetadataArchive({f"{STUDY}/{SERIES}": {key: data}},
+                             {key: dicomjson.dataset_json(pydicom.dcmread(path, defer_size=1024))})
+    monkeypatch.setattr(webfiles, "FILE_MEMORY", 64)  # nothing fits: every frame is rendered on demand
+    whole_reads = 0
+    original = webfiles.WebFiles._instance_bytes
+
+    async def counting(self, series, instance):  # type: ignore[no-untyped-def]
+        nonlocal whole_reads
+        whole_reads += 1
+        return await original(self, series, instance)
+
+    monkeypatch.setattr(webfiles.WebFiles, "_instance_bytes", counting)
+
+    async def test(fs: Mounted) -> None:
+        base = f"dicomweb/studies/{STUDY}/series/{SERIES}/instances/{key}/frames"
+        assert sorted(await fs.listdir(base)) == sorted(f"{n}.mht" for n in range(1, count + 1))
+        for number in [*range(count, 0, -1), 1]:
+            body = await fs.read(f"{base}/{number}.mht")
+            head, rest = body.split(b"\r\n\r\n", 1)
+            assert rest[:-len(f"\r\n--{frames.BOUNDARY}--\r\n")] == expected[number - 1], number
+        located = frames.locate_frames(data, frames.cut_frames(data)) is not None
+        assert whole_reads == (1 if located else count + 1)
+
+    await run_mounted(source, tmp_path / "cache", 60.0, test)
