@@ -20,6 +20,7 @@ def test_demo_script_mounts_the_demo(tmp_path: Path) -> None:
         assert "54 instance files" in result.stdout
         pydicom_line = result.stdout.split("read with pydicom:\n")[1].splitlines()[0]
         assert " x " in pydicom_line and "Endian" in pydicom_line  # PatientName, syntax, Rows x Columns
+        assert "dicomweb/studies/index.json.gz lists 9 studies" in result.stdout
         assert list((tmp_path / "xdg-cache" / "dicomfs").iterdir())  # the default cache location
     finally:
         if is_mounted(mountpoint):
