@@ -10,7 +10,7 @@ import errno
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -62,14 +62,18 @@ def entry_attributes(attrs: Attributes, uid: int, gid: int) -> pyfuse3.EntryAttr
 class RenderedFile:
     """An open file of the static DICOMweb tree: the bytes rendered when it was opened."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, release: Callable[[], None] | None = None) -> None:
         self._data = memoryview(data)
+        self._release = release
 
     async def read(self, off: int, size: int) -> memoryview:
         return self._data[off:off + size]
 
     def close(self) -> None:
         self._data = memoryview(b"")
+        if self._release is not None:
+            self._release()
+            self._release = None
 
 
 class DicomOperations(pyfuse3.Operations):
@@ -132,7 +136,7 @@ class DicomOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             handle: InstanceHandle | RenderedFile
             if node.web is not None:
-                handle = RenderedFile(await self.tree.web_files.content(node.web))
+                handle = RenderedFile(*await self.tree.web_files.open(node.web))
                 keep_cache = node.web.kind not in LISTING_FILES
             else:
                 assert node.series is not None and node.instance is not None

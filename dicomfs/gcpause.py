@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import threading
 from collections.abc import Callable
@@ -45,9 +46,15 @@ def paused(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 
 def release_free_memory() -> None:
     """Return freed heap memory to the system (glibc ``malloc_trim``): after a large document is
-    dropped, its pages would otherwise stay in the process for good. Blocking; a no-op elsewhere."""
+    dropped, much of its memory would otherwise stay in the process. Blocking; a no-op elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
     except (OSError, AttributeError):
-        pass
+        return None

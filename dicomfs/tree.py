@@ -160,9 +160,12 @@ class Tree:
         elif node.web is not None:
             if not node.web.is_dir:
                 raise NotADirectory(node.name)
+            # Sizes go out only for files that never change: a listing file's size must come from
+            # a lookup, which the kernel then trusts from the moment of its reply.
             children = [self._web_node(child) for child in await self.web.children(node.web)]
-            return [(child, self._web_attributes(child, None if child.web is None or child.web.is_dir
-                                                 else self.web_files.known_size(child.web)))
+            return [(child, self._web_attributes(
+                        child, None if child.web is None or child.web.is_dir or child.web.kind in LISTING_FILES
+                        else self.web_files.known_size(child.web)))
                     for child in children]
         elif node.kind is Kind.STUDIES:
             studies = await self.catalog.studies()
@@ -218,7 +221,7 @@ class Tree:
         mtime = node.study.mtime_ns if node.study is not None else 0
         if size is None:
             return Attributes(node.inode, stat.S_IFREG | 0o444, 0, mtime, 1, 0.0, 0.0)
-        timeout = self.listing_ttl if node.web.kind in LISTING_FILES else IMMUTABLE_TIMEOUT
+        timeout = self.web_files.ttl if node.web.kind in LISTING_FILES else IMMUTABLE_TIMEOUT
         return Attributes(node.inode, stat.S_IFREG | 0o444, size, mtime, 1, timeout, timeout)
 
     # --- node construction ------------------------------------------------------------------

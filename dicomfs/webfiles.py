@@ -11,6 +11,7 @@ names (``webtree`` does).
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
@@ -41,8 +42,10 @@ KNOWN_SIZES = 1_000_000
 NORMALISED_SERIES = 64
 PACK_LEVEL = 1  # zlib level of the kept per-instance JSON: fast, and still a fifth of the size
 PARALLEL = 8
-FRAME_MAPS = 10_000  # instances whose frame ranges are remembered
-PARALLEL_CUTS = 2  # instances whose frames are being cut at once (each is held in memory whole)
+FRAME_MAP_PIECES = 1_000_000  # frame ranges remembered, all instances together
+HOLD_SLACK = 1.0  # seconds a told size is held beyond the kernel's timeout (reply latency)
+PARALLEL_CUTS = 2
+READ_CHUNK = 8 << 20  # instances whose frames are being cut at once (each is held in memory whole)
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class SeriesJson:
 
     instances: dict[str, InstanceJson]  # instance key -> its metadata
 
-    @property
+    @functools.cached_property
     def bulk(self) -> dict[str, list[str]]:
         return {key: list(i.bulk) for key, i in self.instances.items() if i.bulk}
 
@@ -76,15 +79,17 @@ class _FrameMap:
 
     transfer_syntax: str
     pieces: list[frames.Pieces]
+    length: int  # of the instance the ranges are in: a copy fetched again must be the same size
 
 
 @dataclass
 class _Listing:
-    """A rendered listing file; ``pinned_until``: the kernel may hold its size until then."""
+    """A rendered listing file, and who may still count on its size."""
 
     data: bytes
     rendered: float  # trio.current_time()
-    pinned_until: float = 0.0
+    held_until: float = 0.0  # the kernel may trust the size it was told until then
+    readers: int = 0  # open files reading these bytes
 
 
 class WebFiles:
@@ -98,6 +103,10 @@ class WebFiles:
         self._search = Search(catalog)
         self._listings: cachetools.LRUCache[WebNode, _Listing] = cachetools.LRUCache(
             LISTING_MEMORY, getsizeof=lambda entry: len(entry.data))
+        # Listing files whose size the kernel may hold, or that open files read: outside the LRU,
+        # so that neither its size limit nor its evictions can change what a reader gets.
+        self._held: dict[WebNode, _Listing] = {}
+        self._next_prune = 0.0
         self._files: cachetools.LRUCache[WebNode, bytes] = cachetools.LRUCache(FILE_MEMORY, getsizeof=len)
         self._sizes: cachetools.LRUCache[WebNode, int] = cachetools.LRUCache(KNOWN_SIZES)
         self._series_json: cachetools.TTLCache[str, SeriesJson] = cachetools.TTLCache(
@@ -107,20 +116,26 @@ class WebFiles:
         self._study_limit = trio.CapacityLimiter(PARALLEL)
         self._series_limit = trio.CapacityLimiter(PARALLEL)
         self._cut_limit = trio.CapacityLimiter(PARALLEL_CUTS)
-        self._frame_maps: cachetools.LRUCache[tuple[str, str], _FrameMap] = cachetools.LRUCache(FRAME_MAPS)
+        self._frame_maps: cachetools.LRUCache[tuple[str, str], _FrameMap] = cachetools.LRUCache(
+            FRAME_MAP_PIECES, getsizeof=lambda frame_map: len(frame_map.pieces))
 
     # --- sizes ------------------------------------------------------------------------------------
     def known_size(self, node: WebNode) -> int | None:
-        """The size if it is known without any I/O (rendered before, or remembered). A listing
-        file's size is told only while its rendering is younger than the listing TTL, and then
-        its bytes are kept for as long as the kernel may trust that size."""
+        """The size if it is known without any I/O (rendered before, or remembered).
+
+        A listing file's size is told while an open file reads it (the size of those bytes) or
+        while its rendering is younger than the listing TTL; the bytes told are then held for as
+        long as the kernel may trust that size, and are what the next ``open`` reads.
+        """
         if node.kind in LISTING_FILES:
-            entry = self._listings.get(node)
             now = trio.current_time()
-            if entry is None or now - entry.rendered > self.ttl:
+            held = self._held.get(node)
+            if held is not None and held.readers > 0:
+                return self._tell(node, held, now)
+            latest = self._listings.get(node) or held
+            if latest is None or now - latest.rendered > self.ttl:
                 return None
-            entry.pinned_until = max(entry.pinned_until, now + self.ttl)
-            return len(entry.data)
+            return self._tell(node, latest, now)
         data = self._files.get(node)
         return len(data) if data is not None else self._sizes.get(node)
 
@@ -131,9 +146,7 @@ class WebFiles:
         if known is not None:
             return known
         if node.kind in LISTING_FILES:
-            entry = await self._render_listing(node)
-            entry.pinned_until = trio.current_time() + self.ttl
-            return len(entry.data)
+            return self._tell(node, await self._render_listing(node), trio.current_time())
         if node.kind is WebKind.FRAME:
             announced = await self._native_frame_file_size(node)
             if announced is not None:
@@ -141,21 +154,49 @@ class WebFiles:
                 return announced
         return len(await self.content(node))
 
+    def _tell(self, node: WebNode, entry: _Listing, now: float) -> int:
+        """``entry``'s size is being told to the kernel, which may trust it for a listing TTL."""
+        entry.held_until = max(entry.held_until, now + self.ttl + HOLD_SLACK)
+        self._held[node] = entry
+        if now >= self._next_prune:
+            self._next_prune = now + self.ttl
+            for stale in [n for n, e in self._held.items() if e.held_until < now and e.readers == 0]:
+                del self._held[stale]
+        return len(entry.data)
+
+    # --- opening ----------------------------------------------------------------------------------
+    async def open(self, node: WebNode) -> tuple[bytes, Callable[[], None] | None]:
+        """The bytes an open file reads, and what to call when it is closed. A listing file
+        reads the bytes whose size the kernel was last told (while it may trust it)."""
+        if node.kind not in LISTING_FILES:
+            return await self.content(node), None
+        now = trio.current_time()
+        entry = self._held.get(node)
+        if entry is None or (entry.held_until < now and entry.readers == 0):
+            latest = self._listings.get(node)
+            entry = latest if latest is not None and now - latest.rendered <= self.ttl else None
+            if entry is None:
+                entry = await self._render_listing(node)
+            self._held[node] = entry
+        entry.readers += 1
+        opened = entry
+
+        def close() -> None:
+            opened.readers -= 1
+
+        return entry.data, close
+
     async def _native_frame_file_size(self, node: WebNode) -> int | None:
         return (await self._instance_json(node)).native_frame_file
 
     # --- contents ---------------------------------------------------------------------------------
     async def content(self, node: WebNode) -> bytes:
-        """The file's bytes. A listing file whose size the kernel may still hold is served as it
-        was then, so that a reader never gets more or fewer bytes than ``stat`` said."""
+        """The file's bytes as they are now (``export``; the mount opens files with ``open``)."""
         if node.kind in LISTING_FILES:
-            entry = self._listings.get(node)
-            now = trio.current_time()
-            if entry is not None and (now < entry.pinned_until or now - entry.rendered <= self.ttl):
-                return entry.data
-            entry = await self._render_listing(node)
-            entry.pinned_until = trio.current_time() + self.ttl
-            return entry.data
+            latest = self._listings.get(node)
+            if latest is not None and trio.current_time() - latest.rendered <= self.ttl:
+                return latest.data
+            return (await self._render_listing(node)).data
         data = self._files.get(node)
         if data is not None:
             return data
@@ -312,12 +353,19 @@ class WebFiles:
         return (await self.series_json(series)).bulk
 
     # --- instance bytes -----------------------------------------------------------------------------
-    async def _instance_bytes(self, series: SeriesRecord, instance: InstanceRecord) -> bytearray | bytes:
+    async def _instance_bytes(self, series: SeriesRecord, instance: InstanceRecord) -> bytes:
+        """The whole instance, read in pieces (each off the event loop unless in the page cache)."""
         handle = await self.blobs.open_instance(series, instance)
         try:
-            return await handle.read(0, handle.length)
+            chunks = []
+            for offset in range(0, handle.length, READ_CHUNK):
+                chunk = await handle.read(offset, min(READ_CHUNK, handle.length - offset))
+                if not chunk:
+                    raise IntegrityError(f"instance {instance.key} is shorter than recorded")
+                chunks.append(chunk)
         finally:
             handle.close()
+        return await trio.to_thread.run_sync(b"".join, chunks)
 
     async def _frame(self, node: WebNode) -> bytes:
         """A frame file. The first frame asked for in an instance reads the whole instance, cuts
@@ -351,9 +399,10 @@ class WebFiles:
         async with self._cut_limit:  # each cut holds a whole instance in memory
             data = await self._instance_bytes(series, instance)
             syntax, files, located = await trio.to_thread.run_sync(_cut_and_locate, data)
-        del data
         if located is not None:
-            self._frame_maps[(series.key, instance.key)] = _FrameMap(syntax, located)
+            frame_map = _FrameMap(syntax, located, len(data))
+            _keep(self._frame_maps, (series.key, instance.key), frame_map, len(located))
+        del data
         keep = sum(len(f) for f in files) <= self._files.maxsize // 4
         for number, file in enumerate(files, 1):
             sibling = WebNode(WebKind.FRAME, (*node.path[:-1], f"{number}.mht"), node.study, series,
@@ -367,6 +416,9 @@ class WebFiles:
                                  number: int) -> bytes:
         handle = await self.blobs.open_instance(series, instance)
         try:
+            if handle.length != frame_map.length:  # not the copy the ranges were found in
+                self._frame_maps.pop((series.key, instance.key), None)
+                raise IntegrityError(f"instance {instance.key} changed size since its frames were located")
             parts = []
             for offset, length in frame_map.pieces[number - 1]:
                 part = await handle.read(offset, length)
@@ -379,8 +431,9 @@ class WebFiles:
 
     async def _bulk(self, node: WebNode) -> bytes:
         assert node.series is not None and node.instance is not None
-        data = await self._instance_bytes(node.series, node.instance)
-        return await trio.to_thread.run_sync(dicomjson.bulk_value, data, node.bulk)
+        async with self._cut_limit:  # a whole instance in memory, parsed
+            data = await self._instance_bytes(node.series, node.instance)
+            return await trio.to_thread.run_sync(dicomjson.bulk_value, data, node.bulk)
 
 
 def _cut_and_locate(p10: bytearray | bytes) -> tuple[str, list[bytes], list[frames.Pieces] | None]:

@@ -22,7 +22,7 @@ INDEX = "index.json.gz"
 METADATA = "metadata.gz"
 SINGLETON = "series-singleton.json.gz"
 FRAME_SUFFIX = ".mht"
-MAX_FRAMES = 1_000_000
+MAX_FRAMES = 100_000  # a frames/ folder lists at most this many (a hostile count stays cheap)
 
 
 class WebKind(enum.Enum):
@@ -169,7 +169,7 @@ class WebLayout:
                     return node.child(WebKind.BULK_INSTANCE, name, instance=instance)
         elif kind is WebKind.FRAMES and name.endswith(FRAME_SUFFIX):
             digits = name[: -len(FRAME_SUFFIX)]
-            if digits.isascii() and digits.isdigit() and not digits.startswith("0") and len(digits) <= 7:
+            if digits.isascii() and digits.isdigit() and not digits.startswith("0") and len(digits) <= 6:
                 if int(digits) <= await self.metadata.frame_count(node):
                     return node.child(WebKind.FRAME, name, frame=int(digits))
         elif kind is WebKind.BULK and is_key(name):

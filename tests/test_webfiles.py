@@ -85,6 +85,40 @@ async def test_a_listing_file_reads_at_the_size_the_kernel_was_told(tmp_path: Pa
         new = await read_inode(fs, inode)
         assert len(new) == second != first
         assert len(json.loads(gzip.decompress(new))) == 2
+        # readdir never tells a listing file's size (its reply may reach the kernel much later)
+        listed = await fs.listdir("dicomweb/studies")
+        assert listed["index.json.gz"].st_size == 0 and listed["index.json.gz"].attr_timeout == 0
+        # a file being read keeps the size of what it reads, even after the listing changes
+        info = await fs.ops.open(inode, os.O_RDONLY, None)
+        try:
+            source.extra_studies.append(StudyRecord("1.2.840.3", {}))
+            await trio.sleep(1.2 * ttl)
+            assert (await fs.ops.getattr(inode)).st_size == second
+            assert len(await fs.ops.read(info.fh, 0, 1 << 20)) == second
+        finally:
+            await fs.ops.release(info.fh)
+        await trio.sleep(1.2 * ttl)
+        third = (await fs.ops.getattr(inode)).st_size
+        assert third > second and len(await read_inode(fs, inode)) == third
+
+    await run_mounted(source, tmp_path / "cache", ttl, test)
+
+
+async def test_a_told_size_survives_the_cache_dropping_its_file(tmp_path: Path) -> None:
+    source = MetadataArchive({f"{STUDY}/{SERIES}": {f"{SERIES}.1": b"x"}}, {})
+    ttl = 1.0
+
+    async def test(fs: Mounted) -> None:
+        entry = await fs.ops.lookup(await fs.resolve("dicomweb/studies"), b"index.json.gz")
+        source.extra_studies.append(StudyRecord("1.2.840.2", {}))
+        await trio.sleep(1.1 * ttl)
+        files = fs.ops.tree.web_files
+        files._listings.clear()  # memory pressure: the rendered file is evicted
+        info = await fs.ops.open(entry.st_ino, os.O_RDONLY, None)
+        try:
+            assert len(await fs.ops.read(info.fh, 0, 1 << 20)) == entry.st_size
+        finally:
+            await fs.ops.release(info.fh)
 
     await run_mounted(source, tmp_path / "cache", ttl, test)
 
