@@ -17,7 +17,7 @@ import trio
 from dicomfs.query import COMMON_KEYS, STUDY_KEYWORDS, Query, Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import StudySearcher
-from dicomfs.tasks import open_nursery
+from dicomfs.tasks import map_bounded
 
 if TYPE_CHECKING:
     from dicomfs.catalog import Catalog
@@ -123,13 +123,5 @@ class Search:
 
     async def _filter(self, items: list[T], keep: Callable[[T], Awaitable[bool]]) -> list[T]:
         """``items`` for which ``keep`` holds, in order, checked concurrently (bounded)."""
-        verdicts = [False] * len(items)
-
-        async def check(index: int, item: T) -> None:
-            async with self._limit:
-                verdicts[index] = await keep(item)
-
-        async with open_nursery() as nursery:
-            for index, item in enumerate(items):
-                nursery.start_soon(check, index, item)
+        verdicts = await map_bounded(items, keep, self._limit)
         return [item for item, verdict in zip(items, verdicts) if verdict]

@@ -1,19 +1,24 @@
 """Structured-concurrency helpers shared by the modules that fan work out to several tasks.
 
-Owns one thing: a trio nursery whose failure comes out as a plain exception (the first
-``DicomfsError`` of its tasks, or a ``KeyboardInterrupt``) rather than an ``ExceptionGroup``, so
-that the CLI can print one line and the FUSE layer can map it to an errno. A group holding
-anything else (a bug) is re-raised unchanged. Must not know what the tasks do.
+Owns a trio nursery whose failure comes out as a plain exception (the first ``DicomfsError`` of
+its tasks, or a ``KeyboardInterrupt``) rather than an ``ExceptionGroup``, so that the CLI can
+print one line and the FUSE layer can map it to an errno (a group holding anything else, a bug,
+is re-raised unchanged); and the bounded concurrent map built on it. Must not know what the
+tasks do.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import trio
 
 from dicomfs.errors import DicomfsError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -41,3 +46,17 @@ async def open_nursery() -> AsyncIterator[trio.Nursery]:
             yield nursery
     except BaseExceptionGroup as group:
         raise plain(group) from None
+
+
+async def map_bounded(items: list[T], call: Callable[[T], Awaitable[R]], limit: trio.CapacityLimiter) -> list[R]:
+    """``call`` of every item, concurrently but at most ``limit`` at a time; results in order."""
+    results: list[Any] = [None] * len(items)
+
+    async def one(index: int, item: T) -> None:
+        async with limit:
+            results[index] = await call(item)
+
+    async with open_nursery() as nursery:
+        for index, item in enumerate(items):
+            nursery.start_soon(one, index, item)
+    return results
