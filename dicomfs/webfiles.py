@@ -29,7 +29,7 @@ from dicomfs.gcpause import paused, release_free_memory
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.search import Search
 from dicomfs.singleflight import SingleFlight
-from dicomfs.tasks import open_nursery
+from dicomfs.tasks import map_bounded
 from dicomfs.uids import is_key
 from dicomfs.webtree import LISTING_FILES, MAX_FRAMES, WebKind, WebNode
 
@@ -44,8 +44,8 @@ PACK_LEVEL = 1  # zlib level of the kept per-instance JSON: fast, and still a fi
 PARALLEL = 8
 FRAME_MAP_PIECES = 1_000_000  # frame ranges remembered, all instances together
 HOLD_SLACK = 1.0  # seconds a told size is held beyond the kernel's timeout (reply latency)
-PARALLEL_CUTS = 2
-READ_CHUNK = 8 << 20  # instances whose frames are being cut at once (each is held in memory whole)
+PARALLEL_CUTS = 2  # instances whose frames are being cut at once (each is held in memory whole)
+READ_CHUNK = 8 << 20  # bytes of one read when a whole instance is read
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,8 @@ class WebFiles:
             held = self._held.get(node)
             if held is not None and held.readers > 0:
                 return self._tell(node, held, now)
-            latest = self._listings.get(node) or held
-            if latest is None or now - latest.rendered > self.ttl:
-                return None
-            return self._tell(node, latest, now)
+            fresh = self._fresh(node, now)
+            return self._tell(node, fresh, now) if fresh is not None else None
         data = self._files.get(node)
         return len(data) if data is not None else self._sizes.get(node)
 
@@ -153,6 +151,11 @@ class WebFiles:
                 self._sizes[node] = announced
                 return announced
         return len(await self.content(node))
+
+    def _fresh(self, node: WebNode, now: float) -> _Listing | None:
+        """The newest rendering of a listing file, if it is younger than the listing TTL."""
+        latest = self._listings.get(node) or self._held.get(node)
+        return latest if latest is not None and now - latest.rendered <= self.ttl else None
 
     def _tell(self, node: WebNode, entry: _Listing, now: float) -> int:
         """``entry``'s size is being told to the kernel, which may trust it for a listing TTL."""
@@ -173,10 +176,7 @@ class WebFiles:
         now = trio.current_time()
         entry = self._held.get(node)
         if entry is None or (entry.held_until < now and entry.readers == 0):
-            latest = self._listings.get(node)
-            entry = latest if latest is not None and now - latest.rendered <= self.ttl else None
-            if entry is None:
-                entry = await self._render_listing(node)
+            entry = self._fresh(node, now) or await self._render_listing(node)
             self._held[node] = entry
         entry.readers += 1
         opened = entry
@@ -193,10 +193,7 @@ class WebFiles:
     async def content(self, node: WebNode) -> bytes:
         """The file's bytes as they are now (``export``; the mount opens files with ``open``)."""
         if node.kind in LISTING_FILES:
-            latest = self._listings.get(node)
-            if latest is not None and trio.current_time() - latest.rendered <= self.ttl:
-                return latest.data
-            return (await self._render_listing(node)).data
+            return (self._fresh(node, trio.current_time()) or await self._render_listing(node)).data
         data = self._files.get(node)
         if data is not None:
             return data
@@ -271,7 +268,7 @@ class WebFiles:
     async def _series_object(self, study: StudyRecord, series: SeriesRecord) -> DicomJson:
         sources = [series.attrs]
         if "00080060" not in series.attrs:  # the archive lists series without attributes (COD)
-            sources.append(await self._first_instance_attrs(series))
+            sources.append(await self._series_attrs_of_instances(series))
         computed = {"0020000D": dicomjson.strings("UI", [study.uid]),
                     "0020000E": dicomjson.strings("UI", [series.uid])}
         if "00201209" not in series.attrs:
@@ -281,7 +278,7 @@ class WebFiles:
     async def _modality(self, series: SeriesRecord) -> str | None:
         value = json_value(series.attrs, "00080060")
         if value is None:
-            value = json_value(await self._first_instance_attrs(series), "00080060")
+            value = json_value(await self._series_attrs_of_instances(series), "00080060")
         return value if isinstance(value, str) else None
 
     async def _instance_count(self, series: SeriesRecord) -> int:
@@ -290,7 +287,7 @@ class WebFiles:
             return value
         return len(await self.catalog.instances_of(series))
 
-    async def _first_instance_attrs(self, series: SeriesRecord) -> DicomJson:
+    async def _series_attrs_of_instances(self, series: SeriesRecord) -> DicomJson:
         """Series-level attributes from the instances, each from the first instance (by key) that
         has it: an instance may lack an attribute its neighbours carry (Modality, say)."""
         instances = await self.catalog.instances_of(series)
@@ -304,23 +301,18 @@ class WebFiles:
                     *, skip_failures: bool = False) -> list[Any]:
         """``make`` of every item, in order, a few at a time. With ``skip_failures`` an item whose
         ``make`` fails is left out with a log line (one bad study must not hide the others)."""
-        results: list[Any] = [None] * len(items)
-        failed: set[int] = set()
+        if not skip_failures:
+            return await map_bounded(items, make, limit)
+        failed = object()
 
-        async def one(index: int, item: T) -> None:
-            async with limit:
-                try:
-                    results[index] = await make(item)
-                except DicomfsError as exc:
-                    if not skip_failures:
-                        raise
-                    log.warning("left out of a listing file: %s: %s", getattr(item, "uid", item), exc)
-                    failed.add(index)
+        async def or_skip(item: T) -> Any:
+            try:
+                return await make(item)
+            except DicomfsError as exc:
+                log.warning("left out of a listing file: %s: %s", getattr(item, "uid", item), exc)
+                return failed
 
-        async with open_nursery() as nursery:
-            for index, item in enumerate(items):
-                nursery.start_soon(one, index, item)
-        return [result for index, result in enumerate(results) if index not in failed]
+        return [result for result in await map_bounded(items, or_skip, limit) if result is not failed]
 
     # --- metadata ---------------------------------------------------------------------------------
     async def series_json(self, series: SeriesRecord) -> SeriesJson:
