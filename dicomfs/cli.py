@@ -89,33 +89,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
     prefetch = commands.add_parser("prefetch", help="fetch whole studies into the cache (resumable)")
     prefetch.add_argument("source")
-    prefetch.add_argument("studies", nargs="*", metavar="STUDY_UID")
-    prefetch.add_argument("--all", action="store_true", help="every study in the archive")
-    prefetch.add_argument("--query", action="append", metavar="KEY=VALUE", help="studies matching the query")
-    _add_archive_options(prefetch)
-    prefetch.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: the limit the cache "
-                          "already has, else 1/5 of free disk)")
-    prefetch.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
-                          help=f"series fetched at the same time (default {DEFAULT_JOBS})")
+    _add_fetch_options(prefetch)
     prefetch.add_argument("--dry-run", action="store_true", help="print the plan, transfer nothing")
     prefetch.add_argument("--to", metavar="DIR", help="also write DIR/<study>/<series>/<instance>.dcm")
     prefetch.add_argument("--zip", action="store_true", help="with --to: one <study>.zip per study instead")
-    prefetch.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                          type=str.upper)
 
     export = commands.add_parser("export", help="write the static DICOMweb tree of studies to a folder "
                                  "(what <mount>/dicomweb shows), fetching them first")
     export.add_argument("source")
-    export.add_argument("studies", nargs="*", metavar="STUDY_UID")
     export.add_argument("--dicomweb", required=True, metavar="OUTDIR",
                         help="the folder to write (it plays the part of <mount>/dicomweb)")
-    export.add_argument("--all", action="store_true", help="every study in the archive")
-    export.add_argument("--query", action="append", metavar="KEY=VALUE", help="studies matching the query")
-    _add_archive_options(export)
-    export.add_argument("--cache-size", help="cache size limit, e.g. 20G")
-    export.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="series fetched at the same time")
-    export.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        type=str.upper)
+    _add_fetch_options(export)
 
     ls = commands.add_parser("ls", help="search the archive")
     ls.add_argument("source")
@@ -132,6 +116,20 @@ def _build_parser() -> argparse.ArgumentParser:
     umount = commands.add_parser("umount", help="unmount and wait for the daemon to exit")
     umount.add_argument("mountpoint")
     return parser
+
+
+def _add_fetch_options(parser: argparse.ArgumentParser) -> None:
+    """What ``prefetch`` and ``export`` share: which studies, the archive, how to fetch them."""
+    parser.add_argument("studies", nargs="*", metavar="STUDY_UID")
+    parser.add_argument("--all", action="store_true", help="every study in the archive")
+    parser.add_argument("--query", action="append", metavar="KEY=VALUE", help="studies matching the query")
+    _add_archive_options(parser)
+    parser.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: the limit the cache "
+                        "already has, else 1/5 of free disk)")
+    parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                        help=f"series fetched at the same time (default {DEFAULT_JOBS})")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        type=str.upper)
 
 
 def _add_archive_options(parser: argparse.ArgumentParser) -> None:
