@@ -1,8 +1,9 @@
 """An opened archive: the source, its catalog and its blob store, set up and torn down in order.
 
 Owns what every command that talks to an archive shares (``mount``, ``prefetch``, ``ls``): a
-shared hold on the cache directory, the source, the catalog in the cache, checking the archive
-or going offline on the stored catalog when it cannot be reached, and running the blob store.
+shared hold on the cache directory, the source, the archive's one breaker (shared by catalog and
+blob store), the catalog in the cache, checking the archive or going offline on the stored
+catalog when it cannot be reached, and running the blob store.
 Must not implement any command.
 """
 
@@ -11,18 +12,20 @@ from __future__ import annotations
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from dicomfs.blobstore import BlobStore
+from dicomfs.breaker import Breaker
 from dicomfs.cachedir import CacheUse, label
 from dicomfs.catalog import Catalog
 from dicomfs.errors import AccessRefused, SourceUnavailable
 from dicomfs.query import Query
 from dicomfs.sources import Credentials, Source, SourceOptions, SourceSpec, open_source
 from dicomfs.tasks import open_nursery
+from dicomfs.transferlimits import TransferLimits
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class ArchiveOptions:
     cache_size: int | None = None  # None: no blob store (listing only)
     listing_ttl: float = 60.0
     query: Query | None = None  # the catalog shows only matching studies
+    limits: TransferLimits = field(default_factory=TransferLimits)
 
 
 @dataclass
@@ -54,11 +58,14 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
         label(options.cache_dir, options.spec)
         source = open_source(options.spec, options.credentials, options.cache_dir, options.source_options)
         try:
+            breaker = Breaker(source.description)
             catalog = Catalog(source, options.cache_dir / "catalog", listing_ttl=options.listing_ttl,
-                              query=options.query)
+                              query=options.query, breaker=breaker)
             try:
                 await check_or_go_offline(source, catalog)
-                blobs = BlobStore(options.cache_dir, options.cache_size, source) if options.cache_size else None
+                blobs = (BlobStore(options.cache_dir, options.cache_size, source, breaker=breaker,
+                                   limits=options.limits, missing_recheck=options.listing_ttl)
+                         if options.cache_size else None)
                 try:
                     async with open_nursery() as nursery:
                         if blobs is not None:
@@ -84,7 +91,8 @@ async def check_or_go_offline(source: Source, catalog: Catalog) -> None:
     """Check the archive; when it cannot be reached but the cache holds a stored catalog, carry
     on with that (prefetched studies stay readable). Credentials refused is always an error."""
     try:
-        await source.check()
+        with catalog.breaker.guard():
+            await source.check()
     except SourceUnavailable as exc:
         if isinstance(exc, AccessRefused) or not await catalog.has_stored_listing():
             raise

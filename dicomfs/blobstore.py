@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -58,17 +59,26 @@ import diskcache
 import google_crc32c
 import trio
 
-from dicomfs.errors import CacheError, DicomfsError, IntegrityError, SourceError
+from dicomfs.breaker import Breaker
+from dicomfs.cachedir import fit_size_limit
+from dicomfs.errors import CacheError, DicomfsError, IntegrityError, ProtocolError, SourceError, TransferBroken
+from dicomfs.p10check import Part10Check
+from dicomfs.progress import human_bytes
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.sources.base import InstanceFetcher, Source
-from dicomfs.tasks import leaves, plain
+from dicomfs.tasks import leaves, open_nursery, plain
+from dicomfs.transferlimits import TransferLimits, enforce
 
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 1 << 20  # bytes of one instance gathered before they are queued for writing
 WRITE_QUEUE = 32  # queued writes before the download waits for the disk
-DOWNLOAD_ATTEMPTS = 3
+RESUMES = 2  # a transfer that broke off after bringing new instances is resumed at most this often
+RESUME_DELAY = 0.5
 JOIN_ATTEMPTS = 4
+ROOM_STEP = 16 << 20  # a full disk: evict an eighth of the limit, at least 4 MiB, at most this
+BALLAST_NAME = "ballast"
+BALLAST_BYTES = 1 << 20
 LRU_FLUSH_SECONDS = 5.0
 STALE_NEW_FOLDER_SECONDS = 3600.0
 LOCK_POLL_SECONDS = 0.1
@@ -180,6 +190,34 @@ class _Pins:
                 return False
             self._buried[path] = grave
             return True
+
+
+class _Ballast:
+    """A small file of real blocks kept in the cache, deleted when the disk is full so that
+    sqlite has room to record the eviction that makes room (it cannot even delete a row on a full
+    disk), and made again afterwards. Blocking."""
+
+    def __init__(self, path: Path, size: int = BALLAST_BYTES) -> None:
+        self.path = path
+        self.size = size
+
+    def keep(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, self.size)
+        except OSError:  # no room for it now: next time
+            os.close(fd)
+            _unlink_quietly(str(self.path))
+            return
+        os.close(fd)
+
+    def drop(self) -> None:
+        _unlink_quietly(str(self.path))
 
 
 def _unlink_quietly(path: str) -> None:
@@ -300,29 +338,41 @@ class SeriesDownload:
 
     The source's bytes go through a bounded queue to ``write_loop``, which writes them in a worker
     thread, batch by batch, while the network keeps streaming. A member becomes visible to readers
-    only once its last byte is written.
+    only once its last byte is written and it passed its Part 10 check.
     """
 
-    def __init__(self, blob_key: str, series: SeriesRecord, path: Path, fetch: Fetch) -> None:
+    def __init__(self, blob_key: str, series: SeriesRecord, path: Path, fetch: Fetch,
+                 make_room: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.blob_key = blob_key
         self.series = series
         self.fetch = fetch
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.members: dict[str, _Member] = {}  # written to disk, readable
+        self.rejected: dict[str, str] = {}  # instance key -> why its bytes were refused
         self.end = 0  # end of the written members
         self.reserved = 0  # end of the members the source has finished (maybe not yet written)
         self._finished: set[str] = set()
         self.finished = False
         self.error: BaseException | None = None
         self.done = trio.Event()  # set when the download ended, committed or not
-        self.received = 0  # bytes delivered by the source so far
+        self.received = 0  # instance bytes delivered by the source so far
+        self.wire = 0  # bytes that came from the archive, kept or skipped (the rate is measured on these)
+        self.on_answer: Callable[[], None] | None = None  # called at the first byte of an attempt
         self.crcs: dict[str, int] = {}
         self.committed_elsewhere = False
+        self.replaced: int | None = None  # instances in the cached copy this one replaced
+        self._make_room = make_room
         self._changed = trio.Event()
         self._send, self._receive = trio.open_memory_channel[_Write](WRITE_QUEUE)
 
     # --- SeriesSink -------------------------------------------------------------------------
+    def arrived(self, size: int) -> None:
+        self.wire += size
+        if self.on_answer is not None:
+            answered, self.on_answer = self.on_answer, None
+            answered()
+
     def wants(self, key: str) -> bool:
         return key not in self._finished
 
@@ -331,13 +381,19 @@ class SeriesDownload:
 
     # --- writing ----------------------------------------------------------------------------
     async def enqueue(self, write: _Write) -> None:
-        await self._send.send(write)
+        try:
+            await self._send.send(write)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The writer failed (its error, e.g. a full disk, is the download's): wait to be
+            # cancelled with it rather than add an error of our own.
+            await trio.sleep_forever()
 
     def close_writes(self) -> None:
         self._send.close()
 
     async def write_loop(self) -> None:
-        """Write queued bytes in batches until the queue is closed; then every byte is on disk."""
+        """Write queued bytes in batches until the queue is closed; then every byte is on disk.
+        A full disk makes room once (``make_room``: eviction) and tries the batch again."""
         async with self._receive:
             async for first in self._receive:
                 batch = [first]
@@ -346,10 +402,7 @@ class SeriesDownload:
                         batch.append(self._receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                try:
-                    await trio.to_thread.run_sync(_write_batch, self.fd, batch)
-                except OSError as exc:
-                    raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
+                await self._write(batch)
                 done = [(w.completes, w.crc.value) for w in batch if w.completes is not None]
                 for (key, member), crc in done:
                     self.members[key] = member
@@ -357,6 +410,22 @@ class SeriesDownload:
                     self.end = max(self.end, member.offset + member.length)
                 if done:
                     self.notify()
+
+    async def _write(self, batch: list[_Write]) -> None:
+        try:
+            await trio.to_thread.run_sync(_write_batch, self.fd, batch)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self._make_room is None:
+                raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
+        if await self._make_room():
+            try:
+                await trio.to_thread.run_sync(_write_batch, self.fd, batch)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
+        raise CacheError("the disk holding the cache is full, and evicting what is not in use did not make room")
 
     # --- readers ----------------------------------------------------------------------------
     def notify(self) -> None:
@@ -369,9 +438,11 @@ class SeriesDownload:
             member = self.members.get(key)
             if member is not None:
                 return None if self.finished else member
+            if key in self.rejected:
+                raise IntegrityError(f"instance {key}: {self.rejected[key]}")
             if self.finished:
                 if self.error is not None:
-                    raise SourceError(f"{self.blob_key} could not be fetched: {self.error}")
+                    raise _as_dicomfs_error(self.error, f"{self.blob_key} could not be fetched")
                 raise IntegrityError(f"instance {key} is listed but missing from its series retrieve")
             await self._changed.wait()
 
@@ -397,10 +468,17 @@ class _MemberWriter:
         self._pending: list[bytes | bytearray | memoryview] = []
         self._pending_bytes = 0
         self._crc = _Crc()
+        self._check = Part10Check()
+        self._malformed: str | None = None
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._announced is not None and self._queued + self._pending_bytes + len(data) > self._announced:
             raise IntegrityError(f"instance {self._key} is longer than announced")
+        if self._malformed is None:
+            try:
+                self._check.feed(data)
+            except ProtocolError as exc:
+                self._malformed = str(exc)
         self._download.received += len(data)
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -419,17 +497,41 @@ class _MemberWriter:
         if self._announced is not None and length != self._announced:
             raise IntegrityError(f"instance {self._key} is shorter than announced")
         download = self._download
+        if self._malformed is None:
+            try:
+                self._check.finish()
+            except ProtocolError as exc:
+                self._malformed = str(exc)
+        if self._malformed is not None:
+            # Never part of a blob; the next instance takes its place in the file.
+            reason = f"not a well-formed DICOM Part 10 file: {self._malformed}"
+            log.error("%s: instance %s refused: %s", download.blob_key, self._key, reason)
+            download.rejected[self._key] = reason
+            self._pending.clear()
+            self._pending_bytes = 0
+            download.notify()
+            return
         download.reserved = self._offset + length
         download._finished.add(self._key)
         await self._queue(completes=(self._key, _Member(self._offset, length)))
 
 
 def _write_batch(fd: int, batch: list[_Write]) -> None:
-    """Write, and advance each member's CRC32C, in order (runs in a worker thread)."""
+    """Write, then advance each member's CRC32C, in order (runs in a worker thread). The CRCs
+    move only once every write succeeded, so a batch that failed can be written again."""
     for write in batch:
         _pwrite_all(fd, write.data, write.pos)
+    for write in batch:
         data = write.data if isinstance(write.data, bytes) else bytes(write.data)  # the C CRC wants bytes
         write.crc.value = google_crc32c.extend(write.crc.value, data)
+
+
+def _as_dicomfs_error(error: BaseException, what: str) -> DicomfsError:
+    """A download's error, raised anew to each of its readers: of the same kind (an outage stays
+    an outage), with ``what`` before it; anything else (a bug) as a SourceError."""
+    if isinstance(error, DicomfsError):
+        return type(error)(f"{what}: {error}")
+    return SourceError(f"{what}: {error}")
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
@@ -443,10 +545,16 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None
 class BlobStore:
     """The disk cache of series blobs for one source."""
 
-    def __init__(self, cache_dir: Path, size_limit: int, source: Source) -> None:
+    def __init__(self, cache_dir: Path, size_limit: int, source: Source, *, breaker: Breaker | None = None,
+                 limits: TransferLimits | None = None, missing_recheck: float = 60.0) -> None:
+        """``missing_recheck``: an instance that a retrieve of its series did not hold is not asked
+        for again sooner (the listing TTL: within it, the archive is taken to be as listed)."""
         self.source = source
         self.cache_dir = cache_dir
         self.size_limit = size_limit
+        self.breaker = breaker or Breaker(source.description)
+        self.limits = limits or TransferLimits()
+        self.missing_recheck = missing_recheck
         try:
             self._folder = ProcessFolder(cache_dir)
         except OSError as exc:
@@ -461,6 +569,10 @@ class BlobStore:
         except CacheError:
             self._folder.close()
             raise
+        self._index_lock = threading.Lock()  # cull and the full-disk eviction, one at a time
+        self._fit_limit()
+        self._ballast = _Ballast(cache_dir / BALLAST_NAME)
+        self._ballast.keep()
         self._manifest_memory: cachetools.LRUCache[str, Manifest] = cachetools.LRUCache(4096)
         # blob key -> (file, the manifest read with it): a path is only ever used with its manifest
         self._blob_paths: cachetools.LRUCache[str, tuple[str, Manifest]] = cachetools.LRUCache(4096)
@@ -471,6 +583,10 @@ class BlobStore:
         self._commits: Counter[str] = Counter()  # completed downloads per blob key
         self._series_touched: set[str] = set()  # series with an instance opened since start
         self._instance_blobs: dict[str, set[str]] = {}  # series -> its single-instance blobs
+        # series -> (when, instance keys) of its last complete retrieve here: an instance listed
+        # but not in it is not asked for again at once (no retrieve per read of a missing file)
+        self._retrieved: cachetools.LRUCache[str, tuple[float, frozenset[str], dict[str, str]]] = \
+            cachetools.LRUCache(4096)
 
     def close(self) -> None:
         self.index.close()
@@ -486,6 +602,12 @@ class BlobStore:
                 await self._maintenance_loop()
         finally:
             self._nursery = None
+
+    def stop(self) -> None:
+        """Shutting down: cancel every download (their readers get an error at once) and take no
+        new ones."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def _maintenance_loop(self) -> None:
         while True:
@@ -505,11 +627,54 @@ class BlobStore:
                 if blob is not None:
                     blob.close()
             if cull:
-                removed = self.index.cull()
+                with self._index_lock:
+                    removed = self.index.cull()
                 if removed:
                     log.info("evicted %d blobs to stay under the cache size limit", removed)
         except Exception as exc:
             log.warning("cache maintenance failed: %s", exc)
+
+    # --- the space the cache may take -------------------------------------------------------
+    def _fit_limit(self) -> None:
+        """Never start with a limit the filesystem holding the cache cannot honour (what the cache
+        holds and what is free). A disk that fills up later is met by ``_make_room``, not by a
+        lower limit: a transient shortage must not shrink the cache for good. Blocking."""
+        try:
+            fitted = fit_size_limit(self.cache_dir, self.size_limit, self.index.volume())
+        except Exception as exc:  # only a precaution: the cache works without it
+            log.warning("cannot tell how much space the cache's filesystem has: %s", exc)
+            return
+        if fitted < self.size_limit:
+            log.warning("cache size limit %s is more than the filesystem holding %s can hold: using %s",
+                        human_bytes(self.size_limit), self.cache_dir, human_bytes(fitted))
+            self.index.reset("size_limit", fitted)
+            self.size_limit = fitted
+
+    async def _make_room(self) -> bool:
+        """The disk is full (ENOSPC): evict the least recently used blobs, below the limit (one in
+        use by a reader here only leaves the index, its bytes stay until it is closed), and say
+        whether anything was evicted, so the write is tried once more."""
+        return await trio.to_thread.run_sync(self._evict_for_space)
+
+    def _evict_for_space(self) -> bool:
+        # sqlite needs a little space to record an eviction: the ballast file gives it back
+        self._ballast.drop()
+        try:
+            with self._index_lock:
+                volume = self.index.volume()
+                target = max(volume - min(ROOM_STEP, max(self.size_limit // 8, 4 * WRITE_BATCH)), 0)
+                self.index.reset("size_limit", target, update=False)  # this process, this once
+                try:
+                    removed = self.index.cull()
+                finally:
+                    self.index.reset("size_limit", self.size_limit, update=False)
+        except Exception as exc:
+            log.warning("the disk holding the cache is full, and eviction failed: %s", exc)
+            return False
+        finally:
+            self._ballast.keep()
+        log.warning("the disk holding the cache is full: evicted %d blobs to make room", removed)
+        return removed > 0
 
     # --- sizes ------------------------------------------------------------------------------
     async def manifest(self, blob_key: str) -> Manifest | None:
@@ -540,7 +705,11 @@ class BlobStore:
                 return sizes[instance.key]
             if self._commits[series.key] != commits:
                 continue  # a download finished while we looked: look again
-            member = await self._series_download(series).wait_member(instance.key)
+            download = self._downloads.get(series.key)
+            if download is None:
+                self._not_recently_missing(series, instance.key)
+                download = self._series_download(series)
+            member = await download.wait_member(instance.key)
             if member is not None:
                 return member.length
         raise SourceError(f"series {series.uid} keeps changing in the cache; giving up")
@@ -567,11 +736,26 @@ class BlobStore:
                     return handle
                 if self._commits[series.key] != commits:
                     continue  # a download finished while we looked: look again
+                self._not_recently_missing(series, instance.key)
                 download = self._series_download(series)
             handle = await download.open_member(instance.key)
             if handle is not None:
                 return handle
         raise SourceError(f"series {series.uid} keeps changing in the cache; giving up")
+
+    def _not_recently_missing(self, series: SeriesRecord, key: str) -> None:
+        """Raise at once if ``key`` was not in (or was refused from) a retrieve of its series that
+        ended less than ``missing_recheck`` seconds ago: reading a missing file again and again
+        must not retrieve its series every time."""
+        seen = self._retrieved.get(series.key)
+        if seen is None or key in seen[1]:
+            return
+        age = time.monotonic() - seen[0]
+        if age >= self.missing_recheck:
+            return
+        reason = seen[2].get(key, "is listed but was not in the retrieve of its series")
+        raise IntegrityError(f"instance {key} {reason} {age:.0f} s ago; asked for again after "
+                             f"{self.missing_recheck:.0f} s")
 
     async def _open_instance_alone(self, series: SeriesRecord, instance: InstanceRecord,
                                    source: InstanceFetcher) -> InstanceHandle | None:
@@ -656,13 +840,15 @@ class BlobStore:
         Blocking (sqlite, open): call in a worker thread."""
         return has_valid_entry(self.index, self.manifests, series.key)
 
-    async def fetch_series(self, series: SeriesRecord) -> SeriesDownload | None:
+    async def fetch_series(self, series: SeriesRecord, expect: set[str] | None = None) -> SeriesDownload | None:
         """Make sure the whole series is cached: None if it already was, else the finished
-        download (joined if one was running). Raises the download's error if it failed."""
+        download (joined if one was running). Raises the download's error if it failed.
+        With ``expect`` (the listed instance keys), a cached copy that lacks some of them is
+        fetched again (the series grew), at most once per ``missing_recheck``."""
         for _ in range(JOIN_ATTEMPTS):
             download = self._downloads.get(series.key)
             if download is None:
-                if await trio.to_thread.run_sync(self.is_cached, series):
+                if await trio.to_thread.run_sync(self.is_cached, series) and not await self._lacks(series, expect):
                     return None
                 if await self._waited_for_another_process(series.key):
                     continue  # it was downloading this series: look at the cache again
@@ -673,7 +859,21 @@ class BlobStore:
                     SourceError(f"series {series.uid} could not be fetched: {download.error}")
             if not download.committed_elsewhere:
                 return download
+            if expect is not None:
+                return None  # the cache had all this retrieve had: the caller checks what is missing
         raise SourceError(f"series {series.uid} keeps changing in the cache; giving up")
+
+    async def _lacks(self, series: SeriesRecord, expect: set[str] | None) -> bool:
+        """Whether the cached copy lacks an expected instance that a recent retrieve did not
+        already look for in vain."""
+        if not expect:
+            return False
+        manifest = await self.manifest(series.key)
+        missing = expect - set(manifest.members) if manifest is not None else expect
+        if not missing:
+            return False
+        seen = self._retrieved.get(series.key)
+        return seen is None or time.monotonic() - seen[0] >= self.missing_recheck
 
     async def _waited_for_another_process(self, blob_key: str) -> bool:
         """If another process is downloading ``blob_key`` (it holds the key's lock), wait until it
@@ -716,38 +916,40 @@ class BlobStore:
     def _start(self, blob_key: str, series: SeriesRecord, fetch: Fetch) -> SeriesDownload:
         if self._nursery is None:
             raise CacheError("the blob store is not running")
-        download = SeriesDownload(blob_key, series, self.partial_dir / f"{uuid.uuid4().hex}.part", fetch)
+        probe = self.breaker.admit()  # refused at once while the archive is known to be down
+        download = SeriesDownload(blob_key, series, self.partial_dir / f"{uuid.uuid4().hex}.part", fetch,
+                                  make_room=self._make_room)
         try:
-            self._nursery.start_soon(self._run_download, download)
+            self._nursery.start_soon(self._run_download, download, probe)
         except RuntimeError:  # shutting down: the nursery takes no new downloads
             os.close(download.fd)
             _unlink_quietly(str(download.path))
+            if probe:
+                self.breaker.release()
             raise CacheError("the blob store is shutting down") from None
         self._downloads[blob_key] = download
         return download
 
-    async def _run_download(self, download: SeriesDownload) -> None:
+    async def _run_download(self, download: SeriesDownload, probe: bool) -> None:
         what = download.blob_key
         # Say that this process is downloading the blob, for a prefetch in another process that
         # would rather wait than fetch it twice. If someone else holds the lock, go on anyway:
         # a reader here should not wait for a whole series that another process streams.
         lock_fd = _try_lock(self._lock_dir / _lock_name(what))
+        committed = False
         try:
             async with trio.open_nursery() as writer:
                 writer.start_soon(download.write_loop)
                 try:
-                    for attempt in range(DOWNLOAD_ATTEMPTS):
-                        try:
-                            await download.fetch(download)
-                            break
-                        except SourceError as exc:
-                            if attempt + 1 == DOWNLOAD_ATTEMPTS:
-                                raise
-                            log.warning("%s: %s; retrying", what, exc)
-                            await trio.sleep(0.5 * 2**attempt)
+                    async with open_nursery() as watch:
+                        watch.start_soon(enforce, self.limits, lambda: download.wire,
+                                         f"the retrieve of {what} from {self.source.description}")
+                        await self._fetch_resuming(download)
+                        watch.cancel_scope.cancel()
                 finally:
                     download.close_writes()
             await self._commit(download)
+            committed = True
         except* DicomfsError as group:
             first = plain(group)
             log.error("%s could not be fetched from %s: %s", what, self.source.description, first)
@@ -756,6 +958,17 @@ class BlobStore:
             log.error("%s: unexpected error while fetching", what, exc_info=group)
             download.error = leaves(group)[0]
         finally:
+            if isinstance(download.error, SourceError):
+                self.breaker.failed(download.error)
+            elif committed:
+                self.breaker.succeeded()
+            elif probe:
+                self.breaker.release()  # stopped, or failed here (the disk): nothing learnt of the archive
+            if download.error is None and not committed:  # cancelled: dicomfs is shutting down
+                download.error = SourceError("the download was stopped: dicomfs is shutting down")
+            if committed and download.blob_key == download.series.key:
+                self._retrieved[download.blob_key] = (time.monotonic(), frozenset(download.members),
+                                                      dict(download.rejected))
             download.finished = True
             del self._downloads[download.blob_key]
             download.notify()
@@ -764,6 +977,24 @@ class BlobStore:
                 os.close(lock_fd)
             os.close(download.fd)
             _unlink_quietly(str(download.path))
+
+    async def _fetch_resuming(self, download: SeriesDownload) -> None:
+        """The source's fetch; a transfer that broke off after bringing new instances is resumed
+        (instances already in are skipped), at most ``RESUMES`` times. Nothing else is retried
+        here: the HTTP layer has its own one retry of failed requests."""
+        for resume in range(RESUMES + 1):
+            done_before = len(download._finished) + len(download.rejected)
+            download.on_answer = self.breaker.succeeded  # the archive answers: tell the breaker
+            try:
+                await download.fetch(download)
+                return
+            except TransferBroken as exc:
+                progressed = len(download._finished) + len(download.rejected) > done_before
+                if not progressed or resume == RESUMES:
+                    raise
+                log.warning("%s: %s; resuming (%d instances are in)", download.blob_key, exc,
+                            len(download._finished))
+                await trio.sleep(RESUME_DELAY * 2**resume)
 
     async def _commit(self, download: SeriesDownload) -> None:
         manifest = download.manifest()
@@ -778,20 +1009,32 @@ class BlobStore:
             os.ftruncate(download.fd, manifest.size)
             os.fsync(download.fd)
             with flocked(self._commit_lock):
-                if has_valid_entry(self.index, self.manifests, blob_key):
-                    download.committed_elsewhere = True  # by another process: keep theirs
-                    return
+                cached = self.manifests.get(blob_key) if has_valid_entry(self.index, self.manifests, blob_key) \
+                    else None
+                if cached is not None:
+                    if not set(manifest.members) - set(cached.members):
+                        download.committed_elsewhere = True  # nothing new in ours: keep the cached copy
+                        return
+                    download.replaced = len(cached.members)  # the series grew: ours is the new version
                 self.manifests.set(blob_key, manifest)
+                # Replacing an entry removes the old file through BlobDisk.remove: a file that
+                # readers of this process hold goes to the graveyard until they close it.
                 self.index.set(blob_key, blob)
                 for key in redundant:
                     self.index.delete(key)
                     self.manifests.delete(key)
 
-        await trio.to_thread.run_sync(commit)
+        try:
+            await trio.to_thread.run_sync(commit)
+        except OSError as exc:
+            raise CacheError(f"cannot commit {blob_key} to the cache: {exc.strerror or exc}") from None
+        except sqlite3.Error as exc:
+            raise CacheError(f"cannot commit {blob_key} to the cache: {exc}") from None
         if download.committed_elsewhere:
             self._manifest_memory.pop(blob_key, None)
             self._commits[blob_key] += 1
-            log.info("%s was cached by another process meanwhile", blob_key)
+            log.info("%s: the cache already holds its %d instances; this copy is discarded", blob_key,
+                     len(manifest.members))
             return
         self._manifest_memory[blob_key] = manifest
         if blob.stored_at is not None:
@@ -801,7 +1044,11 @@ class BlobStore:
             self._blob_paths.pop(key, None)
         self._commits[blob_key] += 1
         self._cull_wanted.set()
-        log.info("%s cached: %d instances, %d bytes", blob_key, len(manifest.members), manifest.size)
+        if download.replaced is not None:
+            log.info("%s cached anew: %d instances (the cached copy had %d), %d bytes", blob_key,
+                     len(manifest.members), download.replaced, manifest.size)
+        else:
+            log.info("%s cached: %d instances, %d bytes", blob_key, len(manifest.members), manifest.size)
 
 
 def open_indexes(cache_dir: Path, size_limit: int | None,

@@ -1,10 +1,12 @@
 """A cache directory as a whole: who is using it, what it holds, checking and clearing it.
 
 Owns the directory-level lock (shared by mounts, prefetches and ``verify``; exclusive for
-``clear``), the ``source.json`` label that says which archive a cache belongs to, and the
-``dicomfs cache stats|verify|clear`` work. The layout inside (blobs, manifests, catalog, work
-folders) belongs to ``blobstore`` and ``catalog``; this module only reads it, or deletes blobs
-that fail verification. Blocking: callers run it in a thread or from the CLI.
+``clear``), keeping the cache private to its user (folders 0700, files 0600: the catalog holds
+patient names), the ``source.json`` label that says which archive a cache belongs to, how large
+a limit the filesystem holding it can honour, and the ``dicomfs cache stats|verify|clear`` work.
+The layout inside (blobs, manifests, catalog, work folders) belongs to ``blobstore`` and
+``catalog``; this module only reads it, or deletes blobs that fail verification. Blocking:
+callers run it in a thread or from the CLI.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from dicomfs.sources.base import SourceSpec
 SOURCE_LABEL = "source.json"
 LOCK_NAME = "lock"
 VERIFY_CHUNK = 1 << 20
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+FILL_FRACTION = 0.9  # of the space the cache could have, the most its limit may take (room for the rest)
 
 
 class CacheUse:
@@ -32,8 +37,8 @@ class CacheUse:
 
     def __init__(self, cache_dir: Path, *, exclusive: bool = False) -> None:
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            make_private(cache_dir)
+            self._fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         except OSError as exc:
             raise CacheError(f"cannot use the cache directory {cache_dir}: {exc.strerror}") from None
         try:
@@ -54,6 +59,36 @@ class CacheUse:
         self.release()
 
 
+def make_private(cache_dir: Path) -> None:
+    """Create ``cache_dir`` readable by its owner only; tighten a cache made before (folders
+    0700, files 0600), once: a private top folder means it was done. Blocking."""
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    if os.stat(cache_dir).st_mode & 0o077 == 0:
+        return
+    for folder, dirs, files in os.walk(cache_dir):
+        for name in files:
+            _tighten(os.path.join(folder, name), PRIVATE_FILE)
+        for name in dirs:
+            _tighten(os.path.join(folder, name), PRIVATE_DIR)
+    _tighten(str(cache_dir), PRIVATE_DIR)  # last: it marks the work as done
+
+
+def _tighten(path: str, mode: int) -> None:
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & ~mode:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+    except OSError:
+        pass  # vanished meanwhile (another process's work file)
+
+
+def fit_size_limit(cache_dir: Path, wanted: int, held: int) -> int:
+    """``wanted``, or less if the filesystem holding the cache cannot give it that much: at most
+    ``FILL_FRACTION`` of what the cache holds now (``held`` bytes) plus the free space. Blocking."""
+    room = int((shutil.disk_usage(cache_dir).free + held) * FILL_FRACTION)
+    return max(min(wanted, room), 1)
+
+
 def label(cache_dir: Path, spec: SourceSpec) -> None:
     """Record which archive this cache holds (for ``cache stats``)."""
     path = cache_dir / SOURCE_LABEL
@@ -62,7 +97,9 @@ def label(cache_dir: Path, spec: SourceSpec) -> None:
         if path.exists() and path.read_text() == text:
             return
         tmp = path.with_name(f".{SOURCE_LABEL}.{os.getpid()}")
-        tmp.write_text(text)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
         os.replace(tmp, path)
     except OSError:
         pass  # only a label

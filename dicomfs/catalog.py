@@ -3,8 +3,8 @@
 Owns listing freshness: in-memory TTL caches (cachetools) in front of a persistent store
 (diskcache, shared by every process using the cache) so that a remount does not re-query
 everything, single-flight so that N callers cause one query, and the fallback to the last stored
-listing when the archive is unreachable: after one failure to reach it, stored listings are
-served without asking again for ``OFFLINE_RECHECK`` seconds. Studies that ``prefetch`` stored are
+listing when the archive is unreachable: while the archive's breaker is open (``breaker``), stored
+listings are served without asking it. Studies that ``prefetch`` stored are
 remembered so that an offline mount lists them even if the whole archive was never listed.
 With a query, ``studies()`` lists only matching studies (see ``search``). Also keeps each
 series' full metadata (the static DICOMweb tree's input) the same way.
@@ -24,7 +24,8 @@ import diskcache
 import orjson
 import trio
 
-from dicomfs.errors import AccessRefused, NotFound, SourceError, SourceUnavailable
+from dicomfs.breaker import Breaker, is_outage
+from dicomfs.errors import NotFound, SourceError
 from dicomfs.gcpause import paused
 from dicomfs.query import Query
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
@@ -34,7 +35,6 @@ from dicomfs.sources.base import Source
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-OFFLINE_RECHECK = 30.0
 KNOWN_STUDIES = ("known-studies",)
 
 
@@ -45,20 +45,22 @@ class Catalog:
         store_dir: Path | None,
         *,
         listing_ttl: float = 60.0,
-        instance_ttl: float = 600.0,
+        metadata_ttl: float = 600.0,
         max_entries: int = 10_000,
         query: Query | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.source = source
+        self.breaker = breaker or Breaker(source.description)
         self.query = query or Query()
+        # Instance lists follow the listing TTL too: a study still arriving shows its new
+        # instances as soon as its folders do. Series metadata is costly and kept longer.
         self.listing_ttl = listing_ttl
-        self.instance_ttl = instance_ttl
+        self.metadata_ttl = metadata_ttl
         self._listings: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(max_entries, listing_ttl)
-        self._instance_lists: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(max_entries, instance_ttl)
         self._store = diskcache.Cache(str(store_dir)) if store_dir is not None else None
         self._flights: SingleFlight[Any] = SingleFlight()
         self._offline_reported = False
-        self._offline_until = 0.0
 
     def close(self) -> None:
         if self._store is not None:
@@ -120,8 +122,8 @@ class Catalog:
         async def query() -> dict[str, InstanceRecord]:
             return {i.key: i for i in await self.source.list_instances(series)}
 
-        return await self._cached(("instances", series.study_uid, series.uid), self._instance_lists,
-                                  self.instance_ttl, query)
+        return await self._cached(("instances", series.study_uid, series.uid), self._listings,
+                                  self.listing_ttl, query)
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
         """Every instance's DICOM JSON as the archive gives it (see ``Source.series_metadata``)."""
@@ -132,7 +134,7 @@ class Catalog:
         # Not kept in memory: a large series' metadata is 300 MB as Python objects (1,500 CT
         # headers), and its one user (webfiles) keeps a compact canonical form of it.
         return await self._cached(("metadata", series.study_uid, series.uid), None,
-                                  self.instance_ttl, query, codec=(orjson.dumps, orjson.loads))
+                                  self.metadata_ttl, query, codec=(orjson.dumps, orjson.loads))
 
     async def _cached(self, key: tuple[str, ...], memory: cachetools.TTLCache[Any, Any] | None, ttl: float,
                       query: Callable[[], Awaitable[T]],
@@ -151,28 +153,27 @@ class Catalog:
         async def load() -> T:
             stored = await self._load_stored(key, codec[1] if codec else None)
             fresh = stored is not None and time.time() - stored[0] < ttl
-            if stored is not None and (fresh or time.monotonic() < self._offline_until):
+            if stored is not None and (fresh or self.breaker.refusing):
                 memory[key] = stored[1]
                 return stored[1]  # type: ignore[no-any-return]
             try:
-                value = await query()
+                with self.breaker.guard():
+                    value = await query()
             except SourceError as exc:
                 fallback = stored[1] if stored is not None else None
-                if isinstance(exc, SourceUnavailable) and not isinstance(exc, AccessRefused):
+                if is_outage(exc):
                     if offline is not None:
                         extra = await offline()
                         if extra is not None:
                             # listings are dicts: the stored listing wins over remembered studies
                             fallback = (cast(T, {**cast(dict[str, Any], extra), **cast(dict[str, Any], fallback)})
                                         if fallback is not None else extra)
-                    self._offline_until = time.monotonic() + OFFLINE_RECHECK
                 if fallback is None:
                     raise
                 self.report_offline(exc)
                 memory[key] = fallback
                 return fallback  # type: ignore[no-any-return]
             self._offline_reported = False
-            self._offline_until = 0.0
             memory[key] = value
             await self._save_stored(key, value, codec[0] if codec else None)
             return value

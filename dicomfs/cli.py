@@ -13,6 +13,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,9 +25,12 @@ from dicomfs.cachedir import stored_size_limit
 from dicomfs.errors import DicomfsError, UsageError
 from dicomfs.query import Query, parse_query
 from dicomfs.sources import SourceOptions, credentials_from_environment, parse_source
+from dicomfs.transferlimits import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, DEFAULT_WINDOW, TransferLimits
+from dicomfs.waiting import DEFAULT_READ_TIMEOUT
 
 if TYPE_CHECKING:
     from dicomfs.archive import ArchiveOptions
+    from dicomfs.materialise import OutputDir
     from dicomfs.mount import MountOptions
 
 log = logging.getLogger("dicomfs")
@@ -34,6 +38,11 @@ log = logging.getLogger("dicomfs")
 DEFAULT_JOBS = 8
 READY_TIMEOUT = 600.0
 UMOUNT_TIMEOUT = 60.0
+UMOUNT_GRACE = 5.0  # after unmounting, the daemon gets this long to see it before it is told to stop
+UMOUNT_STOP_TIMEOUT = 15.0
+PRIVATE_UMASK = 0o077  # what dicomfs writes into its cache and log is its user's alone
+_ALLOW_OTHER_WARNING = ("--allow-other: every user of this machine can read {mountpoint} (patient data), "
+                        "whatever the cache's own permissions")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
@@ -79,12 +88,17 @@ def _build_parser() -> argparse.ArgumentParser:
                        "already has, else 1/5 of free disk)")
     mount.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
-    mount.add_argument("--log-file", help="where a detached daemon logs (default: <cache-dir>/dicomfs.log)")
+    mount.add_argument("--log-file", help="where the daemon logs, reopened on SIGHUP (default: <cache-dir>/dicomfs.log "
+                       "when detached, stderr in the foreground)")
     mount.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     mount.add_argument("--systemd", action="store_true",
                        help="stay in the foreground and send READY=1 to $NOTIFY_SOCKET when mounted")
     mount.add_argument("--listing-ttl", type=float, default=60.0,
                        help="seconds a study or series listing is trusted (default 60)")
+    _add_transfer_options(mount)
+    mount.add_argument("--read-timeout", type=_seconds, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                       help="longest a file system request waits for the archive before it fails with EIO; "
+                       f"the download goes on (default {DEFAULT_READ_TIMEOUT:.0f})")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     prefetch = commands.add_parser("prefetch", help="fetch whole studies into the cache (resumable)")
@@ -128,6 +142,7 @@ def _add_fetch_options(parser: argparse.ArgumentParser) -> None:
                         "already has, else 1/5 of free disk)")
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
                         help=f"series fetched at the same time (default {DEFAULT_JOBS})")
+    _add_transfer_options(parser)
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         type=str.upper)
 
@@ -140,6 +155,38 @@ def _add_archive_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", help="object store endpoint for gs:// sources "
                         "(default: $STORAGE_EMULATOR_HOST or Google Cloud Storage)")
     parser.add_argument("--user-project", help="project billed for requester-pays buckets")
+    parser.add_argument("--timeout", type=_seconds, default=DEFAULT_WINDOW, metavar="SECONDS",
+                        help="longest the archive may stay silent, and the window over which --min-rate is "
+                        f"measured (default {DEFAULT_WINDOW:.0f})")
+
+
+def _add_transfer_options(parser: argparse.ArgumentParser) -> None:
+    """How slow a retrieve may be before it is abandoned (mount, prefetch, export)."""
+    parser.add_argument("--min-rate", type=_rate, default=DEFAULT_MIN_RATE, metavar="RATE",
+                        help="a retrieve that brings less per second over --timeout is abandoned, e.g. 64K, "
+                        f"0 for no minimum (default {DEFAULT_MIN_RATE // 1024}K)")
+    parser.add_argument("--retrieve-timeout", type=_seconds, default=DEFAULT_DEADLINE, metavar="SECONDS",
+                        help=f"longest one series retrieve may take (default {DEFAULT_DEADLINE:.0f})")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: must be positive")
+    return value
+
+
+def _rate(text: str) -> int:
+    """``--min-rate``: bytes per second, with the units of ``parse_size``; 0 turns it off."""
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_size(text.removesuffix("/s"))
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _archive_options(args: argparse.Namespace, *, with_blobs: bool) -> ArchiveOptions:
@@ -154,8 +201,10 @@ def _archive_options(args: argparse.Namespace, *, with_blobs: bool) -> ArchiveOp
         # last given with --cache-size), not a default computed from today's free space.
         cache_size = (parse_size(args.cache_size) if args.cache_size
                       else stored_size_limit(cache_dir) or default_cache_size(cache_dir))
-    return ArchiveOptions(spec, cache_dir, credentials, SourceOptions(args.endpoint, args.user_project),
-                          cache_size, getattr(args, "listing_ttl", 60.0), parse_query(args.query))
+    limits = TransferLimits(args.timeout, getattr(args, "min_rate", DEFAULT_MIN_RATE),
+                            getattr(args, "retrieve_timeout", DEFAULT_DEADLINE))
+    return ArchiveOptions(spec, cache_dir, credentials, SourceOptions(args.endpoint, args.user_project, args.timeout),
+                          cache_size, getattr(args, "listing_ttl", 60.0), parse_query(args.query), limits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         args.studies += extra  # study UIDs after options: dicomfs prefetch SRC --cache-dir D UID...
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # The cache holds patient names: everything dicomfs creates there is private. Output files
+    # (prefetch --to, export) get the user's own umask back explicitly (materialise.OutputDir).
+    args.user_umask = os.umask(PRIVATE_UMASK)
     commands = {"umount": lambda: _umount(Path(args.mountpoint)), "prefetch": lambda: _prefetch(args),
                 "export": lambda: _prefetch(args),
                 "ls": lambda: _ls(args), "cache": lambda: _cache(args),
@@ -192,12 +244,19 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     archive = _archive_options(args, with_blobs=True)
     mountpoint = check_mountpoint(Path(args.mountpoint).expanduser())
     assert archive.cache_size is not None
+    detach = not (args.foreground or args.systemd)
+    log_file = Path(args.log_file).expanduser().absolute() if args.log_file else None
+    if detach and log_file is None:
+        log_file = archive.cache_dir / "dicomfs.log"
     options = MountOptions(archive.spec, mountpoint, archive.cache_dir, archive.cache_size, archive.credentials,
                            allow_other=args.allow_other, listing_ttl=args.listing_ttl,
-                           source_options=archive.source_options, query=archive.query)
-    if args.foreground or args.systemd:
+                           source_options=archive.source_options, query=archive.query, limits=archive.limits,
+                           read_timeout=args.read_timeout, log_file=log_file)
+    if args.allow_other and detach:
+        print(f"dicomfs: warning: {_ALLOW_OTHER_WARNING.format(mountpoint=mountpoint)}", file=sys.stderr)
+    if not detach:
         return _run_foreground(options, args)
-    return _detach(options, args, argv)
+    return _detach(options, argv)
 
 
 def _prefetch(args: argparse.Namespace) -> int:
@@ -221,15 +280,17 @@ def _prefetch(args: argparse.Namespace) -> int:
     # The selection is studies; the catalog itself shows all of them.
     selection = options.query or Query()
     options = dataclasses.replace(options, query=None)
+    to: OutputDir | None
     if exporting:
-        to = check_output_dir(Path(args.dicomweb))
+        to = check_output_dir(Path(args.dicomweb), args.user_umask)
     else:
-        to = check_output_dir(Path(args.to)) if args.to and not args.dry_run else None
+        to = check_output_dir(Path(args.to), args.user_umask) if args.to and not args.dry_run else None
     _configure_logging(args.log_level)
     return trio.run(_run_prefetch, options, args, selection, to)
 
 
-async def _run_prefetch(options: ArchiveOptions, args: argparse.Namespace, selection: Query, to: Path | None) -> int:
+async def _run_prefetch(options: ArchiveOptions, args: argparse.Namespace, selection: Query,
+                        to: OutputDir | None) -> int:
     """The prefetch, cancelled cleanly by Ctrl-C or SIGTERM: downloads stop, partial files are
     removed, complete series stay cached (a rerun finishes the rest)."""
     import signal
@@ -262,7 +323,7 @@ async def _run_prefetch(options: ArchiveOptions, args: argparse.Namespace, selec
 
 
 async def _prefetch_archive(options: ArchiveOptions, args: argparse.Namespace, selection: Query,
-                            to: Path | None) -> int:
+                            to: OutputDir | None) -> int:
     from dicomfs.archive import open_archive
     from dicomfs.prefetch import execute, make_plan, select_studies, summary
 
@@ -297,7 +358,7 @@ async def _prefetch_archive(options: ArchiveOptions, args: argparse.Namespace, s
             from dicomfs.export import export_tree
 
             written, failures = await export_tree(archive.catalog, archive.blobs, studies, to)
-            print(f"exported {len(studies)} studies to {to}: {written.files} files written "
+            print(f"exported {len(studies)} studies to {to.path}: {written.files} files written "
                   f"({written.bytes} bytes), {written.skipped} unchanged, {len(failures)} failed", flush=True)
     return _report_failures(failures)
 
@@ -373,9 +434,16 @@ def _configure_logging(level: str) -> None:
 def _run_foreground(options: MountOptions, args: argparse.Namespace) -> int:
     import trio
 
-    from dicomfs.mount import sd_notify, serve
+    from dicomfs.mount import open_log, sd_notify, serve
 
+    if options.log_file is not None:
+        try:
+            open_log(options.log_file)
+        except OSError as exc:
+            raise UsageError(f"cannot write the log file {options.log_file}: {exc.strerror}") from None
     _configure_logging(args.log_level)
+    if options.allow_other:
+        log.warning(_ALLOW_OTHER_WARNING.format(mountpoint=options.mountpoint))
     ready_fd: int | None = args.ready_fd
 
     def on_ready() -> None:
@@ -402,15 +470,26 @@ def _run_foreground(options: MountOptions, args: argparse.Namespace) -> int:
     return 0
 
 
-def _detach(options: MountOptions, args: argparse.Namespace, argv: list[str]) -> int:
-    cache_dir = options.cache_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    log_path = Path(args.log_file).expanduser() if args.log_file else cache_dir / "dicomfs.log"
+def _detach(options: MountOptions, argv: list[str]) -> int:
+    """Start the daemon (this command in the foreground, logging to the log file, which it
+    reopens on SIGHUP) and wait until it says it is mounted, or why not."""
+    from dicomfs.cachedir import make_private
+
+    assert options.log_file is not None
+    log_path = options.log_file
+    try:
+        make_private(options.cache_dir)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise UsageError(f"cannot write the log file {log_path}: {exc.strerror}") from None
     read_fd, write_fd = os.pipe()
-    child_argv = [sys.executable, "-m", "dicomfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
-    with open(log_path, "ab") as log_file:
-        child = subprocess.Popen(child_argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+    child_argv = [sys.executable, "-m", "dicomfs", *argv, "--foreground", "--log-file", str(log_path),
+                  "--ready-fd", str(write_fd)]
+    try:
+        child = subprocess.Popen(child_argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                                  pass_fds=(write_fd,), start_new_session=True)
+    finally:
+        os.close(log_fd)
     os.close(write_fd)
     message = b""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -433,6 +512,8 @@ def _detach(options: MountOptions, args: argparse.Namespace, argv: list[str]) ->
 
 
 def _umount(mountpoint: Path) -> int:
+    """Unmount, and wait for the daemon to exit. A daemon that does not see its end (the mount is
+    also held in another mount namespace, as containers do) is told to stop: its pid is known."""
     from dicomfs.mount import pidfile_for
 
     mountpoint = Path(os.path.abspath(mountpoint.expanduser()))
@@ -447,13 +528,27 @@ def _umount(mountpoint: Path) -> int:
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
         raise DicomfsError(f"cannot unmount {mountpoint}: {reason}")
-    if pid is not None:
-        deadline = time.monotonic() + UMOUNT_TIMEOUT
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                raise DicomfsError(f"unmounted, but the daemon (pid {pid}) did not exit")
-            time.sleep(0.05)
-    return 0
+    if pid is None or _gone_within(pid, UMOUNT_GRACE):
+        return 0
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            return 0
+        if _gone_within(pid, UMOUNT_STOP_TIMEOUT):
+            if signum == signal.SIGKILL:
+                raise DicomfsError(f"unmounted; the daemon (pid {pid}) did not stop on SIGTERM and was killed")
+            return 0
+    raise DicomfsError(f"unmounted, but the daemon (pid {pid}) did not exit")
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _alive(pid: int) -> bool:

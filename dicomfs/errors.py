@@ -36,11 +36,17 @@ class SourceError(DicomfsError):
 
 
 class SourceUnavailable(SourceError):
-    """The archive could not be reached at all."""
+    """The archive as a whole is not working: unreachable, timed out, too slow, overloaded (HTTP
+    429/502/503/504). Listings fall back to the stored catalog, and the breaker opens."""
 
 
 class AccessRefused(SourceUnavailable):
     """The archive refused our credentials (HTTP 401/403): not an outage to ride out offline."""
+
+
+class TransferBroken(SourceError):
+    """A transfer that had started broke off (connection reset, body cut short): a download may
+    resume it."""
 
 
 class ProtocolError(SourceError):
@@ -56,4 +62,14 @@ class OutputError(DicomfsError):
 
 
 class CacheError(DicomfsError):
-    """The local cache is unusable (locked by another daemon, not writable)."""
+    """The local cache is unusable (locked by another daemon, not writable, full)."""
+
+
+class Interrupted(DicomfsError):
+    """The process a request was waiting for is being killed: its answer no longer matters."""
+
+    errno = errno.EINTR
+
+
+class WaitTimeout(DicomfsError):
+    """A file system request waited longer than ``--read-timeout`` (the download goes on)."""

@@ -11,14 +11,13 @@ key or one of the layout's fixed names). Must not render anything itself.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import trio
 
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, OutputError
-from dicomfs.materialise import Written, write_bytes
+from dicomfs.materialise import OutputDir, Written, write_bytes
 from dicomfs.records import StudyRecord
 from dicomfs.tasks import open_nursery
 from dicomfs.webfiles import WebFiles
@@ -28,8 +27,8 @@ PARALLEL_FILES = 8
 
 
 async def export_tree(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecord],
-                      out_dir: Path) -> tuple[Written, list[str]]:
-    """Write the tree of ``studies`` below ``out_dir`` (which plays the part of ``dicomweb/``).
+                      out: OutputDir) -> tuple[Written, list[str]]:
+    """Write the tree of ``studies`` below ``out`` (which plays the part of ``dicomweb/``).
     A file that cannot be rendered (a broken instance, say) is listed in the failures returned,
     and the rest is written; a folder that cannot be listed fails its whole subtree the same way.
     An output error (disk full, permissions) stops everything."""
@@ -54,17 +53,17 @@ async def export_tree(catalog: Catalog, blobs: BlobStore, studies: list[StudyRec
                     raise
                 failures.append(f"{'/'.join(node.path)}: {exc}")
                 return
-            target = out_dir.joinpath(*node.path)
-            if await trio.to_thread.run_sync(write_bytes, target, data):
+            target = out.path.joinpath(*node.path)
+            if await trio.to_thread.run_sync(write_bytes, target, data, out.file_mode):
                 written.files += 1
                 written.bytes += len(data)
             else:
                 written.skipped += 1
 
     async def walk(node: WebNode, nursery: trio.Nursery) -> None:
-        folder = out_dir.joinpath(*node.path)
+        folder = out.path.joinpath(*node.path)
         try:
-            await trio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
+            await trio.to_thread.run_sync(out.mkdir, folder)
         except OSError as exc:
             raise OutputError(f"cannot create {folder}: {exc.strerror}") from None
         async with limit:

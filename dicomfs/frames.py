@@ -328,8 +328,8 @@ def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
         if tag is None:
             return None
         raw = dataset.get_item(tag, keep_deferred=True)
-        start = raw.value_tell  # type: ignore[union-attr]
-        undefined = raw.length == 0xFFFFFFFF  # type: ignore[union-attr]
+        start = raw.value_tell  # type: ignore[union-attr, attr-defined]  # a RawDataElement here
+        undefined = raw.length == 0xFFFFFFFF  # type: ignore[union-attr, attr-defined]
     except Exception:
         return None
     view = memoryview(p10)

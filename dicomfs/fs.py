@@ -1,7 +1,8 @@
 """The pyfuse3 Operations: a thin translation of kernel requests into tree and blob-store calls.
 
-Owns file and directory handles and the mapping of dicomfs errors to errno. Must not contain
-caching, fetching or naming logic: that lives in ``tree`` and ``blobstore``.
+Owns file and directory handles and the mapping of dicomfs errors to errno; every request that may
+wait for the archive runs under ``waiting.Waits`` (deadline, killed caller, shutdown). Must not
+contain caching, fetching or naming logic: that lives in ``tree`` and ``blobstore``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyfuse3
 from dicomfs.blobstore import BlobStore, InstanceHandle
 from dicomfs.errors import DicomfsError
 from dicomfs.tree import Attributes, Node, Tree
+from dicomfs.waiting import Waits
 from dicomfs.webtree import LISTING_FILES
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ def _errno_at_the_edge(what: str) -> Iterator[None]:
     except pyfuse3.FUSEError:
         raise
     except DicomfsError as exc:
-        if exc.errno != errno.ENOENT:
+        if exc.errno == errno.EINTR:
+            log.info("%s", exc)
+        elif exc.errno != errno.ENOENT:
             log.warning("%s: %s", what, exc)
         raise pyfuse3.FUSEError(exc.errno) from None
     except Exception:
@@ -77,10 +81,11 @@ class RenderedFile:
 
 
 class DicomOperations(pyfuse3.Operations):
-    def __init__(self, tree: Tree, blobs: BlobStore) -> None:
+    def __init__(self, tree: Tree, blobs: BlobStore, waits: Waits | None = None) -> None:
         super().__init__()
         self.tree = tree
         self.blobs = blobs
+        self.waits = waits or Waits()
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._handles = itertools.count(1)
@@ -90,16 +95,22 @@ class DicomOperations(pyfuse3.Operations):
     def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
         return entry_attributes(attrs, self._uid, self._gid)
 
+    @contextmanager
+    def _request(self, what: str, ctx: Any) -> Iterator[None]:
+        """A request that may wait for the archive: bounded, and errors mapped to errno."""
+        with _errno_at_the_edge(what), self.waits.bounded(getattr(ctx, "pid", 0), what):
+            yield
+
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         text = os.fsdecode(name)
-        with _errno_at_the_edge(f"lookup {text!r}"):
+        with self._request(f"lookup {text!r}", ctx):
             node = await self.tree.lookup(self.tree.get(parent_inode), text)
             attrs = await self.tree.attributes(node)
             self.tree.remember(node)
             return self._entry(attrs)
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        with _errno_at_the_edge("getattr"):
+        with self._request("getattr", ctx):
             return self._entry(await self.tree.attributes(self.tree.get(inode)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -107,7 +118,7 @@ class DicomOperations(pyfuse3.Operations):
             self.tree.forget(inode, count)
 
     async def opendir(self, inode: int, ctx: Any) -> int:
-        with _errno_at_the_edge("opendir"):
+        with self._request("opendir", ctx):
             entries = await self.tree.children(self.tree.get(inode))
             fh = next(self._handles)
             self._dirs[fh] = entries
@@ -130,7 +141,7 @@ class DicomOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        with _errno_at_the_edge("open"):
+        with self._request("open", ctx):
             node = self.tree.get(inode)
             if node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
@@ -146,7 +157,7 @@ class DicomOperations(pyfuse3.Operations):
             self._files[fh] = handle
             return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         # (pyfuse3 replies with any object that has the buffer protocol; its stub says bytes)
         handle = self._files.get(fh)
         if handle is None:

@@ -2,9 +2,10 @@
 (and, for ``export``, any rendered file).
 
 Owns atomic output (a hidden temporary file in the target folder, fsync, rename), skipping files
-that already hold identical bytes, and nothing being written outside the output folder (names are
-validated UIDs or archive keys). Reads instances through the blob store, so it works for every
-source. Blocking file work runs in worker threads.
+that already hold identical bytes, nothing being written outside the output folder (names are
+validated UIDs or archive keys), and output modes from the user's umask (``OutputDir``: the
+process itself runs with umask 077 for the sake of its cache). Reads instances through the blob
+store, so it works for every source. Blocking file work runs in worker threads.
 """
 
 from __future__ import annotations
@@ -34,30 +35,56 @@ class Written:
     bytes: int = 0
 
 
-def check_output_dir(path: Path) -> Path:
+@dataclass(frozen=True)
+class OutputDir:
+    """An output folder, and the modes of the files and folders written into it: what the user's
+    ``umask`` gives, as for any file they create."""
+
+    path: Path
+    umask: int = 0o022
+
+    @property
+    def file_mode(self) -> int:
+        return 0o666 & ~self.umask
+
+    def mkdir(self, folder: Path) -> None:
+        """``folder`` (inside the output) and its missing parents, with the user's mode. Blocking."""
+        missing = []
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            missing.append(probe)
+            probe = probe.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        for created in missing:
+            os.chmod(created, 0o777 & ~self.umask)
+
+
+def check_output_dir(path: Path, umask: int = 0o022) -> OutputDir:
     path = path.expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"output {path} exists and is not a directory")
+    out = OutputDir(path.absolute(), umask)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        out.mkdir(path)
     except OSError as exc:
         raise UsageError(f"cannot create output folder {path}: {exc.strerror}") from None
-    return path.resolve()
+    return OutputDir(path.resolve(), umask)
 
 
 async def write_series_files(blobs: BlobStore, series: SeriesRecord, instances: list[InstanceRecord],
-                             out_dir: Path, written: Written) -> None:
-    """``out_dir/<St>/<Se>/<SOP>.dcm`` for every instance; identical existing files are kept."""
+                             out: OutputDir, written: Written) -> None:
+    """``<out>/<St>/<Se>/<SOP>.dcm`` for every instance; identical existing files are kept."""
     _check_names(series, instances)
-    folder = out_dir / series.study_uid / series.uid
+    folder = out.path / series.study_uid / series.uid
     try:
-        await trio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
+        await trio.to_thread.run_sync(out.mkdir, folder)
     except OSError as exc:
         raise OutputError(f"cannot create {folder}: {exc.strerror}") from None
     for instance in instances:
         handle = await blobs.open_instance(series, instance)
         try:
-            wrote = await trio.to_thread.run_sync(_write_file, handle, folder / f"{instance.key}.dcm")
+            wrote = await trio.to_thread.run_sync(_write_file, handle, folder / f"{instance.key}.dcm",
+                                                  out.file_mode)
         finally:
             handle.close()
         if wrote:
@@ -68,12 +95,12 @@ async def write_series_files(blobs: BlobStore, series: SeriesRecord, instances: 
 
 
 async def write_study_zip(blobs: BlobStore, study_uid: str, members: list[tuple[SeriesRecord, list[InstanceRecord]]],
-                          out_dir: Path, written: Written) -> None:
-    """``out_dir/<St>.zip`` holding ``<Se>/<SOP>.dcm`` (stored, not deflated: DICOM pixel data is
+                          out: OutputDir, written: Written) -> None:
+    """``<out>/<St>.zip`` holding ``<Se>/<SOP>.dcm`` (stored, not deflated: DICOM pixel data is
     mostly compressed already), written to a temporary name and renamed when complete."""
     for series, instances in members:
         _check_names(series, instances)
-    target = out_dir / f"{study_uid}.zip"
+    target = out.path / f"{study_uid}.zip"
     total = 0
     with _temporary_for(target) as tmp:
         archive = await trio.to_thread.run_sync(lambda: zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True))
@@ -89,14 +116,14 @@ async def write_study_zip(blobs: BlobStore, study_uid: str, members: list[tuple[
                         handle.close()
         finally:
             await trio.to_thread.run_sync(archive.close)
-        await trio.to_thread.run_sync(_fsync_and_rename, tmp, target)
+        await trio.to_thread.run_sync(_fsync_and_rename, tmp, target, out.file_mode)
     written.files += 1
     written.bytes += total
 
 
-def write_bytes(target: Path, data: bytes) -> bool:
-    """Write ``data`` to ``target`` atomically (not fsync'ed: callers sync once at the end);
-    False if it already held these bytes. Blocking."""
+def write_bytes(target: Path, data: bytes, mode: int) -> bool:
+    """Write ``data`` to ``target`` (with ``mode``) atomically (not fsync'ed: callers sync once at
+    the end); False if it already held these bytes. Blocking."""
     try:
         if target.stat().st_size == len(data) and target.read_bytes() == data:
             return False
@@ -104,6 +131,7 @@ def write_bytes(target: Path, data: bytes) -> bool:
         pass
     with _temporary_for(target) as tmp:
         tmp.write_bytes(data)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     return True
 
@@ -131,8 +159,8 @@ def _same_bytes(handle: InstanceHandle, path: Path) -> bool:
         return False
 
 
-def _write_file(handle: InstanceHandle, target: Path) -> bool:
-    """Write one instance atomically; False if ``target`` already held the same bytes."""
+def _write_file(handle: InstanceHandle, target: Path, mode: int) -> bool:
+    """Write one instance atomically (with ``mode``); False if ``target`` already held the same bytes."""
     if _same_bytes(handle, target):
         return False
     with _temporary_for(target) as tmp:
@@ -142,7 +170,7 @@ def _write_file(handle: InstanceHandle, target: Path) -> bool:
                 if len(data) != size:
                     raise CacheError(f"cached bytes of {target.name} are shorter than recorded")
                 out.write(data)
-        _fsync_and_rename(tmp, target)
+        _fsync_and_rename(tmp, target, mode)
     return True
 
 
@@ -170,7 +198,8 @@ def _zip_member(archive: zipfile.ZipFile, name: str, handle: InstanceHandle) -> 
             member.write(os.pread(handle.fd, size, handle.offset + pos))
 
 
-def _fsync_and_rename(tmp: Path, target: Path) -> None:
+def _fsync_and_rename(tmp: Path, target: Path, mode: int) -> None:
     with open(tmp, "rb") as done:
         os.fsync(done.fileno())
+    os.chmod(tmp, mode)
     os.replace(tmp, target)

@@ -1,8 +1,12 @@
 """Daemon lifecycle: the trio nursery, the FUSE session, signals, systemd notify, clean unmount.
 
 Owns the order of start-up (take a shared hold on the cache, open and check the source, or go
-offline on the stored catalog if the archive cannot be reached, start the blob store, mount) and of shut-down (unmount, cancel downloads, close stores), the pid file that
-``dicomfs umount`` waits on, and ``READY=1``. Must not implement any filesystem behaviour.
+offline on the stored catalog if the archive cannot be reached, start the blob store, mount) and
+of shut-down (on SIGTERM/SIGINT or an unmount: waiting requests answered at once, downloads
+cancelled, the FUSE loop stopped, requests still running after a grace period abandoned, unmount,
+stores closed: seconds, never minutes), the log file and its reopening on SIGHUP (logrotate), the
+pid file that ``dicomfs umount`` waits on, and ``READY=1``. Must not implement any filesystem
+behaviour.
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ from dicomfs.fs import DicomOperations
 from dicomfs.query import Query
 from dicomfs.sources import Credentials, SourceOptions, SourceSpec
 from dicomfs.tasks import open_nursery
+from dicomfs.transferlimits import TransferLimits
 from dicomfs.tree import Tree
+from dicomfs.waiting import DEFAULT_READ_TIMEOUT, Waits
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 3.0  # seconds requests in flight get to finish once a stop was asked for
+UNMOUNT_POLL = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,19 +52,28 @@ class MountOptions:
     listing_ttl: float = 60.0
     source_options: SourceOptions = field(default_factory=SourceOptions)
     query: Query | None = None  # show only the studies that match
+    limits: TransferLimits = field(default_factory=TransferLimits)
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    log_file: Path | None = None  # where the daemon logs (reopened on SIGHUP); None: stderr
 
 
 def check_mountpoint(path: Path) -> Path:
     """An absolute, existing, empty-of-mounts directory; a one-line UsageError otherwise."""
+    stale = UsageError(f"{path} is a stale mount (its daemon is gone): run 'dicomfs umount {path}' first")
     try:
         st = os.stat(path)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise UsageError(f"{path} is a stale dicomfs mount: run 'dicomfs umount {path}' first") from None
+            raise stale from None
         raise UsageError(f"mount point {path} does not exist") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
+        try:  # the kernel may answer stat from its cache for a dead mount; statfs always asks
+            os.statvfs(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise stale from None
         raise UsageError(f"{path} is already a mount point")
     return path.resolve()
 
@@ -95,20 +113,39 @@ def fuse_options(allow_other: bool) -> set[str]:
 async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount, serve until unmounted or signalled, and unmount. Raises DicomfsError on failure."""
     archive_options = ArchiveOptions(options.spec, options.cache_dir, options.credentials, options.source_options,
-                                     options.cache_size, options.listing_ttl, options.query)
+                                     options.cache_size, options.listing_ttl, options.query, options.limits)
     async with open_archive(archive_options) as archive:
         assert archive.blobs is not None
         tree = Tree(archive.catalog, archive.blobs, listing_ttl=options.listing_ttl)
+        waits = Waits(options.read_timeout)
         pidfile = pidfile_for(options.mountpoint)
         async with open_nursery() as nursery:
-            pyfuse3.init(DicomOperations(tree, archive.blobs), str(options.mountpoint),
+            pyfuse3.init(DicomOperations(tree, archive.blobs, waits), str(options.mountpoint),
                          fuse_options(options.allow_other))
             try:
                 pidfile.write_text(f"{os.getpid()}\n")
-                nursery.start_soon(_terminate_on_signal)
-                log.info("mounted %s on %s", archive.source.description, options.mountpoint)
-                on_ready()
-                await pyfuse3.main(min_tasks=4, max_tasks=256)
+                with trio.CancelScope() as serving:
+                    stopping = trio.Event()
+
+                    async def stop() -> None:
+                        """Answer what waits, stop downloads and the FUSE loop; abandon the rest."""
+                        if stopping.is_set():
+                            return
+                        stopping.set()
+                        waits.cancel_all()
+                        archive.blobs.stop()  # type: ignore[union-attr]
+                        pyfuse3.terminate()
+                        await trio.sleep(SHUTDOWN_GRACE)
+                        if waits.waiting:
+                            log.warning("abandoning %d requests still running", waits.waiting)
+                        serving.cancel()
+
+                    nursery.start_soon(waits.run)
+                    nursery.start_soon(_on_signals, nursery, stop, options.log_file)
+                    nursery.start_soon(_stop_when_unmounted, options.mountpoint, stop)
+                    log.info("mounted %s on %s", archive.source.description, options.mountpoint)
+                    on_ready()
+                    await pyfuse3.main(min_tasks=4, max_tasks=256)
             finally:
                 sd_notify("STOPPING=1")
                 pyfuse3.close(unmount=True)
@@ -117,9 +154,52 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _terminate_on_signal() -> None:
+async def _on_signals(nursery: trio.Nursery, stop: Callable[[], object], log_file: Path | None) -> None:
+    """SIGTERM and SIGINT unmount (``stop``, once); SIGHUP reopens the log file (logrotate)."""
+    stopping = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+            if signum == signal.SIGHUP:
+                if log_file is None:
+                    log.info("received SIGHUP: no log file to reopen (logging to stderr)")
+                else:
+                    try:
+                        open_log(log_file)
+                        log.info("received SIGHUP: log file reopened")
+                    except OSError as exc:
+                        log.error("received SIGHUP: cannot reopen %s: %s", log_file, exc.strerror)
+            elif stopping:
+                log.info("received %s: already unmounting", signal.Signals(signum).name)
+            else:
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+                stopping = True
+                nursery.start_soon(stop)  # type: ignore[arg-type]
+
+
+async def _stop_when_unmounted(mountpoint: Path, stop: Callable[[], object]) -> None:
+    """Once the mount is gone from this mount namespace (``fusermount3 -u``, also while another
+    namespace still holds it, or while requests wait), stop: nothing would be asked any more."""
+    while is_mounted(mountpoint):
+        await trio.sleep(UNMOUNT_POLL)
+    log.info("%s is no longer mounted here: stopping", mountpoint)
+    await stop()  # type: ignore[misc]
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether ``path`` is a mount point in this process's mount namespace (/proc/self/mountinfo)."""
+    wanted = str(path).replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            return any(line.split(" ", 5)[4] == wanted for line in mounts)
+    except OSError:
+        return True  # cannot tell: assume it is
+
+
+def open_log(path: Path) -> None:
+    """Make ``path`` (private, appended to) the process's stdout and stderr, where logging goes."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)

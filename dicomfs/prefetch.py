@@ -11,7 +11,6 @@ Must not know which kind of source it talks to.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 import trio
@@ -19,7 +18,7 @@ import trio
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, NotFound
-from dicomfs.materialise import Written, write_series_files, write_study_zip
+from dicomfs.materialise import OutputDir, Written, write_series_files, write_study_zip
 from dicomfs.progress import Progress, human_bytes, human_duration
 from dicomfs.query import Query, parse_query
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
@@ -169,7 +168,7 @@ async def _guard(failures: list[str], what: str, function, *args) -> None:  # ty
 
 
 async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, stream: TextIO, *,
-                  to: Path | None = None, zip_output: bool = False) -> Outcome:
+                  to: OutputDir | None = None, zip_output: bool = False) -> Outcome:
     """Fetch every series of the plan that is not cached (listing instances meanwhile where the
     plan has not), check each retrieve holds every listed instance; then write ``--to`` output."""
     outcome = Outcome()
@@ -196,8 +195,15 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
                         download = await blobs.fetch_series(item.series)
             assert item.instances is not None
             stored = set(download.members) if download is not None else set(await blobs.known_sizes(item.series))
-            if not blobs.source.serves_files_in_place:
-                missing = [i.key for i in item.instances if i.key not in stored]
+            listed = {i.key for i in item.instances}
+            if listed - stored and not blobs.source.serves_files_in_place:
+                # The series grew since it was cached: fetch it anew (the blob store does not
+                # ask again for what a retrieve it just made did not hold).
+                async with limit:
+                    again = await blobs.fetch_series(item.series, expect=listed)
+                if again is not None:
+                    download, stored = again, set(again.members)
+                missing = listed - stored
                 if missing:
                     raise NotFound(f"{len(missing)} listed instances were not in the retrieve")
         except DicomfsError as failure:
@@ -240,7 +246,7 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
     return outcome
 
 
-async def _materialise(plan: Plan, blobs: BlobStore, ok: set[str], to: Path, zip_output: bool, jobs: int,
+async def _materialise(plan: Plan, blobs: BlobStore, ok: set[str], to: OutputDir, zip_output: bool, jobs: int,
                        outcome: Outcome) -> None:
     limit = trio.CapacityLimiter(jobs)
     by_study: dict[str, list[SeriesPlan]] = {}
@@ -262,7 +268,7 @@ async def _materialise(plan: Plan, blobs: BlobStore, ok: set[str], to: Path, zip
                             await write_series_files(blobs, item.series, item.instances or [], to,
                                                      outcome.written)
             except DicomfsError as exc:
-                outcome.failures.append(f"study {study_uid}: writing to {to} failed: {exc}")
+                outcome.failures.append(f"study {study_uid}: writing to {to.path} failed: {exc}")
 
     async with open_nursery() as nursery:
         for study_uid, items in by_study.items():

@@ -35,6 +35,16 @@ def is_key(value: str) -> bool:
     return 0 < len(value) <= MAX_KEY_LENGTH and _HASHED_KEY.fullmatch(value) is not None
 
 
+def instance_key(dataset_uid: str | None, header_uid: str | None) -> str | None:
+    """The UID an instance is known by: the SOPInstanceUID of its data set (what archives index
+    and list), else the one in its file meta information; None if neither is a valid UID. Real
+    files disagree (pydicom's ``rtdose.dcm`` does), so there must be one rule, and this is it."""
+    for uid in (dataset_uid, header_uid):
+        if uid and is_uid(uid):
+            return uid
+    return None
+
+
 def is_probe_name(name: str) -> bool:
     """True for names that operating systems probe for and that never exist in an archive."""
     return (

@@ -110,7 +110,7 @@ class WebFiles:
         self._files: cachetools.LRUCache[WebNode, bytes] = cachetools.LRUCache(FILE_MEMORY, getsizeof=len)
         self._sizes: cachetools.LRUCache[WebNode, int] = cachetools.LRUCache(KNOWN_SIZES)
         self._series_json: cachetools.TTLCache[str, SeriesJson] = cachetools.TTLCache(
-            NORMALISED_SERIES, catalog.instance_ttl)
+            NORMALISED_SERIES, catalog.metadata_ttl)
         self._flights: SingleFlight[Any] = SingleFlight()
         # two levels, so that a study's task waiting for its series' tasks never starves them
         self._study_limit = trio.CapacityLimiter(PARALLEL)
@@ -316,7 +316,7 @@ class WebFiles:
 
     # --- metadata ---------------------------------------------------------------------------------
     async def series_json(self, series: SeriesRecord) -> SeriesJson:
-        """The series' metadata in canonical form, made once per ``instance_ttl``."""
+        """The series' metadata in canonical form, made once per ``metadata_ttl``."""
         known = self._series_json.get(series.key)
         if known is not None:
             return known

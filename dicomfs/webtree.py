@@ -10,8 +10,9 @@ download. Must not render file contents (``webfiles`` does) or know pyfuse3.
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from dicomfs.catalog import Catalog
 from dicomfs.errors import NotFound
@@ -77,9 +78,9 @@ class WebNode:
         return self.kind in FOLDERS
 
     def child(self, kind: WebKind, name: str, **records: object) -> WebNode:
-        fields = {"study": self.study, "series": self.series, "instance": self.instance}
+        fields: dict[str, Any] = {"study": self.study, "series": self.series, "instance": self.instance}
         fields.update(records)
-        return WebNode(kind, (*self.path, name), **fields)  # type: ignore[arg-type]
+        return WebNode(kind, (*self.path, name), **fields)
 
 
 ROOT = WebNode(WebKind.ROOT, ())
@@ -140,8 +141,8 @@ class WebLayout:
                     for key in sorted(paths) if key in instances]
         if kind is WebKind.BULK_INSTANCE:
             assert node.series is not None and node.instance is not None
-            paths = (await self.metadata.bulk_paths(node.series)).get(node.instance.key, [])
-            return [node.child(WebKind.BULK_FILE, tags, bulk=tags) for tags in sorted(paths)]
+            tag_paths = (await self.metadata.bulk_paths(node.series)).get(node.instance.key, [])
+            return [node.child(WebKind.BULK_FILE, tags, bulk=tags) for tags in sorted(tag_paths)]
         raise NotFound(node.name)
 
     async def lookup(self, node: WebNode, name: str) -> WebNode:
@@ -192,7 +193,7 @@ class MetadataFacts(Protocol):
     """What the layout needs to know beyond the listings: which studies the tree shows, frame
     counts and bulk data elements."""
 
-    async def studies(self) -> dict[str, StudyRecord]: ...
+    studies: Callable[[], Awaitable[dict[str, StudyRecord]]]
 
     async def frame_count(self, node: WebNode) -> int:
         """Frames of the instance ``node`` belongs to (0 without pixel data)."""

@@ -1,9 +1,11 @@
-"""Synthetic DICOM instances for tests and benchmarks (pydicom, no network)."""
+"""Synthetic DICOM instances for tests and benchmarks (pydicom, no network), and mock answers."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
+import httpx
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -59,3 +61,16 @@ def multipart(parts: list[bytes], boundary: str = "dicomfs-test-boundary", *, le
         out += b"\r\n" + body + b"\r\n"
     out += f"--{boundary}--\r\n".encode()
     return bytes(out)
+
+
+def streamed(handler: Callable[[httpx.Request], httpx.Response]) -> Callable[[httpx.Request], httpx.Response]:
+    """The handler's answers as a network transport gives them: bodies still to be streamed (a
+    mock ``httpx.Response(json=...)`` arrives already read)."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        response = handler(request)
+        if not response.is_stream_consumed:
+            return response
+        return httpx.Response(response.status_code, headers=response.headers,
+                              stream=httpx.ByteStream(response.content))
+
+    return handle

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from dicomfs.blobstore import BlobStore
-from dicomfs.errors import IntegrityError, SourceError
+from dicomfs.blobstore import BlobStore, Manifest
+from dicomfs.breaker import Breaker
+from dicomfs.errors import IntegrityError, SourceError, SourceUnavailable, TransferBroken
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.sources.base import SeriesSink
+from dicomfs.transferlimits import TransferLimits
+from tests.factory import make_instance
 
 
 class ScriptedSource:
@@ -26,15 +29,19 @@ class ScriptedSource:
         self.before_instance: Callable[[str], Awaitable[None]] | None = None
         self.fail_after: int | None = None  # raise after this many instances, once
         self.lie_about_size = False
+        self.down = False  # the archive cannot be reached
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         self.calls[series.key] += 1
+        if self.down:
+            raise SourceUnavailable("cannot reach the archive (scripted)")
         for index, (key, data) in enumerate(self.series[series.key].items()):
             if self.fail_after is not None and index == self.fail_after:
                 self.fail_after = None
-                raise SourceError("connection reset (scripted)")
+                raise TransferBroken("connection reset (scripted)")
             if self.before_instance is not None:
                 await self.before_instance(key)
+            sink.arrived(len(data))
             if not sink.wants(key):
                 continue
             writer = await sink.begin(key, len(data) - 1 if self.lie_about_size else len(data))
@@ -48,7 +55,8 @@ class ScriptedSource:
 
 
 SERIES = SeriesRecord("1.2", "1.2.3")
-FILES = {f"1.2.3.{i}": os.urandom(1000 + i) for i in range(5)}
+# Real Part 10 files: the store refuses anything else.
+FILES = {f"1.2.3.{i}": make_instance("1.2", "1.2.3", f"1.2.3.{i}", pixel_bytes=1000 + i, number=i) for i in range(5)}
 
 
 def instance(key: str) -> InstanceRecord:
@@ -69,8 +77,9 @@ async def wait_cached(store: BlobStore, series: SeriesRecord) -> None:
             await trio.sleep(0.01)
 
 
-async def with_store(tmp_path: Path, source: ScriptedSource, body, size_limit: int = 1 << 30) -> None:
-    store = BlobStore(tmp_path / "cache", size_limit, source)  # type: ignore[arg-type]
+async def with_store(tmp_path: Path, source: ScriptedSource, body, size_limit: int = 1 << 30,
+                     **options: object) -> None:
+    store = BlobStore(tmp_path / "cache", size_limit, source, **options)  # type: ignore[arg-type]
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
@@ -171,7 +180,8 @@ async def test_leftovers_of_a_crash_are_never_served(tmp_path: Path) -> None:
 
 
 async def test_eviction_spares_blobs_that_are_being_read(tmp_path: Path) -> None:
-    many = {f"1.2.{n}": {f"1.2.{n}.1": os.urandom(200_000)} for n in range(6)}
+    many = {f"1.2.{n}": {f"1.2.{n}.1": make_instance("1.2", str(n), f"1.2.{n}.1", pixel_bytes=200_000)}
+            for n in range(6)}
     source = ScriptedSource(many)
 
     async def body(store: BlobStore) -> None:
@@ -214,3 +224,127 @@ async def test_short_cached_blob_is_an_integrity_error(tmp_path: Path) -> None:
             await read_all(store, "1.2.3.4")
 
     await with_store(tmp_path, source, body)
+
+
+async def test_a_listed_instance_missing_from_the_retrieve_is_not_fetched_again_and_again(tmp_path: Path) -> None:
+    source = ScriptedSource({SERIES.key: FILES})
+
+    async def body(store: BlobStore) -> None:
+        with pytest.raises(IntegrityError, match="missing from its series retrieve"):
+            await read_all(store, "1.2.3.99")
+        for _ in range(5):
+            with pytest.raises(IntegrityError, match="was not in the retrieve of its series .* asked for again"):
+                await read_all(store, "1.2.3.99")
+            with pytest.raises(IntegrityError):
+                await store.size_of(SERIES, instance("1.2.3.99"))
+        assert source.calls[SERIES.key] == 1
+        await trio.sleep(0.3)  # the recheck time (the listing TTL) is over: one more try
+        with pytest.raises(IntegrityError, match="missing from its series retrieve"):
+            await read_all(store, "1.2.3.99")
+        assert source.calls[SERIES.key] == 2
+
+    await with_store(tmp_path, source, body, missing_recheck=0.25)
+
+
+async def test_a_grown_series_is_cached_anew_and_readers_of_the_old_copy_are_unharmed(tmp_path: Path) -> None:
+    first = dict(list(FILES.items())[:3])
+    source = ScriptedSource({SERIES.key: first})
+
+    async def body(store: BlobStore) -> None:
+        assert await read_all(store, "1.2.3.0") == FILES["1.2.3.0"]
+        await wait_cached(store, SERIES)
+        old = await store.open_instance(SERIES, instance("1.2.3.1"))  # a reader of the old copy
+        source.series[SERIES.key] = FILES  # two instances arrived in the archive
+        assert await read_all(store, "1.2.3.4") == FILES["1.2.3.4"]
+        with trio.fail_after(5):
+            while len((await store.manifest(SERIES.key) or Manifest({}, 0)).members) != 5:
+                await trio.sleep(0.01)
+        for key, data in FILES.items():
+            assert await read_all(store, key) == data
+        assert source.calls[SERIES.key] == 2  # once for the old copy, once for the new: no loop
+        assert await old.read(0, 1 << 20) == FILES["1.2.3.1"]
+        old.close()
+        assert store.manifests.get(SERIES.key).members.keys() == FILES.keys()
+        # a prefetch that expects what the cache holds fetches nothing more
+        assert await store.fetch_series(SERIES, expect=set(FILES)) is None
+        assert source.calls[SERIES.key] == 2
+
+    # (no wait for the listing TTL: a listing could have shown the new instances at once)
+    await with_store(tmp_path, source, body, missing_recheck=0)
+
+
+async def test_prefetch_of_a_grown_series_fetches_it_once(tmp_path: Path) -> None:
+    source = ScriptedSource({SERIES.key: dict(list(FILES.items())[:2])})
+
+    async def body(store: BlobStore) -> None:
+        assert await store.fetch_series(SERIES) is not None
+        assert await store.fetch_series(SERIES, expect=set(FILES)) is None  # retrieved just now: it lacked them
+        assert source.calls[SERIES.key] == 1
+        source.series[SERIES.key] = FILES
+        store.missing_recheck = 0
+        download = await store.fetch_series(SERIES, expect=set(FILES))
+        assert download is not None and set(download.members) == set(FILES) and download.replaced == 2
+        assert source.calls[SERIES.key] == 2
+
+    await with_store(tmp_path, source, body)
+
+
+async def test_a_malformed_instance_is_refused_and_the_others_are_cached(tmp_path: Path) -> None:
+    bad = dict(FILES)
+    bad["1.2.3.2"] = FILES["1.2.3.2"] + b"\0" * 3  # three bytes after its last element
+    source = ScriptedSource({SERIES.key: bad})
+
+    async def body(store: BlobStore) -> None:
+        with pytest.raises(IntegrityError, match="not a well-formed DICOM Part 10 file"):
+            await read_all(store, "1.2.3.2")
+        for key in ("1.2.3.0", "1.2.3.1", "1.2.3.3", "1.2.3.4"):
+            assert await read_all(store, key) == FILES[key]
+        await wait_cached(store, SERIES)
+        assert set(store.manifests.get(SERIES.key).members) == {"1.2.3.0", "1.2.3.1", "1.2.3.3", "1.2.3.4"}
+        with pytest.raises(IntegrityError, match="not a well-formed"):
+            await read_all(store, "1.2.3.2")  # said again, not fetched again at once
+        assert source.calls[SERIES.key] == 1
+
+    await with_store(tmp_path, source, body)
+
+
+async def test_while_the_archive_is_down_uncached_reads_fail_at_once(tmp_path: Path) -> None:
+    source = ScriptedSource({SERIES.key: FILES})
+    source.down = True
+
+    async def body(store: BlobStore) -> None:
+        with pytest.raises(SourceUnavailable, match="cannot reach"):
+            await read_all(store, "1.2.3.0")
+        for _ in range(10):
+            with pytest.raises(SourceUnavailable, match="is unavailable"):
+                await read_all(store, "1.2.3.1")
+        assert source.calls[SERIES.key] == 1
+        source.down = False
+        with trio.fail_after(5):  # the probe after the cool-down finds it back
+            while True:
+                try:
+                    assert await read_all(store, "1.2.3.1") == FILES["1.2.3.1"]
+                    break
+                except SourceUnavailable:
+                    await trio.sleep(0.05)
+        assert source.calls[SERIES.key] == 2
+
+    await with_store(tmp_path, source, body, breaker=Breaker("scripted", first_cooldown=0.2))
+
+
+async def test_a_stalled_source_is_abandoned_by_the_minimum_rate(tmp_path: Path) -> None:
+    source = ScriptedSource({SERIES.key: FILES})
+
+    async def stall(key: str) -> None:
+        if key == "1.2.3.2":
+            await trio.sleep_forever()
+
+    source.before_instance = stall
+
+    async def body(store: BlobStore) -> None:
+        assert await read_all(store, "1.2.3.0") == FILES["1.2.3.0"]
+        with pytest.raises(SourceUnavailable, match="less than the minimum"):
+            await read_all(store, "1.2.3.4")
+        assert not store.is_cached(SERIES)
+
+    await with_store(tmp_path, source, body, limits=TransferLimits(window=0.5, min_rate=1000, deadline=60))

@@ -10,7 +10,7 @@ from dicomfs.records import SeriesRecord
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.dicomweb import SERIES_ACCEPT, DicomwebSource
 from dicomfs.sources.http import RetryPolicy
-from tests.factory import make_instance, multipart
+from tests.factory import make_instance, multipart, streamed
 
 ROOT = "http://archive.test/dicom-web"
 
@@ -20,7 +20,7 @@ def study_row(uid: object) -> dict:
 
 
 def source_for(handler, **kwargs) -> DicomwebSource:
-    source = DicomwebSource(ROOT, Credentials(), transport=httpx.MockTransport(handler), **kwargs)
+    source = DicomwebSource(ROOT, Credentials(), transport=httpx.MockTransport(streamed(handler)), **kwargs)
     source.http.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
     return source
 
@@ -29,6 +29,10 @@ class Sink:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.sizes: dict[str, int | None] = {}
+        self.arrivals = 0
+
+    def arrived(self, size: int) -> None:
+        self.arrivals += size
 
     def wants(self, key: str) -> bool:
         return key not in self.files

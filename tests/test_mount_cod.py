@@ -148,7 +148,7 @@ def test_hostile_buckets_are_contained(bucket: Bucket, tmp_path: Path, mount_fac
     for message in ("CRC32C mismatch", "not a safe name",
                     "past the end of the tar", "inconsistent byte range", "not base64 zstd",
                     "does not decompress", "unknown entry version", "overlaps", "damaged",
-                    "not valid JSON"):
+                    "malformed JSON from metadata.json"):
         assert message in log, message
     assert (tmp_path / "bystander").read_text() == "untouched"
     for path in (tmp_path / "cache").rglob("*"):

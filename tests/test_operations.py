@@ -24,6 +24,7 @@ from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.demo import build_demo_archive
 from dicomfs.sources.folder import FolderSource
 from dicomfs.tree import ROOT_INODE, Tree, path_inode
+from tests.factory import make_instance
 from tests.test_blobstore import ScriptedSource
 
 
@@ -158,7 +159,7 @@ async def test_errors_and_probe_names(demo_dir: Path, tmp_path: Path) -> None:
 
 
 async def test_sizes_unknown_until_fetched_are_never_shown(tmp_path: Path) -> None:
-    files = {f"1.2.3.{i}": os.urandom(500 + i) for i in range(4)}
+    files = {f"1.2.3.{i}": make_instance("1.2", "1.2.3", f"1.2.3.{i}", pixel_bytes=500 + i) for i in range(4)}
     archive = ScriptedArchive({"1.2/1.2.3": files})
     async with mounted(archive, tmp_path / "cache") as fs:
         assert list(await fs.listdir("studies")) == ["1.2"]
@@ -181,7 +182,8 @@ async def test_sizes_unknown_until_fetched_are_never_shown(tmp_path: Path) -> No
 
 
 async def test_archive_errors_become_eio(tmp_path: Path) -> None:
-    archive = ScriptedArchive({"1.2/1.2.3": {"1.2.3.1": b"x" * 100}})
+    data = make_instance("1.2", "1.2.3", "1.2.3.1")
+    archive = ScriptedArchive({"1.2/1.2.3": {"1.2.3.1": data}})
     archive.lie_about_size = True
     async with mounted(archive, tmp_path / "cache") as fs:
         parent = await fs.resolve("studies/1.2/1.2.3")
@@ -189,4 +191,4 @@ async def test_archive_errors_become_eio(tmp_path: Path) -> None:
             await fs.ops.lookup(parent, b"1.2.3.1.dcm")
         assert info.value.errno == errno.EIO
         archive.lie_about_size = False
-        assert (await fs.ops.lookup(parent, b"1.2.3.1.dcm")).st_size == 100
+        assert (await fs.ops.lookup(parent, b"1.2.3.1.dcm")).st_size == len(data)

@@ -50,6 +50,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Type=notify" in UNIT.read_text() and "--systemd" in unit_commands("ExecStart")[0]
+    assert unit_commands("UMask") == ["0077"]  # the cache holds patient names
 
 
 def test_unit_commands_clear_stale_mounts_start_and_stop(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from dicomfs.errors import UsageError
 from dicomfs.sources.base import Credentials, Source, SourceSpec
+from dicomfs.transferlimits import DEFAULT_WINDOW as DEFAULT_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class SourceOptions:
 
     endpoint: str | None = None  # object store endpoint (COD); default from the environment
     user_project: str | None = None  # requester-pays project (COD)
+    timeout: float = DEFAULT_TIMEOUT  # ``--timeout``: seconds a request may wait for the archive
 
 
 def parse_source(text: str) -> SourceSpec:
@@ -105,11 +107,12 @@ def open_source(spec: SourceSpec, credentials: Credentials, work_dir: Path,
         if spec.token and not credentials.token:
             credentials = Credentials(credentials.user, credentials.password, spec.token)
         endpoint = options.endpoint or spec.endpoint or default_endpoint()
-        return CodSource(endpoint, bucket, prefix, credentials, user_project=options.user_project)
+        return CodSource(endpoint, bucket, prefix, credentials, user_project=options.user_project,
+                         timeout=options.timeout)
     if spec.kind == "dicomweb":
         from dicomfs.sources.dicomweb import DicomwebSource
 
-        return DicomwebSource(spec.location, credentials)
+        return DicomwebSource(spec.location, credentials, timeout=options.timeout)
     if spec.kind == "folder":
         from dicomfs.sources.folder import FolderSource
 

@@ -54,6 +54,11 @@ class MemberWriter(Protocol):
 class SeriesSink(Protocol):
     """Where a source delivers the instances of a series as they arrive."""
 
+    def arrived(self, size: int) -> None:
+        """``size`` more bytes came from the archive (kept or not): the download's progress, by
+        which a stalled or trickling archive is told from a slow but working one."""
+        ...
+
     def wants(self, key: str) -> bool:
         """False if this instance is already stored (a resumed download may skip it)."""
         ...
@@ -82,7 +87,10 @@ class Source(Protocol):
         """
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
-        """Deliver every instance of ``series`` to ``sink``; raise SourceError on failure."""
+        """Deliver every instance of ``series`` to ``sink``, telling it of every byte that
+        arrives (``arrived``); raise SourceError on failure (``TransferBroken`` if the transfer
+        broke off, so that the download may resume it). Retry nothing: the HTTP layer's one
+        policy retries requests, the blob store resumes transfers."""
 
     def local_file(self, instance: InstanceRecord) -> Path | None:
         """A local file holding exactly this instance's bytes, if the source has one."""

@@ -19,7 +19,7 @@ import cachetools
 import google_crc32c
 import httpx
 
-from dicomfs.errors import IntegrityError, NotFound, ProtocolError
+from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBroken
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
@@ -30,6 +30,7 @@ from dicomfs.sources.cod_metadata import (
     parse_series_index,
 )
 from dicomfs.sources.gcs import GcsBucket, ObjectInfo
+from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.uids import is_key
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,11 @@ class CodSource:
 
     def __init__(self, endpoint: str, bucket: str, prefix: str, credentials: Credentials, *,
                  user_project: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
-                 page_size: int = 1000) -> None:
+                 page_size: int = 1000, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.prefix = prefix.strip("/")
         self.description = f"gs://{bucket}/{self.prefix}"
         self.bucket = GcsBucket(endpoint, bucket, credentials, user_project=user_project,
-                                transport=transport, page_size=page_size)
+                                transport=transport, page_size=page_size, timeout=timeout)
         self._objects: dict[tuple[str, str], SeriesObjects] = {}
         self._indexes: cachetools.LRUCache[tuple[str, str], CodSeries] = cachetools.LRUCache(64)
         self._flights: SingleFlight[CodSeries] = SingleFlight()
@@ -176,12 +177,13 @@ async def _route(chunks: AsyncIterator[bytes], position: int, entries: list[CodI
     """Cut ``entries`` (sorted by start) out of a byte stream that begins at ``position``.
 
     Instances whose CRC32C does not match are logged and not finished (so never served).
-    Returns False if any instance was rejected; raises IntegrityError if the stream ends early.
+    Returns False if any instance was rejected; raises TransferBroken if the stream ends early.
     """
     pending = deque(entries)
     current: _Member | None = None
     all_good = True
     async for chunk in chunks:
+        sink.arrived(len(chunk))
         view = memoryview(chunk)
         while view:
             if current is None:
@@ -211,7 +213,7 @@ async def _route(chunks: AsyncIterator[bytes], position: int, entries: list[CodI
                     all_good = False
                 current = None
     if current is not None or pending:
-        raise IntegrityError("the tar is shorter than its index says")
+        raise TransferBroken("the tar ended before the instances its index names")
     return all_good
 
 

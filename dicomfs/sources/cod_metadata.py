@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
-import json
 import logging
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from dicomfs.decoding import inflate_gzip, parse_json
 from dicomfs.errors import ProtocolError
 from dicomfs.records import DicomJson, dicom_datetime_ns
 from dicomfs.uids import is_key
 
 log = logging.getLogger(__name__)
 
-MAX_METADATA_BYTES = 256 * 1024 * 1024
+MAX_METADATA_BYTES = 256 * 1024 * 1024  # a series index as stored, and once inflated
 MAX_ENTRY_JSON_BYTES = 64 * 1024 * 1024
 
 
@@ -51,16 +49,10 @@ class CodSeries:
 
 
 def decode_document(raw: bytes) -> Any:
-    """gzip'd or plain JSON."""
+    """gzip'd (inflated within ``MAX_METADATA_BYTES``) or plain JSON."""
     if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise ProtocolError(f"metadata.json is not valid gzip: {exc}") from None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise ProtocolError("metadata.json is not valid JSON") from None
+        raw = inflate_gzip(raw, MAX_METADATA_BYTES, "metadata.json")
+    return parse_json(raw, "metadata.json")
 
 
 def parse_series_index(raw: bytes, tar_size: int | None) -> CodSeries:
@@ -117,7 +109,9 @@ def _metadata(value: object, compressed: bool) -> DicomJson:
 
             packed = base64.b64decode(value, validate=True)
             raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=MAX_ENTRY_JSON_BYTES)
-            value = json.loads(raw)
+            value = parse_json(raw, "v2 instance metadata")
+        except ProtocolError:
+            raise
         except (binascii.Error, ValueError) as exc:
             raise ProtocolError(f"v2 metadata is not base64 zstd JSON: {exc}") from None
         except Exception as exc:  # zstandard.ZstdError and friends

@@ -1,8 +1,9 @@
 """DICOMweb source: QIDO-RS for listings, one WADO-RS series retrieve per series blob.
 
 Owns the DICOMweb dialect: paged QIDO queries, the exact Accept header that yields the stored
-bytes (``transfer-syntax=*``), and naming each multipart part by the SOPInstanceUID in its file
-meta header. Must not cache anything or know about files on disk.
+bytes (``transfer-syntax=*``, identity encoding), and naming each multipart part by its
+SOPInstanceUID (the data set's, else the file meta's: ``uids.instance_key``). Must not cache
+anything or know about files on disk.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from dicomfs.errors import ProtocolError, SourceError
+from dicomfs.errors import ProtocolError
 from dicomfs.multipart import (
     MultipartParser,
     PartData,
@@ -21,17 +22,19 @@ from dicomfs.multipart import (
     PartStart,
     boundary_from_content_type,
 )
-from dicomfs.p10 import NeedMoreData, parse_file_meta
+from dicomfs.p10check import Part10Check
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
-from dicomfs.sources.http import HttpClient
-from dicomfs.uids import is_uid
+from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
+from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
 
 SERIES_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 PAGE_SIZE = 1000
 MAX_PAGES = 100_000
+MAX_SERIES_METADATA_BYTES = 512 * 1024 * 1024  # a whole series' metadata (inflated)
+MAX_NAMING_BYTES = 1 << 20  # a part not named by its first MiB is named by its file meta
 
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 # Asked for besides each server's defaults, so that listings show and filter on them.
@@ -52,7 +55,7 @@ class DicomwebSource:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         page_size: int = PAGE_SIZE,
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.root = root.rstrip("/")
         self.description = self.root
@@ -90,7 +93,7 @@ class DicomwebSource:
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
         url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}/metadata"
-        rows, _ = await self.http.get_json(url)
+        rows, _ = await self.http.get_json(url, limit=MAX_SERIES_METADATA_BYTES)
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             raise ProtocolError(f"series metadata from {self.root} is not a JSON array of objects")
         return dict(_valid(rows, SOP_UID, "instance"))
@@ -127,17 +130,15 @@ class DicomwebSource:
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}"
-        # identity: DICOM is mostly compressed pixels already, and raw bytes pass with no decoder
+        # identity: DICOM is mostly compressed pixels already, and raw bytes pass with no decoder;
+        # an answer compressed anyway is refused by the HTTP client (no unbounded inflation)
         async with self.http.stream(url, {"Accept": SERIES_ACCEPT, "Accept-Encoding": "identity"}) as response:
             parser = MultipartParser(boundary_from_content_type(response.headers.get("content-type", "")))
             part = _PartRouter(sink)
-            try:
-                chunks = response.aiter_raw() if "content-encoding" not in response.headers else response.aiter_bytes()
-                async for chunk in chunks:
-                    for event in parser.feed(chunk):
-                        await part.handle(event)
-            except httpx.TransportError as exc:
-                raise SourceError(f"series retrieve from {self.root} broke off: {type(exc).__name__}") from None
+            async for chunk in response.aiter_raw():
+                sink.arrived(len(chunk))
+                for event in parser.feed(chunk):
+                    await part.handle(event)
             parser.close()
 
 
@@ -146,57 +147,74 @@ class _PartRouter:
 
     def __init__(self, sink: SeriesSink) -> None:
         self._sink = sink
-        self._head = bytearray()
         self._size: int | None = None
         self._writer: MemberWriter | None = None
         self._skipping = False
+        self._check: Part10Check | None = None  # reads the head of a part until it is named
+        self._head: list[bytes | memoryview] = []  # the bytes read meanwhile, handed on once named
+        self._head_bytes = 0
 
     async def handle(self, event: PartStart | PartData | PartEnd) -> None:
         if isinstance(event, PartStart):
-            self._head.clear()
             self._size = event.content_length
             self._writer = None
             self._skipping = False
+            self._check = Part10Check()
+            self._head.clear()
+            self._head_bytes = 0
         elif isinstance(event, PartData):
             if self._writer is not None:
                 await self._writer.write(event.data)
             elif not self._skipping:
-                if self._head:
-                    self._head += event.data
-                    await self._try_name(self._head)
-                else:  # usually the whole file meta is in the first piece: name it without a copy
-                    await self._try_name(event.data)
+                await self._read_head(event.data)
         else:
             if self._writer is None and not self._skipping:
-                await self._try_name(self._head, final=True)
+                await self._name(final=True)
             if self._writer is not None:
                 await self._writer.finish()
             self._writer = None
 
-    async def _try_name(self, head: bytes | bytearray | memoryview, final: bool = False) -> None:
-        """Name the part from ``head`` (its first bytes) and hand them on; keep them if the file
-        meta is not complete yet."""
+    async def _read_head(self, data: bytes | memoryview) -> None:
+        """Keep the part's first bytes until its UIDs are known; then name it and hand them on.
+        (Usually the first piece holds them: no copy is made.)"""
+        assert self._check is not None
+        self._head.append(data)
+        self._head_bytes += len(data)
         try:
-            meta = parse_file_meta(head)
-        except NeedMoreData:
+            self._check.feed(data)
+        except ProtocolError:
+            if self._check.meta is None:
+                raise  # not even a file meta: nothing to name it by
+            # named by what is known; the blob store's own check refuses the malformed part
+        else:
+            if not self._check.identified and self._head_bytes < MAX_NAMING_BYTES:
+                return
+        await self._name()
+
+    async def _name(self, final: bool = False) -> None:
+        assert self._check is not None
+        meta = self._check.meta
+        if meta is None:
             if final:
-                raise ProtocolError("a multipart part is too short to be a DICOM file") from None
-            if head is not self._head:
-                self._head += head
-            return
-        key = meta.sop_instance_uid
-        if not is_uid(key):
-            log.warning("skipping a part with an invalid SOPInstanceUID %r", key[:80])
+                raise ProtocolError("a multipart part is too short to be a DICOM file")
+            raise ProtocolError("a multipart part is not a DICOM Part 10 file (no complete file meta)")
+        dataset_uid = self._check.dataset_uid
+        key = instance_key(dataset_uid, meta.sop_instance_uid)
+        if key is None:
+            log.warning("skipping a part with an invalid SOPInstanceUID %r",
+                        (dataset_uid or meta.sop_instance_uid)[:80])
             self._skipping = True
             return
+        if dataset_uid and meta.sop_instance_uid and dataset_uid != meta.sop_instance_uid:
+            log.info("instance %s: its file meta names it %s; filed under its data set's UID", key,
+                     meta.sop_instance_uid[:80])
         if not self._sink.wants(key):
             self._skipping = True
             return
         self._writer = await self._sink.begin(key, self._size)
-        if head is self._head:
-            head = bytes(self._head)
-            self._head.clear()
-        await self._writer.write(head)
+        head, self._head = self._head, []
+        for piece in head:
+            await self._writer.write(piece)
 
 
 def _row_identity(row: dict[str, Any]) -> str:

@@ -20,11 +20,11 @@ import trio
 from dicomfs.errors import NotFound, SourceError
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import SeriesSink
-from dicomfs.uids import is_uid
+from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: instances keyed by their data set's SOPInstanceUID first (uids.instance_key)
 READ_CHUNK = 1 << 20
 
 STUDY_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -47,13 +47,13 @@ def _parse_file(path: str) -> dict[str, Any] | None:
         log.debug("not indexed (unreadable as DICOM): %s: %s", path, exc)
         return None
     meta = getattr(ds, "file_meta", None)
-    sop = str(getattr(meta, "MediaStorageSOPInstanceUID", "") or ds.get("SOPInstanceUID", ""))
+    sop = instance_key(str(ds.get("SOPInstanceUID", "")), str(getattr(meta, "MediaStorageSOPInstanceUID", "")))
     study = str(ds.get("StudyInstanceUID", ""))
     series = str(ds.get("SeriesInstanceUID", ""))
     if meta is None or "TransferSyntaxUID" not in meta:
         log.debug("not indexed (no file meta information): %s", path)
         return None
-    if not (is_uid(study) and is_uid(series) and is_uid(sop)):
+    if not (is_uid(study) and is_uid(series) and sop is not None):
         log.warning("not indexed (missing or invalid UIDs): %s", path)
         return None
 

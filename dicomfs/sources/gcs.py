@@ -17,7 +17,7 @@ import httpx
 
 from dicomfs.errors import ProtocolError
 from dicomfs.sources.base import Credentials
-from dicomfs.sources.http import HttpClient
+from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 MAX_LIST_PAGES = 100_000
@@ -41,12 +41,13 @@ class ObjectInfo:
 
 class GcsBucket:
     def __init__(self, endpoint: str, bucket: str, credentials: Credentials, *, user_project: str | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None, page_size: int = 1000) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, page_size: int = 1000,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.bucket = bucket
         self.page_size = page_size
         headers = {"X-Goog-User-Project": user_project} if user_project else None
-        self.http = HttpClient(credentials, transport=transport, extra_headers=headers,
+        self.http = HttpClient(credentials, transport=transport, extra_headers=headers, timeout=timeout,
                                tls=not self.endpoint.lower().startswith("http://"))
 
     async def aclose(self) -> None:

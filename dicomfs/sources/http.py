@@ -1,13 +1,17 @@
-"""HTTP access for sources: one httpx client with timeouts, retries with backoff, and auth.
+"""HTTP access for sources: one httpx client with timeouts, one retry policy, auth, bounded bodies.
 
-Owns how a request is retried (idempotent GETs, on connection errors, timeouts, 429 and 5xx,
-with exponential backoff honouring Retry-After) and how failures map to SourceError. Must not
-know DICOM, and must never put a credential into a log line or an error message.
+Owns how a request is retried (connection failures before an answer, HTTP 429 and 5xx, with
+exponential backoff honouring Retry-After: a few fast attempts, never a timeout again, since a
+stalled server does not recover in a second), how failures map to the error hierarchy (whole-
+archive failures are ``SourceUnavailable``, a body cut short is ``TransferBroken``), that an answer
+asked for in identity encoding must come that way, and that JSON bodies are inflated and read
+within a size limit. Retries happen here only, before any body is handed out; resuming a broken
+download is the blob store's. Must not know DICOM, and must never put a credential into a log line
+or an error message.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import AsyncIterator, Generator
@@ -18,21 +22,34 @@ from typing import Any
 import httpx
 import trio
 
-from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable
+from dicomfs.decoding import ACCEPTED_CODINGS, BoundedDecoder, parse_json
+from dicomfs.errors import (
+    AccessRefused,
+    ProtocolError,
+    SourceError,
+    SourceUnavailable,
+    TransferBroken,
+)
 from dicomfs.gcpause import paused
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.transport import LargeReadTransport
+from dicomfs.transferlimits import DEFAULT_WINDOW
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+OUTAGE_STATUS = {429, 502, 503, 504}  # the archive (or its gateway) as a whole is not serving
 LARGE_JSON_BYTES = 1 << 20
-MAX_JSON_BYTES = 512 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a QIDO page or a bucket listing page, inflated
+DEFAULT_TIMEOUT = DEFAULT_WINDOW  # ``--timeout``: a socket read, and the window of the minimum rate
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 4
+    """The one retry policy of dicomfs: how often, and how long apart, a request that failed
+    before its answer began is sent again."""
+
+    attempts: int = 3
     first_delay: float = 0.25
     max_delay: float = 5.0
 
@@ -41,6 +58,12 @@ class RetryPolicy:
             return min(float(retry_after), self.max_delay)
         base = min(self.first_delay * (2**attempt), self.max_delay)
         return base * (0.5 + random.random() / 2)
+
+
+def retried(exc: httpx.TransportError) -> bool:
+    """Failures worth another attempt: fast ones (refused, reset). A timeout already took the
+    whole ``--timeout`` once; the breaker, not another wait, deals with a stalled archive."""
+    return not isinstance(exc, httpx.TimeoutException)
 
 
 class _BearerAuth(httpx.Auth):
@@ -80,7 +103,7 @@ class HttpClient:
         self,
         credentials: Credentials,
         *,
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = 5.0,
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -109,14 +132,17 @@ class HttpClient:
     async def stream(
         self, url: str, headers: dict[str, str] | None = None
     ) -> AsyncIterator[httpx.Response]:
-        """A successful (2xx) streamed GET. Retries happen before the body is handed out."""
+        """A successful (2xx) streamed GET. Retries happen before the body is handed out; errors
+        while the caller reads the body come out as dicomfs errors. With ``Accept-Encoding:
+        identity`` asked for, an answer in any other encoding is refused (read it with
+        ``aiter_raw``)."""
         attempt = 0
         while True:
             try:
                 request = self._client.build_request("GET", url, headers=headers)
                 response = await self._client.send(request, stream=True)
             except httpx.TransportError as exc:
-                if attempt + 1 >= self.retry.attempts:
+                if not retried(exc) or attempt + 1 >= self.retry.attempts:
                     raise _transport_error(url, exc) from None
                 log.info("retrying %s after %s", _describe(url), type(exc).__name__)
                 await trio.sleep(self.retry.delay(attempt))
@@ -132,39 +158,55 @@ class HttpClient:
             try:
                 if response.status_code >= 400:
                     raise _status_error(url, response.status_code)
+                coding = response.headers.get("content-encoding", "identity").strip().lower()
+                if (headers or {}).get("Accept-Encoding") == "identity" and coding != "identity":
+                    raise ProtocolError(f"{_describe(url)} answered in Content-Encoding {coding[:40]!r} "
+                                        "although dicomfs asked for none: refused")
                 yield response
+            except httpx.TransportError as exc:  # raised while the caller read the body
+                raise _body_error(url, exc) from None
             finally:
                 await response.aclose()
             return
 
-    async def get_json(self, url: str, headers: dict[str, str] | None = None) -> tuple[Any, httpx.Headers]:
-        """GET a JSON document. ``204`` and an empty body are returned as None."""
-        all_headers = {"Accept": "application/dicom+json, application/json"}
+    async def get_json(self, url: str, headers: dict[str, str] | None = None,
+                       limit: int = MAX_JSON_BYTES) -> tuple[Any, httpx.Headers]:
+        """GET a JSON document of at most ``limit`` bytes (inflated: compressed answers are
+        inflated step by step and counted). ``204`` and an empty body are returned as None."""
+        all_headers = {"Accept": "application/dicom+json, application/json", "Accept-Encoding": ACCEPTED_CODINGS}
         all_headers.update(headers or {})
         async with self.stream(url, all_headers) as response:
-            body = bytearray()
-            try:
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_JSON_BYTES:
-                        raise ProtocolError(f"JSON answer from {_describe(url)} is too large")
-            except httpx.TransportError as exc:
-                raise _transport_error(url, exc) from None
+            decoder = BoundedDecoder(response.headers.get("content-encoding"), limit,
+                                     f"the JSON answer from {_describe(url)}")
+            pieces: list[Any] = []
+            async for chunk in response.aiter_raw():
+                pieces.extend(decoder.feed(chunk))
+            decoder.finish()
+            body = b"".join(pieces)
+            del pieces
             if response.status_code == 204 or not body.strip():
                 return None, response.headers
-            try:
-                if len(body) < LARGE_JSON_BYTES:
-                    return json.loads(body), response.headers
-                # a whole series' metadata parses for a second or more: not on the event loop
-                return await trio.to_thread.run_sync(paused, json.loads, body), response.headers
-            except ValueError:
-                raise ProtocolError(f"malformed JSON from {_describe(url)}") from None
+            what = _describe(url)
+            if len(body) < LARGE_JSON_BYTES:
+                return parse_json(body, what), response.headers
+            # a whole series' metadata parses for a second or more: not on the event loop
+            return await trio.to_thread.run_sync(paused, parse_json, body, what), response.headers
 
 
 def _transport_error(url: str, exc: httpx.TransportError) -> SourceError:
+    """A request that got no answer: the archive is unreachable or not answering."""
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return SourceUnavailable(f"cannot reach {_describe(url)}: {type(exc).__name__}")
-    return SourceError(f"request to {_describe(url)} failed: {type(exc).__name__}")
+    if isinstance(exc, httpx.TimeoutException):
+        return SourceUnavailable(f"{_describe(url)} did not answer in time ({type(exc).__name__})")
+    return SourceUnavailable(f"request to {_describe(url)} failed: {type(exc).__name__}")
+
+
+def _body_error(url: str, exc: httpx.TransportError) -> SourceError:
+    """An answer whose body stopped: stalled (a timeout) or broken off."""
+    if isinstance(exc, httpx.TimeoutException):
+        return SourceUnavailable(f"{_describe(url)} stopped sending ({type(exc).__name__})")
+    return TransferBroken(f"the answer from {_describe(url)} broke off: {type(exc).__name__}")
 
 
 def _status_error(url: str, status: int) -> SourceError:
@@ -172,4 +214,6 @@ def _status_error(url: str, status: int) -> SourceError:
         return AccessRefused(f"{_describe(url)} refused access (HTTP {status}): check credentials")
     if status == 404:
         return SourceError(f"{_describe(url)} not found (HTTP 404)")
+    if status in OUTAGE_STATUS:
+        return SourceUnavailable(f"{_describe(url)} answered HTTP {status}")
     return SourceError(f"{_describe(url)} answered HTTP {status}")

@@ -1,0 +1,302 @@
+"""Checks, as its bytes arrive, that a stream is one well-formed DICOM Part 10 instance.
+
+Owns the structural walk of an instance: the 128-byte preamble and ``DICM``, the file meta group
+(read by ``p10``), then every top-level element of the data set in its transfer syntax (explicit or
+implicit VR, little or big endian, deflated), through sequences, items and encapsulated pixel
+data of undefined length, until the stream ends exactly after the last element. On the way it
+reports the data set's own SOPInstanceUID (0008,0018), the name archives list an instance by,
+which may differ from the one in the file meta.
+
+Sans-I/O and linear: values are skipped, not read (only that UID is kept), a few header bytes are
+kept between feeds, and a deflated data set is inflated in bounded steps and thrown away. Must not
+interpret anything else: pydicom parses data sets.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from dicomfs.errors import ProtocolError
+from dicomfs.p10 import MAX_META_BYTES, FileMeta, NeedMoreData, parse_file_meta
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"  # (1.2.840.10008.1.2.8.1 deflates frames, not the data set)
+SOP_INSTANCE_UID_TAG = 0x00080018
+PIXEL_DATA_TAG = 0x7FE00010
+ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_MAX_CAPTURE = 128  # the longest SOPInstanceUID value we keep (a UID has at most 64 characters)
+_MAX_DEPTH = 64  # nested sequences of undefined length
+_INFLATE_STEP = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    explicit: bool
+    little: bool
+
+    @property
+    def order(self) -> str:
+        return "<" if self.little else ">"
+
+
+_IMPLICIT_LITTLE = _Encoding(explicit=False, little=True)
+
+
+@dataclass
+class _Container:
+    """A sequence, item or run of pixel data fragments of undefined length being walked."""
+
+    kind: str  # "sequence" | "item" | "fragments"
+    encoding: _Encoding
+
+
+class Part10Check:
+    """Feed an instance's bytes in order (``feed``), then call ``finish``; either raises
+    ``ProtocolError`` with a one-line reason when the bytes are not one well-formed instance."""
+
+    def __init__(self) -> None:
+        self.meta: FileMeta | None = None
+        self.dataset_uid: str | None = None  # the data set's SOPInstanceUID, once seen
+        self._uid_decided = False  # seen, or a later top-level tag came first (it has none)
+        self._head = bytearray()  # preamble and file meta, until complete
+        self._inflater: zlib._Decompress | None = None
+        self._encoding: _Encoding | None = None  # the data set's; None until the first element
+        self._declared: _Encoding | None = None
+        self._header = bytearray()  # a partial element header between feeds
+        self._skip = 0  # value bytes of the current element still to pass over
+        self._capture: bytearray | None = None  # the SOPInstanceUID value being collected
+        self._stack: list[_Container] = []
+        self._last_tag = -1  # top-level tags ascend strictly
+        self._position = 0  # data set bytes walked (inflated ones for a deflated data set)
+        self._inflated = 0  # a deflated data set's inflated size and CRC-32 (see the trailer)
+        self._inflated_crc = 0
+
+    @property
+    def identified(self) -> bool:
+        """Whether the file meta and the data set's SOPInstanceUID (or its absence) are known."""
+        return self.meta is not None and self._uid_decided
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self.meta is None:
+            self._head += data
+            try:
+                meta = parse_file_meta(self._head)
+            except NeedMoreData:
+                if len(self._head) > MAX_META_BYTES + 16:
+                    raise ProtocolError("no complete DICOM file meta information in the first 64 KiB") from None
+                return
+            self.meta = meta
+            self._start_dataset(meta)
+            rest = bytes(self._head[meta.end:])
+            self._head = bytearray()
+            data = rest
+        if self._inflater is not None:
+            self._inflate(data)
+        else:
+            self._walk(memoryview(data))
+
+    def finish(self) -> None:
+        """The stream has ended: raise unless it ended exactly after a complete instance."""
+        if self.meta is None:
+            raise ProtocolError("too short to be a DICOM Part 10 file")
+        if self._inflater is not None:
+            self._inflate(b"")
+            if not self._inflater.eof:
+                raise ProtocolError("the deflated data set is incomplete")
+            self._check_deflate_trailer(self._inflater.unused_data)
+        if self._header:
+            raise ProtocolError(f"the data set ends inside an element header (at byte {self._position})")
+        if self._skip:
+            raise ProtocolError(f"the data set ends {self._skip} bytes short of its last element's value")
+        if self._stack:
+            raise ProtocolError(f"the data set ends inside a {self._stack[-1].kind} of undefined length")
+        self._decide_uid()
+
+    # --- the data set -----------------------------------------------------------------------
+    def _start_dataset(self, meta: FileMeta) -> None:
+        syntax = meta.transfer_syntax_uid  # none named: little endian, VR told by the first element
+        if syntax == IMPLICIT_LE:
+            self._declared = _IMPLICIT_LITTLE
+        else:
+            self._declared = _Encoding(explicit=True, little=syntax != EXPLICIT_BE)
+        if syntax == DEFLATED:
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+
+    def _inflate(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._inflater is not None
+        pending = bytes(data)
+        while True:
+            out = self._inflater.decompress(pending, _INFLATE_STEP)
+            if out:
+                self._inflated_crc = zlib.crc32(out, self._inflated_crc)
+                self._inflated += len(out)
+                self._walk(memoryview(out))
+            pending = self._inflater.unconsumed_tail
+            if not pending or self._inflater.eof:
+                return
+
+    def _check_deflate_trailer(self, extra: bytes) -> None:
+        """Nothing may follow the deflated data set but one padding byte, or the 8-byte gzip
+        trailer (CRC-32 and size of the inflated bytes) that some writers leave there."""
+        if extra in (b"", b"\0"):
+            return
+        trailer = struct.pack("<II", self._inflated_crc, self._inflated & 0xFFFFFFFF)
+        if extra in (trailer, trailer + b"\0"):
+            return
+        raise ProtocolError(f"{len(extra)} bytes follow the deflated data set")
+
+    def _walk(self, view: memoryview) -> None:
+        """Pass over ``view``: headers are parsed, values skipped (the UID kept)."""
+        index, end = 0, len(view)
+        while index < end:
+            if self._skip:
+                take = min(self._skip, end - index)
+                if self._capture is not None:
+                    self._capture += view[index:index + take]
+                index += take
+                self._skip -= take
+                self._position += take
+                if not self._skip and self._capture is not None:
+                    self._keep_uid(bytes(self._capture))
+                continue
+            if self._header:  # a header split across feeds: complete it (8 bytes tell if it has 12)
+                take = min(self._header_length(self._header) - len(self._header), end - index)
+                self._header += view[index:index + take]
+                index += take
+                if len(self._header) < self._header_length(self._header):
+                    continue
+                header, self._header = bytes(self._header), bytearray()
+                self._element(header)
+                continue
+            need = self._header_length(view[index:index + 8])
+            if end - index >= need:
+                self._element(view[index:index + need])
+                index += need
+            else:
+                self._header += view[index:end]
+                index = end
+
+    def _current(self) -> _Encoding:
+        if self._stack:
+            return self._stack[-1].encoding
+        if self._encoding is None:
+            raise AssertionError("no encoding before the first element")
+        return self._encoding
+
+    def _header_length(self, header: bytes | bytearray | memoryview) -> int:
+        """8 or 12: how long the element header starting with ``header`` is (8 bytes suffice to
+        tell; with fewer, 8 is the answer to wait for)."""
+        if len(header) < 8:
+            return 8
+        if self._encoding is None:
+            self._encoding = self._detect(header)
+        encoding = self._current()
+        group = struct.unpack_from(encoding.order + "H", header, 0)[0]
+        if group == 0xFFFE or not encoding.explicit:
+            return 8
+        return 12 if bytes(header[4:6]) in _LONG_VRS else 8
+
+    def _detect(self, header: bytes | bytearray | memoryview) -> _Encoding:
+        """The first element tells explicit from implicit VR, as pydicom does: files that declare
+        one and use the other exist."""
+        assert self._declared is not None
+        looks_explicit = all(65 <= c <= 90 for c in bytes(header[4:6]))
+        return _Encoding(explicit=looks_explicit, little=self._declared.little)
+
+    def _element(self, header: bytes | memoryview) -> None:
+        encoding = self._current()
+        order = encoding.order
+        group, element = struct.unpack_from(order + "HH", header, 0)
+        tag = group << 16 | element
+        if group == 0xFFFE:
+            self._delimiter(tag, struct.unpack_from(order + "I", header, 4)[0])
+            self._position += 8
+            return
+        top = self._stack[-1] if self._stack else None
+        if top is not None and top.kind != "item":
+            raise ProtocolError(f"element ({group:04X},{element:04X}) where a {top.kind} item was expected "
+                                f"(at byte {self._position})")
+        vr = b""
+        if encoding.explicit:
+            vr = bytes(header[4:6])
+            if not all(65 <= c <= 90 for c in vr):
+                raise ProtocolError(f"element ({group:04X},{element:04X}) has no valid VR "
+                                    f"(at byte {self._position})")
+            if vr in _LONG_VRS:
+                length = struct.unpack_from(order + "I", header, 8)[0]
+                self._position += 12
+            else:
+                length = struct.unpack_from(order + "H", header, 6)[0]
+                self._position += 8
+        else:
+            length = struct.unpack_from(order + "I", header, 4)[0]
+            self._position += 8
+        if top is None:
+            self._top_level(tag)
+        if length == UNDEFINED:
+            self._open(tag, vr, encoding)
+            return
+        if top is None and tag == SOP_INSTANCE_UID_TAG and length <= _MAX_CAPTURE:
+            self._capture = bytearray()
+            if length == 0:
+                self._keep_uid(b"")
+        self._skip = length
+
+    def _top_level(self, tag: int) -> None:
+        if tag <= self._last_tag:
+            raise ProtocolError(f"data set element ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of order "
+                                f"(at byte {self._position})")
+        self._last_tag = tag
+        if tag > SOP_INSTANCE_UID_TAG and self.dataset_uid is None:
+            self._uid_decided = True  # the data set has none
+
+    def _open(self, tag: int, vr: bytes, encoding: _Encoding) -> None:
+        """An element of undefined length: a sequence, or encapsulated pixel data."""
+        if len(self._stack) >= _MAX_DEPTH:
+            raise ProtocolError(f"sequences nested deeper than {_MAX_DEPTH} levels")
+        if vr in (b"OB", b"OW") or (not encoding.explicit and tag == PIXEL_DATA_TAG):
+            self._stack.append(_Container("fragments", encoding))
+        elif vr == b"SQ" or not encoding.explicit:
+            self._stack.append(_Container("sequence", encoding))
+        elif vr == b"UN":  # PS3.5 6.2.2: its items are encoded in implicit VR little endian
+            self._stack.append(_Container("sequence", _IMPLICIT_LITTLE))
+        else:
+            raise ProtocolError(f"undefined length on a {vr.decode('ascii')} element (at byte {self._position})")
+
+    def _delimiter(self, tag: int, length: int) -> None:
+        top = self._stack[-1] if self._stack else None
+        where = f"(at byte {self._position})"
+        if tag == ITEM:
+            if top is None or top.kind == "item":
+                raise ProtocolError(f"an item outside a sequence {where}")
+            if length == UNDEFINED:
+                if top.kind == "fragments":
+                    raise ProtocolError(f"a pixel data fragment of undefined length {where}")
+                if len(self._stack) >= _MAX_DEPTH:
+                    raise ProtocolError(f"sequences nested deeper than {_MAX_DEPTH} levels")
+                self._stack.append(_Container("item", top.encoding))
+            else:
+                self._skip = length
+        elif tag == ITEM_END:
+            if top is None or top.kind != "item":
+                raise ProtocolError(f"an item delimiter outside an item {where}")
+            self._stack.pop()
+        elif tag == SEQUENCE_END:
+            if top is None or top.kind == "item":
+                raise ProtocolError(f"a sequence delimiter outside a sequence {where}")
+            self._stack.pop()
+        else:
+            raise ProtocolError(f"unknown delimiter tag (FFFE,{tag & 0xFFFF:04X}) {where}")
+
+    def _keep_uid(self, value: bytes) -> None:
+        self._capture = None
+        self.dataset_uid = value.rstrip(b"\0 ").decode("ascii", "replace")
+        self._uid_decided = True
+
+    def _decide_uid(self) -> None:
+        self._uid_decided = True
