@@ -8,14 +8,19 @@ Design note
   ``work/<pid>-<random>/`` (partial downloads, evicted blobs still open), locked with ``flock``
   for the process's lifetime; folders whose lock is free belong to dead processes and are
   deleted on start. Commits from all processes are serialised by ``commit.lock``: a series that
-  another process committed meanwhile is kept and ours discarded, so a manifest never describes
-  a blob other than the one in the index. A running download holds ``locks/<hash of its key>``;
+  another process committed meanwhile is kept and ours discarded, unless ours holds instances it
+  lacks (the series grew): then ours replaces it. A manifest never describes a blob other than
+  the one in the index. A running download holds ``locks/<hash of its key>``;
   ``fetch_series`` (prefetch) waits for another process's download of the same series instead of
   fetching it a second time, while a reader never waits (it would wait for the whole series).
 * A download writes into ``work/<process>/<random>.part`` through a bounded queue drained by a writer
   task (batches written in a worker thread), so the network is read while the disk is written.
-  Readers of instance k wait only until k's bytes are written (an event per change), then read
-  through their own dup'ed fd.
+  Every member's bytes pass a structural Part 10 check (``p10check``) on the way; a member that
+  fails is refused and the next one takes its place. Readers of instance k wait only until k's
+  bytes are written (an event per change), then read through their own dup'ed fd.
+* A download runs within the transfer limits (``transferlimits.enforce``), asks the archive's
+  breaker first (refused at once while the archive is down), and is resumed after a break only
+  if the broken attempt brought new instances: the HTTP layer owns the retrying of requests.
 * Sources that can fetch one instance cheaply (``InstanceFetcher``, e.g. COD by Range) get the
   first instance opened in an uncached series fetched alone; a second one fetches the series.
 * When the download ends cleanly the file is fsync'ed and handed to the blob index (a diskcache
@@ -26,11 +31,15 @@ Design note
   member's CRC32C, computed by the writer thread as the bytes are written, so ``verify`` can
   re-check a blob later.
 * Single-flight: one ``SeriesDownload`` per series at a time; every reader joins it. Downloads
-  belong to the store's own nursery, so a reader that gives up does not cancel them.
+  belong to the store's own nursery, so a reader that gives up does not cancel them. After a
+  complete retrieve, an instance it did not hold is not retrieved for again within
+  ``missing_recheck`` (the listing TTL).
 * Eviction runs in a background task (``Cache.cull`` in a worker thread), never in a read. A blob
   that is evicted while a reader of this process holds it open is moved to the process's
   ``graveyard/`` and deleted when the last reader lets go (``BlobDisk.remove``); other
-  processes keep reading an unlinked file through their open descriptors.
+  processes keep reading an unlinked file through their open descriptors. A write that fails
+  with ENOSPC evicts below the limit once (a ``ballast`` file gives sqlite the room to record
+  it) and is tried again; the limit is fitted to the filesystem only at start.
 * Sources that have a local file per instance (folders, the demo) are served in place.
 
 Must not know about FUSE, inodes or the tree.
