@@ -34,17 +34,23 @@ _MAX_DEPTH = 64  # nested sequences of undefined length
 _INFLATE_STEP = 1 << 20
 
 
-@dataclass(frozen=True)
 class _Encoding:
-    explicit: bool
-    little: bool
+    """Explicit or implicit VR, little or big endian, with its integer readers made once."""
 
-    @property
-    def order(self) -> str:
-        return "<" if self.little else ">"
+    def __init__(self, explicit: bool, little: bool) -> None:
+        self.explicit = explicit
+        self.little = little
+        order = "<" if little else ">"
+        self.tag = struct.Struct(order + "HH")
+        self.u16 = struct.Struct(order + "H")
+        self.u32 = struct.Struct(order + "I")
 
 
-_IMPLICIT_LITTLE = _Encoding(explicit=False, little=True)
+_ENCODINGS = {(explicit, little): _Encoding(explicit, little) for explicit in (True, False) for little in (True, False)}
+_IMPLICIT_LITTLE = _ENCODINGS[(False, True)]
+_EXPLICIT_LITTLE = _ENCODINGS[(True, True)]
+_HEADER_LE = struct.Struct("<HH2sH")  # tag, VR, and the 16-bit length of a short-VR element
+_U32_LE = struct.Struct("<I")
 
 
 @dataclass
@@ -83,18 +89,22 @@ class Part10Check:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self.meta is None:
-            self._head += data
+            # Usually the first piece holds the whole file meta: it is read in place, not copied.
+            if self._head:
+                self._head += data
+                data = self._head
             try:
-                meta = parse_file_meta(self._head)
+                meta = parse_file_meta(data)
             except NeedMoreData:
+                if not self._head:
+                    self._head += data
                 if len(self._head) > MAX_META_BYTES + 16:
                     raise ProtocolError("no complete DICOM file meta information in the first 64 KiB") from None
                 return
             self.meta = meta
             self._start_dataset(meta)
-            rest = bytes(self._head[meta.end:])
+            data = memoryview(data)[meta.end:]
             self._head = bytearray()
-            data = rest
         if self._inflater is not None:
             self._inflate(data)
         else:
@@ -123,7 +133,7 @@ class Part10Check:
         if syntax == IMPLICIT_LE:
             self._declared = _IMPLICIT_LITTLE
         else:
-            self._declared = _Encoding(explicit=True, little=syntax != EXPLICIT_BE)
+            self._declared = _ENCODINGS[(True, syntax != EXPLICIT_BE)]
         if syntax == DEFLATED:
             self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
 
@@ -165,21 +175,56 @@ class Part10Check:
                     self._keep_uid(bytes(self._capture))
                 continue
             if self._header:  # a header split across feeds: complete it (8 bytes tell if it has 12)
-                take = min(self._header_length(self._header) - len(self._header), end - index)
+                want = 8 if len(self._header) < 8 else 12
+                take = min(want - len(self._header), end - index)
                 self._header += view[index:index + take]
                 index += take
-                if len(self._header) < self._header_length(self._header):
-                    continue
-                header, self._header = bytes(self._header), bytearray()
-                self._element(header)
+                if len(self._header) >= 8 and self._element(self._header, 0, len(self._header)):
+                    self._header = bytearray()
                 continue
-            need = self._header_length(view[index:index + 8])
-            if end - index >= need:
-                self._element(view[index:index + need])
-                index += need
-            else:
+            if not self._stack and self._encoding is _EXPLICIT_LITTLE:
+                index = self._run(view, index, end)  # the common case, in a tight loop
+                if self._skip or index >= end:
+                    continue
+            used = self._element(view, index, end)
+            if used:
+                index += used
+            else:  # the rest of this piece is the start of a header
                 self._header += view[index:end]
                 index = end
+
+    def _run(self, view: memoryview, index: int, end: int) -> int:
+        """Pass over top-level explicit VR little endian elements of defined length, as many as
+        follow one another in ``view``; stop (for ``_element`` to take over) at anything else:
+        a delimiter, a sequence, the SOPInstanceUID, a tag out of order, a header cut short."""
+        start, last = index, self._last_tag
+        unpack, unpack_long = _HEADER_LE.unpack_from, _U32_LE.unpack_from
+        while end - index >= 12:
+            group, element, vr, length = unpack(view, index)
+            tag = group << 16 | element
+            if tag <= last or tag == SOP_INSTANCE_UID_TAG or group == 0xFFFE:
+                break
+            if vr in _LONG_VRS:
+                length = unpack_long(view, index + 8)[0]
+                if length == UNDEFINED:
+                    break
+                index += 12
+            elif vr.isalpha() and vr.isupper():
+                index += 8
+            else:
+                break
+            last = tag
+            if index + length > end:
+                self._skip = index + length - end
+                index = end
+                break
+            index += length
+        self._position += index - start
+        if last != self._last_tag:
+            self._last_tag = last
+            if last > SOP_INSTANCE_UID_TAG and self.dataset_uid is None:
+                self._uid_decided = True
+        return index
 
     def _current(self) -> _Encoding:
         if self._stack:
@@ -188,64 +233,57 @@ class Part10Check:
             raise AssertionError("no encoding before the first element")
         return self._encoding
 
-    def _header_length(self, header: bytes | bytearray | memoryview) -> int:
-        """8 or 12: how long the element header starting with ``header`` is (8 bytes suffice to
-        tell; with fewer, 8 is the answer to wait for)."""
-        if len(header) < 8:
-            return 8
-        if self._encoding is None:
-            self._encoding = self._detect(header)
-        encoding = self._current()
-        group = struct.unpack_from(encoding.order + "H", header, 0)[0]
-        if group == 0xFFFE or not encoding.explicit:
-            return 8
-        return 12 if bytes(header[4:6]) in _LONG_VRS else 8
-
-    def _detect(self, header: bytes | bytearray | memoryview) -> _Encoding:
+    def _detect(self, buf: bytes | bytearray | memoryview, pos: int) -> _Encoding:
         """The first element tells explicit from implicit VR, as pydicom does: files that declare
         one and use the other exist."""
         assert self._declared is not None
-        looks_explicit = all(65 <= c <= 90 for c in bytes(header[4:6]))
-        return _Encoding(explicit=looks_explicit, little=self._declared.little)
+        vr = bytes(buf[pos + 4:pos + 6])
+        return _ENCODINGS[(vr.isalpha() and vr.isupper(), self._declared.little)]
 
-    def _element(self, header: bytes | memoryview) -> None:
-        encoding = self._current()
-        order = encoding.order
-        group, element = struct.unpack_from(order + "HH", header, 0)
-        tag = group << 16 | element
+    def _element(self, buf: bytes | bytearray | memoryview, pos: int, end: int) -> int:
+        """Read the element header at ``buf[pos:end]``: how many bytes it took, or 0 if it is not
+        all there yet."""
+        if end - pos < 8:
+            return 0
+        if self._encoding is None:
+            self._encoding = self._detect(buf, pos)
+        encoding = self._stack[-1].encoding if self._stack else self._encoding
+        group, element = encoding.tag.unpack_from(buf, pos)
         if group == 0xFFFE:
-            self._delimiter(tag, struct.unpack_from(order + "I", header, 4)[0])
+            self._delimiter(group << 16 | element, encoding.u32.unpack_from(buf, pos + 4)[0])
             self._position += 8
-            return
+            return 8
         top = self._stack[-1] if self._stack else None
         if top is not None and top.kind != "item":
             raise ProtocolError(f"element ({group:04X},{element:04X}) where a {top.kind} item was expected "
                                 f"(at byte {self._position})")
         vr = b""
         if encoding.explicit:
-            vr = bytes(header[4:6])
-            if not all(65 <= c <= 90 for c in vr):
+            vr = bytes(buf[pos + 4:pos + 6])
+            if vr in _LONG_VRS:
+                if end - pos < 12:
+                    return 0
+                length, used = encoding.u32.unpack_from(buf, pos + 8)[0], 12
+            elif vr.isalpha() and vr.isupper():
+                length, used = encoding.u16.unpack_from(buf, pos + 6)[0], 8
+            else:
                 raise ProtocolError(f"element ({group:04X},{element:04X}) has no valid VR "
                                     f"(at byte {self._position})")
-            if vr in _LONG_VRS:
-                length = struct.unpack_from(order + "I", header, 8)[0]
-                self._position += 12
-            else:
-                length = struct.unpack_from(order + "H", header, 6)[0]
-                self._position += 8
         else:
-            length = struct.unpack_from(order + "I", header, 4)[0]
-            self._position += 8
+            length, used = encoding.u32.unpack_from(buf, pos + 4)[0], 8
+        self._position += used
+        tag = group << 16 | element
         if top is None:
             self._top_level(tag)
         if length == UNDEFINED:
             self._open(tag, vr, encoding)
-            return
+            return used
         if top is None and tag == SOP_INSTANCE_UID_TAG and length <= _MAX_CAPTURE:
             self._capture = bytearray()
             if length == 0:
                 self._keep_uid(b"")
         self._skip = length
+        return used
 
     def _top_level(self, tag: int) -> None:
         if tag <= self._last_tag:
