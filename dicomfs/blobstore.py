@@ -526,13 +526,17 @@ class _MemberWriter:
 
 
 def _write_batch(fd: int, batch: list[_Write]) -> None:
-    """Write, then advance each member's CRC32C, in order (runs in a worker thread). The CRCs
-    move only once every write succeeded, so a batch that failed can be written again."""
+    """Write, and advance each member's CRC32C, in order (runs in a worker thread): each piece's
+    CRC right after its write, while its bytes are still in the CPU's cache, but into the members'
+    ``_Crc`` only once the whole batch is written, so a batch that failed can be written again."""
+    running: dict[int, tuple[_Crc, int]] = {}
     for write in batch:
         _pwrite_all(fd, write.data, write.pos)
-    for write in batch:
         data = write.data if isinstance(write.data, bytes) else bytes(write.data)  # the C CRC wants bytes
-        write.crc.value = google_crc32c.extend(write.crc.value, data)
+        crc, value = running.get(id(write.crc), (write.crc, write.crc.value))
+        running[id(crc)] = (crc, google_crc32c.extend(value, data))
+    for crc, value in running.values():
+        crc.value = value
 
 
 def _as_dicomfs_error(error: BaseException, what: str) -> DicomfsError:

@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,9 +154,8 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _on_signals(nursery: trio.Nursery, stop: Callable[[], object], log_file: Path | None) -> None:
-    """SIGTERM and SIGINT unmount (``stop``, once); SIGHUP reopens the log file (logrotate)."""
-    stopping = False
+async def _on_signals(nursery: trio.Nursery, stop: Callable[[], Awaitable[None]], log_file: Path | None) -> None:
+    """SIGTERM and SIGINT unmount (``stop``); SIGHUP reopens the log file (logrotate)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -168,21 +167,18 @@ async def _on_signals(nursery: trio.Nursery, stop: Callable[[], object], log_fil
                         log.info("received SIGHUP: log file reopened")
                     except OSError as exc:
                         log.error("received SIGHUP: cannot reopen %s: %s", log_file, exc.strerror)
-            elif stopping:
-                log.info("received %s: already unmounting", signal.Signals(signum).name)
             else:
                 log.info("received %s: unmounting", signal.Signals(signum).name)
-                stopping = True
-                nursery.start_soon(stop)  # type: ignore[arg-type]
+                nursery.start_soon(stop)  # (a second signal finds it stopping already)
 
 
-async def _stop_when_unmounted(mountpoint: Path, stop: Callable[[], object]) -> None:
+async def _stop_when_unmounted(mountpoint: Path, stop: Callable[[], Awaitable[None]]) -> None:
     """Once the mount is gone from this mount namespace (``fusermount3 -u``, also while another
     namespace still holds it, or while requests wait), stop: nothing would be asked any more."""
     while is_mounted(mountpoint):
         await trio.sleep(UNMOUNT_POLL)
     log.info("%s is no longer mounted here: stopping", mountpoint)
-    await stop()  # type: ignore[misc]
+    await stop()
 
 
 def is_mounted(path: Path) -> bool:

@@ -13,7 +13,6 @@ all of it.
 
 from __future__ import annotations
 
-import http.client
 import socket
 import struct
 import threading
@@ -23,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tests.servers import CountingProxy
+from tests.servers import CountingProxy, ask_upstream, pass_headers
 
 HOLD_LIMIT = 600.0  # the longest a stalled answer is held (teardown releases it sooner)
 RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
@@ -177,16 +176,10 @@ class FaultProxy:
                     pass  # the client went away
 
             def _forward(self, rule: Rule | None) -> None:
-                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                upstream, response = ask_upstream(self, proxy.upstream_port, timeout=120)
                 try:
-                    upstream.request("GET", self.path, headers=headers)
-                    response = upstream.getresponse()
                     body_length = response.getheader("Content-Length")
-                    self.send_response(response.status)
-                    for name, value in response.getheaders():
-                        if name.lower() not in ("transfer-encoding", "connection", "keep-alive", "content-length"):
-                            self.send_header(name, value)
+                    pass_headers(self, response, leave_out=("content-length",))
                     data = response.read()  # the test archives are small: read it whole, then misbehave
                     announced = len(data) if body_length is None else int(body_length)
                     if rule is not None and rule.mode == "short":

@@ -160,6 +160,32 @@ class OrthancServer(_ServerProcess):
 
 
 
+HOP_BY_HOP = ("transfer-encoding", "connection", "keep-alive")
+
+
+def ask_upstream(handler: BaseHTTPRequestHandler, port: int,
+                 timeout: float = 60) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Send the GET that ``handler`` received on to ``127.0.0.1:port``, as it came; the caller
+    closes the connection. Raises OSError if the server cannot be reached."""
+    upstream = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")}
+    try:
+        upstream.request("GET", handler.path, headers=headers)
+        return upstream, upstream.getresponse()
+    except OSError:
+        upstream.close()
+        raise
+
+
+def pass_headers(handler: BaseHTTPRequestHandler, response: http.client.HTTPResponse,
+                 leave_out: tuple[str, ...] = ()) -> None:
+    """The upstream answer's status and headers, but hop-by-hop ones (and ``leave_out``)."""
+    handler.send_response(response.status)
+    for name, value in response.getheaders():
+        if name.lower() not in HOP_BY_HOP + leave_out:
+            handler.send_header(name, value)
+
+
 class CountingProxy(_OnLoopback):
     """A transparent HTTP proxy in front of one server that counts requests by kind.
 
@@ -202,20 +228,14 @@ class CountingProxy(_OnLoopback):
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 try:
-                    upstream.request("GET", self.path, headers=headers)
-                    response = upstream.getresponse()
+                    upstream, response = ask_upstream(self, proxy.upstream_port)
                 except OSError:
                     self.send_response(502)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                self.send_response(response.status)
-                for name, value in response.getheaders():
-                    if name.lower() not in ("transfer-encoding", "connection", "keep-alive"):
-                        self.send_header(name, value)
+                pass_headers(self, response)
                 self.end_headers()
                 try:
                     while chunk := response.read(65536):

@@ -480,6 +480,19 @@ def test_another_user_can_read_nothing_in_the_cache(archive: Archive, other_user
         shutil.rmtree(shared, ignore_errors=True)
 
 
+def test_what_prefetch_writes_for_the_user_keeps_the_users_umask(archive: Archive, tmp_path: Path) -> None:
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    command = (f"umask 022; exec {sys.executable} -m dicomfs prefetch {archive.server.dicomweb} {MISMATCH} "
+               f"--cache-dir {cache} --to {out}")
+    sh("sh", "-c", command, timeout=300)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    folders = [p for p in out.rglob("*") if p.is_dir()]
+    assert len(files) == 3 and folders
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o644}  # as the user's own files
+    assert {p.stat().st_mode & 0o777 for p in folders} == {0o755}
+    assert set(modes(cache).values()) <= {0o700, 0o600}  # while the cache is private
+
+
 def test_allow_other_warns_that_it_shares_the_mount(tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     result = dicomfs("mount", "demo", str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "cache"), "--allow-other")
