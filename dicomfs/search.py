@@ -35,15 +35,7 @@ class Search:
         study_terms = list(query.at("study"))
         source = self.catalog.source
         if study_terms and isinstance(source, StudySearcher):
-            sent: list[tuple[str, str]] = []
-            unchecked: list[Term] = []
-            for term in study_terms:
-                qido = term.qido("study")
-                if qido is not None:
-                    sent.append(qido[:2])
-                if (qido is None or not qido[2]) and term.value.strip("*"):
-                    unchecked.append(term)
-            candidates = await source.search_studies(sent)
+            candidates, unchecked = await source.search_studies(study_terms)
             study_terms = unchecked  # the archive matched the rest
         else:
             candidates = list((await self.catalog.all_studies()).values())

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+
+if TYPE_CHECKING:
+    from dicomfs.query import Term
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,9 @@ class InstanceFetcher(Protocol):
 
 @runtime_checkable
 class StudySearcher(Protocol):
-    """A source that can narrow a study listing on the archive's side (QIDO-RS)."""
+    """A source that can narrow a study listing on the archive's side (QIDO-RS, C-FIND)."""
 
-    async def search_studies(self, terms: list[tuple[str, str]]) -> list[StudyRecord]:
-        """Studies matching every ``(keyword, value)`` term, values in QIDO syntax."""
+    async def search_studies(self, terms: Sequence[Term]) -> tuple[list[StudyRecord], list[Term]]:
+        """Studies the archive says match the study-level ``terms``, and the terms the caller must
+        still check on them (those the archive could not be asked exactly, or may match loosely)."""
         ...

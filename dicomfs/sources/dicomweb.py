@@ -9,6 +9,7 @@ anything or know about files on disk.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from dicomfs.multipart import (
     boundary_from_content_type,
 )
 from dicomfs.p10check import Part10Check
+from dicomfs.query import Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
 from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
@@ -73,12 +75,20 @@ class DicomwebSource:
         rows = await self._qido(f"{self.root}/studies?{STUDY_FIELDS}")
         return [StudyRecord(uid, attrs) for uid, attrs in _valid(rows, STUDY_UID, "study")]
 
-    async def search_studies(self, terms: list[tuple[str, str]]) -> list[StudyRecord]:
+    async def search_studies(self, terms: Sequence[Term]) -> tuple[list[StudyRecord], list[Term]]:
+        sent: list[tuple[str, str]] = []
+        unchecked: list[Term] = []
+        for term in terms:
+            qido = term.qido("study")
+            if qido is not None:
+                sent.append(qido[:2])
+            if (qido is None or not qido[2]) and term.value.strip("*"):
+                unchecked.append(term)  # sent loosened (or not at all): checked by the caller
         # Built by hand: servers such as Orthanc do not percent-decode query values, so the
-        # values (already reduced to URL-safe characters by the query module) go as they are.
-        query = "&".join([*(f"{key}={value}" for key, value in terms), STUDY_FIELDS])
+        # values (reduced to URL-safe characters by ``Term.qido``) go as they are.
+        query = "&".join([*(f"{key}={value}" for key, value in sent), STUDY_FIELDS])
         rows = await self._qido(f"{self.root}/studies?{query}")
-        return [StudyRecord(uid, attrs) for uid, attrs in _valid(rows, STUDY_UID, "study")]
+        return [StudyRecord(uid, attrs) for uid, attrs in _valid(rows, STUDY_UID, "study")], unchecked
 
     async def list_series(self, study_uid: str) -> list[SeriesRecord]:
         rows = await self._qido(f"{self.root}/studies/{study_uid}/series?{SERIES_FIELDS}")
