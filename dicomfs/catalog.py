@@ -30,7 +30,7 @@ from dicomfs.gcpause import paused
 from dicomfs.query import Query
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
-from dicomfs.sources.base import Source
+from dicomfs.sources.base import MetadataSource, Source
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,13 @@ class Catalog:
                                   self.listing_ttl, query)
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
-        """Every instance's DICOM JSON as the archive gives it (see ``Source.series_metadata``)."""
+        """Every instance's DICOM JSON as the archive's metadata service gives it (see
+        ``MetadataSource``; the caller asks only a source that has one)."""
+        source = self.source
+        assert isinstance(source, MetadataSource)
+
         async def query() -> dict[str, DicomJson]:
-            return await self.source.series_metadata(series)
+            return await source.series_metadata(series)
 
         # stored as JSON bytes: pickling a large series' dicts takes ten times as long
         # Not kept in memory: a large series' metadata is 300 MB as Python objects (1,500 CT

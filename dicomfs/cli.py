@@ -24,7 +24,13 @@ from dicomfs import __version__
 from dicomfs.cachedir import stored_size_limit
 from dicomfs.errors import DicomfsError, UsageError
 from dicomfs.query import Query, parse_query
-from dicomfs.sources import SourceOptions, credentials_from_environment, parse_source
+from dicomfs.sources import (
+    DEFAULT_AE_TITLE,
+    DEFAULT_MOVE_PORT,
+    SourceOptions,
+    credentials_from_environment,
+    parse_source,
+)
 from dicomfs.transferlimits import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, DEFAULT_WINDOW, TransferLimits
 from dicomfs.waiting import DEFAULT_READ_TIMEOUT
 
@@ -76,8 +82,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dicomfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    mount = commands.add_parser("mount", help="mount SOURCE (DICOMweb URL, gs:// COD bucket, folder, or 'demo') "
-                                "on MOUNTPOINT")
+    mount = commands.add_parser("mount", help="mount SOURCE (DICOMweb URL, gs:// COD bucket, dimse:// PACS, folder, "
+                                "or 'demo') on MOUNTPOINT")
     mount.add_argument("source")
     mount.add_argument("mountpoint")
     _add_archive_options(mount)
@@ -158,6 +164,20 @@ def _add_archive_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=_seconds, default=DEFAULT_WINDOW, metavar="SECONDS",
                         help="longest the archive may stay silent, and the window over which --min-rate is "
                         f"measured (default {DEFAULT_WINDOW:.0f})")
+    dimse = parser.add_argument_group("DIMSE (dimse:// and dimse+tls:// sources)")
+    dimse.add_argument("--ae-title", default=DEFAULT_AE_TITLE,
+                       help=f"our calling AE title, as the PACS knows it (default {DEFAULT_AE_TITLE})")
+    dimse.add_argument("--retrieve", choices=["get", "move", "auto"], default="auto",
+                       help="C-GET, C-MOVE to dicomfs's storage SCP, or C-GET falling back to C-MOVE when the "
+                       "PACS refuses it (default auto)")
+    dimse.add_argument("--move-port", type=_port, default=DEFAULT_MOVE_PORT,
+                       help=f"port of the storage SCP for C-MOVE (default {DEFAULT_MOVE_PORT})")
+    dimse.add_argument("--max-associations", type=_positive, default=2,
+                       help="associations open with the PACS at once (default 2)")
+    dimse.add_argument("--tls-ca", metavar="FILE", help="CA certificates the PACS's TLS certificate is checked "
+                       "against (default: the system's)")
+    dimse.add_argument("--tls-cert", metavar="FILE", help="our TLS client certificate, if the PACS asks for one")
+    dimse.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
 
 
 def _add_transfer_options(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +187,18 @@ def _add_transfer_options(parser: argparse.ArgumentParser) -> None:
                         f"0 for no minimum (default {DEFAULT_MIN_RATE // 1024}K)")
     parser.add_argument("--retrieve-timeout", type=_seconds, default=DEFAULT_DEADLINE, metavar="SECONDS",
                         help=f"longest one series retrieve may take (default {DEFAULT_DEADLINE:.0f})")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return int(text)
 
 
 def _seconds(text: str) -> float:
@@ -203,8 +235,12 @@ def _archive_options(args: argparse.Namespace, *, with_blobs: bool) -> ArchiveOp
                       else stored_size_limit(cache_dir) or default_cache_size(cache_dir))
     limits = TransferLimits(args.timeout, getattr(args, "min_rate", DEFAULT_MIN_RATE),
                             getattr(args, "retrieve_timeout", DEFAULT_DEADLINE))
-    return ArchiveOptions(spec, cache_dir, credentials, SourceOptions(args.endpoint, args.user_project, args.timeout),
-                          cache_size, getattr(args, "listing_ttl", 60.0), parse_query(args.query), limits)
+    source_options = SourceOptions(args.endpoint, args.user_project, args.timeout, ae_title=args.ae_title,
+                                   retrieve=args.retrieve, move_port=args.move_port,
+                                   max_associations=args.max_associations, tls_ca=args.tls_ca,
+                                   tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return ArchiveOptions(spec, cache_dir, credentials, source_options, cache_size,
+                          getattr(args, "listing_ttl", 60.0), parse_query(args.query), limits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,7 +411,7 @@ def _ls(args: argparse.Namespace) -> int:
 
     options = _archive_options(args, with_blobs=False)
     query, options = options.query, dataclasses.replace(options, query=None)
-    logging.basicConfig(level="WARNING", format="dicomfs: %(message)s")
+    _configure_logging("WARNING", "dicomfs: %(message)s")
     return trio.run(_run_ls, options, query or Query(), args.level, args.json)
 
 
@@ -425,10 +461,13 @@ def _cache(args: argparse.Namespace) -> int:
     return status
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(level: str, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    logging.basicConfig(level=level, format=fmt)
     for noisy in ("httpx", "httpcore", "pyfuse3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pynetdicom logs every association, and its own (multi-line) account of each failure, which
+    # dicomfs reports in one line of its own: only when debugging
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING if level == "DEBUG" else logging.CRITICAL)
 
 
 def _run_foreground(options: MountOptions, args: argparse.Namespace) -> int:

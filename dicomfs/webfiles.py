@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import cachetools
 import trio
 
-from dicomfs import dicomjson, frames
+from dicomfs import dicomjson, frames, instancemeta
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, IntegrityError, NotFound
@@ -29,6 +29,7 @@ from dicomfs.gcpause import paused, release_free_memory
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.search import Search
 from dicomfs.singleflight import SingleFlight
+from dicomfs.sources.base import MetadataSource
 from dicomfs.tasks import map_bounded
 from dicomfs.uids import is_key
 from dicomfs.webtree import LISTING_FILES, MAX_FRAMES, WebKind, WebNode
@@ -322,7 +323,10 @@ class WebFiles:
             return known
 
         async def make() -> SeriesJson:
-            source = await self.catalog.series_metadata(series)
+            if isinstance(self.catalog.source, MetadataSource):
+                source = await self.catalog.series_metadata(series)
+            else:
+                source = await self._metadata_from_instances(series)
             made = await trio.to_thread.run_sync(paused, _canonical_series, series, source)
             del source
             await trio.to_thread.run_sync(release_free_memory)
@@ -330,6 +334,20 @@ class WebFiles:
             return made
 
         return await self._flights.run(("series json", series.key), make)  # type: ignore[no-any-return]
+
+    async def _metadata_from_instances(self, series: SeriesRecord) -> dict[str, DicomJson]:
+        """For an archive with no metadata service (DIMSE): the series retrieved into the cache
+        (once), and each instance's header read there."""
+        await self.blobs.fetch_series(series)
+        out: dict[str, DicomJson] = {}
+        for key, instance in (await self.catalog.instances_of(series)).items():
+            handle = await self.blobs.open_instance(series, instance)
+            try:
+                out[key] = await trio.to_thread.run_sync(
+                    lambda: instancemeta.metadata(fd=handle.fd, offset=handle.offset, length=handle.length))
+            finally:
+                handle.close()
+        return out
 
     async def _instance_json(self, node: WebNode) -> InstanceJson:
         assert node.series is not None and node.instance is not None

@@ -83,7 +83,10 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> 
 class OrthancServer(_ServerProcess):
     """``/usr/sbin/Orthanc`` with its own storage and ports, as the spec prescribes."""
 
-    def __init__(self, workdir: Path, *, port: int | None = None, users: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *, port: int | None = None, users: dict[str, str] | None = None,
+                 modalities: dict[str, dict[str, object]] | None = None) -> None:
+        """``modalities``: Orthanc's DicomModalities; with them, only those AE titles may use its
+        DIMSE services (unknown ones are turned away at association time)."""
         if not (os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN)):
             raise RuntimeError("Orthanc is not installed: run scripts/install.sh (apt packages orthanc, "
                                "orthanc-dicomweb)")
@@ -91,17 +94,24 @@ class OrthancServer(_ServerProcess):
         self.port = port or free_port()
         self.users = users
         self.process: subprocess.Popen[bytes] | None = None
+        self.dicom_port = free_port()
+        self.aet = "ORTHANC"
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "orthanc.json"
-        config = {
+        config: dict[str, object] = {
             "Name": "dicomfs-test", "StorageDirectory": str(workdir / "db"),
-            "IndexDirectory": str(workdir / "db"), "HttpPort": self.port, "DicomPort": free_port(),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users),
+            "IndexDirectory": str(workdir / "db"), "HttpPort": self.port, "DicomPort": self.dicom_port,
+            "DicomAet": self.aet, "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users),
             "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpThreadsCount": 8,
         }
         if users:
             config["RegisteredUsers"] = users
+        if modalities is not None:
+            config.update({"DicomModalities": modalities, "DicomAlwaysAllowEcho": False,
+                           "DicomAlwaysAllowFind": False, "DicomAlwaysAllowGet": False,
+                           "DicomAlwaysAllowMove": False, "DicomAlwaysAllowStore": False,
+                           "DicomCheckCalledAet": True})
         self.config.write_text(json.dumps(config))
 
     def start(self) -> OrthancServer:
@@ -152,6 +162,11 @@ class OrthancServer(_ServerProcess):
         bad = [item for item in items if isinstance(item, dict) and item.get("Status") not in stored]
         if bad:
             raise RuntimeError(f"Orthanc refused uploads: {bad[:3]}")
+
+    @property
+    def dimse(self) -> str:
+        """The DIMSE source of this Orthanc: ``dimse://<AE title>@127.0.0.1:<DICOM port>``."""
+        return f"dimse://{self.aet}@127.0.0.1:{self.dicom_port}"
 
     def statistics(self) -> dict:
         with urllib.request.urlopen(self._request("/statistics"), timeout=10) as response:

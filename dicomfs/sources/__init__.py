@@ -16,6 +16,9 @@ from dicomfs.errors import UsageError
 from dicomfs.sources.base import Credentials, Source, SourceSpec
 from dicomfs.transferlimits import DEFAULT_WINDOW as DEFAULT_TIMEOUT
 
+DEFAULT_AE_TITLE = "DICOMFS"
+DEFAULT_MOVE_PORT = 11112
+
 log = logging.getLogger(__name__)
 
 
@@ -26,6 +29,13 @@ class SourceOptions:
     endpoint: str | None = None  # object store endpoint (COD); default from the environment
     user_project: str | None = None  # requester-pays project (COD)
     timeout: float = DEFAULT_TIMEOUT  # ``--timeout``: seconds a request may wait for the archive
+    ae_title: str = DEFAULT_AE_TITLE  # our calling AE title (DIMSE)
+    retrieve: str = "auto"  # get | move | auto (DIMSE)
+    move_port: int = DEFAULT_MOVE_PORT  # where our storage SCP listens for C-MOVE (DIMSE)
+    max_associations: int = 2  # associations open with the PACS at once (DIMSE)
+    tls_ca: str | None = None  # DICOM TLS: the PACS's CA, our certificate and key (dimse+tls)
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def parse_source(text: str) -> SourceSpec:
@@ -42,9 +52,12 @@ def parse_source(text: str) -> SourceSpec:
         return _gs_spec(text)
     if lowered.startswith(("cod+https://", "cod+http://")):
         return _cod_url_spec(text[len("cod+"):])
+    if lowered.startswith(("dimse://", "dimse+tls://")):
+        return _dimse_spec(text)
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise UsageError(f"unknown source scheme {scheme!r} (use http(s)://, gs://, cod+https://, a folder, or demo)")
+        raise UsageError(f"unknown source scheme {scheme!r} (use http(s)://, gs://, cod+https://, dimse://, "
+                         "a folder, or demo)")
     path = Path(text).expanduser()
     if not path.is_dir():
         raise UsageError(f"source {text!r} is neither a URL, 'demo', nor an existing folder")
@@ -90,6 +103,26 @@ def _cod_url_spec(url: str) -> SourceSpec:
                       endpoint=f"{parts.scheme}://{parts.netloc}", token=token)
 
 
+def _dimse_spec(text: str) -> SourceSpec:
+    """``dimse://<called AE title>@<host>:<port>`` (``dimse+tls://`` for DICOM TLS)."""
+    scheme, _, rest = text.partition("://")
+    ae_title, at, address = rest.rpartition("@")
+    host, colon, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not at or not colon or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise UsageError(f"a DIMSE source is {scheme.lower()}://<AE title of the PACS>@<host>:<port>, "
+                         f"not {text!r}")
+    check_ae_title(ae_title, "the PACS's AE title")
+    return SourceSpec(kind="dimse", location=f"{scheme.lower()}://{ae_title}@{host}:{int(port)}")
+
+
+def check_ae_title(title: str, what: str) -> str:
+    """An AE title: 1 to 16 characters of ASCII, no backslash or control characters, not all spaces."""
+    if not 0 < len(title) <= 16 or not title.strip() or not all(32 <= ord(c) < 127 and c != "\\" for c in title):
+        raise UsageError(f"{what} {title!r} is not a valid AE title (1 to 16 ASCII characters, no backslash)")
+    return title
+
+
 def _check_bucket(bucket: str) -> None:
     if not bucket or not all(c.isalnum() or c in "-_." for c in bucket):
         raise UsageError(f"invalid bucket name {bucket!r}")
@@ -113,6 +146,17 @@ def open_source(spec: SourceSpec, credentials: Credentials, work_dir: Path,
         from dicomfs.sources.dicomweb import DicomwebSource
 
         return DicomwebSource(spec.location, credentials, timeout=options.timeout)
+    if spec.kind == "dimse":
+        from dicomfs.sources.dimse import DimseSource
+        from dicomfs.sources.dimse.net import Peer, tls_context
+
+        scheme, _, rest = spec.location.partition("://")
+        called, _, address = rest.rpartition("@")
+        host, _, port = address.rpartition(":")
+        tls = tls_context(options.tls_ca, options.tls_cert, options.tls_key) if scheme == "dimse+tls" else None
+        peer = Peer(host, int(port), called, check_ae_title(options.ae_title, "--ae-title"), options.timeout, tls)
+        return DimseSource(peer, retrieve=options.retrieve, move_port=options.move_port,
+                           max_associations=options.max_associations)
     if spec.kind == "folder":
         from dicomfs.sources.folder import FolderSource
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # "dicomweb" | "cod" | "folder" | "demo"
+    kind: str  # "dicomweb" | "cod" | "dimse" | "folder" | "demo"
     location: str  # URL without credentials, or an absolute folder path
     endpoint: str | None = None  # where the location is served from, when the source names it
     token: str | None = field(default=None, repr=False)  # a token that came with the source URL
@@ -83,13 +83,6 @@ class Source(Protocol):
 
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]: ...
 
-    async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
-        """Every instance's full DICOM JSON, by instance key, without fetching instance data.
-
-        As the archive has it: it may hold group 0002, the archive's own BulkDataURIs or odd
-        spellings; ``dicomjson.normalise`` makes it canonical.
-        """
-
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         """Deliver every instance of ``series`` to ``sink``, telling it of every byte that
         arrives (``arrived``); raise SourceError on failure (``TransferBroken`` if the transfer
@@ -100,6 +93,21 @@ class Source(Protocol):
         """A local file holding exactly this instance's bytes, if the source has one."""
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class MetadataSource(Protocol):
+    """A source with a metadata service: every instance's attributes without its bytes (WADO-RS
+    metadata, COD's index, a folder's headers). A source without one (DIMSE) has its series'
+    metadata read from the instances a retrieve brings."""
+
+    async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
+        """Every instance's full DICOM JSON, by instance key, without fetching instance data.
+
+        As the archive has it: it may hold group 0002, the archive's own BulkDataURIs or odd
+        spellings; ``dicomjson.normalise`` makes it canonical.
+        """
+        ...
 
 
 @runtime_checkable

@@ -77,19 +77,13 @@ def _parse_file(path: str) -> dict[str, Any] | None:
 def _read_metadata(paths: dict[str, Path | None]) -> dict[str, DicomJson]:
     """Each file's DICOM JSON; large values become bulk data and are not read (except in
     implicit-VR files, where resolving ambiguous VRs reads every value). Blocking."""
-    import pydicom
-
-    from dicomfs.dicomjson import BULK_THRESHOLD, dataset_json
+    from dicomfs import instancemeta
 
     out: dict[str, DicomJson] = {}
     for key, path in paths.items():
         if path is None:
             raise NotFound(f"instance {key} vanished")
-        try:
-            ds = pydicom.dcmread(path, defer_size=BULK_THRESHOLD)
-        except Exception as exc:
-            raise SourceError(f"{path} is no longer readable as DICOM: {exc}") from None
-        out[key] = dataset_json(ds)
+        out[key] = instancemeta.metadata(path)
     return out
 
 

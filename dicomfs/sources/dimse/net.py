@@ -1,0 +1,289 @@
+"""DIMSE associations with one PACS, through pynetdicom: opening them, a small bounded pool, and
+running their blocking work from trio.
+
+Owns the peer's address and AE titles, TLS, timeouts (ACSE, DIMSE, network), TCP_NODELAY on
+every DICOM socket (a C-STORE response held back by Nagle's algorithm for a delayed ACK costs tens
+of milliseconds per instance), the pool that keeps at most ``--max-associations`` open (idle query
+associations are reused, and closed to make room), one-line errors that tell the user what to
+change (association rejected, no common presentation context, unreachable), and ``in_thread``:
+blocking pynetdicom work in a worker thread that the event loop can cancel (C-CANCEL, then
+A-ABORT). Must not know what is queried or retrieved (``query``, the source).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+    from pynetdicom.presentation import PresentationContext
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+IDLE_SECONDS = 20.0  # an idle query association is closed after this long (PACS drop them too)
+CANCEL_GRACE = 2.0  # after a C-CANCEL, how long the PACS has to stop before the association is aborted
+MAX_PDU = 0  # no limit on the PDUs we receive: fewer, larger reads
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The PACS, and how dicomfs presents itself to it."""
+
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str = "DICOMFS"
+    timeout: float = 30.0  # ACSE and DIMSE replies; the network timeout is twice that
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
+
+    @property
+    def description(self) -> str:
+        scheme = "dimse+tls" if self.tls is not None else "dimse"
+        return f"{scheme}://{self.called_ae}@{self.host}:{self.port}"
+
+
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """A client TLS context for DICOM TLS: the PACS's certificate checked against ``ca_file`` (or
+    the system's store), our certificate sent when given."""
+    from dicomfs.errors import UsageError
+
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use the TLS files: {getattr(exc, 'strerror', None) or exc}") from None
+    return context
+
+
+def nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN: no Nagle on DICOM sockets (small DIMSE replies must not wait for ACKs)."""
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
+def application_entity(peer: Peer, contexts: Sequence[PresentationContext]) -> Any:
+    """A pynetdicom AE for one association: our AE title, the timeouts, these contexts."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=peer.calling_ae)
+    ae.acse_timeout = peer.timeout
+    ae.dimse_timeout = peer.timeout
+    ae.network_timeout = peer.timeout * 2
+    ae.connection_timeout = min(peer.timeout, 10.0)
+    ae.maximum_pdu_size = MAX_PDU
+    ae.requested_contexts = list(contexts)
+    return ae
+
+
+def open_association(peer: Peer, contexts: Sequence[PresentationContext], *, roles: Sequence[Any] = (),
+                     handlers: Sequence[tuple[Any, Callable[..., Any]]] = ()) -> Association:
+    """An established association, or a one-line ``SourceError`` that says what to change.
+    Blocking."""
+    from pynetdicom import evt
+
+    ae = application_entity(peer, contexts)
+    tls_args = (peer.tls, peer.host) if peer.tls is not None else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, ext_neg=list(roles) or None,
+                         tls_args=tls_args, max_pdu=MAX_PDU,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay), *handlers])
+    if assoc.is_established:
+        return assoc
+    raise association_error(peer, assoc)
+
+
+def association_error(peer: Peer, assoc: Association) -> SourceError:
+    answer = getattr(assoc.acceptor, "primitive", None)
+    if assoc.is_rejected and answer is not None:
+        reason = getattr(answer, "reason_str", "no reason given")
+        if answer.result_source == 1 and answer.diagnostic == 7:
+            return AccessRefused(f"{peer.description} rejected the association: the PACS is not called "
+                                 f"{peer.called_ae!r} (check the AE title in the source)")
+        if answer.result_source == 1 and answer.diagnostic in (1, 3):
+            return AccessRefused(
+                f"{peer.description} rejected the association ({reason}): the PACS must know our AE title "
+                f"{peer.calling_ae!r}; register it there with this machine's address (for C-MOVE also "
+                "the --move-port), or give --ae-title the one it knows")
+        if answer.result == 2:
+            return SourceUnavailable(f"{peer.description} turned the association away for now ({reason})")
+        return AccessRefused(f"{peer.description} rejected the association ({reason})")
+    if answer is not None and getattr(answer, "result", None) == 0:
+        return ProtocolError(f"{peer.description} accepted none of the presentation contexts dicomfs "
+                             "proposed (no common presentation context)")
+    if assoc.is_aborted:
+        return SourceUnavailable(f"{peer.description} aborted the association at once")
+    return SourceUnavailable(f"cannot reach {peer.description} (connection refused, timed out, or a "
+                             "TLS handshake that failed)")
+
+
+def check_tls(peer: Peer) -> None:
+    """A TLS handshake with the PACS alone, so that a certificate problem is one clear line
+    (pynetdicom only says the connection failed). Blocking."""
+    if peer.tls is None:
+        return
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=peer.timeout) as raw:
+            with peer.tls.wrap_socket(raw, server_hostname=peer.host):
+                pass
+    except ssl.SSLCertVerificationError as exc:
+        raise AccessRefused(f"{peer.description}: its TLS certificate is not trusted "
+                            f"({exc.verify_message or exc.reason}); give its CA with --tls-ca") from None
+    except ssl.SSLError as exc:
+        raise AccessRefused(f"{peer.description}: the TLS handshake failed ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise SourceUnavailable(f"cannot reach {peer.description}: {exc.strerror or exc}") from None
+
+
+def ended_by_peer(assoc: Association, wait: float = 1.0) -> bool:
+    """Whether the association has ended (or ends within ``wait`` seconds: pynetdicom hands out
+    the empty answer of an aborted request before it records the abort). Blocking."""
+    deadline = time.monotonic() + wait
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not assoc.is_established
+
+
+def release(assoc: Association) -> None:
+    """End an association politely if it still stands; abort it if that fails. Blocking."""
+    try:
+        if assoc.is_established:
+            assoc.release()
+    except Exception:  # a half-dead association: just drop it
+        assoc.abort()
+
+
+async def in_thread(work: Callable[[], T], stop: Callable[[], None]) -> T:
+    """``work()`` in a worker thread. If the caller is cancelled meanwhile, ``stop()`` (called on
+    the event loop, must not block) makes the work end soon; the cancellation goes on after it."""
+    finished = trio.Event()
+
+    async def on_cancel() -> None:
+        try:
+            await finished.wait()
+        except trio.Cancelled:
+            stop()
+            raise
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_cancel)
+        try:
+            return await trio.to_thread.run_sync(work)
+        finally:
+            finished.set()
+
+
+def cancel_then_abort(assoc: Association, msg_id: int, query_model: str) -> Callable[[], None]:
+    """A ``stop`` for ``in_thread``: C-CANCEL the running request, and A-ABORT the association if
+    the PACS has not stopped after ``CANCEL_GRACE`` seconds."""
+    def stop() -> None:
+        def act() -> None:
+            try:
+                assoc.send_c_cancel(msg_id, query_model=query_model)
+            except Exception:
+                assoc.abort()
+                return
+            deadline = time.monotonic() + CANCEL_GRACE
+            while assoc.is_established and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if assoc.is_established:
+                assoc.abort()
+
+        threading.Thread(target=act, name="dicomfs-cancel", daemon=True).start()
+
+    return stop
+
+
+class AssociationPool:
+    """At most ``limit`` associations open with the PACS at once: the queries' (kept open a while
+    and reused) and the retrieves' (each its own). A caller waits for room; an idle query
+    association is closed when a retrieve needs its place."""
+
+    def __init__(self, peer: Peer, limit: int, query_contexts: Sequence[PresentationContext]) -> None:
+        self.peer = peer
+        self.limit = max(1, limit)
+        self._query_contexts = list(query_contexts)
+        self._open = 0
+        self._idle: list[tuple[Association, float]] = []
+        self._changed = trio.Condition()
+
+    async def _room(self, reuse: bool) -> Association | None:
+        """Wait until an association may be opened (None) or an idle one is handed over."""
+        async with self._changed:
+            while True:
+                self._drop_stale_idle()
+                if reuse and self._idle:
+                    return self._idle.pop()[0]
+                if self._open < self.limit:
+                    self._open += 1
+                    return None
+                if self._idle:  # make room: the oldest idle query association goes
+                    old, _ = self._idle.pop(0)
+                    self._open -= 1
+                    await trio.to_thread.run_sync(release, old)
+                    continue
+                await self._changed.wait()
+
+    async def _done(self, assoc: Association | None, keep: bool) -> None:
+        async with self._changed:
+            if keep and assoc is not None and assoc.is_established:
+                self._idle.append((assoc, time.monotonic()))
+            else:
+                self._open -= 1
+                if assoc is not None:
+                    await trio.to_thread.run_sync(release, assoc)
+            self._changed.notify_all()
+
+    def _drop_stale_idle(self) -> None:
+        now = time.monotonic()
+        for entry in list(self._idle):
+            assoc, since = entry
+            if not assoc.is_established or now - since > IDLE_SECONDS:
+                self._idle.remove(entry)
+                self._open -= 1
+                threading.Thread(target=release, args=(assoc,), daemon=True).start()
+
+    @asynccontextmanager
+    async def query(self) -> AsyncIterator[Association]:
+        """An association for C-FIND and C-ECHO: an idle one reused, or a new one."""
+        assoc = await self._room(reuse=True)
+        keep = False
+        try:
+            if assoc is None:
+                assoc = await trio.to_thread.run_sync(lambda: open_association(self.peer, self._query_contexts))
+            yield assoc
+            keep = True
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._done(assoc, keep)
+
+    @asynccontextmanager
+    async def room(self) -> AsyncIterator[None]:
+        """A place for an association the caller opens and closes itself (a retrieve's)."""
+        await self._room(reuse=False)
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._done(None, keep=False)
+
+    async def aclose(self) -> None:
+        async with self._changed:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+        for assoc, _ in idle:
+            await trio.to_thread.run_sync(release, assoc)
