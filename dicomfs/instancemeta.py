@@ -54,12 +54,12 @@ def metadata(path: Path | None = None, *, fd: int | None = None, offset: int = 0
 
     from dicomfs.dicomjson import BULK_THRESHOLD, dataset_json
 
-    source: str | io.BufferedReader
+    source: str | _Range
     if path is not None:
         source, what = str(path), str(path)
-    else:
+    else:  # (not in a BufferedReader: pydicom would take it for a named file and reopen it by name)
         assert fd is not None
-        source, what = io.BufferedReader(_Range(fd, offset, length), 1 << 16), "a cached instance"
+        source, what = _Range(fd, offset, length), "a cached instance"
     try:
         ds = pydicom.dcmread(source, defer_size=BULK_THRESHOLD)
         return dataset_json(ds)

@@ -33,6 +33,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def connections_to(port: int) -> int:
+    """Established TCP connections (from anywhere on this machine) to local ``port``: the
+    associations a DICOM server has open."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:  # ESTABLISHED, to port
+                count += 1
+    return count
+
+
 class _OnLoopback:
     """A server on 127.0.0.1:``port``; ``dicomweb`` is where Orthanc's DICOMweb root would be."""
 
@@ -84,15 +100,18 @@ class OrthancServer(_ServerProcess):
     """``/usr/sbin/Orthanc`` with its own storage and ports, as the spec prescribes."""
 
     def __init__(self, workdir: Path, *, port: int | None = None, users: dict[str, str] | None = None,
-                 modalities: dict[str, dict[str, object]] | None = None) -> None:
+                 modalities: dict[str, dict[str, object]] | None = None, verbose: bool = False,
+                 extra: dict[str, object] | None = None) -> None:
         """``modalities``: Orthanc's DicomModalities; with them, only those AE titles may use its
-        DIMSE services (unknown ones are turned away at association time)."""
+        DIMSE services (unknown ones are turned away at association time). ``verbose`` logs every
+        DIMSE request (``requests`` counts them). ``extra``: more configuration."""
         if not (os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN)):
             raise RuntimeError("Orthanc is not installed: run scripts/install.sh (apt packages orthanc, "
                                "orthanc-dicomweb)")
         self.workdir = workdir
         self.port = port or free_port()
         self.users = users
+        self.verbose = verbose
         self.process: subprocess.Popen[bytes] | None = None
         self.dicom_port = free_port()
         self.aet = "ORTHANC"
@@ -112,12 +131,13 @@ class OrthancServer(_ServerProcess):
                            "DicomAlwaysAllowFind": False, "DicomAlwaysAllowGet": False,
                            "DicomAlwaysAllowMove": False, "DicomAlwaysAllowStore": False,
                            "DicomCheckCalledAet": True})
+        config.update(extra or {})
         self.config.write_text(json.dumps(config))
 
     def start(self) -> OrthancServer:
         log = open(self.workdir / "orthanc.log", "ab")
-        self.process = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=log,
-                                        stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen([ORTHANC, *(["--verbose"] if self.verbose else []), str(self.config)],
+                                        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         wait_until(self._answers, 30, "Orthanc to answer /system")
         return self
@@ -162,6 +182,12 @@ class OrthancServer(_ServerProcess):
         bad = [item for item in items if isinstance(item, dict) and item.get("Status") not in stored]
         if bad:
             raise RuntimeError(f"Orthanc refused uploads: {bad[:3]}")
+
+    def requests(self, kind: str) -> int:
+        """How many DIMSE requests of ``kind`` (``Get``, ``Move``, ``Find``) Orthanc received, by
+        its log (``verbose`` only)."""
+        text = (self.workdir / "orthanc.log").read_text(errors="replace")
+        return text.count(f"Incoming {kind} request from AET")
 
     @property
     def dimse(self) -> str:

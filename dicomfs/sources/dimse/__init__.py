@@ -341,8 +341,8 @@ class DimseSource:
         for cx in StoragePresentationContexts:
             assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        handlers: list[Any] = [(evt.EVT_C_STORE, self._store_moved), (evt.EVT_CONN_OPEN, net.nodelay),
-                               (evt.EVT_DATA_RECV, self._count_moved)]
+        handlers: list[Any] = [(evt.EVT_C_STORE, self._store_moved), (evt.EVT_DATA_RECV, self._count_moved),
+                               *net.socket_handlers()]
         try:
             return ae.start_server(("", self.move_port), block=False, evt_handlers=handlers)
         except OSError as exc:

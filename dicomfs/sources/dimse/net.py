@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-IDLE_SECONDS = 20.0  # an idle query association is closed after this long (PACS drop them too)
+IDLE_SECONDS = 10.0  # an idle query association is released after this long
 CANCEL_GRACE = 2.0  # after a C-CANCEL, how long the PACS has to stop before the association is aborted
 MAX_PDU = 0  # no limit on the PDUs we receive: fewer, larger reads
 
@@ -71,10 +71,30 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
 
 def nodelay(event: Any) -> None:
     """EVT_CONN_OPEN: no Nagle on DICOM sockets (small DIMSE replies must not wait for ACKs)."""
+    _set(event, socket.TCP_NODELAY)
+
+
+def quickack(event: Any) -> None:
+    """EVT_DATA_SENT: acknowledge the peer's next segment at once rather than after the delayed-ACK
+    timer. Sending a reply puts Linux in its interactive mode, where ACKs wait up to 40 ms for data
+    to ride on; a PACS that leaves Nagle on (DCMTK-based ones do unless started with
+    TCP_NODELAY=1) holds each instance's data behind the ACK of its command, so every C-STORE
+    sub-operation would cost 40 ms (200 small instances: 8.9 s instead of 0.6 s)."""
+    _set(event, socket.TCP_QUICKACK)
+
+
+def _set(event: Any, option: int) -> None:
     try:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, option, 1)
     except (AttributeError, OSError):
-        pass
+        pass  # the socket is already gone
+
+
+def socket_handlers() -> list[tuple[Any, Callable[..., Any]]]:
+    """The handlers every association of ours carries, as requestor or as storage SCP."""
+    from pynetdicom import evt
+
+    return [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_DATA_SENT, quickack)]
 
 
 def application_entity(peer: Peer, contexts: Sequence[PresentationContext]) -> Any:
@@ -95,13 +115,11 @@ def open_association(peer: Peer, contexts: Sequence[PresentationContext], *, rol
                      handlers: Sequence[tuple[Any, Callable[..., Any]]] = ()) -> Association:
     """An established association, or a one-line ``SourceError`` that says what to change.
     Blocking."""
-    from pynetdicom import evt
-
     ae = application_entity(peer, contexts)
     tls_args = (peer.tls, peer.host) if peer.tls is not None else None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, ext_neg=list(roles) or None,
                          tls_args=tls_args, max_pdu=MAX_PDU,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay), *handlers])
+                         evt_handlers=[*socket_handlers(), *handlers])
     if assoc.is_established:
         return assoc
     raise association_error(peer, assoc)
@@ -125,10 +143,15 @@ def association_error(peer: Peer, assoc: Association) -> SourceError:
     if answer is not None and getattr(answer, "result", None) == 0:
         return ProtocolError(f"{peer.description} accepted none of the presentation contexts dicomfs "
                              "proposed (no common presentation context)")
-    if assoc.is_aborted:
-        return SourceUnavailable(f"{peer.description} aborted the association at once")
-    return SourceUnavailable(f"cannot reach {peer.description} (connection refused, timed out, or a "
-                             "TLS handshake that failed)")
+    # No answer: pynetdicom says "aborted" for a connection that failed too; ask the network
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=min(peer.timeout, 10.0)):
+            pass
+    except OSError as exc:
+        return SourceUnavailable(f"cannot reach {peer.description}: {exc.strerror or type(exc).__name__}")
+    return SourceUnavailable(f"{peer.description} ended the association without an answer "
+                             "(a TLS port spoken to without TLS, or the other way round?)"
+                             if peer.tls is None else f"{peer.description} ended the association without an answer")
 
 
 def check_tls(peer: Peer) -> None:
@@ -211,21 +234,24 @@ def cancel_then_abort(assoc: Association, msg_id: int, query_model: str) -> Call
 class AssociationPool:
     """At most ``limit`` associations open with the PACS at once: the queries' (kept open a while
     and reused) and the retrieves' (each its own). A caller waits for room; an idle query
-    association is closed when a retrieve needs its place."""
+    association is closed when a retrieve needs its place, and by a reaper once it has been idle
+    ``IDLE_SECONDS`` (an association left open holds one of the PACS's few places, and keeps it
+    from shutting down until its own timeout)."""
 
     def __init__(self, peer: Peer, limit: int, query_contexts: Sequence[PresentationContext]) -> None:
         self.peer = peer
         self.limit = max(1, limit)
         self._query_contexts = list(query_contexts)
         self._open = 0
-        self._idle: list[tuple[Association, float]] = []
+        self._idle: list[tuple[Association, float]] = []  # (association, trio time it went idle)
         self._changed = trio.Condition()
+        self._reaping = False
 
     async def _room(self, reuse: bool) -> Association | None:
         """Wait until an association may be opened (None) or an idle one is handed over."""
         async with self._changed:
             while True:
-                self._drop_stale_idle()
+                await self._release_idle(stale_only=True)
                 if reuse and self._idle:
                     return self._idle.pop()[0]
                 if self._open < self.limit:
@@ -241,21 +267,44 @@ class AssociationPool:
     async def _done(self, assoc: Association | None, keep: bool) -> None:
         async with self._changed:
             if keep and assoc is not None and assoc.is_established:
-                self._idle.append((assoc, time.monotonic()))
+                self._idle.append((assoc, trio.current_time()))
+                if not self._reaping:
+                    self._reaping = True
+                    trio.lowlevel.spawn_system_task(self._reap, name="dicomfs: idle DIMSE associations")
             else:
                 self._open -= 1
                 if assoc is not None:
                     await trio.to_thread.run_sync(release, assoc)
             self._changed.notify_all()
 
-    def _drop_stale_idle(self) -> None:
-        now = time.monotonic()
+    async def _release_idle(self, stale_only: bool) -> None:
+        """Release the idle associations (those idle too long, or broken, with ``stale_only``).
+        Called holding ``_changed``."""
+        now = trio.current_time()
         for entry in list(self._idle):
             assoc, since = entry
-            if not assoc.is_established or now - since > IDLE_SECONDS:
+            if not stale_only or not assoc.is_established or now - since >= IDLE_SECONDS:
                 self._idle.remove(entry)
                 self._open -= 1
-                threading.Thread(target=release, args=(assoc,), daemon=True).start()
+                await trio.to_thread.run_sync(release, assoc)
+                self._changed.notify_all()
+
+    async def _reap(self) -> None:
+        """While associations are idle: release each once it has been idle ``IDLE_SECONDS``.
+        A system task (it outlives the caller that made the association idle; the run's end
+        cancels it), so it must not raise."""
+        try:
+            while True:
+                async with self._changed:
+                    await self._release_idle(stale_only=True)
+                    if not self._idle:
+                        self._reaping = False  # (under the lock: _done starts a new reaper)
+                        return
+                    wake = min(since for _, since in self._idle) + IDLE_SECONDS
+                await trio.sleep_until(wake)
+        except Exception:  # a failure here must not end the run; the next _room retries
+            log.exception("releasing idle associations with %s failed", self.peer.description)
+            self._reaping = False
 
     @asynccontextmanager
     async def query(self) -> AsyncIterator[Association]:
@@ -283,7 +332,4 @@ class AssociationPool:
 
     async def aclose(self) -> None:
         async with self._changed:
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
-        for assoc, _ in idle:
-            await trio.to_thread.run_sync(release, assoc)
+            await self._release_idle(stale_only=False)

@@ -1,0 +1,132 @@
+"""The DIMSE source's pure parts: C-FIND identifiers and answers, presentation contexts, the
+Part 10 wrapper (checked by pydicom and dcmtk's dcmftest), and the source string."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from dicomfs.errors import UsageError
+from dicomfs.p10check import Part10Check
+from dicomfs.query import parse_query
+from dicomfs.records import SeriesRecord
+from dicomfs.sources import parse_source
+from dicomfs.sources.dimse import contexts, part10, query
+
+TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def test_identifiers_ask_for_the_return_keys_of_their_level() -> None:
+    study = query.identifier("STUDY")
+    assert study.QueryRetrieveLevel == "STUDY"
+    for keyword in ("PatientName", "StudyDate", "ModalitiesInStudy", "NumberOfStudyRelatedInstances"):
+        assert keyword in study and not study[keyword].value  # universal matching
+    assert "SpecificCharacterSet" not in study
+    image = query.identifier("IMAGE", {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.3"})
+    assert "SOPClassUID" in image and not image.SOPClassUID
+    assert image.SeriesInstanceUID == "1.2.3" and "NumberOfFrames" in image
+
+
+def test_query_terms_go_to_c_find_as_it_matches_natively() -> None:
+    terms = parse_query(["PatientName=MÜLLER*", "StudyDate=20240101-20240131", "AccessionNumber=A?12",
+                         "StudyInstanceUID=1.2.3,1.2.4", "Modality=CT", "NumberOfStudyRelatedSeries=3",
+                         "StudyDate=2024*", "StudyDescription=*"]).terms
+    matching = query.study_matching(terms)
+    assert matching == {"PatientName": "MÜLLER*", "StudyDate": "20240101-20240131", "AccessionNumber": "A?12",
+                        "StudyInstanceUID": "1.2.3\\1.2.4", "ModalitiesInStudy": "CT"}
+    ds = query.identifier("STUDY", matching)
+    assert ds.SpecificCharacterSet == "ISO_IR 192"  # a value that is not ASCII goes as UTF-8
+    assert ds.StudyInstanceUID == ["1.2.3", "1.2.4"]  # a UID list
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True  # as pynetdicom encodes it
+    write_dataset(encoded, ds)
+    assert "MÜLLER".encode() in encoded.getvalue()
+    assert "SpecificCharacterSet" not in query.identifier("STUDY", {"PatientName": "DOE^J*"})
+
+
+def answer(**values: object) -> Dataset:
+    ds = Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_answers_with_bad_duplicate_missing_or_foreign_keys_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    studies = query.studies([
+        answer(StudyInstanceUID="1.2.3", PatientName="Doe^John", QueryRetrieveLevel="STUDY"),
+        answer(StudyInstanceUID="1.2.3", PatientName="again"),  # a duplicate
+        answer(StudyInstanceUID="../../etc"), answer(PatientName="no key"), answer(StudyInstanceUID="9" * 70),
+        answer(StudyInstanceUID="1.2.4", SpecificCharacterSet="ISO_IR 192", PatientName="Müller^Hans"),
+    ])
+    assert [s.uid for s in studies] == ["1.2.3", "1.2.4"]
+    assert studies[0].attrs["00100010"]["Value"] == [{"Alphabetic": "Doe^John"}]
+    assert studies[1].attrs["00100010"]["Value"] == [{"Alphabetic": "Müller^Hans"}]
+    assert "00080052" not in studies[0].attrs  # the question's level is not an attribute
+    series = query.series("1.2.3", [answer(SeriesInstanceUID="1.2.3.1", StudyInstanceUID="1.2.3"),
+                                    answer(SeriesInstanceUID="1.2.9.1", StudyInstanceUID="1.2.9")])
+    assert [s.uid for s in series] == ["1.2.3.1"]
+    found = query.instances(SeriesRecord("1.2.3", "1.2.3.1"), [
+        answer(SOPInstanceUID="1.2.3.1.1", SOPClassUID="1.2.840.10008.5.1.4.1.1.7", SeriesInstanceUID="1.2.3.1"),
+        answer(SOPInstanceUID="1.2.3.1.2", SeriesInstanceUID="1.2.3.2"), answer(SOPInstanceUID="")])
+    assert [i.key for i in found] == ["1.2.3.1.1"]
+    log = caplog.text
+    assert "without a valid StudyInstanceUID" in log and "answered 1.2.9.1 under 1.2.9" in log
+
+
+def test_one_context_per_sop_class_and_transfer_syntax_within_the_limit() -> None:
+    ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+    pairs = contexts.storage_pairs([ct])
+    assert pairs == [(ct, ts) for ts in contexts.TRANSFER_SYNTAXES]  # every syntax for one class
+    assert len(contexts.storage_pairs([ct, mr, ct])) == 2 * len(contexts.TRANSFER_SYNTAXES)
+    many = [f"1.2.3.{n}" for n in range(20)]
+    pairs = contexts.storage_pairs(many)
+    assert len(pairs) <= 127 and {c for c, _ in pairs} == set(many)  # all classes, fewer syntaxes
+    assert {ts for _, ts in pairs} == set(contexts.TRANSFER_SYNTAXES[:127 // 20])
+    cxs, roles = contexts.retrieve_contexts(query.STUDY_ROOT_GET, [ct, mr])
+    assert cxs[0].abstract_syntax == query.STUDY_ROOT_GET and len(cxs) == 1 + 2 * len(contexts.TRANSFER_SYNTAXES)
+    assert all(len(cx.transfer_syntax) == 1 for cx in cxs[1:])  # one syntax each: no transcoding
+    assert sorted(r.sop_class_uid for r in roles) == sorted([ct, mr]) and all(r.scp_role for r in roles)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "image_dfl.dcm",
+                                  "SC_rgb_rle_2frame.dcm", "MR_small_implicit.dcm"])
+def test_the_part10_wrapper_makes_files_pydicom_and_dcmtk_read(name: str, tmp_path: Path) -> None:
+    original = pydicom.dcmread(TEST_FILES / name)
+    raw = (TEST_FILES / name).read_bytes()
+    from dicomfs.p10 import parse_file_meta
+
+    dataset = raw[parse_file_meta(raw).end:]  # the data set as a C-STORE carries it
+    syntax = str(original.file_meta.TransferSyntaxUID)
+    head = part10.header(str(original.SOPClassUID), str(original.SOPInstanceUID), syntax, "ORTHANC")
+    path = tmp_path / name
+    path.write_bytes(head + dataset)
+    check = Part10Check()
+    check.feed(path.read_bytes())
+    check.finish()  # the walk of the whole file ends exactly at its end
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    assert ds.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    assert ds.file_meta.ImplementationClassUID == part10.IMPLEMENTATION_CLASS_UID
+    assert ds.file_meta.ImplementationVersionName.startswith("DICOMFS_")
+    assert ds.file_meta.SourceApplicationEntityTitle == "ORTHANC"
+    assert all(ds[e.tag].value == e.value for e in original)  # every element, pixel data included
+    result = subprocess.run(["dcmftest", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "yes" in result.stdout, result.stdout + result.stderr
+    dump = subprocess.run(["dcmdump", "-q", str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0 and "MediaStorageSOPInstanceUID" in dump.stdout
+
+
+def test_dimse_source_strings() -> None:
+    assert parse_source("dimse://PACS_AE@pacs.example.org:104").location == "dimse://PACS_AE@pacs.example.org:104"
+    assert parse_source("DIMSE+TLS://A@10.0.0.1:2762").location == "dimse+tls://A@10.0.0.1:2762"
+    assert parse_source("dimse://ORTHANC@[::1]:4242").location == "dimse://ORTHANC@::1:4242"
+    for bad in ("dimse://pacs.example.org:104", "dimse://AE@host", "dimse://AE@host:0", "dimse://@host:104",
+                "dimse://WAY-TOO-LONG-AE-TITLE@host:104", "dimse://A\\B@host:104"):
+        with pytest.raises(UsageError):
+            parse_source(bad)
