@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.mounts import ROOT, run_timed
+from bench.mounts import ROOT, cpu_seconds, run_timed
 from tests.factory import make_instance
 from tests.servers import OrthancServer
 
@@ -42,8 +42,7 @@ def module_of(checkout: Path) -> str:
 
 def daemon_figures(pid: int) -> tuple[float, float]:
     """CPU seconds (user + system) and VmHWM in MiB of a running process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    cpu = cpu_seconds(pid)
     hwm = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
     return cpu, int(hwm.split()[1]) / 1024
 

@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
 from pydicom.uid import generate_uid
 
 from bench import diagnose, report
-from bench.mounts import DicomfsMount, memory_kib, run_timed
+from bench.mounts import DicomfsMount, cpu_seconds, memory_kib, run_timed
 from bench.run import (
     COMMAND_TIMEOUT,
     DOC,
@@ -155,16 +155,6 @@ def first_byte(path: Path) -> tuple[float, str]:
         raise RuntimeError(f"reading {path} failed with status {status}")
     elapsed, digest = out.split()
     return float(elapsed), digest
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """user + system CPU time of a process so far (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (OSError, TypeError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Bench:

@@ -54,6 +54,9 @@ class _Discard:
     async def finish(self) -> None:
         pass
 
+    def arrived(self, size: int) -> None:
+        pass
+
 
 async def _stages(dicomweb: str, study_uid: str, cache_dir: Path) -> dict[str, float]:
     source = DicomwebSource(dicomweb, Credentials())
@@ -136,6 +139,23 @@ async def _cod_stages(endpoint: str, bucket: str, prefix: str, study_uid: str, s
         await source.aclose()
 
 
+async def _dimse_stages(source_text: str, study_uid: str, cache_dir: Path) -> dict[str, float]:
+    from dicomfs.sources import open_source, parse_source
+
+    source = open_source(parse_source(source_text), Credentials(), cache_dir.parent)
+    try:
+        series = sorted(await source.list_series(study_uid), key=lambda s: s.uid)
+        instances = [sorted(await source.list_instances(s), key=lambda i: i.key) for s in series]
+        started = time.perf_counter()
+        for record in series:
+            await source.fetch_series(record, _Discard())
+        out = {"fetch_series_s": time.perf_counter() - started}
+        out["blobstore_s"] = await _open_all(source, list(zip(series, instances, strict=True)), cache_dir)
+        return out
+    finally:
+        await source.aclose()
+
+
 async def _seconds(work: Awaitable[object]) -> float:
     started = time.perf_counter()
     await work
@@ -145,6 +165,12 @@ async def _seconds(work: Awaitable[object]) -> float:
 def measure(dicomweb: str, study_uid: str, cache_dir: Path) -> dict[str, Any]:
     """One measurement of each stage, in seconds."""
     return trio.run(_stages, dicomweb, study_uid, cache_dir)
+
+
+def measure_dimse(source: str, study_uid: str, cache_dir: Path) -> dict[str, float]:
+    """One measurement of the DIMSE stages: ``fetch_series_s`` (``DimseSource.fetch_series`` of
+    each series, C-GET, into a sink that drops the bytes) and ``blobstore_s`` (as for DICOMweb)."""
+    return trio.run(_dimse_stages, source, study_uid, cache_dir)
 
 
 def measure_cod(endpoint: str, bucket: str, prefix: str, study_uid: str, series_uid: str, tar_name: str,

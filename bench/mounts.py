@@ -91,6 +91,16 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """user + system CPU time of a process so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Mount:
     """What the three kinds of mount share: ``start()`` returns seconds to mount; ``stop()``."""
 
@@ -137,8 +147,9 @@ class Mount:
 
 class DicomfsMount(Mount):
     def __init__(self, source: str, path: Path, cache_dir: Path, log_file: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.source = source
+        self.args = args  # more options for ``dicomfs mount``
         self.path = path
         self.cache_dir = cache_dir
         self.log_file = log_file
@@ -149,7 +160,7 @@ class DicomfsMount(Mount):
         self.path.mkdir(parents=True, exist_ok=True)
         elapsed, status, _ = run_timed(
             [sys.executable, "-m", "dicomfs", "mount", self.source, str(self.path), "--cache-dir",
-             str(self.cache_dir), "--log-level", "INFO", "--log-file", str(self.log_file)],
+             str(self.cache_dir), "--log-level", "INFO", "--log-file", str(self.log_file), *self.args],
             timeout=MOUNT_TIMEOUT, cwd=ROOT, env=self.env)
         if status != 0 or not is_mounted(self.path):
             raise RuntimeError(f"dicomfs mount failed with status {status} (log: {self.log_file})")

@@ -24,6 +24,7 @@ from dicomfs.catalog import Catalog
 from dicomfs.errors import AccessRefused, SourceUnavailable
 from dicomfs.query import Query
 from dicomfs.sources import Credentials, Source, SourceOptions, SourceSpec, open_source
+from dicomfs.sources.base import FetchPreparer
 from dicomfs.tasks import open_nursery
 from dicomfs.transferlimits import TransferLimits
 
@@ -66,6 +67,8 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
                 blobs = (BlobStore(options.cache_dir, options.cache_size, source, breaker=breaker,
                                    limits=options.limits, missing_recheck=options.listing_ttl)
                          if options.cache_size else None)
+                if blobs is not None and isinstance(source, FetchPreparer):
+                    await source.prepare_fetches()
                 try:
                     async with open_nursery() as nursery:
                         if blobs is not None:

@@ -2,7 +2,7 @@
 # Install dicomfs and everything it needs on Debian: system packages (FUSE 3, its headers, a
 # compiler for pyfuse3) and a virtualenv in .venv with dicomfs installed from this checkout.
 #   scripts/install.sh          what dicomfs needs to run
-#   scripts/install.sh --test   also what the test suite needs (Orthanc, nginx, dcmtk, rsync, GCS emulator,
+#   scripts/install.sh --test   also what the test suite needs (Orthanc, nginx, dcmtk, rsync, openssl, GCS emulator,
 #                                util-linux and passwd for the mount-namespace, tmpfs and second-user tests)
 #   scripts/install.sh --bench  also what the benchmarks compare against (rclone, py-spy, dicomtrolley)
 # Safe to run again: it only installs what is missing.
@@ -19,7 +19,7 @@ sudo=""
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev)
 if [ "$want_tests" = 1 ]; then
-    packages+=(orthanc orthanc-dicomweb nginx dcmtk rsync tar curl systemd util-linux passwd)
+    packages+=(orthanc orthanc-dicomweb nginx dcmtk rsync tar curl systemd util-linux passwd openssl)
 fi
 if [ "$want_bench" = 1 ]; then
     packages+=(rclone)

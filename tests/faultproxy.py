@@ -1,5 +1,5 @@
-"""A fault-injecting HTTP proxy on loopback, in front of a real server (Orthanc), for the tests
-that prove dicomfs survives a slow or hostile archive.
+"""Fault-injecting proxies on loopback, in front of a real server (Orthanc), for the tests that
+prove dicomfs survives a slow or hostile archive: ``FaultProxy`` for HTTP, ``TcpProxy`` for DICOM.
 
 Requests are forwarded byte for byte, and counted by kind (``CountingProxy.kind``), unless a
 rule picks them: ``stall`` (read the request, answer nothing), ``trickle`` (forward the answer at
@@ -13,6 +13,7 @@ all of it.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -206,3 +207,84 @@ class FaultProxy:
                     upstream.close()
 
         return Handler
+
+
+class TcpProxy:
+    """TCP on loopback to ``upstream_port``, byte for byte (a PACS's DICOM port). ``rate`` (bytes
+    per second; None for no limit) slows what comes back from the PACS; ``connections()`` counts
+    the open ones. Every thread ends at ``close()``."""
+
+    def __init__(self, upstream_port: int, rate: int | None = None) -> None:
+        self.upstream_port = upstream_port
+        self.rate = rate
+        self._closing = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._open) // 2
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                self._open |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, from_upstream: bool) -> None:
+        try:
+            while not self._closing.is_set():
+                rate = self.rate if from_upstream else None
+                if not select.select([source], [], [], 0.2)[0]:
+                    continue
+                data = source.recv(min(rate // 10, 1 << 16) if rate else 1 << 16)
+                if not data:
+                    break
+                target.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except (OSError, ValueError):  # reset, or closed by the other direction's pump
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            with self._lock:
+                for sock in (source, target):
+                    if sock in self._open:
+                        self._open.discard(sock)
+                        sock.close()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._listener.close()
+        with self._lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,5 +1,6 @@
 """The DIMSE source's pure parts: C-FIND identifiers and answers, presentation contexts, the
-Part 10 wrapper (checked by pydicom and dcmtk's dcmftest), and the source string."""
+Part 10 wrapper (checked by pydicom and dcmtk's dcmftest), the source string, and what the daemon
+and its retrieve workers say to each other through a real pipe."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from dicomfs.errors import UsageError
+from dicomfs.errors import ProtocolError, UsageError
 from dicomfs.p10check import Part10Check
 from dicomfs.query import parse_query
 from dicomfs.records import SeriesRecord
 from dicomfs.sources import parse_source
-from dicomfs.sources.dimse import contexts, part10, query
+from dicomfs.sources.dimse import contexts, part10, pipe, query
+from dicomfs.sources.dimse.net import Peer
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
@@ -130,3 +132,71 @@ def test_dimse_source_strings() -> None:
                 "dimse://WAY-TOO-LONG-AE-TITLE@host:104", "dimse://A\\B@host:104"):
         with pytest.raises(UsageError):
             parse_source(bad)
+
+
+def _frames(events: list[pipe.Event]) -> list[tuple[str, object]]:
+    """Events as comparable tuples, consecutive instance data joined."""
+    out: list[tuple[str, object]] = []
+    for event in events:
+        if isinstance(event, pipe.InstanceData):
+            if out and out[-1][0] == "data":
+                out[-1] = ("data", out[-1][1] + bytes(event.data))  # type: ignore[operator]
+            else:
+                out.append(("data", bytes(event.data)))
+        elif isinstance(event, pipe.Message):
+            out.append((event.kind.decode(), event.body))
+        elif isinstance(event, pipe.InstanceStart):
+            out.append(("start", (event.key, event.size)))
+        elif isinstance(event, pipe.Progress):
+            out.append(("progress", event.received))
+        else:
+            out.append(("end", None))
+    return out
+
+
+def test_worker_frames_arrive_whole_however_the_pipe_cuts_them() -> None:
+    import os
+    import threading
+
+    read_fd, write_fd = os.pipe()
+
+    def work() -> None:  # (more than a pipe holds: written while read)
+        writer = pipe.FrameWriter(write_fd)
+        writer.progress(12345)
+        writer.instance("1.2.3.4", b"HEAD", b"x" * 70_000)
+        writer.message(pipe.LOG, {"level": 30, "message": "série 1.2: dropped"})
+        writer.instance("1.2.3.5", b"", b"")
+        writer.message(pipe.DONE, {})
+        os.close(write_fd)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    stream = b""
+    while chunk := os.read(read_fd, 1 << 16):
+        stream += chunk
+    os.close(read_fd)
+    thread.join(timeout=30)
+    expected = [("progress", 12345), ("start", ("1.2.3.4", 70_004)), ("data", b"HEAD" + b"x" * 70_000), ("end", None),
+                ("L", {"level": 30, "message": "série 1.2: dropped"}), ("start", ("1.2.3.5", 0)), ("end", None),
+                ("D", {})]
+    for size in (1, 2, 7, 4096, len(stream)):
+        reader = pipe.FrameReader()
+        events = [event for start in range(0, len(stream), size) for event in reader.feed(stream[start:start + size])]
+        assert _frames(events) == expected, size
+        assert reader.idle
+    reader = pipe.FrameReader()
+    list(reader.feed(stream[:30]))
+    assert not reader.idle  # cut inside an instance: the stream may not end here
+    with pytest.raises(ProtocolError, match="unknown frame"):
+        list(pipe.FrameReader().feed(b"Zjunk"))
+
+
+def test_a_worker_request_carries_the_peer_and_rebuilds_its_tls(tmp_path: Path) -> None:
+    peer = Peer("pacs.example.org", 11112, "PACS", "DICOMFS", 12.0)
+    back, fields = pipe.read_request(pipe.request(peer, "1.2", "1.2.3", {"1.2.3.4": "1.2.840.10008.5.1.4.1.1.7"}, 20))
+    assert back == peer and back.tls is None
+    assert fields == {"study": "1.2", "series": "1.2.3", "listed": {"1.2.3.4": "1.2.840.10008.5.1.4.1.1.7"},
+                      "log_level": 20}
+    with pytest.raises(UsageError, match="cannot use the TLS files"):
+        pipe.read_request(pipe.request(Peer("h", 1, "A", "B", 1.0, tls_files=(str(tmp_path / "no-ca.pem"), None,
+                                                                            None)), "1", "2", {}, 20))

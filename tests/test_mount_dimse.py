@@ -11,7 +11,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ import pydicom
 import pytest
 
 from tests.factory import make_instance
+from tests.faultproxy import TcpProxy
 from tests.fsutil import listdir, read_errno, sh
 from tests.mounting import Mount, dicomfs
 from tests.servers import OrthancServer, connections_to, free_port, wait_until
@@ -29,6 +32,7 @@ from tests.servers import OrthancServer, connections_to, free_port, wait_until
 MULLER = "1.2.826.0.1.3680043.8.498.60"  # a study whose patient is MÜLLER^HANS
 DATED = "1.2.826.0.1.3680043.8.498.61"  # a study of 2024-01-15
 LARGE = "1.2.826.0.1.3680043.8.498.62"  # one series of 1,500 instances
+SLOW = "1.2.826.0.1.3680043.8.498.63"  # one series behind a slow link
 PADDING = 0xFFFCFFFC
 
 
@@ -290,3 +294,107 @@ def test_a_series_of_1500_instances(pacs: Pacs, mount_factory: Callable[..., Mou
     assert copied.keys() == files.keys()
     assert all(same_instance(copied[rel], data) for rel, data in files.items())
     shutil.rmtree(out)
+
+
+def worker_pids(daemon: int) -> set[int]:
+    """The daemon's retrieve worker processes."""
+    found = set()
+    for children in Path(f"/proc/{daemon}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"dicomfs.sources.dimse.worker" in command:
+                found.add(int(pid))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def slow_pacs(tmp_path: Path) -> Iterator[tuple[Pacs, TcpProxy]]:
+    """One series of 24 instances x 256 KiB, behind a proxy that sends what the PACS answers at
+    1 MB/s: a retrieve takes about 6 s."""
+    series = f"{SLOW}.1"
+    files = {f"{SLOW}/{series}/{series}.{n}.dcm": make_instance(SLOW, series, f"{series}.{n}", number=n,
+                                                               pixel_bytes=256 * 1024) for n in range(1, 25)}
+    pacs = start_pacs(tmp_path / "pacs", files)
+    proxy = TcpProxy(pacs.server.dicom_port, rate=1_000_000)
+    try:
+        yield pacs, proxy
+    finally:
+        proxy.close()
+        pacs.server.stop()
+
+
+def through(proxy: TcpProxy) -> str:
+    return f"dimse://ORTHANC@127.0.0.1:{proxy.port}"
+
+
+def test_a_retrieve_worker_that_dies_midway_is_replaced_and_the_read_still_succeeds(
+        slow_pacs: tuple[Pacs, TcpProxy], mount_factory: Callable[..., Mount]) -> None:
+    pacs, proxy = slow_pacs
+    mount = mount_factory(through(proxy), "--move-port", str(pacs.move_port))
+    last = sorted(pacs.files)[-1]
+    reader = subprocess.Popen(["cat", str(mount.path / "studies" / last)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: proxy.connections() >= 2, 60, "the retrieve to start")  # a query's, and the C-GET's
+        time.sleep(1.0)  # instances are arriving
+        assert mount.pid is not None
+        workers = worker_pids(mount.pid)
+        assert workers
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        proxy.rate = None
+        out, err = reader.communicate(timeout=120)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+    assert reader.returncode == 0, err
+    assert same_instance(out, pacs.files[last])
+    assert "worker process ended (killed by signal 9); resuming" in mount.log
+    assert mount.alive()
+
+
+def test_a_slow_pacs_is_waited_for_and_a_trickling_one_abandoned(
+        slow_pacs: tuple[Pacs, TcpProxy], mount_factory: Callable[..., Mount]) -> None:
+    pacs, proxy = slow_pacs
+    limits = ("--move-port", str(pacs.move_port), "--timeout", "2", "--min-rate", "200k")
+    last = sorted(pacs.files)[-1]
+    # 1 MB/s: the worker's progress reports show a working PACS through the whole 6 s retrieve
+    steady = mount_factory(through(proxy), *limits, name="steady", cache="steady-cache")
+    assert same_instance((steady.path / "studies" / last).read_bytes(), pacs.files[last])
+    steady.stop()
+    proxy.rate = 20_000
+    mount = mount_factory(through(proxy), *limits)
+    started = time.monotonic()
+    assert read_errno(mount.path / "studies" / last) == 5  # EIO, after the --timeout window
+    print(f"abandoned after {time.monotonic() - started:.1f} s")
+    assert "--min-rate" in mount.log
+    # the worker that ran it was ended (its C-GET cancelled, then aborted), the association with it
+    wait_until(lambda: proxy.connections() <= 1, 30, "the retrieve's association to end")  # the query's may stay
+    assert mount.alive()
+
+
+def test_stopping_a_mount_midway_leaves_no_worker_and_no_association(
+        slow_pacs: tuple[Pacs, TcpProxy], mount_factory: Callable[..., Mount]) -> None:
+    pacs, proxy = slow_pacs
+    mount = mount_factory(through(proxy), "--move-port", str(pacs.move_port))
+    reader = subprocess.Popen(["cat", str(mount.path / "studies" / sorted(pacs.files)[-1])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: proxy.connections() >= 2, 60, "the retrieve to start")
+    assert mount.pid is not None
+    workers = worker_pids(mount.pid)
+    assert workers
+    reader.kill()
+    reader.wait(timeout=30)
+    mount.stop()
+    wait_until(lambda: not any(alive(pid) for pid in workers), 30, "the workers to end")
+    wait_until(lambda: proxy.connections() == 0, 30, "every association to end")

@@ -153,8 +153,9 @@ def open_source(spec: SourceSpec, credentials: Credentials, work_dir: Path,
         scheme, _, rest = spec.location.partition("://")
         called, _, address = rest.rpartition("@")
         host, _, port = address.rpartition(":")
-        tls = tls_context(options.tls_ca, options.tls_cert, options.tls_key) if scheme == "dimse+tls" else None
-        peer = Peer(host, int(port), called, check_ae_title(options.ae_title, "--ae-title"), options.timeout, tls)
+        files = (options.tls_ca, options.tls_cert, options.tls_key) if scheme == "dimse+tls" else None
+        peer = Peer(host, int(port), called, check_ae_title(options.ae_title, "--ae-title"), options.timeout,
+                    tls_context(*files) if files else None, files)
         return DimseSource(peer, retrieve=options.retrieve, move_port=options.move_port,
                            max_associations=options.max_associations)
     if spec.kind == "folder":

@@ -118,6 +118,14 @@ class InstanceFetcher(Protocol):
 
 
 @runtime_checkable
+class FetchPreparer(Protocol):
+    """A source whose retrieves need something made ready first (DIMSE: a worker process, which
+    takes a third of a second to start), told as soon as retrieves may come (a blob store opened)."""
+
+    async def prepare_fetches(self) -> None: ...
+
+
+@runtime_checkable
 class StudySearcher(Protocol):
     """A source that can narrow a study listing on the archive's side (QIDO-RS, C-FIND)."""
 

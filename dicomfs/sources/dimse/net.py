@@ -36,6 +36,7 @@ T = TypeVar("T")
 IDLE_SECONDS = 10.0  # an idle query association is released after this long
 CANCEL_GRACE = 2.0  # after a C-CANCEL, how long the PACS has to stop before the association is aborted
 MAX_PDU = 0  # no limit on the PDUs we receive: fewer, larger reads
+RETRIEVE_LOOP_DELAY = 0.0002  # see quick_loop
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Peer:
     calling_ae: str = "DICOMFS"
     timeout: float = 30.0  # ACSE and DIMSE replies; the network timeout is twice that
     tls: ssl.SSLContext | None = field(default=None, compare=False)
+    tls_files: tuple[str | None, ...] | None = None  # (CA, certificate, key) the context was made of
 
     @property
     def description(self) -> str:
@@ -88,6 +90,18 @@ def _set(event: Any, option: int) -> None:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, option, 1)
     except (AttributeError, OSError):
         pass  # the socket is already gone
+
+
+def quick_loop(assoc: Association) -> None:
+    """Make the association's DUL loop check for work every ``RETRIEVE_LOOP_DELAY`` seconds
+    instead of pynetdicom's 1 ms. It sleeps that long whenever it has nothing to do, so each C-STORE
+    response of a retrieve waited up to 1 ms before it left, and the PACS with it: 116 MB/s became
+    168 MB/s for pynetdicom alone on loopback, for the same CPU time. Only for retrieves: a waiting
+    association polls 5,000 times a second. (A private attribute, the one pynetdicom's maintainers
+    point to for this trade-off; without it, retrieves are slower, not wrong.)"""
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = RETRIEVE_LOOP_DELAY
 
 
 def socket_handlers() -> list[tuple[Any, Callable[..., Any]]]:

@@ -1,0 +1,125 @@
+"""One series retrieved over DIMSE, blocking (pynetdicom): the C-GET on an association of its own,
+each C-STORE sub-operation made a Part 10 file (``part10``) for a ``deliver`` callback, and the
+responses of a C-GET or C-MOVE followed to their end.
+
+Runs in a retrieve worker process (``worker``: the whole C-GET) and in the daemon (the C-MOVE
+request, from a worker thread; the storage SCP's C-STORE handler calls ``store`` too). Instances
+that the IMAGE-level listing did not name are dropped with a log line; instances the PACS failed
+to send are logged with its status and stay missing. Must not know where instances go
+(``deliver``), or use trio.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dicomfs.errors import SourceError, TransferBroken
+from dicomfs.sources.dimse import contexts, net, part10, query, status
+from dicomfs.sources.dimse.net import Peer
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pynetdicom.association import Association
+
+log = logging.getLogger(__name__)
+
+STORE_OK, STORE_REFUSED = 0x0000, 0xA700  # C-STORE: success; out of resources (we stopped)
+
+
+@dataclass
+class Job:
+    """One series being retrieved: what may arrive, where it goes, how much came."""
+
+    description: str  # the PACS, for messages
+    source_ae: str  # its AE title, written into the files' meta
+    study_uid: str
+    series_uid: str
+    listed: dict[str, str]  # SOP instance UID -> SOP class UID, from the IMAGE-level C-FIND
+    deliver: Callable[[str, bytes, bytes], bool]  # (UID, Part 10 header, data set) -> False: stop
+    received: int = 0  # bytes off the wire (counted by the association's threads)
+    delivered: int = 0  # instances handed over
+    stopped: threading.Event = field(default_factory=threading.Event)
+    assoc: Association | None = None  # the C-GET's or C-MOVE's association, once open
+
+    def identifier(self) -> Dataset:
+        return query.identifier("SERIES", {"StudyInstanceUID": self.study_uid, "SeriesInstanceUID": self.series_uid})
+
+
+def store(job: Job, event: Any) -> int:
+    """A C-STORE sub-operation (in an association's thread): the instance, as a Part 10 file, to
+    ``deliver``; refused once the retrieve was given up."""
+    if job.stopped.is_set():
+        return STORE_REFUSED
+    request = event.request
+    key = str(request.AffectedSOPInstanceUID)
+    if key not in job.listed:
+        log.warning("series %s: the PACS sent instance %r, which its listing did not name: dropped",
+                    job.series_uid, key[:80])
+        return STORE_OK
+    head = part10.header(str(request.AffectedSOPClassUID), key, str(event.context.transfer_syntax), job.source_ae)
+    if not job.deliver(key, head, request.DataSet.getvalue()):
+        job.stopped.set()  # nobody takes instances any more
+        return STORE_REFUSED
+    job.delivered += 1
+    return STORE_OK
+
+
+def count(job: Job, event: Any) -> None:
+    """EVT_DATA_RECV: the bytes of a PDU, for the retrieve's progress."""
+    job.received += len(event.data)
+
+
+def follow(job: Job, responses: Iterable[tuple[Any, Any]], what: str, assoc: Association) -> None:
+    """Follow a C-GET or C-MOVE to its end: a failure is an error (a refused C-GET a
+    ``GetRefused``: some PACS, Orthanc among them, refuse by ending the association before sending
+    anything); instances it could not send are logged, the others were delivered."""
+    about = f"series {job.series_uid}"
+    for answer, found in responses:
+        if not answer and not job.stopped.is_set():
+            if what == "C-GET" and not job.delivered and net.ended_by_peer(assoc):
+                raise status.GetRefused(f"{job.description} ended the association when asked for C-GET")
+            if job.delivered:  # it broke off midway: what came is kept, the rest may be resumed
+                raise TransferBroken(f"the {what} of {about} broke off after {job.delivered} instances "
+                                     "(no answer: timed out, or the association was aborted)")
+        code = status.code_of(answer, job.description, about)
+        if code in status.PENDING:
+            continue
+        if code == status.SUCCESS:
+            return
+        if code == status.SOME_FAILED:  # done, with failures: those instances stay missing
+            failed = list(getattr(found, "FailedSOPInstanceUIDList", None) or []) if found else []
+            log.warning("series %s: the PACS could not send %s instances (%s status 0xB000)%s", job.series_uid,
+                        len(failed) or "some", what, ": " + ", ".join(map(str, failed[:5])) if failed else "")
+            return
+        if job.stopped.is_set():
+            raise SourceError(f"the {what} of {about} was stopped")
+        raise status.failure(job.description, what, about, code)
+
+
+def get(peer: Peer, job: Job) -> None:
+    """The C-GET of the series on an association of its own, its instances arriving on it, one
+    presentation context per (SOP class, transfer syntax) so that the PACS sends what it stores."""
+    from pynetdicom import evt
+
+    cxs, roles = contexts.retrieve_contexts(query.STUDY_ROOT_GET, job.listed.values())
+    job.assoc = assoc = net.open_association(peer, cxs, roles=roles, handlers=[
+        (evt.EVT_C_STORE, lambda event: store(job, event)), (evt.EVT_DATA_RECV, lambda event: count(job, event))])
+    net.quick_loop(assoc)
+    try:
+        if not any(cx.abstract_syntax == query.STUDY_ROOT_GET for cx in assoc.accepted_contexts):
+            raise status.GetRefused(f"{job.description} accepts no Study Root C-GET")
+        follow(job, assoc.send_c_get(job.identifier(), query.STUDY_ROOT_GET, msg_id=1), "C-GET", assoc)
+    finally:
+        net.release(assoc)
+
+
+def stop(job: Job, model: str) -> None:
+    """Give the retrieve up (from another thread; does not block): no more instances are taken,
+    the PACS is sent a C-CANCEL, and the association is aborted if it does not end soon."""
+    job.stopped.set()
+    if job.assoc is not None:
+        net.cancel_then_abort(job.assoc, 1, model)()
