@@ -59,6 +59,8 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
         label(options.cache_dir, options.spec)
         source = open_source(options.spec, options.credentials, options.cache_dir, options.source_options)
         try:
+            if options.cache_size and isinstance(source, FetchPreparer):
+                await source.prepare_fetches()  # a blob store will open: retrieves may come
             breaker = Breaker(source.description)
             catalog = Catalog(source, options.cache_dir / "catalog", listing_ttl=options.listing_ttl,
                               query=options.query, breaker=breaker)
@@ -67,8 +69,6 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
                 blobs = (BlobStore(options.cache_dir, options.cache_size, source, breaker=breaker,
                                    limits=options.limits, missing_recheck=options.listing_ttl)
                          if options.cache_size else None)
-                if blobs is not None and isinstance(source, FetchPreparer):
-                    await source.prepare_fetches()
                 try:
                     async with open_nursery() as nursery:
                         if blobs is not None:

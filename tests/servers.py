@@ -183,6 +183,17 @@ class OrthancServer(_ServerProcess):
         if bad:
             raise RuntimeError(f"Orthanc refused uploads: {bad[:3]}")
 
+    def delete_instance(self, sop_instance_uid: str) -> None:
+        """Remove one instance from the archive (found by its UID)."""
+        with urllib.request.urlopen(self._request("/tools/lookup", sop_instance_uid.encode()), timeout=30) as response:
+            found = [item["ID"] for item in json.loads(response.read()) if item.get("Type") == "Instance"]
+        if len(found) != 1:
+            raise RuntimeError(f"Orthanc has {len(found)} instances {sop_instance_uid}")
+        request = self._request(f"/instances/{found[0]}")
+        request.method = "DELETE"
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+
     def requests(self, kind: str) -> int:
         """How many DIMSE requests of ``kind`` (``Get``, ``Move``, ``Find``) Orthanc received, by
         its log (``verbose`` only)."""

@@ -398,3 +398,22 @@ def test_stopping_a_mount_midway_leaves_no_worker_and_no_association(
     mount.stop()
     wait_until(lambda: not any(alive(pid) for pid in workers), 30, "the workers to end")
     wait_until(lambda: proxy.connections() == 0, 30, "every association to end")
+
+
+def test_what_the_pacs_sends_is_checked_against_its_listing(own_pacs: Pacs,
+                                                             mount_factory: Callable[..., Mount]) -> None:
+    """Listed but not sent: EIO for that file, the rest served. Sent but not listed: dropped, with
+    a log line."""
+    mount = mount_of(own_pacs, mount_factory)
+    folder = mount.path / "studies" / MULLER / f"{MULLER}.1"
+    names = listdir(folder)  # the listing: three instances
+    gone, kept = f"{MULLER}.1.2", f"{MULLER}.1.3"
+    own_pacs.server.delete_instance(gone)
+    own_pacs.server.upload([make_instance(MULLER, f"{MULLER}.1", f"{MULLER}.1.9", number=9,
+                                          patient="MÜLLER^HANS", study_date="20230505")])
+    assert names == sorted(f"{MULLER}.1.{n}.dcm" for n in (1, 2, 3))
+    kept_rel = f"{MULLER}/{MULLER}.1/{kept}.dcm"
+    assert same_instance((folder / f"{kept}.dcm").read_bytes(), own_pacs.files[kept_rel])
+    assert read_errno(folder / f"{gone}.dcm") == 5
+    assert f"the PACS sent instance '{MULLER}.1.9', which its listing did not name: dropped" in mount.log
+    assert mount.alive()

@@ -49,15 +49,12 @@ class DimseSource:
 
     def __init__(self, peer: Peer, *, retrieve: str = "auto", move_port: int = 11112,
                  max_associations: int = 2) -> None:
-        from pynetdicom import build_context
-
         self.peer = peer
         self.description = peer.description
         self.retrieve = retrieve
         self.move_port = move_port
         self._use_move = retrieve == "move"
-        self.pool = net.AssociationPool(peer, max_associations,
-                                        [build_context(query.STUDY_ROOT_FIND), build_context(VERIFICATION)])
+        self.pool = net.AssociationPool(peer, max_associations, [query.STUDY_ROOT_FIND, VERIFICATION])
         self.workers = WorkerPool()
         self._listed: dict[str, dict[str, str]] = {}  # series key -> its instances' SOP classes
         self._moves: dict[str, Job] = {}  # SOP instance UID -> the C-MOVE it belongs to

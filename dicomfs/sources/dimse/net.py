@@ -131,12 +131,19 @@ def open_association(peer: Peer, contexts: Sequence[PresentationContext], *, rol
     Blocking."""
     ae = application_entity(peer, contexts)
     tls_args = (peer.tls, peer.host) if peer.tls is not None else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, ext_neg=list(roles) or None,
-                         tls_args=tls_args, max_pdu=MAX_PDU,
-                         evt_handlers=[*socket_handlers(), *handlers])
-    if assoc.is_established:
-        return assoc
-    raise association_error(peer, assoc)
+    for attempt in range(2):
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, ext_neg=list(roles) or None,
+                             tls_args=tls_args, max_pdu=MAX_PDU,
+                             evt_handlers=[*socket_handlers(), *handlers])
+        if assoc.is_established:
+            return assoc
+        error = association_error(peer, assoc)
+        if not isinstance(error, _NoAnswer) or attempt:
+            raise error
+        # A PACS that rejects and resets the connection at once may have its rejection discarded
+        # by our kernel before it is read: ask once more, for the reason
+        time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 def association_error(peer: Peer, assoc: Association) -> SourceError:
@@ -163,9 +170,13 @@ def association_error(peer: Peer, assoc: Association) -> SourceError:
             pass
     except OSError as exc:
         return SourceUnavailable(f"cannot reach {peer.description}: {exc.strerror or type(exc).__name__}")
-    return SourceUnavailable(f"{peer.description} ended the association without an answer "
-                             "(a TLS port spoken to without TLS, or the other way round?)"
-                             if peer.tls is None else f"{peer.description} ended the association without an answer")
+    return _NoAnswer(f"{peer.description} ended the association without an answer "
+                     "(a TLS port spoken to without TLS, or the other way round?)"
+                     if peer.tls is None else f"{peer.description} ended the association without an answer")
+
+
+class _NoAnswer(SourceUnavailable):
+    """The PACS took the connection and ended it without answering the association request."""
 
 
 def check_tls(peer: Peer) -> None:
@@ -252,10 +263,11 @@ class AssociationPool:
     ``IDLE_SECONDS`` (an association left open holds one of the PACS's few places, and keeps it
     from shutting down until its own timeout)."""
 
-    def __init__(self, peer: Peer, limit: int, query_contexts: Sequence[PresentationContext]) -> None:
+    def __init__(self, peer: Peer, limit: int, query_syntaxes: Sequence[str]) -> None:
+        """``query_syntaxes``: the abstract syntaxes (SOP classes) query associations propose."""
         self.peer = peer
         self.limit = max(1, limit)
-        self._query_contexts = list(query_contexts)
+        self._query_syntaxes = list(query_syntaxes)
         self._open = 0
         self._idle: list[tuple[Association, float]] = []  # (association, trio time it went idle)
         self._changed = trio.Condition()
@@ -320,6 +332,11 @@ class AssociationPool:
             log.exception("releasing idle associations with %s failed", self.peer.description)
             self._reaping = False
 
+    def _open_for_queries(self) -> Association:
+        from pynetdicom import build_context
+
+        return open_association(self.peer, [build_context(syntax) for syntax in self._query_syntaxes])
+
     @asynccontextmanager
     async def query(self) -> AsyncIterator[Association]:
         """An association for C-FIND and C-ECHO: an idle one reused, or a new one."""
@@ -327,7 +344,7 @@ class AssociationPool:
         keep = False
         try:
             if assoc is None:
-                assoc = await trio.to_thread.run_sync(lambda: open_association(self.peer, self._query_contexts))
+                assoc = await trio.to_thread.run_sync(self._open_for_queries)
             yield assoc
             keep = True
         finally:

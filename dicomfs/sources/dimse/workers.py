@@ -131,11 +131,12 @@ class WorkerPool:
             self._ending.discard(process)
 
     async def aclose(self) -> None:
-        """End every worker: idle ones close their stdin (they exit), the others are ended."""
+        """End every worker: idle ones at once (SIGTERM: they hold no association), the others as
+        ``_end`` does."""
         idle, self._idle = self._idle, []
         for process in idle:
-            if process.stdin is not None:
-                await process.stdin.aclose()
+            if process.poll() is None:
+                process.terminate()
         with trio.CancelScope(shield=True), trio.move_on_after(END_GRACE):
             for process in idle:
                 await process.wait()
