@@ -7,8 +7,7 @@ data cut from the instance bytes the blob store serves, and the memory caches of
 A rendered file is a pure function of its inputs (``dicomjson`` encodes deterministically), so a
 size, once told, stays true; a frame size announced from the metadata (native data) is checked
 against the frame actually cut, and a mismatch is an error for that read, never a short or long
-file. Must not know FUSE or the layout's
-names (``webtree`` does).
+file. Must not know FUSE or the layout's names (``webtree`` does).
 """
 
 from __future__ import annotations
