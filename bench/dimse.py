@@ -24,7 +24,8 @@ compared is the data set (everything after the file meta group), byte for byte, 
 ``--link RATE`` runs the whole benchmark (Orthanc, mounts, clients) inside a network namespace
 whose loopback has an Ethernet MTU and a ``tbf`` qdisc at RATE (``bench.link``). Writes
 ``bench/results/dimse-latest.json`` and the block between ``bench-dimse:begin`` and
-``bench-dimse:end`` in ``docs/benchmarks.md``.
+``bench-dimse:end`` in ``docs/benchmarks.md`` (on a link: ``dimse-link-latest.json`` and the
+``bench-dimse-link`` block).
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ from tests.servers import OrthancServer, free_port, require_tools  # noqa: E402
 TIMEOUT = 1800.0
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench-dimse:begin -->", "<!-- bench-dimse:end -->"
+
+def markers(on_link: bool) -> tuple[str, str]:
+    """The block in docs/benchmarks.md: one for plain loopback, one for an emulated link."""
+    name = "bench-dimse-link" if on_link else "bench-dimse"
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 AE = "DICOMFS"
 NODELAY = {"TCP_NODELAY": "1"}
 TARGETS = {"copy": 1.3, "prefetch": 1.1}
@@ -291,7 +298,8 @@ def render(results: dict[str, object]) -> str:
     machine: dict[str, object] = results["machine"]  # type: ignore[assignment]
     checks: dict[str, str] = results["checks"]  # type: ignore[assignment]
     samples: dict[str, list[float]] = results["samples"]  # type: ignore[assignment]
-    lines = [BEGIN, "", f"Run of `python -m bench.dimse --studies {results['studies']} --instances "
+    begin, end = markers(link.INSIDE in os.environ)
+    lines = [begin, "", f"Run of `python -m bench.dimse --studies {results['studies']} --instances "
              f"{results['instances_per_study']} --series {results['series_per_study']} --repeat {results['repeat']}"
              + (f" --link {os.environ[link.INSIDE]}`" if link.INSIDE in os.environ else "`")
              + f" on {machine.get('date', '?')}, dicomfs {machine.get('dicomfs_commit', '?')}, "
@@ -310,7 +318,7 @@ def render(results: dict[str, object]) -> str:
                   f"{name[:-2]} {', '.join(f'{v:.2f}' for v in values)}" for name, values in samples.items()
                   if name.endswith("_s") and not name.endswith("_cpu_s")), "",
               "Outputs checked after the first repetition (data set bytes, sha256): " + "; ".join(
-                  f"{name}: {text}" for name, text in checks.items()) + ".", "", END]
+                  f"{name}: {text}" for name, text in checks.items()) + ".", "", end]
     return "\n".join(lines)
 
 
@@ -341,11 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: everything started was stopped", file=sys.stderr)
         return 130
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "dimse-latest.json").write_text(json.dumps(results, indent=2))
+    raw = RESULTS / ("dimse-link-latest.json" if args.link else "dimse-latest.json")
+    raw.write_text(json.dumps(results, indent=2))
     block = render(results)
     print(block)
     if not args.no_doc:
-        report.replace_block(DOC, block, BEGIN, END)
+        report.replace_block(DOC, block, *markers(bool(args.link)))
     return 0 if all(met is not False for *_, met in rows(results)) else 1
 
 
