@@ -36,7 +36,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -52,7 +51,7 @@ if str(ROOT) not in sys.path:
 from pydicom.uid import generate_uid
 
 from bench import diagnose, report
-from bench.mounts import DicomfsMount, cpu_seconds, memory_kib, run_timed
+from bench.mounts import DicomfsMount, cpu_seconds, memory_kib, run_timed, stop_on_sigterm
 from bench.run import (
     COMMAND_TIMEOUT,
     DOC,
@@ -467,10 +466,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(parse_args(argv))
@@ -481,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     require_tools("curl", "cp", "ls", "fusermount3")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm()
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = report.machine_facts()
     with contextlib.ExitStack() as cleanup:

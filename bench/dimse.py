@@ -37,7 +37,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import link, report  # noqa: E402
-from bench.mounts import DicomfsMount, cpu_seconds, run_timed  # noqa: E402
+from bench.mounts import DicomfsMount, cpu_seconds, run_timed, stop_on_sigterm  # noqa: E402
 from bench.run import Study, build_study  # noqa: E402
 from dicomfs.p10 import parse_file_meta  # noqa: E402
 from tests.servers import OrthancServer, free_port, require_tools  # noqa: E402
@@ -333,16 +332,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     status = link.reexec("bench.dimse", args.link)
     if status is not None:
         return status
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm()
     try:
         results = measure(args)
     except KeyboardInterrupt:

@@ -53,6 +53,15 @@ def run_timed(argv: list[str], *, capture: bool = False, timeout: float = 600.0,
     return time.perf_counter() - started, status, out.decode(errors="replace")
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread, as Ctrl-C does, so that a run
+    stops everything it started (its ``ExitStack``s and ``finally`` blocks) either way."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def is_mounted(path: Path) -> bool:
     with open("/proc/mounts") as mounts:
         return any(line.split()[1] == str(path) for line in mounts)

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import report
-from bench.mounts import run_timed
+from bench.mounts import run_timed, stop_on_sigterm
 from bench.run import STORED_ACCEPT, Study, build_study
 from dicomfs.prefetch import DEFAULT_JOBS
 from tests.servers import OrthancServer, require_tools
@@ -197,13 +196,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm()
     try:
         results = measure(args)
     except KeyboardInterrupt:

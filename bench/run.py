@@ -56,6 +56,7 @@ from bench.mounts import (
     RcloneMount,
     memory_kib,
     run_timed,
+    stop_on_sigterm,
 )
 from tests.factory import make_instance
 from tests.servers import OrthancServer, require_tools
@@ -369,10 +370,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(parse_args(argv))
@@ -383,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     require_tools("curl", "cp", "find", "cat", "rclone", "fusermount3")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm()
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = report.machine_facts()
     with contextlib.ExitStack() as cleanup:
