@@ -27,6 +27,15 @@ def dicomfs(*args: str, env: dict[str, str] | None = None, timeout: float = MOUN
     return result
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (exists, and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def is_mounted(path: Path) -> bool:
     with open("/proc/mounts") as mounts:
         return any(line.split()[1] == str(path) for line in mounts)
@@ -62,14 +71,7 @@ class Mount:
         return self
 
     def alive(self) -> bool:
-        if self.pid is None:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        with open(f"/proc/{self.pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
+        return self.pid is not None and pid_alive(self.pid)
 
     def stop(self) -> None:
         """Unmount for real; fall back to lazy unmount and SIGKILL so nothing stays behind."""

@@ -26,7 +26,7 @@ import pytest
 from tests.factory import make_instance
 from tests.faultproxy import TcpProxy
 from tests.fsutil import listdir, read_errno, sh
-from tests.mounting import Mount, dicomfs
+from tests.mounting import Mount, dicomfs, pid_alive
 from tests.servers import OrthancServer, connections_to, free_port, wait_until
 
 MULLER = "1.2.826.0.1.3680043.8.498.60"  # a study whose patient is MÜLLER^HANS
@@ -310,13 +310,6 @@ def worker_pids(daemon: int) -> set[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def slow_pacs(tmp_path: Path) -> Iterator[tuple[Pacs, TcpProxy]]:
     """One series of 24 instances x 256 KiB, behind a proxy that sends what the PACS answers at
@@ -396,7 +389,7 @@ def test_stopping_a_mount_midway_leaves_no_worker_and_no_association(
     reader.kill()
     reader.wait(timeout=30)
     mount.stop()
-    wait_until(lambda: not any(alive(pid) for pid in workers), 30, "the workers to end")
+    wait_until(lambda: not any(pid_alive(pid) for pid in workers), 30, "the workers to end")
     wait_until(lambda: proxy.connections() == 0, 30, "every association to end")
 
 

@@ -119,8 +119,9 @@ class InstanceFetcher(Protocol):
 
 @runtime_checkable
 class FetchPreparer(Protocol):
-    """A source whose retrieves need something made ready first (DIMSE: a worker process, which
-    takes a third of a second to start), told as soon as retrieves may come (a blob store opened)."""
+    """A source whose retrieves need something made ready first (DIMSE: worker processes, which
+    take a third of a second to start), told as soon as retrieves may come (a blob store will
+    open)."""
 
     async def prepare_fetches(self) -> None: ...
 

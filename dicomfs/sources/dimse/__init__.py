@@ -55,7 +55,7 @@ class DimseSource:
         self.move_port = move_port
         self._use_move = retrieve == "move"
         self.pool = net.AssociationPool(peer, max_associations, [query.STUDY_ROOT_FIND, VERIFICATION])
-        self.workers = WorkerPool()
+        self.workers = WorkerPool(self.pool.limit)
         self._listed: dict[str, dict[str, str]] = {}  # series key -> its instances' SOP classes
         self._moves: dict[str, Job] = {}  # SOP instance UID -> the C-MOVE it belongs to
         self._scp: Any = None  # the Storage SCP for C-MOVE, once started
@@ -125,7 +125,7 @@ class DimseSource:
     async def prepare_fetches(self) -> None:
         """Start the retrieve workers now (each takes a third of a second), not on the first read."""
         if not self._use_move:
-            await self.workers.warm(self.pool.limit)
+            await self.workers.warm(self.workers.limit)
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         listed = self._listed.get(series.key)

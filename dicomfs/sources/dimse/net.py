@@ -1,11 +1,13 @@
 """DIMSE associations with one PACS, through pynetdicom: opening them, a small bounded pool, and
 running their blocking work from trio.
 
-Owns the peer's address and AE titles, TLS, timeouts (ACSE, DIMSE, network), TCP_NODELAY on
-every DICOM socket (a C-STORE response held back by Nagle's algorithm for a delayed ACK costs tens
-of milliseconds per instance), the pool that keeps at most ``--max-associations`` open (idle query
-associations are reused, and closed to make room), one-line errors that tell the user what to
-change (association rejected, no common presentation context, unreachable), and ``in_thread``:
+Owns the peer's address and AE titles, TLS, timeouts (ACSE, DIMSE, network), what our sockets
+do (TCP_NODELAY, and TCP_QUICKACK after every PDU sent: a PACS's data must not wait for a delayed
+ACK of ours, nor our replies for one of its) and the retrieve associations' shorter loop delay
+(``quick_loop``), the pool that keeps at most ``--max-associations`` open (idle query
+associations are reused, closed to make room, and released by a reaper after ``IDLE_SECONDS``),
+one-line errors that tell the user what to change (association rejected, no common presentation
+context, unreachable; a request left unanswered is asked once more), and ``in_thread``:
 blocking pynetdicom work in a worker thread that the event loop can cancel (C-CANCEL, then
 A-ABORT). Must not know what is queried or retrieved (``query``, the source).
 """

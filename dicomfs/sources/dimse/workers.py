@@ -33,11 +33,13 @@ END_GRACE = 5.0  # after SIGTERM (the worker's C-CANCEL, then A-ABORT), seconds 
 
 
 class WorkerPool:
-    """Retrieve workers for one source; at most as many run at once as retrieves do (the
-    association pool bounds those)."""
+    """Retrieve workers for one source: as many run at once as retrieves do (the association
+    pool bounds those, to ``limit``); ``warm`` never starts one beyond ``limit`` in all."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self._idle: list[trio.Process] = []
+        self._busy = 0  # workers running a retrieve
         self._ending: set[trio.Process] = set()
 
     async def _start(self) -> trio.Process:
@@ -55,10 +57,10 @@ class WorkerPool:
         return None
 
     async def warm(self, count: int = 1) -> None:
-        """Have ``count`` idle workers ready (those missing are started now, not waited for)."""
-        alive = [process for process in self._idle if process.poll() is None]
-        self._idle = alive
-        for _ in range(count - len(alive)):
+        """Have ``count`` idle workers ready, as far as ``limit`` allows with the busy ones (those
+        missing are started now, not waited for)."""
+        self._idle = [process for process in self._idle if process.poll() is None]
+        for _ in range(min(count, self.limit - self._busy) - len(self._idle)):
             self._idle.append(await self._start())
 
     async def retrieve(self, request: bytes, sink: SeriesSink, what: str) -> None:
@@ -67,6 +69,7 @@ class WorkerPool:
         blob store then resumes the series with another)."""
         process = self._take_idle() or await self._start()
         reusable = False
+        self._busy += 1
         try:
             assert process.stdin is not None and process.stdout is not None
             await process.stdin.send_all(request)
@@ -103,6 +106,7 @@ class WorkerPool:
                         reusable = reader.idle
                         return
         finally:
+            self._busy -= 1
             if reusable:
                 self._idle.append(process)
             else:
