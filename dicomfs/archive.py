@@ -2,7 +2,7 @@
 
 Owns what every command that talks to an archive shares (``mount``, ``prefetch``, ``ls``): a
 shared hold on the cache directory, the source, the archive's one breaker (shared by catalog and
-blob store), the catalog in the cache, checking the archive or going offline on the stored
+blob store), the catalog in the cache, the studies shown, checking the archive or going offline on the stored
 catalog when it cannot be reached, and running the blob store.
 Must not implement any command.
 """
@@ -23,6 +23,7 @@ from dicomfs.cachedir import CacheUse, label
 from dicomfs.catalog import Catalog
 from dicomfs.errors import AccessRefused, SourceUnavailable
 from dicomfs.query import Query
+from dicomfs.search import Shown
 from dicomfs.sources import Credentials, Source, SourceOptions, SourceSpec, open_source
 from dicomfs.sources.base import FetchPreparer
 from dicomfs.tasks import open_nursery
@@ -37,7 +38,7 @@ class ArchiveOptions:
     source_options: SourceOptions
     cache_size: int | None = None  # None: no blob store (listing only)
     listing_ttl: float = 60.0
-    query: Query | None = None  # the catalog shows only matching studies
+    query: Query | None = None  # the studies shown (``Archive.shown``) are those matching it
     limits: TransferLimits = field(default_factory=TransferLimits)
 
 
@@ -46,6 +47,7 @@ class Archive:
     source: Source
     catalog: Catalog
     blobs: BlobStore | None
+    shown: Shown
 
 
 @asynccontextmanager
@@ -63,7 +65,7 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
                 await source.prepare_fetches()  # a blob store will open: retrieves may come
             breaker = Breaker(source.description)
             catalog = Catalog(source, options.cache_dir / "catalog", listing_ttl=options.listing_ttl,
-                              query=options.query, breaker=breaker)
+                              breaker=breaker)
             try:
                 await check_or_go_offline(source, catalog)
                 blobs = (BlobStore(options.cache_dir, options.cache_size, source, breaker=breaker,
@@ -74,7 +76,7 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
                         if blobs is not None:
                             await nursery.start(blobs.run)
                         opened = True
-                        yield Archive(source, catalog, blobs)
+                        yield Archive(source, catalog, blobs, Shown(catalog, options.query))
                         nursery.cancel_scope.cancel()
                 finally:
                     if blobs is not None:

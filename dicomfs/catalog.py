@@ -6,7 +6,7 @@ everything, single-flight so that N callers cause one query, and the fallback to
 listing when the archive is unreachable: while the archive's breaker is open (``breaker``), stored
 listings are served without asking it. Studies that ``prefetch`` stored are
 remembered so that an offline mount lists them even if the whole archive was never listed.
-With a query, ``studies()`` lists only matching studies (see ``search``). Also keeps each
+Which of them a mount shows (its ``--query``) is ``search.Shown``'s business. Also keeps each
 series' full metadata (the static DICOMweb tree's input) the same way.
 Must not fetch instance data.
 """
@@ -25,9 +25,8 @@ import orjson
 import trio
 
 from dicomfs.breaker import Breaker, is_outage
-from dicomfs.errors import NotFound, SourceError
+from dicomfs.errors import SourceError
 from dicomfs.gcpause import paused
-from dicomfs.query import Query
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import MetadataSource, Source
@@ -47,12 +46,10 @@ class Catalog:
         listing_ttl: float = 60.0,
         metadata_ttl: float = 600.0,
         max_entries: int = 10_000,
-        query: Query | None = None,
         breaker: Breaker | None = None,
     ) -> None:
         self.source = source
         self.breaker = breaker or Breaker(source.description)
-        self.query = query or Query()
         # Instance lists follow the listing TTL too: a study still arriving shows its new
         # instances as soon as its folders do. Series metadata is costly and kept longer.
         self.listing_ttl = listing_ttl
@@ -67,18 +64,7 @@ class Catalog:
             self._store.close()
 
     async def studies(self) -> dict[str, StudyRecord]:
-        """The studies this catalog shows: all of them, or those matching its query."""
-        if not self.query:
-            return await self.all_studies()
-
-        async def search() -> dict[str, StudyRecord]:
-            from dicomfs.search import Search
-
-            return {s.uid: s for s in await Search(self).studies(self.query)}
-
-        return await self._cached(("studies", self.query.text), self._listings, self.listing_ttl, search)
-
-    async def all_studies(self) -> dict[str, StudyRecord]:
+        """Every study the archive lists."""
         async def query() -> dict[str, StudyRecord]:
             return {s.uid: s for s in await self.source.list_studies()}
 
@@ -106,11 +92,10 @@ class Catalog:
         return (await self._load_stored(("studies",)) is not None
                 or await self._load_stored(KNOWN_STUDIES) is not None)
 
-    async def study(self, study_uid: str) -> StudyRecord:
-        study = (await self.studies()).get(study_uid)
-        if study is None:
-            raise NotFound(f"no study {study_uid}")
-        return study
+    async def remembered(self, key: tuple[str, ...], compute: Callable[[], Awaitable[T]]) -> T:
+        """A listing derived from the archive's (a search's result), kept the same way: in memory
+        for the listing TTL, in the store for an offline start."""
+        return await self._cached(key, self._listings, self.listing_ttl, compute)
 
     async def series_of(self, study_uid: str) -> dict[str, SeriesRecord]:
         async def query() -> dict[str, SeriesRecord]:

@@ -1,7 +1,7 @@
 """``dicomfs ls``: search results as a readable table or as JSON lines for scripts.
 
-Owns the columns shown at each level and their formatting. The search itself is ``search``'s;
-this module must not filter anything.
+Owns the columns shown at each level and their formatting. The search itself is ``search``'s and
+derived attributes (counts, modalities) are ``summary``'s; this module must not filter or compute.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import trio
+
 from dicomfs.catalog import Catalog
 from dicomfs.query import Query
-from dicomfs.records import DicomJson, json_value
+from dicomfs.records import DicomJson
 from dicomfs.search import Search
-from dicomfs.tasks import open_nursery
+from dicomfs.tasks import map_bounded
 
 COLUMNS = {
     "study": [("StudyInstanceUID", None), ("PatientName", "00100010"), ("PatientID", "00100020"),
@@ -26,54 +28,26 @@ COLUMNS = {
                  ("SOPClassUID", "00080016"), ("Size", None)],
 }
 WIDEST = 44
+PARALLEL = 8
 
 
 async def rows(catalog: Catalog, query: Query, level: str) -> list[dict[str, Any]]:
-    """One dict per match: the level's columns by keyword, plus ``attributes`` (DICOM JSON)."""
+    """One dict per match: the level's columns by keyword, plus ``attributes`` (DICOM JSON,
+    completed by ``summary`` exactly as the static DICOMweb tree completes it)."""
     search = Search(catalog)
-    out: list[dict[str, Any]] = []
+    summaries = search.summaries
+    limit = trio.CapacityLimiter(PARALLEL)
     if level == "study":
         studies = await search.studies(query)
-        attrs_of: list[DicomJson] = [{}] * len(studies)
-
-        async def complete(n: int) -> None:
-            attrs_of[n] = await _with_counts(catalog, search, studies[n].uid, await search.study_attrs(studies[n]))
-
-        async with open_nursery() as nursery:
-            for n in range(len(studies)):
-                nursery.start_soon(complete, n)
-        for study, attrs in zip(studies, attrs_of):
-            out.append(_row("study", attrs, StudyInstanceUID=study.uid))
-    elif level == "series":
-        for series in await search.series(query):
-            attrs = series.attrs
-            if "00201209" not in attrs:
-                attrs = {**attrs, "00201209": {"vr": "IS", "Value": [len(await catalog.instances_of(series))]}}
-            out.append(_row("series", attrs, StudyInstanceUID=series.study_uid, SeriesInstanceUID=series.uid))
-    else:
-        for instance in await search.instances(query):
-            out.append(_row("instance", instance.attrs, SeriesInstanceUID=instance.series_uid,
-                            SOPInstanceUID=instance.key, Size=instance.size))
-    return out
-
-
-async def _with_counts(catalog: Catalog, search: Search, study_uid: str, attrs: DicomJson) -> DicomJson:
-    """Add series/instance counts and modalities when the archive's listing lacks them."""
-    attrs = dict(attrs)
-    if "00201206" in attrs and "00201208" in attrs and "00080061" in attrs:
-        return attrs
-    series = list((await catalog.series_of(study_uid)).values())
-    attrs.setdefault("00201206", {"vr": "IS", "Value": [len(series)]})
-    if "00201208" not in attrs:
-        total = 0
-        for record in series:
-            total += len(await catalog.instances_of(record))
-        attrs["00201208"] = {"vr": "IS", "Value": [total]}
-    if "00080061" not in attrs:
-        modalities = sorted({m for m in (json_value(s.attrs, "00080060") for s in series) if isinstance(m, str)})
-        if modalities:
-            attrs["00080061"] = {"vr": "CS", "Value": modalities}
-    return attrs
+        summaries_of = await map_bounded(studies, summaries.study_summary, limit)
+        return [_row("study", attrs, StudyInstanceUID=study.uid) for study, attrs in zip(studies, summaries_of)]
+    if level == "series":
+        series = await search.series(query)
+        summaries_of = await map_bounded(series, summaries.series_summary, limit)
+        return [_row("series", attrs, StudyInstanceUID=s.study_uid, SeriesInstanceUID=s.uid)
+                for s, attrs in zip(series, summaries_of)]
+    return [_row("instance", instance.attrs, SeriesInstanceUID=instance.series_uid, SOPInstanceUID=instance.key,
+                 Size=instance.size) for instance in await search.instances(query)]
 
 
 def _row(level: str, attrs: DicomJson, **given: Any) -> dict[str, Any]:

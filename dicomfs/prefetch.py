@@ -93,7 +93,7 @@ async def select_studies(catalog: Catalog, uids: list[str], everything: bool, qu
     chosen: dict[str, StudyRecord] = {}
     missing: list[str] = []
     if everything:
-        chosen.update(await catalog.all_studies())
+        chosen.update(await catalog.studies())
     if query:
         chosen.update({s.uid: s for s in await search.studies(query)})
     found: dict[str, list[StudyRecord]] = {}

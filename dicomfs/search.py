@@ -4,7 +4,8 @@ Owns the walk a query needs. Study-level terms go to the archive when it can sea
 (``StudySearcher``, QIDO-RS) and are checked here otherwise, on the study's attributes or, for
 archives that list studies without attributes (COD), on the attributes of its first instance.
 Series- and instance-level terms keep a study when any of its series or instances match.
-Must not fetch instance data, only listings and metadata through the catalog.
+``Shown`` is the one answer to "which studies does this mount show" (all, or a query's), kept
+like a listing. Must not fetch instance data, only listings and metadata through the catalog.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from dicomfs.query import COMMON_KEYS, STUDY_KEYWORDS, Query, Term
+from dicomfs.query import Query, Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import StudySearcher
+from dicomfs.summary import Summaries
 from dicomfs.tasks import map_bounded
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ T = TypeVar("T")
 class Search:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+        self.summaries = Summaries(catalog)
         self._limit = trio.CapacityLimiter(PARALLEL_LISTINGS)
 
     async def studies(self, query: Query) -> list[StudyRecord]:
@@ -38,11 +41,11 @@ class Search:
             candidates, unchecked = await source.search_studies(study_terms)
             study_terms = unchecked  # the archive matched the rest
         else:
-            candidates = list((await self.catalog.all_studies()).values())
+            candidates = list((await self.catalog.studies()).values())
 
         async def keep(study: StudyRecord) -> bool:
             if study_terms and not await self._terms_hold(
-                    study_terms, study.attrs, lambda: self.study_attrs(study)):
+                    study_terms, study.attrs, lambda: self.summaries.study_attrs(study)):
                 return False
             if query.at("series") or query.at("instance"):
                 return bool(await self._series_in(study, query, first_only=True))
@@ -61,21 +64,6 @@ class Search:
         for series in await self.series(query):
             found.extend(await self._instances_in(series, query))
         return found
-
-    async def study_attrs(self, study: StudyRecord) -> DicomJson:
-        """The study's attributes, completed from its first instance when the archive's study
-        listing carries none (study-level keywords only)."""
-        if "00100010" in study.attrs or "00080020" in study.attrs:
-            return study.attrs
-        wanted = {COMMON_KEYS[k][0] for k in STUDY_KEYWORDS if k in COMMON_KEYS}
-        merged = dict(study.attrs)
-        for series in (await self.catalog.series_of(study.uid)).values():
-            instances = await self.catalog.instances_of(series)
-            if instances:
-                first = next(iter(instances.values()))
-                merged.update({t: v for t, v in first.attrs.items() if t in wanted and t not in merged})
-                break
-        return merged
 
     async def _series_in(self, study: StudyRecord, query: Query, first_only: bool = False) -> list[SeriesRecord]:
         series_terms = query.at("series")
@@ -117,3 +105,25 @@ class Search:
         """``items`` for which ``keep`` holds, in order, checked concurrently (bounded)."""
         verdicts = await map_bounded(items, keep, self._limit)
         return [item for item, verdict in zip(items, verdicts) if verdict]
+
+
+class Shown:
+    """The studies a mount shows: all the catalog's, or those matching the mount's ``--query``,
+    searched once per listing TTL and kept like the archive's own listings (so an offline mount
+    still shows the same studies). Every view asks this, not the catalog."""
+
+    def __init__(self, catalog: Catalog, query: Query | None = None) -> None:
+        self.catalog = catalog
+        self.query = query or Query()
+
+    async def studies(self) -> dict[str, StudyRecord]:
+        if not self.query:
+            return await self.catalog.studies()
+
+        async def search() -> dict[str, StudyRecord]:
+            return {s.uid: s for s in await Search(self.catalog).studies(self.query)}
+
+        return await self.catalog.remembered(("studies", self.query.text), search)
+
+    async def study(self, study_uid: str) -> StudyRecord | None:
+        return (await self.studies()).get(study_uid)

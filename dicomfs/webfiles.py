@@ -28,9 +28,9 @@ from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, IntegrityError, NotFound
 from dicomfs.gcpause import paused, release_free_memory
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
-from dicomfs.search import Search
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import MetadataSource
+from dicomfs.summary import Summaries
 from dicomfs.tasks import map_bounded
 from dicomfs.uids import is_key
 from dicomfs.webtree import LISTING_FILES, MAX_FRAMES, WebKind, WebNode
@@ -102,7 +102,7 @@ class WebFiles:
         self.blobs = blobs
         self.studies = studies or catalog.studies
         self.ttl = catalog.listing_ttl
-        self._search = Search(catalog)
+        self.summaries = Summaries(catalog)
         self._listings: cachetools.LRUCache[WebNode, _Listing] = cachetools.LRUCache(
             LISTING_MEMORY, getsizeof=lambda entry: len(entry.data))
         # Listing files whose size the kernel may hold, or that open files read: outside the LRU,
@@ -256,48 +256,14 @@ class WebFiles:
 
     # --- QIDO objects -----------------------------------------------------------------------------
     async def _study_object(self, study: StudyRecord) -> DicomJson:
-        attrs = await self._search.study_attrs(study)
-        computed: DicomJson = {"0020000D": dicomjson.strings("UI", [study.uid])}
-        if any(tag not in attrs for tag in ("00080061", "00201206", "00201208")):
-            series = list((await self.catalog.series_of(study.uid)).values())
-            modalities = await self._each(series, self._modality, self._series_limit)
-            counts = await self._each(series, self._instance_count, self._series_limit)
-            computed["00080061"] = dicomjson.strings("CS", sorted({m for m in modalities if m}))
-            computed["00201206"] = dicomjson.count(len(series))
-            computed["00201208"] = dicomjson.count(sum(counts))
-        return dicomjson.qido_object(dicomjson.STUDY_TAGS, attrs, computed=computed)
+        return dicomjson.qido_object(dicomjson.STUDY_TAGS, await self.summaries.study_summary(study),
+                                     computed={"0020000D": dicomjson.strings("UI", [study.uid])})
 
     async def _series_object(self, study: StudyRecord, series: SeriesRecord) -> DicomJson:
-        sources = [series.attrs]
-        if "00080060" not in series.attrs:  # the archive lists series without attributes (COD)
-            sources.append(await self._series_attrs_of_instances(series))
         computed = {"0020000D": dicomjson.strings("UI", [study.uid]),
                     "0020000E": dicomjson.strings("UI", [series.uid])}
-        if "00201209" not in series.attrs:
-            computed["00201209"] = dicomjson.count(await self._instance_count(series))
-        return dicomjson.qido_object(dicomjson.SERIES_TAGS, *sources, computed=computed)
-
-    async def _modality(self, series: SeriesRecord) -> str | None:
-        value = json_value(series.attrs, "00080060")
-        if value is None:
-            value = json_value(await self._series_attrs_of_instances(series), "00080060")
-        return value if isinstance(value, str) else None
-
-    async def _instance_count(self, series: SeriesRecord) -> int:
-        value = json_value(series.attrs, "00201209")
-        if isinstance(value, int) and value >= 0:
-            return value
-        return len(await self.catalog.instances_of(series))
-
-    async def _series_attrs_of_instances(self, series: SeriesRecord) -> DicomJson:
-        """Series-level attributes from the instances, each from the first instance (by key) that
-        has it: an instance may lack an attribute its neighbours carry (Modality, say)."""
-        instances = await self.catalog.instances_of(series)
-        merged: DicomJson = {}
-        for key in sorted(instances):
-            attrs = instances[key].attrs
-            merged.update({t: attrs[t] for t in dicomjson.SERIES_TAGS if t in attrs and t not in merged})
-        return merged
+        return dicomjson.qido_object(dicomjson.SERIES_TAGS, await self.summaries.series_summary(series),
+                                     computed=computed)
 
     async def _each(self, items: list[T], make: Callable[[T], Awaitable[Any]], limit: trio.CapacityLimiter,
                     *, skip_failures: bool = False) -> list[Any]:
