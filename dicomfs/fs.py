@@ -1,8 +1,9 @@
-"""The pyfuse3 Operations: a thin translation of kernel requests into tree and blob-store calls.
+"""The pyfuse3 Operations: a thin translation of kernel requests into calls on the tree.
 
 Owns file and directory handles and the mapping of dicomfs errors to errno; every request that may
 wait for the archive runs under ``waiting.Waits`` (deadline, killed caller, shutdown). Must not
-contain caching, fetching or naming logic: that lives in ``tree`` and ``blobstore``.
+contain caching, fetching or naming logic: it knows only the tree (``tree``, and the views and
+blob store behind it).
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from typing import Any
 
 import pyfuse3
 
-from dicomfs.blobstore import BlobStore, InstanceHandle
 from dicomfs.errors import DicomfsError
 from dicomfs.tree import Attributes, Node, Tree
+from dicomfs.views.base import Handle
 from dicomfs.waiting import Waits
-from dicomfs.webtree import LISTING_FILES
 
 log = logging.getLogger(__name__)
 
@@ -63,33 +63,17 @@ def entry_attributes(attrs: Attributes, uid: int, gid: int) -> pyfuse3.EntryAttr
     return entry
 
 
-class RenderedFile:
-    """An open file of the static DICOMweb tree: the bytes rendered when it was opened."""
-
-    def __init__(self, data: bytes, release: Callable[[], None] | None = None) -> None:
-        self._data = memoryview(data)
-        self._release = release
-
-    async def read(self, off: int, size: int) -> memoryview:
-        return self._data[off:off + size]
-
-    def close(self) -> None:
-        self._data = memoryview(b"")
-        if self._release is not None:
-            self._release()
-            self._release = None
-
-
 class DicomOperations(pyfuse3.Operations):
-    def __init__(self, tree: Tree, blobs: BlobStore, waits: Waits | None = None) -> None:
+    def __init__(self, tree: Tree, capacity: Callable[[], int], waits: Waits | None = None) -> None:
+        """``capacity``: the cache's size limit in bytes now, what ``statfs`` reports."""
         super().__init__()
         self.tree = tree
-        self.blobs = blobs
+        self.capacity = capacity
         self.waits = waits or Waits()
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._handles = itertools.count(1)
-        self._files: dict[int, InstanceHandle | RenderedFile] = {}
+        self._files: dict[int, Handle] = {}
         self._dirs: dict[int, list[tuple[Node, Attributes]]] = {}
 
     def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
@@ -145,14 +129,7 @@ class DicomOperations(pyfuse3.Operations):
             node = self.tree.get(inode)
             if node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            handle: InstanceHandle | RenderedFile
-            if node.web is not None:
-                handle = RenderedFile(*await self.tree.web_files.open(node.web))
-                keep_cache = node.web.kind not in LISTING_FILES
-            else:
-                assert node.series is not None and node.instance is not None
-                handle = await self.blobs.open_instance(node.series, node.instance)
-                keep_cache = True
+            handle, keep_cache = await self.tree.open(node)
             fh = next(self._handles)
             self._files[fh] = handle
             return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
@@ -173,7 +150,7 @@ class DicomOperations(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = BLOCK_SIZE
-        stats.f_blocks = max(self.blobs.size_limit // BLOCK_SIZE, 1)
+        stats.f_blocks = max(self.capacity() // BLOCK_SIZE, 1)
         stats.f_bfree = stats.f_bavail = 0
         stats.f_files = self.tree.known_inodes
         stats.f_ffree = stats.f_favail = 0

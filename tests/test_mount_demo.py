@@ -23,7 +23,7 @@ def test_demo_mount_serves_the_source_bytes(mount_factory: Callable[..., Mount],
                                             demo_expected: dict[str, str]) -> None:
     require_tools("fusermount3", "dcmdump")
     mount = mount_factory("demo")
-    assert listdir(mount.path) == ["dicomweb", "studies"]
+    assert listdir(mount.path) == ["dates", "dicomweb", "patients", "studies"]
     assert p10_hashes(mount.path) == demo_expected
     # real DICOM readers accept every file
     code = ("import pydicom, sys\nfor p in sys.argv[1:]:\n    ds = pydicom.dcmread(p)\n"

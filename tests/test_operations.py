@@ -21,9 +21,12 @@ from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.fs import DicomOperations
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.search import Shown
 from dicomfs.sources.demo import build_demo_archive
 from dicomfs.sources.folder import FolderSource
-from dicomfs.tree import ROOT_INODE, Tree, path_inode
+from dicomfs.tree import ROOT_INODE, Tree
+from dicomfs.views import ViewOptions, make_views
+from dicomfs.views.base import path_inode
 from tests.factory import make_instance
 from tests.test_blobstore import ScriptedSource
 
@@ -93,13 +96,20 @@ class Mounted:
             await self.ops.release(info.fh)
 
 
+def operations(catalog: Catalog, blobs: BlobStore, listing_ttl: float = 60.0,
+               views: ViewOptions | None = None) -> DicomOperations:
+    """The mount's Operations over ``catalog`` and ``blobs``, showing every study."""
+    tree = Tree(make_views(catalog, blobs, Shown(catalog), views), listing_ttl=listing_ttl)
+    return DicomOperations(tree, lambda: blobs.size_limit)
+
+
 @asynccontextmanager
 async def mounted(source: object, cache: Path) -> AsyncIterator[Mounted]:
     blobs = BlobStore(cache, 1 << 30, source)  # type: ignore[arg-type]
     catalog = Catalog(source, cache / "catalog")  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(blobs.run)
-        yield Mounted(DicomOperations(Tree(catalog, blobs), blobs))
+        yield Mounted(operations(catalog, blobs))
         nursery.cancel_scope.cancel()
     catalog.close()
     blobs.close()

@@ -15,10 +15,8 @@ import trio
 
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
-from dicomfs.fs import DicomOperations
 from dicomfs.records import DicomJson, SeriesRecord, StudyRecord
-from dicomfs.tree import Tree
-from tests.test_operations import Mounted, ScriptedArchive
+from tests.test_operations import Mounted, ScriptedArchive, operations
 
 STUDY, SERIES = "1.2.840.1", "1.2.840.1.1"
 
@@ -44,7 +42,7 @@ async def run_mounted(source: MetadataArchive, cache: Path, listing_ttl: float, 
     catalog = Catalog(source, None, listing_ttl=listing_ttl)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(blobs.run)
-        await test(Mounted(DicomOperations(Tree(catalog, blobs, listing_ttl=listing_ttl), blobs)))
+        await test(Mounted(operations(catalog, blobs, listing_ttl)))
         nursery.cancel_scope.cancel()
     blobs.close()
 
@@ -112,7 +110,7 @@ async def test_a_told_size_survives_the_cache_dropping_its_file(tmp_path: Path) 
         entry = await fs.ops.lookup(await fs.resolve("dicomweb/studies"), b"index.json.gz")
         source.extra_studies.append(StudyRecord("1.2.840.2", {}))
         await trio.sleep(1.1 * ttl)
-        files = fs.ops.tree.web_files
+        files = fs.ops.tree.views["dicomweb"].files  # type: ignore[attr-defined]
         files._listings.clear()  # memory pressure: the rendered file is evicted
         info = await fs.ops.open(entry.st_ino, os.O_RDONLY, None)
         try:

@@ -1,0 +1,67 @@
+"""The views: the folders at the root of a mount, each one way of laying out the same archive.
+
+``studies/`` (UIDs, ``studies``), the readable views ``patients/``, ``dates/`` and ``--view``
+templates (``named``, ``template``, ``names``) and the static DICOMweb tree ``dicomweb/``
+(``dicomweb``), all against one protocol (``base.View``) that the tree calls. This module owns the
+choice of views (``--views``, ``--view``, ``--ascii-names``) and building them. Must not know
+pyfuse3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dicomfs.blobstore import BlobStore
+from dicomfs.catalog import Catalog
+from dicomfs.errors import UsageError
+from dicomfs.search import Shown
+from dicomfs.views.base import STUDIES, InstanceFiles, View
+from dicomfs.views.dicomweb import DICOMWEB, DicomwebView
+from dicomfs.views.named import NamedView
+from dicomfs.views.studies import StudiesView
+from dicomfs.views.template import BUILT_IN, Template, parse, parse_view
+from dicomfs.webfiles import WebFiles
+
+DEFAULT_VIEWS = (STUDIES, "patients", "dates", DICOMWEB)
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    chosen: tuple[str, ...] = DEFAULT_VIEWS  # built-in views, in root order
+    custom: tuple[tuple[str, Template], ...] = ()  # --view NAME=TEMPLATE
+    ascii_names: bool = False
+
+    @classmethod
+    def parse(cls, views: str | None, custom: list[str], ascii_names: bool) -> ViewOptions:
+        """From the command line; a bad choice or template is a one-line ``UsageError``."""
+        chosen: tuple[str, ...] = DEFAULT_VIEWS
+        if views is not None:
+            chosen = tuple(dict.fromkeys(v.strip() for v in views.split(",") if v.strip()))
+            unknown = [v for v in chosen if v not in DEFAULT_VIEWS]
+            if unknown:
+                raise UsageError(f"--views: unknown view {unknown[0]!r} (choose from {', '.join(DEFAULT_VIEWS)})")
+        templates = tuple(parse_view(spec) for spec in custom)
+        names = [*chosen, *(name for name, _ in templates)]
+        for name in names:
+            if names.count(name) > 1:
+                raise UsageError(f"--view {name}: there is already a view called {name!r}")
+        if not names:
+            raise UsageError("--views: choose at least one view")
+        return cls(chosen, templates, ascii_names)
+
+
+def make_views(catalog: Catalog, blobs: BlobStore, shown: Shown, options: ViewOptions | None = None) -> list[View]:
+    options = options or ViewOptions()
+    files = InstanceFiles(blobs)
+    views: list[View] = []
+    for name in options.chosen:
+        if name == STUDIES:
+            views.append(StudiesView(catalog, shown, files))
+        elif name == DICOMWEB:
+            views.append(DicomwebView(WebFiles(catalog, blobs, studies=shown.studies)))
+        else:
+            views.append(NamedView(name, parse(BUILT_IN[name]), catalog, shown, files,
+                                   ascii_names=options.ascii_names))
+    for name, template in options.custom:
+        views.append(NamedView(name, template, catalog, shown, files, ascii_names=options.ascii_names))
+    return views

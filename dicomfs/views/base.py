@@ -1,0 +1,102 @@
+"""What every view is: nodes, the view protocol, stable inode numbers, and instance files.
+
+Owns the ``Node`` a view hands the tree (its name, whether it is a folder, the records it stands
+for, and whether its content follows the listings), the ``View`` protocol the tree calls, the
+inode rule (a hash of a path, so it survives remounts; an instance file has one inode in every
+view, made from its UIDs) and ``InstanceFiles``, which sizes and opens the P10 files of every view
+through the blob store. Must not know pyfuse3 or a particular view's layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from dicomfs.blobstore import BlobStore
+from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.webtree import WebNode
+
+SUFFIX = ".dcm"
+STUDIES = "studies"
+
+
+@dataclass(frozen=True)
+class Node:
+    view: str  # the view's folder name ("" for the root)
+    inode: int
+    name: str
+    is_dir: bool
+    study: StudyRecord | None = None  # the records it stands for, when it stands for one
+    series: SeriesRecord | None = None
+    instance: InstanceRecord | None = None
+    follows_listings: bool = False  # a file whose bytes change with the listings (an index)
+    web: WebNode | None = None  # the static DICOMweb tree's own node
+    path: tuple[str, ...] = ()  # names below the view's folder
+    shows_instance: bool = False  # a P10 file: the same file (inode) in every view that shows it
+
+
+class Handle(Protocol):
+    async def read(self, off: int, size: int) -> bytes | bytearray | memoryview: ...
+
+    def close(self) -> None: ...
+
+
+class View(Protocol):
+    """One folder of the mount's root and everything below it."""
+
+    name: str
+    root: Node
+    shows_instances: bool  # its files are the archive's P10 instances
+
+    async def children(self, node: Node) -> Sequence[tuple[Node, int | None]]:
+        """The folder's entries in a stable order, with each file's size when it is known without
+        I/O (None: the tree asks ``size`` before telling a program)."""
+        ...
+
+    async def lookup(self, node: Node, name: str) -> Node:
+        """The entry ``name`` of a folder; NotFound when there is none."""
+        ...
+
+    async def size(self, node: Node) -> int:
+        """A file's exact size (may fetch)."""
+        ...
+
+    async def open(self, node: Node) -> Handle:
+        ...
+
+
+def path_inode(*parts: str) -> int:
+    """A stable 63-bit inode number for a path below the root (never 0 or the root's)."""
+    digest = hashlib.blake2b("/".join(parts).encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 1) | (1 << 32)
+
+
+def instance_node(view: str, path: tuple[str, ...], study: StudyRecord, series: SeriesRecord,
+                  instance: InstanceRecord) -> Node:
+    """An instance's P10 file at ``path`` in ``view``: its inode is the one it has in ``studies/``."""
+    inode = path_inode(STUDIES, study.uid, series.uid, instance.key + SUFFIX)
+    return Node(view, inode, path[-1], False, study=study, series=series, instance=instance, path=path,
+                shows_instance=True)
+
+
+class InstanceFiles:
+    """Sizes and opens the P10 files of any view (the blob store's instances)."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    async def sized(self, series: SeriesRecord, nodes: list[Node]) -> list[tuple[Node, int | None]]:
+        """``nodes`` (instances of ``series``) with the sizes known without a download."""
+        sizes = await self.blobs.known_sizes(series)
+        return [(n, n.instance.size or sizes.get(n.instance.key)) if n.instance is not None else (n, None)
+                for n in nodes]
+
+    async def size(self, node: Node) -> int:
+        assert node.series is not None and node.instance is not None
+        return await self.blobs.size_of(node.series, node.instance)
+
+    async def open(self, node: Node) -> Handle:
+        assert node.series is not None and node.instance is not None
+        return await self.blobs.open_instance(node.series, node.instance)

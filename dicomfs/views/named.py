@@ -1,0 +1,242 @@
+"""Readable views: ``patients/``, ``dates/`` and ``--view NAME=TEMPLATE``, laid out by a template.
+
+Owns how a template's path levels become folders: which studies, series or instances each folder
+gathers, the names of its entries (``template`` renders them, ``names`` makes them safe) and
+collisions (every member of a group of entries that would share a name but stand for different
+things gets the suffix of what it stands for, so a name never depends on listing order). Each
+folder's entries are made once from the listings they come from and reused while those listings
+are the same objects (the catalog keeps a listing for its TTL). Names come only from listings
+(``summary``): listing a view never downloads instance data. Files are the archive's instances,
+opened by ``InstanceFiles``, with the inode they have in ``studies/``. Must not know pyfuse3.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cachetools
+import trio
+
+from dicomfs.catalog import Catalog
+from dicomfs.errors import NotFound
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
+from dicomfs.search import Shown
+from dicomfs.singleflight import SingleFlight
+from dicomfs.summary import Summaries
+from dicomfs.tasks import map_bounded
+from dicomfs.uids import is_probe_name
+from dicomfs.views import names
+from dicomfs.views.base import Handle, InstanceFiles, Node, instance_node, path_inode
+from dicomfs.views.template import SUFFIX, Component, Level, Names, Template
+
+FOLDERS_KEPT = 4096  # folders whose entries are kept (a listing of 10,000 studies is one of them)
+PARALLEL = 8
+WIDE_SUFFIX = 16  # hex digits, for the (improbable) case that two short suffixes meet
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing a folder gathers: a study, a series of it, or an instance of that."""
+
+    study: StudyRecord
+    series: SeriesRecord | None = None
+    instance: InstanceRecord | None = None
+
+    def identity(self, level: Level) -> str:
+        if level is Level.STUDY:
+            return self.study.uid
+        assert self.series is not None
+        if level is Level.SERIES:
+            return self.series.key
+        assert self.instance is not None
+        return f"{self.series.key}/{self.instance.key}"
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder's entries (name -> what it gathers), and the listings they were made from."""
+
+    inputs: tuple[object, ...]
+    entries: dict[str, tuple[Item, ...]]
+
+
+class NamedView:
+    shows_instances = True
+
+    def __init__(self, name: str, template: Template, catalog: Catalog, shown: Shown, files: InstanceFiles,
+                 *, ascii_names: bool = False) -> None:
+        self.name = name
+        self.template = template
+        self.catalog = catalog
+        self.shown = shown
+        self.summaries = Summaries(catalog)
+        self.files = files
+        self.ascii_names = ascii_names
+        self.root = Node(name, path_inode(name), name, True)
+        self._folders: cachetools.LRUCache[tuple[str, ...], Folder] = cachetools.LRUCache(FOLDERS_KEPT)
+        self._flights: SingleFlight[Folder] = SingleFlight()
+        self._limit = trio.CapacityLimiter(PARALLEL)
+
+    # --- the view protocol ------------------------------------------------------------------
+    async def children(self, node: Node) -> Sequence[tuple[Node, int | None]]:
+        folder = await self._folder(node.path)
+        nodes = [self._node(node.path, name, items) for name, items in folder.entries.items()]
+        if len(node.path) + 1 < self.template.depth:
+            return [(child, None) for child in nodes]
+        by_series: dict[str, list[Node]] = defaultdict(list)
+        for child in nodes:
+            assert child.series is not None
+            by_series[child.series.key].append(child)
+        sized: dict[int, int | None] = {}
+        for group in by_series.values():
+            assert group[0].series is not None
+            sized.update((child.inode, size) for child, size in await self.files.sized(group[0].series, group))
+        return [(child, sized[child.inode]) for child in nodes]
+
+    async def lookup(self, node: Node, name: str) -> Node:
+        if is_probe_name(name) or len(node.path) >= self.template.depth:
+            raise NotFound(name)
+        items = (await self._folder(node.path)).entries.get(name)
+        if items is None:
+            raise NotFound(name)
+        return self._node(node.path, name, items)
+
+    async def size(self, node: Node) -> int:
+        return await self.files.size(node)
+
+    async def open(self, node: Node) -> Handle:
+        return await self.files.open(node)
+
+    # --- folders ----------------------------------------------------------------------------
+    def _node(self, parent: tuple[str, ...], name: str, items: tuple[Item, ...]) -> Node:
+        path = (*parent, name)
+        first = items[0]
+        if len(path) == self.template.depth:
+            assert first.series is not None and first.instance is not None
+            return instance_node(self.name, path, first.study, first.series, first.instance)
+        study = first.study if all(i.study is first.study for i in items) else None
+        series = first.series if study is not None and all(i.series is first.series for i in items) else None
+        return Node(self.name, path_inode(self.name, *path), name, True, study=study, series=series, path=path)
+
+    async def _folder(self, path: tuple[str, ...]) -> Folder:
+        """The entries of the folder at ``path``, made again only when a listing it comes from
+        has changed."""
+        if path:
+            parent = await self._folder(path[:-1])
+            items = parent.entries.get(path[-1])
+            if items is None:
+                raise NotFound("/".join(path))
+            inputs: tuple[object, ...] = (parent,)
+        else:
+            studies = await self.shown.studies()
+            items = tuple(Item(study) for _, study in sorted(studies.items()))
+            inputs = (studies,)
+        component = self.template.components[len(path)]
+        expanded, listings = await self._expand(items, component.level)
+        inputs += listings
+        known = self._folders.get(path)
+        if known is not None and len(known.inputs) == len(inputs) and all(
+                a is b for a, b in zip(known.inputs, inputs)):
+            return known
+
+        async def make() -> Folder:
+            made = Folder(inputs, await self._entries(component, expanded, last=len(path) + 1 == self.template.depth))
+            self._folders[path] = made
+            return made
+
+        return await self._flights.run(path, make)
+
+    async def _expand(self, items: tuple[Item, ...], level: Level) -> tuple[list[Item], tuple[object, ...]]:
+        """``items`` taken down to ``level`` (a study's series, a series' instances), and the
+        listings that took."""
+        out = list(items)
+        listings: list[object] = []
+        if level >= Level.SERIES and out and out[0].series is None:
+            series_of = await map_bounded([i.study.uid for i in out], self.catalog.series_of, self._limit)
+            listings.extend(series_of)
+            out = [Item(i.study, s) for i, found in zip(out, series_of) for _, s in sorted(found.items())]
+        if level is Level.INSTANCE and out and out[0].instance is None:
+            instances_of = await map_bounded([i.series for i in out], self._instances_of, self._limit)
+            listings.extend(instances_of)
+            out = [Item(i.study, i.series, inst) for i, found in zip(out, instances_of)
+                   for _, inst in sorted(found.items())]
+        return out, tuple(listings)
+
+    async def _instances_of(self, series: SeriesRecord | None) -> dict[str, InstanceRecord]:
+        assert series is not None
+        return await self.catalog.instances_of(series)
+
+    async def _entries(self, component: Component, items: list[Item], *, last: bool) -> dict[str, tuple[Item, ...]]:
+        """Entry name -> the items it gathers, in name order; colliding names get suffixes."""
+        levels = {p.level for p in component.pieces if not isinstance(p, str)}
+        study_attrs = await self._attrs_of_studies(items) if Level.STUDY in levels or \
+            component.names is Names.PATIENT else {}
+        series_attrs = await self._attrs_of_series(items) if Level.SERIES in levels else {}
+        extension = SUFFIX if last else ""
+        named: dict[str, dict[str, list[Item]]] = defaultdict(lambda: defaultdict(list))
+        for item in items:
+            attrs = {Level.STUDY: study_attrs.get(item.study.uid, {}),
+                     Level.SERIES: series_attrs.get(item.series.key, {}) if item.series is not None else {},
+                     Level.INSTANCE: item.instance.attrs if item.instance is not None else {}}
+            name = component.render(attrs.__getitem__, key=item.instance.key if item.instance else "",
+                                    ascii_only=self.ascii_names, extension=extension)
+            if component.names is Names.ENTITY:
+                identity = item.identity(component.level)
+            elif component.names is Names.PATIENT:
+                identity = _patient(attrs[Level.STUDY], name)
+            else:
+                identity = name
+            named[name][identity].append(item)
+        entries: dict[str, list[Item]] = {}
+        for name, identities in named.items():
+            if len(identities) == 1:
+                entries.setdefault(name, []).extend(next(iter(identities.values())))
+        for name, identities in named.items():
+            if len(identities) > 1:
+                for identity, members in identities.items():
+                    suffixed = names.with_suffix(name, identity, extension)
+                    if suffixed in entries:
+                        suffixed = names.with_suffix(name, identity, extension, WIDE_SUFFIX)
+                    entries.setdefault(suffixed, []).extend(members)
+        return {name: tuple(entries[name]) for name in sorted(entries)}
+
+    async def _attrs_of_studies(self, items: list[Item]) -> dict[str, DicomJson]:
+        studies = {i.study.uid: i.study for i in items}
+        out: dict[str, DicomJson] = {}
+        missing: list[StudyRecord] = []
+        for uid, study in studies.items():
+            listed = self.summaries.listed_study_attrs(study)
+            if listed is None:
+                missing.append(study)
+            else:
+                out[uid] = listed
+        for study, attrs in zip(missing, await map_bounded(missing, self.summaries.study_attrs, self._limit)):
+            out[study.uid] = attrs
+        return out
+
+    async def _attrs_of_series(self, items: list[Item]) -> dict[str, DicomJson]:
+        out: dict[str, DicomJson] = {}
+        missing: list[SeriesRecord] = []
+        for item in items:
+            if item.series is None or item.series.key in out:
+                continue
+            listed = self.summaries.listed_series_attrs(item.series)
+            if listed is None:
+                missing.append(item.series)
+                out[item.series.key] = {}
+            else:
+                out[item.series.key] = listed
+        for series, attrs in zip(missing, await map_bounded(missing, self.summaries.series_attrs, self._limit)):
+            out[series.key] = attrs
+        return out
+
+
+def _patient(study_attrs: DicomJson, name: str) -> str:
+    """What a patient folder stands for: the patient's ID (with its issuer), else its name."""
+    patient_id = json_value(study_attrs, "00100020")
+    if patient_id is None or not str(patient_id).strip():
+        return f"name:{name}"
+    issuer = json_value(study_attrs, "00100021")
+    return f"id:{str(patient_id).strip()}|{issuer or ''}"
