@@ -28,6 +28,7 @@ from dicomfs.sources import (
     DEFAULT_AE_TITLE,
     DEFAULT_MOVE_PORT,
     SourceOptions,
+    SourceSpec,
     credentials_from_environment,
     parse_source,
 )
@@ -105,6 +106,13 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--read-timeout", type=_seconds, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
                        help="longest a file system request waits for the archive before it fails with EIO; "
                        f"the download goes on (default {DEFAULT_READ_TIMEOUT:.0f})")
+    mount.add_argument("--views", metavar="LIST", help="which views the mount's root shows, comma-separated "
+                       "(default: studies,patients,dates,dicomweb)")
+    mount.add_argument("--view", action="append", default=[], metavar="NAME=TEMPLATE",
+                       help="add a view laid out by a template of DICOM keywords, e.g. "
+                       "'by-accession={AccessionNumber}/{SeriesNumber} {SeriesDescription}/{InstanceNumber}.dcm'")
+    mount.add_argument("--ascii-names", action="store_true",
+                       help="fold the readable views' names to ASCII (e.g. for Samba shares)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     prefetch = commands.add_parser("prefetch", help="fetch whole studies into the cache (resumable)")
@@ -221,10 +229,11 @@ def _rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _archive_options(args: argparse.Namespace, *, with_blobs: bool) -> ArchiveOptions:
+def _archive_options(args: argparse.Namespace, *, with_blobs: bool,
+                     spec: SourceSpec | None = None) -> ArchiveOptions:
     from dicomfs.archive import ArchiveOptions
 
-    spec = parse_source(args.source)
+    spec = spec or parse_source(args.source)
     credentials = credentials_from_environment(args.user, args.password_file, args.token_file)
     cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root() / spec.source_id
     cache_size = None
@@ -276,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     from dicomfs.mount import MountOptions, check_mountpoint
+    from dicomfs.views import ViewOptions
 
+    views = ViewOptions.parse(args.views, args.view, args.ascii_names)
     archive = _archive_options(args, with_blobs=True)
     mountpoint = check_mountpoint(Path(args.mountpoint).expanduser())
     assert archive.cache_size is not None
@@ -287,7 +298,7 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     options = MountOptions(archive.spec, mountpoint, archive.cache_dir, archive.cache_size, archive.credentials,
                            allow_other=args.allow_other, listing_ttl=args.listing_ttl,
                            source_options=archive.source_options, query=archive.query, limits=archive.limits,
-                           read_timeout=args.read_timeout, log_file=log_file)
+                           read_timeout=args.read_timeout, log_file=log_file, views=views)
     if args.allow_other and detach:
         print(f"dicomfs: warning: {_ALLOW_OTHER_WARNING.format(mountpoint=mountpoint)}", file=sys.stderr)
     if not detach:
@@ -409,7 +420,16 @@ def _report_failures(failures: list[str]) -> int:
 def _ls(args: argparse.Namespace) -> int:
     import trio
 
-    options = _archive_options(args, with_blobs=False)
+    from dicomfs.mount import mount_containing
+
+    mounted = mount_containing(Path(args.source).expanduser()) if "://" not in args.source else None
+    if mounted is not None:
+        point, spec, cache_dir = mounted
+        print(f"dicomfs: {args.source} is in the dicomfs mount {point} of {spec.kind} {spec.location}: "
+              "listing that archive", file=sys.stderr)
+        if not args.cache_dir:
+            args.cache_dir = str(cache_dir)
+    options = _archive_options(args, with_blobs=False, spec=mounted[1] if mounted is not None else None)
     query, options = options.query, dataclasses.replace(options, query=None)
     _configure_logging("WARNING", "dicomfs: %(message)s")
     return trio.run(_run_ls, options, query or Query(), args.level, args.json)

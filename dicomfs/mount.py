@@ -5,16 +5,18 @@ offline on the stored catalog if the archive cannot be reached, start the blob s
 of shut-down (on SIGTERM/SIGINT or an unmount: waiting requests answered at once, downloads
 cancelled, the FUSE loop stopped, requests still running after a grace period abandoned, unmount,
 stores closed: seconds, never minutes), the log file and its reopening on SIGHUP (logrotate), the
-pid file that ``dicomfs umount`` waits on, and ``READY=1``. Must not implement any filesystem
-behaviour.
+pid file that ``dicomfs umount`` waits on, the record of what is mounted where (for ``dicomfs ls
+PATH`` inside a mount), and ``READY=1``. Must not implement any filesystem behaviour.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -33,6 +35,7 @@ from dicomfs.sources import Credentials, SourceOptions, SourceSpec
 from dicomfs.tasks import open_nursery
 from dicomfs.transferlimits import TransferLimits
 from dicomfs.tree import Tree
+from dicomfs.views import ViewOptions, make_views
 from dicomfs.waiting import DEFAULT_READ_TIMEOUT, Waits
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ class MountOptions:
     limits: TransferLimits = field(default_factory=TransferLimits)
     read_timeout: float = DEFAULT_READ_TIMEOUT
     log_file: Path | None = None  # where the daemon logs (reopened on SIGHUP); None: stderr
+    views: ViewOptions = field(default_factory=ViewOptions)
 
 
 def check_mountpoint(path: Path) -> Path:
@@ -90,6 +94,52 @@ def pidfile_for(mountpoint: Path) -> Path:
     return runtime_dir() / f"{digest}.pid"
 
 
+def record_for(mountpoint: Path) -> Path:
+    """Where a running mount says what it mounts (``dicomfs ls PATH`` inside a mount reads it)."""
+    return pidfile_for(mountpoint).with_suffix(".json")
+
+
+def write_record(path: Path, spec: SourceSpec, cache_dir: Path) -> None:
+    """The mount's source (never its credentials) and cache, in a private file at ``path``
+    (``record_for``: found before mounting, as resolving the mount point after would ask the
+    mount itself)."""
+    text = json.dumps({"kind": spec.kind, "location": spec.location, "endpoint": spec.endpoint,
+                       "cache_dir": str(cache_dir)})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def mount_containing(path: Path) -> tuple[Path, SourceSpec, Path] | None:
+    """If ``path`` lies in a dicomfs mount of this namespace: its mount point, source and cache
+    directory; None otherwise. A dicomfs mount that left no record is a one-line UsageError."""
+    wanted = os.path.abspath(path)
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            lines = mounts.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        if not rest.startswith("fuse.dicomfs "):
+            continue
+        point = _unescape(fields.split(" ")[4])
+        if wanted == point or wanted.startswith(point.rstrip("/") + "/"):
+            try:
+                record = json.loads(record_for(Path(point)).read_text())
+            except (OSError, ValueError):
+                raise UsageError(f"{path} is in the dicomfs mount {point}, which does not say what it mounts "
+                                 "(mounted by another user, or by an older dicomfs)") from None
+            spec = SourceSpec(record["kind"], record["location"], record.get("endpoint"))
+            return Path(point), spec, Path(record["cache_dir"])
+    return None
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path field: octal escapes for space, tab, newline and backslash."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def sd_notify(message: str) -> None:
     """Send ``message`` to systemd's notification socket, if there is one."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -116,14 +166,18 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
                                      options.cache_size, options.listing_ttl, options.query, options.limits)
     async with open_archive(archive_options) as archive:
         assert archive.blobs is not None
-        tree = Tree(archive.catalog, archive.blobs, listing_ttl=options.listing_ttl)
+        blobs = archive.blobs
+        tree = Tree(make_views(archive.catalog, blobs, archive.shown, options.views),
+                    listing_ttl=options.listing_ttl)
         waits = Waits(options.read_timeout)
         pidfile = pidfile_for(options.mountpoint)
+        record = record_for(options.mountpoint)
         async with open_nursery() as nursery:
-            pyfuse3.init(DicomOperations(tree, archive.blobs, waits), str(options.mountpoint),
+            pyfuse3.init(DicomOperations(tree, lambda: blobs.size_limit, waits), str(options.mountpoint),
                          fuse_options(options.allow_other))
             try:
                 pidfile.write_text(f"{os.getpid()}\n")
+                write_record(record, options.spec, options.cache_dir)
                 with trio.CancelScope() as serving:
                     stopping = trio.Event()
 
@@ -133,7 +187,7 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
                             return
                         stopping.set()
                         waits.cancel_all()
-                        archive.blobs.stop()  # type: ignore[union-attr]
+                        blobs.stop()
                         pyfuse3.terminate()
                         await trio.sleep(SHUTDOWN_GRACE)
                         if waits.waiting:
@@ -150,6 +204,7 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
                 sd_notify("STOPPING=1")
                 pyfuse3.close(unmount=True)
                 pidfile.unlink(missing_ok=True)
+                record.unlink(missing_ok=True)
                 log.info("unmounted %s", options.mountpoint)
             nursery.cancel_scope.cancel()
 
