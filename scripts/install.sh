@@ -3,6 +3,7 @@
 # compiler for pyfuse3) and a virtualenv in .venv with dicomfs installed from this checkout.
 #   scripts/install.sh          what dicomfs needs to run
 #   scripts/install.sh --test   also what the test suite needs (Orthanc, nginx, dcmtk, rsync, openssl, GCS emulator,
+#                                Xvfb, xwd and the aeskulap viewer for the desktop-viewer test,
 #                                util-linux and passwd for the mount-namespace, tmpfs and second-user tests)
 #   scripts/install.sh --bench  also what the benchmarks compare against (rclone, py-spy, dicomtrolley)
 # Safe to run again: it only installs what is missing.
@@ -19,7 +20,8 @@ sudo=""
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev)
 if [ "$want_tests" = 1 ]; then
-    packages+=(orthanc orthanc-dicomweb nginx dcmtk rsync tar curl systemd util-linux passwd openssl)
+    packages+=(orthanc orthanc-dicomweb nginx dcmtk rsync tar curl systemd util-linux passwd openssl
+               xvfb x11-apps aeskulap)
 fi
 if [ "$want_bench" = 1 ]; then
     packages+=(rclone)
