@@ -6,7 +6,8 @@ Owns the plain data types shared by sources, catalog, blob store and tree. Must 
 from __future__ import annotations
 
 import calendar
-import time
+import datetime
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,8 @@ class StudyRecord:
     uid: str  # the folder name: a StudyInstanceUID or the archive's hashed key
     attrs: DicomJson = field(default_factory=dict, compare=False)  # QIDO-style DICOM JSON
 
-    @property
-    def mtime_ns(self) -> int:
+    @functools.cached_property
+    def mtime_ns(self) -> int:  # asked for every folder of every listing: worked out once
         return dicom_datetime_ns(self.attrs, "00080020", "00080030")
 
 
@@ -68,8 +69,9 @@ def dicom_datetime_ns(attrs: DicomJson, date_tag: str, time_tag: str) -> int:
         digits = clock.split(".")[0].replace(":", "")
         if digits.isdigit():
             hhmmss = (digits + "000000")[:6]
-    try:
-        parsed = time.strptime(date[:8] + hhmmss, "%Y%m%d%H%M%S")
+    try:  # (datetime checks the fields; time.strptime costs ten times as much)
+        moment = datetime.datetime(int(date[:4]), int(date[4:6]), int(date[6:8]), int(hhmmss[:2]),
+                                   int(hhmmss[2:4]), min(int(hhmmss[4:6]), 59))  # (a leap second)
     except ValueError:
         return 0
-    return calendar.timegm(parsed) * 1_000_000_000
+    return calendar.timegm(moment.timetuple()) * 1_000_000_000

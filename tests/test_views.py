@@ -61,11 +61,9 @@ def test_values_read_as_people_read_them() -> None:
 
 def _render(template: str, study: DicomJson, series: DicomJson | None = None, instance: DicomJson | None = None,
             key: str = "1.2.3.4") -> list[str]:
-    from dicomfs.views.template import Level
-
-    by_level = {Level.STUDY: study, Level.SERIES: series or {}, Level.INSTANCE: instance or {}}
+    by_level = (study, series or {}, instance or {})
     parsed = parse(template)
-    return [c.render(by_level.__getitem__, key=key, extension=".dcm" if i == parsed.depth - 1 else "")
+    return [c.render(by_level, key=key, extension=".dcm" if i == parsed.depth - 1 else "")
             for i, c in enumerate(parsed.components)]
 
 

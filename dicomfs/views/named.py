@@ -15,12 +15,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cachetools
 import trio
 
 from dicomfs.catalog import Catalog
 from dicomfs.errors import NotFound
+from dicomfs.gcpause import paused
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.search import Shown
 from dicomfs.singleflight import SingleFlight
@@ -33,11 +35,11 @@ from dicomfs.views.template import SUFFIX, Component, Level, Names, Template
 
 FOLDERS_KEPT = 4096  # folders whose entries are kept (a listing of 10,000 studies is one of them)
 PARALLEL = 8
+IN_THREAD = 2000  # items from which a folder's names are made in a worker thread
 WIDE_SUFFIX = 16  # hex digits, for the (improbable) case that two short suffixes meet
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):  # (a tuple: made 10,000 times for a listing of 10,000 studies)
     """One thing a folder gathers: a study, a series of it, or an instance of that."""
 
     study: StudyRecord
@@ -54,12 +56,13 @@ class Item:
         return f"{self.series.key}/{self.instance.key}"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Folder:
     """A folder's entries (name -> what it gathers), and the listings they were made from."""
 
     inputs: tuple[object, ...]
     entries: dict[str, tuple[Item, ...]]
+    nodes: list[Node] | None = None  # its entries' nodes, once listed
 
 
 class NamedView:
@@ -82,7 +85,9 @@ class NamedView:
     # --- the view protocol ------------------------------------------------------------------
     async def children(self, node: Node) -> Sequence[tuple[Node, int | None]]:
         folder = await self._folder(node.path)
-        nodes = [self._node(node.path, name, items) for name, items in folder.entries.items()]
+        if folder.nodes is None:
+            folder.nodes = [self._node(node.path, name, items) for name, items in folder.entries.items()]
+        nodes = folder.nodes
         if len(node.path) + 1 < self.template.depth:
             return [(child, None) for child in nodes]
         by_series: dict[str, list[Node]] = defaultdict(list)
@@ -116,13 +121,18 @@ class NamedView:
         if len(path) == self.template.depth:
             assert first.series is not None and first.instance is not None
             return instance_node(self.name, path, first.study, first.series, first.instance)
-        study = first.study if all(i.study is first.study for i in items) else None
-        series = first.series if study is not None and all(i.series is first.series for i in items) else None
+        study: StudyRecord | None = first.study
+        series: SeriesRecord | None = first.series
+        if len(items) > 1:
+            study = first.study if all(i.study is first.study for i in items) else None
+            series = first.series if study is not None and all(i.series is first.series for i in items) else None
         return Node(self.name, path_inode(self.name, *path), name, True, study=study, series=series, path=path)
 
     async def _folder(self, path: tuple[str, ...]) -> Folder:
         """The entries of the folder at ``path``, made again only when a listing it comes from
         has changed."""
+        known = self._folders.get(path)
+        component = self.template.components[len(path)]
         if path:
             parent = await self._folder(path[:-1])
             items = parent.entries.get(path[-1])
@@ -131,12 +141,12 @@ class NamedView:
             inputs: tuple[object, ...] = (parent,)
         else:
             studies = await self.shown.studies()
-            items = tuple(Item(study) for _, study in sorted(studies.items()))
+            if known is not None and known.inputs[0] is studies and component.level is Level.STUDY:
+                return known  # the same listing: skip even ordering it again
+            items = tuple(Item(study) for study in studies.values())
             inputs = (studies,)
-        component = self.template.components[len(path)]
         expanded, listings = await self._expand(items, component.level)
         inputs += listings
-        known = self._folders.get(path)
         if known is not None and len(known.inputs) == len(inputs) and all(
                 a is b for a, b in zip(known.inputs, inputs)):
             return known
@@ -174,32 +184,52 @@ class NamedView:
         study_attrs = await self._attrs_of_studies(items) if Level.STUDY in levels or \
             component.names is Names.PATIENT else {}
         series_attrs = await self._attrs_of_series(items) if Level.SERIES in levels else {}
+        if len(items) < IN_THREAD:
+            return self._name(component, items, study_attrs, series_attrs, last)
+        # a large folder (all studies of a big archive) is named in a worker thread, with the
+        # collector paused: 10,000 names make objects enough to set off full collections
+        return await trio.to_thread.run_sync(paused, self._name, component, items, study_attrs, series_attrs, last)
+
+    def _name(self, component: Component, items: list[Item], study_attrs: dict[str, DicomJson],
+              series_attrs: dict[str, DicomJson], last: bool) -> dict[str, tuple[Item, ...]]:
+        """Blocking (CPU): the entries of a folder from its items and their attributes."""
         extension = SUFFIX if last else ""
-        named: dict[str, dict[str, list[Item]]] = defaultdict(lambda: defaultdict(list))
+        kind, level, ascii_only = component.names, component.level, self.ascii_names
+        by_name: dict[str, list[tuple[Item, Sequence[DicomJson]]]] = {}
+        empty: DicomJson = {}
         for item in items:
-            attrs = {Level.STUDY: study_attrs.get(item.study.uid, {}),
-                     Level.SERIES: series_attrs.get(item.series.key, {}) if item.series is not None else {},
-                     Level.INSTANCE: item.instance.attrs if item.instance is not None else {}}
-            name = component.render(attrs.__getitem__, key=item.instance.key if item.instance else "",
-                                    ascii_only=self.ascii_names, extension=extension)
-            if component.names is Names.ENTITY:
-                identity = item.identity(component.level)
-            elif component.names is Names.PATIENT:
-                identity = _patient(attrs[Level.STUDY], name)
+            attrs = (study_attrs.get(item.study.uid, empty),  # by Level, an IntEnum
+                     series_attrs.get(item.series.key, empty) if item.series is not None else empty,
+                     item.instance.attrs if item.instance is not None else empty)
+            name = component.render(attrs, key=item.instance.key if item.instance else "",
+                                    ascii_only=ascii_only, extension=extension)
+            found = by_name.get(name)
+            if found is None:
+                by_name[name] = [(item, attrs)]
             else:
-                identity = name
-            named[name][identity].append(item)
+                found.append((item, attrs))
+        # What a name stands for is only asked where several items share it: merged when they
+        # stand for one thing (a patient's studies), suffixed when for different things.
         entries: dict[str, list[Item]] = {}
-        for name, identities in named.items():
+        shared: dict[str, dict[str, list[Item]]] = {}
+        for name, members in by_name.items():
+            if len(members) == 1 or kind is Names.GROUP:
+                entries[name] = [item for item, _ in members]
+                continue
+            identities: dict[str, list[Item]] = {}
+            for item, attrs in members:
+                identity = item.identity(level) if kind is Names.ENTITY else _patient(attrs[Level.STUDY], name)
+                identities.setdefault(identity, []).append(item)
             if len(identities) == 1:
-                entries.setdefault(name, []).extend(next(iter(identities.values())))
-        for name, identities in named.items():
-            if len(identities) > 1:
-                for identity, members in identities.items():
-                    suffixed = names.with_suffix(name, identity, extension)
-                    if suffixed in entries:
-                        suffixed = names.with_suffix(name, identity, extension, WIDE_SUFFIX)
-                    entries.setdefault(suffixed, []).extend(members)
+                entries[name] = [item for item, _ in members]
+            else:
+                shared[name] = identities
+        for name, identities in shared.items():
+            for identity, group in identities.items():
+                suffixed = names.with_suffix(name, identity, extension)
+                if suffixed in entries:
+                    suffixed = names.with_suffix(name, identity, extension, WIDE_SUFFIX)
+                entries.setdefault(suffixed, []).extend(group)
         return {name: tuple(entries[name]) for name in sorted(entries)}
 
     async def _attrs_of_studies(self, items: list[Item]) -> dict[str, DicomJson]:

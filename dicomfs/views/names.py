@@ -32,7 +32,7 @@ _ASCII_SPELLING = str.maketrans({"ß": "ss", "Æ": "AE", "æ": "ae", "Ø": "O", 
 def person_name(value: Any) -> str:
     """A DICOM JSON person name as a person reads it: ``Doe^John`` -> ``Doe John``."""
     text = value.get("Alphabetic", "") if isinstance(value, dict) else str(value)
-    return " ".join(part for part in (p.strip() for p in text.split("^")) if part)
+    return " ".join(text.replace("^", " ").split())
 
 
 def date(value: Any) -> str | None:
@@ -61,6 +61,8 @@ def safe(name: str, *, ascii_only: bool = False, keep: str = "") -> str:
     whole); an empty result is ``unnamed``."""
     if ascii_only:
         name = fold_to_ascii(name)
+    if name and len(name) <= 60 and name[0] not in ". " and name[-1] not in ". " and not _FORBIDDEN.search(name):
+        return name + keep  # the usual case, quickly: nothing to replace, strip or cut
     name = _FORBIDDEN.sub("_", name).lstrip(". ").rstrip(". ")
     if not name:
         name = UNNAMED

@@ -10,12 +10,14 @@ patient (the identity a collision suffix is made from), and the built-in views `
 from __future__ import annotations
 
 import enum
+import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from dicomfs.errors import UsageError
-from dicomfs.records import DicomJson, json_value
+from dicomfs.records import DicomJson
 from dicomfs.views import names
 
 SUFFIX = ".dcm"
@@ -46,6 +48,14 @@ class Field:
     level: Level
     reads: Reads
     patient: bool = False  # the value belongs to the patient (a folder of it stands for a patient)
+
+    @functools.cached_property
+    def reader(self) -> Callable[[Any], str | None]:
+        return _READERS[self.reads]
+
+    @functools.cached_property
+    def placeholder(self) -> str:
+        return _PLACEHOLDER.get(self.reads, names.UNNAMED)
 
 
 _FIELDS = [
@@ -101,15 +111,30 @@ class Component:
     level: Level
     names: Names
 
-    def render(self, attrs_of: Callable[[Level], DicomJson], *, key: str = "", ascii_only: bool = False,
+    def render(self, attrs: Sequence[DicomJson], *, key: str = "", ascii_only: bool = False,
                extension: str = "") -> str:
-        """The component's safe name for one entity; ``attrs_of(level)`` gives the attributes
-        of that level, ``key`` the instance's key (a missing InstanceNumber falls back to it)."""
-        text = "".join(piece if isinstance(piece, str) else _value(piece, attrs_of(piece.level), key)
-                       for piece in self.pieces)
+        """The component's safe name for one entity; ``attrs[level]`` are the attributes of that
+        level, ``key`` the instance's key (a missing InstanceNumber falls back to it)."""
+        parts = []
+        for literal, field, level in self._steps:  # (this runs for every entry of a listing)
+            if field is None:
+                parts.append(literal)
+                continue
+            element = attrs[level].get(field.tag)
+            values = element.get("Value") if isinstance(element, dict) else None
+            text = field.reader(values[0]) if values and isinstance(values, list) and values[0] is not None else None
+            if not text:
+                text = key if key and field.keyword == "InstanceNumber" else field.placeholder
+            parts.append(text)
+        text = "".join(parts)
         if extension and text.endswith(extension):
             text = text[: -len(extension)]
         return names.safe(text, ascii_only=ascii_only, keep=extension)
+
+
+    @functools.cached_property
+    def _steps(self) -> list[tuple[str, Field | None, int]]:
+        return [(piece, None, 0) if isinstance(piece, str) else ("", piece, int(piece.level)) for piece in self.pieces]
 
 
 @dataclass(frozen=True)
@@ -122,30 +147,29 @@ class Template:
         return len(self.components)
 
 
-def _value(field: Field, attrs: DicomJson, key: str) -> str:
-    value = json_value(attrs, field.tag)
-    text: str | None
-    if value is None:
-        text = None
-    elif field.reads is Reads.PERSON:
-        text = names.person_name(value) or None
-    elif field.reads in (Reads.DATE, Reads.YEAR, Reads.MONTH):
-        text = names.date(value)
-        if text is not None and field.reads is not Reads.DATE and len(text) == 10 and text[4] == "-":
-            text = text[:4] if field.reads is Reads.YEAR else text[:7]
-    elif field.reads is Reads.TIME:
-        text = str(value).split(".")[0].replace(":", "").strip() or None
-    elif field.reads is Reads.NUMBER3:
-        text = names.number(value, 3)
-    elif field.reads is Reads.NUMBER5:
-        text = names.number(value, 5)
-    else:
-        text = str(value).strip() or None
-    if text is not None:
-        return text
-    if field.keyword == "InstanceNumber" and key:
-        return key
-    return _PLACEHOLDER.get(field.reads, names.UNNAMED)
+def _text(value: Any) -> str | None:
+    return str(value).strip() or None
+
+
+def _year(value: Any) -> str | None:
+    text = names.date(value)
+    return text[:4] if text is not None and len(text) == 10 and text[4] == "-" else text
+
+
+def _month(value: Any) -> str | None:
+    text = names.date(value)
+    return text[:7] if text is not None and len(text) == 10 and text[4] == "-" else text
+
+
+def _time(value: Any) -> str | None:
+    return str(value).split(".")[0].replace(":", "").strip() or None
+
+
+_READERS: dict[Reads, Callable[[Any], str | None]] = {
+    Reads.TEXT: _text, Reads.ID: _text, Reads.PERSON: names.person_name, Reads.DATE: names.date,
+    Reads.YEAR: _year, Reads.MONTH: _month, Reads.TIME: _time,
+    Reads.NUMBER3: lambda value: names.number(value, 3), Reads.NUMBER5: lambda value: names.number(value, 5),
+}
 
 
 def parse(text: str) -> Template:
