@@ -68,6 +68,7 @@ import diskcache
 import google_crc32c
 import trio
 
+from dicomfs import clock
 from dicomfs.breaker import Breaker
 from dicomfs.cachedir import fit_size_limit
 from dicomfs.errors import CacheError, DicomfsError, IntegrityError, ProtocolError, SourceError, TransferBroken
@@ -763,7 +764,7 @@ class BlobStore:
         seen = self._retrieved.get(series.key)
         if seen is None or key in seen[1]:
             return
-        age = time.monotonic() - seen[0]
+        age = clock.now() - seen[0]
         if age >= self.missing_recheck:
             return
         reason = seen[2].get(key, "is listed but was not in the retrieve of its series")
@@ -886,7 +887,7 @@ class BlobStore:
         if not missing:
             return False
         seen = self._retrieved.get(series.key)
-        return seen is None or time.monotonic() - seen[0] >= self.missing_recheck
+        return seen is None or clock.now() - seen[0] >= self.missing_recheck
 
     async def _waited_for_another_process(self, blob_key: str) -> bool:
         """If another process is downloading ``blob_key`` (it holds the key's lock), wait until it
@@ -980,7 +981,7 @@ class BlobStore:
             if download.error is None and not committed:  # cancelled: dicomfs is shutting down
                 download.error = SourceError("the download was stopped: dicomfs is shutting down")
             if committed and download.blob_key == download.series.key:
-                self._retrieved[download.blob_key] = (time.monotonic(), frozenset(download.members),
+                self._retrieved[download.blob_key] = (clock.now(), frozenset(download.members),
                                                       dict(download.rejected))
             download.finished = True
             del self._downloads[download.blob_key]

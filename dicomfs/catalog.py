@@ -14,7 +14,6 @@ Must not fetch instance data.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -24,6 +23,7 @@ import diskcache
 import orjson
 import trio
 
+from dicomfs import clock
 from dicomfs.breaker import Breaker, is_outage
 from dicomfs.errors import SourceError
 from dicomfs.gcpause import paused
@@ -47,14 +47,19 @@ class Catalog:
         metadata_ttl: float = 600.0,
         max_entries: int = 10_000,
         breaker: Breaker | None = None,
+        wall: Callable[[], float] = clock.wall,
     ) -> None:
+        """``wall``: the time the store's listings are stamped with and aged by (a test passes
+        trio's clock here, so that one mocked clock ages memory and store alike)."""
         self.source = source
         self.breaker = breaker or Breaker(source.description)
         # Instance lists follow the listing TTL too: a study still arriving shows its new
         # instances as soon as its folders do. Series metadata is costly and kept longer.
         self.listing_ttl = listing_ttl
         self.metadata_ttl = metadata_ttl
-        self._listings: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(max_entries, listing_ttl)
+        self._listings: cachetools.TTLCache[Any, Any] = cachetools.TTLCache(
+            max_entries, listing_ttl, timer=clock.now)
+        self._wall = wall
         self._store = diskcache.Cache(str(store_dir)) if store_dir is not None else None
         self._flights: SingleFlight[Any] = SingleFlight()
         self._offline_reported = False
@@ -76,13 +81,15 @@ class Catalog:
 
     async def remember_studies(self, studies: list[StudyRecord]) -> None:
         """Keep these studies listed while the archive is unreachable (prefetch calls this)."""
+        stamp = self._wall()  # (here: the clock may be trio's, which a worker thread cannot read)
+
         def merge() -> None:
             assert self._store is not None
             with self._store.transact():
                 known = self._store.get(KNOWN_STUDIES)
                 merged = dict(known[1]) if known is not None else {}
                 merged.update({s.uid: s for s in studies})
-                self._store.set(KNOWN_STUDIES, (time.time(), merged))
+                self._store.set(KNOWN_STUDIES, (stamp, merged))
 
         if self._store is not None:
             await trio.to_thread.run_sync(merge)
@@ -141,7 +148,7 @@ class Catalog:
 
         async def load() -> T:
             stored = await self._load_stored(key, codec[1] if codec else None)
-            fresh = stored is not None and time.time() - stored[0] < ttl
+            fresh = stored is not None and self._wall() - stored[0] < ttl
             if stored is not None and (fresh or self.breaker.refusing):
                 memory[key] = stored[1]
                 return stored[1]  # type: ignore[no-any-return]
@@ -196,9 +203,9 @@ class Catalog:
     async def _save_stored(self, key: tuple[str, ...], value: Any,
                            encode: Callable[[Any], Any] | None = None) -> None:
         if self._store is not None:
-            store = self._store
+            store, stamp = self._store, self._wall()
             try:
                 await trio.to_thread.run_sync(
-                    lambda: store.set(key, (time.time(), encode(value) if encode is not None else value)))
+                    lambda: store.set(key, (stamp, encode(value) if encode is not None else value)))
             except Exception as exc:  # a listing that cannot be stored is only not remembered
                 log.warning("catalog store cannot keep %s: %s", key[0], exc)

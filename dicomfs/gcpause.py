@@ -54,7 +54,13 @@ def release_free_memory() -> None:
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
+    # glibc's soname first: ctypes.util.find_library would run ldconfig in a subprocess
+    for find in (lambda: "libc.so.6", lambda: ctypes.util.find_library("c")):
+        name = find()
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name).malloc_trim  # type: ignore[no-any-return]
+        except (OSError, AttributeError):
+            continue
+    return None

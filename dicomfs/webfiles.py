@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import cachetools
 import trio
 
-from dicomfs import dicomjson, frames, instancemeta
+from dicomfs import clock, dicomjson, frames, instancemeta
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, IntegrityError, NotFound
@@ -89,7 +89,7 @@ class _Listing:
     """A rendered listing file, and who may still count on its size."""
 
     data: bytes
-    rendered: float  # trio.current_time()
+    rendered: float  # clock.now()
     held_until: float = 0.0  # the kernel may trust the size it was told until then
     readers: int = 0  # open files reading these bytes
 
@@ -112,7 +112,7 @@ class WebFiles:
         self._files: cachetools.LRUCache[WebNode, bytes] = cachetools.LRUCache(FILE_MEMORY, getsizeof=len)
         self._sizes: cachetools.LRUCache[WebNode, int] = cachetools.LRUCache(KNOWN_SIZES)
         self._series_json: cachetools.TTLCache[str, SeriesJson] = cachetools.TTLCache(
-            NORMALISED_SERIES, catalog.metadata_ttl)
+            NORMALISED_SERIES, catalog.metadata_ttl, timer=clock.now)
         self._flights: SingleFlight[Any] = SingleFlight()
         # two levels, so that a study's task waiting for its series' tasks never starves them
         self._study_limit = trio.CapacityLimiter(PARALLEL)
@@ -130,7 +130,7 @@ class WebFiles:
         long as the kernel may trust that size, and are what the next ``open`` reads.
         """
         if node.kind in LISTING_FILES:
-            now = trio.current_time()
+            now = clock.now()
             held = self._held.get(node)
             if held is not None and held.readers > 0:
                 return self._tell(node, held, now)
@@ -146,7 +146,7 @@ class WebFiles:
         if known is not None:
             return known
         if node.kind in LISTING_FILES:
-            return self._tell(node, await self._render_listing(node), trio.current_time())
+            return self._tell(node, await self._render_listing(node), clock.now())
         if node.kind is WebKind.FRAME:
             announced = await self._native_frame_file_size(node)
             if announced is not None:
@@ -175,7 +175,7 @@ class WebFiles:
         reads the bytes whose size the kernel was last told (while it may trust it)."""
         if node.kind not in LISTING_FILES:
             return await self.content(node), None
-        now = trio.current_time()
+        now = clock.now()
         entry = self._held.get(node)
         if entry is None or (entry.held_until < now and entry.readers == 0):
             entry = self._fresh(node, now) or await self._render_listing(node)
@@ -195,7 +195,7 @@ class WebFiles:
     async def content(self, node: WebNode) -> bytes:
         """The file's bytes as they are now (``export``; the mount opens files with ``open``)."""
         if node.kind in LISTING_FILES:
-            return (self._fresh(node, trio.current_time()) or await self._render_listing(node)).data
+            return (self._fresh(node, clock.now()) or await self._render_listing(node)).data
         data = self._files.get(node)
         if data is not None:
             return data
@@ -210,7 +210,7 @@ class WebFiles:
 
     async def _render_listing(self, node: WebNode) -> _Listing:
         async def render() -> _Listing:
-            entry = _Listing(await self._render(node), trio.current_time())
+            entry = _Listing(await self._render(node), clock.now())
             _keep(self._listings, node, entry, len(entry.data))
             return entry
 

@@ -1,8 +1,11 @@
-"""Shared fixtures: the demo files, a real Orthanc holding them, mounts that always unmount."""
+"""Shared fixtures: the demo files, a real Orthanc holding them, mounts that always unmount; and
+the rule that splits the suite: a test that starts a process (a server, a mount, a tool) must be
+marked ``mount``, so that ``pytest -m "not mount"`` runs the fast unit tests alone, in seconds."""
 
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +22,19 @@ from tests.servers import GcsEmulator, OrthancServer
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enforces the marker: outside ``mount`` tests, starting any process fails the test."""
+    if request.node.get_closest_marker("mount") is not None:
+        return
+    name = request.node.nodeid
+
+    def refuse(self: object, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{name} starts a process: mark it (or its module) with pytest.mark.mount")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")

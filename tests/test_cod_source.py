@@ -22,6 +22,7 @@ from tests.cod_writer import CodSeriesFiles, crc32c_b64, write_series
 from tests.factory import make_instance, streamed
 from tests.test_dicomweb_source import Sink
 
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
 def paged_listing(prefixes: list[str], page: int):
     def handler(request: httpx.Request) -> httpx.Response:

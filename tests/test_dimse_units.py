@@ -96,6 +96,7 @@ def test_one_context_per_sop_class_and_transfer_syntax_within_the_limit() -> Non
     assert sorted(r.sop_class_uid for r in roles) == sorted([ct, mr]) and all(r.scp_role for r in roles)
 
 
+@pytest.mark.mount  # runs dcmdump
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "image_dfl.dcm",
                                   "SC_rgb_rle_2frame.dcm", "MR_small_implicit.dcm"])
 def test_the_part10_wrapper_makes_files_pydicom_and_dcmtk_read(name: str, tmp_path: Path) -> None:

@@ -35,6 +35,8 @@ from tests.fsutil import listdir, read_errno, sh
 from tests.mounting import Mount, dicomfs, is_mounted
 from tests.servers import OrthancServer, wait_until
 
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
+
 STUDY = "1.2.826.0.1.3680043.8.498.77"  # the 180-file study: 6 series of 30
 MISMATCH = "1.2.826.0.1.3680043.8.498.78"  # a series holding pydicom's rtdose.dcm kind of file
 GROWN = "1.2.826.0.1.3680043.8.498.79"  # a series that gains instances

@@ -20,6 +20,8 @@ from tests.factory import make_instance, multipart
 from tests.fsutil import listdir, read_errno, sh
 from tests.mounting import Mount
 
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
+
 GOOD = make_instance("1.2.3", "1.2.3.1", "1.2.3.1.1")
 EVIL_UID = "1.2.7.1.1/../../../../evil"
 

@@ -16,6 +16,7 @@ from tests.fsutil import hashes, listdir, p10_hashes, read_errno, sh
 from tests.mounting import Mount
 from tests.servers import CountingProxy, classify_gcs
 
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
 @pytest.mark.parametrize("prefix", ["v1/dicomweb", "v2/dicomweb", "deid/dicomweb"])
 def test_every_file_is_byte_identical(bucket: Bucket, prefix: str, mount_factory: Callable[..., Mount]) -> None:

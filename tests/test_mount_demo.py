@@ -18,6 +18,7 @@ from tests.fsutil import listdir, p10_hashes, sh, stat_errno
 from tests.mounting import Mount, dicomfs, is_mounted
 from tests.servers import free_port, require_tools, wait_until
 
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
 def test_demo_mount_serves_the_source_bytes(mount_factory: Callable[..., Mount],
                                             demo_expected: dict[str, str]) -> None:

@@ -29,6 +29,8 @@ from tests.fsutil import listdir, read_errno, sh
 from tests.mounting import Mount, dicomfs, pid_alive
 from tests.servers import OrthancServer, connections_to, free_port, wait_until
 
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
+
 MULLER = "1.2.826.0.1.3680043.8.498.60"  # a study whose patient is MÜLLER^HANS
 DATED = "1.2.826.0.1.3680043.8.498.61"  # a study of 2024-01-15
 LARGE = "1.2.826.0.1.3680043.8.498.62"  # one series of 1,500 instances

@@ -17,6 +17,8 @@ from tests.mounting import Mount
 from tests.servers import CountingProxy, OrthancServer, require_tools, wait_until
 
 # Every kind of object the issue names must be among the files checked byte for byte.
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
+
 REQUIRED_SYNTAXES = {
     "1.2.840.10008.1.2.1": "explicit little endian",
     "1.2.840.10008.1.2": "implicit little endian",

@@ -25,6 +25,8 @@ from dicomweb_client.api import DICOMwebClient
 from dicomfs import frames
 from tests.nginx import DOCUMENTED_CONFIG, serve_static_tree
 
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
+
 BOUNDARY = "dicomfs-frame-3c9e1f0b7a5d4e28"
 FRAME_CONTENT_TYPE = f'multipart/related; type="application/octet-stream"; boundary={BOUNDARY}'
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

@@ -30,6 +30,8 @@ from tests.fsutil import hashes, listdir, p10_hashes
 from tests.mounting import Mount, dicomfs
 from tests.servers import CountingProxy, OrthancServer, free_port, wait_until
 
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
+
 PATIENTS = [("Doe^John", "20200615"), ("O'Brien^Mary Ann", "20210101"), ("Müller^Jürgen", "20191231")]
 PREFETCH_TIMEOUT = 300
 

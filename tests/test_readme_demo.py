@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.fsutil import sh
 from tests.mounting import dicomfs, is_mounted
+
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
 ROOT = Path(__file__).parent.parent
 

@@ -12,9 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fsutil import p10_hashes, sh
 from tests.mounting import Mount, is_mounted
 from tests.servers import require_tools, wait_until
+
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
 UNIT = Path(__file__).parent.parent / "systemd" / "dicomfs@.service"
 DICOMFS = "/usr/local/bin/dicomfs"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
+from trio.testing import MockClock
 
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
@@ -52,11 +53,13 @@ def plain_instance(key: str) -> DicomJson:
             "0020000E": {"vr": "UI", "Value": [SERIES]}}
 
 
-async def test_a_listing_file_reads_at_the_size_the_kernel_was_told(tmp_path: Path) -> None:
+async def test_a_listing_file_reads_at_the_size_the_kernel_was_told(tmp_path: Path,
+                                                                    mock_clock: MockClock) -> None:
     """The studies index changes when a study arrives; a reader that opens it while the kernel
-    still holds the old size gets the old bytes (else it would read a truncated gzip)."""
+    still holds the old size gets the old bytes (else it would read a truncated gzip). Time is
+    trio's mock clock, moved by hand: the catalog and the rendered files age on it (``clock``)."""
     source = MetadataArchive({f"{STUDY}/{SERIES}": {f"{SERIES}.1": b"x"}}, {})
-    ttl = 1.0
+    ttl = 60.0
 
     async def read_inode(fs: Mounted, inode: int) -> bytes:
         """What a reader gets when the kernel opens an inode it knows (no lookup on the way)."""
@@ -71,14 +74,14 @@ async def test_a_listing_file_reads_at_the_size_the_kernel_was_told(tmp_path: Pa
         entry = await fs.ops.lookup(studies, b"index.json.gz")
         first, inode = entry.st_size, entry.st_ino
         assert entry.attr_timeout == ttl
-        await trio.sleep(0.6 * ttl)
+        mock_clock.jump(0.6 * ttl)
         assert (await fs.ops.getattr(inode)).st_size == first  # the kernel trusts this until 1.6 ttl
         source.extra_studies.append(StudyRecord("1.2.840.2", {"00080020": {"vr": "DA", "Value": ["20210101"]}}))
-        await trio.sleep(0.6 * ttl)  # the catalog's listing has expired; the kernel's size has not
+        mock_clock.jump(0.6 * ttl)  # the catalog's listing has expired; the kernel's size has not
         old = await read_inode(fs, inode)
         assert len(old) == first
         assert len(json.loads(gzip.decompress(old))) == 1
-        await trio.sleep(0.6 * ttl)  # now the kernel asks again, and sees the new study
+        mock_clock.jump(0.6 * ttl)  # now the kernel asks again, and sees the new study
         second = (await fs.ops.getattr(inode)).st_size
         new = await read_inode(fs, inode)
         assert len(new) == second != first
@@ -90,26 +93,26 @@ async def test_a_listing_file_reads_at_the_size_the_kernel_was_told(tmp_path: Pa
         info = await fs.ops.open(inode, os.O_RDONLY, None)
         try:
             source.extra_studies.append(StudyRecord("1.2.840.3", {}))
-            await trio.sleep(1.2 * ttl)
+            mock_clock.jump(1.2 * ttl)
             assert (await fs.ops.getattr(inode)).st_size == second
             assert len(await fs.ops.read(info.fh, 0, 1 << 20)) == second
         finally:
             await fs.ops.release(info.fh)
-        await trio.sleep(1.2 * ttl)
+        mock_clock.jump(1.2 * ttl)
         third = (await fs.ops.getattr(inode)).st_size
         assert third > second and len(await read_inode(fs, inode)) == third
 
     await run_mounted(source, tmp_path / "cache", ttl, test)
 
 
-async def test_a_told_size_survives_the_cache_dropping_its_file(tmp_path: Path) -> None:
+async def test_a_told_size_survives_the_cache_dropping_its_file(tmp_path: Path, mock_clock: MockClock) -> None:
     source = MetadataArchive({f"{STUDY}/{SERIES}": {f"{SERIES}.1": b"x"}}, {})
-    ttl = 1.0
+    ttl = 60.0
 
     async def test(fs: Mounted) -> None:
         entry = await fs.ops.lookup(await fs.resolve("dicomweb/studies"), b"index.json.gz")
         source.extra_studies.append(StudyRecord("1.2.840.2", {}))
-        await trio.sleep(1.1 * ttl)
+        mock_clock.jump(ttl + 0.5)  # the listing has expired; the size told is held a little longer
         files = fs.ops.tree.views["dicomweb"].files  # type: ignore[attr-defined]
         files._listings.clear()  # memory pressure: the rendered file is evicted
         info = await fs.ops.open(entry.st_ino, os.O_RDONLY, None)

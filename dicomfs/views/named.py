@@ -217,8 +217,8 @@ class NamedView:
                 entries[name] = [item for item, _ in members]
                 continue
             identities: dict[str, list[Item]] = {}
-            for item, attrs in members:
-                identity = item.identity(level) if kind is Names.ENTITY else _patient(attrs[Level.STUDY], name)
+            for item, held in members:
+                identity = item.identity(level) if kind is Names.ENTITY else _patient(held[Level.STUDY], name)
                 identities.setdefault(identity, []).append(item)
             if len(identities) == 1:
                 entries[name] = [item for item, _ in members]

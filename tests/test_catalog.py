@@ -1,0 +1,131 @@
+"""Unit tests of the catalog: listing TTLs on the (mockable) trio clock, single flight, the
+persistent store shared by processes, and the fallback to stored listings while the archive is
+down. A scripted in-memory archive; time is ``mock_clock``, moved by hand."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from dicomfs.catalog import Catalog
+from dicomfs.errors import SourceUnavailable
+from dicomfs.query import parse_query
+from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.search import Shown
+
+TTL = 60.0
+
+
+class Archive:
+    description = "scripted archive"
+
+    def __init__(self) -> None:
+        self.studies = {"1.1": {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "DOE^JOHN"}]}},
+                        "1.2": {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "ROE^JANE"}]}}}
+        self.asked: Counter[str] = Counter()
+        self.down = False
+        self.slow = False
+
+    async def _ask(self, what: str) -> None:
+        self.asked[what] += 1
+        if self.slow:
+            await trio.sleep(1)
+        if self.down:
+            raise SourceUnavailable("cannot reach the archive (scripted)")
+
+    async def list_studies(self) -> list[StudyRecord]:
+        await self._ask("studies")
+        return [StudyRecord(uid, attrs) for uid, attrs in self.studies.items()]
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        await self._ask("series")
+        return [SeriesRecord(study_uid, f"{study_uid}.1", {"00080060": {"vr": "CS", "Value": ["CT"]}})]
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        await self._ask("instances")
+        return [InstanceRecord(series.study_uid, series.uid, f"{series.uid}.1")]
+
+
+def catalog(archive: Archive, store: Path | None) -> Catalog:
+    # the store's stamps follow trio's clock too, so that one mocked clock ages both
+    return Catalog(archive, store, listing_ttl=TTL, wall=trio.current_time)  # type: ignore[arg-type]
+
+
+async def test_a_listing_is_kept_for_the_ttl_then_asked_again(mock_clock: MockClock) -> None:
+    archive = Archive()
+    cat = catalog(archive, None)
+    first = await cat.studies()
+    mock_clock.jump(TTL - 1)
+    assert await cat.studies() is first and archive.asked["studies"] == 1
+    archive.studies["1.3"] = {}
+    mock_clock.jump(2)
+    assert sorted(await cat.studies()) == ["1.1", "1.2", "1.3"] and archive.asked["studies"] == 2
+
+
+async def test_concurrent_callers_share_one_query(autojump_clock: MockClock) -> None:
+    archive = Archive()
+    archive.slow = True
+    cat = catalog(archive, None)
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(cat.series_of, "1.1")
+    assert archive.asked["series"] == 1
+
+
+async def test_the_store_serves_another_catalog_while_fresh(tmp_path: Path, mock_clock: MockClock) -> None:
+    archive = Archive()
+    cat = catalog(archive, tmp_path / "store")
+    await cat.studies()
+    await cat.series_of("1.1")
+    cat.close()
+    again = catalog(archive, tmp_path / "store")  # a remount, or another process
+    assert sorted(await again.studies()) == ["1.1", "1.2"] and list(await again.series_of("1.1")) == ["1.1.1"]
+    assert archive.asked == {"studies": 1, "series": 1}
+    mock_clock.jump(TTL + 1)  # stale in the store too: asked again
+    await again.studies()
+    assert archive.asked["studies"] == 2
+    again.close()
+
+
+async def test_stored_listings_are_served_while_the_archive_is_down(tmp_path: Path, mock_clock: MockClock,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    archive = Archive()
+    cat = catalog(archive, tmp_path / "store")
+    await cat.studies()
+    await cat.series_of("1.1")
+    archive.down = True
+    mock_clock.jump(10 * TTL)  # long stale: still better than nothing while offline
+    assert sorted(await cat.studies()) == ["1.1", "1.2"]
+    assert list(await cat.series_of("1.1")) == ["1.1.1"]
+    assert sum("serving stored listings" in r.message for r in caplog.records) == 1  # said once
+    with pytest.raises(SourceUnavailable):  # never listed: nothing to fall back on
+        await cat.series_of("1.2")
+    cat.close()
+
+
+async def test_prefetched_studies_stay_listed_offline(tmp_path: Path, mock_clock: MockClock) -> None:
+    archive = Archive()
+    cat = catalog(archive, tmp_path / "store")
+    await cat.remember_studies([StudyRecord("1.9", {})])  # what prefetch stored; never listed whole
+    assert await cat.has_stored_listing()
+    archive.down = True
+    assert sorted(await cat.studies()) == ["1.9"]
+    cat.close()
+
+
+async def test_the_studies_a_query_shows_are_kept_like_a_listing(tmp_path: Path, mock_clock: MockClock) -> None:
+    archive = Archive()
+    cat = catalog(archive, tmp_path / "store")
+    shown = Shown(cat, parse_query(["PatientName=DOE*"]))
+    assert list(await shown.studies()) == ["1.1"]
+    assert await shown.study("1.2") is None and list(await Shown(cat).studies()) == ["1.1", "1.2"]
+    cat.close()
+    archive.down = True
+    mock_clock.jump(10 * TTL)
+    offline = catalog(archive, tmp_path / "store")  # an offline remount with the same --query
+    assert list(await Shown(offline, parse_query(["PatientName=DOE*"])).studies()) == ["1.1"]
+    offline.close()

@@ -1,0 +1,100 @@
+"""Unit tests of searching (``search``): terms at each level, archives that list studies bare
+(checked on their first instance), archives that search themselves (only what they could not
+match exactly is checked again), and the derived attributes ``summary`` completes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dicomfs.catalog import Catalog
+from dicomfs.query import Term, parse_query
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.search import Search
+from dicomfs.summary import Summaries
+
+
+def _v(vr: str, value: object) -> DicomJson:
+    return {"vr": vr, "Value": [value]}
+
+
+class Archive:
+    """Two studies; the listings of studies carry attributes unless ``bare`` (as COD's don't)."""
+
+    description = "scripted archive"
+
+    def __init__(self, bare: bool = False) -> None:
+        self.bare = bare
+        self.study_attrs = {"1.1": {"00100010": _v("PN", {"Alphabetic": "DOE^JOHN"}), "00080020": _v("DA", "20240105")},
+                            "1.2": {"00100010": _v("PN", {"Alphabetic": "ROE^JANE"}), "00080020": _v("DA", "20230101")}}
+        self.series = {"1.1": [("1.1.1", "CT"), ("1.1.2", "SR")], "1.2": [("1.2.1", "MR")]}
+
+    async def list_studies(self) -> list[StudyRecord]:
+        return [StudyRecord(uid, {} if self.bare else attrs) for uid, attrs in self.study_attrs.items()]
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        return [SeriesRecord(study_uid, uid, {} if self.bare else {"00080060": _v("CS", modality)})
+                for uid, modality in self.series[study_uid]]
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        modality = dict(self.series[series.study_uid])[series.uid]
+        attrs = {**self.study_attrs[series.study_uid], "00080060": _v("CS", modality),
+                 "00200013": _v("IS", 1)}
+        return [InstanceRecord(series.study_uid, series.uid, f"{series.uid}.{n}", attrs=attrs) for n in (1, 2)]
+
+
+class SearchingArchive(Archive):
+    """Matches study-level terms itself, loosely for PatientName (which it hands back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.searched: list[list[str]] = []
+
+    async def search_studies(self, terms: Sequence[Term]) -> tuple[list[StudyRecord], list[Term]]:
+        self.searched.append([t.keyword for t in terms])
+        studies = [s for s in await self.list_studies() if all(t.matches(s.attrs) for t in terms
+                                                               if t.keyword != "PatientName")]
+        return studies, [t for t in terms if t.keyword == "PatientName"]
+
+
+async def _uids(archive: Archive, *query: str, level: str = "study") -> list[str]:
+    search = Search(Catalog(archive, None))  # type: ignore[arg-type]
+    found = await getattr(search, {"study": "studies", "series": "series", "instance": "instances"}[level])(
+        parse_query(list(query)))
+    return sorted(r.key if isinstance(r, InstanceRecord) else r.uid for r in found)
+
+
+async def test_study_terms_with_wildcards_and_ranges() -> None:
+    for bare in (False, True):  # a bare listing is checked on each study's first instance
+        archive = Archive(bare)
+        assert await _uids(archive, "PatientName=DOE*") == ["1.1"]
+        assert await _uids(archive, "StudyDate=20240101-20241231") == ["1.1"]
+        assert await _uids(archive, "StudyDate=-20231231") == ["1.2"]
+        assert await _uids(archive, "PatientName=*") == ["1.1", "1.2"]
+
+
+async def test_series_and_instance_terms_keep_the_studies_they_match_in() -> None:
+    for bare in (False, True):
+        archive = Archive(bare)
+        assert await _uids(archive, "Modality=SR") == ["1.1"]
+        assert await _uids(archive, "Modality=MR", level="series") == ["1.2.1"]
+        assert await _uids(archive, "Modality=C*", level="series") == ["1.1.1"]
+        assert await _uids(archive, "PatientName=ROE*", level="instance") == ["1.2.1.1", "1.2.1.2"]
+
+
+async def test_an_archive_that_searches_is_asked_and_only_loose_terms_are_checked_again() -> None:
+    archive = SearchingArchive()
+    assert await _uids(archive, "PatientName=ROE*", "StudyDate=20230101") == ["1.2"]
+    assert archive.searched == [["PatientName", "StudyDate"]]
+
+
+async def test_summaries_complete_what_a_bare_listing_leaves_out() -> None:
+    for bare in (False, True):
+        catalog = Catalog(Archive(bare), None)  # type: ignore[arg-type]
+        summaries = Summaries(catalog)
+        study = (await catalog.studies())["1.1"]
+        summary = await summaries.study_summary(study)
+        assert summary["00080061"]["Value"] == ["CT", "SR"]
+        assert summary["00201206"]["Value"] == [2] and summary["00201208"]["Value"] == [4]
+        assert summary["00100010"]["Value"] == [{"Alphabetic": "DOE^JOHN"}]
+        series = (await catalog.series_of("1.1"))["1.1.2"]
+        assert (await summaries.series_summary(series))["00080060"]["Value"] == ["SR"]
