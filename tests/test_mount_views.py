@@ -251,3 +251,12 @@ def test_aeskulap_shows_a_series_opened_from_patients(tmp_path: Path, mount_fact
             if process is not None:
                 process.kill()
                 process.wait(timeout=10)
+
+
+def test_a_mount_query_narrows_every_view(mount_factory: Callable[..., Mount]) -> None:
+    mount = mount_factory("demo", "--query", "PatientName=Doe*")
+    patients = sorted(os.listdir(mount.path / "patients"))
+    assert patients == ["Doe Archibald (77654033)", "Doe Peter (98890234)"]
+    studies = os.listdir(mount.path / "studies")
+    in_dates = [p for p in names_below(mount.path / "dates") if p.count("/") == 2]
+    assert len(in_dates) == len(studies) == 6  # Archibald 2, Peter 4
