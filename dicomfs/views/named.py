@@ -61,7 +61,7 @@ class Folder:
     """A folder's entries (name -> what it gathers), and the listings they were made from."""
 
     inputs: tuple[object, ...]
-    entries: dict[str, tuple[Item, ...]]
+    entries: dict[str, list[Item]]  # (lists, never changed once made)
     nodes: list[Node] | None = None  # its entries' nodes, once listed
 
 
@@ -115,7 +115,7 @@ class NamedView:
         return await self.files.open(node)
 
     # --- folders ----------------------------------------------------------------------------
-    def _node(self, parent: tuple[str, ...], name: str, items: tuple[Item, ...]) -> Node:
+    def _node(self, parent: tuple[str, ...], name: str, items: Sequence[Item]) -> Node:
         path = (*parent, name)
         first = items[0]
         if len(path) == self.template.depth:
@@ -143,7 +143,7 @@ class NamedView:
             studies = await self.shown.studies()
             if known is not None and known.inputs[0] is studies and component.level is Level.STUDY:
                 return known  # the same listing: skip even ordering it again
-            items = tuple(Item(study) for study in studies.values())
+            items = [Item(study) for study in studies.values()]
             inputs = (studies,)
         expanded, listings = await self._expand(items, component.level)
         inputs += listings
@@ -158,7 +158,7 @@ class NamedView:
 
         return await self._flights.run(path, make)
 
-    async def _expand(self, items: tuple[Item, ...], level: Level) -> tuple[list[Item], tuple[object, ...]]:
+    async def _expand(self, items: Sequence[Item], level: Level) -> tuple[list[Item], tuple[object, ...]]:
         """``items`` taken down to ``level`` (a study's series, a series' instances), and the
         listings that took."""
         out = list(items)
@@ -178,7 +178,7 @@ class NamedView:
         assert series is not None
         return await self.catalog.instances_of(series)
 
-    async def _entries(self, component: Component, items: list[Item], *, last: bool) -> dict[str, tuple[Item, ...]]:
+    async def _entries(self, component: Component, items: list[Item], *, last: bool) -> dict[str, list[Item]]:
         """Entry name -> the items it gathers, in name order; colliding names get suffixes."""
         levels = {p.level for p in component.pieces if not isinstance(p, str)}
         study_attrs = await self._attrs_of_studies(items) if Level.STUDY in levels or \
@@ -191,60 +191,54 @@ class NamedView:
         return await trio.to_thread.run_sync(paused, self._name, component, items, study_attrs, series_attrs, last)
 
     def _name(self, component: Component, items: list[Item], study_attrs: dict[str, DicomJson],
-              series_attrs: dict[str, DicomJson], last: bool) -> dict[str, tuple[Item, ...]]:
+              series_attrs: dict[str, DicomJson], last: bool) -> dict[str, list[Item]]:
         """Blocking (CPU): the entries of a folder from its items and their attributes."""
         extension = SUFFIX if last else ""
-        kind, level, ascii_only = component.names, component.level, self.ascii_names
-        by_name: dict[str, list[tuple[Item, Sequence[DicomJson]]]] = {}
+        kind, level, ascii_only, render = component.names, component.level, self.ascii_names, component.render
         empty: DicomJson = {}
-        for item in items:
-            attrs = (study_attrs.get(item.study.uid, empty),  # by Level, an IntEnum
-                     series_attrs.get(item.series.key, empty) if item.series is not None else empty,
-                     item.instance.attrs if item.instance is not None else empty)
-            name = component.render(attrs, key=item.instance.key if item.instance else "",
-                                    ascii_only=ascii_only, extension=extension)
+        attrs: list[DicomJson] = [empty, empty, empty]  # by Level (an IntEnum); refilled per item
+        by_name: dict[str, list[Item]] = {}
+        for item in items:  # (most of the cost of listing 10,000 studies: one name, one list each)
+            attrs[0] = study_attrs.get(item.study.uid) or item.study.attrs
+            attrs[1] = series_attrs.get(item.series.key, empty) if item.series is not None else empty
+            attrs[2] = item.instance.attrs if item.instance is not None else empty
+            name = render(attrs, key=item.instance.key if item.instance else "", ascii_only=ascii_only,
+                          extension=extension)
             found = by_name.get(name)
             if found is None:
-                by_name[name] = [(item, attrs)]
+                by_name[name] = [item]
             else:
-                found.append((item, attrs))
+                found.append(item)
         # What a name stands for is only asked where several items share it: merged when they
         # stand for one thing (a patient's studies), suffixed when for different things.
-        entries: dict[str, list[Item]] = {}
         shared: dict[str, dict[str, list[Item]]] = {}
-        for name, members in by_name.items():
-            if len(members) == 1 or kind is Names.GROUP:
-                entries[name] = [item for item, _ in members]
-                continue
-            identities: dict[str, list[Item]] = {}
-            for item, held in members:
-                identity = item.identity(level) if kind is Names.ENTITY else _patient(held[Level.STUDY], name)
-                identities.setdefault(identity, []).append(item)
-            if len(identities) == 1:
-                entries[name] = [item for item, _ in members]
-            else:
-                shared[name] = identities
+        if kind is not Names.GROUP:
+            for name, members in by_name.items():
+                if len(members) == 1:
+                    continue
+                identities: dict[str, list[Item]] = {}
+                for item in members:
+                    identity = (item.identity(level) if kind is Names.ENTITY
+                                else _patient(study_attrs.get(item.study.uid) or item.study.attrs, name))
+                    identities.setdefault(identity, []).append(item)
+                if len(identities) > 1:
+                    shared[name] = identities
         for name, identities in shared.items():
+            del by_name[name]
             for identity, group in identities.items():
                 suffixed = names.with_suffix(name, identity, extension)
-                if suffixed in entries:
+                if suffixed in by_name:
                     suffixed = names.with_suffix(name, identity, extension, WIDE_SUFFIX)
-                entries.setdefault(suffixed, []).extend(group)
-        return {name: tuple(entries[name]) for name in sorted(entries)}
+                by_name.setdefault(suffixed, []).extend(group)
+        return {name: by_name[name] for name in sorted(by_name)}
 
     async def _attrs_of_studies(self, items: list[Item]) -> dict[str, DicomJson]:
-        studies = {i.study.uid: i.study for i in items}
-        out: dict[str, DicomJson] = {}
-        missing: list[StudyRecord] = []
-        for uid, study in studies.items():
-            listed = self.summaries.listed_study_attrs(study)
-            if listed is None:
-                missing.append(study)
-            else:
-                out[uid] = listed
-        for study, attrs in zip(missing, await map_bounded(missing, self.summaries.study_attrs, self._limit)):
-            out[study.uid] = attrs
-        return out
+        """The attributes of the studies whose listing carries none (COD), completed; the others'
+        are their own (``_name`` reads them there)."""
+        listed = self.summaries.listed_study_attrs
+        missing = list({i.study.uid: i.study for i in items if listed(i.study) is None}.values())
+        completed = await map_bounded(missing, self.summaries.study_attrs, self._limit)
+        return {study.uid: attrs for study, attrs in zip(missing, completed)}
 
     async def _attrs_of_series(self, items: list[Item]) -> dict[str, DicomJson]:
         out: dict[str, DicomJson] = {}
