@@ -422,7 +422,9 @@ def _ls(args: argparse.Namespace) -> int:
 
     from dicomfs.mount import mount_containing
 
-    mounted = mount_containing(Path(args.source).expanduser()) if "://" not in args.source else None
+    given = Path(args.source).expanduser()
+    # (an existing path only: "demo" typed in a folder of a mount still means the demo)
+    mounted = mount_containing(given) if "://" not in args.source and given.exists() else None
     if mounted is not None:
         point, spec, cache_dir = mounted
         print(f"dicomfs: {args.source} is in the dicomfs mount {point} of {spec.kind} {spec.location}: "
