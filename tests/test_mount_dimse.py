@@ -412,3 +412,28 @@ def test_what_the_pacs_sends_is_checked_against_its_listing(own_pacs: Pacs,
     assert read_errno(folder / f"{gone}.dcm") == 5
     assert f"the PACS sent instance '{MULLER}.1.9', which its listing did not name: dropped" in mount.log
     assert mount.alive()
+
+
+def test_readable_views_of_a_pacs_list_without_retrieving(pacs: Pacs, mount_factory: Callable[..., Mount],
+                                                          tmp_path: Path) -> None:
+    """patients/ and dates/ come from C-FIND alone; their files are the studies/ files (one inode
+    each); ls and dicomweb/ compute the same counts and modalities."""
+    before = pacs.retrieves()
+    mount = mount_of(pacs, mount_factory)
+    found = {view: sh("find", str(mount.path / view), "-name", "*.dcm", "-printf", "%P\\n").stdout.splitlines()
+             for view in ("studies", "patients", "dates")}
+    assert pacs.retrieves() == before, "listing the views retrieved instances"
+    assert len(found["studies"]) == len(found["patients"]) == len(found["dates"]) == len(pacs.files)
+    assert any(p.startswith("MÜLLER HANS (TEST-1)/2023-05-05 ") for p in found["patients"]), found["patients"]
+    inodes = {view: sorted(int(i) for i in sh("find", str(mount.path / view), "-name", "*.dcm", "-printf",
+                                              "%i\\n").stdout.split()) for view in ("studies", "patients")}
+    assert inodes["studies"] == inodes["patients"]
+    index = json.loads(gzip.decompress((mount.path / "dicomweb/studies/index.json.gz").read_bytes()))
+    rows = [json.loads(line) for line in dicomfs("ls", pacs.source, "--json", "--cache-dir", str(tmp_path / "ls"),
+                                                 check=True).stdout.splitlines()]
+    web = {s["0020000D"]["Value"][0]: s for s in index}
+    assert sorted(web) == sorted(r["StudyInstanceUID"] for r in rows)
+    for row in rows:
+        study = web[row["StudyInstanceUID"]]
+        assert (row["ModalitiesInStudy"], row["Series"], row["Instances"]) == (
+            study["00080061"].get("Value"), study["00201206"]["Value"][0], study["00201208"]["Value"][0])

@@ -259,4 +259,4 @@ def test_a_mount_query_narrows_every_view(mount_factory: Callable[..., Mount]) -
     assert patients == ["Doe Archibald (77654033)", "Doe Peter (98890234)"]
     studies = os.listdir(mount.path / "studies")
     in_dates = [p for p in names_below(mount.path / "dates") if p.count("/") == 2]
-    assert len(in_dates) == len(studies) == 6  # Archibald 2, Peter 4
+    assert len(in_dates) == len(studies) == 6  # the Doe studies of the demo
