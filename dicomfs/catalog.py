@@ -7,8 +7,8 @@ listing when the archive is unreachable: while the archive's breaker is open (``
 listings are served without asking it. Studies that ``prefetch`` stored are
 remembered so that an offline mount lists them even if the whole archive was never listed.
 Which of them a mount shows (its ``--query``) is ``search.Shown``'s business. Also keeps each
-series' full metadata (the static DICOMweb tree's input) the same way.
-Must not fetch instance data.
+series' full metadata (the static DICOMweb tree's input) the same way. Ages in memory are on
+``clock.now`` (mockable), the store's on wall time. Must not fetch instance data.
 """
 
 from __future__ import annotations
