@@ -3,7 +3,8 @@
 Owns the kernel's view of the tree: which inodes it holds (lookup counts), the root folder (one
 entry per view: ``studies/``, the readable views, ``dicomweb/``), attributes (modes, exact sizes,
 mtimes from the archive or the DICOM dates, link counts, how long the kernel may keep them) and
-opening files. A size is only ever reported when it is exact; a file whose content follows the
+opening files, and OS probe names (``.Trash``, ``desktop.ini`` …: ENOENT at once, for every
+view, without asking it). A size is only ever reported when it is exact; a file whose content follows the
 listings is revalidated like them, everything else is immutable. An instance file is one file in
 every view that shows it: one inode, ``st_nlink`` counting those views. The layouts are the views'
 (``views/``). Testable without FUSE; must not read instance bytes or know pyfuse3.
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dicomfs.errors import NotADirectory, NotFound
+from dicomfs.uids import is_probe_name
 from dicomfs.views.base import Handle, Node, View
 
 log = logging.getLogger(__name__)
@@ -59,9 +61,9 @@ class Tree:
     def remember(self, node: Node) -> None:
         """The kernel now holds one more reference to ``node``."""
         known = self._nodes.get(node.inode)
-        if known is not None and known.shows_instance != node.shows_instance:
-            log.error("inode collision between %s and %s", known.name, node.name)
-        elif known is not None and not node.shows_instance and (known.view, known.path) != (node.view, node.path):
+        # one instance may be known by several paths (one per view); anything else by one only
+        if known is not None and (known.shows_instance != node.shows_instance or (
+                not node.shows_instance and (known.view, known.path) != (node.view, node.path))):
             log.error("inode collision between %s and %s", known.name, node.name)
         self._nodes[node.inode] = node
         self._lookups[node.inode] += 1
@@ -81,7 +83,9 @@ class Tree:
     async def lookup(self, parent: Node, name: str) -> Node:
         if not parent.is_dir:
             raise NotADirectory(parent.name)
-        if parent is self.root or parent.inode == ROOT_INODE:
+        if is_probe_name(name):  # for every view, at once, without asking it
+            raise NotFound(name)
+        if parent.inode == ROOT_INODE:
             view = self.views.get(name)
             if view is None:
                 raise NotFound(name)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from dicomfs.catalog import Catalog
 from dicomfs.errors import NotFound
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
-from dicomfs.uids import is_key, is_probe_name
+from dicomfs.uids import is_key
 
 INDEX = "index.json.gz"
 METADATA = "metadata.gz"
@@ -146,8 +146,6 @@ class WebLayout:
         raise NotFound(node.name)
 
     async def lookup(self, node: WebNode, name: str) -> WebNode:
-        if is_probe_name(name):
-            raise NotFound(name)
         kind = node.kind
         if name == INDEX and kind in _INDEXES:
             return node.child(_INDEXES[kind], INDEX)

@@ -260,3 +260,26 @@ async def test_views_chosen_and_custom_views(tmp_path: Path) -> None:
     first_day = sorted({p.split("/")[1] for p in by_date if p.startswith("2024-03-01/")})
     assert len(first_day) == 2 and all(f.startswith("002 [") for f in first_day)
     assert {v[1] for v in found["patients"].values()} == {2}  # two views show instances
+
+
+async def test_probe_names_are_enoent_in_every_view_without_asking_the_archive(tmp_path: Path) -> None:
+    import errno
+
+    import pyfuse3
+    import trio
+
+    archive = _archive()
+    blobs = BlobStore(tmp_path, 1 << 30, archive)  # type: ignore[arg-type]
+    catalog = Catalog(archive, None)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(blobs.run)
+        fs = Mounted(operations(catalog, blobs))
+        for folder in ("", "studies", "patients", "dates", "dicomweb", "dicomweb/studies"):
+            parent = await fs.resolve(folder)
+            for probe in (".Trash-0", "desktop.ini", "._x", ".DS_Store"):
+                with pytest.raises(pyfuse3.FUSEError) as raised:
+                    await fs.ops.lookup(parent, probe.encode())
+                assert raised.value.errno == errno.ENOENT
+        nursery.cancel_scope.cancel()
+    blobs.close()
+    assert not archive.listings and not archive.calls  # nothing was listed, nothing fetched

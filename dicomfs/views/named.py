@@ -28,7 +28,6 @@ from dicomfs.search import Shown
 from dicomfs.singleflight import SingleFlight
 from dicomfs.summary import Summaries
 from dicomfs.tasks import map_bounded
-from dicomfs.uids import is_probe_name
 from dicomfs.views import names
 from dicomfs.views.base import Handle, InstanceFiles, Node, instance_node, path_inode
 from dicomfs.views.template import SUFFIX, Component, Level, Names, Template
@@ -101,7 +100,7 @@ class NamedView:
         return [(child, sized[child.inode]) for child in nodes]
 
     async def lookup(self, node: Node, name: str) -> Node:
-        if is_probe_name(name) or len(node.path) >= self.template.depth:
+        if len(node.path) >= self.template.depth:
             raise NotFound(name)
         items = (await self._folder(node.path)).entries.get(name)
         if items is None:
