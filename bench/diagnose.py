@@ -37,6 +37,7 @@ from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.sources.base import Credentials, Source
 from dicomfs.sources.cod import CodSource
 from dicomfs.sources.dicomweb import SERIES_ACCEPT, DicomwebSource
+from dicomfs.sources.gcs import GcsBucket
 
 
 class _Discard:
@@ -107,12 +108,12 @@ async def _open_all(source: Source, work: list[tuple[SeriesRecord, list[Instance
 
 async def _cod_stages(endpoint: str, bucket: str, prefix: str, study_uid: str, series_uid: str, tar_name: str,
                       probe: str, ranges: dict[str, tuple[int, int]], cache_dir: Path) -> dict[str, float]:
-    source = CodSource(endpoint, bucket, prefix, Credentials())
+    source = CodSource(GcsBucket(endpoint, bucket, Credentials()), prefix)
     try:
         record = next(s for s in await source.list_series(study_uid) if s.uid == series_uid)
         instances = sorted(await source.list_instances(record), key=lambda i: i.key)
         one = next(i for i in instances if i.key == probe)
-        url = source.bucket.media_url(tar_name)
+        url = source.bucket.object_url(tar_name)
         probe_range, first = ranges[probe], min(start for start, _ in ranges.values())
 
         async def httpx_get(client: httpx.AsyncClient, start: int, end: str) -> None:

@@ -166,9 +166,12 @@ def _add_archive_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", help="HTTP basic auth user; password from DICOMFS_PASSWORD or --password-file")
     parser.add_argument("--password-file")
     parser.add_argument("--token-file", help="bearer token file (or DICOMFS_TOKEN)")
-    parser.add_argument("--endpoint", help="object store endpoint for gs:// sources "
-                        "(default: $STORAGE_EMULATOR_HOST or Google Cloud Storage)")
+    parser.add_argument("--endpoint", help="object store endpoint for gs:// sources (default: "
+                        "$STORAGE_EMULATOR_HOST or Google Cloud Storage) and s3:// sources (default: "
+                        "$AWS_ENDPOINT_URL or AWS S3 in $AWS_REGION)")
     parser.add_argument("--user-project", help="project billed for requester-pays buckets")
+    parser.add_argument("--no-sign-request", action="store_true",
+                        help="s3:// sources: anonymous requests, even where AWS credentials are set")
     parser.add_argument("--timeout", type=_seconds, default=DEFAULT_WINDOW, metavar="SECONDS",
                         help="longest the archive may stay silent, and the window over which --min-rate is "
                         f"measured (default {DEFAULT_WINDOW:.0f})")
@@ -247,7 +250,7 @@ def _archive_options(args: argparse.Namespace, *, with_blobs: bool,
     source_options = SourceOptions(args.endpoint, args.user_project, args.timeout, ae_title=args.ae_title,
                                    retrieve=args.retrieve, move_port=args.move_port,
                                    max_associations=args.max_associations, tls_ca=args.tls_ca,
-                                   tls_cert=args.tls_cert, tls_key=args.tls_key)
+                                   tls_cert=args.tls_cert, tls_key=args.tls_key, sign=not args.no_sign_request)
     return ArchiveOptions(spec, cache_dir, credentials, source_options, cache_size,
                           getattr(args, "listing_ttl", 60.0), parse_query(args.query), limits)
 

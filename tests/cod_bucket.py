@@ -1,11 +1,11 @@
-"""A COD datastore in a GCS emulator holding the demo files (v1, v2, hashed keys) and a big series."""
+"""A COD datastore in a GCS emulator or an S3 bucket holding the demo files (v1, v2, hashed keys) and a big series."""
 
 from __future__ import annotations
 
 import hashlib
 
 from tests.cod_writer import CodSeriesFiles, write_series
-from tests.servers import GcsEmulator
+from tests.servers import GcsEmulator, S3BucketHandle
 
 BUCKET = "cod-test"
 BIG_STUDY, BIG_SERIES = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.7.1"
@@ -16,7 +16,7 @@ def digest(data: bytes) -> str:
 
 
 class Bucket:
-    def __init__(self, emulator: GcsEmulator) -> None:
+    def __init__(self, emulator: GcsEmulator | S3BucketHandle) -> None:
         self.emulator = emulator
         self.expected: dict[str, dict[str, str]] = {}  # prefix -> mount path -> sha256
         self.tars: dict[str, int] = {}  # object name -> size

@@ -389,3 +389,94 @@ class GcsEmulator(_ServerProcess):
 
 
 
+
+
+class S3Server(_ServerProcess):
+    """``moto_server`` (PyPI moto, server mode) on loopback: a real S3 API (ListObjectsV2 pages,
+    Range, SigV4), in memory. With ``enforce_auth`` it checks every request's SigV4 signature
+    against an IAM user it creates at start (``access_key``, ``secret_key``) and refuses others;
+    without, anyone may read (a public bucket). Its buckets are made with ``create_bucket``."""
+
+    REGION = "us-east-1"
+
+    def __init__(self, *, enforce_auth: bool = False) -> None:
+        self.enforce_auth = enforce_auth
+        self.port = free_port()
+        self.access_key, self.secret_key = "dicomfs-test-key", "dicomfs-test-secret"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.url
+
+    def start(self) -> S3Server:
+        import sys
+
+        executable = Path(sys.executable).parent / "moto_server"
+        if not executable.exists():
+            raise RuntimeError("moto_server is not installed: run scripts/install.sh --test")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        if self.enforce_auth:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # the three IAM calls below, then SigV4 only
+        self.process = subprocess.Popen([str(executable), "-H", "127.0.0.1", "-p", str(self.port)], env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_until(self._answers, 60, "the S3 server (moto) to answer")
+        if self.enforce_auth:
+            iam = self._client("iam", "bootstrap", "bootstrap")
+            iam.create_user(UserName="dicomfs")
+            key = iam.create_access_key(UserName="dicomfs")["AccessKey"]
+            iam.put_user_policy(UserName="dicomfs", PolicyName="all", PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+            self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
+        return self
+
+    def _answers(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {self.process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _client(self, service: str, key: str | None = None, secret: str | None = None):  # noqa: ANN202
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(service, endpoint_url=self.endpoint, region_name=self.REGION,
+                            aws_access_key_id=key or self.access_key, aws_secret_access_key=secret or self.secret_key,
+                            config=Config(retries={"max_attempts": 1}))
+
+    def create_bucket(self, name: str, *, public: bool = False) -> S3BucketHandle:
+        """A bucket; ``public``: it and the objects put into it are readable by anyone (the
+        ``public-read`` canned ACL)."""
+        self._client("s3").create_bucket(Bucket=name, **({"ACL": "public-read"} if public else {}))
+        return S3BucketHandle(self, name, public)
+
+    def env(self, *, signed: bool = True) -> dict[str, str]:
+        """The environment a dicomfs process needs to reach this server (with its credentials)."""
+        env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": self.REGION, "AWS_EC2_METADATA_DISABLED": "true",
+               "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+        if signed:
+            env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
+        return env
+
+
+class S3BucketHandle:
+    """One bucket of an ``S3Server``: ``upload`` objects into it (as ``GcsEmulator.upload`` does)."""
+
+    def __init__(self, server: S3Server, name: str, public: bool) -> None:
+        self.server = server
+        self.name = name
+        self.public = public
+        self.port = server.port
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    def upload(self, objects: dict[str, bytes]) -> None:
+        client = self.server._client("s3")
+        for key, data in objects.items():
+            client.put_object(Bucket=self.name, Key=key, Body=data, **({"ACL": "public-read"} if self.public else {}))

@@ -17,6 +17,7 @@ from dicomfs.records import SeriesRecord
 from dicomfs.sources import parse_source
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.cod import CodSource, _route
+from dicomfs.sources.gcs import GcsBucket
 from dicomfs.sources.cod_metadata import CodInstance, parse_series_index
 from tests.cod_writer import CodSeriesFiles, crc32c_b64, write_series
 from tests.factory import make_instance, streamed
@@ -39,9 +40,9 @@ def paged_listing(prefixes: list[str], page: int):
 
 async def test_study_listing_follows_every_page() -> None:
     prefixes = [f"v1/dicomweb/studies/1.2.{n}/" for n in range(2500)]
-    source = CodSource("http://gcs.test", "bkt", "v1/dicomweb", Credentials(token="tok"),
-                       user_project="billing-project",
-                       transport=httpx.MockTransport(streamed(paged_listing(prefixes, 1000))))
+    source = CodSource(GcsBucket("http://gcs.test", "bkt", Credentials(token="tok"), user_project="billing-project",
+                                 transport=httpx.MockTransport(streamed(paged_listing(prefixes, 1000)))),
+                       "v1/dicomweb")
     studies = await source.list_studies()
     assert len(studies) == 2500
     assert {s.uid for s in studies} == {f"1.2.{n}" for n in range(2500)}
@@ -170,7 +171,8 @@ async def test_fetch_instance_uses_one_range_request() -> None:
         return httpx.Response(206, stream=httpx.ByteStream(tar[int(first):int(last) + 1]),
                               headers={"Content-Range": f"bytes {first}-{last}/{len(tar)}"})
 
-    source = CodSource("http://gcs.test", "bkt", "p", Credentials(), transport=httpx.MockTransport(streamed(handler)))
+    source = CodSource(GcsBucket("http://gcs.test", "bkt", Credentials(), transport=httpx.MockTransport(streamed(handler))),
+                       "p")
     await source.list_series("1.2")
     instances = await source.list_instances(SeriesRecord("1.2", "1.2.3"))
     target = next(i for i in instances if i.key == "1.2.3.2")

@@ -36,6 +36,7 @@ class SourceOptions:
     tls_ca: str | None = None  # DICOM TLS: the PACS's CA, our certificate and key (dimse+tls)
     tls_cert: str | None = None
     tls_key: str | None = None
+    sign: bool = True  # sign S3 requests with the AWS chain's credentials (``--no-sign-request``: never)
 
 
 def parse_source(text: str) -> SourceSpec:
@@ -48,15 +49,15 @@ def parse_source(text: str) -> SourceSpec:
             return _dicomweb_spec(text[len("dicomweb+") :])
     if lowered.startswith(("http://", "https://")):
         return _dicomweb_spec(text)
-    if lowered.startswith("gs://"):
-        return _gs_spec(text)
+    if lowered.startswith(("gs://", "s3://")):
+        return _bucket_spec(text)
     if lowered.startswith(("cod+https://", "cod+http://")):
         return _cod_url_spec(text[len("cod+"):])
     if lowered.startswith(("dimse://", "dimse+tls://")):
         return _dimse_spec(text)
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise UsageError(f"unknown source scheme {scheme!r} (use http(s)://, gs://, cod+https://, dimse://, "
+        raise UsageError(f"unknown source scheme {scheme!r} (use http(s)://, gs://, s3://, cod+https://, dimse://, "
                          "a folder, or demo)")
     path = Path(text).expanduser()
     if not path.is_dir():
@@ -80,11 +81,12 @@ def _dicomweb_spec(url: str) -> SourceSpec:
     return SourceSpec(kind="dicomweb", location=str(parsed).rstrip("/"))
 
 
-def _gs_spec(text: str) -> SourceSpec:
-    """``gs://<bucket>/<datastore path>``: the path is used exactly as written."""
-    bucket, _, prefix = text[len("gs://"):].partition("/")
+def _bucket_spec(text: str) -> SourceSpec:
+    """``gs://<bucket>/<datastore path>`` or ``s3://…``: the path is used exactly as written."""
+    scheme, _, rest = text.partition("://")
+    bucket, _, prefix = rest.partition("/")
     _check_bucket(bucket)
-    return SourceSpec(kind="cod", location=f"gs://{bucket}/{prefix.strip('/')}")
+    return SourceSpec(kind="cod", location=f"{scheme.lower()}://{bucket}/{prefix.strip('/')}")
 
 
 def _cod_url_spec(url: str) -> SourceSpec:
@@ -134,14 +136,21 @@ def open_source(spec: SourceSpec, credentials: Credentials, work_dir: Path,
     options = options or SourceOptions()
     if spec.kind == "cod":
         from dicomfs.sources.cod import CodSource
-        from dicomfs.sources.gcs import default_endpoint
 
-        bucket, _, prefix = spec.location[len("gs://"):].partition("/")
+        scheme, _, rest = spec.location.partition("://")
+        name, _, prefix = rest.partition("/")
+        if scheme == "s3":
+            from dicomfs.sources.s3 import S3Bucket
+
+            return CodSource(S3Bucket(name, endpoint=options.endpoint, sign=options.sign, timeout=options.timeout),
+                             prefix)
+        from dicomfs.sources.gcs import GcsBucket, default_endpoint
+
         if spec.token and not credentials.token:
             credentials = Credentials(credentials.user, credentials.password, spec.token)
         endpoint = options.endpoint or spec.endpoint or default_endpoint()
-        return CodSource(endpoint, bucket, prefix, credentials, user_project=options.user_project,
-                         timeout=options.timeout)
+        return CodSource(GcsBucket(endpoint, name, credentials, user_project=options.user_project,
+                                   timeout=options.timeout), prefix)
     if spec.kind == "dicomweb":
         from dicomfs.sources.dicomweb import DicomwebSource
 

@@ -4,7 +4,8 @@ Owns the bucket layout (``<prefix>/studies/<St>/series/<Se>.tar`` and
 ``<Se>/metadata.json``), turning the index into records with exact sizes, and delivering
 instance bytes from the tar: the whole tar in one GET, or one instance by a Range request.
 Every instance is checked against its size and CRC32C before it reaches the sink.
-Must not cache blobs (the blob store does) or decide when to fetch a range or the whole tar.
+The bucket is any object store (``bucket.Bucket``: GCS, S3). Must not cache blobs (the blob
+store does), decide when to fetch a range or the whole tar, or know which store it reads.
 """
 
 from __future__ import annotations
@@ -17,20 +18,18 @@ from pathlib import Path
 
 import cachetools
 import google_crc32c
-import httpx
 
 from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBroken
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
-from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
+from dicomfs.sources.base import MemberWriter, SeriesSink
+from dicomfs.sources.bucket import Bucket, ObjectInfo
 from dicomfs.sources.cod_metadata import (
     MAX_METADATA_BYTES,
     CodInstance,
     CodSeries,
     parse_series_index,
 )
-from dicomfs.sources.gcs import GcsBucket, ObjectInfo
-from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.uids import is_key
 
 log = logging.getLogger(__name__)
@@ -44,17 +43,14 @@ class SeriesObjects:
 
 
 class CodSource:
-    """A COD datastore ``gs://<bucket>/<prefix>`` read through the GCS JSON API."""
+    """A COD datastore ``<prefix>`` in a bucket (GCS ``gs://``, S3 ``s3://``)."""
 
     serves_files_in_place = False
 
-    def __init__(self, endpoint: str, bucket: str, prefix: str, credentials: Credentials, *,
-                 user_project: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
-                 page_size: int = 1000, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, bucket: Bucket, prefix: str) -> None:
         self.prefix = prefix.strip("/")
-        self.description = f"gs://{bucket}/{self.prefix}"
-        self.bucket = GcsBucket(endpoint, bucket, credentials, user_project=user_project,
-                                transport=transport, page_size=page_size, timeout=timeout)
+        self.description = f"{bucket.description}/{self.prefix}"
+        self.bucket = bucket
         self._objects: dict[tuple[str, str], SeriesObjects] = {}
         self._indexes: cachetools.LRUCache[tuple[str, str], CodSeries] = cachetools.LRUCache(64)
         self._flights: SingleFlight[CodSeries] = SingleFlight()

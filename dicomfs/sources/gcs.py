@@ -1,15 +1,13 @@
-"""Google Cloud Storage access for bucket sources: paginated listings and ranged object reads.
+"""Google Cloud Storage access for bucket sources: paginated listings and object URLs.
 
 Owns the GCS JSON API URLs (also served by emulators), ``nextPageToken`` pagination, bearer
-tokens and requester-pays headers. Must not know what the objects contain.
+tokens and requester-pays headers. Reading objects is ``bucket.ObjectReader``'s. Must not know
+what the objects contain.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -17,10 +15,10 @@ import httpx
 
 from dicomfs.errors import ProtocolError
 from dicomfs.sources.base import Credentials
+from dicomfs.sources.bucket import MAX_LIST_PAGES, ObjectInfo, ObjectReader
 from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
-MAX_LIST_PAGES = 100_000
 
 
 def default_endpoint() -> str:
@@ -31,20 +29,13 @@ def default_endpoint() -> str:
     return DEFAULT_ENDPOINT
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
-    name: str
-    size: int
-    crc32c: str | None
-    updated: str | None
-
-
-class GcsBucket:
+class GcsBucket(ObjectReader):
     def __init__(self, endpoint: str, bucket: str, credentials: Credentials, *, user_project: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None, page_size: int = 1000,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.bucket = bucket
+        self.description = f"gs://{bucket}"
         self.page_size = page_size
         headers = {"X-Goog-User-Project": user_project} if user_project else None
         self.http = HttpClient(credentials, transport=transport, extra_headers=headers, timeout=timeout,
@@ -82,40 +73,8 @@ class GcsBucket:
                 break
         return prefixes, objects
 
-    def media_url(self, name: str) -> str:
+    def object_url(self, name: str) -> str:
         return f"{self.endpoint}/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(name, safe='')}?alt=media"
-
-    async def read(self, name: str, limit: int) -> bytes:
-        """A whole (small) object, as stored: no transparent decompression."""
-        async with self.http.stream(self.media_url(name), {"Accept-Encoding": "identity"}) as response:
-            body = bytearray()
-            async for chunk in response.aiter_raw():
-                body += chunk
-                if len(body) > limit:
-                    raise ProtocolError(f"object {name} is larger than {limit} bytes")
-            return bytes(body)
-
-    @asynccontextmanager
-    async def stream(self, name: str, start: int = 0, end: int | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
-        """The bytes ``[start, end)`` of an object (a Range request unless it is the whole object)."""
-        headers = {"Accept-Encoding": "identity"}
-        if start or end is not None:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        async with self.http.stream(self.media_url(name), headers) as response:
-            skip = start if (start and response.status_code == 200) else 0  # Range ignored
-            if response.status_code == 206 and not response.headers.get("content-range", "").startswith(
-                    f"bytes {start}-"):
-                raise ProtocolError(f"object {name}: the server answered a different range")
-            yield _skipping(response.aiter_raw(), skip)
-
-
-async def _skipping(chunks: AsyncIterator[bytes], skip: int) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        if skip >= len(chunk):
-            skip -= len(chunk)
-            continue
-        yield chunk[skip:] if skip else chunk
-        skip = 0
 
 
 def _object_info(item: object) -> ObjectInfo | None:

@@ -110,13 +110,16 @@ class HttpClient:
         max_connections: int = 16,
         extra_headers: dict[str, str] | None = None,
         tls: bool = True,
+        auth: httpx.Auth | None = None,
     ) -> None:
-        """``tls=False`` for a plain-http archive: no certificate store is loaded (tens of
-        milliseconds), and a redirect to https fails verification instead of going unchecked."""
+        """``auth``: how requests are signed, instead of the bearer token or user and password of
+        ``credentials`` (an S3 bucket's SigV4). ``tls=False`` for a plain-http archive: no
+        certificate store is loaded (tens of milliseconds), and a redirect to https fails
+        verification instead of going unchecked."""
         self.retry = retry or RetryPolicy()
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client = httpx.AsyncClient(
-            auth=_auth(credentials),
+            auth=auth or _auth(credentials),
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             # httpx applies HTTP(S)_PROXY only to its own default transport: keep that one then.
             transport=transport or (None if _proxied() else LargeReadTransport(limits, tls=tls)),

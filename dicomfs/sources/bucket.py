@@ -1,0 +1,86 @@
+"""What every object store a bucket source reads looks like: listings and ranged object reads.
+
+Owns the object store protocol (``Bucket``: ``list``, ``read``, ``stream``, ``aclose``), the
+``ObjectInfo`` a listing yields, and the reading of objects that every store shares: a bounded
+whole-object read and a ranged stream that checks the range it got (or skips to it when a server
+ignores Range). The stores (``gcs``, ``s3``) own their URLs, listing pages and authentication.
+Must not know what the objects contain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from dicomfs.errors import ProtocolError
+from dicomfs.sources.http import HttpClient
+
+MAX_LIST_PAGES = 100_000
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+    crc32c: str | None = None  # base64 of the big-endian CRC32C (GCS)
+    updated: str | None = None
+    etag: str | None = None  # without quotes (S3; an MD5 for objects uploaded in one part)
+
+
+class Bucket(Protocol):
+    description: str  # ``gs://bucket`` or ``s3://bucket``: safe to log
+
+    async def list(self, prefix: str, *, delimiter: str | None = "/",
+                   max_pages: int = MAX_LIST_PAGES) -> tuple[list[str], list[ObjectInfo]]:
+        """All sub-prefixes and objects under ``prefix``, following every page (up to ``max_pages``)."""
+        ...
+
+    async def read(self, name: str, limit: int) -> bytes: ...
+
+    def stream(self, name: str, start: int = 0, end: int | None = None
+               ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ObjectReader:
+    """Reading objects over HTTP, given where an object is (``object_url``); the stores inherit it."""
+
+    http: HttpClient
+
+    def object_url(self, name: str) -> str:
+        raise NotImplementedError
+
+    async def read(self, name: str, limit: int) -> bytes:
+        """A whole (small) object, as stored: no transparent decompression."""
+        async with self.http.stream(self.object_url(name), {"Accept-Encoding": "identity"}) as response:
+            body = bytearray()
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > limit:
+                    raise ProtocolError(f"object {name} is larger than {limit} bytes")
+            return bytes(body)
+
+    @asynccontextmanager
+    async def stream(self, name: str, start: int = 0, end: int | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The bytes ``[start, end)`` of an object (a Range request unless it is the whole object)."""
+        headers = {"Accept-Encoding": "identity"}
+        if start or end is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        async with self.http.stream(self.object_url(name), headers) as response:
+            skip = start if (start and response.status_code == 200) else 0  # Range ignored
+            if response.status_code == 206 and not response.headers.get("content-range", "").startswith(
+                    f"bytes {start}-"):
+                raise ProtocolError(f"object {name}: the server answered a different range")
+            yield _skipping(response.aiter_raw(), skip)
+
+
+async def _skipping(chunks: AsyncIterator[bytes], skip: int) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        yield chunk[skip:] if skip else chunk
+        skip = 0
