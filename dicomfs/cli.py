@@ -31,6 +31,7 @@ from dicomfs.sources import (
     SourceSpec,
     credentials_from_environment,
     parse_source,
+    query_keys,
 )
 from dicomfs.transferlimits import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, DEFAULT_WINDOW, TransferLimits
 from dicomfs.waiting import DEFAULT_READ_TIMEOUT
@@ -170,6 +171,8 @@ def _add_archive_options(parser: argparse.ArgumentParser) -> None:
                         "$STORAGE_EMULATOR_HOST or Google Cloud Storage) and s3:// sources (default: "
                         "$AWS_ENDPOINT_URL or AWS S3 in $AWS_REGION)")
     parser.add_argument("--user-project", help="project billed for requester-pays buckets")
+    parser.add_argument("--idc-index", metavar="FILE", help="idc source: the IDC index parquet (default: the "
+                        "installed idc-index-data package's)")
     parser.add_argument("--no-sign-request", action="store_true",
                         help="s3:// sources: anonymous requests, even where AWS credentials are set")
     parser.add_argument("--timeout", type=_seconds, default=DEFAULT_WINDOW, metavar="SECONDS",
@@ -250,9 +253,10 @@ def _archive_options(args: argparse.Namespace, *, with_blobs: bool,
     source_options = SourceOptions(args.endpoint, args.user_project, args.timeout, ae_title=args.ae_title,
                                    retrieve=args.retrieve, move_port=args.move_port,
                                    max_associations=args.max_associations, tls_ca=args.tls_ca,
-                                   tls_cert=args.tls_cert, tls_key=args.tls_key, sign=not args.no_sign_request)
+                                   tls_cert=args.tls_cert, tls_key=args.tls_key, idc_index=args.idc_index,
+                                   sign=not args.no_sign_request)
     return ArchiveOptions(spec, cache_dir, credentials, source_options, cache_size,
-                          getattr(args, "listing_ttl", 60.0), parse_query(args.query), limits)
+                          getattr(args, "listing_ttl", 60.0), parse_query(args.query, query_keys(spec)), limits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     from dicomfs.mount import MountOptions, check_mountpoint
-    from dicomfs.views import ViewOptions
+    from dicomfs.views import COLLECTIONS, DEFAULT_VIEWS, ViewOptions
 
-    views = ViewOptions.parse(args.views, args.view, args.ascii_names)
-    archive = _archive_options(args, with_blobs=True)
+    spec = parse_source(args.source)
+    defaults = (*DEFAULT_VIEWS, COLLECTIONS) if spec.kind == "idc" else DEFAULT_VIEWS
+    views = ViewOptions.parse(args.views, args.view, args.ascii_names, defaults)
+    archive = _archive_options(args, with_blobs=True, spec=spec)
     mountpoint = check_mountpoint(Path(args.mountpoint).expanduser())
     assert archive.cache_size is not None
     detach = not (args.foreground or args.systemd)

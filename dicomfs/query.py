@@ -10,6 +10,7 @@ Must not do I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ _RANGE_VRS = frozenset({"DA", "DT", "TM"})
 @dataclass(frozen=True)
 class Term:
     keyword: str
-    tag: str  # 8 upper-case hex digits, as in DICOM JSON
+    tag: str  # 8 upper-case hex digits, as in DICOM JSON (or a source's own key: ``parse_query``'s extra)
     vr: str
     value: str
     level: str
@@ -113,14 +114,20 @@ class Query:
         return "&".join(sorted(f"{t.keyword}={t.value}" for t in self.terms))
 
 
-def parse_query(items: list[str] | None) -> Query:
-    """``["PatientName=Doe^J*", "StudyDate=20200101-20201231"]`` -> Query; UsageError if bad."""
+def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str]] | None = None) -> Query:
+    """``["PatientName=Doe^J*", "StudyDate=20200101-20201231"]`` -> Query; UsageError if bad.
+    ``extra``: keys a source knows besides DICOM keywords (keyword -> (attribute key, VR, level);
+    the IDC index's ``collection_id``), matched on the records' attributes under that key."""
     terms: list[Term] = []
     for item in items or []:
         keyword, sep, value = item.partition("=")
         keyword = keyword.strip()
         if not sep or not keyword:
             raise UsageError(f"query term {item!r} is not KEY=VALUE (e.g. PatientName=Doe*)")
+        if extra and keyword in extra:
+            key, vr, level = extra[keyword]
+            terms.append(Term(keyword, key, vr, value, level))
+            continue
         tag, vr = COMMON_KEYS.get(keyword) or _look_up(keyword, item)
         term = Term(keyword, tag, vr, value, _level_of(keyword))
         if term.is_range and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", value):

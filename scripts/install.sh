@@ -6,14 +6,17 @@
 #                                Xvfb, xwd and the aeskulap viewer for the desktop-viewer test,
 #                                util-linux and passwd for the mount-namespace, tmpfs and second-user tests)
 #   scripts/install.sh --bench  also what the benchmarks compare against (rclone, py-spy, dicomtrolley)
+#   scripts/install.sh --idc    also the Imaging Data Commons index (idc-index-data, duckdb); --test includes it
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_tests=0
 want_bench=0
-[ "${1:-}" = "--test" ] && want_tests=1
-[ "${1:-}" = "--bench" ] && want_tests=1 && want_bench=1
+want_idc=0
+[ "${1:-}" = "--test" ] && want_tests=1 && want_idc=1
+[ "${1:-}" = "--bench" ] && want_tests=1 && want_bench=1 && want_idc=1
+[ "${1:-}" = "--idc" ] && want_idc=1
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -85,8 +88,9 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 target="."
-[ "$want_tests" = 1 ] && target=".[test]"
-[ "$want_bench" = 1 ] && target=".[test,bench]"
+[ "$want_idc" = 1 ] && target=".[idc]"
+[ "$want_tests" = 1 ] && target=".[test,idc]"
+[ "$want_bench" = 1 ] && target=".[test,idc,bench]"
 # pip is chatty on stderr even when all is well: keep its output, show it only if it fails.
 if ! .venv/bin/python -m pip install -q -e "$target" > .venv/pip-install.log 2>&1; then
     cat .venv/pip-install.log >&2

@@ -36,6 +36,7 @@ class SourceOptions:
     tls_ca: str | None = None  # DICOM TLS: the PACS's CA, our certificate and key (dimse+tls)
     tls_cert: str | None = None
     tls_key: str | None = None
+    idc_index: str | None = None  # ``--idc-index``: the IDC index parquet (default: idc-index-data's)
     sign: bool = True  # sign S3 requests with the AWS chain's credentials (``--no-sign-request``: never)
 
 
@@ -43,6 +44,8 @@ def parse_source(text: str) -> SourceSpec:
     """Classify a SOURCE argument without touching the network or the disk."""
     if text == "demo":
         return SourceSpec(kind="demo", location="demo")
+    if text == "idc":
+        return SourceSpec(kind="idc", location="idc")
     lowered = text.lower()
     for prefix in ("dicomweb+http://", "dicomweb+https://"):
         if lowered.startswith(prefix):
@@ -58,10 +61,10 @@ def parse_source(text: str) -> SourceSpec:
     if "://" in text:
         scheme = text.split("://", 1)[0]
         raise UsageError(f"unknown source scheme {scheme!r} (use http(s)://, gs://, s3://, cod+https://, dimse://, "
-                         "a folder, or demo)")
+                         "a folder, idc, or demo)")
     path = Path(text).expanduser()
     if not path.is_dir():
-        raise UsageError(f"source {text!r} is neither a URL, 'demo', nor an existing folder")
+        raise UsageError(f"source {text!r} is neither a URL, 'idc', 'demo', nor an existing folder")
     return SourceSpec(kind="folder", location=str(path.resolve()))
 
 
@@ -167,6 +170,11 @@ def open_source(spec: SourceSpec, credentials: Credentials, work_dir: Path,
                     tls_context(*files) if files else None, files)
         return DimseSource(peer, retrieve=options.retrieve, move_port=options.move_port,
                            max_associations=options.max_associations)
+    if spec.kind == "idc":
+        from dicomfs.sources.idc import IdcIndex, IdcSource, default_index
+
+        index = IdcIndex(Path(options.idc_index).expanduser() if options.idc_index else default_index())
+        return IdcSource(index, work_dir, endpoint=options.endpoint, sign=False, timeout=options.timeout)
     if spec.kind == "folder":
         from dicomfs.sources.folder import FolderSource
 
@@ -176,6 +184,15 @@ def open_source(spec: SourceSpec, credentials: Credentials, work_dir: Path,
 
         return open_demo_source(work_dir)
     raise UsageError(f"unknown source kind {spec.kind!r}")
+
+
+def query_keys(spec: SourceSpec) -> dict[str, tuple[str, str, str]]:
+    """The keys ``--query`` takes for this source besides DICOM keywords (the IDC index's columns)."""
+    if spec.kind == "idc":
+        from dicomfs.sources.idc.index import query_keys as idc_keys
+
+        return idc_keys()
+    return {}
 
 
 def credentials_from_environment(user: str | None, password_file: str | None,
@@ -200,4 +217,4 @@ def _read_secret(path: str) -> str:
 
 
 __all__ = ["Credentials", "Source", "SourceOptions", "SourceSpec", "credentials_from_environment", "open_source",
-           "parse_source"]
+           "parse_source", "query_keys"]

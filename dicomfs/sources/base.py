@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # "dicomweb" | "cod" | "dimse" | "folder" | "demo"
+    kind: str  # "dicomweb" | "cod" | "dimse" | "idc" | "folder" | "demo"
     location: str  # URL without credentials, or an absolute folder path
     endpoint: str | None = None  # where the location is served from, when the source names it
     token: str | None = field(default=None, repr=False)  # a token that came with the source URL

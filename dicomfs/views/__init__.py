@@ -23,6 +23,8 @@ from dicomfs.views.template import BUILT_IN, Template, parse, parse_view
 from dicomfs.webfiles import WebFiles
 
 DEFAULT_VIEWS = (STUDIES, "patients", "dates", DICOMWEB)
+COLLECTIONS = "collections"  # IDC: patient IDs repeat across collections, so each has its folder
+KNOWN_VIEWS = (*DEFAULT_VIEWS, COLLECTIONS)
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,16 @@ class ViewOptions:
     ascii_names: bool = False
 
     @classmethod
-    def parse(cls, views: str | None, custom: list[str], ascii_names: bool) -> ViewOptions:
-        """From the command line; a bad choice or template is a one-line ``UsageError``."""
-        chosen: tuple[str, ...] = DEFAULT_VIEWS
+    def parse(cls, views: str | None, custom: list[str], ascii_names: bool,
+              defaults: tuple[str, ...] = DEFAULT_VIEWS) -> ViewOptions:
+        """From the command line; a bad choice or template is a one-line ``UsageError``.
+        ``defaults``: the views when ``--views`` names none (an IDC mount adds ``collections``)."""
+        chosen: tuple[str, ...] = defaults
         if views is not None:
             chosen = tuple(dict.fromkeys(v.strip() for v in views.split(",") if v.strip()))
-            unknown = [v for v in chosen if v not in DEFAULT_VIEWS]
+            unknown = [v for v in chosen if v not in KNOWN_VIEWS]
             if unknown:
-                raise UsageError(f"--views: unknown view {unknown[0]!r} (choose from {', '.join(DEFAULT_VIEWS)})")
+                raise UsageError(f"--views: unknown view {unknown[0]!r} (choose from {', '.join(KNOWN_VIEWS)})")
         templates = tuple(parse_view(spec) for spec in custom)
         names = [*chosen, *(name for name, _ in templates)]
         for name in names:

@@ -1,10 +1,10 @@
 """View templates: ``{Keyword}`` path templates, validated at start, rendered into names.
 
 Owns the keywords a readable view may use (only attributes the archives' listings carry: QIDO,
-C-FIND, COD metadata, the folder index), how each reads (``names``), the level of each path
-component (study, series, instance), which component names a study, a series, an instance or a
-patient (the identity a collision suffix is made from), and the built-in views ``patients`` and
-``dates``. Pure: no I/O; a bad template is a ``UsageError`` of one line.
+C-FIND, COD metadata, the folder index, the IDC index's ``collection_id``), how each reads
+(``names``), the level of each path component (study, series, instance), which component names a
+study, a series, an instance or a patient (the identity a collision suffix is made from), and the
+built-in views ``patients``, ``dates`` and (IDC) ``collections``. Pure: no I/O; a bad template is a ``UsageError`` of one line.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ _FIELDS = [
     Field("InstanceNumber", "00200013", Level.INSTANCE, Reads.NUMBER5),
     Field("SOPInstanceUID", "00080018", Level.INSTANCE, Reads.ID),
     Field("SOPClassUID", "00080016", Level.INSTANCE, Reads.ID),
+    # not a DICOM attribute: the IDC index's collection, which IDC records carry under this key
+    Field("collection_id", "collection_id", Level.STUDY, Reads.ID),
 ]
 FIELDS: Mapping[str, Field] = {f.keyword: f for f in _FIELDS}
 _PLACEHOLDER = {Reads.DATE: names.NO_DATE, Reads.YEAR: names.NO_DATE, Reads.MONTH: names.NO_DATE,
@@ -94,6 +96,8 @@ BUILT_IN = {
                 "{SeriesNumber} {Modality} {SeriesDescription}/{InstanceNumber}.dcm",
     "dates": "{YYYY}/{YYYY-MM-DD}/{PatientName} ({PatientID}) {StudyDescription}/"
              "{SeriesNumber} {Modality} {SeriesDescription}/{InstanceNumber}.dcm",
+    "collections": "{collection_id}/{PatientID}/{StudyDate} {StudyDescription}/"
+                   "{SeriesNumber} {Modality} {SeriesDescription}/{InstanceNumber}.dcm",
 }
 
 

@@ -1,0 +1,229 @@
+"""The Imaging Data Commons index: idc-index-data's parquet, queried in place with duckdb.
+
+Owns which index file is used (``--idc-index FILE``, else the installed ``idc-index-data``
+package's ``idc_index.parquet``), the columns dicomfs relies on (``REQUIRED``: an index release
+that renames one fails at open with one line), the index columns a ``--query`` may name besides
+DICOM keywords (``INDEX_KEYS``), and turning rows into study and series records. duckdb reads the
+columns a query needs straight from the file (the 74 MB index never becomes Python objects as a
+whole); one connection, used by one thread at a time (the caller runs these blocking calls in a
+worker thread). Must not do network I/O.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicomfs import dicomjson
+from dicomfs.errors import UsageError
+from dicomfs.records import DicomJson, SeriesRecord, StudyRecord
+from dicomfs.uids import is_uid
+
+if TYPE_CHECKING:
+    from dicomfs.query import Term
+
+# The columns of idc_index.parquet that dicomfs reads (checked against the real file by a test).
+REQUIRED = ("collection_id", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "StudyDate", "StudyDescription",
+            "PatientAge", "PatientSex", "Modality", "BodyPartExamined", "SeriesNumber", "SeriesDescription",
+            "SeriesDate", "Manufacturer", "instanceCount", "license_short_name", "aws_bucket", "crdc_series_uuid",
+            "series_size_MB")
+# Index columns that are not DICOM attributes: a query may name them; records carry them under
+# their own names (not DICOM tags), so ``ls --json`` shows them and views may use them.
+INDEX_KEYS: dict[str, tuple[str, str, str]] = {  # keyword -> (attribute key, VR, level)
+    "collection_id": ("collection_id", "LO", "study"),
+    "license_short_name": ("license_short_name", "LO", "series"),
+    "source_DOI": ("source_DOI", "LO", "series"),
+    "analysis_result_id": ("analysis_result_id", "LO", "series"),
+}
+# DICOM attributes the index has a column for: (keyword, tag, VR, level)
+_DICOM_COLUMNS = (
+    ("PatientID", "00100020", "LO", "study"), ("StudyDate", "00080020", "DA", "study"),
+    ("StudyDescription", "00081030", "LO", "study"), ("PatientAge", "00101010", "AS", "study"),
+    ("PatientSex", "00100040", "CS", "study"), ("Modality", "00080060", "CS", "series"),
+    ("BodyPartExamined", "00180015", "CS", "series"), ("SeriesNumber", "00200011", "IS", "series"),
+    ("SeriesDescription", "0008103E", "LO", "series"), ("SeriesDate", "00080021", "DA", "series"),
+    ("Manufacturer", "00080070", "LO", "series"), ("StudyInstanceUID", "0020000D", "UI", "study"),
+    ("SeriesInstanceUID", "0020000E", "UI", "series"),
+)
+_STUDY_COLUMNS = [c for c in _DICOM_COLUMNS if c[3] == "study" and c[0] != "StudyInstanceUID"]
+_SERIES_COLUMNS = [c for c in _DICOM_COLUMNS if c[3] == "series" and c[0] != "SeriesInstanceUID"]
+_COLUMN_OF = {keyword: keyword for keyword, *_ in _DICOM_COLUMNS} | {k: k for k in INDEX_KEYS}
+
+
+@dataclass(frozen=True)
+class SeriesLocation:
+    bucket: str
+    prefix: str  # "<crdc_series_uuid>/"
+    instances: int
+    size: int  # bytes, from series_size_MB (approximate)
+
+
+def default_index() -> Path:
+    """The parquet of the installed idc-index-data package."""
+    try:
+        import idc_index_data
+    except ImportError:
+        raise UsageError("the IDC index is not installed: pip install 'dicomfs[idc]' (or scripts/install.sh --idc), "
+                         "or give --idc-index FILE") from None
+    found = idc_index_data.IDC_INDEX_PARQUET_FILEPATH
+    if found is None:
+        raise UsageError("the installed idc-index-data package has no idc_index.parquet: give --idc-index FILE")
+    return Path(found)
+
+
+class IdcIndex:
+    def __init__(self, path: Path, *, memory_limit: str = "256MB") -> None:
+        try:
+            import duckdb
+        except ImportError:
+            raise UsageError("the IDC source needs duckdb: pip install 'dicomfs[idc]'") from None
+        if not path.is_file():
+            raise UsageError(f"IDC index {path} is not a file")
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = duckdb.connect(config={"memory_limit": memory_limit, "threads": 2})
+        quoted = str(path).replace("'", "''")
+        try:
+            self._db.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet('{quoted}')")
+            columns = {row[0] for row in self._db.execute("DESCRIBE idx").fetchall()}
+        except duckdb.Error as exc:
+            raise UsageError(f"IDC index {path} is not readable parquet: {str(exc).splitlines()[0][:200]}") from None
+        missing = [c for c in REQUIRED if c not in columns]
+        if missing:
+            raise UsageError(f"IDC index {path} lacks the columns {', '.join(missing)} (a new index release?)")
+        self.release = _release(path)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _rows(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, list(parameters)).fetchall()
+
+    # --- studies ------------------------------------------------------------------------------
+    def studies(self, terms: Sequence[Term] = ()) -> tuple[list[StudyRecord], list[Term]]:
+        """The studies whose rows match the terms that translate to SQL exactly, and the terms
+        left for the caller to check."""
+        where, parameters, unchecked = _where(terms)
+        aggregates = ", ".join(f"any_value({keyword})" for keyword, *_ in _STUDY_COLUMNS)
+        rows = self._rows(
+            f"SELECT StudyInstanceUID, {aggregates}, any_value(collection_id), count(*), sum(instanceCount), "
+            "string_agg(DISTINCT Modality, '\\' ORDER BY Modality) "
+            f"FROM idx {where} GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID", parameters)
+        records = []
+        for row in rows:
+            if not isinstance(row[0], str) or not is_uid(row[0]):
+                continue  # a malformed UID in the index: left out (the source logs the count)
+            attrs = _attrs(_STUDY_COLUMNS, row[1:1 + len(_STUDY_COLUMNS)])
+            collection, series, instances, modalities = row[1 + len(_STUDY_COLUMNS):]
+            if collection:
+                attrs["collection_id"] = {"vr": "LO", "Value": [collection]}
+            attrs["00201206"] = dicomjson.count(int(series))
+            attrs["00201208"] = dicomjson.count(int(instances or 0))
+            if modalities:
+                attrs["00080061"] = dicomjson.strings("CS", modalities.split("\\"))
+            records.append(StudyRecord(row[0], attrs))
+        return records, unchecked
+
+    def malformed_studies(self) -> int:
+        return sum(1 for (uid,) in self._rows("SELECT DISTINCT StudyInstanceUID FROM idx")
+                   if not isinstance(uid, str) or not is_uid(uid))
+
+    # --- series -------------------------------------------------------------------------------
+    def series(self, study_uids: Sequence[str]) -> dict[str, list[tuple[SeriesRecord, SeriesLocation]]]:
+        """The series of these studies (one scan of the index however many), by study."""
+        columns = ", ".join(keyword for keyword, *_ in _SERIES_COLUMNS)
+        rows = self._rows(
+            f"SELECT StudyInstanceUID, SeriesInstanceUID, {columns}, license_short_name, aws_bucket, crdc_series_uuid, "
+            "instanceCount, series_size_MB FROM idx WHERE StudyInstanceUID IN (SELECT unnest(?::VARCHAR[])) "
+            "ORDER BY StudyInstanceUID, SeriesInstanceUID", [list(study_uids)])
+        found: dict[str, list[tuple[SeriesRecord, SeriesLocation]]] = {uid: [] for uid in study_uids}
+        for row in rows:
+            study_uid, uid = row[0], row[1]
+            license_name, bucket, uuid, count, megabytes = row[2 + len(_SERIES_COLUMNS):]
+            if not isinstance(uid, str) or not is_uid(uid) or not _safe_name(bucket) or not _safe_name(uuid):
+                continue
+            attrs = _attrs(_SERIES_COLUMNS, row[2:2 + len(_SERIES_COLUMNS)])
+            if license_name:
+                attrs["license_short_name"] = {"vr": "LO", "Value": [license_name]}
+            attrs["00201209"] = dicomjson.count(int(count or 0))
+            found[study_uid].append((SeriesRecord(study_uid, uid, attrs), SeriesLocation(
+                bucket, f"{uuid}/", int(count or 0), int((megabytes or 0) * 1_000_000))))
+        return found
+
+    def series_location(self, series_uid: str) -> SeriesLocation | None:
+        rows = self._rows("SELECT aws_bucket, crdc_series_uuid, instanceCount, series_size_MB FROM idx "
+                          "WHERE SeriesInstanceUID = ? LIMIT 1", [series_uid])
+        if not rows or not _safe_name(rows[0][0]) or not _safe_name(rows[0][1]):
+            return None
+        bucket, uuid, count, megabytes = rows[0]
+        return SeriesLocation(bucket, f"{uuid}/", int(count or 0), int((megabytes or 0) * 1_000_000))
+
+
+def query_keys() -> dict[str, tuple[str, str, str]]:
+    """What ``--query`` accepts for an IDC source besides DICOM keywords."""
+    return dict(INDEX_KEYS)
+
+
+def _attrs(columns: Sequence[tuple[str, str, str, str]], values: Sequence[Any]) -> DicomJson:
+    attrs: DicomJson = {}
+    for (_, tag, vr, _), value in zip(columns, values):
+        if value is None or value == "":
+            continue
+        if vr == "DA":
+            value = str(value).replace("-", "")  # the index writes dates as YYYY-MM-DD
+        elif vr == "IS":
+            try:
+                value = int(float(value))
+            except ValueError:
+                continue
+        attrs[tag] = {"vr": vr, "Value": [value]}
+    return attrs
+
+
+def _where(terms: Sequence[Term]) -> tuple[str, list[Any], list[Term]]:
+    """SQL for the terms an index column answers exactly: equality, wildcards, UID lists; the
+    rest (date ranges, person names, attributes the index lacks) is returned to be checked."""
+    clauses: list[str] = []
+    parameters: list[Any] = []
+    unchecked: list[Term] = []
+    for term in terms:
+        column = _COLUMN_OF.get(term.keyword)
+        value = term.value
+        if column is None or term.is_range or term.vr in ("DA", "TM", "DT", "PN", "IS") or value.strip("*") == "":
+            unchecked.append(term)
+            continue
+        if term.vr == "UI" and ("\\" in value or "," in value):
+            uids = [v for v in value.replace(",", "\\").split("\\") if v]
+            clauses.append(f"{column} IN ({', '.join('?' * len(uids))})")
+            parameters.extend(uids)
+        elif "*" in value or "?" in value:
+            escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            clauses.append(f"{column} LIKE ? ESCAPE '\\'")
+            parameters.append(escaped.replace("*", "%").replace("?", "_"))
+        else:
+            clauses.append(f"{column} = ?")
+            parameters.append(value.strip())
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), parameters, unchecked
+
+
+def _safe_name(value: object) -> bool:
+    """A bucket name or series UUID that may go into a URL: no '/', '..' or odd characters."""
+    return (isinstance(value, str) and 0 < len(value) <= 100 and ".." not in value
+            and all(c.isalnum() or c in "-_." for c in value))
+
+
+def _release(path: Path) -> str:
+    """Which IDC release the index is (the idc-index-data version names it), or 'unknown'."""
+    try:
+        import idc_index_data
+
+        installed = idc_index_data.IDC_INDEX_PARQUET_FILEPATH
+        if installed is not None and Path(installed).resolve() == path.resolve():
+            return f"idc-index-data {idc_index_data.__version__}"
+    except ImportError:
+        pass
+    return f"index file {path.name}"

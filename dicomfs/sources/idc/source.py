@@ -1,0 +1,232 @@
+"""The Imaging Data Commons as a source: listings from the index, instances from S3 buckets.
+
+Owns the IDC layout: a series is the objects ``<aws_bucket>/<crdc_series_uuid>/*.dcm``, one
+Part 10 file each. Studies and series come from the index (``index``: no network). A series'
+instances come from one prefix listing (names and exact sizes) and a ranged read of each object's
+first bytes (its SOP Instance UID, by the one naming rule of ``uids.instance_key``), done once per
+object and kept in the source's work folder (objects under a series UUID never change: a revised
+series gets a new UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time, each
+handed to the sink whole as soon as it is in; one instance opened alone is one GET. Must not cache
+blobs (the blob store does) or know about views.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import cachetools
+import diskcache
+import trio
+
+from dicomfs.errors import IntegrityError, NotFound, ProtocolError, SourceError
+from dicomfs.p10check import Part10Check
+from dicomfs.query import Term
+from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.sources.base import SeriesSink
+from dicomfs.sources.bucket import ObjectInfo
+from dicomfs.sources.http import DEFAULT_TIMEOUT
+from dicomfs.sources.idc.index import IdcIndex, SeriesLocation
+from dicomfs.sources.s3 import S3Bucket
+from dicomfs.uids import instance_key
+
+log = logging.getLogger(__name__)
+
+HEAD_BYTES = 16 * 1024  # where a Part 10 file names its SOP instance (group 0002, then 0008)
+PARALLEL_OBJECTS = 8  # objects of one series in flight at once
+PARALLEL_HEADS = 16
+MAX_INSTANCES = 100_000
+SERIES_READ_WITH_SEARCH = 20_000  # studies
+
+
+class IdcSource:
+    serves_files_in_place = False
+
+    def __init__(self, index: IdcIndex, work_dir: Path, *, endpoint: str | None = None, sign: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.index = index
+        self.description = f"idc ({index.release})"
+        self._endpoint = endpoint
+        self._sign = sign
+        self._timeout = timeout
+        self._buckets: dict[str, S3Bucket] = {}
+        self._locations: dict[str, SeriesLocation] = {}
+        self._series_read: cachetools.LRUCache[str, list[tuple[SeriesRecord, SeriesLocation]]] = \
+            cachetools.LRUCache(SERIES_READ_WITH_SEARCH)
+        self._listed: cachetools.LRUCache[str, dict[str, tuple[str, int]]] = cachetools.LRUCache(256)
+        self._heads = diskcache.Cache(str(work_dir / "idc-heads"))  # object -> instance key
+        self._limit = trio.CapacityLimiter(PARALLEL_HEADS)
+
+    async def aclose(self) -> None:
+        for bucket in self._buckets.values():
+            await bucket.aclose()
+        self._heads.close()
+        self.index.close()
+
+    def _bucket(self, name: str) -> S3Bucket:
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = S3Bucket(name, endpoint=self._endpoint, sign=self._sign,
+                                                    timeout=self._timeout)
+        return bucket
+
+    def local_file(self, instance: InstanceRecord) -> Path | None:
+        return None
+
+    async def check(self) -> None:
+        """The index is the listing: nothing to reach before the first retrieve."""
+
+    async def list_studies(self) -> list[StudyRecord]:
+        studies, _ = await trio.to_thread.run_sync(self.index.studies)
+        return studies
+
+    async def search_studies(self, terms: Sequence[Term]) -> tuple[list[StudyRecord], list[Term]]:
+        """The studies matching ``terms``; the series of a search's studies are read with them, in
+        one scan of the index (a search walks them next: one scan per study costs 0.1 s each)."""
+        studies, unchecked = await trio.to_thread.run_sync(self.index.studies, terms)
+        if len(studies) <= SERIES_READ_WITH_SEARCH:
+            self._series_read.update(await trio.to_thread.run_sync(self.index.series, [s.uid for s in studies]))
+        return studies, unchecked
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        found = self._series_read.pop(study_uid, None)
+        if found is None:
+            found = (await trio.to_thread.run_sync(self.index.series, [study_uid]))[study_uid]
+        for record, location in found:
+            self._locations[record.uid] = location
+        return [record for record, _ in found]
+
+    async def _location(self, series: SeriesRecord) -> SeriesLocation:
+        location = self._locations.get(series.uid)
+        if location is None:
+            location = await trio.to_thread.run_sync(self.index.series_location, series.uid)
+            if location is None:
+                raise NotFound(f"series {series.uid} is not in the IDC index")
+            self._locations[series.uid] = location
+        return location
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        objects = await self._objects(series, fresh=True)
+        return [InstanceRecord(series.study_uid, series.uid, key, size=size) for key, (_, size) in objects.items()]
+
+    async def _objects(self, series: SeriesRecord, fresh: bool = False) -> dict[str, tuple[str, int]]:
+        """instance key -> (object name, size): the series' prefix listing, each object named by
+        its header (read once, then remembered in the work folder)."""
+        known = self._listed.get(series.uid)
+        if known is not None and not fresh:
+            return known
+        location = await self._location(series)
+        bucket = self._bucket(location.bucket)
+        _, listed = await bucket.list(location.prefix, delimiter=None)
+        listed = [o for o in listed if o.name.endswith(".dcm") and "/" not in o.name[len(location.prefix):]]
+        if len(listed) > MAX_INSTANCES:
+            raise ProtocolError(f"series {series.uid}: {len(listed)} objects is implausibly many")
+        names: dict[str, str] = {}
+
+        async def name(info: ObjectInfo) -> None:
+            cache_key = f"{location.bucket}/{info.name}:{info.size}:{info.etag}"
+            key = await trio.to_thread.run_sync(self._heads.get, cache_key)
+            if key is None:
+                async with self._limit:
+                    key = await self._read_key(bucket, info.name, info.size)
+                if key is None:
+                    return
+                await trio.to_thread.run_sync(self._heads.set, cache_key, key)
+            names[info.name] = key
+
+        async with trio.open_nursery() as nursery:
+            for info in listed:
+                nursery.start_soon(name, info)
+        objects: dict[str, tuple[str, int]] = {}
+        for info in sorted(listed, key=lambda o: o.name):
+            key = names.get(info.name)
+            if key is None:
+                continue
+            if key in objects:
+                log.warning("series %s: two objects hold instance %s (%s, %s): the first is served", series.uid,
+                            key, objects[key][0], info.name)
+                continue
+            objects[key] = (info.name, info.size)
+        if len(objects) != location.instances:
+            log.info("series %s: the index counts %d instances, the bucket holds %d", series.uid,
+                     location.instances, len(objects))
+        self._listed[series.uid] = objects
+        return objects
+
+    async def _read_key(self, bucket: S3Bucket, name: str, size: int) -> str | None:
+        """The instance key of one object from its first bytes; None (logged) if it is not DICOM."""
+        check = Part10Check()
+        head = bytearray()
+        try:
+            async with bucket.stream(name, 0, min(size, HEAD_BYTES)) as chunks:
+                async for chunk in chunks:
+                    head += chunk
+                    if len(head) >= HEAD_BYTES:
+                        break
+            check.feed(bytes(head[:HEAD_BYTES]))
+        except ProtocolError as exc:
+            if check.meta is None:
+                log.warning("object %s/%s is not a DICOM Part 10 file (%s): skipped", bucket.bucket, name, exc)
+                return None
+        except SourceError as exc:
+            log.warning("object %s/%s: its header could not be read (%s): skipped", bucket.bucket, name, exc)
+            raise
+        if check.meta is None:
+            log.warning("object %s/%s has no complete DICOM file meta in its first %d bytes: skipped", bucket.bucket,
+                        name, HEAD_BYTES)
+            return None
+        key = instance_key(check.dataset_uid, check.meta.sop_instance_uid)
+        if key is None:
+            log.warning("object %s/%s names no valid SOP Instance UID: skipped", bucket.bucket, name)
+        return key
+
+    # --- bytes ----------------------------------------------------------------------------------
+    async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
+        location = await self._location(series)
+        bucket = self._bucket(location.bucket)
+        objects = await self._objects(series)
+        wanted = [(key, name, size) for key, (name, size) in sorted(objects.items(), key=lambda kv: kv[1][0])
+                  if sink.wants(key)]
+        writing = trio.Lock()
+        limit = trio.CapacityLimiter(PARALLEL_OBJECTS)
+
+        async def one(key: str, name: str, size: int) -> None:
+            async with limit:
+                body = await _whole(bucket, name, size, sink)
+            async with writing:  # a sink takes one member at a time
+                writer = await sink.begin(key, size)
+                await writer.write(body)
+                await writer.finish()
+
+        async with trio.open_nursery() as nursery:
+            for key, name, size in wanted:
+                nursery.start_soon(one, key, name, size)
+
+    async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None:
+        series = SeriesRecord(instance.study_uid, instance.series_uid)
+        location = await self._location(series)
+        objects = await self._objects(series)
+        if instance.key not in objects:
+            raise NotFound(f"instance {instance.key} is no longer in its series' bucket prefix")
+        name, size = objects[instance.key]
+        bucket = self._bucket(location.bucket)
+        body = await _whole(bucket, name, size, sink)
+        writer = await sink.begin(instance.key, size)
+        await writer.write(body)
+        await writer.finish()
+
+
+async def _whole(bucket: S3Bucket, name: str, size: int, sink: SeriesSink) -> bytes:
+    """One object, checked against its listed size."""
+    body = bytearray()
+    async with bucket.stream(name) as chunks:
+        async for chunk in chunks:
+            sink.arrived(len(chunk))
+            body += chunk
+            if len(body) > size:
+                raise IntegrityError(f"object {name} is longer than its listed size {size}")
+    if len(body) != size:
+        raise IntegrityError(f"object {name} is {len(body)} bytes, not its listed {size}")
+    return bytes(body)
+

@@ -1,0 +1,53 @@
+"""Unit tests of the IDC index (``dicomfs.sources.idc.index``): the real idc-index-data release's
+schema, query translation, and broken index files. Mounts are in tests/test_mount_idc.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from dicomfs.errors import UsageError
+from dicomfs.query import parse_query
+from dicomfs.sources.idc.index import INDEX_KEYS, REQUIRED, IdcIndex, _where, default_index
+
+
+def test_the_installed_index_release_has_every_column_dicomfs_reads() -> None:
+    """Installed by the test command (the idc extra): a release that renames a column fails here."""
+    path = default_index()
+    columns = {row[0] for row in duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()}
+    assert set(REQUIRED) <= columns, set(REQUIRED) - columns
+    assert set(INDEX_KEYS) <= columns
+    index = IdcIndex(path)
+    try:
+        assert index.release.startswith("idc-index-data ")
+        studies, unchecked = index.studies(parse_query(["collection_id=rider_pilot"], INDEX_KEYS).terms)
+        assert unchecked == [] and 0 < len(studies) < 1000
+        assert all(s.attrs["collection_id"]["Value"] == ["rider_pilot"] for s in studies)
+        series = index.series([studies[0].uid])[studies[0].uid]
+        assert series and all(location.prefix.endswith("/") for _, location in series)
+    finally:
+        index.close()
+
+
+def test_terms_become_sql_where_exact_and_the_rest_is_left_to_check() -> None:
+    query = parse_query(["collection_id=nlst", "PatientID=A_1*", "StudyInstanceUID=1.2\\1.3",
+                         "StudyDate=20200101-20201231", "PatientName=Doe*"], INDEX_KEYS)
+    where, parameters, unchecked = _where(query.terms)
+    assert where == ("WHERE collection_id = ? AND PatientID LIKE ? ESCAPE '\\' AND StudyInstanceUID IN (?, ?)")
+    assert parameters == ["nlst", "A\\_1%", "1.2", "1.3"]
+    assert [t.keyword for t in unchecked] == ["StudyDate", "PatientName"]
+
+
+def test_a_broken_or_foreign_index_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="is not a file"):
+        IdcIndex(tmp_path / "missing.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(UsageError, match="not readable parquet") as caught:
+        IdcIndex(tmp_path / "junk.parquet")
+    assert "\n" not in str(caught.value)
+    duckdb.sql(f"COPY (SELECT 'x' AS collection_id, 'y' AS PatientID) TO '{tmp_path / 'old.parquet'}' "
+               "(FORMAT PARQUET)")
+    with pytest.raises(UsageError, match="lacks the columns StudyInstanceUID"):
+        IdcIndex(tmp_path / "old.parquet")

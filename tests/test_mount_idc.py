@@ -1,0 +1,119 @@
+"""Real mounts of an Imaging Data Commons layout: per-instance objects under series-UUID prefixes in
+moto's S3 server (public-read, read anonymously as IDC's buckets are), listed from a small index
+parquet in idc-index's schema that the tests write."""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.factory import make_instance
+from tests.fsutil import hashes, listdir, p10_hashes, read_errno, sh
+from tests.idc_bucket import IdcBucket
+from tests.mounting import Mount, dicomfs
+from tests.servers import CountingProxy, S3Server
+
+pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
+
+BIG_STUDY, BIG_SERIES = "1.2.826.0.1.3680043.8.498.9", "1.2.826.0.1.3680043.8.498.9.1"
+NOT_DICOM = b"<html>this object is not DICOM</html>" * 10
+
+
+@pytest.fixture(scope="module")
+def idc(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[IdcBucket, Path, S3Server]]:
+    with S3Server() as server:
+        store = IdcBucket(server.create_bucket("idc-open-data", public=True))
+        by_series: dict[str, list[bytes]] = defaultdict(list)
+        for path in sorted(demo_dir.rglob("*.dcm")):
+            by_series[str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)].append(path.read_bytes())
+        for n, (_, files) in enumerate(sorted(by_series.items())):
+            # the first series also holds an object that is not DICOM: skipped with a log line
+            store.add_series("coll_a" if n % 2 else "coll_b", files,
+                             extra_objects={"junk.dcm": NOT_DICOM} if n == 0 else None)
+        big = [make_instance(BIG_STUDY, BIG_SERIES, f"{BIG_SERIES}.{k}", pixel_bytes=20_000, number=k,
+                             patient="SAME^ID", modality="CT") for k in range(1, 121)]
+        store.add_series("coll_big", big)
+        bad_row = {**store.rows[-1], "SeriesInstanceUID": "1.2.3.bad..uid", "StudyInstanceUID": "not a uid"}
+        index = store.write_index(tmp_path_factory.mktemp("idc") / "idc_index.parquet", [bad_row])
+        yield store, index, server
+
+
+def _mount(idc: tuple[IdcBucket, Path, S3Server], factory: Callable[..., Mount], *extra: str,
+           endpoint: str | None = None, **kwargs: object) -> Mount:
+    store, index, server = idc
+    return factory("idc", "--idc-index", str(index), "--endpoint", endpoint or server.endpoint, *extra,
+                   env=server.env(signed=False), **kwargs)
+
+
+def test_every_file_is_byte_identical_and_collections_are_folders(idc: tuple[IdcBucket, Path, S3Server],
+                                                                    mount_factory: Callable[..., Mount]) -> None:
+    store = idc[0]
+    mount = _mount(idc, mount_factory)
+    assert p10_hashes(mount.path) == store.expected
+    assert len(store.expected) == 54 + 120
+    assert "not a DICOM Part 10 file" in mount.log and "junk.dcm" in mount.log
+    assert sorted(listdir(mount.path)) == ["collections", "dates", "dicomweb", "patients", "studies"]
+    assert sorted(listdir(mount.path / "collections")) == ["coll_a", "coll_b", "coll_big"]
+    assert listdir(mount.path / "collections" / "coll_big") == ["TEST-1"]  # the PatientID
+    # every file of the collections view is one of the sources' files
+    view = hashes(mount.path / "collections")
+    assert len(view) == len(store.expected)
+    assert sorted(view.values()) == sorted(store.expected.values())
+    mount.stop()
+    mount.start()  # from the cache, and the headers read once are not read again
+    assert p10_hashes(mount.path) == store.expected
+
+
+def test_listing_needs_no_network_and_ls_takes_index_columns(idc: tuple[IdcBucket, Path, S3Server],
+                                                              tmp_path: Path,
+                                                              mount_factory: Callable[..., Mount]) -> None:
+    store, index, server = idc
+    dead = "http://127.0.0.1:9"  # nothing listens: a request would fail
+    mount = _mount(idc, mount_factory, endpoint=dead)
+    studies = {key.split("/")[1] for key in store.expected}
+    assert sorted(listdir(mount.path / "studies")) == sorted(studies)
+    big = mount.path / "studies" / BIG_STUDY
+    assert listdir(big) == [BIG_SERIES]
+    assert read_errno(next((mount.path / "studies").iterdir()).joinpath("nothing.dcm")) == errno.ENOENT
+    result = dicomfs("ls", "idc", "--idc-index", str(index), "--endpoint", dead, "--query", "collection_id=coll_big",
+                     "--query", "Modality=CT", "--level", "series", "--json", "--cache-dir", str(tmp_path / "c"),
+                     check=True)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["StudyInstanceUID"], r["SeriesInstanceUID"], r["Instances"]) for r in rows] == \
+        [(BIG_STUDY, BIG_SERIES, 120)]
+    result = dicomfs("ls", "idc", "--idc-index", str(index), "--endpoint", dead, "--query", "collection_id=coll_*",
+                     "--json", "--cache-dir", str(tmp_path / "c"), check=True)
+    found = {json.loads(line)["StudyInstanceUID"] for line in result.stdout.splitlines()}
+    assert found == studies  # the malformed index row is left out
+    bad = dicomfs("ls", "idc", "--idc-index", str(tmp_path / "missing.parquet"), "--cache-dir", str(tmp_path / "d"))
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_transfer_accounting(idc: tuple[IdcBucket, Path, S3Server], tmp_path: Path,
+                             mount_factory: Callable[..., Mount]) -> None:
+    """One instance moves its own bytes plus the header reads; a series copy moves its bytes."""
+    store, _, server = idc
+    prefix = store.series_prefix[BIG_SERIES]
+    sizes = {k: v for k, v in store.objects.items() if k.startswith(prefix)}
+    heads = sum(min(size, 16 * 1024) for size in sizes.values())
+    with CountingProxy(server.port, lambda path: "list" if "list-type" in path else "object") as proxy:
+        mount = _mount(idc, mount_factory, endpoint=proxy.url)
+        folder = mount.path / "studies" / BIG_STUDY / BIG_SERIES
+        one = folder / f"{BIG_SERIES}.60.dcm"
+        data = one.read_bytes()
+        assert store.expected[f"studies/{BIG_STUDY}/{BIG_SERIES}/{one.name}"] == __import__("hashlib").sha256(
+            data).hexdigest()
+        assert proxy.bytes["object"] <= 1.1 * len(data) + heads, (proxy.bytes["object"], len(data), heads)
+        before = proxy.bytes["object"]
+        sh("cp", "-r", str(folder), str(tmp_path / "copy"))
+        moved = proxy.bytes["object"] - before
+        assert moved <= 1.05 * sum(sizes.values()), (moved, sum(sizes.values()))
+        copied = {f"studies/{BIG_STUDY}/{BIG_SERIES}/{k}": v for k, v in hashes(tmp_path / "copy").items()}
+        assert copied == {k: v for k, v in store.expected.items() if BIG_SERIES + "/" in k}
+        assert len(copied) == 120
