@@ -63,6 +63,9 @@ class Catalog:
         self._store = diskcache.Cache(str(store_dir)) if store_dir is not None else None
         self._flights: SingleFlight[Any] = SingleFlight()
         self._offline_reported = False
+        # study and series listings read from a local index (IDC) are not kept in the store: the
+        # index is always there, and pickling 168,000 studies costs more than reading them again
+        self._local = getattr(source, "local_listings", False)
 
     def close(self) -> None:
         if self._store is not None:
@@ -77,7 +80,8 @@ class Catalog:
             known = await self._load_stored(KNOWN_STUDIES)
             return dict(known[1]) if known is not None else None
 
-        return await self._cached(("studies",), self._listings, self.listing_ttl, query, offline)
+        return await self._cached(("studies",), self._listings, self.listing_ttl, query, offline,
+                                  stored=not self._local)
 
     async def remember_studies(self, studies: list[StudyRecord]) -> None:
         """Keep these studies listed while the archive is unreachable (prefetch calls this)."""
@@ -108,7 +112,8 @@ class Catalog:
         async def query() -> dict[str, SeriesRecord]:
             return {s.uid: s for s in await self.source.list_series(study_uid)}
 
-        return await self._cached(("series", study_uid), self._listings, self.listing_ttl, query)
+        return await self._cached(("series", study_uid), self._listings, self.listing_ttl, query,
+                                  stored=not self._local)
 
     async def instances_of(self, series: SeriesRecord) -> dict[str, InstanceRecord]:
         async def query() -> dict[str, InstanceRecord]:
@@ -135,9 +140,11 @@ class Catalog:
     async def _cached(self, key: tuple[str, ...], memory: cachetools.TTLCache[Any, Any] | None, ttl: float,
                       query: Callable[[], Awaitable[T]],
                       offline: Callable[[], Awaitable[T | None]] | None = None,
-                      codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None) -> T:
+                      codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None,
+                      stored: bool = True) -> T:
         """``key``'s listing: from memory, the store (if younger than ``ttl``, or whatever its age
-        while offline) or ``query``; ``codec`` (encode, decode) is how the store keeps it."""
+        while offline) or ``query``; ``codec`` (encode, decode) is how the store keeps it;
+        ``stored`` False: never in the store (a listing the source reads locally)."""
         if memory is None:
             memory = {}  # type: ignore[assignment]  # remembered nowhere but in the store
         assert memory is not None
@@ -146,8 +153,10 @@ class Catalog:
         except KeyError:
             pass
 
+        keep = stored
+
         async def load() -> T:
-            stored = await self._load_stored(key, codec[1] if codec else None)
+            stored = await self._load_stored(key, codec[1] if codec else None) if keep else None
             fresh = stored is not None and self._wall() - stored[0] < ttl
             if stored is not None and (fresh or self.breaker.refusing):
                 memory[key] = stored[1]
@@ -171,7 +180,8 @@ class Catalog:
                 return fallback  # type: ignore[no-any-return]
             self._offline_reported = False
             memory[key] = value
-            await self._save_stored(key, value, codec[0] if codec else None)
+            if keep:
+                await self._save_stored(key, value, codec[0] if codec else None)
             return value
 
         return await self._flights.run(key, load)

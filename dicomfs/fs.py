@@ -74,7 +74,7 @@ class DicomOperations(pyfuse3.Operations):
         self._gid = os.getgid()
         self._handles = itertools.count(1)
         self._files: dict[int, Handle] = {}
-        self._dirs: dict[int, list[tuple[Node, Attributes]]] = {}
+        self._dirs: dict[int, Sequence[tuple[Node, int | None]]] = {}  # open folders: entries and known sizes
 
     def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
         return entry_attributes(attrs, self._uid, self._gid)
@@ -114,7 +114,8 @@ class DicomOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         with _errno_at_the_edge("readdir"):
             for index in range(start_id, len(entries)):
-                node, attrs = entries[index]
+                node, size = entries[index]
+                attrs = self.tree.listed_attributes(node, size)
                 if not pyfuse3.readdir_reply(token, node.name.encode(), self._entry(attrs), index + 1):
                     break
                 self.tree.remember(node)

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import calendar
 import datetime
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 DicomJson = dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # (slots: the IDC index lists 168,000 of them)
 class StudyRecord:
     uid: str  # the folder name: a StudyInstanceUID or the archive's hashed key
     attrs: DicomJson = field(default_factory=dict, compare=False)  # QIDO-style DICOM JSON
+    _mtime_ns: int | None = field(default=None, init=False, compare=False, repr=False)
 
-    @functools.cached_property
+    @property
     def mtime_ns(self) -> int:  # asked for every folder of every listing: worked out once
-        return dicom_datetime_ns(self.attrs, "00080020", "00080030")
+        if self._mtime_ns is None:
+            object.__setattr__(self, "_mtime_ns", dicom_datetime_ns(self.attrs, "00080020", "00080030"))
+        assert self._mtime_ns is not None
+        return self._mtime_ns
 
 
 @dataclass(frozen=True)

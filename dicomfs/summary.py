@@ -36,7 +36,8 @@ class Summaries:
     @staticmethod
     def listed_study_attrs(study: StudyRecord) -> DicomJson | None:
         """The study's attributes when its listing carries them (no I/O), else None."""
-        return study.attrs if "00100010" in study.attrs or "00080020" in study.attrs else None
+        attrs = study.attrs
+        return attrs if "00100010" in attrs or "00100020" in attrs or "00080020" in attrs else None
 
     @staticmethod
     def listed_series_attrs(series: SeriesRecord) -> DicomJson | None:

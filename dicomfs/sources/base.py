@@ -71,6 +71,9 @@ class SeriesSink(Protocol):
 
 
 class Source(Protocol):
+    """Optionally also ``local_listings = True``: studies and series are listed from local data
+    (the IDC index), so the catalog does not keep them in its store."""
+
     description: str  # safe to log: no credentials
     serves_files_in_place: bool  # every instance has a ``local_file``: nothing to cache
 

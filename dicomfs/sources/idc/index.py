@@ -5,17 +5,17 @@ package's ``idc_index.parquet``), the columns dicomfs relies on (``REQUIRED``: a
 that renames one fails at open with one line), the index columns a ``--query`` may name besides
 DICOM keywords (``INDEX_KEYS``), and turning rows into study and series records. duckdb reads the
 columns a query needs straight from the file (the 74 MB index never becomes Python objects as a
-whole); one connection, used by one thread at a time (the caller runs these blocking calls in a
-worker thread). Must not do network I/O.
+whole); a connection per query (the caller runs these blocking calls in worker threads). Must
+not do network I/O.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dicomfs import dicomjson
 from dicomfs.errors import UsageError
@@ -53,6 +53,63 @@ _SERIES_COLUMNS = [c for c in _DICOM_COLUMNS if c[3] == "series" and c[0] != "Se
 _COLUMN_OF = {keyword: keyword for keyword, *_ in _DICOM_COLUMNS} | {k: k for k in INDEX_KEYS}
 
 
+FETCH_ROWS = 2_000  # rows in Python at once while a listing is read
+# StudyTable's columns after the UID: (attribute key, VR, how many values)
+_TABLE_COLUMNS = [(tag, vr, 1) for _, tag, vr, _ in _STUDY_COLUMNS] + [
+    ("collection_id", "LO", 1), ("00201206", "IS", 1), ("00201208", "IS", 1), ("00080061", "CS", 0)]
+
+
+class StudyTable:
+    """Study attributes column by column, equal strings shared: what ``RowAttrs`` reads."""
+
+    def __init__(self) -> None:
+        self.uids: list[str] = []
+        self.columns: dict[str, tuple[str, int, list[Any]]] = {
+            tag: (vr, single, []) for tag, vr, single in _TABLE_COLUMNS}
+        self._shared: dict[Any, Any] = {}
+
+    def append(self, row: tuple[Any, ...]) -> None:
+        """One row of the studies query: the UID, ``_STUDY_COLUMNS``, collection, series count,
+        instance count, modalities."""
+        self.uids.append(row[0])
+        for (tag, vr, _), value in zip(_TABLE_COLUMNS, row[1:]):
+            if value == "":
+                value = None
+            elif vr == "DA" and value is not None:
+                value = str(value).replace("-", "")  # the index writes dates as YYYY-MM-DD
+            elif vr == "IS" and value is not None:
+                value = int(value)
+            self.columns[tag][2].append(self._shared.setdefault(value, value))
+
+    def done(self) -> None:
+        self._shared.clear()
+
+
+class RowAttrs(Mapping[str, Any]):
+    """One study's DICOM JSON, made element by element when asked from its ``StudyTable`` row."""
+
+    __slots__ = ("_row", "_table")
+
+    def __init__(self, table: StudyTable, row: int) -> None:
+        self._table = table
+        self._row = row
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        column = self._table.columns.get(key)
+        value = column[2][self._row] if column is not None else None
+        if column is None or value is None:
+            raise KeyError(key)
+        vr, single, _ = column
+        return {"vr": vr, "Value": [value] if single else value.split("\\")}
+
+    def __iter__(self) -> Iterator[str]:
+        row = self._row
+        return (tag for tag, (_, _, values) in self._table.columns.items() if values[row] is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @dataclass(frozen=True)
 class SeriesLocation:
     bucket: str
@@ -75,6 +132,9 @@ def default_index() -> Path:
 
 
 class IdcIndex:
+    """The index file, opened by each query anew: duckdb keeps the memory of a query (60 MB for
+    the study listing of the whole index) until its connection closes."""
+
     def __init__(self, path: Path, *, memory_limit: str = "256MB") -> None:
         try:
             import duckdb
@@ -83,12 +143,11 @@ class IdcIndex:
         if not path.is_file():
             raise UsageError(f"IDC index {path} is not a file")
         self.path = path
-        self._lock = threading.Lock()
-        self._db = duckdb.connect(config={"memory_limit": memory_limit, "threads": 2})
-        quoted = str(path).replace("'", "''")
+        self._duckdb = duckdb
+        self._memory_limit = memory_limit
         try:
-            self._db.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet('{quoted}')")
-            columns = {row[0] for row in self._db.execute("DESCRIBE idx").fetchall()}
+            with self._connection() as db:
+                columns = {row[0] for row in db.execute("DESCRIBE idx").fetchall()}
         except duckdb.Error as exc:
             raise UsageError(f"IDC index {path} is not readable parquet: {str(exc).splitlines()[0][:200]}") from None
         missing = [c for c in REQUIRED if c not in columns]
@@ -97,36 +156,41 @@ class IdcIndex:
         self.release = _release(path)
 
     def close(self) -> None:
-        self._db.close()
+        pass
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        db = self._duckdb.connect(config={"memory_limit": self._memory_limit, "threads": 2})
+        try:
+            quoted = str(self.path).replace("'", "''")
+            db.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet('{quoted}')")
+            yield db
+        finally:
+            db.close()
 
     def _rows(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, list(parameters)).fetchall()
+        with self._connection() as db:
+            return db.execute(sql, list(parameters)).fetchall()  # type: ignore[no-any-return]
 
     # --- studies ------------------------------------------------------------------------------
     def studies(self, terms: Sequence[Term] = ()) -> tuple[list[StudyRecord], list[Term]]:
         """The studies whose rows match the terms that translate to SQL exactly, and the terms
-        left for the caller to check."""
+        left for the caller to check. Their attributes are rows of one ``StudyTable`` (the whole
+        index is 168,000 studies: as DICOM JSON dicts they would take 500 MB)."""
         where, parameters, unchecked = _where(terms)
         aggregates = ", ".join(f"any_value({keyword})" for keyword, *_ in _STUDY_COLUMNS)
-        rows = self._rows(
-            f"SELECT StudyInstanceUID, {aggregates}, any_value(collection_id), count(*), sum(instanceCount), "
-            "string_agg(DISTINCT Modality, '\\' ORDER BY Modality) "
-            f"FROM idx {where} GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID", parameters)
-        records = []
-        for row in rows:
-            if not isinstance(row[0], str) or not is_uid(row[0]):
-                continue  # a malformed UID in the index: left out (the source logs the count)
-            attrs = _attrs(_STUDY_COLUMNS, row[1:1 + len(_STUDY_COLUMNS)])
-            collection, series, instances, modalities = row[1 + len(_STUDY_COLUMNS):]
-            if collection:
-                attrs["collection_id"] = {"vr": "LO", "Value": [collection]}
-            attrs["00201206"] = dicomjson.count(int(series))
-            attrs["00201208"] = dicomjson.count(int(instances or 0))
-            if modalities:
-                attrs["00080061"] = dicomjson.strings("CS", modalities.split("\\"))
-            records.append(StudyRecord(row[0], attrs))
-        return records, unchecked
+        table = StudyTable()
+        with self._connection() as db:
+            result = db.execute(
+                f"SELECT StudyInstanceUID, {aggregates}, any_value(collection_id), count(*), sum(instanceCount), "
+                "string_agg(DISTINCT Modality, '\\' ORDER BY Modality) "
+                f"FROM idx {where} GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID", list(parameters))
+            while rows := result.fetchmany(FETCH_ROWS):
+                for row in rows:
+                    if isinstance(row[0], str) and is_uid(row[0]):  # a malformed UID: left out
+                        table.append(row)
+        table.done()
+        return [StudyRecord(uid, cast(DicomJson, RowAttrs(table, n))) for n, uid in enumerate(table.uids)], unchecked
 
     def malformed_studies(self) -> int:
         return sum(1 for (uid,) in self._rows("SELECT DISTINCT StudyInstanceUID FROM idx")

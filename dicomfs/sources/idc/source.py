@@ -42,6 +42,7 @@ SERIES_READ_WITH_SEARCH = 20_000  # studies
 
 class IdcSource:
     serves_files_in_place = False
+    local_listings = True  # studies and series come from the index file (see ``Source``)
 
     def __init__(self, index: IdcIndex, work_dir: Path, *, endpoint: str | None = None, sign: bool = False,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
