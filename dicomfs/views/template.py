@@ -4,7 +4,8 @@ Owns the keywords a readable view may use (only attributes the archives' listing
 C-FIND, COD metadata, the folder index, the IDC index's ``collection_id``), how each reads
 (``names``), the level of each path component (study, series, instance), which component names a
 study, a series, an instance or a patient (the identity a collision suffix is made from), and the
-built-in views ``patients``, ``dates`` and (IDC) ``collections``. Pure: no I/O; a bad template is a ``UsageError`` of one line.
+built-in views ``patients``, ``dates`` and (IDC) ``collections``. Pure: no I/O; a bad template is
+a ``UsageError`` of one line.
 """
 
 from __future__ import annotations
