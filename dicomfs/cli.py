@@ -452,6 +452,8 @@ async def _run_ls(options: ArchiveOptions, query: Query, level: str, as_json: bo
 
     async with open_archive(options) as archive:
         found = await rows(archive.catalog, query, level)
+        for row in found:
+            row["source"] = archive.source.description  # (IDC: which release of the index)
     for line in json_lines(found) if as_json else table(found, level):
         print(line)
     return 0

@@ -32,6 +32,7 @@ from dicomfs.errors import UsageError
 from dicomfs.fs import DicomOperations
 from dicomfs.query import Query
 from dicomfs.sources import Credentials, SourceOptions, SourceSpec
+from dicomfs.sources.base import NotesSource
 from dicomfs.tasks import open_nursery
 from dicomfs.transferlimits import TransferLimits
 from dicomfs.tree import Tree
@@ -167,8 +168,10 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     async with open_archive(archive_options) as archive:
         assert archive.blobs is not None
         blobs = archive.blobs
+        source = archive.source
+        notes = await source.root_notes() if isinstance(source, NotesSource) else {}
         tree = Tree(make_views(archive.catalog, blobs, archive.shown, options.views),
-                    listing_ttl=options.listing_ttl)
+                    listing_ttl=options.listing_ttl, notes={k: v.encode() for k, v in notes.items()})
         waits = Waits(options.read_timeout)
         pidfile = pidfile_for(options.mountpoint)
         record = record_for(options.mountpoint)

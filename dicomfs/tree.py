@@ -1,11 +1,12 @@
 """The mount's tree: the inode table and a root whose folders are views.
 
 Owns the kernel's view of the tree: which inodes it holds (lookup counts), the root folder (one
-entry per view: ``studies/``, the readable views, ``dicomweb/``), attributes (modes, exact sizes,
-mtimes from the archive or the DICOM dates, link counts, how long the kernel may keep them) and
-opening files, and OS probe names (``.Trash``, ``desktop.ini`` …: ENOENT at once, for every
-view, without asking it). A size is only ever reported when it is exact; a file whose content follows the
-listings is revalidated like them, everything else is immutable. An instance file is one file in
+entry per view: ``studies/``, the readable views, ``dicomweb/``; and the source's notes, such as
+IDC's ``VERSION.txt``), attributes (modes, exact sizes, mtimes from the archive or the DICOM
+dates, link counts, how long the kernel may keep them) and opening files, and OS probe names
+(``.Trash``, ``desktop.ini`` …: ENOENT at once, for every view, without asking it). A size is only
+ever reported when it is exact; a file whose content follows the listings is revalidated like
+them, everything else is immutable. An instance file is one file in
 every view that shows it: one inode, ``st_nlink`` counting those views. The layouts are the views'
 (``views/``). Testable without FUSE; must not read instance bytes or know pyfuse3.
 """
@@ -15,12 +16,12 @@ from __future__ import annotations
 import logging
 import stat
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dicomfs.errors import NotADirectory, NotFound
 from dicomfs.uids import is_probe_name
-from dicomfs.views.base import Handle, Node, View
+from dicomfs.views.base import Handle, Node, RenderedFile, View, path_inode
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,20 @@ class Attributes:
 
 
 class Tree:
-    def __init__(self, views: Sequence[View], *, listing_ttl: float = 60.0) -> None:
+    def __init__(self, views: Sequence[View], *, listing_ttl: float = 60.0,
+                 notes: Mapping[str, bytes] | None = None) -> None:
+        """``notes``: small files at the root beside the views (IDC's ``VERSION.txt``)."""
         self.views = {view.name: view for view in views}
+        self.notes = {name: data for name, data in (notes or {}).items() if name not in self.views}
+        self._note_nodes = {name: Node("", path_inode(name), name, False, path=(name,)) for name in self.notes}
         self.listing_ttl = listing_ttl
         self.root = Node("", ROOT_INODE, "", True)
         # an instance file's link count: the views it appears in
         self.instance_links = max(sum(1 for view in views if view.shows_instances), 1)
-        self._permanent = {ROOT_INODE, *(view.root.inode for view in views)}
-        self._nodes: dict[int, Node] = {ROOT_INODE: self.root, **{v.root.inode: v.root for v in views}}
+        self._permanent = {ROOT_INODE, *(view.root.inode for view in views),
+                           *(node.inode for node in self._note_nodes.values())}
+        self._nodes: dict[int, Node] = {ROOT_INODE: self.root, **{v.root.inode: v.root for v in views},
+                                        **{node.inode: node for node in self._note_nodes.values()}}
         self._lookups: Counter[int] = Counter()
 
     # --- inode bookkeeping (the kernel's lookup counts) -------------------------------------
@@ -88,6 +95,8 @@ class Tree:
         if parent.inode == ROOT_INODE:
             view = self.views.get(name)
             if view is None:
+                if name in self._note_nodes:
+                    return self._note_nodes[name]
                 raise NotFound(name)
             return view.root
         return await self.views[parent.view].lookup(parent, name)
@@ -100,7 +109,8 @@ class Tree:
         if not node.is_dir:
             raise NotADirectory(node.name)
         if node.inode == ROOT_INODE:
-            return [(view.root, None) for view in self.views.values()]
+            return [*((view.root, None) for view in self.views.values()),
+                    *((note, len(self.notes[name])) for name, note in self._note_nodes.items())]
         return await self.views[node.view].children(node)
 
     def listed_attributes(self, node: Node, size: int | None) -> Attributes:
@@ -114,11 +124,15 @@ class Tree:
         """Exact attributes; for an instance of unknown size this may fetch its series."""
         if node.is_dir:
             return self._attributes(node, None)
+        if not node.view:
+            return self._attributes(node, len(self.notes[node.name]))
         return self._attributes(node, await self.views[node.view].size(node))
 
     async def open(self, node: Node) -> tuple[Handle, bool]:
         """An open file, and whether the kernel may keep its pages (not for files that follow
         the listings)."""
+        if not node.view:
+            return RenderedFile(self.notes[node.name]), True
         return await self.views[node.view].open(node), not node.follows_listings
 
     def _attributes(self, node: Node, size: int | None) -> Attributes:

@@ -58,11 +58,18 @@ def test_every_file_is_byte_identical_and_collections_are_folders(idc: tuple[Idc
     assert p10_hashes(mount.path) == store.expected
     assert len(store.expected) == 54 + 120
     assert "not a DICOM Part 10 file" in mount.log and "junk.dcm" in mount.log
-    assert sorted(listdir(mount.path)) == ["collections", "dates", "dicomweb", "patients", "studies"]
+    assert sorted(listdir(mount.path)) == ["VERSION.txt", "collections", "dates", "dicomweb", "patients", "studies"]
+    version = (mount.path / "VERSION.txt").read_text()
+    assert version.startswith("Imaging Data Commons, index file idc_index.parquet\n") and str(idc[1]) in version
     assert sorted(listdir(mount.path / "collections")) == ["coll_a", "coll_b", "coll_big"]
-    assert listdir(mount.path / "collections" / "coll_big") == ["TEST-1"]  # the PatientID
+    assert sorted(listdir(mount.path / "collections" / "coll_big")) == ["LICENSE.txt", "TEST-1"]  # the PatientID
+    licence = (mount.path / "collections" / "coll_big" / "LICENSE.txt").read_text()
+    assert licence.startswith("Collection: coll_big (coll_big), Imaging Data Commons\n")
+    assert "  CC BY 4.0: 2 series\n" in licence  # (the index counts its malformed row too)
+    series_a = sum(1 for row in store.rows if row["collection_id"] == "coll_a")
+    assert f"  CC BY 4.0: {series_a} series\n" in (mount.path / "collections" / "coll_a" / "LICENSE.txt").read_text()
     # every file of the collections view is one of the sources' files
-    view = hashes(mount.path / "collections")
+    view = {k: v for k, v in hashes(mount.path / "collections").items() if k.endswith(".dcm")}
     assert len(view) == len(store.expected)
     assert sorted(view.values()) == sorted(store.expected.values())
     mount.stop()
@@ -87,6 +94,8 @@ def test_listing_needs_no_network_and_ls_takes_index_columns(idc: tuple[IdcBucke
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["StudyInstanceUID"], r["SeriesInstanceUID"], r["Instances"]) for r in rows] == \
         [(BIG_STUDY, BIG_SERIES, 120)]
+    assert rows[0]["source"] == "idc (index file idc_index.parquet)"  # which index release
+    assert rows[0]["attributes"]["license_short_name"]["Value"] == ["CC BY 4.0"]
     result = dicomfs("ls", "idc", "--idc-index", str(index), "--endpoint", dead, "--query", "collection_id=coll_*",
                      "--json", "--cache-dir", str(tmp_path / "c"), check=True)
     found = {json.loads(line)["StudyInstanceUID"] for line in result.stdout.splitlines()}

@@ -137,3 +137,17 @@ class StudySearcher(Protocol):
         """Studies the archive says match the study-level ``terms``, and the terms the caller must
         still check on them (those the archive could not be asked exactly, or may match loosely)."""
         ...
+
+
+@runtime_checkable
+class NotesSource(Protocol):
+    """A source with words its users must read beside the data (IDC: which release the index is,
+    and each collection's licenses)."""
+
+    async def root_notes(self) -> dict[str, str]:
+        """Files for the mount's root, by name (``VERSION.txt``)."""
+        ...
+
+    async def collection_notes(self, collection: str) -> dict[str, str]:
+        """Files for a collection's folder, by name (``LICENSE.txt``); empty for an unknown one."""
+        ...

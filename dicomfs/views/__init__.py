@@ -1,7 +1,8 @@
 """The views: the folders at the root of a mount, each one way of laying out the same archive.
 
-``studies/`` (UIDs, ``studies``), the readable views ``patients/``, ``dates/`` and ``--view``
-templates (``named``, ``template``, ``names``) and the static DICOMweb tree ``dicomweb/``
+``studies/`` (UIDs, ``studies``), the readable views ``patients/``, ``dates/``, ``collections/``
+(IDC, with each collection's notes: ``collections``) and ``--view`` templates (``named``,
+``template``, ``names``) and the static DICOMweb tree ``dicomweb/``
 (``dicomweb``), all against one protocol (``base.View``) that the tree calls. This module owns the
 choice of views (``--views``, ``--view``, ``--ascii-names``) and building them. Must not know
 pyfuse3.
@@ -15,7 +16,9 @@ from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import UsageError
 from dicomfs.search import Shown
+from dicomfs.sources.base import NotesSource
 from dicomfs.views.base import STUDIES, InstanceFiles, View
+from dicomfs.views.collections import CollectionsView
 from dicomfs.views.dicomweb import DICOMWEB, DicomwebView
 from dicomfs.views.named import NamedView
 from dicomfs.views.studies import StudiesView
@@ -59,7 +62,12 @@ def make_views(catalog: Catalog, blobs: BlobStore, shown: Shown, options: ViewOp
     files = InstanceFiles(blobs)
     views: list[View] = []
     for name in options.chosen:
-        if name == STUDIES:
+        if name == COLLECTIONS:
+            named = NamedView(name, parse(BUILT_IN[name]), catalog, shown, files, ascii_names=options.ascii_names)
+            source = catalog.source
+            views.append(CollectionsView(named, source.collection_notes) if isinstance(source, NotesSource)
+                         else named)
+        elif name == STUDIES:
             views.append(StudiesView(catalog, shown, files))
         elif name == DICOMWEB:
             views.append(DicomwebView(WebFiles(catalog, blobs, studies=shown.studies)))

@@ -3,14 +3,15 @@
 Owns the ``Node`` a view hands the tree (its name, whether it is a folder, the records it stands
 for, and whether its content follows the listings), the ``View`` protocol the tree calls, the
 inode rule (a hash of a path, so it survives remounts; an instance file has one inode in every
-view, made from its UIDs) and ``InstanceFiles``, which sizes and opens the P10 files of every view
-through the blob store. Must not know pyfuse3 or a particular view's layout.
+view, made from its UIDs), ``InstanceFiles``, which sizes and opens the P10 files of every view
+through the blob store, and ``RenderedFile``, an open file of bytes made when it was opened (a
+rendered DICOMweb resource, a note). Must not know pyfuse3 or a particular view's layout.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +42,23 @@ class Handle(Protocol):
     async def read(self, off: int, size: int) -> bytes | bytearray | memoryview: ...
 
     def close(self) -> None: ...
+
+
+class RenderedFile:
+    """An open file of bytes made when it was opened."""
+
+    def __init__(self, data: bytes, release: Callable[[], None] | None = None) -> None:
+        self._data = memoryview(data)
+        self._release = release
+
+    async def read(self, off: int, size: int) -> memoryview:
+        return self._data[off:off + size]
+
+    def close(self) -> None:
+        self._data = memoryview(b"")
+        if self._release is not None:
+            self._release()
+            self._release = None
 
 
 class View(Protocol):

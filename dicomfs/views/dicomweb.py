@@ -1,37 +1,20 @@
 """The ``dicomweb/`` view: the static DICOMweb tree as a view of the mount.
 
 Owns the adaptation of ``webtree`` (the layout) and ``webfiles`` (the bytes) to the view protocol,
-and the open file of a rendered resource. Which files follow the listings (index files, series
+and opening a rendered resource (``base.RenderedFile``). Which files follow the listings (index files, series
 metadata) is ``webtree.LISTING_FILES``; this module only carries that onto the node. Must not
 render or lay out anything itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from dicomfs.views.base import Handle, Node, path_inode
+from dicomfs.views.base import Handle, Node, RenderedFile, path_inode
 from dicomfs.webfiles import WebFiles
 from dicomfs.webtree import LISTING_FILES, ROOT, WebLayout, WebNode
 
 DICOMWEB = "dicomweb"
-
-
-class RenderedFile:
-    """An open file of the static DICOMweb tree: the bytes rendered when it was opened."""
-
-    def __init__(self, data: bytes, release: Callable[[], None] | None = None) -> None:
-        self._data = memoryview(data)
-        self._release = release
-
-    async def read(self, off: int, size: int) -> memoryview:
-        return self._data[off:off + size]
-
-    def close(self) -> None:
-        self._data = memoryview(b"")
-        if self._release is not None:
-            self._release()
-            self._release = None
 
 
 class DicomwebView:

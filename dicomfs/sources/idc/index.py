@@ -227,6 +227,56 @@ class IdcIndex:
         return SeriesLocation(bucket, f"{uuid}/", int(count or 0), int((megabytes or 0) * 1_000_000))
 
 
+    # --- notes: what a user of the data must know ---------------------------------------------
+    def license_text(self, collection: str) -> str | None:
+        """``LICENSE.txt`` of a collection: its series' licenses (with names and URLs where the
+        package's collections index gives them) and sources; None if the index has no such
+        collection."""
+        rows = self._rows("SELECT license_short_name, count(*), string_agg(DISTINCT source_DOI, ' ') FROM idx "
+                          "WHERE collection_id = ? GROUP BY 1 ORDER BY 2 DESC, 1", [collection])
+        if not rows:
+            return None
+        names: dict[str, tuple[str, str]] = {}
+        title = collection
+        companion = self.path.parent / "collections_index.parquet"
+        if companion.is_file():
+            try:
+                with self._connection() as db:
+                    for name, short, long_name, url in db.execute(
+                            "SELECT collection_name, s.license.license_short_name, s.license.license_long_name, "
+                            "s.license.license_url FROM (SELECT collection_name, unnest(sources) AS s "
+                            "FROM read_parquet(?) WHERE collection_id = ?)", [str(companion), collection]).fetchall():
+                        title = name or title
+                        if short:
+                            names[short] = (long_name or "", url or "")
+            except self._duckdb.Error:
+                pass  # a collections index of another shape: the license names alone
+        lines = [f"Collection: {title} ({collection}), Imaging Data Commons", f"Index: {self.release}", "",
+                 "Licenses of its series (use the data under these terms):"]
+        for short, count, dois in rows:
+            long_name, url = names.get(short or "", ("", ""))
+            lines.append(f"  {short or 'unknown'}: {count} series" + (f" - {long_name}" if long_name else "")
+                         + (f" - {url}" if url else ""))
+            if dois:
+                lines.append(f"    cite: {', '.join(f'https://doi.org/{d}' for d in dois.split())}")
+        return "\n".join(lines) + "\n"
+
+    def version_text(self) -> str:
+        """``VERSION.txt`` at the mount root: which IDC release and index file this is."""
+        lines = [f"Imaging Data Commons, {self.release}", f"index: {self.path}"]
+        companion = self.path.parent / "version_metadata_index.parquet"
+        if companion.is_file():
+            try:
+                with self._connection() as db:
+                    version, stamp = db.execute("SELECT max(idc_version), max(version_timestamp) "
+                                                "FROM read_parquet(?)", [str(companion)]).fetchone() or (None, None)
+                if version is not None:
+                    lines.insert(1, f"IDC release: v{version} ({stamp})")
+            except self._duckdb.Error:
+                pass
+        return "\n".join(lines) + "\n"
+
+
 def query_keys() -> dict[str, tuple[str, str, str]]:
     """What ``--query`` accepts for an IDC source besides DICOM keywords."""
     return dict(INDEX_KEYS)

@@ -78,6 +78,13 @@ class IdcSource:
     async def check(self) -> None:
         """The index is the listing: nothing to reach before the first retrieve."""
 
+    async def root_notes(self) -> dict[str, str]:
+        return {"VERSION.txt": await trio.to_thread.run_sync(self.index.version_text)}
+
+    async def collection_notes(self, collection: str) -> dict[str, str]:
+        text = await trio.to_thread.run_sync(self.index.license_text, collection)
+        return {"LICENSE.txt": text} if text is not None else {}
+
     async def list_studies(self) -> list[StudyRecord]:
         studies, _ = await trio.to_thread.run_sync(self.index.studies)
         return studies
