@@ -22,6 +22,7 @@ from tests.servers import CountingProxy, S3Server
 pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
 BIG_STUDY, BIG_SERIES = "1.2.826.0.1.3680043.8.498.9", "1.2.826.0.1.3680043.8.498.9.1"
+EVIL_STUDY = "1.2.826.0.1.3680043.8.498.66"
 NOT_DICOM = b"<html>this object is not DICOM</html>" * 10
 
 
@@ -40,7 +41,9 @@ def idc(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
                              patient="SAME^ID", modality="CT") for k in range(1, 121)]
         store.add_series("coll_big", big)
         bad_row = {**store.rows[-1], "SeriesInstanceUID": "1.2.3.bad..uid", "StudyInstanceUID": "not a uid"}
-        index = store.write_index(tmp_path_factory.mktemp("idc") / "idc_index.parquet", [bad_row])
+        escaping = {**store.rows[-1], "StudyInstanceUID": EVIL_STUDY, "SeriesInstanceUID": EVIL_STUDY + ".1",
+                    "crdc_series_uuid": "../../etc"}  # a prefix that would leave the series' folder
+        index = store.write_index(tmp_path_factory.mktemp("idc") / "idc_index.parquet", [bad_row, escaping])
         yield store, index, server
 
 
@@ -65,7 +68,7 @@ def test_every_file_is_byte_identical_and_collections_are_folders(idc: tuple[Idc
     assert sorted(listdir(mount.path / "collections" / "coll_big")) == ["LICENSE.txt", "TEST-1"]  # the PatientID
     licence = (mount.path / "collections" / "coll_big" / "LICENSE.txt").read_text()
     assert licence.startswith("Collection: coll_big (coll_big), Imaging Data Commons\n")
-    assert "  CC BY 4.0: 2 series\n" in licence  # (the index counts its malformed row too)
+    assert "  CC BY 4.0: 3 series\n" in licence  # (the index counts its two malformed rows too)
     series_a = sum(1 for row in store.rows if row["collection_id"] == "coll_a")
     assert f"  CC BY 4.0: {series_a} series\n" in (mount.path / "collections" / "coll_a" / "LICENSE.txt").read_text()
     # every file of the collections view is one of the sources' files
@@ -84,7 +87,8 @@ def test_listing_needs_no_network_and_ls_takes_index_columns(idc: tuple[IdcBucke
     dead = "http://127.0.0.1:9"  # nothing listens: a request would fail
     mount = _mount(idc, mount_factory, endpoint=dead)
     studies = {key.split("/")[1] for key in store.expected}
-    assert sorted(listdir(mount.path / "studies")) == sorted(studies)
+    assert sorted(listdir(mount.path / "studies")) == sorted(studies | {EVIL_STUDY})
+    assert listdir(mount.path / "studies" / EVIL_STUDY) == []  # its one series names an unsafe prefix
     big = mount.path / "studies" / BIG_STUDY
     assert listdir(big) == [BIG_SERIES]
     assert read_errno(next((mount.path / "studies").iterdir()).joinpath("nothing.dcm")) == errno.ENOENT
@@ -99,7 +103,7 @@ def test_listing_needs_no_network_and_ls_takes_index_columns(idc: tuple[IdcBucke
     result = dicomfs("ls", "idc", "--idc-index", str(index), "--endpoint", dead, "--query", "collection_id=coll_*",
                      "--json", "--cache-dir", str(tmp_path / "c"), check=True)
     found = {json.loads(line)["StudyInstanceUID"] for line in result.stdout.splitlines()}
-    assert found == studies  # the malformed index row is left out
+    assert found == studies | {EVIL_STUDY}  # the row with a malformed UID is left out
     bad = dicomfs("ls", "idc", "--idc-index", str(tmp_path / "missing.parquet"), "--cache-dir", str(tmp_path / "d"))
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
@@ -126,3 +130,37 @@ def test_transfer_accounting(idc: tuple[IdcBucket, Path, S3Server], tmp_path: Pa
         copied = {f"studies/{BIG_STUDY}/{BIG_SERIES}/{k}": v for k, v in hashes(tmp_path / "copy").items()}
         assert copied == {k: v for k, v in store.expected.items() if BIG_SERIES + "/" in k}
         assert len(copied) == 120
+
+
+def test_objects_that_contradict_the_listing_fail_alone(idc: tuple[IdcBucket, Path, S3Server],
+                                                        mount_factory: Callable[..., Mount]) -> None:
+    """An object whose bytes are not what the listing says (another size, other bytes than its
+    ETag's) or that always breaks off is EIO for its file, with a log line; the rest of its series
+    is served, byte-exact."""
+    from tests.faultproxy import FaultProxy, Rule
+
+    store, _, server = idc
+    prefix = store.series_prefix[BIG_SERIES]
+    objects = sorted(k for k in store.objects if k.startswith(prefix))
+    with FaultProxy(server.port) as proxy:
+        mount = _mount(idc, mount_factory, endpoint=proxy.url)
+        folder = mount.path / "studies" / BIG_STUDY / BIG_SERIES
+        names = sorted(listdir(folder))  # the headers are read (through the proxy, unharmed)
+        assert len(names) == 120
+        shorter, other, forged = objects[3], objects[7], objects[11]
+        proxy.add(Rule(lambda path: shorter in path, "body", body=b"DICM" * 100, content_type="application/dicom"))
+        proxy.add(Rule(lambda path: other in path, "short", after=1000))  # breaks off, every time
+        # the right size, other bytes: caught by the ETag (the MD5 of an object put in one part)
+        proxy.add(Rule(lambda path: forged in path, "body", body=b"\0" * store.objects[forged],
+                       content_type="application/dicom"))
+        results = {name: read_errno(folder / name) for name in names}
+        failed = {name for name, code in results.items() if code != 0}
+        assert len(failed) == 3 and set(results[name] for name in failed) == {errno.EIO}, results
+        assert "is not served" in mount.log and "do not match its ETag" in mount.log
+        proxy.clear()
+        served = {f"studies/{BIG_STUDY}/{BIG_SERIES}/{k}": v for k, v in hashes(folder).items() if k not in failed}
+        expected = {k: v for k, v in store.expected.items() if BIG_SERIES + "/" in k}
+        assert len(served) == 117 and all(expected[k] == v for k, v in served.items())
+        assert mount.alive()
+        # the archive mended: the two files are served at the next read
+        assert {k: v for k, v in hashes(folder).items()} == {k.rsplit("/", 1)[1]: v for k, v in expected.items()}

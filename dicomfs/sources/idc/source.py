@@ -6,12 +6,15 @@ instances come from one prefix listing (names and exact sizes) and a ranged read
 first bytes (its SOP Instance UID, by the one naming rule of ``uids.instance_key``), done once per
 object and kept in the source's work folder (objects under a series UUID never change: a revised
 series gets a new UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time, each
-handed to the sink whole as soon as it is in; one instance opened alone is one GET. Must not cache
-blobs (the blob store does) or know about views.
+handed to the sink whole as soon as it is in (an object that contradicts its listing is logged and
+left out: EIO for that file only; one that breaks off is resumed by the blob store, the others go
+on); one instance opened alone is one GET. Must not cache blobs
+(the blob store does) or know about views.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +23,7 @@ import cachetools
 import diskcache
 import trio
 
-from dicomfs.errors import IntegrityError, NotFound, ProtocolError, SourceError
+from dicomfs.errors import IntegrityError, NotFound, ProtocolError, SourceError, TransferBroken
 from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
@@ -55,7 +58,7 @@ class IdcSource:
         self._locations: dict[str, SeriesLocation] = {}
         self._series_read: cachetools.LRUCache[str, list[tuple[SeriesRecord, SeriesLocation]]] = \
             cachetools.LRUCache(SERIES_READ_WITH_SEARCH)
-        self._listed: cachetools.LRUCache[str, dict[str, tuple[str, int]]] = cachetools.LRUCache(256)
+        self._listed: cachetools.LRUCache[str, dict[str, ObjectInfo]] = cachetools.LRUCache(256)
         self._heads = diskcache.Cache(str(work_dir / "idc-heads"))  # object -> instance key
         self._limit = trio.CapacityLimiter(PARALLEL_HEADS)
 
@@ -116,10 +119,10 @@ class IdcSource:
 
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
         objects = await self._objects(series, fresh=True)
-        return [InstanceRecord(series.study_uid, series.uid, key, size=size) for key, (_, size) in objects.items()]
+        return [InstanceRecord(series.study_uid, series.uid, key, size=info.size) for key, info in objects.items()]
 
-    async def _objects(self, series: SeriesRecord, fresh: bool = False) -> dict[str, tuple[str, int]]:
-        """instance key -> (object name, size): the series' prefix listing, each object named by
+    async def _objects(self, series: SeriesRecord, fresh: bool = False) -> dict[str, ObjectInfo]:
+        """instance key -> its object: the series' prefix listing, each object named by
         its header (read once, then remembered in the work folder)."""
         known = self._listed.get(series.uid)
         if known is not None and not fresh:
@@ -146,16 +149,16 @@ class IdcSource:
         async with trio.open_nursery() as nursery:
             for info in listed:
                 nursery.start_soon(name, info)
-        objects: dict[str, tuple[str, int]] = {}
+        objects: dict[str, ObjectInfo] = {}
         for info in sorted(listed, key=lambda o: o.name):
             key = names.get(info.name)
             if key is None:
                 continue
             if key in objects:
                 log.warning("series %s: two objects hold instance %s (%s, %s): the first is served", series.uid,
-                            key, objects[key][0], info.name)
+                            key, objects[key].name, info.name)
                 continue
-            objects[key] = (info.name, info.size)
+            objects[key] = info
         if len(objects) != location.instances:
             log.info("series %s: the index counts %d instances, the bucket holds %d", series.uid,
                      location.instances, len(objects))
@@ -194,22 +197,32 @@ class IdcSource:
         location = await self._location(series)
         bucket = self._bucket(location.bucket)
         objects = await self._objects(series)
-        wanted = [(key, name, size) for key, (name, size) in sorted(objects.items(), key=lambda kv: kv[1][0])
-                  if sink.wants(key)]
+        wanted = [(key, info) for key, info in sorted(objects.items(), key=lambda kv: kv[1].name) if sink.wants(key)]
         writing = trio.Lock()
         limit = trio.CapacityLimiter(PARALLEL_OBJECTS)
+        broken: list[TransferBroken] = []
 
-        async def one(key: str, name: str, size: int) -> None:
+        async def one(key: str, info: ObjectInfo) -> None:
             async with limit:
-                body = await _whole(bucket, name, size, sink)
+                try:
+                    body = await _whole(bucket, info, sink)
+                except (IntegrityError, ProtocolError) as exc:
+                    # this object is not what its listing says: EIO for its file, the rest is served
+                    log.error("series %s: instance %s is not served: %s", series.uid, key, exc)
+                    return
+                except TransferBroken as exc:  # the others go on; the blob store resumes this one
+                    broken.append(exc)
+                    return
             async with writing:  # a sink takes one member at a time
-                writer = await sink.begin(key, size)
+                writer = await sink.begin(key, info.size)
                 await writer.write(body)
                 await writer.finish()
 
         async with trio.open_nursery() as nursery:
-            for key, name, size in wanted:
-                nursery.start_soon(one, key, name, size)
+            for key, info in wanted:
+                nursery.start_soon(one, key, info)
+        if broken:
+            raise TransferBroken(f"{len(broken)} of the series' objects broke off (first: {broken[0]})")
 
     async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None:
         series = SeriesRecord(instance.study_uid, instance.series_uid)
@@ -217,24 +230,29 @@ class IdcSource:
         objects = await self._objects(series)
         if instance.key not in objects:
             raise NotFound(f"instance {instance.key} is no longer in its series' bucket prefix")
-        name, size = objects[instance.key]
+        info = objects[instance.key]
         bucket = self._bucket(location.bucket)
-        body = await _whole(bucket, name, size, sink)
-        writer = await sink.begin(instance.key, size)
+        body = await _whole(bucket, info, sink)
+        writer = await sink.begin(instance.key, info.size)
         await writer.write(body)
         await writer.finish()
 
 
-async def _whole(bucket: S3Bucket, name: str, size: int, sink: SeriesSink) -> bytes:
-    """One object, checked against its listed size."""
+async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytes:
+    """One object, checked against its listed size and, where its ETag is the MD5 of its bytes
+    (an object uploaded in one part), against that."""
     body = bytearray()
-    async with bucket.stream(name) as chunks:
+    async with bucket.stream(info.name) as chunks:
         async for chunk in chunks:
             sink.arrived(len(chunk))
             body += chunk
-            if len(body) > size:
-                raise IntegrityError(f"object {name} is longer than its listed size {size}")
-    if len(body) != size:
-        raise IntegrityError(f"object {name} is {len(body)} bytes, not its listed {size}")
+            if len(body) > info.size:
+                raise IntegrityError(f"object {info.name} is longer than its listed size {info.size}")
+    if len(body) != info.size:
+        raise IntegrityError(f"object {info.name} is {len(body)} bytes, not its listed {info.size}")
+    etag = (info.etag or "").lower()
+    if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag):
+        digest = await trio.to_thread.run_sync(lambda: hashlib.md5(body, usedforsecurity=False).hexdigest())
+        if digest != etag:
+            raise IntegrityError(f"object {info.name}: its bytes do not match its ETag (MD5)")
     return bytes(body)
-
