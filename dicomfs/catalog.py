@@ -81,7 +81,7 @@ class Catalog:
             return dict(known[1]) if known is not None else None
 
         return await self._cached(("studies",), self._listings, self.listing_ttl, query, offline,
-                                  stored=not self._local)
+                                  local=self._local)
 
     async def remember_studies(self, studies: list[StudyRecord]) -> None:
         """Keep these studies listed while the archive is unreachable (prefetch calls this)."""
@@ -113,7 +113,7 @@ class Catalog:
             return {s.uid: s for s in await self.source.list_series(study_uid)}
 
         return await self._cached(("series", study_uid), self._listings, self.listing_ttl, query,
-                                  stored=not self._local)
+                                  local=self._local)
 
     async def instances_of(self, series: SeriesRecord) -> dict[str, InstanceRecord]:
         async def query() -> dict[str, InstanceRecord]:
@@ -141,10 +141,11 @@ class Catalog:
                       query: Callable[[], Awaitable[T]],
                       offline: Callable[[], Awaitable[T | None]] | None = None,
                       codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None,
-                      stored: bool = True) -> T:
+                      local: bool = False) -> T:
         """``key``'s listing: from memory, the store (if younger than ``ttl``, or whatever its age
-        while offline) or ``query``; ``codec`` (encode, decode) is how the store keeps it;
-        ``stored`` False: never in the store (a listing the source reads locally)."""
+        while offline) or ``query``; ``codec`` (encode, decode) is how the store keeps it.
+        ``local``: the source reads this listing from local data, so neither the store nor the
+        breaker (an unreachable bucket does not stop the index from being read) has a say."""
         if memory is None:
             memory = {}  # type: ignore[assignment]  # remembered nowhere but in the store
         assert memory is not None
@@ -153,7 +154,7 @@ class Catalog:
         except KeyError:
             pass
 
-        keep = stored
+        keep = not local
 
         async def load() -> T:
             stored = await self._load_stored(key, codec[1] if codec else None) if keep else None
@@ -162,8 +163,11 @@ class Catalog:
                 memory[key] = stored[1]
                 return stored[1]  # type: ignore[no-any-return]
             try:
-                with self.breaker.guard():
+                if local:
                     value = await query()
+                else:
+                    with self.breaker.guard():
+                        value = await query()
             except SourceError as exc:
                 fallback = stored[1] if stored is not None else None
                 if is_outage(exc):
@@ -178,7 +182,8 @@ class Catalog:
                 self.report_offline(exc)
                 memory[key] = fallback
                 return fallback  # type: ignore[no-any-return]
-            self._offline_reported = False
+            if not local:
+                self._offline_reported = False  # the archive answered
             memory[key] = value
             if keep:
                 await self._save_stored(key, value, codec[0] if codec else None)

@@ -129,3 +129,33 @@ async def test_the_studies_a_query_shows_are_kept_like_a_listing(tmp_path: Path,
     offline = catalog(archive, tmp_path / "store")  # an offline remount with the same --query
     assert list(await Shown(offline, parse_query(["PatientName=DOE*"])).studies()) == ["1.1"]
     offline.close()
+
+
+class IndexedArchive(Archive):
+    """Studies and series from a local index (IDC), instances from a bucket that may be down."""
+
+    local_listings = True
+
+    async def list_studies(self) -> list[StudyRecord]:
+        self.asked["studies"] += 1  # (local: never down)
+        return [StudyRecord(uid, attrs) for uid, attrs in self.studies.items()]
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        self.asked["series"] += 1
+        return [SeriesRecord(study_uid, f"{study_uid}.1")]
+
+
+async def test_local_listings_are_neither_stored_nor_stopped_by_the_breaker(tmp_path: Path,
+                                                                            mock_clock: MockClock) -> None:
+    archive = IndexedArchive()
+    cat = catalog(archive, tmp_path / "store")
+    archive.down = True
+    with pytest.raises(SourceUnavailable):
+        await cat.instances_of(SeriesRecord("1.1", "1.1.1"))  # the bucket is down: the breaker opens
+    assert cat.breaker.refusing
+    assert set(await cat.studies()) == {"1.1", "1.2"}  # the index is read all the same
+    assert set(await cat.series_of("1.2")) == {"1.2.1"}
+    mock_clock.jump(TTL + 1)
+    assert set(await cat.series_of("1.2")) == {"1.2.1"} and archive.asked["series"] == 2
+    assert not await cat.has_stored_listing()  # nothing of the index was pickled into the store
+    cat.close()

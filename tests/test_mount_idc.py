@@ -30,12 +30,15 @@ NOT_DICOM = b"<html>this object is not DICOM</html>" * 10
 def idc(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[IdcBucket, Path, S3Server]]:
     with S3Server() as server:
         store = IdcBucket(server.create_bucket("idc-open-data", public=True))
-        by_series: dict[str, list[bytes]] = defaultdict(list)
+        by_series: dict[tuple[str, str], list[bytes]] = defaultdict(list)
         for path in sorted(demo_dir.rglob("*.dcm")):
-            by_series[str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)].append(path.read_bytes())
-        for n, (_, files) in enumerate(sorted(by_series.items())):
-            # the first series also holds an object that is not DICOM: skipped with a log line
-            store.add_series("coll_a" if n % 2 else "coll_b", files,
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            by_series[(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))].append(path.read_bytes())
+        studies = sorted({study for study, _ in by_series})
+        for n, ((study, _), files) in enumerate(sorted(by_series.items())):
+            # a study is in one collection; the first series also holds an object that is not
+            # DICOM (skipped with a log line)
+            store.add_series("coll_a" if studies.index(study) % 2 else "coll_b", files,
                              extra_objects={"junk.dcm": NOT_DICOM} if n == 0 else None)
         big = [make_instance(BIG_STUDY, BIG_SERIES, f"{BIG_SERIES}.{k}", pixel_bytes=20_000, number=k,
                              patient="SAME^ID", modality="CT") for k in range(1, 121)]
@@ -164,3 +167,27 @@ def test_objects_that_contradict_the_listing_fail_alone(idc: tuple[IdcBucket, Pa
         assert mount.alive()
         # the archive mended: the two files are served at the next read
         assert {k: v for k, v in hashes(folder).items()} == {k.rsplit("/", 1)[1]: v for k, v in expected.items()}
+
+
+def test_prefetch_of_a_collection_then_reads_without_the_bucket(idc: tuple[IdcBucket, Path, S3Server], tmp_path: Path,
+                                                                mount_factory: Callable[..., Mount]) -> None:
+    store, index, server = idc
+    cache = tmp_path / "cache"
+    run = dicomfs("prefetch", "idc", "--idc-index", str(index), "--endpoint", server.endpoint, "--query",
+                  "collection_id=coll_a", "--jobs", "8", "--cache-dir", str(cache), env=server.env(signed=False),
+                  timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    wanted = {row["SeriesInstanceUID"] for row in store.rows if row["collection_id"] == "coll_a"}
+    assert 1 < len(wanted) < len(store.rows) - 2
+    assert f"fetched {len(wanted)} series" in run.stdout, run.stdout
+    expected = {k: v for k, v in store.expected.items() if k.split("/")[2] in wanted}
+    # the bucket is gone (nothing listens at the endpoint): the prefetched collection is all there
+    mount = mount_factory("idc", "--idc-index", str(index), "--endpoint", "http://127.0.0.1:9", "--cache-dir",
+                          str(cache), env=server.env(signed=False))
+    folders = {k.rsplit("/", 1)[0] for k in expected}
+    got = {f"{folder}/{name}": v for folder in folders for name, v in hashes(mount.path / folder).items()}
+    assert got == expected
+    other = next(k for k in store.expected if k not in expected)
+    # not prefetched, no bucket: its series cannot even be listed (EIO, at once)
+    assert read_errno(mount.path / other) == errno.EIO
+    assert mount.alive()
