@@ -133,22 +133,25 @@ class IdcSource:
         listed = [o for o in listed if o.name.endswith(".dcm") and "/" not in o.name[len(location.prefix):]]
         if len(listed) > MAX_INSTANCES:
             raise ProtocolError(f"series {series.uid}: {len(listed)} objects is implausibly many")
-        names: dict[str, str] = {}
+        def head_key(info: ObjectInfo) -> str:
+            return f"{location.bucket}/{info.name}:{info.size}:{info.etag}"
+
+        names: dict[str, str] = await trio.to_thread.run_sync(self._known_heads, [head_key(o) for o in listed])
+        names = {o.name: names[head_key(o)] for o in listed if head_key(o) in names}
+        read: dict[str, str] = {}
 
         async def name(info: ObjectInfo) -> None:
-            cache_key = f"{location.bucket}/{info.name}:{info.size}:{info.etag}"
-            key = await trio.to_thread.run_sync(self._heads.get, cache_key)
-            if key is None:
-                async with self._limit:
-                    key = await self._read_key(bucket, info.name, info.size)
-                if key is None:
-                    return
-                await trio.to_thread.run_sync(self._heads.set, cache_key, key)
-            names[info.name] = key
+            async with self._limit:
+                key = await self._read_key(bucket, info.name, info.size)
+            if key is not None:
+                read[head_key(info)] = names[info.name] = key
 
         async with trio.open_nursery() as nursery:
             for info in listed:
-                nursery.start_soon(name, info)
+                if info.name not in names:
+                    nursery.start_soon(name, info)
+        if read:
+            await trio.to_thread.run_sync(self._remember_heads, read)
         objects: dict[str, ObjectInfo] = {}
         for info in sorted(listed, key=lambda o: o.name):
             key = names.get(info.name)
@@ -164,6 +167,20 @@ class IdcSource:
                      location.instances, len(objects))
         self._listed[series.uid] = objects
         return objects
+
+    def _known_heads(self, keys: list[str]) -> dict[str, str]:
+        """The instance keys of the objects whose headers were read before (blocking)."""
+        found = {}
+        for key in keys:
+            value = self._heads.get(key)
+            if isinstance(value, str):
+                found[key] = value
+        return found
+
+    def _remember_heads(self, read: dict[str, str]) -> None:
+        with self._heads.transact():  # one transaction for a series (blocking)
+            for key, value in read.items():
+                self._heads.set(key, value)
 
     async def _read_key(self, bucket: S3Bucket, name: str, size: int) -> str | None:
         """The instance key of one object from its first bytes; None (logged) if it is not DICOM."""
@@ -238,7 +255,7 @@ class IdcSource:
         await writer.finish()
 
 
-async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytes:
+async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytearray:
     """One object, checked against its listed size and, where its ETag is the MD5 of its bytes
     (an object uploaded in one part), against that."""
     body = bytearray()
@@ -255,4 +272,4 @@ async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytes:
         digest = await trio.to_thread.run_sync(lambda: hashlib.md5(body, usedforsecurity=False).hexdigest())
         if digest != etag:
             raise IntegrityError(f"object {info.name}: its bytes do not match its ETag (MD5)")
-    return bytes(body)
+    return body  # (the sink's writer keeps it until written: nothing changes it after this)
