@@ -19,6 +19,13 @@ class StudyRecord:
     attrs: DicomJson = field(default_factory=dict, compare=False)  # QIDO-style DICOM JSON
     _mtime_ns: int | None = field(default=None, init=False, compare=False, repr=False)
 
+    @classmethod
+    def dated(cls, uid: str, attrs: DicomJson, mtime_ns: int) -> StudyRecord:
+        """A record whose ``mtime_ns`` its source worked out already (for many at once)."""
+        record = cls(uid, attrs)
+        object.__setattr__(record, "_mtime_ns", mtime_ns)
+        return record
+
     @property
     def mtime_ns(self) -> int:  # asked for every folder of every listing: worked out once
         if self._mtime_ns is None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dicomfs import dicomjson
 from dicomfs.errors import UsageError
-from dicomfs.records import DicomJson, SeriesRecord, StudyRecord
+from dicomfs.records import DicomJson, SeriesRecord, StudyRecord, dicom_datetime_ns
 from dicomfs.uids import is_uid
 
 if TYPE_CHECKING:
@@ -53,36 +53,58 @@ _SERIES_COLUMNS = [c for c in _DICOM_COLUMNS if c[3] == "series" and c[0] != "Se
 _COLUMN_OF = {keyword: keyword for keyword, *_ in _DICOM_COLUMNS} | {k: k for k in INDEX_KEYS}
 
 
-FETCH_ROWS = 2_000  # rows in Python at once while a listing is read
-# StudyTable's columns after the UID: (attribute key, VR, how many values)
-_TABLE_COLUMNS = [(tag, vr, 1) for _, tag, vr, _ in _STUDY_COLUMNS] + [
-    ("collection_id", "LO", 1), ("00201206", "IS", 1), ("00201208", "IS", 1), ("00080061", "CS", 0)]
+# StudyTable's columns after the UID: (attribute key, VR, how many values, SQL of the value)
+_TABLE_COLUMNS = [(tag, vr, 1, f"any_value({keyword})") for keyword, tag, vr, _ in _STUDY_COLUMNS] + [
+    ("collection_id", "LO", 1, "any_value(collection_id)"), ("00201206", "IS", 1, "count(*)"),
+    ("00201208", "IS", 1, "sum(instanceCount)"),
+    ("00080061", "CS", 0, "string_agg(DISTINCT Modality, '\\' ORDER BY Modality)")]
 
 
 class StudyTable:
-    """Study attributes column by column, equal strings shared: what ``RowAttrs`` reads."""
+    """Study attributes column by column (equal values shared): what ``RowAttrs`` reads."""
 
-    def __init__(self) -> None:
-        self.uids: list[str] = []
-        self.columns: dict[str, tuple[str, int, list[Any]]] = {
-            tag: (vr, single, []) for tag, vr, single in _TABLE_COLUMNS}
-        self._shared: dict[Any, Any] = {}
+    def __init__(self, uids: list[str], columns: dict[str, tuple[str, int, list[Any]]]) -> None:
+        self.uids = uids
+        self.columns = columns
 
-    def append(self, row: tuple[Any, ...]) -> None:
-        """One row of the studies query: the UID, ``_STUDY_COLUMNS``, collection, series count,
-        instance count, modalities."""
-        self.uids.append(row[0])
-        for (tag, vr, _), value in zip(_TABLE_COLUMNS, row[1:]):
-            if value == "":
-                value = None
-            elif vr == "DA" and value is not None:
-                value = str(value).replace("-", "")  # the index writes dates as YYYY-MM-DD
-            elif vr == "IS" and value is not None:
-                value = int(value)
-            self.columns[tag][2].append(self._shared.setdefault(value, value))
+    @classmethod
+    def read(cls, db: Any, where: str, parameters: list[Any]) -> StudyTable:
+        """The studies of the rows ``where`` selects, fetched a column at a time from a temporary
+        table (no row tuples of every column at once), malformed UIDs left out."""
+        values = ", ".join(f"{sql} AS c{n}" for n, (*_, sql) in enumerate(_TABLE_COLUMNS))
+        db.execute(f"CREATE TEMP TABLE studies AS SELECT StudyInstanceUID AS uid, {values} FROM idx {where} "
+                   "GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID", parameters)
+        uids = [uid for (uid,) in db.execute("SELECT uid FROM studies").fetchall()]
+        keep = [isinstance(uid, str) and is_uid(uid) for uid in uids]
+        columns: dict[str, tuple[str, int, list[Any]]] = {}
+        for n, (tag, vr, single, _) in enumerate(_TABLE_COLUMNS):
+            shared: dict[Any, Any] = {}
+            column = [shared.setdefault(v, v) for (v,) in db.execute(f"SELECT {_normalised(f'c{n}', vr)} FROM studies")
+                      .fetchall()]
+            columns[tag] = (vr, single, column if all(keep) else [v for v, ok in zip(column, keep) if ok])
+        return cls(uids if all(keep) else [u for u, ok in zip(uids, keep) if ok], columns)
 
-    def done(self) -> None:
-        self._shared.clear()
+    def mtimes(self) -> list[int]:
+        """Each study's mtime (``records.dicom_datetime_ns`` of its StudyDate, once per date)."""
+        by_date: dict[Any, int] = {}
+        out = []
+        for date in self.columns["00080020"][2]:
+            mtime = by_date.get(date)
+            if mtime is None:
+                mtime = by_date[date] = dicom_datetime_ns({"00080020": {"vr": "DA", "Value": [date]}} if date else {},
+                                                          "00080020", "00080030")
+            out.append(mtime)
+        return out
+
+
+def _normalised(column: str, vr: str) -> str:
+    """A study column as its DICOM JSON value: '' as NULL, dates as YYYYMMDD (the index writes
+    YYYY-MM-DD), counts as integers."""
+    if vr == "DA":
+        return f"nullif(replace({column}, '-', ''), '')"
+    if vr == "IS":
+        return f"CAST({column} AS BIGINT)"
+    return f"nullif({column}, '')"
 
 
 class RowAttrs(Mapping[str, Any]):
@@ -178,23 +200,10 @@ class IdcIndex:
         left for the caller to check. Their attributes are rows of one ``StudyTable`` (the whole
         index is 168,000 studies: as DICOM JSON dicts they would take 500 MB)."""
         where, parameters, unchecked = _where(terms)
-        aggregates = ", ".join(f"any_value({keyword})" for keyword, *_ in _STUDY_COLUMNS)
-        table = StudyTable()
         with self._connection() as db:
-            result = db.execute(
-                f"SELECT StudyInstanceUID, {aggregates}, any_value(collection_id), count(*), sum(instanceCount), "
-                "string_agg(DISTINCT Modality, '\\' ORDER BY Modality) "
-                f"FROM idx {where} GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID", list(parameters))
-            while rows := result.fetchmany(FETCH_ROWS):
-                for row in rows:
-                    if isinstance(row[0], str) and is_uid(row[0]):  # a malformed UID: left out
-                        table.append(row)
-        table.done()
-        return [StudyRecord(uid, cast(DicomJson, RowAttrs(table, n))) for n, uid in enumerate(table.uids)], unchecked
-
-    def malformed_studies(self) -> int:
-        return sum(1 for (uid,) in self._rows("SELECT DISTINCT StudyInstanceUID FROM idx")
-                   if not isinstance(uid, str) or not is_uid(uid))
+            table = StudyTable.read(db, where, parameters)
+        return [StudyRecord.dated(uid, cast(DicomJson, RowAttrs(table, n)), mtime)
+                for n, (uid, mtime) in enumerate(zip(table.uids, table.mtimes()))], unchecked
 
     # --- series -------------------------------------------------------------------------------
     def series(self, study_uids: Sequence[str]) -> dict[str, list[tuple[SeriesRecord, SeriesLocation]]]:
