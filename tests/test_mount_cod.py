@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cod_bucket import BIG_SERIES, BIG_STUDY, BUCKET, Bucket, digest, mount_env
+from tests.cod_bucket import BUCKET, Bucket, check_range_then_tar, digest, mount_env
 from tests.cod_writer import CodSeriesFiles, write_series
 from tests.factory import make_instance
 from tests.fsutil import hashes, listdir, p10_hashes, read_errno, sh
@@ -55,24 +55,9 @@ def test_listing_and_sizes_touch_no_tar(bucket: Bucket, mount_factory: Callable[
 
 def test_one_instance_is_one_range_and_a_series_copy_is_one_tar(bucket: Bucket, tmp_path: Path,
                                                                  mount_factory: Callable[..., Mount]) -> None:
-    tar_name = f"big/dicomweb/studies/{BIG_STUDY}/series/{BIG_SERIES}.tar"
-    tar_size = bucket.tars[tar_name]
-    folder = Path("studies") / BIG_STUDY / BIG_SERIES
     with CountingProxy(bucket.emulator.port, classify_gcs) as proxy:
         mount = mount_factory(f"gs://{BUCKET}/big/dicomweb", env={"STORAGE_EMULATOR_HOST": proxy.url})
-        one = mount.path / folder / f"{BIG_SERIES}.50.dcm"
-        assert digest(one.read_bytes()) == bucket.expected["big/dicomweb"][str(folder / one.name)]
-        size = one.stat().st_size
-        assert proxy.counts["tar"] == 1
-        assert proxy.bytes["tar"] <= 1.1 * size, (proxy.bytes["tar"], size)
-        before = proxy.bytes["tar"]
-        sh("cp", "-r", str(mount.path / folder), str(tmp_path / "copy"))
-        moved = proxy.bytes["tar"] - before
-        assert moved <= 1.1 * tar_size, (moved, tar_size)
-        assert proxy.counts["tar"] == 2  # the whole tar, once
-        copied = {f"{folder}/{k}": v for k, v in hashes(tmp_path / "copy").items()}
-        assert copied == bucket.expected["big/dicomweb"]
-        assert len(copied) == 100
+        check_range_then_tar(bucket, mount.path, proxy, tmp_path / "copy", tar_bound=1.1)
 
 
 def test_hostile_buckets_are_contained(bucket: Bucket, tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:

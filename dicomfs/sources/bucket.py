@@ -55,12 +55,17 @@ class ObjectReader:
 
     async def read(self, name: str, limit: int) -> bytes:
         """A whole (small) object, as stored: no transparent decompression."""
-        async with self.http.stream(self.object_url(name), {"Accept-Encoding": "identity"}) as response:
+        return await self.read_url(self.object_url(name), limit, f"object {name}")
+
+    async def read_url(self, url: str, limit: int, what: str) -> bytes:
+        """The whole body of a GET of ``url`` (``what`` it is, for the error), at most ``limit``
+        bytes, as sent: no transparent decompression."""
+        async with self.http.stream(url, {"Accept-Encoding": "identity"}) as response:
             body = bytearray()
             async for chunk in response.aiter_raw():
                 body += chunk
                 if len(body) > limit:
-                    raise ProtocolError(f"object {name} is larger than {limit} bytes")
+                    raise ProtocolError(f"{what} is larger than {limit} bytes")
             return bytes(body)
 
     @asynccontextmanager

@@ -132,7 +132,8 @@ class S3Bucket(ObjectReader):
                 query["continuation-token"] = token
             text = "&".join(f"{quote(k, safe='-_.~')}={quote(str(v), safe='-_.~')}" for k, v in sorted(query.items()))
             try:
-                body = await self.read_url(f"{self.base}/?{text}", MAX_LISTING_BYTES)
+                body = await self.read_url(f"{self.base}/?{text}", MAX_LISTING_BYTES,
+                                           f"{self.description}: a listing page")
             except AccessRefused:
                 if self.signed:
                     raise
@@ -144,15 +145,6 @@ class S3Bucket(ObjectReader):
             if not token:
                 break
         return prefixes, objects
-
-    async def read_url(self, url: str, limit: int) -> bytes:
-        async with self.http.stream(url, {"Accept-Encoding": "identity"}) as response:
-            body = bytearray()
-            async for chunk in response.aiter_raw():
-                body += chunk
-                if len(body) > limit:
-                    raise ProtocolError(f"{self.description}: a listing page is larger than {limit} bytes")
-            return bytes(body)
 
 
 def parse_listing(body: bytes) -> tuple[list[str], list[ObjectInfo], str | None]:
