@@ -366,6 +366,7 @@ class SeriesDownload:
         self.finished = False
         self.error: BaseException | None = None
         self.done = trio.Event()  # set when the download ended, committed or not
+        self.fetched = trio.Event()  # set when the source has delivered its bytes (or failed): the wire is free
         self.received = 0  # instance bytes delivered by the source so far
         self.wire = 0  # bytes that came from the archive, kept or skipped (the rate is measured on these)
         self.on_answer: Callable[[], None] | None = None  # called at the first byte of an attempt
@@ -560,15 +561,19 @@ class BlobStore:
     """The disk cache of series blobs for one source."""
 
     def __init__(self, cache_dir: Path, size_limit: int, source: Source, *, breaker: Breaker | None = None,
-                 limits: TransferLimits | None = None, missing_recheck: float = 60.0) -> None:
+                 limits: TransferLimits | None = None, missing_recheck: float = 60.0,
+                 instances_alone: bool = False) -> None:
         """``missing_recheck``: an instance that a retrieve of its series did not hold is not asked
-        for again sooner (the listing TTL: within it, the archive is taken to be as listed)."""
+        for again sooner (the listing TTL: within it, the archive is taken to be as listed).
+        ``instances_alone`` (``--readahead off``): a source that can fetch one instance cheaply is
+        asked for each instance opened, never for its whole series on a second read."""
         self.source = source
         self.cache_dir = cache_dir
         self.size_limit = size_limit
         self.breaker = breaker or Breaker(source.description)
         self.limits = limits or TransferLimits()
         self.missing_recheck = missing_recheck
+        self.instances_alone = instances_alone
         try:
             self._folder = ProcessFolder(cache_dir)
         except OSError as exc:
@@ -783,7 +788,8 @@ class BlobStore:
                     return handle
                 if self._commits[blob_key] != commits:
                     continue
-                if series.key in self._series_touched or series.key in self._downloads:
+                if not self.instances_alone and (series.key in self._series_touched
+                                                 or series.key in self._downloads):
                     return None  # reading through the series: fetch all of it
                 self._series_touched.add(series.key)
                 self._instance_blobs.setdefault(series.key, set()).add(blob_key)
@@ -914,6 +920,23 @@ class BlobStore:
         """The downloads running now (for progress reports)."""
         return list(self._downloads.values())
 
+    def running(self, series: SeriesRecord) -> SeriesDownload | None:
+        """The download of the whole series running in this process, if any."""
+        return self._downloads.get(series.key)
+
+    async def read_ahead(self, series: SeriesRecord) -> SeriesDownload | None:
+        """Start downloading the whole series for a reader to come (``readahead``): the running
+        download if there is one, None if it is cached or another process is fetching it."""
+        download = self._downloads.get(series.key)
+        if download is not None:
+            return download
+        if await trio.to_thread.run_sync(self.is_cached, series):
+            return None
+        if not _lock_free(self._lock_dir / _lock_name(series.key)):
+            return None  # another process (a prefetch) is fetching it
+        download = self._downloads.get(series.key)  # (one may have started while we looked)
+        return download if download is not None else self._series_download(series)
+
     # --- downloading ------------------------------------------------------------------------
     def _series_download(self, series: SeriesRecord) -> SeriesDownload:
         """The running download of ``series``, started if there is none."""
@@ -961,6 +984,7 @@ class BlobStore:
                         await self._fetch_resuming(download)
                         watch.cancel_scope.cancel()
                 finally:
+                    download.fetched.set()
                     download.close_writes()
             await self._commit(download)
             committed = True
@@ -986,6 +1010,7 @@ class BlobStore:
             download.finished = True
             del self._downloads[download.blob_key]
             download.notify()
+            download.fetched.set()
             download.done.set()
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -1095,6 +1120,15 @@ def _try_lock(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _lock_free(path: Path) -> bool:
+    """Whether nobody holds the blob lock at ``path`` (False too when it cannot be used)."""
+    fd = _try_lock(path)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 def has_valid_entry(index: diskcache.Cache, manifests: diskcache.Cache, blob_key: str) -> bool:

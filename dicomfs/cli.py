@@ -107,6 +107,10 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--read-timeout", type=_seconds, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
                        help="longest a file system request waits for the archive before it fails with EIO; "
                        f"the download goes on (default {DEFAULT_READ_TIMEOUT:.0f})")
+    mount.add_argument("--readahead", choices=["off", "series", "study"], default="study",
+                       help="what is fetched before it is read: 'study' (default) the whole series of what is read "
+                       "and then the study's next series, one after another; 'series' the whole series of what is "
+                       "read; 'off' only what is read (one instance alone where the archive allows it)")
     mount.add_argument("--views", metavar="LIST", help="which views the mount's root shows, comma-separated "
                        "(default: studies,patients,dates,dicomweb)")
     mount.add_argument("--view", action="append", default=[], metavar="NAME=TEMPLATE",
@@ -292,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     from dicomfs.mount import MountOptions, check_mountpoint
+    from dicomfs.readahead import Mode
     from dicomfs.views import COLLECTIONS, DEFAULT_VIEWS, ViewOptions
 
     spec = parse_source(args.source)
@@ -307,7 +312,8 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     options = MountOptions(archive.spec, mountpoint, archive.cache_dir, archive.cache_size, archive.credentials,
                            allow_other=args.allow_other, listing_ttl=args.listing_ttl,
                            source_options=archive.source_options, query=archive.query, limits=archive.limits,
-                           read_timeout=args.read_timeout, log_file=log_file, views=views)
+                           read_timeout=args.read_timeout, log_file=log_file, views=views,
+                           readahead=Mode(args.readahead))
     if args.allow_other and detach:
         print(f"dicomfs: warning: {_ALLOW_OTHER_WARNING.format(mountpoint=mountpoint)}", file=sys.stderr)
     if not detach:

@@ -31,6 +31,7 @@ from dicomfs.archive import ArchiveOptions, open_archive
 from dicomfs.errors import UsageError
 from dicomfs.fs import DicomOperations
 from dicomfs.query import Query
+from dicomfs.readahead import Mode, Readahead
 from dicomfs.sources import Credentials, SourceOptions, SourceSpec
 from dicomfs.sources.base import NotesSource
 from dicomfs.tasks import open_nursery
@@ -60,6 +61,7 @@ class MountOptions:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     log_file: Path | None = None  # where the daemon logs (reopened on SIGHUP); None: stderr
     views: ViewOptions = field(default_factory=ViewOptions)
+    readahead: Mode = Mode.STUDY  # what is fetched before it is read (``--readahead``)
 
 
 def check_mountpoint(path: Path) -> Path:
@@ -170,12 +172,15 @@ async def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         blobs = archive.blobs
         source = archive.source
         notes = await source.root_notes() if isinstance(source, NotesSource) else {}
-        tree = Tree(make_views(archive.catalog, blobs, archive.shown, options.views),
+        blobs.instances_alone = options.readahead is Mode.OFF
+        readahead = Readahead(blobs, archive.catalog, mode=options.readahead)
+        tree = Tree(make_views(archive.catalog, blobs, archive.shown, options.views, readahead),
                     listing_ttl=options.listing_ttl, notes={k: v.encode() for k, v in notes.items()})
         waits = Waits(options.read_timeout)
         pidfile = pidfile_for(options.mountpoint)
         record = record_for(options.mountpoint)
         async with open_nursery() as nursery:
+            await nursery.start(readahead.run)
             pyfuse3.init(DicomOperations(tree, lambda: blobs.size_limit, waits), str(options.mountpoint),
                          fuse_options(options.allow_other))
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_concurrent_readers_cause_one_retrieval(orthanc: OrthancServer, demo_exp
     assert len(biggest) >= 5
     with CountingProxy(orthanc.port) as proxy:
         proxy.throttle = 0.01
-        mount = mount_factory(proxy.dicomweb)
+        mount = mount_factory(proxy.dicomweb, "--readahead", "series")  # (retrieves counted: none ahead)
         results: dict[str, str] = {}
 
         def read(rel: str) -> None:
@@ -213,3 +214,33 @@ def test_killed_mid_download_leaves_nothing_that_reads_wrong(
         mount.start()
         assert not any(p.exists() for p in killed)  # swept when the new daemon started
         assert p10_hashes(mount.path) == demo_expected
+
+
+def test_reading_a_series_fetches_the_next_series_of_its_study_ahead(
+        orthanc: OrthancServer, demo_expected: dict[str, str], tmp_path: Path,
+        mount_factory: Callable[..., Mount]) -> None:
+    by_study: dict[str, set[str]] = {}
+    for rel in demo_expected:
+        by_study.setdefault(rel.split("/")[1], set()).add(rel.split("/")[2])
+    study, series = max(by_study.items(), key=lambda item: len(item[1]))
+    assert len(series) >= 3
+    first = sorted(series)[0]
+    one = next(rel for rel in sorted(demo_expected) if rel.startswith(f"studies/{study}/{first}/"))
+    with CountingProxy(orthanc.port) as proxy:
+        mount = mount_factory(proxy.dicomweb)
+        assert hashes(mount.path / Path(one).parent)[Path(one).name] == demo_expected[one]
+        # the reader is still about: the study's other series come, each once, one after another
+        wait_until(lambda: proxy.counts["wado-series"] >= len(series), 60, "the study's series to be read ahead")
+        retrieved = [p.split("?")[0].rstrip("/").rsplit("/", 1)[1] for p in proxy.paths
+                     if CountingProxy.kind(p) == "wado-series"]
+        assert sorted(retrieved) == sorted(series), retrieved
+        assert retrieved[0] == first and retrieved[1:] == sorted(series)[1:]  # in listing order
+        sh("cp", "-r", str(mount.path / "studies" / study), str(tmp_path / "copy"))
+        assert proxy.counts["wado-series"] == len(series)  # the copy was served from the cache
+        copied = {f"studies/{study}/{rel}": digest for rel, digest in hashes(tmp_path / "copy").items()}
+        assert copied == {rel: d for rel, d in demo_expected.items() if rel.startswith(f"studies/{study}/")}
+    with CountingProxy(orthanc.port) as proxy:
+        mount = mount_factory(proxy.dicomweb, "--readahead", "series", name="m2", cache="c2")
+        assert hashes(mount.path / Path(one).parent)[Path(one).name] == demo_expected[one]
+        time.sleep(2)  # (time for a readahead that should not happen)
+        assert proxy.counts["wado-series"] == 1  # the series read, nothing ahead

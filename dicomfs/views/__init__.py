@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from dicomfs.blobstore import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import UsageError
+from dicomfs.readahead import Readahead
 from dicomfs.search import Shown
 from dicomfs.sources.base import NotesSource
 from dicomfs.views.base import STUDIES, InstanceFiles, View
@@ -57,9 +58,10 @@ class ViewOptions:
         return cls(chosen, templates, ascii_names)
 
 
-def make_views(catalog: Catalog, blobs: BlobStore, shown: Shown, options: ViewOptions | None = None) -> list[View]:
+def make_views(catalog: Catalog, blobs: BlobStore, shown: Shown, options: ViewOptions | None = None,
+               readahead: Readahead | None = None) -> list[View]:
     options = options or ViewOptions()
-    files = InstanceFiles(blobs)
+    files = InstanceFiles(blobs, readahead)
     views: list[View] = []
     for name in options.chosen:
         if name == COLLECTIONS:

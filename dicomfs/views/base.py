@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dicomfs.blobstore import BlobStore
+from dicomfs.readahead import Readahead
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.webtree import WebNode
 
@@ -102,8 +103,9 @@ def instance_node(view: str, path: tuple[str, ...], study: StudyRecord, series: 
 class InstanceFiles:
     """Sizes and opens the P10 files of any view (the blob store's instances)."""
 
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, blobs: BlobStore, readahead: Readahead | None = None) -> None:
         self.blobs = blobs
+        self.readahead = readahead  # told of every instance opened (a study's next series)
 
     async def sized(self, series: SeriesRecord, nodes: list[Node]) -> list[tuple[Node, int | None]]:
         """``nodes`` (instances of ``series``) with the sizes known without a download."""
@@ -117,4 +119,7 @@ class InstanceFiles:
 
     async def open(self, node: Node) -> Handle:
         assert node.series is not None and node.instance is not None
-        return await self.blobs.open_instance(node.series, node.instance)
+        handle = await self.blobs.open_instance(node.series, node.instance)
+        if self.readahead is not None:  # (after the open: the series' own download is running now)
+            self.readahead.reading(node.series)
+        return handle

@@ -1,0 +1,135 @@
+"""Study readahead: while a reader works through one series of a study, fetch the next.
+
+Owns which series are fetched before anyone asks for them and when. When a reader opens an
+instance of a study (``reading``), the study's other series are queued in the order ``studies/``
+lists them, starting after the series being read; the next one starts as soon as the previous
+one's bytes are in (the download's ``fetched``, not its commit: the wire is never idle while the
+disk catches up), one at a time (starting them all at once measured no gain). A series a reader
+opens is no longer queued: its own request started it at once. Readahead stops for a study when
+the bytes fetched ahead of its readers would pass the budget (1 GiB, at most a quarter of the
+cache; the next series is taken to be as large as the last one fetched) until a reader opens one
+of them, and when nobody has opened anything in the study for ``idle``
+seconds; a readahead that fails is logged and stops, nothing else. Must not read instance bytes,
+retry a failed download (a reader's open will) or know about views.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from dicomfs import clock
+from dicomfs.blobstore import BlobStore, SeriesDownload
+from dicomfs.catalog import Catalog
+from dicomfs.errors import DicomfsError
+from dicomfs.records import SeriesRecord
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = 1 << 30  # bytes fetched ahead of the readers of one study
+DEFAULT_IDLE = 30.0  # seconds without a reader before a study's readahead stops
+
+
+class Mode(enum.Enum):
+    OFF = "off"  # fetch what is read: an instance alone where the source can (never its series)
+    SERIES = "series"  # the whole series of what is read
+    STUDY = "study"  # and the study's next series, one after another
+
+
+@dataclass
+class _Study:
+    uid: str
+    first: SeriesRecord  # the series a reader opened first: the queue starts after it
+    last_read: float
+    opened: set[str] = field(default_factory=set)  # series (UIDs) a reader opened
+    ahead: dict[str, SeriesDownload] = field(default_factory=dict)  # fetched ahead, not yet opened
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def ahead_bytes(self) -> int:
+        return sum(download.received for uid, download in self.ahead.items() if uid not in self.opened)
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Readahead:
+    def __init__(self, blobs: BlobStore, catalog: Catalog, *, mode: Mode = Mode.STUDY,
+                 budget: int = DEFAULT_BUDGET, idle: float = DEFAULT_IDLE) -> None:
+        self.blobs = blobs
+        self.catalog = catalog
+        self.mode = mode
+        self.budget = min(budget, blobs.size_limit // 4)  # (a small cache is not filled ahead of readers)
+        self.idle = idle
+        self._studies: dict[str, _Study] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled (the mount's nursery runs this)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def reading(self, series: SeriesRecord) -> None:
+        """A reader opened an instance of ``series``."""
+        if self.mode is not Mode.STUDY or self._nursery is None:
+            return
+        study = self._studies.get(series.study_uid)
+        if study is None:
+            study = self._studies[series.study_uid] = _Study(series.study_uid, series, clock.now())
+            self._nursery.start_soon(self._follow, study)
+        study.last_read = clock.now()
+        study.opened.add(series.uid)
+        study.poke()
+
+    async def _follow(self, study: _Study) -> None:
+        try:
+            await self._read_ahead(study)
+        except DicomfsError as exc:  # a listing that failed: the readers' own opens will say so
+            log.info("readahead in study %s stopped: %s", study.uid, exc)
+        except Exception as exc:  # (a full disk's sqlite error, a bug): never the daemon's end
+            log.warning("readahead in study %s stopped: %s: %s", study.uid, type(exc).__name__, exc)
+        finally:
+            del self._studies[study.uid]
+
+    async def _read_ahead(self, study: _Study) -> None:
+        listed = sorted((await self.catalog.series_of(study.uid)).values(), key=lambda s: s.uid)
+        at = next((n for n, s in enumerate(listed) if s.uid == study.first.uid), -1)
+        queue = listed[at + 1:] + listed[:max(at, 0)]
+        previous = self.blobs.running(study.first)
+        estimate = 0  # the next series' size, guessed from the last one fetched
+        for series in queue:
+            if previous is not None:
+                if not await self._wait(study, previous.fetched):
+                    return
+                estimate = previous.received
+            while study.ahead_bytes() + estimate > self.budget:
+                if not await self._wait(study, study.changed):  # until a reader opens one
+                    return
+            if series.uid in study.opened or self._idle(study):
+                if self._idle(study):
+                    return
+                continue  # a reader opened it: its own request fetched it
+            download = await self.blobs.read_ahead(series)
+            if download is not None:
+                log.debug("reading ahead: series %s of study %s", series.uid, study.uid)
+                study.ahead[series.uid] = download
+            previous = download
+
+    async def _wait(self, study: _Study, event: trio.Event) -> bool:
+        """Wait for ``event`` while readers are about; False once the study has been idle."""
+        while not event.is_set():
+            remaining = study.last_read + self.idle - clock.now()
+            if remaining <= 0:
+                log.debug("readahead in study %s stopped: no reader for %.0f s", study.uid, self.idle)
+                return False
+            with trio.move_on_after(remaining):
+                await event.wait()
+        return not self._idle(study)
+
+    def _idle(self, study: _Study) -> bool:
+        return clock.now() - study.last_read >= self.idle
