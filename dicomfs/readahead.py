@@ -19,6 +19,7 @@ import enum
 import logging
 from dataclasses import dataclass, field
 
+import cachetools
 import trio
 
 from dicomfs import clock
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 1 << 30  # bytes fetched ahead of the readers of one study
 DEFAULT_IDLE = 30.0  # seconds without a reader before a study's readahead stops
+STUDIES_KEPT = 256
 
 
 class Mode(enum.Enum):
@@ -47,6 +49,8 @@ class _Study:
     opened: set[str] = field(default_factory=set)  # series (UIDs) a reader opened
     ahead: dict[str, SeriesDownload] = field(default_factory=dict)  # fetched ahead, not yet opened
     changed: trio.Event = field(default_factory=trio.Event)
+    running: bool = True
+    stopped_idle: bool = False  # ended because nobody read: a reader coming back starts it again
 
     def ahead_bytes(self) -> int:
         return sum(download.received for uid, download in self.ahead.items() if uid not in self.opened)
@@ -64,7 +68,9 @@ class Readahead:
         self.mode = mode
         self.budget = min(budget, blobs.size_limit // 4)  # (a small cache is not filled ahead of readers)
         self.idle = idle
-        self._studies: dict[str, _Study] = {}
+        # studies read ahead, running or done (kept, so that every open of a study read to its end
+        # does not plan it again)
+        self._studies: cachetools.LRUCache[str, _Study] = cachetools.LRUCache(STUDIES_KEPT)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -79,7 +85,7 @@ class Readahead:
         if self.mode is not Mode.STUDY or self._nursery is None:
             return
         study = self._studies.get(series.study_uid)
-        if study is None:
+        if study is None or (not study.running and study.stopped_idle):
             study = self._studies[series.study_uid] = _Study(series.study_uid, series, clock.now())
             self._nursery.start_soon(self._follow, study)
         study.last_read = clock.now()
@@ -94,7 +100,8 @@ class Readahead:
         except Exception as exc:  # (a full disk's sqlite error, a bug): never the daemon's end
             log.warning("readahead in study %s stopped: %s: %s", study.uid, type(exc).__name__, exc)
         finally:
-            del self._studies[study.uid]
+            study.running = False
+            study.stopped_idle = self._idle(study)
 
     async def _read_ahead(self, study: _Study) -> None:
         listed = sorted((await self.catalog.series_of(study.uid)).values(), key=lambda s: s.uid)

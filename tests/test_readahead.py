@@ -35,6 +35,7 @@ class Archive:
         self.running = 0
         self.most_at_once = 0
         self.gates: dict[str, trio.Event] = {}
+        self.listings = 0  # series listings asked for
 
     async def check(self) -> None:
         pass
@@ -43,6 +44,7 @@ class Archive:
         return [StudyRecord(STUDY)]
 
     async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        self.listings += 1
         return list(reversed(SERIES))  # the archive's order is not the one readahead follows
 
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
@@ -216,3 +218,28 @@ async def test_off_mode_fetches_each_instance_alone(tmp_path: Path) -> None:
             assert archive.alone == [f"{SERIES[0].uid}.{n}" for n in (1, 2, 3)] and archive.started == []
         else:  # series: the first alone, the second read fetches the series
             assert archive.alone == [f"{SERIES[0].uid}.1"] and archive.started == [SERIES[0].uid]
+
+
+async def test_a_reader_coming_back_starts_it_again_and_a_finished_study_is_not_planned_anew(
+        tmp_path: Path) -> None:
+    async def body(archive: Archive, blobs: BlobStore, readahead: Readahead) -> None:
+        archive.gates[SERIES[1].uid] = trio.Event()
+        await read(blobs, readahead, SERIES[0])
+        while archive.started[-1:] != [SERIES[1].uid]:
+            await trio.sleep(0.01)
+        await trio.sleep(0.4)  # the reader left: series 1 comes in, then nothing
+        archive.gates[SERIES[1].uid].set()
+        await settled(blobs, archive, 2)
+        await trio.sleep(0.2)
+        assert archive.started == [SERIES[0].uid, SERIES[1].uid]
+        await read(blobs, readahead, SERIES[1])  # back: from the cache, and readahead goes on
+        await settled(blobs, archive, 5)
+        assert archive.started == [s.uid for s in SERIES[:2]] + [SERIES[2].uid, SERIES[3].uid, SERIES[4].uid]
+        listings = archive.listings
+        for series in SERIES:  # reading the whole study, all cached: no new plans
+            for n in (1, 2, 3):
+                await read(blobs, readahead, series, n)
+        await trio.sleep(0.1)
+        assert archive.listings == listings and len(archive.started) == 5
+
+    await run(tmp_path, body, idle=0.3)
