@@ -178,7 +178,7 @@ class IdcIndex:
         self.release = _release(path)
 
     def close(self) -> None:
-        pass
+        """Nothing stays open between queries (each has its own connection)."""
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:

@@ -23,7 +23,7 @@ import cachetools
 import diskcache
 import trio
 
-from dicomfs.errors import IntegrityError, NotFound, ProtocolError, SourceError, TransferBroken
+from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBroken
 from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
@@ -197,9 +197,6 @@ class IdcSource:
             if check.meta is None:
                 log.warning("object %s/%s is not a DICOM Part 10 file (%s): skipped", bucket.bucket, name, exc)
                 return None
-        except SourceError as exc:
-            log.warning("object %s/%s: its header could not be read (%s): skipped", bucket.bucket, name, exc)
-            raise
         if check.meta is None:
             log.warning("object %s/%s has no complete DICOM file meta in its first %d bytes: skipped", bucket.bucket,
                         name, HEAD_BYTES)
