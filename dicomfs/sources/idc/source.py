@@ -41,6 +41,7 @@ PARALLEL_OBJECTS = 8  # objects of one series in flight at once
 PARALLEL_HEADS = 16
 MAX_INSTANCES = 100_000
 SERIES_READ_WITH_SEARCH = 20_000  # studies
+LOCATIONS_KEPT = 65_536  # series whose bucket prefix is remembered
 
 
 class IdcSource:
@@ -55,7 +56,8 @@ class IdcSource:
         self._sign = sign
         self._timeout = timeout
         self._buckets: dict[str, S3Bucket] = {}
-        self._locations: dict[str, SeriesLocation] = {}
+        # (bounded: walking the whole index lists a million series; a miss asks the index again)
+        self._locations: cachetools.LRUCache[str, SeriesLocation] = cachetools.LRUCache(LOCATIONS_KEPT)
         self._series_read: cachetools.LRUCache[str, list[tuple[SeriesRecord, SeriesLocation]]] = \
             cachetools.LRUCache(SERIES_READ_WITH_SEARCH)
         self._listed: cachetools.LRUCache[str, dict[str, ObjectInfo]] = cachetools.LRUCache(256)
