@@ -117,9 +117,9 @@ class Readahead:
             while study.ahead_bytes() + estimate > self.budget:
                 if not await self._wait(study, study.changed):  # until a reader opens one
                     return
-            if series.uid in study.opened or self._idle(study):
-                if self._idle(study):
-                    return
+            if self._idle(study):
+                return
+            if series.uid in study.opened:
                 continue  # a reader opened it: its own request fetched it
             download = await self.blobs.read_ahead(series)
             if download is not None:
