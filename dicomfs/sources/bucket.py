@@ -1,9 +1,10 @@
 """What every object store a bucket source reads looks like: listings and ranged object reads.
 
 Owns the object store protocol (``Bucket``: ``list``, ``read``, ``stream``, ``aclose``), the
-``ObjectInfo`` a listing yields, and the reading of objects that every store shares: a bounded
-whole-object read and a ranged stream that checks the range it got (or skips to it when a server
-ignores Range). The stores (``gcs``, ``s3``) own their URLs, listing pages and authentication.
+``ObjectInfo`` a listing yields, and what every store shares: following a listing's pages, a
+bounded whole-object read and a ranged stream that checks the range it got (or skips to it when a
+server ignores Range). The stores (``gcs``, ``s3``) own their URLs, one listing page and
+authentication.
 Must not know what the objects contain.
 """
 
@@ -46,12 +47,36 @@ class Bucket(Protocol):
 
 
 class ObjectReader:
-    """Reading objects over HTTP, given where an object is (``object_url``); the stores inherit it."""
+    """Listing and reading objects over HTTP, given one listing page (``list_page``) and where an
+    object is (``object_url``); the stores inherit it."""
 
     http: HttpClient
 
     def object_url(self, name: str) -> str:
         raise NotImplementedError
+
+    async def list_page(self, prefix: str, delimiter: str | None,
+                        token: str | None) -> tuple[list[str], list[ObjectInfo], str | None]:
+        """One page of a listing: its sub-prefixes, its objects and the next page's token (None
+        on the last)."""
+        raise NotImplementedError
+
+    async def list(self, prefix: str, *, delimiter: str | None = "/",
+                   max_pages: int = MAX_LIST_PAGES) -> tuple[list[str], list[ObjectInfo]]:
+        """All sub-prefixes and objects under ``prefix``, following every page (up to ``max_pages``)."""
+        prefixes: list[str] = []
+        objects: list[ObjectInfo] = []
+        token: str | None = None
+        for _ in range(max_pages):
+            found, items, token = await self.list_page(prefix, delimiter, token)
+            prefixes.extend(found)
+            objects.extend(items)
+            if not token:
+                break
+        return prefixes, objects
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
     async def read(self, name: str, limit: int) -> bytes:
         """A whole (small) object, as stored: no transparent decompression."""

@@ -1,8 +1,8 @@
-"""Google Cloud Storage access for bucket sources: paginated listings and object URLs.
+"""Google Cloud Storage access for bucket sources: listing pages and object URLs.
 
-Owns the GCS JSON API URLs (also served by emulators), ``nextPageToken`` pagination, bearer
-tokens and requester-pays headers. Reading objects is ``bucket.ObjectReader``'s. Must not know
-what the objects contain.
+Owns the GCS JSON API URLs (also served by emulators), a listing page and its ``nextPageToken``,
+bearer tokens and requester-pays headers. Following pages and reading objects is
+``bucket.ObjectReader``'s. Must not know what the objects contain.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import httpx
 
 from dicomfs.errors import ProtocolError
 from dicomfs.sources.base import Credentials
-from dicomfs.sources.bucket import MAX_LIST_PAGES, ObjectInfo, ObjectReader
+from dicomfs.sources.bucket import ObjectInfo, ObjectReader
 from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
@@ -41,37 +41,27 @@ class GcsBucket(ObjectReader):
         self.http = HttpClient(credentials, transport=transport, extra_headers=headers, timeout=timeout,
                                tls=not self.endpoint.lower().startswith("http://"))
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
-
-    async def list(self, prefix: str, *, delimiter: str | None = "/",
-                   max_pages: int = MAX_LIST_PAGES) -> tuple[list[str], list[ObjectInfo]]:
-        """All sub-prefixes and objects under ``prefix``, following every page (up to ``max_pages``)."""
-        prefixes: list[str] = []
-        objects: list[ObjectInfo] = []
-        token: str | None = None
-        for _ in range(max_pages):
-            query: dict[str, Any] = {"prefix": prefix, "maxResults": self.page_size}
-            if delimiter:
-                query["delimiter"] = delimiter
-            if token:
-                query["pageToken"] = token
-            url = f"{self.endpoint}/storage/v1/b/{quote(self.bucket, safe='')}/o?{urlencode(query)}"
-            page, _ = await self.http.get_json(url)
-            if page is None:
-                break
-            if not isinstance(page, dict):
-                raise ProtocolError("bucket listing is not a JSON object")
-            found = page.get("prefixes") or []
-            items = page.get("items") or []
-            if not isinstance(found, list) or not isinstance(items, list):
-                raise ProtocolError("bucket listing has a malformed prefixes/items field")
-            prefixes.extend(p for p in found if isinstance(p, str))
-            objects.extend(info for info in map(_object_info, items) if info is not None)
-            token = page.get("nextPageToken")
-            if not isinstance(token, str) or not token:
-                break
-        return prefixes, objects
+    async def list_page(self, prefix: str, delimiter: str | None,
+                        token: str | None) -> tuple[list[str], list[ObjectInfo], str | None]:
+        query: dict[str, Any] = {"prefix": prefix, "maxResults": self.page_size}
+        if delimiter:
+            query["delimiter"] = delimiter
+        if token:
+            query["pageToken"] = token
+        url = f"{self.endpoint}/storage/v1/b/{quote(self.bucket, safe='')}/o?{urlencode(query)}"
+        page, _ = await self.http.get_json(url)
+        if page is None:
+            return [], [], None
+        if not isinstance(page, dict):
+            raise ProtocolError("bucket listing is not a JSON object")
+        found = page.get("prefixes") or []
+        items = page.get("items") or []
+        if not isinstance(found, list) or not isinstance(items, list):
+            raise ProtocolError("bucket listing has a malformed prefixes/items field")
+        following = page.get("nextPageToken")
+        return ([p for p in found if isinstance(p, str)],
+                [info for info in map(_object_info, items) if info is not None],
+                following if isinstance(following, str) and following else None)
 
     def object_url(self, name: str) -> str:
         return f"{self.endpoint}/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(name, safe='')}?alt=media"

@@ -2,12 +2,12 @@
 
 Owns where a bucket is (``--endpoint``, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, else
 AWS S3 in ``AWS_REGION``/``AWS_DEFAULT_REGION``, default us-east-1; path-style addressing for
-custom endpoints and bucket names with dots, virtual-hosted for AWS), ListObjectsV2 with delimiter
-and continuation tokens, and authentication: credentials from the standard AWS chain (botocore's
+custom endpoints and bucket names with dots, virtual-hosted for AWS), a ListObjectsV2 page and its
+continuation token, and authentication: credentials from the standard AWS chain (botocore's
 resolver: environment, shared credentials and config files, ``AWS_PROFILE``, …), every request
 signed with botocore's SigV4 signer, anonymous requests when there are no credentials or
-``--no-sign-request``. Secrets never reach a log line, an error or the command line. Reading
-objects is ``bucket.ObjectReader``'s. Must not know what the objects contain.
+``--no-sign-request``. Secrets never reach a log line, an error or the command line. Following
+pages and reading objects is ``bucket.ObjectReader``'s. Must not know what the objects contain.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import httpx
 
 from dicomfs.errors import AccessRefused, ProtocolError
 from dicomfs.sources.base import Credentials
-from dicomfs.sources.bucket import MAX_LIST_PAGES, ObjectInfo, ObjectReader
+from dicomfs.sources.bucket import ObjectInfo, ObjectReader
 from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
 
 if TYPE_CHECKING:
@@ -112,39 +112,27 @@ class S3Bucket(ObjectReader):
         self.http = HttpClient(Credentials(), auth=auth, transport=transport, timeout=timeout,
                                tls=not self.base.lower().startswith("http://"))
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
-
     def object_url(self, name: str) -> str:
         return f"{self.base}/{quote(name, safe='/~')}"
 
-    async def list(self, prefix: str, *, delimiter: str | None = "/",
-                   max_pages: int = MAX_LIST_PAGES) -> tuple[list[str], list[ObjectInfo]]:
-        """ListObjectsV2, every page."""
-        prefixes: list[str] = []
-        objects: list[ObjectInfo] = []
-        token: str | None = None
-        for _ in range(max_pages):
-            query: dict[str, Any] = {"list-type": "2", "prefix": prefix, "max-keys": self.page_size}
-            if delimiter:
-                query["delimiter"] = delimiter
-            if token:
-                query["continuation-token"] = token
-            text = "&".join(f"{quote(k, safe='-_.~')}={quote(str(v), safe='-_.~')}" for k, v in sorted(query.items()))
-            try:
-                body = await self.read_url(f"{self.base}/?{text}", MAX_LISTING_BYTES,
-                                           f"{self.description}: a listing page")
-            except AccessRefused:
-                if self.signed:
-                    raise
-                raise AccessRefused(f"{self.description} refused anonymous access: set AWS credentials "
-                                    "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from None
-            found, items, token = parse_listing(body)
-            prefixes.extend(found)
-            objects.extend(items)
-            if not token:
-                break
-        return prefixes, objects
+    async def list_page(self, prefix: str, delimiter: str | None,
+                        token: str | None) -> tuple[list[str], list[ObjectInfo], str | None]:
+        """One ListObjectsV2 page."""
+        query: dict[str, Any] = {"list-type": "2", "prefix": prefix, "max-keys": self.page_size}
+        if delimiter:
+            query["delimiter"] = delimiter
+        if token:
+            query["continuation-token"] = token
+        text = "&".join(f"{quote(k, safe='-_.~')}={quote(str(v), safe='-_.~')}" for k, v in sorted(query.items()))
+        try:
+            body = await self.read_url(f"{self.base}/?{text}", MAX_LISTING_BYTES,
+                                       f"{self.description}: a listing page")
+        except AccessRefused:
+            if self.signed:
+                raise
+            raise AccessRefused(f"{self.description} refused anonymous access: set AWS credentials "
+                                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from None
+        return parse_listing(body)
 
 
 def parse_listing(body: bytes) -> tuple[list[str], list[ObjectInfo], str | None]:
