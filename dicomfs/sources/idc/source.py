@@ -3,18 +3,19 @@
 Owns the IDC layout: a series is the objects ``<aws_bucket>/<crdc_series_uuid>/*.dcm``, one
 Part 10 file each. Studies and series come from the index (``index``: no network). A series'
 instances come from one prefix listing (names and exact sizes) and a ranged read of each object's
-first bytes (its SOP Instance UID, by the one naming rule of ``uids.instance_key``), done once per
-object and kept in the source's work folder (objects under a series UUID never change: a revised
-series gets a new UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time, each
-handed to the sink whole as soon as it is in (an object that contradicts its listing is logged and
-left out: EIO for that file only; one that breaks off is resumed by the blob store, the others go
-on); one instance opened alone is one GET. Must not cache blobs
-(the blob store does) or know about views.
+first bytes (its SOP Instance UID, by the one naming rule of ``uids.instance_key``, and the
+InstanceNumber and SOPClassUID the readable views name files by), done once per object and kept
+in the source's work folder (objects under a series UUID never change: a revised series gets a new
+UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time, each handed to the sink
+whole as soon as it is in (an object that contradicts its listing is logged and left out: EIO for
+that file only; one that breaks off is resumed by the blob store, the others go on); one instance
+opened alone is one GET. Must not cache blobs (the blob store does) or know about views.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,13 +27,13 @@ import trio
 from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBroken
 from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
-from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import SeriesSink
 from dicomfs.sources.bucket import ObjectInfo
 from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.sources.idc.index import IdcIndex, SeriesLocation
 from dicomfs.sources.s3 import S3Bucket
-from dicomfs.uids import instance_key
+from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ PARALLEL_OBJECTS = 8  # objects of one series in flight at once
 PARALLEL_HEADS = 16
 MAX_INSTANCES = 100_000
 SERIES_READ_WITH_SEARCH = 20_000  # studies
+Head = tuple[str, DicomJson]  # what an object's first bytes tell: its instance key, attributes for names
 LOCATIONS_KEPT = 65_536  # series whose bucket prefix is remembered
 
 
@@ -60,8 +62,8 @@ class IdcSource:
         self._locations: cachetools.LRUCache[str, SeriesLocation] = cachetools.LRUCache(LOCATIONS_KEPT)
         self._series_read: cachetools.LRUCache[str, list[tuple[SeriesRecord, SeriesLocation]]] = \
             cachetools.LRUCache(SERIES_READ_WITH_SEARCH)
-        self._listed: cachetools.LRUCache[str, dict[str, ObjectInfo]] = cachetools.LRUCache(256)
-        self._heads = diskcache.Cache(str(work_dir / "idc-heads"))  # object -> instance key
+        self._listed: cachetools.LRUCache[str, dict[str, tuple[ObjectInfo, DicomJson]]] = cachetools.LRUCache(256)
+        self._heads = diskcache.Cache(str(work_dir / "idc-heads"))  # object -> what its header told (Head)
         self._limit = trio.CapacityLimiter(PARALLEL_HEADS)
 
     async def aclose(self) -> None:
@@ -121,11 +123,13 @@ class IdcSource:
 
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
         objects = await self._objects(series, fresh=True)
-        return [InstanceRecord(series.study_uid, series.uid, key, size=info.size) for key, info in objects.items()]
+        return [InstanceRecord(series.study_uid, series.uid, key, size=info.size, attrs=dict(attrs))
+                for key, (info, attrs) in objects.items()]
 
-    async def _objects(self, series: SeriesRecord, fresh: bool = False) -> dict[str, ObjectInfo]:
-        """instance key -> its object: the series' prefix listing, each object named by
-        its header (read once, then remembered in the work folder)."""
+    async def _objects(self, series: SeriesRecord, fresh: bool = False) -> dict[str, tuple[ObjectInfo, DicomJson]]:
+        """instance key -> its object and the attributes its header gave (InstanceNumber,
+        SOPClassUID): the series' prefix listing, each object named by its header (read once,
+        then remembered in the work folder)."""
         known = self._listed.get(series.uid)
         if known is not None and not fresh:
             return known
@@ -135,18 +139,19 @@ class IdcSource:
         listed = [o for o in listed if o.name.endswith(".dcm") and "/" not in o.name[len(location.prefix):]]
         if len(listed) > MAX_INSTANCES:
             raise ProtocolError(f"series {series.uid}: {len(listed)} objects is implausibly many")
+
         def head_key(info: ObjectInfo) -> str:
             return f"{location.bucket}/{info.name}:{info.size}:{info.etag}"
 
-        names: dict[str, str] = await trio.to_thread.run_sync(self._known_heads, [head_key(o) for o in listed])
-        names = {o.name: names[head_key(o)] for o in listed if head_key(o) in names}
-        read: dict[str, str] = {}
+        remembered = await trio.to_thread.run_sync(self._known_heads, [head_key(o) for o in listed])
+        names = {o.name: remembered[head_key(o)] for o in listed if head_key(o) in remembered}
+        read: dict[str, Head] = {}
 
         async def name(info: ObjectInfo) -> None:
             async with self._limit:
-                key = await self._read_key(bucket, info.name, info.size)
-            if key is not None:
-                read[head_key(info)] = names[info.name] = key
+                head = await self._read_head(bucket, info.name, info.size)
+            if head is not None:
+                read[head_key(info)] = names[info.name] = head
 
         async with trio.open_nursery() as nursery:
             for info in listed:
@@ -154,38 +159,41 @@ class IdcSource:
                     nursery.start_soon(name, info)
         if read:
             await trio.to_thread.run_sync(self._remember_heads, read)
-        objects: dict[str, ObjectInfo] = {}
+        objects: dict[str, tuple[ObjectInfo, DicomJson]] = {}
         for info in sorted(listed, key=lambda o: o.name):
-            key = names.get(info.name)
-            if key is None:
+            head = names.get(info.name)
+            if head is None:
                 continue
+            key, attrs = head
             if key in objects:
                 log.warning("series %s: two objects hold instance %s (%s, %s): the first is served", series.uid,
-                            key, objects[key].name, info.name)
+                            key, objects[key][0].name, info.name)
                 continue
-            objects[key] = info
+            objects[key] = (info, attrs)
         if len(objects) != location.instances:
             log.info("series %s: the index counts %d instances, the bucket holds %d", series.uid,
                      location.instances, len(objects))
         self._listed[series.uid] = objects
         return objects
 
-    def _known_heads(self, keys: list[str]) -> dict[str, str]:
-        """The instance keys of the objects whose headers were read before (blocking)."""
-        found = {}
+    def _known_heads(self, keys: list[str]) -> dict[str, Head]:
+        """What the headers read before gave, by object (blocking)."""
+        found: dict[str, Head] = {}
         for key in keys:
             value = self._heads.get(key)
-            if isinstance(value, str):
+            if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+                    and isinstance(value[1], dict):
                 found[key] = value
         return found
 
-    def _remember_heads(self, read: dict[str, str]) -> None:
+    def _remember_heads(self, read: dict[str, Head]) -> None:
         with self._heads.transact():  # one transaction for a series (blocking)
             for key, value in read.items():
                 self._heads.set(key, value)
 
-    async def _read_key(self, bucket: S3Bucket, name: str, size: int) -> str | None:
-        """The instance key of one object from its first bytes; None (logged) if it is not DICOM."""
+    async def _read_head(self, bucket: S3Bucket, name: str, size: int) -> Head | None:
+        """The instance key of one object, and the attributes for names (``head_attrs``), from
+        its first bytes; None (logged) if it is not DICOM."""
         check = Part10Check()
         head = bytearray()
         try:
@@ -206,14 +214,16 @@ class IdcSource:
         key = instance_key(check.dataset_uid, check.meta.sop_instance_uid)
         if key is None:
             log.warning("object %s/%s names no valid SOP Instance UID: skipped", bucket.bucket, name)
-        return key
+            return None
+        return key, await trio.to_thread.run_sync(head_attrs, bytes(head[:HEAD_BYTES]))
 
     # --- bytes ----------------------------------------------------------------------------------
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         location = await self._location(series)
         bucket = self._bucket(location.bucket)
         objects = await self._objects(series)
-        wanted = [(key, info) for key, info in sorted(objects.items(), key=lambda kv: kv[1].name) if sink.wants(key)]
+        wanted = [(key, info) for key, (info, _) in sorted(objects.items(), key=lambda kv: kv[1][0].name)
+                  if sink.wants(key)]
         writing = trio.Lock()
         limit = trio.CapacityLimiter(PARALLEL_OBJECTS)
         broken: list[TransferBroken] = []
@@ -246,12 +256,34 @@ class IdcSource:
         objects = await self._objects(series)
         if instance.key not in objects:
             raise NotFound(f"instance {instance.key} is no longer in its series' bucket prefix")
-        info = objects[instance.key]
+        info, _ = objects[instance.key]
         bucket = self._bucket(location.bucket)
         body = await _whole(bucket, info, sink)
         writer = await sink.begin(instance.key, info.size)
         await writer.write(body)
         await writer.finish()
+
+
+def head_attrs(head: bytes) -> DicomJson:
+    """InstanceNumber and SOPClassUID from the first bytes of a Part 10 file, for the readable
+    views' names ({} where pydicom cannot read them from so few bytes). Blocking."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True,
+                             specific_tags=["InstanceNumber", "SOPClassUID"])
+        number, sop_class = ds.get("InstanceNumber"), ds.get("SOPClassUID")
+    except Exception:  # a header cut short in the middle of an element, or a foreign one
+        return {}
+    attrs: DicomJson = {}
+    try:
+        if number is not None and str(number).strip():
+            attrs["00200013"] = {"vr": "IS", "Value": [int(number)]}
+    except (TypeError, ValueError):
+        pass
+    if sop_class and is_uid(str(sop_class)):
+        attrs["00080016"] = {"vr": "UI", "Value": [str(sop_class)]}
+    return attrs
 
 
 async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytearray:
