@@ -7,7 +7,7 @@ import httpx
 import pytest
 from botocore.credentials import Credentials
 
-from dicomfs.errors import AccessRefused, ProtocolError
+from dicomfs.errors import AccessRefused, ProtocolError, SourceError
 from dicomfs.sources import parse_source
 from dicomfs.sources.s3 import S3Bucket, parse_listing
 from tests.factory import streamed
@@ -107,3 +107,19 @@ def test_s3_source_urls() -> None:
     spec = parse_source("s3://my-bucket/v1/dicomweb/")
     assert (spec.kind, spec.location) == ("cod", "s3://my-bucket/v1/dicomweb")
     assert parse_source("S3://b/p").location == "s3://b/p"
+
+
+async def test_a_bucket_in_another_region_says_which_and_a_redirect_body_is_never_data() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:  # S3's answer to a request sent to the wrong region
+        return httpx.Response(301, content=b"<Error><Code>PermanentRedirect</Code></Error>",
+                              headers={"x-amz-bucket-region": "eu-west-1"})
+
+    bucket = S3Bucket("far", endpoint="http://s3.test", sign=False, transport=httpx.MockTransport(streamed(handler)))
+    with pytest.raises(SourceError) as listing:
+        await bucket.list("p/")
+    with pytest.raises(SourceError) as reading:  # (the error page is not the object's bytes)
+        await bucket.read("p/a.dcm", 1000)
+    await bucket.aclose()
+    for caught in (listing, reading):
+        assert str(caught.value).endswith(
+            "answered HTTP 301: the bucket is in region eu-west-1: set AWS_REGION=eu-west-1")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -111,12 +111,15 @@ class HttpClient:
         extra_headers: dict[str, str] | None = None,
         tls: bool = True,
         auth: httpx.Auth | None = None,
+        hint: Callable[[httpx.Response], str | None] | None = None,
     ) -> None:
         """``auth``: how requests are signed, instead of the bearer token or user and password of
         ``credentials`` (an S3 bucket's SigV4). ``tls=False`` for a plain-http archive: no
         certificate store is loaded (tens of milliseconds), and a redirect to https fails
-        verification instead of going unchecked."""
+        verification instead of going unchecked. ``hint``: a store's reading of a refusal (S3: the
+        bucket's region)."""
         self.retry = retry or RetryPolicy()
+        self.hint = hint  # what a refusal's answer says to do (one line, no secrets), added to the error
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client = httpx.AsyncClient(
             auth=auth or _auth(credentials),
@@ -159,8 +162,8 @@ class HttpClient:
                 attempt += 1
                 continue
             try:
-                if response.status_code >= 400:
-                    raise _status_error(url, response.status_code)
+                if not 200 <= response.status_code < 300:  # (a redirect with nowhere to go, too)
+                    raise _status_error(url, response.status_code, self.hint(response) if self.hint else None)
                 coding = response.headers.get("content-encoding", "identity").strip().lower()
                 if (headers or {}).get("Accept-Encoding") == "identity" and coding != "identity":
                     raise ProtocolError(f"{_describe(url)} answered in Content-Encoding {coding[:40]!r} "
@@ -212,11 +215,13 @@ def _body_error(url: str, exc: httpx.TransportError) -> SourceError:
     return TransferBroken(f"the answer from {_describe(url)} broke off: {type(exc).__name__}")
 
 
-def _status_error(url: str, status: int) -> SourceError:
+def _status_error(url: str, status: int, hint: str | None = None) -> SourceError:
+    """The error for a refused request; ``hint``, what the archive's answer says to do about it."""
+    tail = f": {hint}" if hint else ""
     if status in (401, 403):
-        return AccessRefused(f"{_describe(url)} refused access (HTTP {status}): check credentials")
+        return AccessRefused(f"{_describe(url)} refused access (HTTP {status}): {hint or 'check credentials'}")
     if status == 404:
-        return SourceError(f"{_describe(url)} not found (HTTP 404)")
+        return SourceError(f"{_describe(url)} not found (HTTP 404){tail}")
     if status in OUTAGE_STATUS:
-        return SourceUnavailable(f"{_describe(url)} answered HTTP {status}")
-    return SourceError(f"{_describe(url)} answered HTTP {status}")
+        return SourceUnavailable(f"{_describe(url)} answered HTTP {status}{tail}")
+    return SourceError(f"{_describe(url)} answered HTTP {status}{tail}")

@@ -110,7 +110,7 @@ class S3Bucket(ObjectReader):
         self.signed = credentials is not None
         auth = SigV4(credentials, self.region) if credentials is not None else None
         self.http = HttpClient(Credentials(), auth=auth, transport=transport, timeout=timeout,
-                               tls=not self.base.lower().startswith("http://"))
+                               tls=not self.base.lower().startswith("http://"), hint=_region_hint)
 
     def object_url(self, name: str) -> str:
         return f"{self.base}/{quote(name, safe='/~')}"
@@ -133,6 +133,15 @@ class S3Bucket(ObjectReader):
             raise AccessRefused(f"{self.description} refused anonymous access: set AWS credentials "
                                 "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)") from None
         return parse_listing(body)
+
+
+def _region_hint(response: httpx.Response) -> str | None:
+    """S3 names the bucket's region when a request went to another one (301 PermanentRedirect,
+    400 AuthorizationHeaderMalformed)."""
+    found = response.headers.get("x-amz-bucket-region", "").strip()
+    if found and all(c.isalnum() or c == "-" for c in found) and len(found) < 40:
+        return f"the bucket is in region {found}: set AWS_REGION={found}"
+    return None
 
 
 def parse_listing(body: bytes) -> tuple[list[str], list[ObjectInfo], str | None]:
