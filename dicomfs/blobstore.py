@@ -927,15 +927,14 @@ class BlobStore:
     async def read_ahead(self, series: SeriesRecord) -> SeriesDownload | None:
         """Start downloading the whole series for a reader to come (``readahead``): the running
         download if there is one, None if it is cached or another process is fetching it."""
-        download = self._downloads.get(series.key)
+        download = self.running(series)
         if download is not None:
             return download
         if await trio.to_thread.run_sync(self.is_cached, series):
             return None
         if not _lock_free(self._lock_dir / _lock_name(series.key)):
             return None  # another process (a prefetch) is fetching it
-        download = self._downloads.get(series.key)  # (one may have started while we looked)
-        return download if download is not None else self._series_download(series)
+        return self._series_download(series)  # (the running one, if one started while we looked)
 
     # --- downloading ------------------------------------------------------------------------
     def _series_download(self, series: SeriesRecord) -> SeriesDownload:

@@ -154,10 +154,8 @@ class Catalog:
         except KeyError:
             pass
 
-        keep = not local
-
         async def load() -> T:
-            stored = await self._load_stored(key, codec[1] if codec else None) if keep else None
+            stored = None if local else await self._load_stored(key, codec[1] if codec else None)
             fresh = stored is not None and self._wall() - stored[0] < ttl
             if stored is not None and (fresh or self.breaker.refusing):
                 memory[key] = stored[1]
@@ -185,7 +183,7 @@ class Catalog:
             if not local:
                 self._offline_reported = False  # the archive answered
             memory[key] = value
-            if keep:
+            if not local:
                 await self._save_stored(key, value, codec[0] if codec else None)
             return value
 

@@ -240,9 +240,7 @@ class IdcSource:
                     broken.append(exc)
                     return
             async with writing:  # a sink takes one member at a time
-                writer = await sink.begin(key, info.size)
-                await writer.write(body)
-                await writer.finish()
+                await _deliver(sink, key, body)
 
         async with trio.open_nursery() as nursery:
             for key, info in wanted:
@@ -258,10 +256,14 @@ class IdcSource:
             raise NotFound(f"instance {instance.key} is no longer in its series' bucket prefix")
         info, _ = objects[instance.key]
         bucket = self._bucket(location.bucket)
-        body = await _whole(bucket, info, sink)
-        writer = await sink.begin(instance.key, info.size)
-        await writer.write(body)
-        await writer.finish()
+        await _deliver(sink, instance.key, await _whole(bucket, info, sink))
+
+
+async def _deliver(sink: SeriesSink, key: str, body: bytearray) -> None:
+    """One whole object to the sink as the instance ``key`` (its size checked by ``_whole``)."""
+    writer = await sink.begin(key, len(body))
+    await writer.write(body)
+    await writer.finish()
 
 
 def head_attrs(head: bytes) -> DicomJson:
