@@ -93,6 +93,7 @@ LRU_FLUSH_SECONDS = 5.0
 STALE_NEW_FOLDER_SECONDS = 3600.0
 LOCK_POLL_SECONDS = 0.1
 MAX_WAIT_FOR_OTHER_PROCESS = 3600.0  # a prefetch waits this long for another process's download
+FULL_DISK = "the disk holding the cache is full, and evicting what is not in use did not make room"
 
 
 @dataclass(frozen=True)
@@ -390,6 +391,30 @@ class SeriesDownload:
     async def begin(self, key: str, size: int | None) -> _MemberWriter:
         return _MemberWriter(self, key, self.reserved, size)
 
+    def in_thread(self) -> ThreadSink:
+        return ThreadSink(self)
+
+    # --- members, from either writer ---------------------------------------------------------
+    def reserve(self, key: str, offset: int, length: int) -> _Member:
+        """A member the source finished and that passed its checks: the next one goes after it."""
+        self.reserved = offset + length
+        self._finished.add(key)
+        return _Member(offset, length)
+
+    def refuse(self, key: str, reason: str) -> None:
+        log.error("%s: instance %s refused: %s", self.blob_key, key, reason)
+        self.rejected[key] = reason
+
+    def publish(self, done: list[tuple[str, _Member, int]], refused: dict[str, str]) -> None:
+        """Members written by a thread (with their CRC32C), and members it refused: readable now."""
+        for key, member, crc in done:
+            self.members[key] = member
+            self.crcs[key] = crc
+            self.end = max(self.end, member.offset + member.length)
+        for key, reason in refused.items():
+            self.refuse(key, reason)
+        self.notify()
+
     # --- writing ----------------------------------------------------------------------------
     async def enqueue(self, write: _Write) -> None:
         try:
@@ -436,7 +461,7 @@ class SeriesDownload:
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
-        raise CacheError("the disk holding the cache is full, and evicting what is not in use did not make room")
+        raise CacheError(FULL_DISK)
 
     # --- readers ----------------------------------------------------------------------------
     def notify(self) -> None:
@@ -469,27 +494,56 @@ class SeriesDownload:
                         {k: self.crcs[k] for k in self.members})
 
 
-class _MemberWriter:
-    def __init__(self, download: SeriesDownload, key: str, offset: int, announced: int | None) -> None:
-        self._download = download
-        self._key = key
-        self._offset = offset
+class _MemberCheck:
+    """What every member's bytes must pass, however they are written: the announced size and the
+    structural Part 10 check. ``take`` raises on a member longer than announced; ``close`` says
+    why the member is refused (None: accepted)."""
+
+    def __init__(self, key: str, announced: int | None) -> None:
+        self.key = key
+        self.length = 0
         self._announced = announced
-        self._queued = 0
-        self._pending: list[bytes | bytearray | memoryview] = []
-        self._pending_bytes = 0
-        self._crc = _Crc()
         self._check = Part10Check()
         self._malformed: str | None = None
 
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._announced is not None and self._queued + self._pending_bytes + len(data) > self._announced:
-            raise IntegrityError(f"instance {self._key} is longer than announced")
+    def take(self, data: bytes | bytearray | memoryview) -> None:
+        if self._announced is not None and self.length + len(data) > self._announced:
+            raise IntegrityError(f"instance {self.key} is longer than announced")
         if self._malformed is None:
             try:
                 self._check.feed(data)
             except ProtocolError as exc:
                 self._malformed = str(exc)
+        self.length += len(data)
+
+    def close(self) -> str | None:
+        if self._announced is not None and self.length != self._announced:
+            raise IntegrityError(f"instance {self.key} is shorter than announced")
+        if self._malformed is None:
+            try:
+                self._check.finish()
+            except ProtocolError as exc:
+                self._malformed = str(exc)
+        if self._malformed is None:
+            return None
+        # Never part of a blob; the next instance takes its place in the file.
+        return f"not a well-formed DICOM Part 10 file: {self._malformed}"
+
+
+class _MemberWriter:
+    """A member from a source on the event loop: its bytes go to the download's write queue."""
+
+    def __init__(self, download: SeriesDownload, key: str, offset: int, announced: int | None) -> None:
+        self._download = download
+        self._offset = offset
+        self._queued = 0
+        self._pending: list[bytes | bytearray | memoryview] = []
+        self._pending_bytes = 0
+        self._crc = _Crc()
+        self._member = _MemberCheck(key, announced)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._member.take(data)
         self._download.received += len(data)
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -504,27 +558,88 @@ class _MemberWriter:
         self._queued += len(data)
 
     async def finish(self) -> None:
-        length = self._queued + self._pending_bytes
-        if self._announced is not None and length != self._announced:
-            raise IntegrityError(f"instance {self._key} is shorter than announced")
-        download = self._download
-        if self._malformed is None:
-            try:
-                self._check.finish()
-            except ProtocolError as exc:
-                self._malformed = str(exc)
-        if self._malformed is not None:
-            # Never part of a blob; the next instance takes its place in the file.
-            reason = f"not a well-formed DICOM Part 10 file: {self._malformed}"
-            log.error("%s: instance %s refused: %s", download.blob_key, self._key, reason)
-            download.rejected[self._key] = reason
+        download, key = self._download, self._member.key
+        reason = self._member.close()
+        if reason is not None:
+            download.refuse(key, reason)
             self._pending.clear()
             self._pending_bytes = 0
             download.notify()
             return
-        download.reserved = self._offset + length
-        download._finished.add(self._key)
-        await self._queue(completes=(self._key, _Member(self._offset, length)))
+        member = download.reserve(key, self._offset, self._member.length)
+        await self._queue(completes=(key, member))
+
+
+class ThreadSink:
+    """The download as a retrieve running in one worker thread sees it (``SeriesSink.in_thread``).
+
+    Bytes are checked, written (``pwrite``) and CRC'd in that thread as they come, with no queue
+    and no copy but the one the CRC needs; finished members reach readers in batches
+    (``publish``: one ``trio.from_thread`` call). A full disk makes room on the event loop once."""
+
+    def __init__(self, download: SeriesDownload) -> None:
+        self._download = download
+        self._done: list[tuple[str, _Member, int]] = []
+        self._refused: dict[str, str] = {}
+
+    def arrived(self, size: int) -> None:
+        download = self._download
+        download.wire += size
+        if download.on_answer is not None:
+            answered, download.on_answer = download.on_answer, None
+            trio.from_thread.run_sync(answered)
+
+    def wants(self, key: str) -> bool:
+        return self._download.wants(key)
+
+    def begin(self, key: str, size: int | None) -> _ThreadMemberWriter:
+        return _ThreadMemberWriter(self, key, self._download.reserved, size)
+
+    def publish(self) -> None:
+        if self._done or self._refused:
+            done, self._done = self._done, []
+            refused, self._refused = self._refused, {}
+            trio.from_thread.run_sync(self._download.publish, done, refused)
+
+    def write(self, data: bytes | memoryview, pos: int) -> None:
+        try:
+            _pwrite_all(self._download.fd, data, pos)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self._download._make_room is None:
+                raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
+        if trio.from_thread.run(self._download._make_room):
+            try:
+                _pwrite_all(self._download.fd, data, pos)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
+        raise CacheError(FULL_DISK)
+
+
+class _ThreadMemberWriter:
+    def __init__(self, sink: ThreadSink, key: str, offset: int, announced: int | None) -> None:
+        self._sink = sink
+        self._offset = offset
+        self._crc = 0
+        self._member = _MemberCheck(key, announced)
+
+    def write(self, data: bytes | memoryview) -> None:
+        pos = self._offset + self._member.length
+        self._member.take(data)
+        self._sink.write(data, pos)
+        self._crc = google_crc32c.extend(self._crc, data if isinstance(data, bytes) else bytes(data))
+        self._sink._download.received += len(data)
+
+    def finish(self) -> None:
+        download, key = self._sink._download, self._member.key
+        reason = self._member.close()
+        if reason is not None:
+            self._sink._refused[key] = reason  # (logged and made known by ``publish``)
+            return
+        member = download.reserve(key, self._offset, self._member.length)
+        self._sink._done.append((key, member, self._crc))
 
 
 def _write_batch(fd: int, batch: list[_Write]) -> None:

@@ -3,16 +3,19 @@
 Owns a trio nursery whose failure comes out as a plain exception (the first ``DicomfsError`` of
 its tasks, or a ``KeyboardInterrupt``) rather than an ``ExceptionGroup``, so that the CLI can
 print one line and the FUSE layer can map it to an errno (a group holding anything else, a bug,
-is re-raised unchanged); and the bounded concurrent map built on it. Must not know what the
-tasks do.
+is re-raised unchanged); the bounded concurrent map built on it; and blocking jobs in a worker
+thread that trio can stop (``run_stoppable``: cancellation reaches the thread as a ``StopSignal``
+whose hooks break its blocking call, e.g. shut a socket down). Must not know what the tasks do.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import outcome
 import trio
 
 from dicomfs.errors import DicomfsError
@@ -60,3 +63,85 @@ async def map_bounded(items: list[T], call: Callable[[T], Awaitable[R]], limit: 
         for index, item in enumerate(items):
             nursery.start_soon(one, index, item)
     return results
+
+
+class Stopped(Exception):
+    """Raised in a worker thread whose job trio stopped; ``run_stoppable`` turns it (and any other
+    error the stop caused, such as a read on a socket that was shut down) into the task's
+    cancellation, so it never reaches a reader."""
+
+
+class StopSignal:
+    """Trio's request that a job in a worker thread stop, as the thread sees it. The job polls
+    ``check`` between steps, sleeps with ``wait``, and registers with ``on_stop`` how to break a
+    call that blocks (the hook runs once, in the trio thread, or at once if already stopped)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._hooks: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Stopped("stopped")
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if stopped meanwhile (then raise ``Stopped``)."""
+        if self._event.wait(seconds):
+            raise Stopped("stopped")
+
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._hooks.append(hook)
+                return
+        _quietly(hook)
+
+    def forget(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            _quietly(hook)
+
+
+def _quietly(hook: Callable[[], None]) -> None:
+    try:
+        hook()
+    except OSError:
+        pass  # e.g. the socket was closed already
+
+
+async def run_stoppable(job: Callable[[StopSignal], R]) -> R:
+    """``job(stop)`` in a worker thread, owned by the calling task: when the task is cancelled the
+    thread is told to stop (``stop`` is set, its hooks run), the task waits for it to return, and
+    then raises ``Cancelled``, whatever the stopped job raised or returned."""
+    stop = StopSignal()
+    finished = False
+
+    async def watch() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not finished:
+                stop.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        try:
+            # not abandoned on cancel: the job ends promptly once stopped, and owns what it opened
+            result = await outcome.acapture(trio.to_thread.run_sync, job, stop)
+        finally:
+            finished = True
+            nursery.cancel_scope.cancel()
+    if stop.is_set():
+        await trio.lowlevel.checkpoint()  # the cancellation that stopped it, not its echo
+    return result.unwrap()  # (outside the nursery: its error unwrapped, not in a group)

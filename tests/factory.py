@@ -74,3 +74,70 @@ def streamed(handler: Callable[[httpx.Request], httpx.Response]) -> Callable[[ht
                               stream=httpx.ByteStream(response.content))
 
     return handle
+
+
+class MemorySink:
+    """A SeriesSink keeping every instance in memory, for a source on the event loop (``begin``
+    is async) or in a worker thread (``in_thread``: the same sink, written to synchronously)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.sizes: dict[str, int | None] = {}
+        self.arrivals = 0
+        self.published = 0
+
+    def arrived(self, size: int) -> None:
+        self.arrivals += size
+
+    def wants(self, key: str) -> bool:
+        return key not in self.files
+
+    async def begin(self, key: str, size: int | None) -> _MemoryWriter:
+        return self._writer(key, size)
+
+    def _writer(self, key: str, size: int | None) -> _MemoryWriter:
+        self.sizes[key] = size
+        return _MemoryWriter(self, key)
+
+    def in_thread(self) -> _BlockingFace:
+        return _BlockingFace(self)
+
+
+class _MemoryWriter:
+    def __init__(self, sink: MemorySink, key: str) -> None:
+        self._sink, self._key, self._buffer = sink, key, bytearray()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self.write_now(data)
+
+    async def finish(self) -> None:
+        self.finish_now()
+
+    def write_now(self, data: bytes | memoryview) -> None:
+        self._buffer.extend(data)
+
+    def finish_now(self) -> None:
+        self._sink.files[self._key] = bytes(self._buffer)
+
+
+class _BlockingFace:
+    def __init__(self, sink: MemorySink) -> None:
+        self._sink = sink
+
+    def arrived(self, size: int) -> None:
+        self._sink.arrived(size)
+
+    def wants(self, key: str) -> bool:
+        return self._sink.wants(key)
+
+    def publish(self) -> None:
+        self._sink.published += 1
+
+    def begin(self, key: str, size: int | None) -> _BlockingWriter:
+        return _BlockingWriter(self._sink._writer(key, size))
+
+
+class _BlockingWriter:
+    def __init__(self, writer: _MemoryWriter) -> None:
+        self.write = writer.write_now
+        self.finish = writer.finish_now

@@ -18,7 +18,7 @@ import time
 import urllib.request
 import zipfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Self
@@ -320,6 +320,52 @@ class CountingProxy(_OnLoopback):
         return "wado-other"
 
     def __enter__(self) -> CountingProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class AnsweringServer(_OnLoopback):
+    """A loopback HTTP server whose GETs ``answer(path, headers)`` decides: (status, headers,
+    body), the body bytes or an iterable of pieces, sent as they come (HTTP/1.0: the end of the
+    body is the end of the connection unless a Content-Length is given). For unit tests of an
+    HTTP client that needs a real socket."""
+
+    def __init__(self, answer: Callable[[str, dict[str, str]], tuple[int, dict[str, str], bytes | Iterable[bytes]]]
+                 ) -> None:
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                server.requests.append((self.path, headers))
+                status, extra, body = answer(self.path, headers)
+                self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                try:
+                    for piece in [body] if isinstance(body, bytes) else body:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                except OSError:
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> AnsweringServer:
         self.thread.start()
         return self
 

@@ -3,11 +3,15 @@ crash leftovers, eviction of pinned blobs."""
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
+import google_crc32c
 import pytest
 import trio
 
@@ -16,6 +20,7 @@ from dicomfs.breaker import Breaker
 from dicomfs.errors import IntegrityError, SourceError, SourceUnavailable, TransferBroken
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.sources.base import SeriesSink
+from dicomfs.tasks import Stopped, StopSignal, run_stoppable
 from dicomfs.transferlimits import TransferLimits
 from tests.factory import make_instance
 
@@ -348,3 +353,101 @@ async def test_a_stalled_source_is_abandoned_by_the_minimum_rate(tmp_path: Path)
         assert not store.is_cached(SERIES)
 
     await with_store(tmp_path, source, body, limits=TransferLimits(window=0.5, min_rate=1000, deadline=60))
+
+
+class ThreadedSource(ScriptedSource):
+    """Delivers a series from a worker thread through the sink's thread face, as the DICOMweb
+    source does: ``gate`` holds the thread after ``hold_after`` instances (and the first 100
+    bytes of the next); ``stall`` makes it wait there until stopped; ``crash`` raises a bug."""
+
+    def __init__(self, series: dict[str, dict[str, bytes]]) -> None:
+        super().__init__(series)
+        self.hold_after: int | None = None
+        self.gate = threading.Event()
+        self.stall = False
+        self.crash = False
+        self.stopped = False
+
+    async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
+        self.calls[series.key] += 1
+        await run_stoppable(partial(self._job, self.series[series.key], sink.in_thread()))
+
+    def _job(self, files: dict[str, bytes], sink, stop: StopSignal) -> None:
+        try:
+            for index, (key, data) in enumerate(files.items()):
+                writer = sink.begin(key, len(data))
+                if index == self.hold_after:
+                    writer.write(data[:100])
+                    sink.publish()
+                    if self.crash:
+                        raise RuntimeError("a bug in the retrieve (scripted)")
+                    if self.stall:
+                        stop.wait(60)
+                    self.gate.wait(20)
+                sink.arrived(len(data))
+                writer.write(data[100:] if index == self.hold_after else data)
+                writer.finish()
+                sink.publish()
+        except Stopped:
+            self.stopped = True
+            raise
+
+
+async def test_thread_retrieve_serves_early_readers_and_commits_with_crcs(tmp_path: Path) -> None:
+    source = ThreadedSource({SERIES.key: FILES})
+    source.hold_after = 3
+
+    async def body(store: BlobStore) -> None:
+        # instance 1 is readable while the thread is still held inside instance 3
+        assert await read_all(store, "1.2.3.1") == FILES["1.2.3.1"]
+        assert not source.gate.is_set()
+        source.gate.set()
+        assert await read_all(store, "1.2.3.4") == FILES["1.2.3.4"]
+        await wait_cached(store, SERIES)
+        manifest = await store.manifest(SERIES.key)
+        assert manifest is not None and manifest.crcs == {k: google_crc32c.value(v) for k, v in FILES.items()}
+        assert source.calls[SERIES.key] == 1
+
+    await with_store(tmp_path, source, body)
+
+
+async def test_a_stalled_thread_retrieve_is_stopped_and_leaves_no_committed_blob(tmp_path: Path) -> None:
+    """The archive stops sending mid-body: the minimum rate cancels the download, its thread
+    stops at once (it was waiting on the stop), readers of the rest get an error, nothing is
+    committed and the partial file is gone."""
+    source = ThreadedSource({SERIES.key: FILES})
+    source.hold_after, source.stall = 2, True
+
+    async def body(store: BlobStore) -> None:
+        assert await read_all(store, "1.2.3.0") == FILES["1.2.3.0"]
+        with pytest.raises(SourceUnavailable, match="less than the minimum"):
+            await read_all(store, "1.2.3.4")
+        assert source.stopped
+        assert not store.is_cached(SERIES)
+        assert await store.manifest(SERIES.key) is None
+        assert not list(store.partial_dir.glob("*.part"))
+
+    await with_store(tmp_path, source, body, limits=TransferLimits(window=0.5, min_rate=1000, deadline=60))
+
+
+async def test_a_thread_retrieve_that_raises_is_an_error_for_its_readers_and_the_store_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    other = SeriesRecord("1.2", "1.2.9")
+    other_files = {f"1.2.9.{i}": make_instance("1.2", "1.2.9", f"1.2.9.{i}", number=i) for i in range(2)}
+    source = ThreadedSource({SERIES.key: FILES, other.key: other_files})
+    source.hold_after, source.crash = 2, True
+
+    async def body(store: BlobStore) -> None:
+        with pytest.raises(SourceError) as info:
+            await read_all(store, "1.2.3.4")
+        assert info.value.errno == errno.EIO and "a bug in the retrieve" in str(info.value)
+        assert "unexpected error while fetching" in caplog.text
+        assert not store.is_cached(SERIES)
+        source.crash, source.hold_after = False, None
+        handle = await store.open_instance(other, InstanceRecord("1.2", "1.2.9", "1.2.9.1"))
+        try:
+            assert await handle.read(0, 1 << 20) == other_files["1.2.9.1"]
+        finally:
+            handle.close()
+
+    await with_store(tmp_path, source, body)

@@ -17,11 +17,11 @@ from dicomfs.records import SeriesRecord
 from dicomfs.sources import parse_source
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.cod import CodSource, _route
-from dicomfs.sources.gcs import GcsBucket
 from dicomfs.sources.cod_metadata import CodInstance, parse_series_index
+from dicomfs.sources.gcs import GcsBucket
 from tests.cod_writer import CodSeriesFiles, crc32c_b64, write_series
+from tests.factory import MemorySink as Sink
 from tests.factory import make_instance, streamed
-from tests.test_dicomweb_source import Sink
 
 pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
@@ -171,8 +171,8 @@ async def test_fetch_instance_uses_one_range_request() -> None:
         return httpx.Response(206, stream=httpx.ByteStream(tar[int(first):int(last) + 1]),
                               headers={"Content-Range": f"bytes {first}-{last}/{len(tar)}"})
 
-    source = CodSource(GcsBucket("http://gcs.test", "bkt", Credentials(), transport=httpx.MockTransport(streamed(handler))),
-                       "p")
+    bucket = GcsBucket("http://gcs.test", "bkt", Credentials(), transport=httpx.MockTransport(streamed(handler)))
+    source = CodSource(bucket, "p")
     await source.list_series("1.2")
     instances = await source.list_instances(SeriesRecord("1.2", "1.2.3"))
     target = next(i for i in instances if i.key == "1.2.3.2")

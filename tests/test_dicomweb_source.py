@@ -1,16 +1,22 @@
-"""The DICOMweb source against a mock transport: paging, empty answers, hostile answers."""
+"""The DICOMweb source against a mock transport (QIDO: paging, empty answers, hostile answers) and,
+for series retrieves (urllib3 in a worker thread), a loopback server answering as a test says."""
 
 from __future__ import annotations
 
+import threading
+
 import httpx
 import pytest
+import trio
 
 from dicomfs.errors import ProtocolError, SourceError, SourceUnavailable
 from dicomfs.records import SeriesRecord
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.dicomweb import SERIES_ACCEPT, DicomwebSource
 from dicomfs.sources.http import RetryPolicy
+from tests.factory import MemorySink as Sink
 from tests.factory import make_instance, multipart, streamed
+from tests.servers import AnsweringServer
 
 ROOT = "http://archive.test/dicom-web"
 
@@ -25,31 +31,14 @@ def source_for(handler, **kwargs) -> DicomwebSource:
     return source
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.sizes: dict[str, int | None] = {}
-        self.arrivals = 0
+MULTIPART = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=dicomfs-test-boundary'}
 
-    def arrived(self, size: int) -> None:
-        self.arrivals += size
 
-    def wants(self, key: str) -> bool:
-        return key not in self.files
-
-    async def begin(self, key: str, size: int | None):
-        sink = self
-        sink.sizes[key] = size
-        buffer = bytearray()
-
-        class Writer:
-            async def write(self, data: bytes) -> None:
-                buffer.extend(data)
-
-            async def finish(self) -> None:
-                sink.files[key] = bytes(buffer)
-
-        return Writer()
+def retrieving(answer) -> tuple[AnsweringServer, DicomwebSource]:
+    server = AnsweringServer(answer)
+    source = DicomwebSource(f"{server.url}/dicom-web", Credentials())
+    source.blocking.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
+    return server, source
 
 
 async def test_qido_pages_through_large_listings() -> None:
@@ -141,35 +130,86 @@ async def test_auth_failure_names_no_secret() -> None:
 @pytest.mark.parametrize("lengths", [True, False])
 async def test_series_retrieve_names_parts_by_sop_uid(lengths: bool) -> None:
     files = {f"1.2.3.4.{i}": make_instance("1.2.3", "1.2.3.4", f"1.2.3.4.{i}", number=i) for i in range(5)}
+    body = multipart(list(files.values()), lengths=lengths)
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.headers["Accept"] == SERIES_ACCEPT
-        assert request.url.path == "/dicom-web/studies/1.2.3/series/1.2.3.4"
-        return httpx.Response(200, stream=httpx.ByteStream(multipart(list(files.values()), lengths=lengths)),
-                              headers={"Content-Type": 'multipart/related; type="application/dicom"; '
-                                                       'boundary=dicomfs-test-boundary'})
+    def answer(path: str, headers: dict[str, str]):
+        assert headers["accept"] == SERIES_ACCEPT
+        assert path == "/dicom-web/studies/1.2.3/series/1.2.3.4"
+        return 200, MULTIPART, [body[i:i + 1000] for i in range(0, len(body), 1000)]  # in many pieces
 
+    server, source = retrieving(answer)
     sink = Sink()
-    await source_for(handler).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), sink)
+    with server:
+        await source.fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), sink)
     assert sink.files == files
     assert sink.sizes == {k: (len(v) if lengths else None) for k, v in files.items()}
+    assert sink.arrivals == len(body) and sink.published >= 1
 
 
 async def test_series_retrieve_rejects_truncated_and_non_dicom_parts() -> None:
     good = make_instance("1.2.3", "1.2.3.4", "1.2.3.4.1")
-    headers = {"Content-Type": "multipart/related; boundary=dicomfs-test-boundary"}
-    truncated = multipart([good])[:-40]
+    bodies = {"truncated": multipart([good])[:-40], "junk": multipart([b"\0" * 200])}
+    statuses = {"truncated": 200, "junk": 200, "missing": 404}
 
-    def answer(body: bytes) -> DicomwebSource:
-        return source_for(lambda r: httpx.Response(200, stream=httpx.ByteStream(body), headers=headers))
+    def answer(path: str, headers: dict[str, str]):
+        which = path.split("/")[3]  # the "study" UID names the case
+        return statuses[which], MULTIPART, bodies.get(which, b"")
 
-    with pytest.raises(ProtocolError, match="truncated"):
-        await answer(truncated).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
-    junk = multipart([b"\0" * 200])
-    with pytest.raises(ProtocolError, match="not a DICOM"):
-        await answer(junk).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
-    with pytest.raises(SourceError):
-        await source_for(lambda r: httpx.Response(404)).fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
+    server, source = retrieving(answer)
+    with server:
+        with pytest.raises(ProtocolError, match="truncated"):
+            await source.fetch_series(SeriesRecord("truncated", "1.2.3.4"), Sink())
+        with pytest.raises(ProtocolError, match="not a DICOM"):
+            await source.fetch_series(SeriesRecord("junk", "1.2.3.4"), Sink())
+        with pytest.raises(SourceError, match="HTTP 404"):
+            await source.fetch_series(SeriesRecord("missing", "1.2.3.4"), Sink())
+
+
+async def test_series_retrieve_sends_credentials_and_retries_5xx_but_names_no_secret() -> None:
+    calls = []
+
+    def answer(path: str, headers: dict[str, str]):
+        calls.append(headers.get("authorization"))
+        return 503, {"Content-Length": "0"}, b""
+
+    server = AnsweringServer(answer)
+    source = DicomwebSource(f"{server.url}/dicom-web", Credentials(user="u", password="s3cr3t-pw"))
+    source.blocking.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
+    with server:
+        with pytest.raises(SourceUnavailable, match="HTTP 503") as info:
+            await source.fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
+    assert calls == ["Basic dTpzM2NyM3QtcHc="] * 3  # base64 of u:s3cr3t-pw, on each of the 3 attempts
+    assert "s3cr3t" not in str(info.value)
+
+
+async def test_a_compressed_series_answer_is_refused() -> None:
+    server, source = retrieving(lambda path, headers: (200, {**MULTIPART, "Content-Encoding": "gzip"}, b"x" * 100))
+    with server:
+        with pytest.raises(ProtocolError, match="Content-Encoding 'gzip'"):
+            await source.fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
+
+
+async def test_cancelling_a_series_retrieve_stops_its_thread_at_once() -> None:
+    """A retrieve blocked in a read of a stalled archive ends as soon as trio cancels it: the
+    socket is shut down, the thread returns, the task sees Cancelled (not an archive error)."""
+    good = make_instance("1.2.3", "1.2.3.4", "1.2.3.4.1")
+    released = threading.Event()
+    stalled = []
+
+    def stalling():
+        yield multipart([good])[:500]
+        released.wait(30)  # the archive stops sending
+        stalled.append("over")
+
+    server, source = retrieving(lambda path, headers: (200, MULTIPART, stalling()))
+    sink = Sink()
+    with server:
+        with trio.move_on_after(0.5) as scope:
+            await source.fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), sink)
+        assert not stalled  # the retrieve ended while the archive still stalled (not by a timeout)
+        released.set()
+    assert scope.cancelled_caught
+    assert sink.arrivals == 500 and not sink.files
 
 
 def test_proxies_from_the_environment_keep_httpx_default_transport(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,8 +55,39 @@ class MemberWriter(Protocol):
     async def finish(self) -> None: ...
 
 
+class BlockingMemberWriter(Protocol):
+    """``MemberWriter`` for a retrieve running in a worker thread: writes as it is called."""
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Take the next bytes (written before this returns: ``data`` may change afterwards)."""
+        ...
+
+    def finish(self) -> None: ...
+
+
+class BlockingSink(Protocol):
+    """A ``SeriesSink`` as a retrieve running in one worker thread sees it (called from that
+    thread only): the bytes are checked and written in the thread."""
+
+    def arrived(self, size: int) -> None: ...
+
+    def wants(self, key: str) -> bool: ...
+
+    def begin(self, key: str, size: int | None) -> BlockingMemberWriter: ...
+
+    def publish(self) -> None:
+        """Make the instances finished so far readable: one trip to the event loop for all of
+        them. Call after each piece read from the archive."""
+        ...
+
+
 class SeriesSink(Protocol):
     """Where a source delivers the instances of a series as they arrive."""
+
+    def in_thread(self) -> BlockingSink:
+        """This sink for a retrieve that runs in one worker thread (``tasks.run_stoppable``);
+        asked for on the event loop, before the thread starts."""
+        ...
 
     def arrived(self, size: int) -> None:
         """``size`` more bytes came from the archive (kept or not): the download's progress, by

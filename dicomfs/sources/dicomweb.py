@@ -1,8 +1,9 @@
 """DICOMweb source: QIDO-RS for listings, one WADO-RS series retrieve per series blob.
 
-Owns the DICOMweb dialect: paged QIDO queries, the exact Accept header that yields the stored
-bytes (``transfer-syntax=*``, identity encoding), and naming each multipart part by its
-SOPInstanceUID (the data set's, else the file meta's: ``uids.instance_key``). Must not cache
+Owns the DICOMweb dialect: paged QIDO queries (httpx, on the event loop), the exact Accept header
+that yields the stored bytes (``transfer-syntax=*``, identity encoding), and naming each multipart
+part by its SOPInstanceUID (the data set's, else the file meta's: ``uids.instance_key``). A series
+retrieve runs in one worker thread (``threadhttp``, ``SeriesSink.in_thread``). Must not cache
 anything or know about files on disk.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,10 @@ from dicomfs.multipart import (
 from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
-from dicomfs.sources.base import Credentials, MemberWriter, SeriesSink
+from dicomfs.sources.base import BlockingMemberWriter, BlockingSink, Credentials, SeriesSink
 from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
+from dicomfs.sources.threadhttp import BlockingHttp
+from dicomfs.tasks import StopSignal, run_stoppable
 from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
@@ -62,11 +66,13 @@ class DicomwebSource:
         self.root = root.rstrip("/")
         self.description = self.root
         self.page_size = page_size
-        self.http = HttpClient(credentials, transport=transport, timeout=timeout,
-                               tls=not self.root.lower().startswith("http://"))
+        tls = not self.root.lower().startswith("http://")
+        self.http = HttpClient(credentials, transport=transport, timeout=timeout, tls=tls)
+        self.blocking = BlockingHttp(credentials, timeout=timeout, tls=tls)  # series retrieves, in threads
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        self.blocking.close()
 
     async def check(self) -> None:
         await self.http.get_json(f"{self.root}/studies?limit=1")
@@ -139,32 +145,38 @@ class DicomwebSource:
         return rows
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
+        """One WADO-RS retrieve, run end to end in a worker thread (receive, multipart parsing,
+        checks, writing): the event loop only hears of finished instances."""
         url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}"
+        await run_stoppable(partial(self._retrieve, url, sink.in_thread()))
+
+    def _retrieve(self, url: str, sink: BlockingSink, stop: StopSignal) -> None:
         # identity: DICOM is mostly compressed pixels already, and raw bytes pass with no decoder;
         # an answer compressed anyway is refused by the HTTP client (no unbounded inflation)
-        async with self.http.stream(url, {"Accept": SERIES_ACCEPT, "Accept-Encoding": "identity"}) as response:
-            parser = MultipartParser(boundary_from_content_type(response.headers.get("content-type", "")))
+        with self.blocking.stream(url, {"Accept": SERIES_ACCEPT, "Accept-Encoding": "identity"}, stop) as body:
+            parser = MultipartParser(boundary_from_content_type(body.headers.get("content-type", "")))
             part = _PartRouter(sink)
-            async for chunk in response.aiter_raw():
+            for chunk in body.chunks():
                 sink.arrived(len(chunk))
                 for event in parser.feed(chunk):
-                    await part.handle(event)
+                    part.handle(event)
+                sink.publish()
             parser.close()
 
 
 class _PartRouter:
     """Names each part by its SOPInstanceUID and forwards its bytes to the sink."""
 
-    def __init__(self, sink: SeriesSink) -> None:
+    def __init__(self, sink: BlockingSink) -> None:
         self._sink = sink
         self._size: int | None = None
-        self._writer: MemberWriter | None = None
+        self._writer: BlockingMemberWriter | None = None
         self._skipping = False
         self._check: Part10Check | None = None  # reads the head of a part until it is named
         self._head: list[bytes | memoryview] = []  # the bytes read meanwhile, handed on once named
         self._head_bytes = 0
 
-    async def handle(self, event: PartStart | PartData | PartEnd) -> None:
+    def handle(self, event: PartStart | PartData | PartEnd) -> None:
         if isinstance(event, PartStart):
             self._size = event.content_length
             self._writer = None
@@ -174,17 +186,17 @@ class _PartRouter:
             self._head_bytes = 0
         elif isinstance(event, PartData):
             if self._writer is not None:
-                await self._writer.write(event.data)
+                self._writer.write(event.data)
             elif not self._skipping:
-                await self._read_head(event.data)
+                self._read_head(event.data)
         else:
             if self._writer is None and not self._skipping:
-                await self._name(final=True)
+                self._name(final=True)
             if self._writer is not None:
-                await self._writer.finish()
+                self._writer.finish()
             self._writer = None
 
-    async def _read_head(self, data: bytes | memoryview) -> None:
+    def _read_head(self, data: bytes | memoryview) -> None:
         """Keep the part's first bytes until its UIDs are known; then name it and hand them on.
         (Usually the first piece holds them: no copy is made.)"""
         assert self._check is not None
@@ -199,9 +211,9 @@ class _PartRouter:
         else:
             if not self._check.identified and self._head_bytes < MAX_NAMING_BYTES:
                 return
-        await self._name()
+        self._name()
 
-    async def _name(self, final: bool = False) -> None:
+    def _name(self, final: bool = False) -> None:
         assert self._check is not None
         meta = self._check.meta
         if meta is None:
@@ -221,10 +233,10 @@ class _PartRouter:
         if not self._sink.wants(key):
             self._skipping = True
             return
-        self._writer = await self._sink.begin(key, self._size)
+        self._writer = self._sink.begin(key, self._size)
         head, self._head = self._head, []
         for piece in head:
-            await self._writer.write(piece)
+            self._writer.write(piece)
 
 
 def _row_identity(row: dict[str, Any]) -> str:

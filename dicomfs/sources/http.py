@@ -12,6 +12,7 @@ or an error message.
 
 from __future__ import annotations
 
+import base64
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Generator
@@ -66,31 +67,38 @@ def retried(exc: httpx.TransportError) -> bool:
     return not isinstance(exc, httpx.TimeoutException)
 
 
-class _BearerAuth(httpx.Auth):
-    def __init__(self, token: str) -> None:
-        self._header = f"Bearer {token}"
+class _HeaderAuth(httpx.Auth):
+    def __init__(self, header: str) -> None:
+        self._header = header
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = self._header
         yield request
 
 
-def _auth(credentials: Credentials) -> httpx.Auth | None:
+def auth_header(credentials: Credentials) -> str | None:
+    """The ``Authorization`` header for a bearer token, or for a user and password (Basic)."""
     if credentials.token:
-        return _BearerAuth(credentials.token)
+        return f"Bearer {credentials.token}"
     if credentials.user:
-        return httpx.BasicAuth(credentials.user, credentials.password or "")
+        pair = f"{credentials.user}:{credentials.password or ''}".encode()
+        return f"Basic {base64.b64encode(pair).decode()}"
     return None
 
 
-def _proxied() -> bool:
+def _auth(credentials: Credentials) -> httpx.Auth | None:
+    header = auth_header(credentials)
+    return _HeaderAuth(header) if header else None
+
+
+def proxied() -> bool:
     """Whether the environment names a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``)."""
     import urllib.request
 
     return any(scheme in urllib.request.getproxies() for scheme in ("http", "https", "all"))
 
 
-def _describe(url: httpx.URL | str) -> str:
+def describe(url: httpx.URL | str) -> str:
     """The URL as it may appear in a message: no query values, no user info."""
     parsed = httpx.URL(str(url))
     return str(parsed.copy_with(query=None, userinfo=b""))
@@ -125,7 +133,7 @@ class HttpClient:
             auth=auth or _auth(credentials),
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             # httpx applies HTTP(S)_PROXY only to its own default transport: keep that one then.
-            transport=transport or (None if _proxied() else LargeReadTransport(limits, tls=tls)),
+            transport=transport or (None if proxied() else LargeReadTransport(limits, tls=tls)),
             limits=limits,
             follow_redirects=True,
             headers={"User-Agent": "dicomfs", **(extra_headers or {})},
@@ -150,24 +158,21 @@ class HttpClient:
             except httpx.TransportError as exc:
                 if not retried(exc) or attempt + 1 >= self.retry.attempts:
                     raise _transport_error(url, exc) from None
-                log.info("retrying %s after %s", _describe(url), type(exc).__name__)
+                log.info("retrying %s after %s", describe(url), type(exc).__name__)
                 await trio.sleep(self.retry.delay(attempt))
                 attempt += 1
                 continue
             if response.status_code in RETRY_STATUS and attempt + 1 < self.retry.attempts:
                 retry_after = response.headers.get("retry-after")
                 await response.aclose()
-                log.info("retrying %s after HTTP %d", _describe(url), response.status_code)
+                log.info("retrying %s after HTTP %d", describe(url), response.status_code)
                 await trio.sleep(self.retry.delay(attempt, retry_after))
                 attempt += 1
                 continue
             try:
                 if not 200 <= response.status_code < 300:  # (a redirect with nowhere to go, too)
-                    raise _status_error(url, response.status_code, self.hint(response) if self.hint else None)
-                coding = response.headers.get("content-encoding", "identity").strip().lower()
-                if (headers or {}).get("Accept-Encoding") == "identity" and coding != "identity":
-                    raise ProtocolError(f"{_describe(url)} answered in Content-Encoding {coding[:40]!r} "
-                                        "although dicomfs asked for none: refused")
+                    raise status_error(url, response.status_code, self.hint(response) if self.hint else None)
+                check_encoding(url, headers, response.headers.get("content-encoding"))
                 yield response
             except httpx.TransportError as exc:  # raised while the caller read the body
                 raise _body_error(url, exc) from None
@@ -183,7 +188,7 @@ class HttpClient:
         all_headers.update(headers or {})
         async with self.stream(url, all_headers) as response:
             decoder = BoundedDecoder(response.headers.get("content-encoding"), limit,
-                                     f"the JSON answer from {_describe(url)}")
+                                     f"the JSON answer from {describe(url)}")
             pieces: list[Any] = []
             async for chunk in response.aiter_raw():
                 pieces.extend(decoder.feed(chunk))
@@ -192,36 +197,54 @@ class HttpClient:
             del pieces
             if response.status_code == 204 or not body.strip():
                 return None, response.headers
-            what = _describe(url)
+            what = describe(url)
             if len(body) < LARGE_JSON_BYTES:
                 return parse_json(body, what), response.headers
             # a whole series' metadata parses for a second or more: not on the event loop
             return await trio.to_thread.run_sync(paused, parse_json, body, what), response.headers
 
 
+def check_encoding(url: str, asked: dict[str, str] | None, coding: str | None) -> None:
+    """Refuse an answer compressed although identity encoding was asked for."""
+    coding = (coding or "identity").strip().lower()
+    if (asked or {}).get("Accept-Encoding") == "identity" and coding != "identity":
+        raise ProtocolError(f"{describe(url)} answered in Content-Encoding {coding[:40]!r} "
+                            "although dicomfs asked for none: refused")
+
+
 def _transport_error(url: str, exc: httpx.TransportError) -> SourceError:
-    """A request that got no answer: the archive is unreachable or not answering."""
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return SourceUnavailable(f"cannot reach {_describe(url)}: {type(exc).__name__}")
-    if isinstance(exc, httpx.TimeoutException):
-        return SourceUnavailable(f"{_describe(url)} did not answer in time ({type(exc).__name__})")
-    return SourceUnavailable(f"request to {_describe(url)} failed: {type(exc).__name__}")
+    return transport_error(url, type(exc).__name__, timeout=isinstance(exc, httpx.TimeoutException),
+                           connect=isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)))
+
+
+def transport_error(url: str, name: str, *, connect: bool, timeout: bool) -> SourceError:
+    """A request that got no answer: the archive is unreachable or not answering. ``name``: the
+    HTTP library's name for what happened (no message: it may hold a URL with secrets)."""
+    if connect:
+        return SourceUnavailable(f"cannot reach {describe(url)}: {name}")
+    if timeout:
+        return SourceUnavailable(f"{describe(url)} did not answer in time ({name})")
+    return SourceUnavailable(f"request to {describe(url)} failed: {name}")
 
 
 def _body_error(url: str, exc: httpx.TransportError) -> SourceError:
+    return body_error(url, type(exc).__name__, timeout=isinstance(exc, httpx.TimeoutException))
+
+
+def body_error(url: str, name: str, *, timeout: bool) -> SourceError:
     """An answer whose body stopped: stalled (a timeout) or broken off."""
-    if isinstance(exc, httpx.TimeoutException):
-        return SourceUnavailable(f"{_describe(url)} stopped sending ({type(exc).__name__})")
-    return TransferBroken(f"the answer from {_describe(url)} broke off: {type(exc).__name__}")
+    if timeout:
+        return SourceUnavailable(f"{describe(url)} stopped sending ({name})")
+    return TransferBroken(f"the answer from {describe(url)} broke off: {name}")
 
 
-def _status_error(url: str, status: int, hint: str | None = None) -> SourceError:
+def status_error(url: str, status: int, hint: str | None = None) -> SourceError:
     """The error for a refused request; ``hint``, what the archive's answer says to do about it."""
     tail = f": {hint}" if hint else ""
     if status in (401, 403):
-        return AccessRefused(f"{_describe(url)} refused access (HTTP {status}): {hint or 'check credentials'}")
+        return AccessRefused(f"{describe(url)} refused access (HTTP {status}): {hint or 'check credentials'}")
     if status == 404:
-        return SourceError(f"{_describe(url)} not found (HTTP 404){tail}")
+        return SourceError(f"{describe(url)} not found (HTTP 404){tail}")
     if status in OUTAGE_STATUS:
-        return SourceUnavailable(f"{_describe(url)} answered HTTP {status}{tail}")
-    return SourceError(f"{_describe(url)} answered HTTP {status}{tail}")
+        return SourceUnavailable(f"{describe(url)} answered HTTP {status}{tail}")
+    return SourceError(f"{describe(url)} answered HTTP {status}{tail}")
