@@ -574,11 +574,15 @@ class ThreadSink:
     """The download as a retrieve running in one worker thread sees it (``SeriesSink.in_thread``).
 
     Bytes are checked, written (``pwrite``) and CRC'd in that thread as they come, with no queue
-    and no copy but the one the CRC needs; finished members reach readers in batches
-    (``publish``: one ``trio.from_thread`` call). A full disk makes room on the event loop once."""
+    and no copy but the one the CRC needs; finished members reach readers in batches (``publish``).
+    The thread never waits for the event loop to tell it of progress: ``publish`` and the first
+    answer are handed to the loop with ``run_sync_soon`` (first in, first run, and before the
+    thread's own return reaches its task, which comes the same way). Only a full disk waits for
+    the loop, to make room once."""
 
     def __init__(self, download: SeriesDownload) -> None:
         self._download = download
+        self._loop = trio.lowlevel.current_trio_token()  # (made on the event loop)
         self._done: list[tuple[str, _Member, int]] = []
         self._refused: dict[str, str] = {}
 
@@ -587,7 +591,7 @@ class ThreadSink:
         download.wire += size
         if download.on_answer is not None:
             answered, download.on_answer = download.on_answer, None
-            trio.from_thread.run_sync(answered)
+            self._loop.run_sync_soon(answered)
 
     def wants(self, key: str) -> bool:
         return self._download.wants(key)
@@ -599,7 +603,7 @@ class ThreadSink:
         if self._done or self._refused:
             done, self._done = self._done, []
             refused, self._refused = self._refused, {}
-            trio.from_thread.run_sync(self._download.publish, done, refused)
+            self._loop.run_sync_soon(self._download.publish, done, refused)
 
     def write(self, data: bytes | memoryview, pos: int) -> None:
         try:
