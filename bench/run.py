@@ -79,13 +79,14 @@ class Study:
         return sum(size for size, _ in self.files.values())
 
 
-def build_study(instances: int, series_count: int, folder: Path, server: OrthancServer) -> Study:
+def build_study(instances: int, series_count: int, folder: Path, server: OrthancServer,
+                pixel_bytes: int = PIXEL_BYTES) -> Study:
     """Make the instances, keep a copy under ``folder/<study>/...``, upload them in batches."""
     study = Study(generate_uid())
     series = [generate_uid() for _ in range(series_count)]
     batch: list[bytes] = []
     for number in range(instances):
-        blob = make_instance(study.uid, series[number % series_count], pixel_bytes=PIXEL_BYTES,
+        blob = make_instance(study.uid, series[number % series_count], pixel_bytes=pixel_bytes,
                              number=number + 1)
         sop = pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True).SOPInstanceUID
         relative = f"{series[number % series_count]}/{sop}.dcm"
