@@ -195,7 +195,8 @@ def measure(args: argparse.Namespace, on_link: str) -> dict[str, Any]:
             wire.repetition(number)
             s = wire.samples
             print(f"[{on_link}] repetition {number + 1}: cold cp {s['cold_s'][-1]:.2f} s vs curl "
-                  f"{s['curl_s'][-1]:.2f} s; prefetch {s['prefetch_s'][-1]:.2f} s vs curl x{JOBS} {s['curl_all_s'][-1]:.2f} s", flush=True)
+                  f"{s['curl_s'][-1]:.2f} s; prefetch {s['prefetch_s'][-1]:.2f} s vs curl x{JOBS} "
+                  f"{s['curl_all_s'][-1]:.2f} s", flush=True)
         facts = report.machine_facts()
         return {"when": facts["date"], "commit": facts["dicomfs_commit"], "cpu": facts["cpu"],
                 "nproc": facts["nproc"], "link": on_link, "link_description": link.describe(
