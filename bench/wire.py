@@ -15,7 +15,8 @@ Per link, ``--repeat`` interleaved repetitions (the order of the steps rotates),
 1. cold ``cp -r`` of one study (the next one each repetition) through a fresh mount with an
    empty cache vs one ``curl`` WADO-RS retrieve of that study (stored bytes) to /dev/null;
 2. ``dicomfs prefetch`` of every study, ``--jobs 4``, empty cache vs ``curl --parallel
-   --parallel-max 4`` of every series to files;
+   --parallel-max 4`` of every series to files; and ``dicomfs prefetch`` of the one study vs the
+   curl of step 1 (start-up included: the whole command);
 3. the daemon's CPU (user + system) per GB of the cold copy, and the prefetch process's;
 4. warm re-read: ``cat`` of every file of the study through a fresh mount of the cache the cold
    copy filled vs the same files through ``bench/passthrough.py`` (a minimal pyfuse3 passthrough),
@@ -58,6 +59,7 @@ LINKS = ("loopback", "1gbit", "10gbit")
 TARGETS = {  # measurement -> {link kind: target}
     "cold": {"1gbit": "≤ 1.05×", "fast": "≤ 2.5×"},
     "prefetch": {"1gbit": "≤ 1.03×", "fast": "≤ 1.6×"},
+    "one": {"1gbit": "≤ 1.05×", "fast": "—"},
     "cpu": "≤ 1.2 s/GB",
     "warm": "≥ 0.9×",
     "rss": "≤ 150 MB",
@@ -144,15 +146,19 @@ class Wire:
     def curl(self, study: Study) -> None:
         self.record("curl_s", curl_study(self.server, study))
 
-    def prefetch(self) -> None:
+    def prefetch(self, studies: list[Study] | None = None) -> None:
+        """``dicomfs prefetch`` of every study (or of ``studies``: ``prefetch_one_s``)."""
         out = self.fresh("prefetch")
         cpu, _ = rusage_children()
-        wall, status, _ = run_timed(prefetch_command("dicomfs", self.server, self.studies, out / "cache", JOBS),
-                                    timeout=COMMAND_TIMEOUT, cwd=ROOT)
+        wall, status, _ = run_timed(prefetch_command("dicomfs", self.server, studies or self.studies, out / "cache",
+                                                     JOBS), timeout=COMMAND_TIMEOUT, cwd=ROOT)
         spent, max_rss = rusage_children()
         self.peak_rss_kib = max(self.peak_rss_kib, max_rss)
-        self.record("prefetch_s", wall)
-        self.record("prefetch_cpu_s_per_gb", (spent - cpu) / (self.total_bytes / 1e9))
+        if studies:
+            self.record("prefetch_one_s", wall)
+        else:
+            self.record("prefetch_s", wall)
+            self.record("prefetch_cpu_s_per_gb", (spent - cpu) / (self.total_bytes / 1e9))
         verify = run_timed([sys.executable, "-m", "dicomfs", "cache", "verify", "--cache-dir", str(out / "cache")],
                            timeout=COMMAND_TIMEOUT, cwd=ROOT)[1]
         if status != 0 or verify != 0:
@@ -175,7 +181,8 @@ class Wire:
 
     def repetition(self, number: int) -> None:
         study = self.studies[number % len(self.studies)]
-        steps = [lambda: self.cold_and_warm(study), lambda: self.curl(study), self.prefetch, self.parallel_curl]
+        steps = [lambda: self.cold_and_warm(study), lambda: self.curl(study), self.prefetch, self.parallel_curl,
+                 lambda: self.prefetch([study])]
         for step in steps[number % len(steps):] + steps[:number % len(steps)]:
             step()
 
@@ -232,6 +239,9 @@ def render() -> str:
             f"| {on_link} | `prefetch --jobs {JOBS}` of all ({total_mb:.0f} MB) | {med['prefetch_s']:.2f} s | "
             f"curl ×{JOBS} {med['curl_all_s']:.2f} s | **{med['prefetch_s'] / med['curl_all_s']:.2f}×** "
             f"({report.ratio_spread(s, 'prefetch_s', 'curl_all_s')}) | {TARGETS['prefetch'][kind]} |",
+            f"| {on_link} | `prefetch` of one study | {med['prefetch_one_s']:.2f} s | curl {med['curl_s']:.2f} s | "
+            f"**{med['prefetch_one_s'] / med['curl_s']:.2f}×** ({report.ratio_spread(s, 'prefetch_one_s', 'curl_s')}) "
+            f"| {TARGETS['one'][kind]} |",
             f"| {on_link} | daemon CPU per GB, cold copy / prefetch | {med['cold_cpu_s_per_gb']:.2f} / "
             f"{med['prefetch_cpu_s_per_gb']:.2f} s | — | — | {TARGETS['cpu']} |",
             f"| {on_link} | warm re-read of the study, throughput | {study_mb / med['warm_dicomfs_s']:.0f} MB/s | "

@@ -46,7 +46,8 @@ def make_instance(study: str, series: str, sop: str | None = None, *, pixel_byte
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    ds.PixelData = bytes((i * 7 + number) % 256 for i in range(side * side))
+    period = bytes((i * 7 + number) % 256 for i in range(256))  # the pattern repeats every 256 bytes
+    ds.PixelData = (period * (side * side // 256 + 1))[:side * side]
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
