@@ -1,6 +1,7 @@
 """What every object store a bucket source reads looks like: listings and ranged object reads.
 
-Owns the object store protocol (``Bucket``: ``list``, ``read``, ``stream``, ``aclose``), the
+Owns the object store protocol (``Bucket``: ``list``, ``read``, ``stream`` and, for a retrieve in a
+worker thread, ``stream_in_thread``, ``aclose``), the
 ``ObjectInfo`` a listing yields, and what every store shares: following a listing's pages, a
 bounded whole-object read and a ranged stream that checks the range it got (or skips to it when a
 server ignores Range). The stores (``gcs``, ``s3``) own their URLs, one listing page and
@@ -10,13 +11,15 @@ Must not know what the objects contain.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 from dicomfs.errors import ProtocolError
 from dicomfs.sources.http import HttpClient
+from dicomfs.sources.threadhttp import BlockingHttp
+from dicomfs.tasks import StopSignal
 
 MAX_LIST_PAGES = 100_000
 
@@ -43,6 +46,9 @@ class Bucket(Protocol):
     def stream(self, name: str, start: int = 0, end: int | None = None
                ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
 
+    def stream_in_thread(self, name: str, start: int, end: int | None,
+                         stop: StopSignal) -> AbstractContextManager[Iterator[bytes]]: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -51,6 +57,7 @@ class ObjectReader:
     object is (``object_url``); the stores inherit it."""
 
     http: HttpClient
+    blocking: BlockingHttp  # object reads from worker threads
 
     def object_url(self, name: str) -> str:
         raise NotImplementedError
@@ -77,6 +84,7 @@ class ObjectReader:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        self.blocking.close()
 
     async def read(self, name: str, limit: int) -> bytes:
         """A whole (small) object, as stored: no transparent decompression."""
@@ -96,21 +104,49 @@ class ObjectReader:
     @asynccontextmanager
     async def stream(self, name: str, start: int = 0, end: int | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
         """The bytes ``[start, end)`` of an object (a Range request unless it is the whole object)."""
-        headers = {"Accept-Encoding": "identity"}
-        if start or end is not None:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        async with self.http.stream(self.object_url(name), headers) as response:
-            skip = start if (start and response.status_code == 200) else 0  # Range ignored
-            if response.status_code == 206 and not response.headers.get("content-range", "").startswith(
-                    f"bytes {start}-"):
-                raise ProtocolError(f"object {name}: the server answered a different range")
+        async with self.http.stream(self.object_url(name), _range(start, end)) as response:
+            skip = _skip(name, start, response.status_code, response.headers.get("content-range", ""))
             yield _skipping(response.aiter_raw(), skip)
+
+    @contextmanager
+    def stream_in_thread(self, name: str, start: int, end: int | None, stop: StopSignal) -> Iterator[Iterator[bytes]]:
+        """``stream`` for a retrieve running in a worker thread (``tasks.run_stoppable``)."""
+        with self.blocking.stream(self.object_url(name), _range(start, end), stop) as body:
+            skip = _skip(name, start, body.status, body.headers.get("content-range", ""))
+            yield _skipping_now(body.chunks(), skip)
+
+
+def _range(start: int, end: int | None) -> dict[str, str]:
+    headers = {"Accept-Encoding": "identity"}
+    if start or end is not None:
+        headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+    return headers
+
+
+def _skip(name: str, start: int, status: int, content_range: str) -> int:
+    """How many bytes of the answer come before ``start``: all of them when the server ignored the
+    Range (200); a 206 for another range is refused."""
+    if status == 206 and not content_range.startswith(f"bytes {start}-"):
+        raise ProtocolError(f"object {name}: the server answered a different range")
+    return start if (start and status == 200) else 0
+
+
+def _cut(chunk: bytes, skip: int) -> tuple[bytes, int]:
+    """What is left of ``chunk`` after skipping ``skip`` more bytes, and what remains to skip."""
+    if skip >= len(chunk):
+        return b"", skip - len(chunk)
+    return (chunk[skip:] if skip else chunk), 0
 
 
 async def _skipping(chunks: AsyncIterator[bytes], skip: int) -> AsyncIterator[bytes]:
     async for chunk in chunks:
-        if skip >= len(chunk):
-            skip -= len(chunk)
-            continue
-        yield chunk[skip:] if skip else chunk
-        skip = 0
+        piece, skip = _cut(chunk, skip)
+        if piece:
+            yield piece
+
+
+def _skipping_now(chunks: Iterator[bytes], skip: int) -> Iterator[bytes]:
+    for chunk in chunks:
+        piece, skip = _cut(chunk, skip)
+        if piece:
+            yield piece

@@ -2,7 +2,8 @@
 
 Owns the bucket layout (``<prefix>/studies/<St>/series/<Se>.tar`` and
 ``<Se>/metadata.json``), turning the index into records with exact sizes, and delivering
-instance bytes from the tar: the whole tar in one GET, or one instance by a Range request.
+instance bytes from the tar: the whole tar in one GET, or one instance by a Range request, read
+and cut in a worker thread (``bucket.stream_in_thread``, ``SeriesSink.in_thread``).
 Every instance is checked against its size and CRC32C before it reaches the sink.
 The bucket is any object store (``bucket.Bucket``: GCS, S3). Must not cache blobs (the blob
 store does), decide when to fetch a range or the whole tar, or know which store it reads.
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cachetools
@@ -22,7 +24,7 @@ import google_crc32c
 from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBroken
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
-from dicomfs.sources.base import MemberWriter, SeriesSink
+from dicomfs.sources.base import BlockingMemberWriter, BlockingSink, SeriesSink
 from dicomfs.sources.bucket import Bucket, ObjectInfo
 from dicomfs.sources.cod_metadata import (
     MAX_METADATA_BYTES,
@@ -30,6 +32,7 @@ from dicomfs.sources.cod_metadata import (
     CodSeries,
     parse_series_index,
 )
+from dicomfs.tasks import StopSignal, run_stoppable
 from dicomfs.uids import is_key
 
 log = logging.getLogger(__name__)
@@ -139,37 +142,41 @@ class CodSource:
 
     # --- bytes ----------------------------------------------------------------------------------
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
-        """The whole tar in one GET (from the first instance still wanted, after a break)."""
+        """The whole tar in one GET (from the first instance still wanted, after a break), read
+        and cut in a worker thread."""
         index = await self._index(series)
         wanted = sorted((i for i in index.instances.values() if sink.wants(i.key)), key=lambda i: i.start)
         if not wanted:
             return
-        async with self.bucket.stream(self._tar_name(series), start=wanted[0].start) as chunks:
-            await _route(chunks, wanted[0].start, wanted, sink)
+        await run_stoppable(partial(self._cut, self._tar_name(series), wanted, None, sink.in_thread()))
 
     async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None:
-        """One instance by a Range request."""
+        """One instance by a Range request, read in a worker thread."""
         index = await self._index(SeriesRecord(instance.study_uid, instance.series_uid))
         entry = index.instances.get(instance.key)
         if entry is None:
             raise NotFound(f"instance {instance.key} is not in its series index")
         series = SeriesRecord(instance.study_uid, instance.series_uid)
-        async with self.bucket.stream(self._tar_name(series), start=entry.start, end=entry.end) as chunks:
-            if not await _route(chunks, entry.start, [entry], sink):
-                raise IntegrityError(f"instance {entry.key} failed its CRC32C check")
+        if not await run_stoppable(partial(self._cut, self._tar_name(series), [entry], entry.end, sink.in_thread())):
+            raise IntegrityError(f"instance {entry.key} failed its CRC32C check")
+
+    def _cut(self, tar: str, entries: list[CodInstance], end: int | None, sink: BlockingSink,
+             stop: StopSignal) -> bool:
+        with self.bucket.stream_in_thread(tar, entries[0].start, end, stop) as chunks:
+            return _route(chunks, entries[0].start, entries, sink)
 
 
 class _Member:
     """One instance being cut out of the tar stream, with its running CRC32C."""
 
-    def __init__(self, entry: CodInstance, writer: MemberWriter) -> None:
+    def __init__(self, entry: CodInstance, writer: BlockingMemberWriter) -> None:
         self.entry = entry
         self.writer = writer
         self.checksum = google_crc32c.Checksum()
         self.received = 0
 
 
-async def _route(chunks: AsyncIterator[bytes], position: int, entries: list[CodInstance], sink: SeriesSink) -> bool:
+def _route(chunks: Iterator[bytes], position: int, entries: list[CodInstance], sink: BlockingSink) -> bool:
     """Cut ``entries`` (sorted by start) out of a byte stream that begins at ``position``.
 
     Instances whose CRC32C does not match are logged and not finished (so never served).
@@ -178,12 +185,13 @@ async def _route(chunks: AsyncIterator[bytes], position: int, entries: list[CodI
     pending = deque(entries)
     current: _Member | None = None
     all_good = True
-    async for chunk in chunks:
+    for chunk in chunks:
         sink.arrived(len(chunk))
         view = memoryview(chunk)
         while view:
             if current is None:
                 if not pending:
+                    sink.publish()
                     return all_good  # the rest of the tar is not ours to read
                 entry = pending[0]
                 if position < entry.start:  # tar headers and padding between instances
@@ -194,20 +202,21 @@ async def _route(chunks: AsyncIterator[bytes], position: int, entries: list[CodI
                 if position > entry.start:
                     raise ProtocolError("COD byte ranges overlap or are out of order")
                 pending.popleft()
-                current = _Member(entry, await sink.begin(entry.key, entry.size))
+                current = _Member(entry, sink.begin(entry.key, entry.size))
             need = current.entry.size - current.received
             piece = bytes(view[:need])
             view = view[len(piece):]
             position += len(piece)
             current.received += len(piece)
             current.checksum.update(piece)
-            await current.writer.write(piece)
+            current.writer.write(piece)
             if current.received == current.entry.size:
                 if _crc_ok(current):
-                    await current.writer.finish()
+                    current.writer.finish()
                 else:
                     all_good = False
                 current = None
+        sink.publish()
     if current is not None or pending:
         raise TransferBroken("the tar ended before the instances its index names")
     return all_good

@@ -17,6 +17,7 @@ from dicomfs.errors import ProtocolError
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.bucket import ObjectInfo, ObjectReader
 from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
+from dicomfs.sources.threadhttp import BlockingHttp
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 
@@ -38,8 +39,9 @@ class GcsBucket(ObjectReader):
         self.description = f"gs://{bucket}"
         self.page_size = page_size
         headers = {"X-Goog-User-Project": user_project} if user_project else None
-        self.http = HttpClient(credentials, transport=transport, extra_headers=headers, timeout=timeout,
-                               tls=not self.endpoint.lower().startswith("http://"))
+        tls = not self.endpoint.lower().startswith("http://")
+        self.http = HttpClient(credentials, transport=transport, extra_headers=headers, timeout=timeout, tls=tls)
+        self.blocking = BlockingHttp(credentials, extra_headers=headers, timeout=timeout, tls=tls)
 
     async def list_page(self, prefix: str, delimiter: str | None,
                         token: str | None) -> tuple[list[str], list[ObjectInfo], str | None]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -119,13 +119,13 @@ class HttpClient:
         extra_headers: dict[str, str] | None = None,
         tls: bool = True,
         auth: httpx.Auth | None = None,
-        hint: Callable[[httpx.Response], str | None] | None = None,
+        hint: Callable[[Mapping[str, str]], str | None] | None = None,
     ) -> None:
         """``auth``: how requests are signed, instead of the bearer token or user and password of
         ``credentials`` (an S3 bucket's SigV4). ``tls=False`` for a plain-http archive: no
         certificate store is loaded (tens of milliseconds), and a redirect to https fails
         verification instead of going unchecked. ``hint``: a store's reading of a refusal (S3: the
-        bucket's region)."""
+        bucket's region, from the answer's headers)."""
         self.retry = retry or RetryPolicy()
         self.hint = hint  # what a refusal's answer says to do (one line, no secrets), added to the error
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
@@ -171,7 +171,7 @@ class HttpClient:
                 continue
             try:
                 if not 200 <= response.status_code < 300:  # (a redirect with nowhere to go, too)
-                    raise status_error(url, response.status_code, self.hint(response) if self.hint else None)
+                    raise status_error(url, response.status_code, self.hint(response.headers) if self.hint else None)
                 check_encoding(url, headers, response.headers.get("content-encoding"))
                 yield response
             except httpx.TransportError as exc:  # raised while the caller read the body

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -25,6 +25,7 @@ from dicomfs.errors import AccessRefused, ProtocolError
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.bucket import ObjectInfo, ObjectReader
 from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
+from dicomfs.sources.threadhttp import BlockingHttp
 
 if TYPE_CHECKING:
     from botocore.credentials import Credentials as AwsCredentials
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_REGION = "us-east-1"
 MAX_LISTING_BYTES = 16 * 1024 * 1024  # one ListObjectsV2 page (1,000 keys) is ~300 kB
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+SIGNATURE_HEADERS = ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256", "X-Amz-Security-Token")
 
 
 def region() -> str:
@@ -75,17 +77,19 @@ class SigV4(httpx.Auth):
         return f"SigV4(region={self._region!r})"
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers.update(self.headers_for(str(request.url), request.headers))
+        yield request
+
+    def headers_for(self, url: str, headers: Mapping[str, str]) -> dict[str, str]:
+        """The headers that sign a GET of ``url`` with ``headers`` (for either HTTP client)."""
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
 
-        signed = {k: v for k, v in request.headers.items() if k.lower() == "range"}
-        aws = AWSRequest(method=request.method, url=str(request.url), headers=signed)
+        signed = {k: v for k, v in headers.items() if k.lower() == "range"}
+        aws = AWSRequest(method="GET", url=url, headers=signed)
         # (frozen: a refreshing credential, an assumed role's say, changes as a whole)
         S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self._region).add_auth(aws)
-        for name in ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256", "X-Amz-Security-Token"):
-            if name in aws.headers:
-                request.headers[name] = aws.headers[name]
-        yield request
+        return {name: aws.headers[name] for name in SIGNATURE_HEADERS if name in aws.headers}
 
 
 class S3Bucket(ObjectReader):
@@ -109,8 +113,11 @@ class S3Bucket(ObjectReader):
             credentials = aws_credentials(sign)
         self.signed = credentials is not None
         auth = SigV4(credentials, self.region) if credentials is not None else None
-        self.http = HttpClient(Credentials(), auth=auth, transport=transport, timeout=timeout,
-                               tls=not self.base.lower().startswith("http://"), hint=_region_hint)
+        tls = not self.base.lower().startswith("http://")
+        self.http = HttpClient(Credentials(), auth=auth, transport=transport, timeout=timeout, tls=tls,
+                               hint=_region_hint)
+        self.blocking = BlockingHttp(Credentials(), timeout=timeout, tls=tls, hint=_region_hint,
+                                     sign=auth.headers_for if auth is not None else None)
 
     def object_url(self, name: str) -> str:
         return f"{self.base}/{quote(name, safe='/~')}"
@@ -135,10 +142,10 @@ class S3Bucket(ObjectReader):
         return parse_listing(body)
 
 
-def _region_hint(response: httpx.Response) -> str | None:
+def _region_hint(headers: Mapping[str, str]) -> str | None:
     """S3 names the bucket's region when a request went to another one (301 PermanentRedirect,
     400 AuthorizationHeaderMalformed)."""
-    found = response.headers.get("x-amz-bucket-region", "").strip()
+    found = headers.get("x-amz-bucket-region", "").strip()
     if found and all(c.isalnum() or c == "-" for c in found) and len(found) < 40:
         return f"the bucket is in region {found}: set AWS_REGION={found}"
     return None

@@ -16,7 +16,7 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -49,6 +49,7 @@ from dicomfs.tasks import StopSignal
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20  # what one read asks the socket for (it returns what it has)
+Sign = Callable[[str, Mapping[str, str]], dict[str, str]]
 MAX_REDIRECTS = 10
 
 
@@ -56,12 +57,18 @@ class BlockingHttp:
     """The blocking HTTP client of one source; its calls run in worker threads (any number)."""
 
     def __init__(self, credentials: Credentials, *, timeout: float = DEFAULT_TIMEOUT, connect_timeout: float = 5.0,
-                 retry: RetryPolicy | None = None, max_connections: int = 16, tls: bool = True) -> None:
+                 retry: RetryPolicy | None = None, max_connections: int = 16, tls: bool = True,
+                 extra_headers: dict[str, str] | None = None, sign: Sign | None = None,
+                 hint: Callable[[Mapping[str, str]], str | None] | None = None) -> None:
+        """As ``http.HttpClient``; ``sign(url, headers)``: the headers that sign one request (an S3
+        bucket's SigV4), made anew for every attempt."""
         self.retry = retry or RetryPolicy()
-        self._headers = {"User-Agent": "dicomfs"}
+        self._headers = {"User-Agent": "dicomfs", **(extra_headers or {})}
         header = auth_header(credentials)
         if header:
             self._headers["Authorization"] = header
+        self._sign = sign
+        self._hint = hint
         self._timeout = urllib3.Timeout(connect=connect_timeout, read=timeout)
         # like httpx: certifi's certificates, loaded only for an https archive
         self._max_connections = max_connections
@@ -93,8 +100,8 @@ class BlockingHttp:
         response = self._send(url, headers, stop)
         body = Body(url, response, stop)
         try:
-            if not 200 <= response.status < 300:
-                raise status_error(url, response.status)
+            if not 200 <= response.status < 300:  # (a redirect with nowhere to go, too)
+                raise status_error(url, response.status, self._hint(response.headers) if self._hint else None)
             check_encoding(url, headers, response.headers.get("content-encoding"))
             yield body
         finally:
@@ -106,9 +113,12 @@ class BlockingHttp:
         attempt = 0
         while True:
             stop.check()
+            sent = {**self._headers, **headers}
+            if self._sign is not None:
+                sent.update(self._sign(url, sent))
             _job.stop = stop
             try:
-                response = self._pool(url).request("GET", url, headers={**self._headers, **headers},
+                response = self._pool(url).request("GET", url, headers=sent,
                                                    preload_content=False, decode_content=False,
                                                    retries=retries, timeout=self._timeout)
             except HTTPError as exc:
@@ -186,6 +196,7 @@ class Body:
 
     def __init__(self, url: str, response: urllib3.BaseHTTPResponse, stop: StopSignal) -> None:
         self.url = url
+        self.status = response.status
         self.headers = response.headers
         self._response = response
         self._stop = stop
