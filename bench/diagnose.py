@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import trio
 
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.sources.base import Credentials, Source
 from dicomfs.sources.cod import CodSource

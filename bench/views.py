@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 import trio  # noqa: E402
 
 from bench import report  # noqa: E402
-from dicomfs.blobstore import BlobStore  # noqa: E402
+from dicomfs.cache import BlobStore  # noqa: E402
 from dicomfs.catalog import Catalog  # noqa: E402
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord  # noqa: E402
 from tests.test_operations import Mounted, operations  # noqa: E402

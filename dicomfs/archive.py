@@ -17,9 +17,8 @@ from pathlib import Path
 
 import trio
 
-from dicomfs.blobstore import BlobStore
 from dicomfs.breaker import Breaker
-from dicomfs.cachedir import CacheUse, label
+from dicomfs.cache import BlobStore, CacheUse, label, layout
 from dicomfs.catalog import Catalog
 from dicomfs.errors import AccessRefused, SourceUnavailable
 from dicomfs.query import Query
@@ -64,7 +63,7 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
             if options.cache_size and isinstance(source, FetchPreparer):
                 await source.prepare_fetches()  # a blob store will open: retrieves may come
             breaker = Breaker(source.description)
-            catalog = Catalog(source, options.cache_dir / "catalog", listing_ttl=options.listing_ttl,
+            catalog = Catalog(source, layout.paths(options.cache_dir).catalog, listing_ttl=options.listing_ttl,
                               breaker=breaker)
             try:
                 await check_or_go_offline(source, catalog)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicomfs import __version__
-from dicomfs.cachedir import stored_size_limit
 from dicomfs.errors import DicomfsError, UsageError
 from dicomfs.query import Query, parse_query
 from dicomfs.sources import (
@@ -242,6 +241,7 @@ def _rate(text: str) -> int:
 def _archive_options(args: argparse.Namespace, *, with_blobs: bool,
                      spec: SourceSpec | None = None) -> ArchiveOptions:
     from dicomfs.archive import ArchiveOptions
+    from dicomfs.cache import stored_size_limit
 
     spec = spec or parse_source(args.source)
     credentials = credentials_from_environment(args.user, args.password_file, args.token_file)
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mount(args: argparse.Namespace, argv: list[str]) -> int:
+    from dicomfs.cache import layout
     from dicomfs.mount import MountOptions, check_mountpoint
     from dicomfs.readahead import Mode
     from dicomfs.views import COLLECTIONS, DEFAULT_VIEWS, ViewOptions
@@ -308,7 +309,7 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     detach = not (args.foreground or args.systemd)
     log_file = Path(args.log_file).expanduser().absolute() if args.log_file else None
     if detach and log_file is None:
-        log_file = archive.cache_dir / "dicomfs.log"
+        log_file = layout.paths(archive.cache_dir).log
     options = MountOptions(archive.spec, mountpoint, archive.cache_dir, archive.cache_size, archive.credentials,
                            allow_other=args.allow_other, listing_ttl=args.listing_ttl,
                            source_options=archive.source_options, query=archive.query, limits=archive.limits,
@@ -466,25 +467,25 @@ async def _run_ls(options: ArchiveOptions, query: Query, level: str, as_json: bo
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from dicomfs import cachedir
+    from dicomfs.cache import admin
     from dicomfs.progress import human_bytes
 
     root = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root()
-    caches = cachedir.caches_under(root)
+    caches = admin.caches_under(root)
     if args.cache_dir and not caches:
         raise UsageError(f"{root} is not a dicomfs cache")
     status = 0
     for cache_dir in caches:
         if args.action == "stats":
-            st = cachedir.stats(cache_dir)
+            st = admin.stats(cache_dir)
             limit = human_bytes(st.size_limit) if st.size_limit else "none"
             print(f"{st.path}: {st.source}: {st.series} series, {st.instances} instances, "
                   f"{human_bytes(st.blob_bytes)} ({st.blob_bytes} bytes) of blobs"
                   + (f" and {st.single_instances} single-instance blobs" if st.single_instances else "")
                   + f", {human_bytes(st.disk_bytes)} on disk, limit {limit}" + (", in use" if st.in_use else ""))
         elif args.action == "verify":
-            with cachedir.CacheUse(cache_dir):
-                report = cachedir.verify(cache_dir)
+            with admin.CacheUse(cache_dir):
+                report = admin.verify(cache_dir)
             print(f"{report.path}: checked {report.checked} blobs ({report.bytes_checked} bytes, "
                   f"{report.crc_checked} instance CRC32Cs): {len(report.dropped)} bad, dropped"
                   + (f"; {report.orphans} unreferenced blob files deleted" if report.orphans else ""))
@@ -493,7 +494,7 @@ def _cache(args: argparse.Namespace) -> int:
             if report.dropped:
                 status = 1
         else:
-            freed = cachedir.clear(cache_dir)
+            freed = admin.clear(cache_dir)
             print(f"{cache_dir}: cleared, {human_bytes(freed)} freed")
     if not caches:
         print(f"no caches under {root}")
@@ -551,7 +552,7 @@ def _run_foreground(options: MountOptions, args: argparse.Namespace) -> int:
 def _detach(options: MountOptions, argv: list[str]) -> int:
     """Start the daemon (this command in the foreground, logging to the log file, which it
     reopens on SIGHUP) and wait until it says it is mounted, or why not."""
-    from dicomfs.cachedir import make_private
+    from dicomfs.cache import make_private
 
     assert options.log_file is not None
     log_path = options.log_file

@@ -14,7 +14,7 @@ import os
 
 import trio
 
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, OutputError
 from dicomfs.materialise import OutputDir, Written, write_bytes

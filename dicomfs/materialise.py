@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from dicomfs.blobstore import BlobStore, InstanceHandle
+from dicomfs.cache import BlobStore, InstanceHandle
 from dicomfs.errors import CacheError, DicomfsError, OutputError, UsageError
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.uids import is_key

@@ -15,7 +15,7 @@ from typing import TextIO
 
 import trio
 
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, NotFound
 from dicomfs.materialise import OutputDir, Written, write_series_files, write_study_zip
@@ -87,7 +87,8 @@ class Outcome:
     written: Written = field(default_factory=Written)
 
 
-async def select_studies(catalog: Catalog, uids: list[str], everything: bool, query: Query) -> tuple[list[StudyRecord], list[str]]:
+async def select_studies(catalog: Catalog, uids: list[str], everything: bool,
+                         query: Query) -> tuple[list[StudyRecord], list[str]]:
     """The studies asked for, and one message per UID the archive does not have."""
     search = Search(catalog)
     chosen: dict[str, StudyRecord] = {}

@@ -23,7 +23,7 @@ import cachetools
 import trio
 
 from dicomfs import clock
-from dicomfs.blobstore import BlobStore, SeriesDownload
+from dicomfs.cache import BlobStore, SeriesDownload
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError
 from dicomfs.records import SeriesRecord

@@ -23,7 +23,7 @@ import cachetools
 import trio
 
 from dicomfs import clock, dicomjson, frames, instancemeta
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, IntegrityError, NotFound
 from dicomfs.gcpause import paused, release_free_memory

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
+import types
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import diskcache
 import google_crc32c
 import pytest
 import trio
 
-from dicomfs.blobstore import BlobStore, Manifest
 from dicomfs.breaker import Breaker
+from dicomfs.cache import BlobStore, Manifest
 from dicomfs.errors import IntegrityError, SourceError, SourceUnavailable, TransferBroken
 from dicomfs.records import InstanceRecord, SeriesRecord
 from dicomfs.sources.base import SeriesSink
@@ -182,6 +186,44 @@ async def test_leftovers_of_a_crash_are_never_served(tmp_path: Path) -> None:
         assert source.calls[SERIES.key] == 1
 
     await with_store(tmp_path, source, body)
+
+
+async def test_manifests_written_before_the_cache_package_are_still_read(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Manifests are pickled: those of caches made when the class was ``dicomfs.blobstore.Manifest``
+    (small ones inside sqlite, large ones in files of their own) are read as today's."""
+    source = ScriptedSource({SERIES.key: FILES})
+
+    async def cache_it(store: BlobStore) -> None:
+        await read_all(store, "1.2.3.0")
+        await wait_cached(store, SERIES)
+
+    await with_store(tmp_path, source, cache_it)
+
+    @dataclass(frozen=True)
+    class OldManifest:
+        members: dict[str, tuple[int, int]]
+        size: int
+        crcs: dict[str, int] | None = None
+
+    old_module = types.ModuleType("dicomfs.blobstore")
+    OldManifest.__module__, OldManifest.__name__, OldManifest.__qualname__ = old_module.__name__, "Manifest", "Manifest"
+    old_module.Manifest = OldManifest  # type: ignore[attr-defined]
+    large = OldManifest({f"1.2.9.{i}": (i, 1) for i in range(5000)}, 5000)
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, old_module.__name__, old_module)
+        with diskcache.Cache(str(tmp_path / "cache" / "manifests")) as manifests:
+            stored = manifests.get(SERIES.key)
+            manifests.set(SERIES.key, OldManifest(stored.members, stored.size, stored.crcs))
+            manifests.set("1.2/1.2.9", large)
+        assert list((tmp_path / "cache" / "manifests").rglob("*.val"))  # the large one is a file
+
+    async def read_again(store: BlobStore) -> None:
+        assert await read_all(store, "1.2.3.4") == FILES["1.2.3.4"]
+        assert source.calls[SERIES.key] == 1  # from the cache, not fetched again
+        assert store.manifests.get("1.2/1.2.9") == Manifest(large.members, large.size)
+
+    await with_store(tmp_path, source, read_again)
 
 
 async def test_eviction_spares_blobs_that_are_being_read(tmp_path: Path) -> None:

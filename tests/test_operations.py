@@ -17,7 +17,7 @@ import pyfuse3
 import pytest
 import trio
 
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.fs import DicomOperations
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.readahead import Mode, Readahead
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import UsageError
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord

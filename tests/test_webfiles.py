@@ -14,7 +14,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.records import DicomJson, SeriesRecord, StudyRecord
 from tests.test_operations import Mounted, ScriptedArchive, operations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import UsageError
 from dicomfs.readahead import Readahead

@@ -4,8 +4,9 @@ Owns the ``Node`` a view hands the tree (its name, whether it is a folder, the r
 for, and whether its content follows the listings), the ``View`` protocol the tree calls, the
 inode rule (a hash of a path, so it survives remounts; an instance file has one inode in every
 view, made from its UIDs), ``InstanceFiles``, which sizes and opens the P10 files of every view
-through the blob store (telling ``readahead`` of every open), and ``RenderedFile``, an open file of bytes made when it was opened (a
-rendered DICOMweb resource, a note). Must not know pyfuse3 or a particular view's layout.
+through the blob store (telling ``readahead`` of every open), and ``RenderedFile``, an open file
+of bytes made when it was opened (a rendered DICOMweb resource, a note). Must not know pyfuse3 or
+a particular view's layout.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from dicomfs.blobstore import BlobStore
+from dicomfs.cache import BlobStore
 from dicomfs.readahead import Readahead
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.webtree import WebNode

@@ -4,9 +4,9 @@ Owns the directory-level lock (shared by mounts, prefetches and ``verify``; excl
 ``clear``), keeping the cache private to its user (folders 0700, files 0600: the catalog holds
 patient names), the ``source.json`` label that says which archive a cache belongs to, how large
 a limit the filesystem holding it can honour, and the ``dicomfs cache stats|verify|clear`` work.
-The layout inside (blobs, manifests, catalog, work folders) belongs to ``blobstore`` and
-``catalog``; this module only reads it, or deletes blobs that fail verification. Blocking:
-callers run it in a thread or from the CLI.
+Must not change the layout (``layout`` names it, ``store`` and ``catalog`` fill it): this module
+only reads it, or deletes blobs that fail verification. Blocking: callers run it in a thread or
+from the CLI. The lock order ``verify`` keeps: docs/cache.md.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from pathlib import Path
 import diskcache
 import google_crc32c
 
+from dicomfs.cache import layout
+from dicomfs.cache.disk import flocked
+from dicomfs.cache.layout import LOCK_NAME, SOURCE_LABEL, open_indexes
 from dicomfs.errors import CacheError
 from dicomfs.sources.base import SourceSpec
 
-SOURCE_LABEL = "source.json"
-LOCK_NAME = "lock"
 VERIFY_CHUNK = 1 << 20
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 FILL_FRACTION = 0.9  # of the space the cache could have, the most its limit may take (room for the rest)
@@ -38,7 +39,7 @@ class CacheUse:
     def __init__(self, cache_dir: Path, *, exclusive: bool = False) -> None:
         try:
             make_private(cache_dir)
-            self._fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+            self._fd = os.open(layout.paths(cache_dir).lock, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         except OSError as exc:
             raise CacheError(f"cannot use the cache directory {cache_dir}: {exc.strerror}") from None
         try:
@@ -91,7 +92,7 @@ def fit_size_limit(cache_dir: Path, wanted: int, held: int) -> int:
 
 def label(cache_dir: Path, spec: SourceSpec) -> None:
     """Record which archive this cache holds (for ``cache stats``)."""
-    path = cache_dir / SOURCE_LABEL
+    path = layout.paths(cache_dir).source_label
     text = json.dumps({"kind": spec.kind, "location": spec.location})
     try:
         if path.exists() and path.read_text() == text:
@@ -107,10 +108,10 @@ def label(cache_dir: Path, spec: SourceSpec) -> None:
 
 def stored_size_limit(cache_dir: Path) -> int | None:
     """The size limit recorded in an existing cache (diskcache keeps its settings), or None."""
-    if not (cache_dir / "blobs" / "cache.db").exists():
+    if not layout.paths(cache_dir).index_db.exists():
         return None
     try:
-        with diskcache.Cache(str(cache_dir / "blobs")) as index:
+        with diskcache.Cache(str(layout.paths(cache_dir).blobs)) as index:
             return int(index.size_limit)
     except Exception:  # an unreadable cache gets the default; opening it will say what is wrong
         return None
@@ -118,11 +119,11 @@ def stored_size_limit(cache_dir: Path) -> int | None:
 
 def caches_under(root: Path) -> list[Path]:
     """The cache directories in a cache root (one per source)."""
-    if (root / "blobs").is_dir() or (root / SOURCE_LABEL).exists():
+    if layout.is_cache_dir(root):
         return [root]
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and ((p / "blobs").is_dir() or (p / SOURCE_LABEL).exists()))
+    return sorted(p for p in root.iterdir() if p.is_dir() and layout.is_cache_dir(p))
 
 
 @dataclass
@@ -139,18 +140,16 @@ class CacheStats:
 
 
 def stats(cache_dir: Path) -> CacheStats:
-    from dicomfs.blobstore import open_indexes
-
     result = CacheStats(cache_dir, _source_of(cache_dir), disk_bytes=_disk_usage(cache_dir))
     result.in_use = _in_use(cache_dir)
-    if not (cache_dir / "blobs").is_dir():
+    if not layout.has_index(cache_dir):
         return result
     index, manifests = open_indexes(cache_dir, None)  # keep the stored size limit
     try:
         result.size_limit = int(index.size_limit)
         for key in index.iterkeys():
             manifest = manifests.get(key)
-            if "#" in str(key):
+            if layout.is_instance_blob_key(key):
                 result.single_instances += 1
             else:
                 result.series += 1
@@ -177,13 +176,11 @@ def verify(cache_dir: Path) -> VerifyReport:
     """Re-check every blob against its manifest (file present, size, CRC32C of each member) and
     drop bad ones; delete blob files no entry refers to. Each check holds the commit lock, so no
     process commits (or replaces) that series meanwhile."""
-    from dicomfs.blobstore import flocked, open_indexes
-
     report = VerifyReport(cache_dir)
-    if not (cache_dir / "blobs").is_dir():
+    if not layout.has_index(cache_dir):
         return report
     index, manifests = open_indexes(cache_dir, None)  # keep the stored size limit
-    lock = cache_dir / "commit.lock"
+    lock = layout.paths(cache_dir).commit_lock
     try:
         for key in list(index.iterkeys()):
             with flocked(lock):
@@ -195,14 +192,14 @@ def verify(cache_dir: Path) -> VerifyReport:
                     manifests.delete(key)
                     report.dropped.append(f"{key}: {reason}")
         with flocked(lock):
-            report.orphans = _delete_orphans(index, cache_dir / "blobs")
+            report.orphans = _delete_orphans(index, cache_dir)
     finally:
         index.close()
         manifests.close()
     return report
 
 
-def _delete_orphans(index: diskcache.Cache, folder: Path) -> int:
+def _delete_orphans(index: diskcache.Cache, cache_dir: Path) -> int:
     """Blob files without an index entry (a crash between the rename and the index row)."""
     known: set[str] = set()
     for key in index.iterkeys():
@@ -211,7 +208,7 @@ def _delete_orphans(index: diskcache.Cache, folder: Path) -> int:
             known.add(os.path.realpath(blob.name))
             blob.close()
     deleted = 0
-    for path in folder.rglob("*.val"):
+    for path in layout.blob_files(cache_dir):
         if os.path.realpath(path) not in known:
             path.unlink(missing_ok=True)
             deleted += 1
@@ -269,7 +266,7 @@ def clear(cache_dir: Path) -> int:
 
 def _source_of(cache_dir: Path) -> str:
     try:
-        data = json.loads((cache_dir / SOURCE_LABEL).read_text())
+        data = json.loads(layout.paths(cache_dir).source_label.read_text())
         return str(data["location"])
     except (OSError, ValueError, KeyError, TypeError):
         return "(unknown source)"
@@ -277,7 +274,7 @@ def _source_of(cache_dir: Path) -> str:
 
 def _in_use(cache_dir: Path) -> bool:
     try:
-        fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR)
+        fd = os.open(layout.paths(cache_dir).lock, os.O_RDWR)
     except OSError:
         return False
     try:

@@ -1,0 +1,71 @@
+"""Open instances: where an instance's bytes lie in a file, read without blocking the event loop.
+
+Owns ``InstanceHandle`` (a private fd, an offset and a length; reads answered inline from the
+page cache, in a worker thread only when they would block; a release called once on close) and
+opening a source's local file in place (``open_local``). Must not find, fetch or pin anything:
+``store`` hands handles out, with offsets from the manifest that came with the file (docs/cache.md,
+invariant 4).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dicomfs.errors import IntegrityError, SourceError
+from dicomfs.records import InstanceRecord
+
+
+class InstanceHandle:
+    """An open instance: a private fd on the file that holds it, and where in that file."""
+
+    def __init__(self, fd: int, offset: int, length: int, release: Any = None) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        self._release = release
+        self._nowait = True
+
+    async def read(self, off: int, size: int) -> bytes | bytearray:
+        if off >= self.length or size <= 0:
+            return b""
+        size = min(size, self.length - off)
+        pos = self.offset + off
+        if self._nowait:
+            # Page-cache hits are answered inline; only a read that would block goes to a thread.
+            buf = bytearray(size)
+            try:
+                if os.preadv(self.fd, [buf], pos, os.RWF_NOWAIT) == size:
+                    return buf  # pyfuse3 takes any buffer: no copy
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False
+        data = await trio.to_thread.run_sync(os.pread, self.fd, size, pos)
+        if len(data) != size:
+            raise IntegrityError("cached blob is shorter than its manifest")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+def open_local(path: Path, instance: InstanceRecord) -> InstanceHandle:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise SourceError(f"cannot open {path}: {exc.strerror}") from None
+    size = os.fstat(fd).st_size
+    if instance.size is not None and size != instance.size:
+        os.close(fd)
+        raise IntegrityError(f"{path} changed size since it was indexed; remount to re-index")
+    return InstanceHandle(fd, 0, size)
