@@ -58,6 +58,31 @@ class _Discard:
     def arrived(self, size: int) -> None:
         pass
 
+    def in_thread(self) -> _DiscardInThread:
+        return _DiscardInThread()
+
+
+class _DiscardInThread:
+    """``_Discard`` for a retrieve running in a worker thread."""
+
+    def wants(self, key: str) -> bool:
+        return True
+
+    def begin(self, key: str, size: int | None) -> _DiscardInThread:
+        return self
+
+    def write(self, data: bytes | memoryview) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def arrived(self, size: int) -> None:
+        pass
+
+    def publish(self) -> None:
+        pass
+
 
 async def _stages(dicomweb: str, study_uid: str, cache_dir: Path) -> dict[str, float]:
     source = DicomwebSource(dicomweb, Credentials())
