@@ -133,13 +133,17 @@ def open_indexes(cache_dir: Path, size_limit: int | None,
 
 
 def has_valid_entry(index: diskcache.Cache, manifests: diskcache.Cache, blob_key: str) -> bool:
-    """An index entry whose file opens and whose manifest exists (an entry can outlive its file,
-    e.g. after a power cut; such an entry is replaced by the next commit). Blocking."""
+    """An index entry whose file opens and whose manifest exists and has the file's size (an entry
+    can outlive its file, e.g. after a power cut, and a commit that replaced a cached copy can be
+    cut off between writing the manifest and the index row; such an entry is replaced by the next
+    commit). Blocking."""
     blob = index.get(blob_key, read=True)
     if blob is None:
         return False
-    blob.close()
-    return manifests.get(blob_key) is not None
+    with blob:
+        size = os.fstat(blob.fileno()).st_size
+    manifest = manifests.get(blob_key)
+    return manifest is not None and manifest.size == size
 
 
 class _ManifestDisk(diskcache.Disk):

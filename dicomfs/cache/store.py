@@ -336,9 +336,14 @@ class BlobStore:
             os.close(fd)
             return None
         offset, length = manifest.members[key]
-        if offset + length > os.fstat(fd).st_size:
+        if os.fstat(fd).st_size != manifest.size:
+            # Not the blob this manifest describes (a commit that replaced a cached copy was cut
+            # off between the two, or a power cut): absent, so the series is fetched anew.
             os.close(fd)
-            raise IntegrityError(f"cached blob {blob_key} is shorter than its manifest")
+            log.warning("cached blob %s does not match its manifest: fetched again", blob_key)
+            self._blob_paths.pop(blob_key, None)
+            self._manifest_memory.pop(blob_key, None)
+            return None
         self._pins.pin(path)
         return InstanceHandle(fd, offset, length, release=lambda: self._pins.unpin(path))
 

@@ -162,8 +162,11 @@ class CodSource:
 
     def _cut(self, tar: str, entries: list[CodInstance], end: int | None, sink: BlockingSink,
              stop: StopSignal) -> bool:
-        with self.bucket.stream_in_thread(tar, entries[0].start, end, stop) as chunks:
-            return _route(chunks, entries[0].start, entries, sink)
+        try:
+            with self.bucket.stream_in_thread(tar, entries[0].start, end, stop) as chunks:
+                return _route(chunks, entries[0].start, entries, sink)
+        finally:
+            sink.publish()  # whatever was finished, also when the tar broke off: a resume skips it
 
 
 class _Member:

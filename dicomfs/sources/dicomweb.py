@@ -156,12 +156,15 @@ class DicomwebSource:
         with self.blocking.stream(url, {"Accept": SERIES_ACCEPT, "Accept-Encoding": "identity"}, stop) as body:
             parser = MultipartParser(boundary_from_content_type(body.headers.get("content-type", "")))
             part = _PartRouter(sink)
-            for chunk in body.chunks():
-                sink.arrived(len(chunk))
-                for event in parser.feed(chunk):
-                    part.handle(event)
-                sink.publish()
-            parser.close()
+            try:
+                for chunk in body.chunks():
+                    sink.arrived(len(chunk))
+                    for event in parser.feed(chunk):
+                        part.handle(event)
+                    sink.publish()
+                parser.close()
+            finally:
+                sink.publish()  # whatever was finished, also when a piece broke off: a resume skips it
 
 
 class _PartRouter:
