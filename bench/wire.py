@@ -17,7 +17,9 @@ Per link, ``--repeat`` interleaved repetitions (the order of the steps rotates),
 2. ``dicomfs prefetch`` of every study, ``--jobs 4``, empty cache vs ``curl --parallel
    --parallel-max 4`` of every series to files; and ``dicomfs prefetch`` of the one study vs the
    curl of step 1 (start-up included: the whole command);
-3. the daemon's CPU (user + system) per GB of the cold copy, and the prefetch process's;
+3. the daemon's CPU (user + system) per GB of the cold copy, and the prefetch process's, beside
+   curl's for the same bytes (on an emulated link the kernel's per-packet work is charged partly
+   to the receiving process: curl pays it too);
 4. warm re-read: ``cat`` of every file of the study through a fresh mount of the cache the cold
    copy filled vs the same files through ``bench/passthrough.py`` (a minimal pyfuse3 passthrough),
    both with their backing files in the page cache;
@@ -144,7 +146,9 @@ class Wire:
                     mount.stop()
 
     def curl(self, study: Study) -> None:
+        cpu, _ = rusage_children()
         self.record("curl_s", curl_study(self.server, study))
+        self.record("curl_cpu_s_per_gb", (rusage_children()[0] - cpu) / (study.total_bytes / 1e9))
 
     def prefetch(self, studies: list[Study] | None = None) -> None:
         """``dicomfs prefetch`` of every study (or of ``studies``: ``prefetch_one_s``)."""
@@ -167,8 +171,10 @@ class Wire:
 
     def parallel_curl(self) -> None:
         out = self.fresh("curl-all")
+        cpu, _ = rusage_children()
         wall, status, _ = run_timed(prefetch_command("curl", self.server, self.studies, out, JOBS),
                                     timeout=COMMAND_TIMEOUT)
+        self.record("curl_all_cpu_s_per_gb", (rusage_children()[0] - cpu) / (self.total_bytes / 1e9))
         got = sum(p.stat().st_size for p in out.glob("*.multipart"))
         if status != 0 or got < self.total_bytes:
             self.checks.append(f"parallel curl: status {status}, {got} bytes")
@@ -213,6 +219,10 @@ def measure(args: argparse.Namespace, on_link: str) -> dict[str, Any]:
                 "failed_checks": wire.checks, "peak_rss_mib": wire.peak_rss_kib / 1024, "samples": wire.samples}
 
 
+def curl_cpu(samples: dict[str, list[float]], name: str) -> str:
+    return f"{statistics.median(samples[name]):.2f}" if name in samples else "—"
+
+
 def result_file(on_link: str) -> Path:
     return RESULTS / f"wire-{on_link}-latest.json"
 
@@ -242,8 +252,9 @@ def render() -> str:
             f"| {on_link} | `prefetch` of one study | {med['prefetch_one_s']:.2f} s | curl {med['curl_s']:.2f} s | "
             f"**{med['prefetch_one_s'] / med['curl_s']:.2f}×** ({report.ratio_spread(s, 'prefetch_one_s', 'curl_s')}) "
             f"| {TARGETS['one'][kind]} |",
-            f"| {on_link} | daemon CPU per GB, cold copy / prefetch | {med['cold_cpu_s_per_gb']:.2f} / "
-            f"{med['prefetch_cpu_s_per_gb']:.2f} s | — | — | {TARGETS['cpu']} |",
+            f"| {on_link} | CPU per GB, cold copy (daemon) / prefetch | {med['cold_cpu_s_per_gb']:.2f} / "
+            f"{med['prefetch_cpu_s_per_gb']:.2f} s | curl {curl_cpu(s, 'curl_cpu_s_per_gb')} / "
+            f"{curl_cpu(s, 'curl_all_cpu_s_per_gb')} s | — | {TARGETS['cpu']} |",
             f"| {on_link} | warm re-read of the study, throughput | {study_mb / med['warm_dicomfs_s']:.0f} MB/s | "
             f"passthrough {study_mb / med['warm_passthrough_s']:.0f} MB/s | "
             f"**{med['warm_passthrough_s'] / med['warm_dicomfs_s']:.2f}×** "
