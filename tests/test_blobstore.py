@@ -521,3 +521,19 @@ async def test_a_manifest_that_does_not_describe_its_blob_is_not_believed(tmp_pa
 
     await with_store(tmp_path, source, fill)
     await with_store(tmp_path, source, read_again)  # a new process: nothing remembered in memory
+
+
+def test_writeback_is_started_a_step_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download hands what it wrote to the kernel's writeback every WRITEBACK_STEP bytes, so
+    the commit's fsync finds little left (measured: 100 ms to 5 ms for a 134 MB series at
+    125 MB/s); and libc's sync_file_range is really there to call."""
+    from dicomfs.cache import download
+
+    assert download._libc_sync_file_range() is not None
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(download, "_sync_file_range", lambda fd, offset, length: calls.append((offset, length)))
+    writeback = download._Writeback(-1)
+    step = download.WRITEBACK_STEP
+    for end in range(1 << 20, 3 * step + 1, 1 << 20):
+        writeback.advance(end)
+    assert calls == [(0, step), (step, step), (2 * step, step)]

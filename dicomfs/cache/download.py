@@ -12,7 +12,9 @@ event loop".
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 WRITE_BATCH = 1 << 20  # bytes of one instance gathered before they are queued for writing
 WRITE_QUEUE = 32  # queued writes before the download waits for the disk
+WRITEBACK_STEP = 16 << 20  # written bytes handed to the kernel's writeback at a time
 FULL_DISK = "the disk holding the cache is full, and evicting what is not in use did not make room"
 
 
@@ -77,6 +80,7 @@ class SeriesDownload:
         self.fetch = fetch
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.writeback = _Writeback(self.fd)
         self.members: dict[str, _Member] = {}  # written to disk, readable
         self.rejected: dict[str, str] = {}  # instance key -> why its bytes were refused
         self.end = 0  # end of the written members
@@ -167,14 +171,14 @@ class SeriesDownload:
 
     async def _write(self, batch: list[_Write]) -> None:
         try:
-            await trio.to_thread.run_sync(_write_batch, self.fd, batch)
+            await trio.to_thread.run_sync(_write_batch, self.fd, batch, self.writeback)
             return
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self._make_room is None:
                 raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
         if await self._make_room():
             try:
-                await trio.to_thread.run_sync(_write_batch, self.fd, batch)
+                await trio.to_thread.run_sync(_write_batch, self.fd, batch, self.writeback)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -326,6 +330,7 @@ class ThreadSink:
     def write(self, data: bytes | memoryview, pos: int) -> None:
         try:
             _pwrite_all(self._download.fd, data, pos)
+            self._download.writeback.advance(pos + len(data))
             return
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self._download._make_room is None:
@@ -364,7 +369,7 @@ class _ThreadMemberWriter:
         self._sink._done.append((key, member, self._crc))
 
 
-def _write_batch(fd: int, batch: list[_Write]) -> None:
+def _write_batch(fd: int, batch: list[_Write], writeback: _Writeback | None = None) -> None:
     """Write, and advance each member's CRC32C, in order (runs in a worker thread): each piece's
     CRC right after its write, while its bytes are still in the CPU's cache, but into the members'
     ``_Crc`` only once the whole batch is written, so a batch that failed can be written again."""
@@ -376,6 +381,8 @@ def _write_batch(fd: int, batch: list[_Write]) -> None:
         running[id(crc)] = (crc, google_crc32c.extend(value, data))
     for crc, value in running.values():
         crc.value = value
+    if writeback is not None:
+        writeback.advance(max(write.pos + len(write.data) for write in batch))
 
 
 def _as_dicomfs_error(error: BaseException, what: str) -> DicomfsError:
@@ -384,6 +391,44 @@ def _as_dicomfs_error(error: BaseException, what: str) -> DicomfsError:
     if isinstance(error, DicomfsError):
         return type(error)(f"{what}: {error}")
     return SourceError(f"{what}: {error}")
+
+
+class _Writeback:
+    """Starts the kernel writing a download's bytes to disk as they come (``sync_file_range``,
+    which does not wait), a step at a time, so that the fsync of the commit finds little left to
+    write: without it a whole series waits in the page cache and the fsync writes it all, while the
+    commit (and a prefetch's end) waits. Used by the one thread writing at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._started = 0  # bytes before this offset were handed to writeback
+
+    def advance(self, end: int) -> None:
+        if end - self._started < WRITEBACK_STEP:
+            return
+        _sync_file_range(self._fd, self._started, end - self._started)  # (a head start only: no error)
+        self._started = end
+
+
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+
+
+@functools.cache
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Python's ``os`` has no binding), None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _sync_file_range(fd: int, offset: int, length: int) -> None:
+    function = _libc_sync_file_range()
+    if function is not None:
+        function(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
