@@ -60,11 +60,12 @@ class RetryPolicy:
         base = min(self.first_delay * (2**attempt), self.max_delay)
         return base * (0.5 + random.random() / 2)
 
-
-def retried(exc: httpx.TransportError) -> bool:
-    """Failures worth another attempt: fast ones (refused, reset). A timeout already took the
-    whole ``--timeout`` once; the breaker, not another wait, deals with a stalled archive."""
-    return not isinstance(exc, httpx.TimeoutException)
+    def again(self, attempt: int, *, timeout: bool = False) -> bool:
+        """Whether attempt number ``attempt`` (from 0), which failed, is followed by another.
+        Failures worth one are fast ones (refused, reset, HTTP 429/5xx); a timeout already took
+        the whole ``--timeout`` once: the breaker, not another wait, deals with a stalled
+        archive."""
+        return not timeout and attempt + 1 < self.attempts
 
 
 class _HeaderAuth(httpx.Auth):
@@ -156,13 +157,13 @@ class HttpClient:
                 request = self._client.build_request("GET", url, headers=headers)
                 response = await self._client.send(request, stream=True)
             except httpx.TransportError as exc:
-                if not retried(exc) or attempt + 1 >= self.retry.attempts:
+                if not self.retry.again(attempt, timeout=isinstance(exc, httpx.TimeoutException)):
                     raise _transport_error(url, exc) from None
                 log.info("retrying %s after %s", describe(url), type(exc).__name__)
                 await trio.sleep(self.retry.delay(attempt))
                 attempt += 1
                 continue
-            if response.status_code in RETRY_STATUS and attempt + 1 < self.retry.attempts:
+            if response.status_code in RETRY_STATUS and self.retry.again(attempt):
                 retry_after = response.headers.get("retry-after")
                 await response.aclose()
                 log.info("retrying %s after HTTP %d", describe(url), response.status_code)

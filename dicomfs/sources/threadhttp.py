@@ -128,8 +128,7 @@ class BlockingHttp:
                 reason = exc.reason if isinstance(exc, MaxRetryError) and exc.reason is not None else exc
                 stop.check()
                 timeout = isinstance(reason, (ConnectTimeoutError, ReadTimeoutError))
-                if timeout or attempt + 1 >= self.retry.attempts:
-                    # (a timeout already took the whole --timeout once: not again)
+                if not self.retry.again(attempt, timeout=timeout):
                     raise transport_error(url, type(reason).__name__, timeout=timeout,
                                           connect=isinstance(reason, (NewConnectionError, ConnectTimeoutError))
                                           ) from None
@@ -139,7 +138,7 @@ class BlockingHttp:
                 continue
             finally:
                 _job.stop = None
-            if response.status in RETRY_STATUS and attempt + 1 < self.retry.attempts:
+            if response.status in RETRY_STATUS and self.retry.again(attempt):
                 retry_after = response.headers.get("retry-after")
                 response.close()  # (its body unread: the connection is not reused)
                 log.info("retrying %s after HTTP %d", describe(url), response.status)
