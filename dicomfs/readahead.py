@@ -1,8 +1,9 @@
 """Study readahead: while a reader works through one series of a study, fetch the next.
 
 Owns which series are fetched before anyone asks for them and when. When a reader opens an
-instance of a study (``reading``), the study's other series are queued in the order ``studies/``
-lists them, starting after the series being read; the next one starts as soon as the previous
+instance of a study (``reading``), the study's other series are queued in the order the reader is
+expected to take (the view it reads in says: ``studies/`` in the order ``cp -r`` walks it, by
+inode; otherwise by UID), starting after the series being read; the next one starts as soon as the previous
 one's bytes are in (the download's ``fetched``, not its commit: the wire is never idle while the
 disk catches up), one at a time (starting them all at once measured no gain). A series a reader
 opens is no longer queued: its own request started it at once. Readahead stops for a study when
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cachetools
@@ -35,6 +37,13 @@ DEFAULT_IDLE = 30.0  # seconds without a reader before a study's readahead stops
 STUDIES_KEPT = 256
 
 
+SeriesOrder = Callable[[SeriesRecord], "int | str"]
+
+
+def _by_uid(series: SeriesRecord) -> str:
+    return series.uid
+
+
 class Mode(enum.Enum):
     OFF = "off"  # fetch what is read: an instance alone where the source can (never its series)
     SERIES = "series"  # the whole series of what is read
@@ -46,6 +55,7 @@ class _Study:
     uid: str
     first: SeriesRecord  # the series a reader opened first: the queue starts after it
     last_read: float
+    order: SeriesOrder  # the order readers are expected to take through the study's series
     opened: set[str] = field(default_factory=set)  # series (UIDs) a reader opened
     ahead: dict[str, SeriesDownload] = field(default_factory=dict)  # fetched ahead, not yet opened
     changed: trio.Event = field(default_factory=trio.Event)
@@ -80,13 +90,15 @@ class Readahead:
             task_status.started()
             await trio.sleep_forever()
 
-    def reading(self, series: SeriesRecord) -> None:
-        """A reader opened an instance of ``series``."""
+    def reading(self, series: SeriesRecord, order: SeriesOrder | None = None) -> None:
+        """A reader opened an instance of ``series``; ``order``, the key by which it is expected to
+        walk the study's series (the view it reads in knows; by default their UIDs)."""
         if self.mode is not Mode.STUDY or self._nursery is None:
             return
         study = self._studies.get(series.study_uid)
         if study is None or (not study.running and study.stopped_idle):
-            study = self._studies[series.study_uid] = _Study(series.study_uid, series, clock.now())
+            study = self._studies[series.study_uid] = _Study(series.study_uid, series, clock.now(),
+                                                             order or _by_uid)
             self._nursery.start_soon(self._follow, study)
         study.last_read = clock.now()
         study.opened.add(series.uid)
@@ -104,7 +116,7 @@ class Readahead:
             study.stopped_idle = self._idle(study)
 
     async def _read_ahead(self, study: _Study) -> None:
-        listed = sorted((await self.catalog.series_of(study.uid)).values(), key=lambda s: s.uid)
+        listed = sorted((await self.catalog.series_of(study.uid)).values(), key=study.order)
         at = next((n for n, s in enumerate(listed) if s.uid == study.first.uid), -1)
         queue = listed[at + 1:] + listed[:max(at, 0)]
         previous = self.blobs.running(study.first)

@@ -121,6 +121,20 @@ async def test_the_next_series_follow_one_at_a_time_in_listing_order(tmp_path: P
     assert archive.most_at_once == 1
 
 
+async def test_the_queue_follows_the_order_the_readers_view_gives(tmp_path: Path) -> None:
+    """``cp -r`` walks a folder by inode (GNU cp sorts its entries so): readahead queues the
+    series in the order the view says its reader takes, here the reverse of their UIDs."""
+    async def body(archive: Archive, blobs: BlobStore, readahead: Readahead) -> None:
+        handle = await blobs.open_instance(SERIES[2], InstanceRecord(STUDY, SERIES[2].uid, f"{SERIES[2].uid}.1"))
+        readahead.reading(SERIES[2], order=lambda series: [s.uid for s in SERIES].index(series.uid) * -1)
+        handle.close()
+        await settled(blobs, archive, 5)
+
+    archive = await run(tmp_path, body)
+    assert archive.started == [s.uid for s in (SERIES[2], SERIES[1], SERIES[0], SERIES[4], SERIES[3])]
+    assert archive.most_at_once == 1
+
+
 async def test_the_next_starts_when_the_bytes_are_in_and_a_readers_series_jumps_the_queue(tmp_path: Path) -> None:
     async def body(archive: Archive, blobs: BlobStore, readahead: Readahead) -> None:
         archive.gates[SERIES[1].uid] = trio.Event()  # the next series' bytes are held back

@@ -122,5 +122,12 @@ class InstanceFiles:
         assert node.series is not None and node.instance is not None
         handle = await self.blobs.open_instance(node.series, node.instance)
         if self.readahead is not None:  # (after the open: the series' own download is running now)
-            self.readahead.reading(node.series)
+            self.readahead.reading(node.series, _series_folder_inode if node.view == STUDIES else None)
         return handle
+
+
+def _series_folder_inode(series: SeriesRecord) -> int:
+    """The inode of a series' folder in ``studies/``: the order in which ``cp -r`` (GNU cp sorts a
+    folder's entries by inode number before copying them) and other inode-order walkers go
+    through a study's series there."""
+    return path_inode(STUDIES, series.study_uid, series.uid)
