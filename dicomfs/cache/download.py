@@ -160,25 +160,29 @@ class SeriesDownload:
                         batch.append(self._receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                await self._write(batch)
-                done = [(w.completes, w.crc.value) for w in batch if w.completes is not None]
-                for (key, member), crc in done:
-                    self.members[key] = member
-                    self.crcs[key] = crc
-                    self.end = max(self.end, member.offset + member.length)
+                await trio.to_thread.run_sync(self.write_making_room,
+                                              functools.partial(_write_batch, self.fd, batch, self.writeback))
+                done = []
+                for write in batch:
+                    if write.completes is not None:
+                        key, member = write.completes
+                        done.append((key, member, write.crc.value))
                 if done:
-                    self.notify()
+                    self.publish(done, {})
 
-    async def _write(self, batch: list[_Write]) -> None:
+    def write_making_room(self, write: Callable[[], None]) -> None:
+        """``write()``, in a worker thread (the writer task's or a retrieve's own). A full disk
+        makes room once (``make_room``, on the event loop: eviction) and the write is tried again
+        (a batch's CRC32Cs move only once it is all written, so writing it twice is harmless)."""
         try:
-            await trio.to_thread.run_sync(_write_batch, self.fd, batch, self.writeback)
+            write()
             return
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self._make_room is None:
                 raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
-        if await self._make_room():
+        if trio.from_thread.run(self._make_room):
             try:
-                await trio.to_thread.run_sync(_write_batch, self.fd, batch, self.writeback)
+                write()
                 return
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -328,21 +332,13 @@ class ThreadSink:
             self._loop.run_sync_soon(self._download.publish, done, refused)
 
     def write(self, data: bytes | memoryview, pos: int) -> None:
-        try:
-            _pwrite_all(self._download.fd, data, pos)
-            self._download.writeback.advance(pos + len(data))
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self._download._make_room is None:
-                raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
-        if trio.from_thread.run(self._download._make_room):
-            try:
-                _pwrite_all(self._download.fd, data, pos)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise CacheError(f"cannot write to the cache: {exc.strerror}") from None
-        raise CacheError(FULL_DISK)
+        download = self._download
+
+        def write() -> None:
+            _pwrite_all(download.fd, data, pos)
+            download.writeback.advance(pos + len(data))
+
+        download.write_making_room(write)
 
 
 class _ThreadMemberWriter:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dicomfs.cache import BlobStore
-from dicomfs.readahead import Readahead
+from dicomfs.readahead import Readahead, SeriesOrder
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.webtree import WebNode
 
@@ -118,16 +118,11 @@ class InstanceFiles:
         assert node.series is not None and node.instance is not None
         return await self.blobs.size_of(node.series, node.instance)
 
-    async def open(self, node: Node) -> Handle:
+    async def open(self, node: Node, order: SeriesOrder | None = None) -> Handle:
+        """Open an instance's file; ``order``: the order in which a reader of the view it is
+        opened in goes through the study's series (for readahead; by default their UIDs)."""
         assert node.series is not None and node.instance is not None
         handle = await self.blobs.open_instance(node.series, node.instance)
         if self.readahead is not None:  # (after the open: the series' own download is running now)
-            self.readahead.reading(node.series, _series_folder_inode if node.view == STUDIES else None)
+            self.readahead.reading(node.series, order)
         return handle
-
-
-def _series_folder_inode(series: SeriesRecord) -> int:
-    """The inode of a series' folder in ``studies/``: the order in which ``cp -r`` (GNU cp sorts a
-    folder's entries by inode number before copying them) and other inode-order walkers go
-    through a study's series there."""
-    return path_inode(STUDIES, series.study_uid, series.uid)

@@ -65,11 +65,19 @@ class StudiesView:
     def _folder(self, parent: Node, name: str, study: StudyRecord | None = None,
                 series: SeriesRecord | None = None) -> Node:
         path = (*parent.path, name)
-        return Node(self.name, path_inode(self.name, *path), name, True, study=study or parent.study,
+        return Node(self.name, self._inode(*path), name, True, study=study or parent.study,
                     series=series or parent.series, path=path)
+
+    def _inode(self, *path: str) -> int:
+        return path_inode(self.name, *path)
+
+    def _series_order(self, series: SeriesRecord) -> int:
+        """The inode of a series' folder: the order in which ``cp -r`` (GNU cp sorts a folder's
+        entries by inode number before copying them) goes through a study's series here."""
+        return self._inode(series.study_uid, series.uid)
 
     async def size(self, node: Node) -> int:
         return await self.files.size(node)
 
     async def open(self, node: Node) -> Handle:
-        return await self.files.open(node)
+        return await self.files.open(node, self._series_order)
