@@ -5,7 +5,8 @@
 Serves the files below SOURCE_DIR unchanged. It is deliberately the simplest thing a pyfuse3
 filesystem can do (lookup/getattr/opendir/readdir/open/read with ``os.pread`` on the trio thread,
 ``keep_cache=True``), mounted with the same options and the same entry/attribute timeouts as
-dicomfs (a day for files, a minute for directories), so that ``dicomfs`` serving its cached blobs
+dicomfs (a day for files, a minute for directories) and the same read-ahead window (1 MiB FUSE
+reads where run as root: ``dicomfs.mount.widen_read_window``), so that ``dicomfs`` serving its cached blobs
 can be compared with "pyfuse3 serving plain files". Runs in the foreground until unmounted
 (``fusermount3 -u``) or signalled.
 """
@@ -18,10 +19,13 @@ import os
 import signal
 import stat
 import sys
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
+
+from dicomfs.mount import widen_read_window
 
 FILE_TIMEOUT = 86400.0  # as dicomfs.tree.IMMUTABLE_TIMEOUT
 DIR_TIMEOUT = 60.0  # as dicomfs' default --listing-ttl
@@ -121,9 +125,10 @@ class Passthrough(pyfuse3.Operations):
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
 
-async def _serve() -> None:
+async def _serve(mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        nursery.start_soon(widen_read_window, mountpoint)  # as dicomfs.mount: the same FUSE read size
         await pyfuse3.main(min_tasks=4, max_tasks=256)  # as dicomfs.mount
         nursery.cancel_scope.cancel()
 
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     options = set(pyfuse3.default_options) | {"fsname=passthrough", "subtype=passthrough", "ro", "noatime"}
     pyfuse3.init(Passthrough(os.path.abspath(args.source)), args.mountpoint, options)
     try:
-        trio.run(_serve)
+        trio.run(_serve, Path(os.path.abspath(args.mountpoint)))
     finally:
         pyfuse3.close(unmount=True)
     return 0

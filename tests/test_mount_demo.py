@@ -185,3 +185,14 @@ def test_allow_other_and_mount_options(mount_factory: Callable[..., Mount]) -> N
     device, _, fstype, options = line.split()[:4]
     assert device == "dicomfs" and fstype == "fuse.dicomfs"
     assert "ro" in options.split(",") and "allow_other" in options.split(",")
+
+
+def test_reads_are_asked_for_in_1_mib_requests(mount_factory: Callable[..., Mount]) -> None:
+    """Run as root, the mount widens its backing device's read-ahead window to the largest FUSE
+    read (1 MiB; the kernel leaves it at 128 KiB), a quarter of the requests for a long read."""
+    if os.geteuid() != 0:
+        pytest.skip("widening the read-ahead window takes root (sysfs)")
+    mount = mount_factory("demo")
+    device = os.stat(mount.path).st_dev
+    window = Path("/sys/class/bdi") / f"{os.major(device)}:{os.minor(device)}" / "read_ahead_kb"
+    wait_until(lambda: window.read_text().strip() == "1024", 10, f"{window} to say 1024")
