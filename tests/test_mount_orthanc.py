@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import threading
 import time
@@ -248,3 +249,39 @@ def test_reading_a_series_fetches_the_next_series_of_its_study_ahead(
         assert hashes(mount.path / Path(one).parent)[Path(one).name] == demo_expected[one]
         time.sleep(2)  # (time for a readahead that should not happen)
         assert proxy.counts["wado-series"] == 1  # the series read, nothing ahead
+
+
+def test_readahead_in_a_named_view_follows_its_folders(
+        orthanc: OrthancServer, demo_expected: dict[str, str], mount_factory: Callable[..., Mount]) -> None:
+    """In ``patients/`` a study's series folders have their own inodes: readahead queues the
+    series in the order of those (the order ``cp -r`` of the study's folder there takes)."""
+    def entries(folder: Path) -> dict[Path, int]:  # (readdir's inode numbers: no stat, no download)
+        with os.scandir(folder) as found:
+            return {Path(e.path): e.inode() for e in found}
+
+    with CountingProxy(orthanc.port) as proxy:
+        mount = mount_factory(proxy.dicomweb)
+        series_of = {}  # inode of an instance -> its series UID, from studies/
+        for study in entries(mount.path / "studies"):
+            for series in entries(study):
+                series_of.update((inode, series.name) for inode in entries(series).values())
+        studies = [study for patient in entries(mount.path / "patients") for study in entries(patient)]
+        study_dir = max(studies, key=lambda d: len(entries(d)))
+        folders = {}  # series folder in patients/ -> (its inode, the series UID of its files)
+        for folder, inode in entries(study_dir).items():
+            uids = {series_of[i] for i in entries(folder).values()}
+            assert len(uids) == 1
+            folders[folder] = (inode, uids.pop())
+        assert len(folders) >= 3
+        first_folder = min(folders, key=lambda f: folders[f][1])  # the series whose UID is first
+        first = folders[first_folder][1]
+        ordered = [uid for _, uid in sorted(folders.values())]
+        at = ordered.index(first)
+        expected = [first, *ordered[at + 1:], *ordered[:at]]
+        assert expected != sorted(expected)  # (else this would not tell the folders' order from UIDs')
+        assert proxy.counts["wado-series"] == 0
+        (first_folder / sorted(entries(first_folder))[0].name).read_bytes()
+        wait_until(lambda: proxy.counts["wado-series"] >= len(folders), 60, "the study's series to be read ahead")
+        retrieved = [p.split("?")[0].rstrip("/").rsplit("/", 1)[1] for p in proxy.paths
+                     if CountingProxy.kind(p) == "wado-series"]
+        assert retrieved == expected, (retrieved, ordered)

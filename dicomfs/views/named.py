@@ -7,7 +7,8 @@ things gets the suffix of what it stands for, so a name never depends on listing
 folder's entries are made once from the listings they come from and reused while those listings
 are the same objects (the catalog keeps a listing for its TTL). Names come only from listings
 (``summary``): listing a view never downloads instance data. Files are the archive's instances,
-opened by ``InstanceFiles``, with the inode they have in ``studies/``. Must not know pyfuse3.
+opened by ``InstanceFiles``, with the inode they have in ``studies/``, and the order in which a
+``cp -r`` here goes through a study's series (for readahead). Must not know pyfuse3.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import trio
 from dicomfs.catalog import Catalog
 from dicomfs.errors import NotFound
 from dicomfs.gcpause import paused
+from dicomfs.readahead import SeriesOrder
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.search import Shown
 from dicomfs.singleflight import SingleFlight
@@ -35,6 +37,7 @@ from dicomfs.views.template import SUFFIX, Component, Level, Names, Template
 FOLDERS_KEPT = 4096  # folders whose entries are kept (a listing of 10,000 studies is one of them)
 PARALLEL = 8
 IN_THREAD = 2000  # items from which a folder's names are made in a worker thread
+LAST = 1 << 63  # (above every inode: path_inode is 63 bits)
 WIDE_SUFFIX = 16  # hex digits, for the (improbable) case that two short suffixes meet
 
 
@@ -111,7 +114,26 @@ class NamedView:
         return await self.files.size(node)
 
     async def open(self, node: Node) -> Handle:
-        return await self.files.open(node)
+        return await self.files.open(node, self._series_order(node.path))
+
+    def _series_order(self, path: tuple[str, ...]) -> SeriesOrder | None:
+        """The order in which ``cp -r`` reaches the study's series in this view, for the instance
+        at ``path``: by the inodes of the folders beside the instance's folder (GNU cp sorts a
+        folder's entries by inode, and ours are path hashes, not in name order), each series at
+        its first folder there; series with no folder there last. None (by UID) when the folders
+        beside it gather no series (a template whose files sit in a study's folder)."""
+        beside = self._folders.get(path[:-2]) if len(path) >= 2 else None
+        if beside is None:
+            return None
+        inodes: dict[str, int] = {}
+        for name, items in beside.entries.items():
+            inode = path_inode(self.name, *path[:-2], name)
+            for item in items:
+                if item.series is not None and inode < inodes.get(item.series.uid, LAST):
+                    inodes[item.series.uid] = inode
+        if not inodes:
+            return None
+        return lambda series: inodes.get(series.uid, LAST)
 
     # --- folders ----------------------------------------------------------------------------
     def _node(self, parent: tuple[str, ...], name: str, items: Sequence[Item]) -> Node:
