@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -118,6 +119,28 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--ascii-names", action="store_true",
                        help="fold the readable views' names to ASCII (e.g. for Samba shares)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    serve = commands.add_parser("serve", help="serve SOURCE as a DICOMweb service over HTTP (QIDO-RS, WADO-RS), "
+                                "and a web viewer with --viewer; no mount needed")
+    serve.add_argument("source")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                       "only; 0.0.0.0 for every network it is on)")
+    serve.add_argument("--port", type=_port, default=8080, help="default 8080")
+    _add_archive_options(serve)
+    serve.add_argument("--query", action="append", metavar="KEY=VALUE",
+                       help="serve only matching studies (DICOM keyword, * ? wildcards, date ranges)")
+    serve.add_argument("--cache-size", help="cache size limit, e.g. 20G (default: the limit the cache "
+                       "already has, else 1/5 of free disk)")
+    serve.add_argument("--viewer", metavar="DIR", help="also serve this built web viewer at / (OHIF's dist/, "
+                       "from scripts/get-ohif.sh), configured for this server's DICOMweb root")
+    serve.add_argument("--cors-origin", metavar="ORIGIN", help="let pages from ORIGIN (e.g. "
+                       "https://viewer.example.org, or *) read the responses (default: none; a --viewer needs none)")
+    serve.add_argument("--systemd", action="store_true", help="send READY=1 to $NOTIFY_SOCKET once listening")
+    serve.add_argument("--listing-ttl", type=float, default=60.0,
+                       help="seconds a study or series listing is trusted (default 60)")
+    _add_transfer_options(serve)
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    serve.add_argument("--access-log", action="store_true", help="log every request")
 
     prefetch = commands.add_parser("prefetch", help="fetch whole studies into the cache (resumable)")
     prefetch.add_argument("source")
@@ -275,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args.user_umask = os.umask(PRIVATE_UMASK)
     commands = {"umount": lambda: _umount(Path(args.mountpoint)), "prefetch": lambda: _prefetch(args),
                 "export": lambda: _prefetch(args),
-                "ls": lambda: _ls(args), "cache": lambda: _cache(args),
+                "ls": lambda: _ls(args), "cache": lambda: _cache(args), "serve": lambda: _serve(args),
                 "mount": lambda: _mount(args, list(sys.argv[1:] if argv is None else argv))}
     try:
         status = commands[args.command]()
@@ -431,6 +454,26 @@ def _report_failures(failures: list[str]) -> int:
     for failure in failures:
         print(f"failed: {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from dicomfs.server.run import ServeOptions, serve
+
+    if args.cors_origin is not None and args.cors_origin != "*" and not re.fullmatch(
+            r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?", args.cors_origin):
+        raise UsageError(f"--cors-origin {args.cors_origin!r} is not an origin (scheme://host[:port], or *)")
+    viewer = Path(args.viewer).expanduser() if args.viewer else None
+    options = ServeOptions(_archive_options(args, with_blobs=True), args.host, args.port, args.cors_origin, viewer,
+                           args.access_log)
+    _configure_logging(args.log_level)
+
+    def ready(root: str) -> None:
+        print(f"dicomfs: serving {args.source} at {root}", flush=True)
+
+    trio.run(functools.partial(serve, options, ready, systemd=args.systemd))
+    return 0
 
 
 def _ls(args: argparse.Namespace) -> int:

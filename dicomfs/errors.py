@@ -1,7 +1,7 @@
 """The exception hierarchy of dicomfs and its mapping to errno.
 
-Every module raises one of these; the FUSE layer and the CLI are the only places that turn them
-into an errno or an exit status. Messages are one line and never contain secrets.
+Every module raises one of these; the FUSE layer, the DICOMweb server and the CLI are the only
+places that turn them into an errno, an HTTP status or an exit status. Messages are one line and never contain secrets.
 """
 
 from __future__ import annotations
@@ -10,25 +10,31 @@ import errno
 
 
 class DicomfsError(Exception):
-    """Base class. ``errno`` is what a FUSE request failing with this error returns."""
+    """Base class. ``errno`` is what a FUSE request failing with this error returns,
+    ``http_status`` what an HTTP request (``dicomfs serve``) does."""
 
     errno: int = errno.EIO
+    http_status: int = 502  # (most failures are the archive's: a bad gateway)
 
 
 class UsageError(DicomfsError):
     """The user asked for something impossible (bad source, bad option, bad mount point)."""
 
     errno = errno.EINVAL
+    http_status = 400
 
 
 class NotFound(DicomfsError):
     """No such study, series, instance or path."""
+
+    http_status = 404
 
     errno = errno.ENOENT
 
 
 class NotADirectory(DicomfsError):
     errno = errno.ENOTDIR
+    http_status = 404
 
 
 class SourceError(DicomfsError):
@@ -39,9 +45,13 @@ class SourceUnavailable(SourceError):
     """The archive as a whole is not working: unreachable, timed out, too slow, overloaded (HTTP
     429/502/503/504). Listings fall back to the stored catalog, and the breaker opens."""
 
+    http_status = 503
+
 
 class AccessRefused(SourceUnavailable):
     """The archive refused our credentials (HTTP 401/403): not an outage to ride out offline."""
+
+    http_status = 502
 
 
 class TransferBroken(SourceError):
@@ -60,16 +70,23 @@ class IntegrityError(SourceError):
 class OutputError(DicomfsError):
     """An output folder cannot be written (permissions, full disk, a file in the way)."""
 
+    http_status = 500
+
 
 class CacheError(DicomfsError):
     """The local cache is unusable (locked by another daemon, not writable, full)."""
+
+    http_status = 507
 
 
 class Interrupted(DicomfsError):
     """The process a request was waiting for is being killed: its answer no longer matters."""
 
     errno = errno.EINTR
+    http_status = 503
 
 
 class WaitTimeout(DicomfsError):
-    """A file system request waited longer than ``--read-timeout`` (the download goes on)."""
+    """A request waited longer than ``--read-timeout`` (the download goes on)."""
+
+    http_status = 504

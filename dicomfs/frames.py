@@ -72,6 +72,7 @@ _EXTENDED_OFFSET_TABLE = 0x7FE00001
 _EXTENDED_OFFSET_TABLE_LENGTHS = 0x7FE00002
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 _CLOSE_DELIMITER = f"\r\n--{BOUNDARY}--\r\n".encode("ascii")
+_PART_START = f"--{BOUNDARY}\r\nContent-Type: ".encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,21 @@ def _part_header(transfer_syntax: str) -> bytes:
     if not is_uid(transfer_syntax):
         raise ProtocolError(f"invalid transfer syntax UID {transfer_syntax[:70]!r}")
     content_type = f"{media_type(transfer_syntax)};transfer-syntax={transfer_syntax}"
-    return f"--{BOUNDARY}\r\nContent-Type: {content_type}\r\n\r\n".encode("ascii")
+    return _PART_START + f"{content_type}\r\n\r\n".encode("ascii")
 
 
 def frame_file(frame: bytes | memoryview, transfer_syntax: str) -> bytes:
     """The whole ``frames/<n>.mht`` file: ``frame`` as the one part of a multipart body."""
     return b"".join((_part_header(transfer_syntax), frame, _CLOSE_DELIMITER))
+
+
+def split_frame_file(data: bytes) -> tuple[str, memoryview]:
+    """The inverse of ``frame_file``: the part's Content-Type and a view of the frame's bytes."""
+    head_end = data.find(b"\r\n\r\n")
+    if not data.startswith(_PART_START) or head_end < 0 or not data.endswith(_CLOSE_DELIMITER):
+        raise ProtocolError("not a frame file of dicomfs")
+    content_type = data[len(_PART_START):head_end].decode("ascii")
+    return content_type, memoryview(data)[head_end + 4:len(data) - len(_CLOSE_DELIMITER)]
 
 
 def frame_file_size(frame_length: int, transfer_syntax: str) -> int:

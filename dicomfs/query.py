@@ -53,6 +53,7 @@ class Term:
     vr: str
     value: str
     level: str
+    fuzzy: bool = False  # person names: any name component starting with the value matches
 
     @property
     def is_range(self) -> bool:
@@ -69,6 +70,9 @@ class Term:
         values = [_text(v) for v in element.get("Value") or []]
         if self.value.strip("*") == "":
             return True  # universal match: present, even empty
+        if self.fuzzy and self.vr == "PN" and "*" not in self.value and "?" not in self.value:
+            wanted = self.value.casefold()
+            return any(part.startswith(wanted) for v in values for part in re.split(r"[\^= ]+", v.casefold()))
         if self.is_range:
             low, high = self.value.split("-", 1)
             return any(_in_range(v, low, high) for v in values)
@@ -83,8 +87,8 @@ class Term:
         """``(key, value, exact)`` to put into a QIDO query at ``level``, or None when the term
         is not sent (the caller checks it itself unless it matches anything). ``exact`` is False
         when the sent value is looser than the term (it must be checked again on the answers)."""
-        if self.value.strip("*") == "" or self.keyword in _NOT_SENT:
-            return None
+        if self.value.strip("*") == "" or self.keyword in _NOT_SENT or self.fuzzy and self.vr == "PN":
+            return None  # (fuzzy matching is ours: archives each do their own)
         if self.vr in _RANGE_VRS and ("*" in self.value or "?" in self.value):
             return None  # DICOM allows no wildcards on dates and times; servers answer 400
         keyword = self.keyword
@@ -114,10 +118,13 @@ class Query:
         return "&".join(sorted(f"{t.keyword}={t.value}" for t in self.terms))
 
 
-def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str]] | None = None) -> Query:
+def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str]] | None = None,
+                *, fuzzy: bool = False) -> Query:
     """``["PatientName=Doe^J*", "StudyDate=20200101-20201231"]`` -> Query; UsageError if bad.
     ``extra``: keys a source knows besides DICOM keywords (keyword -> (attribute key, VR, level);
-    the IDC index's ``collection_id``), matched on the records' attributes under that key."""
+    the IDC index's ``collection_id``), matched on the records' attributes under that key.
+    ``fuzzy``: person names match where any of their components starts with the value, in any
+    case (QIDO-RS ``fuzzymatching=true``; checked here, never sent to the archive)."""
     terms: list[Term] = []
     for item in items or []:
         keyword, sep, value = item.partition("=")
@@ -129,7 +136,7 @@ def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str
             terms.append(Term(keyword, key, vr, value, level))
             continue
         tag, vr = COMMON_KEYS.get(keyword) or _look_up(keyword, item)
-        term = Term(keyword, tag, vr, value, _level_of(keyword))
+        term = Term(keyword, tag, vr, value, _level_of(keyword), fuzzy=fuzzy and vr == "PN")
         if term.is_range and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", value):
             raise UsageError(f"invalid range {value!r} for {keyword} (use YYYYMMDD-YYYYMMDD)")
         terms.append(term)

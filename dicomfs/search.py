@@ -48,7 +48,7 @@ class Search:
                     study_terms, study.attrs, lambda: self.summaries.study_attrs(study)):
                 return False
             if query.at("series") or query.at("instance"):
-                return bool(await self._series_in(study, query, first_only=True))
+                return bool(await self.series_in(study, query, first_only=True))
             return True
 
         return await self._filter(candidates, keep)
@@ -56,16 +56,16 @@ class Search:
     async def series(self, query: Query) -> list[SeriesRecord]:
         found: list[SeriesRecord] = []
         for study in await self.studies(query):
-            found.extend(await self._series_in(study, query))
+            found.extend(await self.series_in(study, query))
         return found
 
     async def instances(self, query: Query) -> list[InstanceRecord]:
         found: list[InstanceRecord] = []
         for series in await self.series(query):
-            found.extend(await self._instances_in(series, query))
+            found.extend(await self.instances_in(series, query))
         return found
 
-    async def _series_in(self, study: StudyRecord, query: Query, first_only: bool = False) -> list[SeriesRecord]:
+    async def series_in(self, study: StudyRecord, query: Query, first_only: bool = False) -> list[SeriesRecord]:
         series_terms = query.at("series")
 
         async def keep(series: SeriesRecord) -> bool:
@@ -73,7 +73,7 @@ class Search:
                     series_terms, series.attrs, lambda: self._first_instance_attrs(series)):
                 return False
             if query.at("instance"):
-                return bool(await self._instances_in(series, query))
+                return bool(await self.instances_in(series, query))
             return True
 
         candidates = list((await self.catalog.series_of(study.uid)).values())
@@ -84,7 +84,7 @@ class Search:
             return []
         return await self._filter(candidates, keep)
 
-    async def _instances_in(self, series: SeriesRecord, query: Query) -> list[InstanceRecord]:
+    async def instances_in(self, series: SeriesRecord, query: Query) -> list[InstanceRecord]:
         terms = query.at("instance")
         instances = (await self.catalog.instances_of(series)).values()
         return [i for i in instances if all(t.matches(i.attrs) for t in terms)]

@@ -48,6 +48,8 @@ FRAME_MAP_PIECES = 1_000_000  # frame ranges remembered, all instances together
 HOLD_SLACK = 1.0  # seconds a told size is held beyond the kernel's timeout (reply latency)
 PARALLEL_CUTS = 2  # instances whose frames are being cut at once (each is held in memory whole)
 READ_CHUNK = 8 << 20  # bytes of one read when a whole instance is read
+ALL = ("all",)  # includefield=all: every attribute a QIDO object's source has
+Include = tuple[str, ...]  # tags a QIDO object carries beyond its level's (or ALL)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class InstanceJson:
     frames: int  # frames of pixel data (0: none)
     native_frame_file: int | None  # exact size of a frame file when the metadata tells it
     bulk: tuple[str, ...]  # tag paths of its non-pixel bulk data
+    transfer_syntax: str | None = None  # as stored (AvailableTransferSyntaxUID), when the metadata says
 
     def json(self) -> bytes:
         return zlib.decompress(self.packed)
@@ -220,24 +223,24 @@ class WebFiles:
         kind = node.kind
         if kind is WebKind.STUDIES_INDEX:
             studies = sorted((await self.studies()).values(), key=lambda s: s.uid)
-            return await _json_file(await self._each(studies, self._study_object, self._study_limit,
+            return await _json_file(await self._each(studies, self.study_object, self._study_limit,
                                                      skip_failures=True))
         if kind is WebKind.STUDY_INDEX:
             assert node.study is not None
-            return await _json_file([await self._study_object(node.study)])
+            return await _json_file([await self.study_object(node.study)])
         if kind is WebKind.SERIES_INDEX:
             assert node.study is not None
             study = node.study
             series = sorted((await self.catalog.series_of(study.uid)).values(), key=lambda s: s.uid)
-            return await _json_file(await self._each(series, lambda s: self._series_object(study, s),
+            return await _json_file(await self._each(series, lambda s: self.series_object(study, s),
                                                      self._series_limit, skip_failures=True))
         if kind is WebKind.SERIES_SINGLETON:
             assert node.study is not None and node.series is not None
-            return await _json_file([await self._series_object(node.study, node.series)])
+            return await _json_file([await self.series_object(node.study, node.series)])
         if kind is WebKind.INSTANCES_INDEX:
             assert node.series is not None
             instances = await self.catalog.instances_of(node.series)
-            return await _json_file([_instance_object(node.series, instances[key]) for key in sorted(instances)])
+            return await _json_file([instance_object(node.series, instances[key]) for key in sorted(instances)])
         if kind is WebKind.SERIES_METADATA:
             assert node.series is not None
             # Not intersected with the instance listing: that QIDO costs a 1,500-instance series
@@ -255,15 +258,17 @@ class WebFiles:
         raise NotFound(f"{node.name} is not a file")
 
     # --- QIDO objects -----------------------------------------------------------------------------
-    async def _study_object(self, study: StudyRecord) -> DicomJson:
-        return dicomjson.qido_object(dicomjson.STUDY_TAGS, await self.summaries.study_summary(study),
+    async def study_object(self, study: StudyRecord, include: Include = ()) -> DicomJson:
+        """The study's QIDO-RS object; ``include``: more tags (``ALL``: every one it has)."""
+        summary = await self.summaries.study_summary(study)
+        return dicomjson.qido_object(_tags(dicomjson.STUDY_TAGS, include, summary), summary,
                                      computed={"0020000D": dicomjson.strings("UI", [study.uid])})
 
-    async def _series_object(self, study: StudyRecord, series: SeriesRecord) -> DicomJson:
+    async def series_object(self, study: StudyRecord, series: SeriesRecord, include: Include = ()) -> DicomJson:
         computed = {"0020000D": dicomjson.strings("UI", [study.uid]),
                     "0020000E": dicomjson.strings("UI", [series.uid])}
-        return dicomjson.qido_object(dicomjson.SERIES_TAGS, await self.summaries.series_summary(series),
-                                     computed=computed)
+        summary = await self.summaries.series_summary(series)
+        return dicomjson.qido_object(_tags(dicomjson.SERIES_TAGS, include, summary), summary, computed=computed)
 
     async def _each(self, items: list[T], make: Callable[[T], Awaitable[Any]], limit: trio.CapacityLimiter,
                     *, skip_failures: bool = False) -> list[Any]:
@@ -437,11 +442,20 @@ async def _gzip_file(make: Callable[[], bytes]) -> bytes:
     return await trio.to_thread.run_sync(lambda: dicomjson.gzipped(make()))
 
 
-def _instance_object(series: SeriesRecord, instance: InstanceRecord) -> DicomJson:
+def instance_object(series: SeriesRecord, instance: InstanceRecord, include: Include = ()) -> DicomJson:
+    """The instance's QIDO-RS object; ``include``: more tags (``ALL``: every one it has)."""
     computed = {"0020000D": dicomjson.strings("UI", [series.study_uid]),
                 "0020000E": dicomjson.strings("UI", [series.uid]),
                 "00080018": dicomjson.strings("UI", [instance.key])}
-    return dicomjson.qido_object(dicomjson.INSTANCE_TAGS, instance.attrs, computed=computed)
+    return dicomjson.qido_object(_tags(dicomjson.INSTANCE_TAGS, include, instance.attrs), instance.attrs,
+                                 computed=computed)
+
+
+def _tags(default: tuple[str, ...], include: Include, attrs: DicomJson) -> tuple[str, ...]:
+    """A QIDO object's tags: the level's, and those ``include`` asks for (all of ``attrs``'s)."""
+    if include == ALL:
+        return (*default, *attrs)
+    return (*default, *include)
 
 
 def _canonical_series(series: SeriesRecord, source: dict[str, DicomJson]) -> SeriesJson:
@@ -466,7 +480,9 @@ def _canonical_series(series: SeriesRecord, source: dict[str, DicomJson]) -> Ser
         except Exception as exc:  # whatever odd data the archive sent: that instance is left out
             log.warning("instance %s: metadata left out: %s", key, exc)
             continue
-        instances[key] = InstanceJson(packed, _frame_count(meta), _native_frame_file(meta), tuple(paths))
+        syntax = json_value(meta, dicomjson.AVAILABLE_TRANSFER_SYNTAX)
+        instances[key] = InstanceJson(packed, _frame_count(meta), _native_frame_file(meta), tuple(paths),
+                                      syntax if isinstance(syntax, str) else None)
     return SeriesJson(instances)
 
 

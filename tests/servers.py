@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -526,3 +527,40 @@ class S3BucketHandle:
         client = self.server._client("s3")
         for key, data in objects.items():
             client.put_object(Bucket=self.name, Key=key, Body=data, **({"ACL": "public-read"} if self.public else {}))
+
+
+class DicomfsServe(_ServerProcess):
+    """``dicomfs serve SOURCE`` on a free loopback port, ready when it prints its root URL."""
+
+    def __init__(self, source: str, workdir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.source = source
+        self.workdir = workdir
+        self.extra = extra
+        self.env = env
+        self.port = free_port()
+        self.log_path = workdir / "serve.log"
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicomweb"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dicomfs", "serve", self.source, "--port", str(self.port), "--cache-dir",
+                 str(self.workdir / "cache"), *self.extra], stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **(self.env or {})})
+        try:
+            wait_until(lambda: f"serving {self.source} at" in self.log or self.process.poll() is not None, 60,
+                       "dicomfs serve to listen")
+        except TimeoutError:
+            self.stop()
+            raise
+        if self.process.poll() is not None:
+            raise RuntimeError(f"dicomfs serve exited with {self.process.returncode}: {self.log[-2000:]}")
+        return self

@@ -11,25 +11,20 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
-from pydicom.encaps import generate_frames
 
 from tests.cod_bucket import BUCKET, Bucket, mount_env
 from tests.fsutil import hashes, listdir, read_errno, sh
 from tests.mounting import Mount, dicomfs
 from tests.nginx import serve_static_tree
+from tests.reference import KEY_TAGS, reference_frames, source_files, value
 from tests.servers import CountingProxy, OrthancServer, classify_gcs
 
 pytestmark = pytest.mark.mount
 
-KEY_TAGS = ("00080016", "00080018", "00080060", "0020000D", "0020000E", "00200013", "00100010",
-            "00100020", "00280002", "00280004", "00280008", "00280010", "00280011", "00280100",
-            "00280101", "00280103", "00200032", "00200037", "00280030", "00281050", "00281051")
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 @pytest.fixture
@@ -50,29 +45,6 @@ def served_mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     for mount in reversed(mounts):
         mount.stop()
     shutil.rmtree(public, ignore_errors=True)
-
-
-# --- what pydicom says about the source files ---------------------------------------------------
-def source_files(demo_dir: Path) -> dict[str, Path]:
-    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in demo_dir.rglob("*.dcm")}
-
-
-def reference_frames(path: Path) -> tuple[str, list[bytes]]:
-    """The transfer syntax a frame should announce and the frames, as pydicom extracts them."""
-    ds = pydicom.dcmread(path)
-    count = int(ds.get("NumberOfFrames") or 1)
-    syntax = ds.file_meta.TransferSyntaxUID
-    if syntax.is_encapsulated:
-        return str(syntax), list(generate_frames(ds.PixelData, number_of_frames=count))
-    data = ds.PixelData
-    if not syntax.is_little_endian and ds.BitsAllocated > 8:
-        data = np.frombuffer(data, dtype=f">u{ds.BitsAllocated // 8}").byteswap().tobytes()
-    length = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
-    return EXPLICIT_LE, [data[i * length:(i + 1) * length] for i in range(count)]
-
-
-def value(element: dict | None) -> object:
-    return None if element is None else element.get("Value")
 
 
 def check_frames(client: DICOMwebClient, study: str, series: str, sop: str, path: Path, base: str) -> int:
@@ -102,7 +74,8 @@ def test_orthanc_archive_through_nginx_and_dicomweb_client(
         reference = {value(s["0020000D"])[0]: s for s in theirs.search_for_studies(
             fields=["00201206", "00201208", "00080061"])}
         assert {value(s["0020000D"])[0] for s in studies} == set(reference)
-        assert ours.search_for_studies(search_filters={"PatientID": "nobody"}) == studies  # a static server ignores filters
+        # a static server ignores filters
+        assert ours.search_for_studies(search_filters={"PatientID": "nobody"}) == studies
         frames_checked = 0
         kinds: set[str] = set()
         for study in studies:
