@@ -3,8 +3,9 @@
 # compiler for pyfuse3) and a virtualenv in .venv with dicomfs installed from this checkout.
 #   scripts/install.sh          what dicomfs needs to run
 #   scripts/install.sh --test   also what the test suite needs (Orthanc, nginx, dcmtk, rsync, openssl, GCS emulator,
-#                                Xvfb, xwd and the aeskulap viewer for the desktop-viewer test,
-#                                util-linux and passwd for the mount-namespace, tmpfs and second-user tests)
+#                                Xvfb, xwd and the aeskulap viewer for the desktop-viewer test, Chromium and
+#                                Playwright and the pinned OHIF build (scripts/get-ohif.sh) for the web-viewer
+#                                tests, util-linux and passwd for the mount-namespace, tmpfs and second-user tests)
 #   scripts/install.sh --bench  also what the benchmarks compare against (rclone, py-spy, dicomtrolley)
 #   scripts/install.sh --idc    also the Imaging Data Commons index (idc-index-data, duckdb); --test includes it
 # Safe to run again: it only installs what is missing.
@@ -24,7 +25,7 @@ sudo=""
 packages=(fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev)
 if [ "$want_tests" = 1 ]; then
     packages+=(orthanc orthanc-dicomweb nginx dcmtk rsync tar curl systemd util-linux passwd openssl
-               xvfb x11-apps aeskulap)
+               xvfb x11-apps aeskulap chromium)
 fi
 if [ "$want_bench" = 1 ]; then
     packages+=(rclone)
@@ -96,5 +97,8 @@ if ! .venv/bin/python -m pip install -q -e "$target" > .venv/pip-install.log 2>&
     cat .venv/pip-install.log >&2
     echo "pip install failed (log: .venv/pip-install.log)" >&2
     exit 1
+fi
+if [ "$want_tests" = 1 ]; then
+    echo "OHIF for the web-viewer tests: $(bash scripts/get-ohif.sh)"
 fi
 echo "dicomfs installed: $(.venv/bin/dicomfs --version) in $(pwd)/.venv"

@@ -5,7 +5,9 @@ marked ``mount``, so that ``pytest -m "not mount"`` runs the fast unit tests alo
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,6 +75,26 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     yield make
     for mount in reversed(mounts):
         mount.stop()
+
+
+@pytest.fixture
+def served_mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """Mounts with ``--allow-other`` at a mount point nginx's workers (www-data) can reach: pytest's
+    own temp folders are private to root."""
+    mounts: list[Mount] = []
+    public = Path(tempfile.mkdtemp(prefix="dicomfs-served-"))
+    public.chmod(0o755)
+
+    def make(source: str, *extra: str, env: dict[str, str] | None = None) -> Mount:
+        mount = Mount(source, public / f"mnt{len(mounts)}", tmp_path / f"cache{len(mounts)}", "--allow-other",
+                      *extra, env=env)
+        mounts.append(mount)
+        return mount.start()
+
+    yield make
+    for mount in reversed(mounts):
+        mount.stop()
+    shutil.rmtree(public, ignore_errors=True)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

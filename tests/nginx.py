@@ -28,6 +28,9 @@ from tests.servers import _ServerProcess, free_port, wait_until
 
 NGINX = "/usr/sbin/nginx"
 DOCUMENTED_CONFIG = Path(__file__).resolve().parent.parent / "docs" / "nginx" / "dicomweb.conf"
+DOCUMENTED_VIEWER = DOCUMENTED_CONFIG.parent / "ohif.conf"
+NO_VIEWER = "location / {\n        return 404;\n    }"
+EXAMPLE_VIEWER_ROOT = "root /var/www/ohif;"
 EXAMPLE_LISTEN = "listen 8080;"
 EXAMPLE_MOUNT = "/mnt/dicomfs"
 START_TIMEOUT = 10.0
@@ -57,11 +60,22 @@ def worker_user() -> tuple[str, str] | None:
     raise RuntimeError("no unprivileged user (www-data, nobody) for the nginx workers")
 
 
-def documented_server_block(port: int, mount_point: Path) -> str:
-    """docs/nginx/dicomweb.conf with its port and mount point directives replaced, nothing else."""
-    if any(c.isspace() or c in ";{}'\"$#\\" for c in str(mount_point)):
-        raise ValueError(f"mount point {mount_point} cannot go into an nginx config unquoted")
+def documented_server_block(port: int, mount_point: Path, viewer: Path | None = None) -> str:
+    """docs/nginx/dicomweb.conf with its port and mount point directives replaced, nothing else;
+    with ``viewer``, its ``location /`` replaced by docs/nginx/ohif.conf's, rooted at ``viewer``."""
+    for path in (mount_point, viewer):
+        if path is not None and any(c.isspace() or c in ";{}'\"$#\\" for c in str(path)):
+            raise ValueError(f"{path} cannot go into an nginx config unquoted")
     text = DOCUMENTED_CONFIG.read_text()
+    if viewer is not None:
+        block = DOCUMENTED_VIEWER.read_text()
+        start = re.search(r"^location / \{", block, flags=re.MULTILINE)
+        if start is None:
+            raise RuntimeError(f"{DOCUMENTED_VIEWER} has no 'location / {{' line: update tests/nginx.py")
+        location = block[start.start():].strip().replace(EXAMPLE_VIEWER_ROOT, f"root {viewer};")
+        if text.count(NO_VIEWER) != 1 or EXAMPLE_VIEWER_ROOT not in block:
+            raise RuntimeError(f"{DOCUMENTED_CONFIG} or {DOCUMENTED_VIEWER} changed shape: update tests/nginx.py")
+        text = text.replace(NO_VIEWER, location.replace("\n", "\n    "))
     text, listens = re.subn(rf"^(\s*){re.escape(EXAMPLE_LISTEN)}$", rf"\g<1>listen 127.0.0.1:{port};", text,
                             flags=re.MULTILINE)
     text, roots = re.subn(rf"^(\s*)root {re.escape(EXAMPLE_MOUNT)};$", rf"\g<1>root {mount_point};", text,
@@ -75,7 +89,8 @@ def documented_server_block(port: int, mount_point: Path) -> str:
 class NginxServer(_ServerProcess):
     """``/usr/sbin/nginx -p <workdir> -c <workdir>/nginx.conf -g 'daemon off;'`` on loopback."""
 
-    def __init__(self, workdir: Path, mount_point: Path, *, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, mount_point: Path, *, port: int | None = None,
+                 viewer: Path | None = None) -> None:
         if not os.access(NGINX, os.X_OK):
             raise RuntimeError(f"{NGINX} is not installed: run scripts/install.sh --test (apt package nginx)")
         self.workdir = workdir
@@ -87,7 +102,7 @@ class NginxServer(_ServerProcess):
         self.config = workdir / "nginx.conf"
         self.user = worker_user()
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "dicomweb.conf").write_text(documented_server_block(self.port, mount_point))
+        (workdir / "dicomweb.conf").write_text(documented_server_block(self.port, mount_point, viewer))
         user_line = f"user {self.user[0]} {self.user[1]};" if self.user else ""
         temp_paths = "\n".join(f"    {kind}_temp_path {workdir}/{kind}_temp;"
                                for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -176,13 +191,14 @@ http {{
 
 
 @contextmanager
-def serve_static_tree(mount_point: Path) -> Iterator[str]:
-    """nginx with the documented config serving ``<mount_point>/dicomweb/``; yields the DICOMweb
-    root URL (``http://127.0.0.1:<port>/dicomweb``). The tree must be readable by the workers'
-    user (``NginxServer.user``; a dicomfs mount needs ``--allow-other`` for that)."""
+def serve_static_tree(mount_point: Path, viewer: Path | None = None) -> Iterator[str]:
+    """nginx with the documented config serving ``<mount_point>/dicomweb/`` (and, with ``viewer``,
+    that folder at ``/`` as docs/nginx/ohif.conf says); yields the DICOMweb root URL
+    (``http://127.0.0.1:<port>/dicomweb``). The tree must be readable by the workers' user
+    (``NginxServer.user``; a dicomfs mount needs ``--allow-other`` for that)."""
     workdir = Path(tempfile.mkdtemp(prefix="dicomfs-nginx-"))
     try:
-        with NginxServer(workdir, mount_point) as server:
+        with NginxServer(workdir, mount_point, viewer=viewer) as server:
             yield server.dicomweb
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -7,8 +7,7 @@ import errno
 import gzip
 import json
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -25,26 +24,6 @@ from tests.servers import CountingProxy, OrthancServer, classify_gcs
 
 pytestmark = pytest.mark.mount
 
-
-
-@pytest.fixture
-def served_mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
-    """Mounts with ``--allow-other`` at a mount point nginx's workers (www-data) can reach: pytest's
-    own temp folders are private to root."""
-    mounts: list[Mount] = []
-    public = Path(tempfile.mkdtemp(prefix="dicomfs-served-"))
-    public.chmod(0o755)
-
-    def make(source: str, *extra: str, env: dict[str, str] | None = None) -> Mount:
-        mount = Mount(source, public / f"mnt{len(mounts)}", tmp_path / f"cache{len(mounts)}", "--allow-other",
-                      *extra, env=env)
-        mounts.append(mount)
-        return mount.start()
-
-    yield make
-    for mount in reversed(mounts):
-        mount.stop()
-    shutil.rmtree(public, ignore_errors=True)
 
 
 def check_frames(client: DICOMwebClient, study: str, series: str, sop: str, path: Path, base: str) -> int:
