@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -10,13 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.fsutil import p10_hashes, sh
 from tests.mounting import Mount, is_mounted
-from tests.servers import require_tools, wait_until
+from tests.servers import free_port, require_tools, wait_until
 
 pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
@@ -96,3 +98,40 @@ def test_unit_commands_clear_stale_mounts_start_and_stop(tmp_path: Path) -> None
     if mounted_after:
         sh("fusermount3", "-u", "-z", str(tmp_path / "mnt"), check=False)
     assert not mounted_after
+
+
+SERVE_UNIT = UNIT.parent / "dicomfs-serve@.service"
+
+
+def test_serve_unit_verifies_starts_answers_and_stops(tmp_path: Path) -> None:
+    """dicomfs-serve@.service: it parses, READY=1 comes once it listens, it answers DICOMweb, and
+    SIGTERM ends it with status 0."""
+    require_tools("systemd-analyze")
+    wrapper = tmp_path / "dicomfs"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m dicomfs \"$@\"\n")
+    wrapper.chmod(0o755)
+    unit = tmp_path / "dicomfs-serve@test.service"
+    unit.write_text(SERVE_UNIT.read_text().replace(DICOMFS, str(wrapper)))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    [start] = [line.split("=", 1)[1] for line in SERVE_UNIT.read_text().splitlines() if line.startswith("ExecStart=")]
+    port = free_port()
+    env = {"SOURCE": "demo", "DICOMFS_OPTIONS": f"--cache-dir {tmp_path / 'cache'} --port {port}"}
+    _, words = expand(start, env)
+    notify_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(notify_path)
+        notify.settimeout(120)
+        daemon = subprocess.Popen(words, env={**os.environ, "NOTIFY_SOCKET": notify_path},
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert notify.recv(100) == b"READY=1"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/dicomweb/studies", timeout=60) as answer:
+                assert answer.status == 200 and len(json.loads(answer.read())) == 9
+            daemon.send_signal(signal.SIGTERM)
+            assert notify.recv(100) == b"STOPPING=1"
+            assert daemon.wait(timeout=60) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(timeout=30)
