@@ -1,9 +1,11 @@
-"""What pydicom says about the source files: the reference DICOMweb answers are checked against."""
+"""What pydicom says about the source files, the reference DICOMweb answers are checked against,
+and a plain split of the multipart answers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
@@ -34,3 +36,19 @@ def reference_frames(path: Path) -> tuple[str, list[bytes]]:
 
 def value(element: dict | None) -> object:
     return None if element is None else element.get("Value")
+
+
+def parts(response: httpx.Response) -> list[tuple[str, bytes]]:
+    """A multipart/related body -> (Content-Type, body) of each part, split on the announced boundary."""
+    content_type = response.headers["content-type"]
+    assert content_type.startswith("multipart/related"), content_type
+    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip('"').encode()
+    body = response.content
+    assert body.endswith(b"--" + boundary + b"--\r\n")
+    out = []
+    for chunk in body.split(b"--" + boundary)[1:-1]:
+        assert chunk.startswith(b"\r\n") and chunk.endswith(b"\r\n")
+        head, _, data = chunk[2:-2].partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        out.append((headers["Content-Type"], data))
+    return out

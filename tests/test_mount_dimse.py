@@ -20,14 +20,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
+from dicomweb_client.api import DICOMwebClient
 
 from tests.factory import make_instance
 from tests.faultproxy import TcpProxy
 from tests.fsutil import listdir, read_errno, sh
 from tests.mounting import Mount, dicomfs, pid_alive
-from tests.servers import OrthancServer, connections_to, free_port, wait_until
+from tests.reference import parts, reference_frames, value
+from tests.servers import DicomfsServe, OrthancServer, connections_to, free_port, wait_until
 
 pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
@@ -438,3 +441,29 @@ def test_readable_views_of_a_pacs_list_without_retrieving(pacs: Pacs, mount_fact
         study = web[row["StudyInstanceUID"]]
         assert (row["ModalitiesInStudy"], row["Series"], row["Instances"]) == (
             study["00080061"].get("Value"), study["00201206"]["Value"][0], study["00201208"]["Value"][0])
+
+
+def test_serve_of_a_dimse_pacs(pacs: Pacs, tmp_path: Path) -> None:
+    """``dicomfs serve`` of the PACS: searches find what it holds, a series retrieve is its stored
+    instances (element by element: DIMSE sends its own encoding), a frame is pydicom's."""
+    with DicomfsServe(pacs.source, tmp_path / "serve", "--move-port", str(pacs.move_port)) as server:
+        client = DICOMwebClient(server.root)
+        studies = {value(s["0020000D"])[0] for s in client.search_for_studies()}
+        assert studies == {rel.split("/")[0] for rel in pacs.files}
+        assert {value(s["0020000D"])[0] for s in client.search_for_studies(
+            search_filters={"StudyDate": "20240101-20240131"})} == {DATED}
+        rel, original = next((r, d) for r, d in sorted(pacs.files.items())
+                             if "Rows" in pydicom.dcmread(io.BytesIO(d), stop_before_pixels=True))
+        study, series, _ = rel.split("/")
+        expected = {r: d for r, d in pacs.files.items() if r.startswith(f"{study}/{series}/")}
+        answer = httpx.get(f"{server.root}/studies/{study}/series/{series}", timeout=300,
+                           headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        got = {rel_of(data): data for _, data in parts(answer)}
+        assert got.keys() == expected.keys()
+        assert all(same_instance(got[r], expected[r]) for r in got)
+        ds = pydicom.dcmread(io.BytesIO(original), stop_before_pixels=True)
+        reference = tmp_path / "original.dcm"
+        reference.write_bytes(original)
+        _, frames = reference_frames(reference)
+        assert client.retrieve_instance_frames(study, series, str(ds.SOPInstanceUID), [1],
+                                               media_types=(("application/octet-stream", "*"),)) == frames[:1]

@@ -20,7 +20,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from tests.cod_bucket import BUCKET, Bucket, mount_env
 from tests.mounting import dicomfs
-from tests.reference import KEY_TAGS, reference_frames, source_files, value
+from tests.reference import KEY_TAGS, parts, reference_frames, source_files, value
 from tests.servers import DicomfsServe, OrthancServer, free_port, wait_until
 
 pytestmark = pytest.mark.mount
@@ -41,22 +41,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., DicomfsServe]]:
     yield make
     for server in reversed(servers):
         server.stop()
-
-
-def parts(response: httpx.Response) -> list[tuple[str, bytes]]:
-    """A multipart/related body -> (Content-Type, body) of each part, split on the announced boundary."""
-    content_type = response.headers["content-type"]
-    assert content_type.startswith("multipart/related"), content_type
-    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip('"').encode()
-    body = response.content
-    assert body.endswith(b"--" + boundary + b"--\r\n")
-    out = []
-    for chunk in body.split(b"--" + boundary)[1:-1]:
-        assert chunk.startswith(b"\r\n") and chunk.endswith(b"\r\n")
-        head, _, data = chunk[2:-2].partition(b"\r\n\r\n")
-        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
-        out.append((headers["Content-Type"], data))
-    return out
 
 
 def sha(data: bytes) -> str:
