@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 from bench import report
 from bench.mounts import run_timed, stop_on_sigterm
 from bench.run import STORED_ACCEPT, Study, build_study
-from dicomfs.prefetch import DEFAULT_JOBS
+from dicomfs.commands.options import DEFAULT_JOBS
 from tests.servers import OrthancServer, require_tools
 
 TIMEOUT = 1800.0

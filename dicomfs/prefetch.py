@@ -17,7 +17,6 @@ import trio
 
 from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
-from dicomfs.commands.options import DEFAULT_JOBS as DEFAULT_JOBS  # prefetch's default --jobs (bench.prefetch)
 from dicomfs.errors import DicomfsError, NotFound
 from dicomfs.materialise import OutputDir, Written, write_series_files, write_study_zip
 from dicomfs.progress import Progress, human_bytes, human_duration
