@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     samples[name].append(one_copy(versions[name], server.dicomweb, work, expected))
                 print(f"repetition {rep + 1}/{args.repeat} done", flush=True)
         for name, runs in samples.items():
-            times, startups, copies, hwms = zip(*runs)
+            times, startups, copies, hwms = zip(*runs, strict=False)
             print(f"{name}: cold cp -r median {statistics.median(times):.3f} s ({min(times):.3f}-{max(times):.3f}); "
                   f"daemon CPU: start-up {statistics.median(startups):.2f} s, copy {statistics.median(copies):.2f} s "
                   f"({statistics.median(copies) / gib:.2f} s per GiB; {min(copies):.2f}-{max(copies):.2f}); "

@@ -360,7 +360,8 @@ def rows(results: dict[str, Any]) -> list[report.Row]:
         f"/{sum(1 for n in checks if 'one' in n or 'first' in n)}", "—", "—", "identical", good))
     for sample, label, base in INFO:
         if sample in s:
-            volume = tar if base.startswith("curl_tar") or sample.startswith(("diagnose_cat", "diagnose_warm")) else None
+            whole_tar = base.startswith("curl_tar") or sample.startswith(("diagnose_cat", "diagnose_warm"))
+            volume = tar if whole_tar else None
             ratio_text = f"{median(s, sample) / median(s, base):.2f}×" if base and median(s, base) else "—"
             out.append(report.Row(label, seconds(s, sample, volume), seconds(s, base, volume) if base else "—",
                                   ratio_text, "—", None))

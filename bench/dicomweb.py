@@ -157,8 +157,8 @@ def main() -> int:
 def render(results: dict) -> str:
     s = results["samples"]
     orthanc, first, cached = (statistics.median(s[k]) for k in ("orthanc", "first", "cached"))
-    per_rep = ", ".join(f"{f / o:.2f}" for f, o in zip(s["first"], s["orthanc"]))
-    speedups = ", ".join(f"{f / c:.0f}" for f, c in zip(s["first"], s["cached"]))
+    per_rep = ", ".join(f"{f / o:.2f}" for f, o in zip(s["first"], s["orthanc"], strict=False))
+    speedups = ", ".join(f"{f / c:.0f}" for f, c in zip(s["first"], s["cached"], strict=False))
     m = results["machine"]
     first_ratio, cached_ratio = first / orthanc, first / cached
     return "\n".join([

@@ -254,7 +254,7 @@ def median(results: dict[str, object], name: str) -> float:
 def ratio_text(results: dict[str, object], ours: str, theirs: str) -> tuple[float, str]:
     samples: dict[str, list[float]] = results["samples"]  # type: ignore[assignment]
     ratio = median(results, ours) / median(results, theirs)
-    spread = [a / b for a, b in zip(samples[ours], samples[theirs])]
+    spread = [a / b for a, b in zip(samples[ours], samples[theirs], strict=False)]
     return ratio, f"{ratio:.2f}× ({min(spread):.2f}–{max(spread):.2f})"
 
 

@@ -65,8 +65,8 @@ def first_byte(path: Path) -> tuple[float, str]:
 def parallel_curls(urls: list[str], config: Path, jobs: int = 8) -> float:
     """One ``curl`` fetching every URL to /dev/null, ``jobs`` transfers at a time (``-Z``)."""
     config.write_text("".join(f'url = "{url}"\noutput = "/dev/null"\n' for url in urls))
-    wall, status, _ = run_timed(["curl", "-sS", "--no-progress-meter", "--fail", "-Z", "--parallel-max", str(jobs), "-K", str(config)],
-                                timeout=COMMAND_TIMEOUT)
+    wall, status, _ = run_timed(["curl", "-sS", "--no-progress-meter", "--fail", "-Z", "--parallel-max", str(jobs),
+                                 "-K", str(config)], timeout=COMMAND_TIMEOUT)
     if status != 0:
         raise RuntimeError(f"curl -Z exited with {status}")
     return wall

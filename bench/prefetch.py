@@ -156,7 +156,7 @@ def rows(results: dict[str, object]) -> list[tuple[str, str, str, str, bool]]:
     for base, (target_text, target) in TARGETS.items():
         theirs = statistics.median(samples[base])
         ratio = ours / theirs
-        spread = [a / b for a, b in zip(samples["dicomfs"], samples[base])]
+        spread = [a / b for a, b in zip(samples["dicomfs"], samples[base], strict=False)]
         out.append((base.replace("_", "-"), f"{ours:.2f} s vs {theirs:.2f} s",
                     f"{ratio:.2f}× ({min(spread):.2f}–{max(spread):.2f})", target_text, ratio <= target))
     return out

@@ -82,7 +82,7 @@ def median_of(samples: dict[str, list[float]], name: str) -> float:
 
 
 def ratio_spread(samples: dict[str, list[float]], ours: str, base: str, invert: bool = False) -> str:
-    ratios = [(b / a if invert else a / b) for a, b in zip(samples[ours], samples[base])]
+    ratios = [(b / a if invert else a / b) for a, b in zip(samples[ours], samples[base], strict=False)]
     return f"{min(ratios):.2f}–{max(ratios):.2f}"
 
 
@@ -134,7 +134,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
         if name in s:
             out.append(Row(f"diagnosis, no FUSE: {label}", seconds_text(s, name, size), seconds_text(s, "curl_s", size),
                            f"{median_of(s, name) / curl:.2f}×", "—", None))
-    out.append(Row("rclone mount time (until the mount appears)", seconds_text(s, "rclone_mount_s"), "—", "—", "—", None))
+    out.append(Row("rclone mount time (until the mount appears)", seconds_text(s, "rclone_mount_s"), "—", "—", "—",
+                   None))
     out.append(Row("bytes dicomfs's `cp -r` produced vs uploaded", verification(results, "dicomfs"), "—", "—",
                    "identical", _all_identical(results, "dicomfs")))
     out.append(Row("bytes rclone's `cp -r` produced vs uploaded (the baseline's correctness, not a dicomfs target)",

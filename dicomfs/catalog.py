@@ -150,7 +150,7 @@ class Catalog:
             memory = {}  # type: ignore[assignment]  # remembered nowhere but in the store
         assert memory is not None
         try:
-            return memory[key]  # type: ignore[no-any-return]
+            return cast(T, memory[key])
         except KeyError:
             pass
 
@@ -159,7 +159,7 @@ class Catalog:
             fresh = stored is not None and self._wall() - stored[0] < ttl
             if stored is not None and (fresh or self.breaker.refusing):
                 memory[key] = stored[1]
-                return stored[1]  # type: ignore[no-any-return]
+                return cast(T, stored[1])
             try:
                 if local:
                     value = await query()
@@ -179,7 +179,7 @@ class Catalog:
                     raise
                 self.report_offline(exc)
                 memory[key] = fallback
-                return fallback  # type: ignore[no-any-return]
+                return cast(T, fallback)
             if not local:
                 self._offline_reported = False  # the archive answered
             memory[key] = value
@@ -187,7 +187,7 @@ class Catalog:
                 await self._save_stored(key, value, codec[0] if codec else None)
             return value
 
-        return await self._flights.run(key, load)
+        return cast(T, await self._flights.run(key, load))  # (one SingleFlight for listings of every type)
 
     def report_offline(self, exc: BaseException) -> None:
         """Say once (until the archive answers again) that stored listings are being served."""
@@ -205,7 +205,7 @@ class Catalog:
             stored = self._store.get(key)
             if stored is not None and decode is not None:
                 return stored[0], paused(decode, stored[1])
-            return stored  # type: ignore[no-any-return]
+            return cast("tuple[float, Any] | None", stored)  # (diskcache gives Any)
 
         try:
             return await trio.to_thread.run_sync(load)

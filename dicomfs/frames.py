@@ -17,6 +17,7 @@ from struct import unpack_from
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
@@ -186,7 +187,7 @@ def _positive(value: Any, name: str) -> int:
     return number
 
 
-def cut_frames(p10: bytes) -> Frames:
+def cut_frames(p10: bytes | bytearray) -> Frames:
     """Cut the frames of the instance in ``p10`` (a whole Part 10 file).
 
     Raises ProtocolError for anything that is not an instance with well-formed pixel data.
@@ -244,7 +245,7 @@ def _cut_encapsulated(dataset: Dataset, value: bytes, count: int) -> list[bytes]
         raise ProtocolError(f"encapsulated pixel data holds {len(frames)} frames, not {count}")
     if offsets is not None:
         lengths = unpack_from(f"<{count}Q", offsets[1])
-        if any(len(frame) != length for frame, length in zip(frames, lengths)):
+        if any(len(frame) != length for frame, length in zip(frames, lengths, strict=False)):
             raise ProtocolError("a frame of the extended offset table runs past the pixel data")
     return frames
 
@@ -338,8 +339,10 @@ def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
         if tag is None:
             return None
         raw = dataset.get_item(tag, keep_deferred=True)
-        start = raw.value_tell  # type: ignore[union-attr, attr-defined]  # a RawDataElement here
-        undefined = raw.length == 0xFFFFFFFF  # type: ignore[union-attr, attr-defined]
+        if not isinstance(raw, RawDataElement):  # (deferred, it is one: where its value lies)
+            return None
+        start = raw.value_tell
+        undefined = raw.length == 0xFFFFFFFF
     except Exception:
         return None
     view = memoryview(p10)

@@ -19,8 +19,8 @@ from typing import Any
 import pyfuse3
 
 from dicomfs.errors import DicomfsError
-from dicomfs.tree import Attributes, Node, Tree
-from dicomfs.views.base import Handle
+from dicomfs.tree import Attributes, Tree
+from dicomfs.views.base import Handle, Node
 from dicomfs.waiting import Waits
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,8 @@ class DicomOperations(pyfuse3.Operations):
             self._files[fh] = handle
             return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
-        # (pyfuse3 replies with any object that has the buffer protocol; its stub says bytes)
+    async def read(  # type: ignore[override]  # pyfuse3 replies with any buffer; its stub says bytes
+            self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         handle = self._files.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)

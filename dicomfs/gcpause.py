@@ -16,7 +16,7 @@ import ctypes.util
 import functools
 import gc
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -55,12 +55,17 @@ def release_free_memory() -> None:
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     # glibc's soname first: ctypes.util.find_library would run ldconfig in a subprocess
-    for find in (lambda: "libc.so.6", lambda: ctypes.util.find_library("c")):
-        name = find()
-        if not name:
-            continue
+    for name in _libc_names():
         try:
-            return ctypes.CDLL(name).malloc_trim  # type: ignore[no-any-return]
+            trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+            return trim
         except (OSError, AttributeError):
             continue
     return None
+
+
+def _libc_names() -> Iterator[str]:
+    yield "libc.so.6"
+    found = ctypes.util.find_library("c")
+    if found:
+        yield found

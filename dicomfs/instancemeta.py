@@ -11,9 +11,13 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomfs.errors import SourceError
 from dicomfs.records import DicomJson
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 
 class _Range(io.RawIOBase):
@@ -37,12 +41,13 @@ class _Range(io.RawIOBase):
         self._pos = max(0, base + pos)
         return self._pos
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        size = max(0, min(len(buffer), self._length - self._pos))
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        size = max(0, min(len(view), self._length - self._pos))
         if not size:
             return 0
         data = os.pread(self._fd, size, self._offset + self._pos)
-        buffer[:len(data)] = data
+        view[:len(data)] = data
         self._pos += len(data)
         return len(data)
 

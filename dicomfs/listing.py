@@ -40,12 +40,13 @@ async def rows(catalog: Catalog, query: Query, level: str) -> list[dict[str, Any
     if level == "study":
         studies = await search.studies(query)
         summaries_of = await map_bounded(studies, summaries.study_summary, limit)
-        return [_row("study", attrs, StudyInstanceUID=study.uid) for study, attrs in zip(studies, summaries_of)]
+        return [_row("study", attrs, StudyInstanceUID=study.uid)
+                for study, attrs in zip(studies, summaries_of, strict=True)]
     if level == "series":
         series = await search.series(query)
         summaries_of = await map_bounded(series, summaries.series_summary, limit)
         return [_row("series", attrs, StudyInstanceUID=s.study_uid, SeriesInstanceUID=s.uid)
-                for s, attrs in zip(series, summaries_of)]
+                for s, attrs in zip(series, summaries_of, strict=False)]
     return [_row("instance", instance.attrs, SeriesInstanceUID=instance.series_uid, SOPInstanceUID=instance.key,
                  Size=instance.size) for instance in await search.instances(query)]
 
@@ -76,10 +77,10 @@ def table(found: list[dict[str, Any]], level: str) -> Iterator[str]:
     names = [name for name, _ in COLUMNS[level]]
     cells = [[_cell(row.get(name)) for name in names] for row in found]
     widths = [max([len(name)] + [len(c[i]) for c in cells]) for i, name in enumerate(names)]
-    widths = [min(WIDEST, w) if name.endswith("Description") else w for name, w in zip(names, widths)]
-    yield "  ".join(name.ljust(w) for name, w in zip(names, widths)).rstrip()
+    widths = [min(WIDEST, w) if name.endswith("Description") else w for name, w in zip(names, widths, strict=False)]
+    yield "  ".join(name.ljust(w) for name, w in zip(names, widths, strict=False)).rstrip()
     for line in cells:
-        yield "  ".join(_fit(c, w) for c, w in zip(line, widths)).rstrip()
+        yield "  ".join(_fit(c, w) for c, w in zip(line, widths, strict=False)).rstrip()
 
 
 def _cell(value: Any) -> str:

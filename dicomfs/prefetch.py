@@ -10,6 +10,7 @@ Must not know which kind of source it talks to.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -160,7 +161,7 @@ async def _list_instances(catalog: Catalog, blobs: BlobStore, item: SeriesPlan) 
     item.size = total
 
 
-async def _guard(failures: list[str], what: str, function, *args) -> None:  # type: ignore[no-untyped-def]
+async def _guard(failures: list[str], what: str, function: Callable[..., Awaitable[object]], *args: object) -> None:
     try:
         await function(*args)
     except DicomfsError as exc:

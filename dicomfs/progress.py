@@ -56,7 +56,8 @@ class Progress:
         self._last_draw = now
         if self.terminal:
             width = shutil.get_terminal_size((100, 20)).columns
-            self.stream.write("\r" + self.line(now, bar_width=max(10, min(30, width - 70))).ljust(width - 1)[: width - 1])
+            line = self.line(now, bar_width=max(10, min(30, width - 70)))
+            self.stream.write("\r" + line.ljust(width - 1)[: width - 1])
             self.stream.flush()
             self._drawn = True
         else:

@@ -98,13 +98,13 @@ class Search:
         results = [t.matches(attrs) for t in terms]
         if None in results:
             richer = await fallback()
-            results = [r if r is not None else t.matches(richer) for t, r in zip(terms, results)]
+            results = [r if r is not None else t.matches(richer) for t, r in zip(terms, results, strict=False)]
         return all(bool(r) for r in results)
 
     async def _filter(self, items: list[T], keep: Callable[[T], Awaitable[bool]]) -> list[T]:
         """``items`` for which ``keep`` holds, in order, checked concurrently (bounded)."""
         verdicts = await map_bounded(items, keep, self._limit)
-        return [item for item, verdict in zip(items, verdicts) if verdict]
+        return [item for item, verdict in zip(items, verdicts, strict=False) if verdict]
 
 
 class Shown:

@@ -17,8 +17,7 @@ T = TypeVar("T")
 class _Flight(Generic[T]):
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.ok = False
-        self.result: T | None = None
+        self.outcome: tuple[T] | None = None  # (the result, once the call returned: T may be None)
         self.error: Exception | None = None
 
 
@@ -33,9 +32,8 @@ class SingleFlight(Generic[T]):
                 flight = _Flight()
                 self._flights[key] = flight
                 try:
-                    flight.result = await call()
-                    flight.ok = True
-                    return flight.result
+                    flight.outcome = (await call(),)
+                    return flight.outcome[0]
                 except Exception as exc:
                     flight.error = exc
                     raise
@@ -43,8 +41,8 @@ class SingleFlight(Generic[T]):
                     del self._flights[key]
                     flight.done.set()
             await flight.done.wait()
-            if flight.ok:
-                return flight.result  # type: ignore[return-value]
+            if flight.outcome is not None:
+                return flight.outcome[0]
             if flight.error is not None:
                 raise flight.error
             # the leader was cancelled: try again, possibly as the new leader

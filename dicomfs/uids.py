@@ -48,8 +48,5 @@ def instance_key(dataset_uid: str | None, header_uid: str | None) -> str | None:
 def is_probe_name(name: str) -> bool:
     """True for names that operating systems probe for and that never exist in an archive."""
     return (
-        name in _PROBE_NAMES
-        or name.startswith(".Trash")
-        or name.startswith("._")
-        or name.startswith(".goutputstream")
+        name in _PROBE_NAMES or name.startswith((".Trash", "._", ".goutputstream"))
     )

@@ -17,7 +17,7 @@ import logging
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import cachetools
 import trio
@@ -209,7 +209,7 @@ class WebFiles:
             self._sizes[node] = len(rendered)
             return rendered
 
-        return await self._flights.run(("file", node), render)  # type: ignore[no-any-return]
+        return cast(bytes, await self._flights.run(("file", node), render))
 
     async def _render_listing(self, node: WebNode) -> _Listing:
         async def render() -> _Listing:
@@ -217,7 +217,7 @@ class WebFiles:
             _keep(self._listings, node, entry, len(entry.data))
             return entry
 
-        return await self._flights.run(("listing", node), render)  # type: ignore[no-any-return]
+        return cast(_Listing, await self._flights.run(("listing", node), render))
 
     async def _render(self, node: WebNode) -> bytes:
         kind = node.kind
@@ -305,7 +305,7 @@ class WebFiles:
             self._series_json[series.key] = made
             return made
 
-        return await self._flights.run(("series json", series.key), make)  # type: ignore[no-any-return]
+        return cast(SeriesJson, await self._flights.run(("series json", series.key), make))
 
     async def _metadata_from_instances(self, series: SeriesRecord) -> dict[str, DicomJson]:
         """For an archive with no metadata service (DIMSE): the series retrieved into the cache
@@ -315,8 +315,8 @@ class WebFiles:
         for key, instance in (await self.catalog.instances_of(series)).items():
             handle = await self.blobs.open_instance(series, instance)
             try:
-                out[key] = await trio.to_thread.run_sync(
-                    lambda: instancemeta.metadata(fd=handle.fd, offset=handle.offset, length=handle.length))
+                out[key] = await trio.to_thread.run_sync(functools.partial(
+                    instancemeta.metadata, fd=handle.fd, offset=handle.offset, length=handle.length))
             finally:
                 handle.close()
         return out
@@ -421,7 +421,7 @@ class WebFiles:
 def _cut_and_locate(p10: bytearray | bytes) -> tuple[str, list[bytes], list[frames.Pieces] | None]:
     """Blocking (CPU): the announced transfer syntax, every frame file of one instance, and where
     the frames lie in ``p10`` (None if they are not stored as served)."""
-    cut = frames.cut_frames(p10)  # type: ignore[arg-type]
+    cut = frames.cut_frames(p10)
     files = [frames.frame_file(frame, cut.transfer_syntax) for frame in cut.frames]
     return cut.transfer_syntax, files, frames.locate_frames(p10, cut)
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs, then run all of it. Extra arguments go to pytest.
+# Install everything the test suite needs, check types and lint, then run all the tests. Extra
+# arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
+# Static checks first, configured in pyproject.toml: strict typing of dicomfs/, lint of everything.
+.venv/bin/ruff check .
+.venv/bin/mypy
 status=0
 .venv/bin/python -m pytest -ra "$@" || status=$?
 if [ "$status" -eq 5 ]; then

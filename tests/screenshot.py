@@ -26,7 +26,7 @@ def box_of(rows: list[bytes], bgr: tuple[int, int, int]) -> tuple[int, int, int,
     xs: list[int] = []
     ys: list[int] = []
     for y, row in enumerate(rows):
-        for x in range(0, len(row) // 4):
+        for x in range(len(row) // 4):
             if row[4 * x:4 * x + 3] == wanted:
                 xs.append(x)
                 ys.append(y)

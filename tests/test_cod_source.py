@@ -71,8 +71,8 @@ def index_of(files: dict[str, bytes], **options: object) -> tuple[bytes, bytes]:
 FILES = {f"1.2.3.{n}": make_instance("1.2", "1.2.3", f"1.2.3.{n}", number=n) for n in range(1, 4)}
 
 
-@pytest.mark.parametrize("options", [dict(version=1), dict(version=2), dict(version=2, gzip_metadata=False),
-                                     dict(version=1, hashed_keys=True)])
+@pytest.mark.parametrize("options", [{"version": 1}, {"version": 2}, {"version": 2, "gzip_metadata": False},
+                                     {"version": 1, "hashed_keys": True}])
 def test_index_versions_and_encodings(options: dict) -> None:
     raw, tar = index_of(FILES, **options)
     index = parse_series_index(raw, len(tar))

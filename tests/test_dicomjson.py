@@ -105,7 +105,7 @@ def _assert_same(ours: Dataset, source: Dataset, where: str) -> None:
         mine = ours[tag]
         if element.VR == "SQ":
             assert len(mine.value) == len(element.value), f"{where}: {tag} item count"
-            for i, (a, b) in enumerate(zip(mine.value, element.value)):
+            for i, (a, b) in enumerate(zip(mine.value, element.value, strict=False)):
                 _assert_same(a, b, f"{where}/{tag}[{i}]")
         elif element.value in (None, "", b"") or element.value == []:
             assert mine.value in (None, "", b"") or mine.value == [], f"{where}: {tag} should be empty"
@@ -116,7 +116,8 @@ def _assert_same(ours: Dataset, source: Dataset, where: str) -> None:
         elif element.VR in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
             assert bytes(mine.value) == bytes(element.value), f"{where}: {tag} bytes differ"
         else:
-            assert mine.value == element.value, f"{where}: {element.keyword or tag}: {mine.value!r} != {element.value!r}"
+            assert mine.value == element.value, \
+                f"{where}: {element.keyword or tag}: {mine.value!r} != {element.value!r}"
 
 
 @pytest.mark.parametrize("name", DEMO_FILES)

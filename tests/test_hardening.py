@@ -127,7 +127,7 @@ def read_each(mount: Path, files: dict[str, bytes]) -> dict[str, str | int]:
             "        print(hashlib.sha256(open(path, 'rb').read()).hexdigest())\n"
             "    except OSError as e:\n        print(e.errno)\n")
     out = sh(sys.executable, "-c", code, *[str(mount / "studies" / rel) for rel in files], timeout=300).stdout
-    return {rel: int(line) if line.isdigit() else line for rel, line in zip(files, out.split())}
+    return {rel: int(line) if line.isdigit() else line for rel, line in zip(files, out.split(), strict=False)}
 
 
 def expected(files: dict[str, bytes]) -> dict[str, str]:

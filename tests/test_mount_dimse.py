@@ -155,7 +155,8 @@ def test_listing_retrieves_nothing_and_concurrent_readers_share_one_retrieve(
     readers = [subprocess.Popen(["cat", str(mount.path / "studies" / rel)], stdout=subprocess.PIPE)
                for rel in (members[0], members[-1])]
     outputs = [reader.communicate(timeout=120)[0] for reader in readers]
-    assert all(same_instance(out, pacs.files[rel]) for out, rel in zip(outputs, (members[0], members[-1])))
+    ends = (members[0], members[-1])
+    assert all(same_instance(out, pacs.files[rel]) for out, rel in zip(outputs, ends, strict=True))
     assert pacs.retrieves() == before + 1
     # the listings' associations are kept open a while (at most --max-associations), then released
     assert 1 <= connections_to(pacs.server.dicom_port) <= 2

@@ -73,7 +73,7 @@ def test_every_view_shows_the_same_files(kind: str, orthanc: OrthancServer, buck
         for view in ("patients", "dates"):
             assert sorted(i for i, _, _ in stats[view].values()) == sorted(by_inode)
             assert {links for _, links, _ in stats[view].values()} == {3}
-            for path, (inode, _, size) in stats[view].items():
+            for inode, _, size in stats[view].values():
                 assert size == stats["studies"][by_inode[inode]][2]
         # the bytes: each readable path hashes as the source file of its studies/ twin
         for view in ("patients", "dates"):
@@ -91,7 +91,7 @@ def test_rsync_hard_links_store_each_file_once(demo_expected: dict[str, str], tm
     mount = mount_factory("demo")
     out = tmp_path / "copy"
     sh("rsync", "-aH", str(mount.path / "studies"), str(mount.path / "patients"), f"{out}/")
-    copied = [p for p in out.rglob("*.dcm")]
+    copied = list(out.rglob("*.dcm"))
     assert len(copied) == 2 * len(demo_expected)
     assert len({p.stat().st_ino for p in copied}) == len(demo_expected)  # hard links, not copies
     assert Counter(hashes(out / "patients").values()) == Counter(demo_expected.values())
@@ -227,7 +227,7 @@ def test_aeskulap_shows_a_series_opened_from_patients(tmp_path: Path, mount_fact
     series = next((mount.path / "patients").glob("DEMO MR*/*/001 MR *"))
     files = sorted(series.iterdir())
     assert len(files) == 8
-    display = ":%d" % (90 + os.getpid() % 100)
+    display = f":{90 + os.getpid() % 100}"
     xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     viewer = None

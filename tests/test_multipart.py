@@ -28,7 +28,7 @@ def parse(body: bytes, pieces: list[int] | None = None) -> list[bytes]:
     results: list[bytes] = []
     current: bytearray | None = None
     cuts = [0, *(pieces or []), len(body)]
-    for start, end in zip(cuts, cuts[1:]):
+    for start, end in zip(cuts, cuts[1:], strict=False):
         for event in parser.feed(body[start:end]):
             if isinstance(event, PartStart):
                 assert current is None
@@ -75,7 +75,7 @@ def test_fed_one_byte_at_a_time(lengths: bool) -> None:
 def test_truncated_bodies_are_rejected(lengths: bool) -> None:
     body = build(PARTS, lengths=lengths)
     closing = len(body) - len(b"--" + BOUNDARY + b"--\r\n")
-    for cut in range(0, closing + 3):
+    for cut in range(closing + 3):
         with pytest.raises(ProtocolError):
             parse(body[:cut])
 

@@ -137,7 +137,7 @@ def build_tree(root: Path) -> Tree:
         path = series_dir / "instances" / sop / "frames" / f"{number}.mht"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(frame_file(frame, media_type, syntax))
-    for sop, document in zip((NATIVE, JLS), metadata):
+    for sop, document in zip((NATIVE, JLS), metadata, strict=False):
         write_gz(series_dir / "instances" / sop / "metadata.gz", [document])
     for relative, data in bulk.items():
         (web / relative).parent.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,7 @@ def unlink_quietly(path: str) -> None:
         pass
 
 
-class BlobDisk(diskcache.Disk):
+class BlobDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache has no types: Disk is Any
     """diskcache storage that adopts finished blob files by rename and spares pinned ones."""
 
     pins: Pins  # set on the per-store subclass made by ``disk_class``
@@ -187,7 +187,8 @@ class BlobDisk(diskcache.Disk):
             _fsync_directory(folder)  # the rename survives a power cut before the index row does
             value.stored_at = full_path
             return value.size, diskcache.core.MODE_BINARY, filename, None
-        return super().store(value, read, key)  # type: ignore[no-any-return]
+        stored: tuple[int, int, str | None, bytes | None] = super().store(value, read, key)
+        return stored
 
     def remove(self, file_path: str) -> None:
         if not self.pins.bury(os.path.join(self._directory, file_path)):

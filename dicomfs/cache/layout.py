@@ -146,7 +146,7 @@ def has_valid_entry(index: diskcache.Cache, manifests: diskcache.Cache, blob_key
     return manifest is not None and manifest.size == size
 
 
-class _ManifestDisk(diskcache.Disk):
+class _ManifestDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache has no types: Disk is Any
     """The manifest store's values are pickled ``Manifest``s; those written before this package
     existed name ``dicomfs.blobstore.Manifest``, and are read as what they are."""
 

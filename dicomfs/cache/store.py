@@ -150,7 +150,7 @@ class BlobStore:
                     blob.close()
             if cull:
                 with self._index_lock:
-                    removed = self.index.cull()
+                    removed: int = self.index.cull()
                 if removed:
                     log.info("evicted %d blobs to stay under the cache size limit", removed)
         except Exception as exc:
@@ -187,7 +187,7 @@ class BlobStore:
                 target = max(volume - min(ROOM_STEP, max(self.size_limit // 8, 4 * WRITE_BATCH)), 0)
                 self.index.reset("size_limit", target, update=False)  # this process, this once
                 try:
-                    removed = self.index.cull()
+                    removed: int = self.index.cull()
                 finally:
                     self.index.reset("size_limit", self.size_limit, update=False)
         except Exception as exc:

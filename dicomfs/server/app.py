@@ -320,7 +320,7 @@ async def _send(send: Send, reply: Reply, *, head: bool) -> None:
             await send({"type": "http.response.body", "body": b""})
         finally:
             with trio.CancelScope(shield=True):  # (a client gone mid-body: close what it read)
-                await stream.aclose()  # type: ignore[attr-defined]
+                await stream.aclose()
         return
     data = body or b""
     if reply.status >= 400 and not any(name == b"content-type" for name, _ in headers):

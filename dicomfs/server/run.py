@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import trio
 
@@ -30,6 +31,9 @@ from dicomfs.server.viewer import Viewer
 from dicomfs.server.wado import Wado
 from dicomfs.tasks import open_nursery
 from dicomfs.webfiles import WebFiles
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework  # (hypercorn's types are stricter than the app's dict scope)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ async def serve(options: ServeOptions, on_ready: Callable[[str], None], *, syste
         async with open_nursery() as nursery:
             nursery.start_soon(_on_signals, stop)
             try:
-                await nursery.start(functools.partial(hypercorn_serve, app, config,  # type: ignore[arg-type]
+                await nursery.start(functools.partial(hypercorn_serve, cast("ASGIFramework", app), config,
                                                       shutdown_trigger=stop.wait))
             except* OSError as group:  # (from hypercorn's own nursery: in a group)
                 exc = _first_leaf(group)

@@ -12,7 +12,7 @@ beyond media types (``app`` does).
 from __future__ import annotations
 
 import gzip
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import trio
@@ -38,7 +38,7 @@ class Body:
 
     media_type: str
     data: bytes | memoryview | None = None
-    stream: AsyncIterator[bytes | bytearray | memoryview] | None = None
+    stream: AsyncGenerator[bytes | bytearray | memoryview, None] | None = None
     gzipped: bool = False  # ``data`` is gzip (the stored listing and metadata files)
     immutable: bool = False  # below an instance: never changes (SOP Instance UIDs are immutable)
     ranges: bool = False  # a Range request may cut it
@@ -143,7 +143,7 @@ class Wado:
 
 
 async def _instance_bytes(blobs: BlobStore, pairs: list[tuple[SeriesRecord, InstanceRecord]],
-                          *, multipart: bool) -> AsyncIterator[bytes | bytearray | memoryview]:
+                          *, multipart: bool) -> AsyncGenerator[bytes | bytearray | memoryview, None]:
     """The instances' bytes as they are cached, read and sent a piece at a time; with
     ``multipart``, each as one part that names its transfer syntax."""
     for series, instance in pairs:

@@ -175,7 +175,7 @@ class _Member:
     def __init__(self, entry: CodInstance, writer: BlockingMemberWriter) -> None:
         self.entry = entry
         self.writer = writer
-        self.checksum = google_crc32c.Checksum()
+        self.crc = 0  # CRC32C of the bytes received so far
         self.received = 0
 
 
@@ -211,7 +211,7 @@ def _route(chunks: Iterator[bytes], position: int, entries: list[CodInstance], s
             view = view[len(piece):]
             position += len(piece)
             current.received += len(piece)
-            current.checksum.update(piece)
+            current.crc = google_crc32c.extend(current.crc, piece)
             current.writer.write(piece)
             if current.received == current.entry.size:
                 if _crc_ok(current):
@@ -229,7 +229,7 @@ def _crc_ok(member: _Member) -> bool:
     expected = member.entry.crc32c
     if expected is None:
         return True
-    actual = int.from_bytes(member.checksum.digest(), "big")
+    actual = member.crc
     if actual != expected:
         log.error("instance %s: CRC32C mismatch (index %08x, bytes %08x): not served", member.entry.key,
                   expected, actual)

@@ -12,7 +12,7 @@ import base64
 import binascii
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from dicomfs.decoding import inflate_gzip, parse_json
@@ -145,7 +145,7 @@ def _mtime(metadata: DicomJson, modified: object) -> int | None:
         except ValueError:
             return None
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
+            parsed = parsed.replace(tzinfo=UTC)
         return int(parsed.timestamp()) * 1_000_000_000
     return None
 
@@ -157,7 +157,7 @@ def _frames(tables: object, size: int) -> tuple[tuple[int, int], ...]:
     if not isinstance(offsets, list) or not isinstance(lengths, list) or len(offsets) != len(lengths):
         return ()
     frames = []
-    for offset, length in zip(offsets, lengths):
+    for offset, length in zip(offsets, lengths, strict=False):
         if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length < 0 \
                 or offset + length > size:
             return ()  # an offset table that does not fit is ignored, not trusted

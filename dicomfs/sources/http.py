@@ -57,7 +57,7 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
         if retry_after and retry_after.isdigit():
             return min(float(retry_after), self.max_delay)
-        base = min(self.first_delay * (2**attempt), self.max_delay)
+        base = min(self.first_delay * 2.0**attempt, self.max_delay)
         return base * (0.5 + random.random() / 2)
 
     def again(self, attempt: int, *, timeout: bool = False) -> bool:

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import certifi
 import urllib3
@@ -92,7 +92,7 @@ class BlockingHttp:
         if pool is None:
             pool = (urllib3.ProxyManager(proxy, maxsize=self._max_connections, ca_certs=self._ca_certs) if proxy
                     else urllib3.PoolManager(maxsize=self._max_connections, ca_certs=self._ca_certs))
-            pool.pool_classes_by_scheme = {"http": _Pool, "https": _TlsPool}  # type: ignore[assignment]
+            pool.pool_classes_by_scheme = {"http": _Pool, "https": _TlsPool}
             self._pools[proxy] = pool
         return pool
 
@@ -151,7 +151,13 @@ class BlockingHttp:
 _job = threading.local()  # .stop: the StopSignal of the job sending a request in this thread
 
 
-class _Stoppable:
+if TYPE_CHECKING:  # what the mixin is mixed into (mypy cannot follow super() otherwise)
+    _ConnectionBase = urllib3.connection.HTTPConnection
+else:
+    _ConnectionBase = object
+
+
+class _Stoppable(_ConnectionBase):
     """A connection that a stop can break: once a request is sent on it (a new connection or one
     from the pool), the job's ``StopSignal`` shuts its socket down, which ends a wait for the
     answer's head as well as a read of its body. (http.client forgets the socket, ``sock =
@@ -162,7 +168,7 @@ class _Stoppable:
     stop_hook: tuple[StopSignal, Callable[[], None]] | None = None
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        super().request(*args, **kwargs)  # type: ignore[misc]
+        super().request(*args, **kwargs)
         self.forget_stop()
         stop: StopSignal | None = getattr(_job, "stop", None)
         if stop is not None and self.sock is not None:

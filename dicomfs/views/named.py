@@ -169,7 +169,7 @@ class NamedView:
         expanded, listings = await self._expand(items, component.level)
         inputs += listings
         if known is not None and len(known.inputs) == len(inputs) and all(
-                a is b for a, b in zip(known.inputs, inputs)):
+                a is b for a, b in zip(known.inputs, inputs, strict=False)):
             return known
 
         async def make() -> Folder:
@@ -187,11 +187,11 @@ class NamedView:
         if level >= Level.SERIES and out and out[0].series is None:
             series_of = await map_bounded([i.study.uid for i in out], self.catalog.series_of, self._limit)
             listings.extend(series_of)
-            out = [Item(i.study, s) for i, found in zip(out, series_of) for _, s in sorted(found.items())]
+            out = [Item(i.study, s) for i, found in zip(out, series_of, strict=False) for _, s in sorted(found.items())]
         if level is Level.INSTANCE and out and out[0].instance is None:
             instances_of = await map_bounded([i.series for i in out], self._instances_of, self._limit)
             listings.extend(instances_of)
-            out = [Item(i.study, i.series, inst) for i, found in zip(out, instances_of)
+            out = [Item(i.study, i.series, inst) for i, found in zip(out, instances_of, strict=False)
                    for _, inst in sorted(found.items())]
         return out, tuple(listings)
 
@@ -259,7 +259,7 @@ class NamedView:
         listed = self.summaries.listed_study_attrs
         missing = list({i.study.uid: i.study for i in items if listed(i.study) is None}.values())
         completed = await map_bounded(missing, self.summaries.study_attrs, self._limit)
-        return {study.uid: attrs for study, attrs in zip(missing, completed)}
+        return {study.uid: attrs for study, attrs in zip(missing, completed, strict=False)}
 
     async def _attrs_of_series(self, items: list[Item]) -> dict[str, DicomJson]:
         out: dict[str, DicomJson] = {}
@@ -273,7 +273,8 @@ class NamedView:
                 out[item.series.key] = {}
             else:
                 out[item.series.key] = listed
-        for series, attrs in zip(missing, await map_bounded(missing, self.summaries.series_attrs, self._limit)):
+        found = await map_bounded(missing, self.summaries.series_attrs, self._limit)
+        for series, attrs in zip(missing, found, strict=True):
             out[series.key] = attrs
         return out
 

@@ -134,7 +134,7 @@ def open_association(peer: Peer, contexts: Sequence[PresentationContext], *, rol
     ae = application_entity(peer, contexts)
     tls_args = (peer.tls, peer.host) if peer.tls is not None else None
     for attempt in range(2):
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, ext_neg=list(roles) or None,
+        assoc: Association = ae.associate(peer.host, peer.port, ae_title=peer.called_ae, ext_neg=list(roles) or None,
                              tls_args=tls_args, max_pdu=MAX_PDU,
                              evt_handlers=[*socket_handlers(), *handlers])
         if assoc.is_established:

@@ -81,8 +81,8 @@ class StudyTable:
             shared: dict[Any, Any] = {}
             column = [shared.setdefault(v, v) for (v,) in db.execute(f"SELECT {_normalised(f'c{n}', vr)} FROM studies")
                       .fetchall()]
-            columns[tag] = (vr, single, column if all(keep) else [v for v, ok in zip(column, keep) if ok])
-        return cls(uids if all(keep) else [u for u, ok in zip(uids, keep) if ok], columns)
+            columns[tag] = (vr, single, column if all(keep) else [v for v, ok in zip(column, keep, strict=False) if ok])
+        return cls(uids if all(keep) else [u for u, ok in zip(uids, keep, strict=False) if ok], columns)
 
     def mtimes(self) -> list[int]:
         """Each study's mtime (``records.dicom_datetime_ns`` of its StudyDate, once per date)."""
@@ -192,7 +192,8 @@ class IdcIndex:
 
     def _rows(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._connection() as db:
-            return db.execute(sql, list(parameters)).fetchall()  # type: ignore[no-any-return]
+            rows: list[tuple[Any, ...]] = db.execute(sql, list(parameters)).fetchall()
+            return rows
 
     # --- studies ------------------------------------------------------------------------------
     def studies(self, terms: Sequence[Term] = ()) -> tuple[list[StudyRecord], list[Term]]:
@@ -203,7 +204,7 @@ class IdcIndex:
         with self._connection() as db:
             table = StudyTable.read(db, where, parameters)
         return [StudyRecord.dated(uid, cast(DicomJson, RowAttrs(table, n)), mtime)
-                for n, (uid, mtime) in enumerate(zip(table.uids, table.mtimes()))], unchecked
+                for n, (uid, mtime) in enumerate(zip(table.uids, table.mtimes(), strict=False))], unchecked
 
     # --- series -------------------------------------------------------------------------------
     def series(self, study_uids: Sequence[str]) -> dict[str, list[tuple[SeriesRecord, SeriesLocation]]]:
@@ -293,7 +294,7 @@ def query_keys() -> dict[str, tuple[str, str, str]]:
 
 def _attrs(columns: Sequence[tuple[str, str, str, str]], values: Sequence[Any]) -> DicomJson:
     attrs: DicomJson = {}
-    for (_, tag, vr, _), value in zip(columns, values):
+    for (_, tag, vr, _), value in zip(columns, values, strict=False):
         if value is None or value == "":
             continue
         if vr == "DA":
