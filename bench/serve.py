@@ -13,7 +13,9 @@ here. ``--repeat`` interleaved repetitions (the order of the sides alternates), 
    ``--clients`` concurrent connections (``curl --parallel``), every frame requested once before,
    to ``dicomfs serve`` vs nginx with docs/nginx/dicomweb.conf serving the same frames from a
    dicomfs mount's ``dicomweb/`` tree (``tests/nginx.py``). Every answer is checked: status 200
-   and the same number of bytes on both sides.
+   and the same number of bytes on both sides. Beside them, the floor of the server stack:
+   ``bench/asgi_floor.py``, an ASGI app on hypercorn's trio worker that answers every request
+   with the same bytes (as many as a frame) and does nothing else.
 
 Raw figures: ``bench/results/serve-latest.json``; the ``bench-serve`` block of docs/benchmarks.md.
 Needs root for nginx's workers to read the mount (``--allow-other``), like the nginx tests.
@@ -26,8 +28,10 @@ import contextlib
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,7 @@ from bench import report  # noqa: E402
 from bench.mounts import DicomfsMount, run_timed, stop_on_sigterm  # noqa: E402
 from bench.run import DOC, RESULTS, build_study  # noqa: E402
 from tests.nginx import NginxServer  # noqa: E402
-from tests.servers import DicomfsServe, OrthancServer, require_tools  # noqa: E402
+from tests.servers import DicomfsServe, OrthancServer, free_port, require_tools  # noqa: E402
 
 PIXEL_BYTES = 128 << 10
 JSON_ACCEPT = "Accept: application/dicom+json"
@@ -78,6 +82,22 @@ def frames_request(urls: list[str], clients: int) -> tuple[float, list[tuple[int
     return elapsed, answers  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def asgi_floor(size: int) -> Iterator[str]:
+    """``bench/asgi_floor.py`` answering every request with ``size`` bytes; yields a root URL."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bench.asgi_floor", str(port), str(size)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "listening":
+            raise RuntimeError("bench/asgi_floor.py did not start")
+        yield f"http://127.0.0.1:{port}/dicomweb"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 class Bench:
     def __init__(self, work: Path, orthanc: OrthancServer, study: str, series: str, sops: list[str],
                  args: argparse.Namespace) -> None:
@@ -111,17 +131,16 @@ class Bench:
         if sizes["serve"] < sizes["orthanc"] // 2:
             self.checks.append(f"series metadata from dicomfs is {sizes['serve']} bytes, Orthanc's {sizes['orthanc']}")
 
-    def frames(self, number: int, serve_root: str, nginx_root: str) -> None:
-        sides = [("serve", serve_root), ("nginx", nginx_root)]
-        if number % 2:
-            sides.reverse()
+    def frames(self, number: int, serve_root: str, nginx_root: str, floor_root: str) -> None:
+        sides = [("serve", serve_root), ("nginx", nginx_root), ("floor", floor_root)]
+        sides = sides[number % 3:] + sides[:number % 3]
         got = {}
         for side, root in sides:
             elapsed, answers = frames_request(frame_urls(root, self.study, self.series, self.sops),
                                               self.args.clients)
             self.record(f"frames_{side}_s", elapsed)
             got[side] = answers
-        for side, answers in got.items():
+        for side, answers in got.items():  # (the floor answers anything: its sizes prove nothing)
             if len(answers) != len(self.sops) or any(status != 200 for status, _ in answers):
                 self.checks.append(f"frames from {side}: {[a for a in answers if a[0] != 200][:3]}")
         if sorted(b for _, b in got["serve"]) != sorted(b for _, b in got["nginx"]):
@@ -154,11 +173,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         server = stack.enter_context(DicomfsServe(orthanc.dicomweb, work / "serve-frames"))
         for root in (server.root, nginx.dicomweb):  # warm: every frame cut and kept once
             frames_request(frame_urls(root, study.uid, series, sops), args.clients)
+        frame_size = frames_request(frame_urls(server.root, study.uid, series, sops[:1]), 1)[1][0][1]
+        floor_root = stack.enter_context(asgi_floor(frame_size))
         for number in range(args.repeat):
-            bench.frames(number, server.root, nginx.dicomweb)
+            bench.frames(number, server.root, nginx.dicomweb, floor_root)
             s = bench.samples
             print(f"repetition {number + 1}: {len(sops)} frames, {args.clients} clients: dicomfs serve "
-                  f"{s['frames_serve_s'][-1]:.3f} s vs nginx {s['frames_nginx_s'][-1]:.3f} s", flush=True)
+                  f"{s['frames_serve_s'][-1]:.3f} s vs nginx {s['frames_nginx_s'][-1]:.3f} s, hypercorn "
+                  f"alone {s['frames_floor_s'][-1]:.3f} s", flush=True)
         facts = report.machine_facts()
         return {"when": facts["date"], "commit": facts["dicomfs_commit"], "cpu": facts["cpu"], "nproc": facts["nproc"],
                 "orthanc": report.orthanc_version(orthanc), "instances": args.instances, "frames": len(sops),
@@ -170,6 +192,7 @@ def render(r: dict[str, Any]) -> str:
     s = r["samples"]
     med = {name: statistics.median(values) for name, values in s.items()}
     rate = r["frames"] / med["frames_serve_s"], r["frames"] / med["frames_nginx_s"]
+    floor = r["frames"] / med["frames_floor_s"]
     rows = [
         "| measurement | dicomfs serve | baseline | ratio (spread) | target |", "|---|---|---|---|---|",
         f"| series metadata, {r['instances']} instances, first request | {med['serve_first_s']:.3f} s | Orthanc "
@@ -181,6 +204,9 @@ def render(r: dict[str, Any]) -> str:
         f"| {r['frames']} frame requests, {r['clients']} clients, warm | {rate[0]:.0f} frames/s | nginx over a mount "
         f"{rate[1]:.0f} frames/s | **{rate[0] / rate[1]:.2f}×** "
         f"({report.ratio_spread(s, 'frames_serve_s', 'frames_nginx_s', invert=True)}) | {TARGETS['frames']} |",
+        f"| the floor: the same requests to hypercorn (trio) answering every one with a frame's bytes, nothing else "
+        f"| — | {floor:.0f} frames/s | **{floor / rate[1]:.2f}×** nginx "
+        f"({report.ratio_spread(s, 'frames_floor_s', 'frames_nginx_s', invert=True)}) | — |",
     ]
     failed = "; ".join(r["failed_checks"])[:400]
     checks = f"FAILED CHECKS: {failed}" if failed else "every answer checked"
