@@ -13,6 +13,8 @@ import json
 import zlib
 from typing import Any
 
+import orjson
+
 from dicomfs.errors import ProtocolError
 
 ACCEPTED_CODINGS = "gzip, deflate"  # the Accept-Encoding dicomfs sends where it takes compression
@@ -83,9 +85,18 @@ def inflate_gzip(raw: bytes, limit: int, what: str) -> bytes:
 
 def parse_json(body: bytes | bytearray | memoryview | str, what: str) -> Any:
     """Parse JSON from an archive; anything malformed, including nesting too deep for the parser,
-    is a one-line ``ProtocolError``."""
+    is a one-line ``ProtocolError``.
+
+    orjson first (a 1,500-instance series' metadata: 4 ms instead of 17); what it refuses and the
+    standard library reads (NaN and Infinity as archives send them, lone surrogate escapes,
+    nesting beyond 1,024 levels) is read by the standard library, or refused by it."""
+    data = body if isinstance(body, (bytes, str)) else bytes(body)
     try:
-        return json.loads(body if isinstance(body, (bytes, str)) else bytes(body))
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(data)
     except RecursionError:
         raise ProtocolError(f"malformed JSON from {what}: nested too deeply") from None
     except ValueError:
