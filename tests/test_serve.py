@@ -300,20 +300,13 @@ def test_bad_requests_are_4xx_and_the_server_keeps_serving(serve: Callable[..., 
         ("POST", "/dicomweb/studies", {"Content-Type": "application/dicom"}, 405),
         ("DELETE", f"/dicomweb/studies/{study}", {}, 405),
         ("PUT", f"/dicomweb/studies/{study}", {}, 405),
-        ("GET", "/dicomweb/studies", {"X-Huge": "x" * 65536}, None),
+        ("GET", "/dicomweb/studies", {"X-Huge": "x" * 65536}, 431),
     ]
     for method, path, headers, status in cases:
-        try:
-            got, response_headers, body = http_request(server.port, method, path, headers,
-                                                       b"x" if method == "POST" else None)
-        except (ConnectionError, http.client.RemoteDisconnected):
-            assert status is None, (method, path)  # an oversized head may be refused by closing
-            continue
-        if status is None:
-            assert 400 <= got < 500, (path[:40], got)
-            continue
-        assert got == status, (method, path, got, body[:200])
-        if got >= 400:
+        got, response_headers, body = http_request(server.port, method, path, headers,
+                                                   b"x" if method == "POST" else None)
+        assert got == status, (method, path[:80], got, body[:200])
+        if got >= 400 and got != 431:  # (hypercorn refuses an oversized head itself, with no body)
             assert body.count(b"\n") == 1 and len(body) < 600, body  # one line that says why
         if got == 405:
             assert response_headers["allow"] == "GET, HEAD, OPTIONS"
