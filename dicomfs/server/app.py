@@ -42,6 +42,7 @@ PREFLIGHT_MAX_AGE = "86400"
 EXPOSED = "Content-Range, Accept-Ranges, Content-Length, Content-Encoding, ETag"
 MAX_QUERY = 8192  # bytes of a query string
 OFF_LOOP_BYTES = 1 << 20  # data from which hashing and decompressing run in a worker thread
+REPLIES_KEPT = 64 << 20  # bytes of immutable replies kept ready (bodies the renderer keeps anyway)
 DIGESTS_KEPT = 64 << 20  # bytes of bodies whose digests are remembered (bodies the renderer keeps anyway)
 T = TypeVar("T")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -99,6 +100,12 @@ class DicomwebApp:
         self.cors_origin = cors_origin
         self.viewer = viewer
         self.digests = Digests()
+        # Replies that never change (below an instance), ready to send again: a warm frame costs a
+        # dict lookup instead of six lookups, a negotiation and the headers (measured: 0.27 ms of
+        # a warm frame's 0.72 ms went there). Keyed by everything the reply depends on; requests
+        # with Range or validators take the full path. Bodies are the renderer's own objects.
+        self._replies: cachetools.LRUCache[tuple[object, ...], Reply] = cachetools.LRUCache(
+            REPLIES_KEPT, getsizeof=lambda reply: len(reply.body) if isinstance(reply.body, bytes) else 1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -144,7 +151,17 @@ class DicomwebApp:
         except (UnicodeDecodeError, ValueError) as exc:
             raise BadRequest(f"unreadable query string: {exc}") from None
         request = Request(method, segments[1:], params, headers)
-        return await _finish(request, await self._route(request), self.digests)
+        key: tuple[object, ...] | None = None
+        if not any(name in headers for name in ("range", "if-none-match", "if-range")):
+            key = (path, query_string, tuple(headers.get("accept", ())), request.takes_gzip)
+            known = self._replies.get(key)
+            if known is not None:
+                return Reply(known.status, list(known.headers), known.body)
+        reply = await _finish(request, await self._route(request), self.digests)
+        if key is not None and reply.status == 200 and isinstance(reply.body, bytes) and \
+                ("Cache-Control", IMMUTABLE) in reply.headers and len(reply.body) <= REPLIES_KEPT // 16:
+            self._replies[key] = Reply(reply.status, list(reply.headers), reply.body)
+        return reply
 
     async def _route(self, request: Request) -> Body:
         p = request.path
