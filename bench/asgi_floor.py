@@ -20,6 +20,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from dicomfs.server.app import lifespan
+
 
 def make_app(size: int) -> Any:
     body = bytes(range(256)) * (size // 256) + bytes(size % 256)
@@ -27,13 +29,8 @@ def make_app(size: int) -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -26,8 +26,20 @@ UNIT = Path(__file__).parent.parent / "systemd" / "dicomfs@.service"
 DICOMFS = "/usr/local/bin/dicomfs"
 
 
-def unit_commands(key: str) -> list[str]:
-    return [line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if line.startswith(key + "=")]
+def unit_commands(key: str, unit: Path = UNIT) -> list[str]:
+    return [line.split("=", 1)[1] for line in unit.read_text().splitlines() if line.startswith(key + "=")]
+
+
+def verify(unit: Path, tmp_path: Path) -> None:
+    """``systemd-analyze verify`` of ``unit``, its dicomfs command pointing at this checkout."""
+    require_tools("systemd-analyze")
+    wrapper = tmp_path / "dicomfs"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m dicomfs \"$@\"\n")
+    wrapper.chmod(0o755)
+    copy = tmp_path / unit.name.replace("@", "@test")
+    copy.write_text(unit.read_text().replace(DICOMFS, str(wrapper)))
+    result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 def expand(command: str, env: dict[str, str]) -> tuple[bool, list[str]]:
@@ -47,14 +59,7 @@ def expand(command: str, env: dict[str, str]) -> tuple[bool, list[str]]:
 
 
 def test_unit_file_verifies(tmp_path: Path) -> None:
-    require_tools("systemd-analyze")
-    wrapper = tmp_path / "dicomfs"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m dicomfs \"$@\"\n")
-    wrapper.chmod(0o755)
-    unit = tmp_path / "dicomfs@test.service"
-    unit.write_text(UNIT.read_text().replace(DICOMFS, str(wrapper)))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    verify(UNIT, tmp_path)
     assert "Type=notify" in UNIT.read_text() and "--systemd" in unit_commands("ExecStart")[0]
     assert unit_commands("UMask") == ["0077"]  # the cache holds patient names
 
@@ -106,15 +111,8 @@ SERVE_UNIT = UNIT.parent / "dicomfs-serve@.service"
 def test_serve_unit_verifies_starts_answers_and_stops(tmp_path: Path) -> None:
     """dicomfs-serve@.service: it parses, READY=1 comes once it listens, it answers DICOMweb, and
     SIGTERM ends it with status 0."""
-    require_tools("systemd-analyze")
-    wrapper = tmp_path / "dicomfs"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m dicomfs \"$@\"\n")
-    wrapper.chmod(0o755)
-    unit = tmp_path / "dicomfs-serve@test.service"
-    unit.write_text(SERVE_UNIT.read_text().replace(DICOMFS, str(wrapper)))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    [start] = [line.split("=", 1)[1] for line in SERVE_UNIT.read_text().splitlines() if line.startswith("ExecStart=")]
+    verify(SERVE_UNIT, tmp_path)
+    [start] = unit_commands("ExecStart", SERVE_UNIT)
     port = free_port()
     env = {"SOURCE": "demo", "DICOMFS_OPTIONS": f"--cache-dir {tmp_path / 'cache'} --port {port}"}
     _, words = expand(start, env)

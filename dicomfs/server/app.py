@@ -109,7 +109,7 @@ class DicomwebApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -348,7 +348,8 @@ async def _send(send: Send, reply: Reply, *, head: bool) -> None:
     await send({"type": "http.response.body", "body": b"" if head or reply.status in (204, 304) else data})
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
+    """The ASGI lifespan protocol: nothing to start or stop (the archive is opened around the server)."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
