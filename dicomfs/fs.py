@@ -24,6 +24,7 @@ from dicomfs.views.base import Handle, Node
 from dicomfs.waiting import Waits
 
 log = logging.getLogger(__name__)
+MAX_READ = 1 << 20  # the largest read the kernel asks of a FUSE file system (256 pages)
 
 BLOCK_SIZE = 4096
 
@@ -75,6 +76,7 @@ class DicomOperations(pyfuse3.Operations):
         self._handles = itertools.count(1)
         self._files: dict[int, Handle] = {}
         self._dirs: dict[int, Sequence[tuple[Node, int | None]]] = {}  # open folders: entries and known sizes
+        self._reply = bytearray(MAX_READ)  # what read replies are read into (see read)
 
     def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
         return entry_attributes(attrs, self._uid, self._gid)
@@ -141,7 +143,9 @@ class DicomOperations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         with _errno_at_the_edge("read"):
-            return await handle.read(off, size)
+            # pyfuse3 sends the reply as soon as this returns, before any other request runs:
+            # one buffer serves every read (no fresh, zeroed megabyte per read)
+            return await handle.read(off, size, self._reply)
 
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)

@@ -29,7 +29,7 @@ import trio
 
 from dicomfs.archive import ArchiveOptions, open_archive
 from dicomfs.errors import UsageError
-from dicomfs.fs import DicomOperations
+from dicomfs.fs import MAX_READ, DicomOperations
 from dicomfs.query import Query
 from dicomfs.readahead import Mode, Readahead
 from dicomfs.sources import Credentials, SourceOptions, SourceSpec
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 3.0  # seconds requests in flight get to finish once a stop was asked for
 UNMOUNT_POLL = 1.0
-READ_WINDOW_KB = 1024  # the largest FUSE read: 256 pages (FUSE_MAX_MAX_PAGES)
+READ_WINDOW_KB = MAX_READ // 1024  # the largest FUSE read: 256 pages (FUSE_MAX_MAX_PAGES)
 
 
 @dataclass(frozen=True)

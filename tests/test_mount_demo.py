@@ -196,3 +196,25 @@ def test_reads_are_asked_for_in_1_mib_requests(mount_factory: Callable[..., Moun
     device = os.stat(mount.path).st_dev
     window = Path("/sys/class/bdi") / f"{os.major(device)}:{os.minor(device)}" / "read_ahead_kb"
     wait_until(lambda: window.read_text().strip() == "1024", 10, f"{window} to say 1024")
+
+
+def test_concurrent_readers_get_their_own_bytes(mount_factory: Callable[..., Mount],
+                                                demo_expected: dict[str, str]) -> None:
+    """Every read reply is read into one buffer the daemon reuses (sent before the next request
+    runs): many readers of different files at once must each get exactly their file's bytes."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    mount = mount_factory("demo")
+    paths = sorted(demo_expected) * 3
+
+    def digest(rel: str) -> tuple[str, str]:
+        with open(mount.path / rel, "rb", buffering=0) as f:
+            chunks = []
+            while chunk := f.read(4096):  # small reads, interleaving with the other readers
+                chunks.append(chunk)
+        return rel, hashlib.sha256(b"".join(chunks)).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for rel, got in pool.map(digest, paths, timeout=300):
+            assert got == demo_expected[rel], rel

@@ -30,14 +30,17 @@ class InstanceHandle:
         self._release = release
         self._nowait = True
 
-    async def read(self, off: int, size: int) -> bytes | bytearray:
+    async def read(self, off: int, size: int, reply: bytearray | None = None) -> bytes | bytearray | memoryview:
+        """``size`` bytes from ``off`` (fewer at the end). With ``reply`` (a buffer the caller has
+        sent on before it next awaits: ``views.base.Handle``), a page-cache hit is read into it,
+        not into new memory that would be zeroed first (a tenth of a warm 1 MiB FUSE read)."""
         if off >= self.length or size <= 0:
             return b""
         size = min(size, self.length - off)
         pos = self.offset + off
         if self._nowait:
             # Page-cache hits are answered inline; only a read that would block goes to a thread.
-            buf = bytearray(size)
+            buf = memoryview(reply)[:size] if reply is not None and len(reply) >= size else bytearray(size)
             try:
                 if os.preadv(self.fd, [buf], pos, os.RWF_NOWAIT) == size:
                     return buf  # pyfuse3 takes any buffer: no copy

@@ -164,7 +164,7 @@ async def _instance_bytes(blobs: BlobStore, pairs: list[tuple[SeriesRecord, Inst
         yield f"--{PARTS}--\r\n".encode()
 
 
-def _syntax_of(head: bytes | bytearray) -> str | None:
+def _syntax_of(head: bytes | bytearray | memoryview) -> str | None:
     try:
         return p10.parse_file_meta(head).transfer_syntax_uid or None
     except (p10.NeedMoreData, ProtocolError):

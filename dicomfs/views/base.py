@@ -41,7 +41,11 @@ class Node:
 
 
 class Handle(Protocol):
-    async def read(self, off: int, size: int) -> bytes | bytearray | memoryview: ...
+    async def read(self, off: int, size: int, reply: bytearray | None = None) -> bytes | bytearray | memoryview:
+        """``size`` bytes from ``off``. ``reply``: a buffer the caller is done with once it has
+        sent the result on, before it awaits anything (the FUSE layer's reply): the result may
+        be a view of it instead of new memory."""
+        ...
 
     def close(self) -> None: ...
 
@@ -53,7 +57,7 @@ class RenderedFile:
         self._data = memoryview(data)
         self._release = release
 
-    async def read(self, off: int, size: int) -> memoryview:
+    async def read(self, off: int, size: int, reply: bytearray | None = None) -> memoryview:
         return self._data[off:off + size]
 
     def close(self) -> None:
