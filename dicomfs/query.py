@@ -135,7 +135,7 @@ def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str
             key, vr, level = extra[keyword]
             terms.append(Term(keyword, key, vr, value, level))
             continue
-        tag, vr = COMMON_KEYS.get(keyword) or _look_up(keyword, item)
+        tag, vr = _look_up(keyword, item)
         term = Term(keyword, tag, vr, value, _level_of(keyword), fuzzy=fuzzy and vr == "PN")
         if term.is_range and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", value):
             raise UsageError(f"invalid range {value!r} for {keyword} (use YYYYMMDD-YYYYMMDD)")
@@ -143,16 +143,24 @@ def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str
     return Query(tuple(terms))
 
 
-def _look_up(keyword: str, item: str) -> tuple[str, str]:
+def dictionary_entry(keyword: str) -> tuple[str, str] | None:
+    """A DICOM keyword's tag (8 hex digits) and VR; None if it is not a keyword."""
+    common = COMMON_KEYS.get(keyword)
+    if common is not None:
+        return common
     from pydicom.datadict import dictionary_VR, tag_for_keyword
 
     tag = tag_for_keyword(keyword)
-    if tag is None:
+    return None if tag is None else (f"{tag:08X}", dictionary_VR(tag))
+
+
+def _look_up(keyword: str, item: str) -> tuple[str, str]:
+    entry = dictionary_entry(keyword)
+    if entry is None:
         raise UsageError(f"unknown DICOM keyword {keyword!r} in query term {item!r}")
-    vr = dictionary_VR(tag)
-    if vr == "SQ":
+    if entry[1] == "SQ":
         raise UsageError(f"cannot query on the sequence {keyword}")
-    return f"{tag:08X}", vr
+    return entry
 
 
 def _level_of(keyword: str) -> str:

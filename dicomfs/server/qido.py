@@ -18,7 +18,7 @@ import trio
 
 from dicomfs.catalog import Catalog
 from dicomfs.errors import UsageError
-from dicomfs.query import COMMON_KEYS, Query, parse_query
+from dicomfs.query import COMMON_KEYS, Query, dictionary_entry, parse_query
 from dicomfs.records import DicomJson, SeriesRecord, StudyRecord
 from dicomfs.search import Search, Shown
 from dicomfs.tasks import map_bounded
@@ -193,14 +193,7 @@ def _tag_of(field: str) -> str:
     """An ``includefield`` value (keyword or tag) -> its tag. Raises BadRequest."""
     if _TAG.fullmatch(field):
         return field.upper()
-    known = COMMON_KEYS.get(field)
-    if known is not None:
-        return known[0]
-    if not _KEYWORD.fullmatch(field):
+    entry = dictionary_entry(field) if _KEYWORD.fullmatch(field) else None
+    if entry is None:
         raise BadRequest(f"unknown includefield {field[:64]!r}")
-    from pydicom.datadict import tag_for_keyword
-
-    tag = tag_for_keyword(field)
-    if tag is None:
-        raise BadRequest(f"unknown includefield {field[:64]!r}")
-    return f"{tag:08X}"
+    return entry[0]
