@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from dicomfs.errors import UsageError
 from dicomfs.fs import MAX_READ, DicomOperations
 from dicomfs.query import Query
 from dicomfs.readahead import Mode, Readahead
+from dicomfs.sdnotify import sd_notify
 from dicomfs.sources import Credentials, SourceOptions, SourceSpec
 from dicomfs.sources.base import NotesSource
 from dicomfs.tasks import open_nursery
@@ -159,18 +159,6 @@ def mount_containing(path: Path) -> tuple[Path, SourceSpec, Path] | None:
 def _unescape(field: str) -> str:
     """A mountinfo path field: octal escapes for space, tab, newline and backslash."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def sd_notify(message: str) -> None:
-    """Send ``message`` to systemd's notification socket, if there is one."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
 
 
 def fuse_options(allow_other: bool) -> set[str]:

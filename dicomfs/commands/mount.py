@@ -107,7 +107,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 def _run_foreground(options: MountOptions, args: argparse.Namespace) -> int:
     import trio
 
-    from dicomfs.mount import open_log, sd_notify, serve
+    from dicomfs.mount import open_log, serve
+    from dicomfs.sdnotify import sd_notify
 
     if options.log_file is not None:
         try:

@@ -24,7 +24,7 @@ import trio
 
 from dicomfs.archive import ArchiveOptions, open_archive
 from dicomfs.errors import UsageError
-from dicomfs.mount import sd_notify
+from dicomfs.sdnotify import sd_notify
 from dicomfs.server.app import ROOT, DicomwebApp
 from dicomfs.server.qido import Qido
 from dicomfs.server.viewer import Viewer
