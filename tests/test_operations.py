@@ -163,7 +163,7 @@ async def test_errors_and_probe_names(demo_dir: Path, tmp_path: Path) -> None:
         with pytest.raises(pyfuse3.FUSEError) as info:
             await fs.ops.open(await fs.resolve(f"studies/{study}"), os.O_RDONLY, None)
         assert info.value.errno == errno.EISDIR
-        assert inode == path_inode("studies", study, series, instance)
+        assert inode == (await fs.listdir(f"studies/{study}/{series}"))[instance].st_ino
         stats = await fs.ops.statfs(None)
         assert stats.f_namemax == 255 and stats.f_bsize == 4096
 
@@ -202,3 +202,58 @@ async def test_archive_errors_become_eio(tmp_path: Path) -> None:
         assert info.value.errno == errno.EIO
         archive.lie_about_size = False
         assert (await fs.ops.lookup(parent, b"1.2.3.1.dcm")).st_size == len(data)
+
+
+async def test_instance_inodes_follow_the_listing_and_never_move(tmp_path: Path) -> None:
+    """GNU ``cp -r`` copies a folder's files in inode order: a series folder's files are numbered
+    in the order the archive lists them (the order its retrieve sends them), not by name; a
+    number stays with its file when the listing changes, and is never given to another file."""
+    listed = ["1.2.3.30", "1.2.3.4", "1.2.3.100", "1.2.3.2"]  # the archive's order, not the names'
+    archive = ScriptedArchive({"1.2/1.2.3": {k: make_instance("1.2", "1.2.3", k, pixel_bytes=64) for k in listed}})
+    blobs = BlobStore(tmp_path / "cache", 1 << 30, archive)  # type: ignore[arg-type]
+    catalog = Catalog(archive, None, listing_ttl=0.01)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(blobs.run)
+        fs = Mounted(operations(catalog, blobs))
+        first = {name: attr.st_ino for name, attr in (await fs.listdir("studies/1.2/1.2.3")).items()}
+        assert sorted(first, key=first.__getitem__) == [f"{k}.dcm" for k in listed]
+        assert await fs.resolve("studies/1.2/1.2.3/1.2.3.100.dcm") == first["1.2.3.100.dcm"]
+        # the archive now lists a new instance first and no longer the second
+        series = archive.series["1.2/1.2.3"]
+        archive.series["1.2/1.2.3"] = {"1.2.3.1": make_instance("1.2", "1.2.3", "1.2.3.1", pixel_bytes=64),
+                                       **{k: v for k, v in series.items() if k != "1.2.3.4"}}
+        await trio.sleep(0.05)  # (the listing expires)
+        second = {name: attr.st_ino for name, attr in (await fs.listdir("studies/1.2/1.2.3")).items()}
+        assert archive.listings["instances"] >= 2
+        assert {n: i for n, i in second.items() if n in first} == {n: i for n, i in first.items() if n in second}
+        assert second["1.2.3.1.dcm"] not in first.values()  # (nor the number of the file gone)
+        assert await fs.read("studies/1.2/1.2.3/1.2.3.100.dcm") == series["1.2.3.100"]
+        nursery.cancel_scope.cancel()
+
+
+def test_instance_inodes_of_two_series_never_share_a_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomfs.views import base
+
+    monkeypatch.setattr(base, "path_inode", lambda *parts: (1 << 40) + 5)  # every series hashes alike
+    inodes = base.InstanceInodes()
+    study = StudyRecord("1.2")
+    numbered = set()
+    for uid in ("1.2.3", "1.2.4"):
+        series = SeriesRecord("1.2", uid)
+        keys = [f"{uid}.{n}" for n in range(3)]
+        inodes.number(series, dict.fromkeys(keys))
+        numbered |= {inodes.inode(study, series, InstanceRecord("1.2", uid, k)) for k in keys}
+    assert len(numbered) == 6 and (1 << 40) + 5 not in numbered
+
+
+def test_instances_beyond_a_series_block_keep_their_path_inodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomfs.views import base
+
+    monkeypatch.setattr(base, "SERIES_BLOCK", 4)
+    inodes = base.InstanceInodes()
+    study, series = StudyRecord("1.2"), SeriesRecord("1.2", "1.2.3")
+    keys = [f"1.2.3.{n}" for n in range(5)]
+    inodes.number(series, dict.fromkeys(keys))
+    got = [inodes.inode(study, series, InstanceRecord("1.2", "1.2.3", k)) for k in keys]
+    assert got[1] == got[0] + 1 and got[2] == got[0] + 2  # numbered: three fit in a block of four
+    assert got[3:] == [path_inode("studies", "1.2", "1.2.3", f"{k}.dcm") for k in keys[3:]]

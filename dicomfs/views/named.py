@@ -141,7 +141,7 @@ class NamedView:
         first = items[0]
         if len(path) == self.template.depth:
             assert first.series is not None and first.instance is not None
-            return instance_node(self.name, path, first.study, first.series, first.instance)
+            return instance_node(self.name, path, self.files.inodes, first.study, first.series, first.instance)
         study: StudyRecord | None = first.study
         series: SeriesRecord | None = first.series
         if len(items) > 1:
@@ -191,6 +191,9 @@ class NamedView:
         if level is Level.INSTANCE and out and out[0].instance is None:
             instances_of = await map_bounded([i.series for i in out], self._instances_of, self._limit)
             listings.extend(instances_of)
+            for item, found in zip(out, instances_of, strict=True):
+                assert item.series is not None
+                self.files.inodes.number(item.series, found)
             out = [Item(i.study, i.series, inst) for i, found in zip(out, instances_of, strict=False)
                    for _, inst in sorted(found.items())]
         return out, tuple(listings)

@@ -38,8 +38,9 @@ class StudiesView:
             return [(self._folder(node, uid, series=s), None) for uid, s in sorted(series.items())]
         assert node.study is not None and node.series is not None
         instances = await self.catalog.instances_of(node.series)
+        self.files.inodes.number(node.series, instances)
         return await self.files.sized(node.series, [
-            instance_node(self.name, (*node.path, key + SUFFIX), node.study, node.series, instance)
+            instance_node(self.name, (*node.path, key + SUFFIX), self.files.inodes, node.study, node.series, instance)
             for key, instance in sorted(instances.items())])
 
     async def lookup(self, node: Node, name: str) -> Node:
@@ -57,9 +58,12 @@ class StudiesView:
             assert node.study is not None and node.series is not None
             key = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else ""
             if is_key(key):
-                instance = (await self.catalog.instances_of(node.series)).get(key)
+                instances = await self.catalog.instances_of(node.series)
+                instance = instances.get(key)
                 if instance is not None:
-                    return instance_node(self.name, (*node.path, name), node.study, node.series, instance)
+                    self.files.inodes.number(node.series, instances)
+                    return instance_node(self.name, (*node.path, name), self.files.inodes, node.study, node.series,
+                                         instance)
         raise NotFound(name)
 
     def _folder(self, parent: Node, name: str, study: StudyRecord | None = None,
