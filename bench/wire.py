@@ -23,7 +23,12 @@ Per link, ``--repeat`` interleaved repetitions (the order of the steps rotates),
 4. warm re-read: ``cat`` of every file of the study through a fresh mount of the cache the cold
    copy filled vs the same files through ``bench/passthrough.py`` (a minimal pyfuse3 passthrough),
    both with their backing files in the page cache;
-5. peak RSS (VmHWM) of every daemon, and the prefetch's maximum RSS.
+5. peak RSS (VmHWM) of every daemon, and the prefetch's maximum RSS;
+6. the floors, where a target is out of reach for any pyfuse3 filesystem here: ``cp -r`` of the
+   study through ``bench/passthrough.py`` with every byte already local (in the page cache) — no
+   wire, no cache, nothing to wait for: what the cold copy could take at best — and the
+   passthrough's CPU per GB while it serves the warm re-read (the CPU a daemon spends serving
+   alone, before it receives or stores a byte).
 
 Every cold copy is compared with the uploaded files (sha256), every prefetch's cache with
 ``dicomfs cache verify``. Raw figures: ``bench/results/wire-<link>-latest.json``; the
@@ -138,12 +143,32 @@ class Wire:
             if isinstance(mount, PassthroughMount):
                 mount.start()
             try:
+                cpu = cpu_seconds(mount.pid)
                 self.record(name, read_all(mount.path / below))
+                gigabytes = study.total_bytes / 1e9
+                self.record(name.removesuffix("_s") + "_cpu_s_per_gb", (cpu_seconds(mount.pid) - cpu) / gigabytes)
             finally:
                 if isinstance(mount, DicomfsMount):
                     self.stopped(mount)
                 else:
                     mount.stop()
+
+    def floor(self, study: Study) -> None:
+        """``cp -r`` of the study's original files through the passthrough, all in the page cache."""
+        base = self.fresh("floor")
+        original = self.work / "original"
+        read_all(original / study.uid)
+        mount = PassthroughMount(original, base / "pass", base / "pass.log")
+        mount.start()
+        try:
+            wall, status, _ = run_timed(["cp", "-r", str(mount.path / study.uid), str(base / "copy")],
+                                        timeout=COMMAND_TIMEOUT)
+        finally:
+            mount.stop()
+        if status != 0:
+            self.checks.append(f"floor copy of {study.uid}: status {status}")
+        self.record("floor_cp_s", wall)
+        shutil.rmtree(base, ignore_errors=True)
 
     def curl(self, study: Study) -> None:
         cpu, _ = rusage_children()
@@ -188,7 +213,7 @@ class Wire:
     def repetition(self, number: int) -> None:
         study = self.studies[number % len(self.studies)]
         steps = [lambda: self.cold_and_warm(study), lambda: self.curl(study), self.prefetch, self.parallel_curl,
-                 lambda: self.prefetch([study])]
+                 lambda: self.prefetch([study]), lambda: self.floor(study)]
         for step in steps[number % len(steps):] + steps[:number % len(steps)]:
             step()
 
@@ -246,6 +271,9 @@ def render() -> str:
             f"| {on_link} | cold `cp -r` of a study ({study_mb:.0f} MB) | {med['cold_s']:.2f} s | curl "
             f"{med['curl_s']:.2f} s | **{med['cold_s'] / med['curl_s']:.2f}×** "
             f"({report.ratio_spread(s, 'cold_s', 'curl_s')}) | {TARGETS['cold'][kind]} |",
+            *([f"| {on_link} | the floor: `cp -r` of the study through the pyfuse3 passthrough, every byte local "
+               f"| {med['floor_cp_s']:.2f} s | curl {med['curl_s']:.2f} s | {med['floor_cp_s'] / med['curl_s']:.2f}× "
+               f"({report.ratio_spread(s, 'floor_cp_s', 'curl_s')}) | — |"] if "floor_cp_s" in s else []),
             f"| {on_link} | `prefetch --jobs {JOBS}` of all ({total_mb:.0f} MB) | {med['prefetch_s']:.2f} s | "
             f"curl ×{JOBS} {med['curl_all_s']:.2f} s | **{med['prefetch_s'] / med['curl_all_s']:.2f}×** "
             f"({report.ratio_spread(s, 'prefetch_s', 'curl_all_s')}) | {TARGETS['prefetch'][kind]} |",
@@ -255,6 +283,9 @@ def render() -> str:
             f"| {on_link} | CPU per GB, cold copy (daemon) / prefetch | {med['cold_cpu_s_per_gb']:.2f} / "
             f"{med['prefetch_cpu_s_per_gb']:.2f} s | curl {curl_cpu(s, 'curl_cpu_s_per_gb')} / "
             f"{curl_cpu(s, 'curl_all_cpu_s_per_gb')} s | — | {TARGETS['cpu']} |",
+            *([f"| {on_link} | the floor: CPU per GB serving the warm re-read, dicomfs / the passthrough | "
+               f"{med['warm_dicomfs_cpu_s_per_gb']:.2f} s | {med['warm_passthrough_cpu_s_per_gb']:.2f} s | — | — |"]
+              if "warm_passthrough_cpu_s_per_gb" in s else []),
             f"| {on_link} | warm re-read of the study, throughput | {study_mb / med['warm_dicomfs_s']:.0f} MB/s | "
             f"passthrough {study_mb / med['warm_passthrough_s']:.0f} MB/s | "
             f"**{med['warm_passthrough_s'] / med['warm_dicomfs_s']:.2f}×** "
