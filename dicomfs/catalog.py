@@ -61,6 +61,10 @@ class Catalog:
             max_entries, listing_ttl, timer=clock.now)
         self._wall = wall
         self._store = diskcache.Cache(str(store_dir)) if store_dir is not None else None
+        if self._store is not None:
+            # diskcache names the file of a large value with the "hex" codec, which Python imports
+            # on first use: 10 ms inside the first series metadata a server is asked for
+            import encodings.hex_codec  # noqa: F401
         self._flights: SingleFlight[Any] = SingleFlight()
         self._offline_reported = False
         # study and series listings read from a local index (IDC) are not kept in the store: the

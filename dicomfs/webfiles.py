@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -41,8 +40,8 @@ T = TypeVar("T")
 LISTING_MEMORY = 128 << 20  # bytes of rendered index and series metadata files kept
 FILE_MEMORY = 128 << 20  # bytes of rendered frames, bulk data and instance metadata kept
 KNOWN_SIZES = 1_000_000
-NORMALISED_SERIES = 64
-PACK_LEVEL = 1  # zlib level of the kept per-instance JSON: fast, and still a fifth of the size
+SERIES_JSON_MEMORY = 64 << 20  # bytes of canonical series metadata kept (a 1,500-instance CT series: ~9 MB)
+INSTANCE_JSON_OVERHEAD = 300  # bytes an InstanceJson takes beyond its JSON (the object, its key)
 PARALLEL = 8
 FRAME_MAP_PIECES = 1_000_000  # frame ranges remembered, all instances together
 HOLD_SLACK = 1.0  # seconds a told size is held beyond the kernel's timeout (reply latency)
@@ -54,17 +53,20 @@ Include = tuple[str, ...]  # tags a QIDO object carries beyond its level's (or A
 
 @dataclass(frozen=True)
 class InstanceJson:
-    """One instance's canonical metadata, kept small (zlib'd JSON; a 1,500-instance series of CT
-    headers is 3 MB so, 300 MB as Python objects), with what the layout asks of it."""
+    """One instance's canonical metadata as encoded JSON (a 1,500-instance series of CT headers
+    is ~9 MB so, 300 MB as Python objects), with what the layout asks of it. Not compressed: a
+    zlib call per instance cost 16 ms of a 1,500-instance series' first metadata request (each
+    call sets up its own compressor for 1 KB) and a decompression per instance on every render;
+    the memory it kept is bounded instead (``SERIES_JSON_MEMORY``)."""
 
-    packed: bytes  # zlib of the canonical JSON object (orjson, compact)
+    data: bytes  # the canonical JSON object (orjson, compact)
     frames: int  # frames of pixel data (0: none)
     native_frame_file: int | None  # exact size of a frame file when the metadata tells it
     bulk: tuple[str, ...]  # tag paths of its non-pixel bulk data
     transfer_syntax: str | None = None  # as stored (AvailableTransferSyntaxUID), when the metadata says
 
     def json(self) -> bytes:
-        return zlib.decompress(self.packed)
+        return self.data
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,11 @@ class SeriesJson:
     """A series' metadata in canonical form."""
 
     instances: dict[str, InstanceJson]  # instance key -> its metadata
+
+    @functools.cached_property
+    def size(self) -> int:
+        """Bytes it takes in memory (roughly: its JSON and a fixed cost per instance)."""
+        return sum(len(i.data) + INSTANCE_JSON_OVERHEAD for i in self.instances.values())
 
     @functools.cached_property
     def bulk(self) -> dict[str, list[str]]:
@@ -115,7 +122,7 @@ class WebFiles:
         self._files: cachetools.LRUCache[WebNode, bytes] = cachetools.LRUCache(FILE_MEMORY, getsizeof=len)
         self._sizes: cachetools.LRUCache[WebNode, int] = cachetools.LRUCache(KNOWN_SIZES)
         self._series_json: cachetools.TTLCache[str, SeriesJson] = cachetools.TTLCache(
-            NORMALISED_SERIES, catalog.metadata_ttl, timer=clock.now)
+            SERIES_JSON_MEMORY, catalog.metadata_ttl, timer=clock.now, getsizeof=lambda series: series.size)
         self._flights: SingleFlight[Any] = SingleFlight()
         # two levels, so that a study's task waiting for its series' tasks never starves them
         self._study_limit = trio.CapacityLimiter(PARALLEL)
@@ -302,7 +309,8 @@ class WebFiles:
             made = await trio.to_thread.run_sync(paused, _canonical_series, series, source)
             del source
             await trio.to_thread.run_sync(release_free_memory)
-            self._series_json[series.key] = made
+            if made.size <= self._series_json.maxsize:  # (one huge series may take it all: its frames need it)
+                self._series_json[series.key] = made
             return made
 
         return cast(SeriesJson, await self._flights.run(("series json", series.key), make))
@@ -476,12 +484,12 @@ def _canonical_series(series: SeriesRecord, source: dict[str, DicomJson]) -> Ser
             continue
         try:
             meta = dicomjson.normalise(raw, uri)
-            packed = zlib.compress(dicomjson.encode(meta), PACK_LEVEL)
+            data = dicomjson.encode(meta)
         except Exception as exc:  # whatever odd data the archive sent: that instance is left out
             log.warning("instance %s: metadata left out: %s", key, exc)
             continue
         syntax = json_value(meta, dicomjson.AVAILABLE_TRANSFER_SYNTAX)
-        instances[key] = InstanceJson(packed, _frame_count(meta), _native_frame_file(meta), tuple(paths),
+        instances[key] = InstanceJson(data, _frame_count(meta), _native_frame_file(meta), tuple(paths),
                                       syntax if isinstance(syntax, str) else None)
     return SeriesJson(instances)
 

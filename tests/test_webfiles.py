@@ -214,3 +214,39 @@ async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path,
         assert whole_reads == (1 if located else count + 1)
 
     await run_mounted(source, tmp_path / "cache", 60.0, test)
+
+
+async def test_canonical_metadata_is_kept_by_its_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A series' canonical metadata is kept as JSON bytes (no compression on the way), and the
+    memory it may take is a number of bytes: one series more than fits asks the archive again."""
+    from collections import Counter
+
+    from dicomfs import webfiles
+
+    other = f"{SERIES}9"
+    asked: Counter[str] = Counter()
+
+    class Counting(MetadataArchive):
+        async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
+            asked[series.uid] += 1
+            return {f"{series.uid}.{n}": {**plain_instance(f"{series.uid}.{n}"),
+                                          "00081030": {"vr": "LO", "Value": ["x" * 1000]}} for n in range(20)}
+
+    # room for one series of 20 instances of ~1.3 KB and their overhead, not two
+    monkeypatch.setattr(webfiles, "SERIES_JSON_MEMORY", 20 * (1300 + webfiles.INSTANCE_JSON_OVERHEAD) * 3 // 2)
+    source = Counting({f"{STUDY}/{uid}": {f"{uid}.{n}": b"x" for n in range(20)} for uid in (SERIES, other)}, {})
+
+    async def test(fs: Mounted) -> None:
+        def base(uid: str) -> str:
+            return f"dicomweb/studies/{STUDY}/series/{uid}"
+
+        first = json.loads(gzip.decompress(await fs.read(f"{base(SERIES)}/metadata.gz")))
+        assert len(first) == 20 and first[0]["00081030"]["Value"] == ["x" * 1000]
+        one = json.loads(gzip.decompress(await fs.read(f"{base(SERIES)}/instances/{SERIES}.1/metadata.gz")))
+        assert one == [m for m in first if m["00080018"]["Value"] == [f"{SERIES}.1"]]
+        assert asked == {SERIES: 1}  # kept
+        await fs.read(f"{base(other)}/metadata.gz")
+        await fs.read(f"{base(SERIES)}/instances/{SERIES}.2/metadata.gz")
+        assert asked == {SERIES: 2, other: 1}  # the other series took its room
+
+    await run_mounted(source, tmp_path / "cache", 60.0, test)
