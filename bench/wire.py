@@ -284,8 +284,11 @@ def render() -> str:
             f"{med['prefetch_cpu_s_per_gb']:.2f} s | curl {curl_cpu(s, 'curl_cpu_s_per_gb')} / "
             f"{curl_cpu(s, 'curl_all_cpu_s_per_gb')} s | — | {TARGETS['cpu']} |",
             *([f"| {on_link} | the floor: CPU per GB serving the warm re-read, dicomfs / the passthrough | "
-               f"{med['warm_dicomfs_cpu_s_per_gb']:.2f} s | {med['warm_passthrough_cpu_s_per_gb']:.2f} s | — | — |"]
-              if "warm_passthrough_cpu_s_per_gb" in s else []),
+               f"{med['warm_dicomfs_cpu_s_per_gb']:.2f} s | {med['warm_passthrough_cpu_s_per_gb']:.2f} s | — | — |",
+               f"| {on_link} | the floor: CPU per GB to receive, store and serve (curl writing the bytes to files "
+               f"+ the passthrough serving them) | {med['cold_cpu_s_per_gb']:.2f} s (the cold copy) | "
+               f"{med['curl_all_cpu_s_per_gb'] + med['warm_passthrough_cpu_s_per_gb']:.2f} s | — | — |"]
+              if "warm_passthrough_cpu_s_per_gb" in s and "curl_all_cpu_s_per_gb" in s else []),
             f"| {on_link} | warm re-read of the study, throughput | {study_mb / med['warm_dicomfs_s']:.0f} MB/s | "
             f"passthrough {study_mb / med['warm_passthrough_s']:.0f} MB/s | "
             f"**{med['warm_passthrough_s'] / med['warm_dicomfs_s']:.2f}×** "

@@ -98,6 +98,11 @@ if ! .venv/bin/python -m pip install -q -e "$target" > .venv/pip-install.log 2>&
     echo "pip install failed (log: .venv/pip-install.log)" >&2
     exit 1
 fi
+# An editable install leaves dicomfs's own modules uncompiled, and where PYTHONDONTWRITEBYTECODE is
+# set (many container images) every start compiles them again: ~0.1 s of each `dicomfs prefetch`,
+# `mount` or `ls` (measured with -X importtime). Compile them once; Python recompiles (in memory)
+# any module changed since, so a stale file costs nothing but that.
+.venv/bin/python -m compileall -q dicomfs > /dev/null
 if [ "$want_tests" = 1 ]; then
     echo "OHIF for the web-viewer tests: $(bash scripts/get-ohif.sh)"
 fi
