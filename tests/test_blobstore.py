@@ -537,3 +537,17 @@ def test_writeback_is_started_a_step_at_a_time(monkeypatch: pytest.MonkeyPatch) 
     for end in range(1 << 20, 3 * step + 1, 1 << 20):
         writeback.advance(end)
     assert calls == [(0, step), (step, step), (2 * step, step)]
+
+
+def test_crc_input_copies_only_what_it_must() -> None:
+    """The C CRC32C takes bytes only: a view of all of a bytes object is that object, no copy;
+    a part of one, or a bytearray, is copied; the CRC is the same either way."""
+    from dicomfs.cache.download import _crc_input
+
+    chunk = bytes(range(256)) * 64
+    assert _crc_input(chunk) is chunk
+    assert _crc_input(memoryview(chunk)) is chunk
+    part = memoryview(chunk)[10:-10]
+    assert _crc_input(part) == chunk[10:-10] and _crc_input(part) is not chunk
+    assert _crc_input(bytearray(chunk)) == chunk
+    assert google_crc32c.extend(0, _crc_input(part)) == google_crc32c.value(chunk[10:-10])
