@@ -127,16 +127,19 @@ class InstanceInodes:
 
     def number(self, series: SeriesRecord, listing: Mapping[str, object]) -> None:
         """Number the instances of ``listing`` (the series' listing, in the archive's order)
-        that have no number yet. Cheap when ``listing`` is the listing numbered last time."""
+        that have no number yet. Cheap when ``listing`` is the listing numbered last time (the
+        catalog hands out one dict per listing; were a new one ever taken for it, its new
+        instances would keep their path hashes until the next listing numbers them)."""
         table = self._tables.get((series.study_uid, series.uid))
         if table is None:
             table = self._tables[(series.study_uid, series.uid)] = _Numbers(self._block(series))
-        if table.listing is listing:
+        seen = (id(listing), len(listing))  # (not the listing itself: kept, it would outlive the catalog's)
+        if table.seen == seen:
             return
         for key in listing:
             if key not in table.numbers and len(table.numbers) < SERIES_BLOCK - 1:
                 table.numbers[key] = table.block + len(table.numbers) + 1
-        table.listing = listing
+        table.seen = seen
 
     def inode(self, study: StudyRecord, series: SeriesRecord, instance: InstanceRecord) -> int:
         table = self._tables.get((series.study_uid, series.uid))
@@ -155,7 +158,7 @@ class InstanceInodes:
 class _Numbers:
     block: int
     numbers: dict[str, int] = field(default_factory=dict)  # instance key -> inode
-    listing: object = None  # the listing numbered last (the catalog's dict, while it is current)
+    seen: tuple[int, int] = (0, 0)  # id and length of the listing numbered last (the catalog's dict)
 
 
 def instance_node(view: str, path: tuple[str, ...], inodes: InstanceInodes, study: StudyRecord,
