@@ -300,11 +300,11 @@ class ThreadSink:
     """The download as a retrieve running in one worker thread sees it (``SeriesSink.in_thread``).
 
     Bytes are checked, written (``pwrite``) and CRC'd in that thread as they come, with no queue
-    and no copy but the one the CRC needs; finished members reach readers in batches (``publish``).
-    The thread never waits for the event loop to tell it of progress: ``publish`` and the first
-    answer are handed to the loop with ``run_sync_soon`` (first in, first run, and before the
-    thread's own return reaches its task, which comes the same way). Only a full disk waits for
-    the loop, to make room once."""
+    and no copy but the one the CRC needs of a piece that is part of a read (``_crc_input``);
+    finished members reach readers in batches (``publish``). The thread never waits for the event
+    loop to tell it of progress: ``publish`` and the first answer are handed to the loop with
+    ``run_sync_soon`` (first in, first run, and before the thread's own return reaches its task,
+    which comes the same way). Only a full disk waits for the loop, to make room once."""
 
     def __init__(self, download: SeriesDownload) -> None:
         self._download = download
