@@ -171,10 +171,12 @@ def test_a_series_of_1500_instances(tmp_path: Path, mount_factory: Callable[...,
         expected = {f"{k}.dcm": hashlib.sha256(v).hexdigest() for k, v in files.items()}
         # GNU cp -r copies a folder's files in inode order: the order a series retrieve sends them
         # in (readdir's inode numbers: no stat, so nothing fetched before the retrieve below)
-        by_inode = [entry.name for entry in sorted(os.scandir(folder), key=lambda entry: entry.inode())]
+        listed = list(os.scandir(folder))
+        by_inode = [entry.name for entry in sorted(listed, key=lambda entry: entry.inode())]
         sent = [f"{uid}.dcm" for uid in retrieve_order(server.dicomweb, study, series)]
         assert sorted(sent) == sorted(expected) and sent != sorted(sent)  # (not name order: a real test)
         assert by_inode == sent
+        assert [entry.name for entry in listed] == sent  # readdir's order too (tar, find, os.listdir)
         assert hashes(folder) == expected
     finally:
         server.stop()

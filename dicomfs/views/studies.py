@@ -39,9 +39,11 @@ class StudiesView:
         assert node.study is not None and node.series is not None
         instances = await self.catalog.instances_of(node.series)
         self.files.inodes.number(node.series, instances)
-        return await self.files.sized(node.series, [
-            instance_node(self.name, (*node.path, key + SUFFIX), self.files.inodes, node.study, node.series, instance)
-            for key, instance in sorted(instances.items())])
+        # in inode order, which is the archive's (``InstanceInodes``): what reads a folder in the
+        # order it lists it (tar, find, a script's os.listdir) reads the files as they arrive
+        nodes = [instance_node(self.name, (*node.path, key + SUFFIX), self.files.inodes, node.study, node.series,
+                               instance) for key, instance in instances.items()]
+        return await self.files.sized(node.series, sorted(nodes, key=lambda n: n.inode))
 
     async def lookup(self, node: Node, name: str) -> Node:
         depth = len(node.path)
