@@ -5,7 +5,9 @@ Owns two things: where the frames of an instance begin and end inside its Part 1
 exact bytes and size of ``instances/<sop>/frames/<n>.mht``: a one-part ``multipart/related`` body
 with a fixed boundary, so a static HTTP server can announce it with one constant Content-Type.
 Pure: no I/O, no trio. ``cut_frames`` parses with pydicom and blocks; callers run it in a worker
-thread. Must not decode, transcode or otherwise touch pixel values beyond byte order.
+thread. pydicom is imported when a frame is first cut, not with this module: the mount and
+``serve`` import it on start, and pydicom with what it pulls in (numpy, requests) took 0.25 s of
+that. Must not decode, transcode or otherwise touch pixel values beyond byte order.
 """
 
 from __future__ import annotations
@@ -14,16 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from struct import unpack_from
-from typing import Any
-
-import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
-from pydicom.errors import InvalidDicomError
+from typing import TYPE_CHECKING, Any
 
 from dicomfs.errors import ProtocolError
 from dicomfs.uids import is_uid
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 # A static server sends CONTENT_TYPE for every ``.mht`` file; the boundary must therefore be one
 # fixed string. It is long and random enough not to occur in image data by accident.
@@ -192,6 +191,9 @@ def cut_frames(p10: bytes | bytearray) -> Frames:
 
     Raises ProtocolError for anything that is not an instance with well-formed pixel data.
     """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     try:
         dataset = pydicom.dcmread(BytesIO(p10), force=False)
     except InvalidDicomError as exc:
@@ -236,6 +238,8 @@ def _number_of_frames(dataset: Dataset) -> int:
 
 
 def _cut_encapsulated(dataset: Dataset, value: bytes, count: int) -> list[bytes]:
+    from pydicom.encaps import generate_frames
+
     offsets = _extended_offsets(dataset, value, count)
     try:
         frames = list(generate_frames(value, number_of_frames=count, extended_offsets=offsets))
@@ -331,6 +335,9 @@ def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
     served by reading just those ranges; None when the frames are not stored as served (big
     endian or deflated data) or anything does not match exactly. Every located frame is compared
     with the frame ``cut_frames`` made, so a frame served from its ranges is that frame."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+
     try:
         dataset = pydicom.dcmread(BytesIO(p10), defer_size=256)
         if dataset.file_meta.get("TransferSyntaxUID") in (EXPLICIT_VR_BIG_ENDIAN, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN):
