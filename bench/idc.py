@@ -10,7 +10,9 @@ alternates from one repetition to the next):
 
 1. cold ``cp -r`` of the series folder through a fresh dicomfs mount with an empty cache dir
    (the prefix listing and the header reads included) vs ``curl`` fetching the series' objects to
-   /dev/null 8 at a time (``curl -Z --parallel-max 8``: one process, no start-up per object);
+   /dev/null 8 at a time (``curl -Z --parallel-max 8``: one process, no start-up per object), and,
+   as the floor of the layout's design, curl asking what dicomfs asks: the first 16 KiB of every
+   object (which names its instance), 16 at a time, then every object;
 2. first byte of one instance through a fresh mount with an empty cache dir, after an untimed
    ``ls`` of its series folder (the listing and the header reads are not counted): ``open()`` to
    the first ``read()`` byte vs one ``curl`` of that object with a Range header for all of it.
@@ -44,6 +46,7 @@ from bench import report  # noqa: E402
 from bench.cod import FIRST_BYTE, curl  # noqa: E402
 from bench.mounts import DicomfsMount, cpu_seconds, memory_kib, run_timed, stop_on_sigterm  # noqa: E402
 from bench.run import COMMAND_TIMEOUT, DOC, RESULTS  # noqa: E402
+from dicomfs.sources.idc.source import HEAD_BYTES, PARALLEL_HEADS  # noqa: E402
 from tests.factory import make_instance  # noqa: E402
 from tests.idc_bucket import IdcBucket  # noqa: E402
 from tests.servers import S3Server, require_tools  # noqa: E402
@@ -62,11 +65,12 @@ def first_byte(path: Path) -> tuple[float, str]:
     return float(elapsed), digest
 
 
-def parallel_curls(urls: list[str], config: Path, jobs: int = 8) -> float:
+def parallel_curls(urls: list[str], config: Path, jobs: int = 8, headers: tuple[str, ...] = ()) -> float:
     """One ``curl`` fetching every URL to /dev/null, ``jobs`` transfers at a time (``-Z``)."""
     config.write_text("".join(f'url = "{url}"\noutput = "/dev/null"\n' for url in urls))
+    extra = [arg for header in headers for arg in ("-H", header)]
     wall, status, _ = run_timed(["curl", "-sS", "--no-progress-meter", "--fail", "-Z", "--parallel-max", str(jobs),
-                                 "-K", str(config)], timeout=COMMAND_TIMEOUT)
+                                 *extra, "-K", str(config)], timeout=COMMAND_TIMEOUT)
     if status != 0:
         raise RuntimeError(f"curl -Z exited with {status}")
     return wall
@@ -118,8 +122,13 @@ class Bench:
             mount.stop()
 
     def curls(self) -> None:
-        self.add("curl8_s", parallel_curls([f"{self.server.endpoint}/{self.store.handle.name}/{k}"
-                                            for k in self.objects], self.work / "curl.config"))
+        urls = [f"{self.server.endpoint}/{self.store.handle.name}/{k}" for k in self.objects]
+        self.add("curl8_s", parallel_curls(urls, self.work / "curl.config"))
+        # the floor of the layout's design: what dicomfs asks, asked by curl (the header of every
+        # object, 16 at a time, then every object, 8 at a time)
+        self.add("curl_two_pass_s", parallel_curls(urls, self.work / "curl.config", PARALLEL_HEADS,
+                                                   (f"Range: bytes=0-{HEAD_BYTES - 1}",))
+                 + parallel_curls(urls, self.work / "curl.config"))
 
     def first_byte(self) -> None:
         mount = self.mount("--endpoint", self.server.endpoint, index=self.index)
@@ -180,6 +189,10 @@ def render(results: dict[str, Any]) -> str:
              f"| cold `cp -r` of the series vs 8 parallel `curl`s of its objects | {cold:.3f} s "
              f"({mb / cold:.0f} MB/s) | {curl8:.3f} s ({mb / curl8:.0f} MB/s) | **{cold / curl8:.2f}×** "
              f"({report.ratio_spread(s, 'dicomfs_cold_s', 'curl8_s')}) | ≤ 1.3× |",
+             *([f"| the floor of the layout: `curl` asking what dicomfs asks (every object's first "
+                f"{HEAD_BYTES // 1024} KiB, 16 at a time, then every object, 8 at a time) | — | "
+                f"{median(s, 'curl_two_pass_s'):.3f} s | {median(s, 'curl_two_pass_s') / curl8:.2f}× the 8 `curl`s "
+                f"({report.ratio_spread(s, 'curl_two_pass_s', 'curl8_s')}) | — |"] if "curl_two_pass_s" in s else []),
              f"| first byte of one instance vs one ranged `curl` of it | {first * 1000:.1f} ms | "
              f"{ranged * 1000:.1f} ms (first byte {median(s, 'curl_range_first_s') * 1000:.1f} ms) | "
              f"**{first / ranged:.2f}×** ({report.ratio_spread(s, 'dicomfs_first_byte_s', 'curl_range_s')}) | "
