@@ -185,20 +185,15 @@ def test_a_series_of_1500_instances(tmp_path: Path, mount_factory: Callable[...,
 def retrieve_order(dicomweb: str, study: str, series: str) -> list[str]:
     """The SOP Instance UIDs of a WADO-RS series retrieve, in the order the archive sends them."""
     import io
-    import re
 
     import httpx
+
+    from tests.reference import parts
 
     response = httpx.get(f"{dicomweb}/studies/{study}/series/{series}", timeout=60,
                          headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
     response.raise_for_status()
-    boundary = re.search(r'boundary="?([^";]+)', response.headers["content-type"])
-    assert boundary is not None
-    uids = []
-    for part in response.content.split(b"--" + boundary.group(1).encode())[1:-1]:
-        body = part.split(b"\r\n\r\n", 1)[1]
-        uids.append(pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True).SOPInstanceUID)
-    return uids
+    return [pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True).SOPInstanceUID for _, body in parts(response)]
 
 
 def test_basic_auth_password_stays_secret(tmp_path: Path, demo_dir: Path,
