@@ -309,8 +309,8 @@ class WebFiles:
             made = await trio.to_thread.run_sync(paused, _canonical_series, series, source)
             del source
             await trio.to_thread.run_sync(release_free_memory)
-            if made.size <= self._series_json.maxsize:  # (one huge series may take it all: its frames need it)
-                self._series_json[series.key] = made
+            # (one huge series may take all of it: its frames need it)
+            _keep(self._series_json, series.key, made, made.size, share=1)
             return made
 
         return cast(SeriesJson, await self._flights.run(("series json", series.key), make))
@@ -434,10 +434,10 @@ def _cut_and_locate(p10: bytearray | bytes) -> tuple[str, list[bytes], list[fram
     return cut.transfer_syntax, files, frames.locate_frames(p10, cut)
 
 
-def _keep(cache: cachetools.Cache[Any, Any], key: Any, value: Any, size: int | None = None) -> None:
-    """Cache ``value`` unless it would take more than a quarter of the cache (cachetools refuses
-    values larger than the whole cache, and one huge file should not flush everything else)."""
-    if (size if size is not None else len(value)) <= cache.maxsize // 4:
+def _keep(cache: cachetools.Cache[Any, Any], key: Any, value: Any, size: int | None = None, share: int = 4) -> None:
+    """Cache ``value`` unless it would take more than a ``share``-th of the cache (cachetools
+    refuses values larger than the whole cache, and one huge file should not flush everything else)."""
+    if (size if size is not None else len(value)) <= cache.maxsize // share:
         cache[key] = value
 
 
