@@ -182,7 +182,8 @@ def test_a_series_that_grew_is_cached_anew_with_one_retrieve(
     for _ in range(3):  # reading them again and again retrieves the series once, not every time
         assert read_all(mount.path, grown) == expected(grown)
     assert proxy.retrieves() == 2
-    assert "cached anew: 8 instances (the cached copy had 5)" in mount.log
+    # (the commit that logs it follows the last byte its readers got: it may come a moment later)
+    wait_until(lambda: "cached anew: 8 instances (the cached copy had 5)" in mount.log, 30, "the commit")
     assert "cached by another process" not in mount.log
     mount.stop()
     verify_clean(mount.cache_dir)
