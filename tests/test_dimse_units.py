@@ -197,7 +197,8 @@ def test_a_worker_request_carries_the_peer_and_rebuilds_its_tls(tmp_path: Path) 
     back, fields = pipe.read_request(pipe.request(peer, "1.2", "1.2.3", {"1.2.3.4": "1.2.840.10008.5.1.4.1.1.7"}, 20))
     assert back == peer and back.tls is None
     assert fields == {"study": "1.2", "series": "1.2.3", "listed": {"1.2.3.4": "1.2.840.10008.5.1.4.1.1.7"},
-                      "log_level": 20}
+                      "log_level": 20, "move_port": None}  # a C-GET
+    assert pipe.read_request(pipe.request(peer, "1.2", "1.2.3", {}, 20, 11113))[1]["move_port"] == 11113  # a C-MOVE
     with pytest.raises(UsageError, match="cannot use the TLS files"):
         pipe.read_request(pipe.request(Peer("h", 1, "A", "B", 1.0, tls_files=(str(tmp_path / "no-ca.pem"), None,
                                                                             None)), "1", "2", {}, 20))

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -257,6 +258,22 @@ def test_c_get_refused_falls_back_to_c_move(tmp_path: Path, demo_dir: Path,
         assert all(same_instance(copied[rel], data) for rel, data in pacs.files.items())
         assert mount.log.count("using C-MOVE") == 1
         assert pacs.server.requests("Move") == 2  # one per series, after one refused C-GET
+        # Each move ran in a retrieve worker that listened on the move port only while it ran: once
+        # both are over (their series committed), the port is free again with the mount still up,
+        # and another dicomfs moves through it too.
+        wait_until(lambda: mount.log.count(" cached: ") == 2, 60, "both moves to end")
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("", pacs.move_port))  # EADDRINUSE while anything listens on it
+        # (a prefetch runs its series side by side: their moves take turns on the one port)
+        out = tmp_path / "prefetched"
+        result = dicomfs("prefetch", pacs.source, "--all", "--retrieve", "move", "--cache-dir",
+                         str(tmp_path / "beside"), "--move-port", str(pacs.move_port), "--to", str(out))
+        assert result.returncode == 0, result.stderr
+        prefetched = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.dcm")}
+        assert sorted(prefetched) == sorted(pacs.files)
+        assert all(same_instance(prefetched[rel], data) for rel, data in pacs.files.items())
+        assert pacs.server.requests("Move") == 4
     finally:
         pacs.server.stop()
 

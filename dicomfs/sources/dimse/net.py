@@ -7,13 +7,16 @@ ACK of ours, nor our replies for one of its) and the retrieve associations' shor
 (``quick_loop``), the pool that keeps at most ``--max-associations`` open (idle query
 associations are reused, closed to make room, and released by a reaper after ``IDLE_SECONDS``),
 one-line errors that tell the user what to change (association rejected, no common presentation
-context, unreachable; a request left unanswered is asked once more), and ``in_thread``:
+context, unreachable; a request left unanswered is asked once more), the Storage SCP a C-MOVE
+delivers to (``storage_scp``: the PACS's AE title alone, on the move port), and ``in_thread``:
 blocking pynetdicom work in a worker thread that the event loop can cancel (C-CANCEL, then
 A-ABORT). Must not know what is queried or retrieved (``query``, the source).
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import socket
 import ssl
@@ -38,6 +41,7 @@ T = TypeVar("T")
 IDLE_SECONDS = 10.0  # an idle query association is released after this long
 CANCEL_GRACE = 2.0  # after a C-CANCEL, how long the PACS has to stop before the association is aborted
 MAX_PDU = 0  # no limit on the PDUs we receive: fewer, larger reads
+PORT_RETRY = 0.1  # seconds between attempts to listen on a move port that another process holds
 RETRIEVE_LOOP_DELAY = 0.0002  # see quick_loop
 
 
@@ -179,6 +183,49 @@ def association_error(peer: Peer, assoc: Association) -> SourceError:
 
 class _NoAnswer(SourceUnavailable):
     """The PACS took the connection and ended it without answering the association request."""
+
+
+def addresses_of(host: str) -> set[str]:
+    """Every address ``host`` stands for (a Storage SCP of ours accepts the PACS from those alone).
+    Blocking (name resolution)."""
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        found = {host}
+    for address in list(found):
+        try:
+            if ipaddress.ip_address(address).is_loopback:
+                found |= {"127.0.0.1", "::1"}
+        except ValueError:
+            pass
+    return found
+
+
+def storage_scp(peer: Peer, port: int, handlers: Sequence[tuple[Any, Callable[..., Any]]]) -> Any:
+    """A Storage SCP of ours on ``port``, for the association on which the PACS sends what a C-MOVE
+    asked for: it accepts the PACS's AE title alone, every storage SOP class in every transfer
+    syntax, and runs in pynetdicom's threads until its ``shutdown()``. A port that another process
+    holds (another dicomfs moving from the same PACS) is waited for up to the peer's timeout, then
+    a one-line ``SourceError``. Blocking."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
+
+    ae = AE(ae_title=peer.calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = peer.timeout
+    ae.network_timeout = peer.timeout * 2
+    ae.maximum_pdu_size = MAX_PDU
+    ae.require_calling_aet = [peer.called_ae]
+    for cx in StoragePresentationContexts:
+        assert cx.abstract_syntax is not None
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    deadline = time.monotonic() + peer.timeout
+    while True:
+        try:
+            return ae.start_server(("", port), block=False, evt_handlers=[*socket_handlers(), *handlers])
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise SourceError(f"cannot listen on port {port} for C-MOVE: {exc.strerror or exc} "
+                                  "(choose another with --move-port)") from None
+            time.sleep(PORT_RETRY)
 
 
 def check_tls(peer: Peer) -> None:

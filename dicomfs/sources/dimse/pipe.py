@@ -1,7 +1,8 @@
 """What the daemon and a retrieve worker process say to each other through the worker's pipes.
 
 Requests go down the worker's stdin, one JSON line each: the peer (address, AE titles, timeout,
-the TLS files, rebuilt there) and the series with its listed instances. Answers come up its
+the TLS files, rebuilt there), the series with its listed instances, and how to retrieve it
+(``get``, or ``move`` to our Storage SCP on a port). Answers come up its
 stdout as frames, each a kind byte and a little-endian header:
 
 * ``R`` u64: bytes received from the PACS so far in this retrieve (the download's progress);
@@ -39,11 +40,14 @@ ERRORS: dict[str, type[SourceError]] = {cls.__name__: cls for cls in (
 
 
 # --- requests ---------------------------------------------------------------------------------
-def request(peer: Peer, study_uid: str, series_uid: str, listed: dict[str, str], log_level: int) -> bytes:
+def request(peer: Peer, study_uid: str, series_uid: str, listed: dict[str, str], log_level: int,
+            move_port: int | None = None) -> bytes:
+    """A C-GET of the series, or with ``move_port`` a C-MOVE to our Storage SCP on that port."""
     return json.dumps({
         "peer": {"host": peer.host, "port": peer.port, "called_ae": peer.called_ae, "calling_ae": peer.calling_ae,
                  "timeout": peer.timeout, "tls_files": list(peer.tls_files) if peer.tls_files else None},
-        "study": study_uid, "series": series_uid, "listed": listed, "log_level": log_level}).encode() + b"\n"
+        "study": study_uid, "series": series_uid, "listed": listed, "log_level": log_level,
+        "move_port": move_port}).encode() + b"\n"
 
 
 def read_request(line: bytes) -> tuple[Peer, dict[str, Any]]:

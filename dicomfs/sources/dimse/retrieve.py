@@ -1,12 +1,12 @@
-"""One series retrieved over DIMSE, blocking (pynetdicom): the C-GET on an association of its own,
-each C-STORE sub-operation made a Part 10 file (``part10``) for a ``deliver`` callback, and the
-responses of a C-GET or C-MOVE followed to their end.
+"""One series retrieved over DIMSE, blocking (pynetdicom): a C-GET on an association of its own,
+or a C-MOVE to a Storage SCP of ours that listens only while the move runs; each C-STORE
+sub-operation made a Part 10 file (``part10``) for a ``deliver`` callback, and the responses of
+the C-GET or C-MOVE followed to their end.
 
-Runs in a retrieve worker process (``worker``: the whole C-GET) and in the daemon (the C-MOVE
-request, from a worker thread; the storage SCP's C-STORE handler calls ``store`` too). Instances
-that the IMAGE-level listing did not name are dropped with a log line; instances the PACS failed
-to send are logged with its status and stay missing. Must not know where instances go
-(``deliver``), or use trio.
+Runs in a retrieve worker process (``worker``: the whole retrieve, its instances received there,
+not in the daemon). Instances that the IMAGE-level listing did not name are dropped with a log
+line, instances from anyone but the PACS refused; instances the PACS failed to send are logged
+with its status and stay missing. Must not know where instances go (``deliver``), or use trio.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Job:
     delivered: int = 0  # instances handed over
     stopped: threading.Event = field(default_factory=threading.Event)
     assoc: Association | None = None  # the C-GET's or C-MOVE's association, once open
+    model: str = query.STUDY_ROOT_GET  # the information model of the retrieve (what a C-CANCEL names)
 
     def identifier(self) -> Dataset:
         return query.identifier("SERIES", {"StudyInstanceUID": self.study_uid, "SeriesInstanceUID": self.series_uid})
@@ -115,6 +116,41 @@ def get(peer: Peer, job: Job) -> None:
         follow(job, assoc.send_c_get(job.identifier(), query.STUDY_ROOT_GET, msg_id=1), "C-GET", assoc)
     finally:
         net.release(assoc)
+
+
+def move(peer: Peer, job: Job, port: int) -> None:
+    """The C-MOVE of the series to ourselves: a Storage SCP on ``port`` for as long as the move
+    runs (``net.storage_scp``: the PACS's AE title alone), whose associations must also come from
+    the PACS's address; their instances go to ``deliver`` as a C-GET's do."""
+    from pynetdicom import build_context, evt
+
+    addresses = net.addresses_of(peer.host)
+
+    def from_the_pacs(event: Any) -> bool:
+        return str(getattr(event.assoc.requestor, "address", "")) in addresses
+
+    def on_store(event: Any) -> int:
+        if not from_the_pacs(event):
+            log.warning("storage SCP: refused instance %r from %s (not the PACS)",
+                        str(event.request.AffectedSOPInstanceUID)[:80], getattr(event.assoc.requestor, "address", "?"))
+            return STORE_REFUSED
+        net.quick_loop(event.assoc)  # the PACS's association, known from its first instance (idempotent)
+        return store(job, event)
+
+    def on_data(event: Any) -> None:
+        if from_the_pacs(event):
+            count(job, event)
+
+    scp = net.storage_scp(peer, port, [(evt.EVT_C_STORE, on_store), (evt.EVT_DATA_RECV, on_data)])
+    try:
+        job.assoc = assoc = net.open_association(peer, [build_context(query.STUDY_ROOT_MOVE)])
+        try:
+            follow(job, assoc.send_c_move(job.identifier(), peer.calling_ae, query.STUDY_ROOT_MOVE, msg_id=1),
+                   "C-MOVE", assoc)
+        finally:
+            net.release(assoc)
+    finally:
+        scp.shutdown()
 
 
 def stop(job: Job, model: str) -> None:
