@@ -5,9 +5,10 @@ Owns the structural walk of an instance: the 128-byte preamble and ``DICM``, the
 implicit VR, little or big endian, deflated), through sequences, items and encapsulated pixel
 data of undefined length, until the stream ends exactly after the last element. On the way it
 reports the data set's own SOPInstanceUID (0008,0018), the name archives list an instance by,
-which may differ from the one in the file meta.
+which may differ from the one in the file meta, and keeps the short values of a few other
+top-level elements a caller asks for (as stored, unparsed).
 
-Sans-I/O and linear: values are skipped, not read (only that UID is kept), a few header bytes are
+Sans-I/O and linear: values are skipped, not read (only those kept), a few header bytes are
 kept between feeds, and a deflated data set is inflated in bounded steps and thrown away. Must not
 interpret anything else: pydicom parses data sets.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from dicomfs.errors import ProtocolError
@@ -29,7 +31,7 @@ PIXEL_DATA_TAG = 0x7FE00010
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_MAX_CAPTURE = 128  # the longest SOPInstanceUID value we keep (a UID has at most 64 characters)
+_MAX_CAPTURE = 128  # the longest value kept (a UID has at most 64 characters)
 _MAX_DEPTH = 64  # nested sequences of undefined length
 _INFLATE_STEP = 1 << 20
 
@@ -65,9 +67,12 @@ class Part10Check:
     """Feed an instance's bytes in order (``feed``), then call ``finish``; either raises
     ``ProtocolError`` with a one-line reason when the bytes are not one well-formed instance."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Collection[int] = ()) -> None:
+        """``keep``: top-level tags whose values (up to 128 bytes) go to ``values`` too."""
         self.meta: FileMeta | None = None
         self.dataset_uid: str | None = None  # the data set's SOPInstanceUID, once seen
+        self.values: dict[int, bytes] = {}  # kept values as stored, by tag (the SOPInstanceUID's too)
+        self._kept = frozenset({SOP_INSTANCE_UID_TAG, *keep})
         self._uid_decided = False  # seen, or a later top-level tag came first (it has none)
         self._head = bytearray()  # preamble and file meta, until complete
         self._inflater: zlib._Decompress | None = None
@@ -75,7 +80,8 @@ class Part10Check:
         self._declared: _Encoding | None = None
         self._header = bytearray()  # a partial element header between feeds
         self._skip = 0  # value bytes of the current element still to pass over
-        self._capture: bytearray | None = None  # the SOPInstanceUID value being collected
+        self._capture: bytearray | None = None  # the value of a kept element being collected
+        self._capture_tag = 0
         self._stack: list[_Container] = []
         self._last_tag = -1  # top-level tags ascend strictly
         self._position = 0  # data set bytes walked (inflated ones for a deflated data set)
@@ -172,7 +178,7 @@ class Part10Check:
                 self._skip -= take
                 self._position += take
                 if not self._skip and self._capture is not None:
-                    self._keep_uid(bytes(self._capture))
+                    self._keep(self._capture_tag, bytes(self._capture))
                 continue
             if self._header:  # a header split across feeds: complete it (8 bytes tell if it has 12)
                 want = 8 if len(self._header) < 8 else 12
@@ -196,13 +202,13 @@ class Part10Check:
     def _run(self, view: memoryview, index: int, end: int) -> int:
         """Pass over top-level explicit VR little endian elements of defined length, as many as
         follow one another in ``view``; stop (for ``_element`` to take over) at anything else:
-        a delimiter, a sequence, the SOPInstanceUID, a tag out of order, a header cut short."""
-        start, last = index, self._last_tag
+        a delimiter, a sequence, an element kept, a tag out of order, a header cut short."""
+        start, last, kept = index, self._last_tag, self._kept
         unpack, unpack_long = _HEADER_LE.unpack_from, _U32_LE.unpack_from
         while end - index >= 12:
             group, element, vr, length = unpack(view, index)
             tag = group << 16 | element
-            if tag <= last or tag == SOP_INSTANCE_UID_TAG or group == 0xFFFE:
+            if tag <= last or tag in kept or group == 0xFFFE:
                 break
             if vr in _LONG_VRS:
                 length = unpack_long(view, index + 8)[0]
@@ -278,10 +284,10 @@ class Part10Check:
         if length == UNDEFINED:
             self._open(tag, vr, encoding)
             return used
-        if top is None and tag == SOP_INSTANCE_UID_TAG and length <= _MAX_CAPTURE:
-            self._capture = bytearray()
+        if top is None and tag in self._kept and length <= _MAX_CAPTURE:
+            self._capture, self._capture_tag = bytearray(), tag
             if length == 0:
-                self._keep_uid(b"")
+                self._keep(tag, b"")
         self._skip = length
         return used
 
@@ -331,10 +337,12 @@ class Part10Check:
         else:
             raise ProtocolError(f"unknown delimiter tag (FFFE,{tag & 0xFFFF:04X}) {where}")
 
-    def _keep_uid(self, value: bytes) -> None:
+    def _keep(self, tag: int, value: bytes) -> None:
         self._capture = None
-        self.dataset_uid = value.rstrip(b"\0 ").decode("ascii", "replace")
-        self._uid_decided = True
+        self.values[tag] = value
+        if tag == SOP_INSTANCE_UID_TAG:
+            self.dataset_uid = value.rstrip(b"\0 ").decode("ascii", "replace")
+            self._uid_decided = True
 
     def _decide_uid(self) -> None:
         self._uid_decided = True

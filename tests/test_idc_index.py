@@ -51,3 +51,16 @@ def test_a_broken_or_foreign_index_is_one_line(tmp_path: Path) -> None:
                "(FORMAT PARQUET)")
     with pytest.raises(UsageError, match="lacks the columns StudyInstanceUID"):
         IdcIndex(tmp_path / "old.parquet")
+
+
+def test_names_come_from_the_head_values_kept() -> None:
+    from dicomfs.sources.idc.source import INSTANCE_NUMBER, SOP_CLASS_UID, head_attrs
+
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    assert head_attrs({INSTANCE_NUMBER: b" 12 ", SOP_CLASS_UID: ct.encode() + b"\0"}) == {
+        "00200013": {"vr": "IS", "Value": [12]}, "00080016": {"vr": "UI", "Value": [ct]}}
+    assert head_attrs({INSTANCE_NUMBER: b"+7"})["00200013"]["Value"] == [7]
+    # several values, not a number, a malformed class UID, nothing: left out, never an error
+    assert head_attrs({INSTANCE_NUMBER: b"1\\2", SOP_CLASS_UID: b"1.2..3"}) == {}
+    assert head_attrs({INSTANCE_NUMBER: b"x", SOP_CLASS_UID: b""}) == {}
+    assert head_attrs({}) == {}

@@ -15,9 +15,8 @@ opened alone is one GET. Must not cache blobs (the blob store does) or know abou
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import cachetools
@@ -38,6 +37,7 @@ from dicomfs.uids import instance_key, is_uid
 log = logging.getLogger(__name__)
 
 HEAD_BYTES = 16 * 1024  # where a Part 10 file names its SOP instance (group 0002, then 0008)
+SOP_CLASS_UID, INSTANCE_NUMBER = 0x00080016, 0x00200013  # kept from the head, for names
 PARALLEL_OBJECTS = 8  # objects of one series in flight at once
 PARALLEL_HEADS = 16
 MAX_INSTANCES = 100_000
@@ -194,7 +194,7 @@ class IdcSource:
     async def _read_head(self, bucket: S3Bucket, name: str, size: int) -> Head | None:
         """The instance key of one object, and the attributes for names (``head_attrs``), from
         its first bytes; None (logged) if it is not DICOM."""
-        check = Part10Check()
+        check = Part10Check(keep=(SOP_CLASS_UID, INSTANCE_NUMBER))
         head = bytearray()
         try:
             async with bucket.stream(name, 0, min(size, HEAD_BYTES)) as chunks:
@@ -215,7 +215,7 @@ class IdcSource:
         if key is None:
             log.warning("object %s/%s names no valid SOP Instance UID: skipped", bucket.bucket, name)
             return None
-        return key, await trio.to_thread.run_sync(head_attrs, bytes(head[:HEAD_BYTES]))
+        return key, head_attrs(check.values)
 
     # --- bytes ----------------------------------------------------------------------------------
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
@@ -266,25 +266,19 @@ async def _deliver(sink: SeriesSink, key: str, body: bytearray) -> None:
     await writer.finish()
 
 
-def head_attrs(head: bytes) -> DicomJson:
-    """InstanceNumber and SOPClassUID from the first bytes of a Part 10 file, for the readable
-    views' names ({} where pydicom cannot read them from so few bytes). Blocking."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True,
-                             specific_tags=["InstanceNumber", "SOPClassUID"])
-        number, sop_class = ds.get("InstanceNumber"), ds.get("SOPClassUID")
-    except Exception:  # a header cut short in the middle of an element, or a foreign one
-        return {}
+def head_attrs(values: Mapping[int, bytes]) -> DicomJson:
+    """InstanceNumber and SOPClassUID, for the readable views' names, from the values a
+    ``Part10Check`` kept from a Part 10 file's first bytes (none of what is missing or unreadable)."""
     attrs: DicomJson = {}
-    try:
-        if number is not None and str(number).strip():
+    number = values.get(INSTANCE_NUMBER, b"").strip(b"\0 ").decode("ascii", "replace")
+    if number:
+        try:
             attrs["00200013"] = {"vr": "IS", "Value": [int(number)]}
-    except (TypeError, ValueError):
-        pass
-    if sop_class and is_uid(str(sop_class)):
-        attrs["00080016"] = {"vr": "UI", "Value": [str(sop_class)]}
+        except ValueError:  # not an integer string (or several values)
+            pass
+    sop_class = values.get(SOP_CLASS_UID, b"").rstrip(b"\0 ").decode("ascii", "replace")
+    if is_uid(sop_class):
+        attrs["00080016"] = {"vr": "UI", "Value": [sop_class]}
     return attrs
 
 
