@@ -5,6 +5,7 @@ parquet in idc-index's schema that the tests write."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -175,6 +176,35 @@ def test_objects_that_contradict_the_listing_fail_alone(idc: tuple[IdcBucket, Pa
         # since the retrieve that lacked them (not at every read before that), and served exactly
         wait_until(lambda: all(read_errno(folder / name) == 0 for name in failed), 60, "the mended objects")
         assert hashes(folder) == expected
+
+
+def test_objects_read_alone_are_checked_as_well(idc: tuple[IdcBucket, Path, S3Server],
+                                                 mount_factory: Callable[..., Mount]) -> None:
+    """With ``--readahead off`` every file is fetched alone (one GET, read, hashed and written in a
+    worker thread): an object that contradicts its listing (too short, other bytes than its ETag's,
+    breaking off) is EIO for its file with a log line, never readable; the others are byte-exact."""
+    from tests.faultproxy import FaultProxy, Rule
+
+    store, _, server = idc
+    prefix = store.series_prefix[BIG_SERIES]
+    objects = sorted(k for k in store.objects if k.startswith(prefix))
+    with FaultProxy(server.port) as proxy:
+        mount = _mount(idc, mount_factory, "--readahead", "off", endpoint=proxy.url)
+        folder = mount.path / "studies" / BIG_STUDY / BIG_SERIES
+        names = sorted(listdir(folder))  # the headers are read (through the proxy, unharmed)
+        shorter, other, forged = objects[3], objects[7], objects[11]
+        proxy.add(Rule(lambda path: shorter in path, "body", body=b"DICM" * 100, content_type="application/dicom"))
+        proxy.add(Rule(lambda path: other in path, "short", after=1000))
+        proxy.add(Rule(lambda path: forged in path, "body", body=b"\0" * store.objects[forged],
+                       content_type="application/dicom"))
+        results = {name: read_errno(folder / name) for name in names}
+        failed = {name for name, code in results.items() if code != 0}
+        assert len(failed) == 3 and {results[name] for name in failed} == {errno.EIO}, results
+        assert "not its listed" in mount.log and "do not match its ETag" in mount.log
+        expected = {k.rsplit("/", 1)[1]: v for k, v in store.expected.items() if BIG_SERIES + "/" in k}
+        served = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names if name not in failed}
+        assert len(served) == 117 and all(expected[name] == digest for name, digest in served.items())
+        assert mount.alive()
 
 
 def test_prefetch_of_a_collection_then_reads_without_the_bucket(idc: tuple[IdcBucket, Path, S3Server], tmp_path: Path,

@@ -9,7 +9,8 @@ in the source's work folder (objects under a series UUID never change: a revised
 UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time, each handed to the sink
 whole as soon as it is in (an object that contradicts its listing is logged and left out: EIO for
 that file only; one that breaks off is resumed by the blob store, the others go on); one instance
-opened alone is one GET. Must not cache blobs (the blob store does) or know about views.
+opened alone is one GET, read, hashed and written in a worker thread. Must not cache blobs (the
+blob store does) or know about views.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import cachetools
@@ -27,11 +29,12 @@ from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBrok
 from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
-from dicomfs.sources.base import SeriesSink
+from dicomfs.sources.base import BlockingSink, SeriesSink
 from dicomfs.sources.bucket import ObjectInfo
 from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.sources.idc.index import IdcIndex, SeriesLocation
 from dicomfs.sources.s3 import S3Bucket
+from dicomfs.tasks import StopSignal, run_stoppable
 from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
@@ -249,6 +252,7 @@ class IdcSource:
             raise TransferBroken(f"{len(broken)} of the series' objects broke off (first: {broken[0]})")
 
     async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None:
+        """One object, read, checked and written in a worker thread (``_whole_in_thread``)."""
         series = SeriesRecord(instance.study_uid, instance.series_uid)
         location = await self._location(series)
         objects = await self._objects(series)
@@ -256,7 +260,7 @@ class IdcSource:
             raise NotFound(f"instance {instance.key} is no longer in its series' bucket prefix")
         info, _ = objects[instance.key]
         bucket = self._bucket(location.bucket)
-        await _deliver(sink, instance.key, await _whole(bucket, info, sink))
+        await run_stoppable(partial(_whole_in_thread, bucket, info, instance.key, sink.in_thread()))
 
 
 async def _deliver(sink: SeriesSink, key: str, body: bytearray) -> None:
@@ -290,13 +294,52 @@ async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytear
         async for chunk in chunks:
             sink.arrived(len(chunk))
             body += chunk
-            if len(body) > info.size:
-                raise IntegrityError(f"object {info.name} is longer than its listed size {info.size}")
-    if len(body) != info.size:
-        raise IntegrityError(f"object {info.name} is {len(body)} bytes, not its listed {info.size}")
-    etag = (info.etag or "").lower()
-    if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag):
-        digest = await trio.to_thread.run_sync(lambda: hashlib.md5(body, usedforsecurity=False).hexdigest())
-        if digest != etag:
-            raise IntegrityError(f"object {info.name}: its bytes do not match its ETag (MD5)")
+            _check_length(info, len(body))
+    _check_length(info, len(body), whole=True)
+    if _etag_md5(info) is not None:
+        _check_md5(info, await trio.to_thread.run_sync(lambda: hashlib.md5(body, usedforsecurity=False).hexdigest()))
     return body  # (the sink's writer keeps it until written: nothing changes it after this)
+
+
+def _whole_in_thread(bucket: S3Bucket, info: ObjectInfo, key: str, sink: BlockingSink, stop: StopSignal) -> None:
+    """``_whole`` for one object read alone, in a worker thread (``run_stoppable``): its bytes go
+    to the instance's writer as they come, hashed on the way, and the instance is finished only
+    once its size and MD5 ETag are checked (an object that fails them is never readable)."""
+    expected = _etag_md5(info)
+    md5 = hashlib.md5(usedforsecurity=False) if expected is not None else None
+    writer = sink.begin(key, info.size)
+    length = 0
+    try:
+        with bucket.stream_in_thread(info.name, 0, None, stop) as chunks:
+            for chunk in chunks:
+                sink.arrived(len(chunk))
+                length += len(chunk)
+                _check_length(info, length)
+                if md5 is not None:
+                    md5.update(chunk)
+                writer.write(chunk)
+        _check_length(info, length, whole=True)
+        if md5 is not None:
+            _check_md5(info, md5.hexdigest())
+        writer.finish()
+    finally:
+        sink.publish()
+
+
+def _etag_md5(info: ObjectInfo) -> str | None:
+    """The object's MD5 as its ETag gives it (an object uploaded in one part), or None."""
+    etag = (info.etag or "").lower()
+    return etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
+
+
+def _check_length(info: ObjectInfo, length: int, whole: bool = False) -> None:
+    """Raise unless ``length`` bytes may (``whole``: do) make the object its listing sizes."""
+    if length > info.size:
+        raise IntegrityError(f"object {info.name} is longer than its listed size {info.size}")
+    if whole and length != info.size:
+        raise IntegrityError(f"object {info.name} is {length} bytes, not its listed {info.size}")
+
+
+def _check_md5(info: ObjectInfo, digest: str) -> None:
+    if digest != _etag_md5(info):
+        raise IntegrityError(f"object {info.name}: its bytes do not match its ETag (MD5)")
