@@ -122,6 +122,30 @@ async def test_concurrent_readers_share_one_download(tmp_path: Path) -> None:
     await with_store(tmp_path, source, body)
 
 
+async def test_one_size_is_looked_up_alone(tmp_path: Path) -> None:
+    """A lookup asks for one file's size: the store answers from the manifest's entry for it, not
+    by making the sizes of every member of the series (1,500 of them in a large series, per lookup)."""
+    source = ScriptedSource({SERIES.key: FILES})
+
+    async def body(store: BlobStore) -> None:
+        await read_all(store, "1.2.3.1")
+        download = store.running(SERIES)
+        if download is not None:
+            await download.done.wait()  # the series is cached: sizes from its manifest
+        everything = await store.known_sizes(SERIES)
+        assert len(everything) == len(FILES)
+
+        async def not_all(series: SeriesRecord) -> dict[str, int]:
+            raise AssertionError("the size of one instance made every member's")
+
+        store.known_sizes = not_all  # type: ignore[method-assign]
+        for key in FILES:
+            assert await store.size_of(SERIES, instance(key)) == everything[key] == len(FILES[key])
+        assert await store.known_size(SERIES, "1.2.3.404") is None
+
+    await with_store(tmp_path, source, body)
+
+
 async def test_reader_of_first_instance_does_not_wait_for_the_rest(tmp_path: Path) -> None:
     source = ScriptedSource({SERIES.key: FILES})
     release = trio.Event()

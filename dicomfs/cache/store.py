@@ -216,15 +216,26 @@ class BlobStore:
             sizes.update({k: m.length for k, m in download.members.items()})
         return sizes
 
+    async def known_size(self, series: SeriesRecord, key: str) -> int | None:
+        """``known_sizes(series).get(key)``, without making every member's entry (a lookup asks
+        for one file of a series that may have thousands)."""
+        manifest = await self.manifest(series.key)
+        download = self._downloads.get(series.key)
+        member = download.members.get(key) if download is not None else None
+        if member is not None:
+            return member.length
+        entry = manifest.members.get(key) if manifest is not None else None
+        return entry[1] if entry is not None else None
+
     async def size_of(self, series: SeriesRecord, instance: InstanceRecord) -> int:
         """The exact size of an instance, downloading its series if nothing else knows it."""
         if instance.size is not None:
             return instance.size
         for _ in range(JOIN_ATTEMPTS):
             commits = self._commits[series.key]
-            sizes = await self.known_sizes(series)
-            if instance.key in sizes:
-                return sizes[instance.key]
+            size = await self.known_size(series, instance.key)
+            if size is not None:
+                return size
             if self._commits[series.key] != commits:
                 continue  # a download finished while we looked: look again
             download = self._downloads.get(series.key)
