@@ -152,6 +152,22 @@ def read_all(folder: Path) -> float:
     return timed(["find", str(folder), "-type", "f", "-exec", "cat", "{}", "+"])
 
 
+def passthrough_copy(folder: Path, base: Path) -> tuple[float, int]:
+    """The floor of a copy through FUSE: ``cp -r`` of ``folder`` through ``bench/passthrough.py``
+    (a pyfuse3 mount of its parent) into ``base``, every byte already in the page cache; the
+    copy's wall time and status (the copy is removed after)."""
+    read_all(folder)
+    mount = PassthroughMount(folder.parent, base / "pass", base / "pass.log")
+    mount.start()
+    try:
+        wall, status, _ = run_timed(["cp", "-r", str(mount.path / folder.name), str(base / "copy")],
+                                    timeout=COMMAND_TIMEOUT)
+    finally:
+        mount.stop()
+    shutil.rmtree(base / "copy", ignore_errors=True)
+    return wall, status
+
+
 def list_all(folder: Path) -> float:
     """``ls -R``: directory listings only (no stat, so no instance sizes, so no downloads)."""
     return timed(["ls", "-R", str(folder)])

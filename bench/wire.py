@@ -56,7 +56,17 @@ if str(ROOT) not in sys.path:
 from bench import link, report  # noqa: E402
 from bench.mounts import DicomfsMount, PassthroughMount, cpu_seconds, memory_kib, run_timed, stop_on_sigterm  # noqa: E402
 from bench.prefetch import command as prefetch_command  # noqa: E402
-from bench.run import COMMAND_TIMEOUT, DOC, RESULTS, Study, build_study, curl_study, read_all, verify_copy  # noqa: E402
+from bench.run import (  # noqa: E402
+    COMMAND_TIMEOUT,
+    DOC,
+    RESULTS,
+    Study,
+    build_study,
+    curl_study,
+    passthrough_copy,
+    read_all,
+    verify_copy,
+)
 from tests.servers import OrthancServer, require_tools  # noqa: E402
 
 PIXEL_BYTES = 1 << 20
@@ -156,15 +166,7 @@ class Wire:
     def floor(self, study: Study) -> None:
         """``cp -r`` of the study's original files through the passthrough, all in the page cache."""
         base = self.fresh("floor")
-        original = self.work / "original"
-        read_all(original / study.uid)
-        mount = PassthroughMount(original, base / "pass", base / "pass.log")
-        mount.start()
-        try:
-            wall, status, _ = run_timed(["cp", "-r", str(mount.path / study.uid), str(base / "copy")],
-                                        timeout=COMMAND_TIMEOUT)
-        finally:
-            mount.stop()
+        wall, status = passthrough_copy(self.work / "original" / study.uid, base)
         if status != 0:
             self.checks.append(f"floor copy of {study.uid}: status {status}")
         self.record("floor_cp_s", wall)
