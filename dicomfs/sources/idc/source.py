@@ -305,8 +305,7 @@ def _whole_in_thread(bucket: S3Bucket, info: ObjectInfo, key: str, sink: Blockin
     """``_whole`` for one object read alone, in a worker thread (``run_stoppable``): its bytes go
     to the instance's writer as they come, hashed on the way, and the instance is finished only
     once its size and MD5 ETag are checked (an object that fails them is never readable)."""
-    expected = _etag_md5(info)
-    md5 = hashlib.md5(usedforsecurity=False) if expected is not None else None
+    md5 = hashlib.md5(usedforsecurity=False) if _etag_md5(info) is not None else None
     writer = sink.begin(key, info.size)
     length = 0
     try:
