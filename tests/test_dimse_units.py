@@ -202,3 +202,41 @@ def test_a_worker_request_carries_the_peer_and_rebuilds_its_tls(tmp_path: Path) 
     with pytest.raises(UsageError, match="cannot use the TLS files"):
         pipe.read_request(pipe.request(Peer("h", 1, "A", "B", 1.0, tls_files=(str(tmp_path / "no-ca.pem"), None,
                                                                             None)), "1", "2", {}, 20))
+
+
+async def test_callers_at_the_same_time_share_one_image_level_c_find(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefetch lists a series (the catalog) and starts its retrieve (which needs the listing's
+    SOP classes) at once: one IMAGE-level C-FIND serves both; a later listing asks again."""
+    import trio
+
+    from dicomfs.sources.dimse import DimseSource
+
+    source = DimseSource(Peer("pacs.example.org", 11112, "PACS", "DICOMFS", 5.0))
+    asked: list[str] = []
+
+    async def find(identifier: Dataset, what: str) -> list[Dataset]:
+        asked.append(identifier.QueryRetrieveLevel)
+        await trio.sleep(0.05)
+        answer = Dataset()
+        answer.StudyInstanceUID, answer.SeriesInstanceUID = "1.2", "1.2.3"
+        answer.SOPInstanceUID, answer.SOPClassUID = "1.2.3.4", "1.2.840.10008.5.1.4.1.1.7"
+        return [answer]
+
+    async def warm(count: int = 1) -> None:
+        pass
+
+    monkeypatch.setattr(source, "_find", find)
+    monkeypatch.setattr(source.workers, "warm", warm)
+    series = SeriesRecord("1.2", "1.2.3")
+    found: list[list[str]] = []
+
+    async def listing() -> None:
+        found.append([i.key for i in await source.list_instances(series)])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(listing)
+    assert asked == ["IMAGE"] and found == [["1.2.3.4"]] * 3
+    assert source._listed[series.key] == {"1.2.3.4": "1.2.840.10008.5.1.4.1.1.7"}
+    await source.list_instances(series)
+    assert asked == ["IMAGE", "IMAGE"]

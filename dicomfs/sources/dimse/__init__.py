@@ -23,6 +23,7 @@ import trio
 from dicomfs.errors import SourceUnavailable
 from dicomfs.query import Term
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import SeriesSink
 from dicomfs.sources.dimse import net, pipe, query, status
 from dicomfs.sources.dimse.net import Peer
@@ -53,6 +54,7 @@ class DimseSource:
         self.workers = WorkerPool(self.pool.limit)
         self._listed: dict[str, dict[str, str]] = {}  # series key -> its instances' SOP classes
         self._moving = trio.Lock()  # one C-MOVE at a time: its worker listens on the one move port
+        self._image_finds: SingleFlight[list[InstanceRecord]] = SingleFlight()
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -98,13 +100,19 @@ class DimseSource:
         return query.series(study_uid, answers)
 
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        """The IMAGE-level C-FIND of the series; callers at the same time (the catalog's listing
+        and a retrieve that needs the SOP classes, as a prefetch starts both) share one."""
         await self.workers.warm()  # a series opened is often read: have a worker start meanwhile
-        answers = await self._find(query.identifier("IMAGE", {"StudyInstanceUID": series.study_uid,
-                                                               "SeriesInstanceUID": series.uid}),
-                                   f"the instances of series {series.uid}")
-        found = query.instances(series, answers)
-        self._listed[series.key] = {i.key: _sop_class(i) for i in found}
-        return found
+
+        async def find() -> list[InstanceRecord]:
+            answers = await self._find(query.identifier("IMAGE", {"StudyInstanceUID": series.study_uid,
+                                                                   "SeriesInstanceUID": series.uid}),
+                                       f"the instances of series {series.uid}")
+            found = query.instances(series, answers)
+            self._listed[series.key] = {i.key: _sop_class(i) for i in found}
+            return found
+
+        return await self._image_finds.run(series.key, find)
 
     def local_file(self, instance: InstanceRecord) -> Path | None:
         return None
