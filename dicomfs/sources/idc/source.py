@@ -29,6 +29,7 @@ from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBrok
 from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import BlockingSink, SeriesSink
 from dicomfs.sources.bucket import ObjectInfo
 from dicomfs.sources.http import DEFAULT_TIMEOUT
@@ -68,6 +69,7 @@ class IdcSource:
         self._listed: cachetools.LRUCache[str, dict[str, tuple[ObjectInfo, DicomJson]]] = cachetools.LRUCache(256)
         self._heads = diskcache.Cache(str(work_dir / "idc-heads"))  # object -> what its header told (Head)
         self._limit = trio.CapacityLimiter(PARALLEL_HEADS)
+        self._listings: SingleFlight[dict[str, tuple[ObjectInfo, DicomJson]]] = SingleFlight()
 
     async def aclose(self) -> None:
         for bucket in self._buckets.values():
@@ -132,10 +134,14 @@ class IdcSource:
     async def _objects(self, series: SeriesRecord, fresh: bool = False) -> dict[str, tuple[ObjectInfo, DicomJson]]:
         """instance key -> its object and the attributes its header gave (InstanceNumber,
         SOPClassUID): the series' prefix listing, each object named by its header (read once,
-        then remembered in the work folder)."""
+        then remembered in the work folder). Callers at the same time share one listing (a
+        prefetch lists a series and starts its retrieve together)."""
         known = self._listed.get(series.uid)
         if known is not None and not fresh:
             return known
+        return await self._listings.run(series.uid, lambda: self._list_objects(series))
+
+    async def _list_objects(self, series: SeriesRecord) -> dict[str, tuple[ObjectInfo, DicomJson]]:
         location = await self._location(series)
         bucket = self._bucket(location.bucket)
         _, listed = await bucket.list(location.prefix, delimiter=None)
