@@ -14,7 +14,12 @@ a PACS as users find it), then repeats, interleaved and in rotating order:
 2. ``dicomfs prefetch --all`` (every study) into an empty cache, and its CPU time; baseline: one
    ``getscu`` per study, all at once;
 3. for information: the cold copy with ``--retrieve move`` (C-MOVE to dicomfs's storage SCP), and
-   ``getscu`` without ``TCP_NODELAY``.
+   ``getscu`` without ``TCP_NODELAY``;
+4. the floor of any client built on pynetdicom (which the DIMSE issue asks for): a minimal one,
+   ``bench/pynetdicom_get.py``, doing what ``getscu`` does (one STUDY-level C-GET into a folder):
+   its retrieve alone (association to release, as a mount's retrieve worker has Python started
+   and pynetdicom imported before the copy) against ``getscu`` of the study, and one whole process
+   per study, all at once, against the same ``getscu`` runs.
 
 Everything writes to the same disk. Every figure is a ratio to its baseline in the same run
 (medians; the spread of per-repetition ratios beside). After the first repetition every output is
@@ -128,6 +133,8 @@ class Bench:
         self.checks: dict[str, str] = {}
         self.expected = expected_digests(studies, work / "files")
         self.first = studies[0]
+        self.sop_classes = sorted({parse_file_meta(p.read_bytes()[:65536]).sop_class_uid
+                                   for p in (work / "files").rglob("*.dcm")})
 
     def record(self, name: str, value: float) -> None:
         self.samples.setdefault(name, []).append(value)
@@ -194,6 +201,25 @@ class Bench:
             shutil.rmtree(out)
         shutil.rmtree(cache)
 
+    def pynetdicom_floor(self) -> None:
+        """``bench/pynetdicom_get.py`` of the first study (its retrieve alone), then one per study
+        at once (whole processes)."""
+        script = [sys.executable, str(ROOT / "bench" / "pynetdicom_get.py"), AE, self.server.aet, "127.0.0.1",
+                  str(self.server.dicom_port)]
+        out = self.work / f"out-pynetdicom-{time.monotonic_ns()}"
+        _, status, said = run_timed([*script, self.first.uid, str(out), *self.sop_classes], capture=True,
+                                    timeout=TIMEOUT)
+        if status != 0:
+            raise RuntimeError(f"bench/pynetdicom_get.py exited with {status}")
+        self.record("pynetdicom_get_s", float(said.split()[-1]))
+        self.check("pynetdicom_get", digests_below(out), self.expected_of([self.first]))
+        seconds, statuses = run_parallel([[*script, s.uid, str(out / "all" / s.uid), *self.sop_classes]
+                                          for s in self.studies], {})
+        if any(statuses):
+            raise RuntimeError(f"bench/pynetdicom_get.py exited with {statuses}")
+        self.record("pynetdicom_all_s", seconds)
+        shutil.rmtree(out)
+
     def getscu_all(self) -> None:
         out = self.work / f"out-getscu-all-{time.monotonic_ns()}"
         cpu = children_cpu()
@@ -209,7 +235,7 @@ class Bench:
         steps = [("copy", lambda: self.copy("copy")), ("getscu", lambda: self.getscu_one("getscu", NODELAY)),
                  ("prefetch", self.prefetch), ("getscu_all", self.getscu_all),
                  ("copy_move", lambda: self.copy("copy_move", "--retrieve", "move")),
-                 ("getscu_nagle", lambda: self.getscu_one("getscu_nagle", {}))]
+                 ("getscu_nagle", lambda: self.getscu_one("getscu_nagle", {})), ("pynetdicom", self.pynetdicom_floor)]
         shift = number % len(steps)
         order = steps[shift:] + steps[:shift]
         print(f"repetition {number + 1}/{self.args.repeat}: {', '.join(name for name, _ in order)}", flush=True)
@@ -273,7 +299,11 @@ def rows(results: dict[str, object]) -> list[tuple[str, str, str, str, bool | No
              total, TARGETS["prefetch"]),
             ("cold `cp -r` with `--retrieve move` (C-MOVE) vs `getscu` (information)", "copy_move_s", "getscu_s",
              study, None),
-            ("`getscu` without `TCP_NODELAY=1` vs with it (information)", "getscu_nagle_s", "getscu_s", study, None)):
+            ("`getscu` without `TCP_NODELAY=1` vs with it (information)", "getscu_nagle_s", "getscu_s", study, None),
+            ("the floor of a pynetdicom client: `bench/pynetdicom_get.py`'s STUDY-level C-GET of the study, the "
+             "retrieve alone (no Python start, no import) vs `getscu`", "pynetdicom_get_s", "getscu_s", study, None),
+            ("the floor of a pynetdicom client: one whole `bench/pynetdicom_get.py` per study, in parallel, vs the "
+             "`getscu` runs", "pynetdicom_all_s", "getscu_all_s", total, None)):
         ratio, text = ratio_text(results, ours, theirs)
         out.append((label, times(ours, theirs, size), text, f"≤ {target}×" if target else "—",
                     None if target is None else ratio <= target))
