@@ -4,6 +4,8 @@ and its retrieve workers say to each other through a real pipe."""
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
 from pathlib import Path
 
@@ -240,3 +242,41 @@ async def test_callers_at_the_same_time_share_one_image_level_c_find(monkeypatch
     assert source._listed[series.key] == {"1.2.3.4": "1.2.840.10008.5.1.4.1.1.7"}
     await source.list_instances(series)
     assert asked == ["IMAGE", "IMAGE"]
+
+
+def _listener(port: int) -> socket.socket:
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("", port))
+    holder.listen()
+    return holder
+
+
+def test_a_move_port_held_elsewhere_is_waited_for_then_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The Storage SCP of a C-MOVE listens only while its move runs; a port another process holds
+    (another dicomfs moving from the same PACS) is waited for, up to the timeout, and then refused
+    with one line that says what to change."""
+    import threading
+
+    from dicomfs.errors import SourceError
+    from dicomfs.sources.dimse import net
+    from tests.servers import free_port
+
+    port = free_port()
+    holder = _listener(port)
+    threading.Timer(0.3, holder.close).start()  # the other process's move ends
+    with caplog.at_level(logging.INFO, logger="dicomfs"):
+        scp = net.storage_scp(Peer("127.0.0.1", 104, "PACS", "DICOMFS", 5.0), port, [])
+    try:
+        assert f"port {port} for C-MOVE is in use" in caplog.text
+        with pytest.raises(OSError):
+            _listener(port).close()  # ours now
+    finally:
+        scp.shutdown()
+    _listener(port).close()  # and free again once it is shut down
+    holder = _listener(port)
+    try:
+        with pytest.raises(SourceError, match=rf"cannot listen on port {port} for C-MOVE: .*--move-port"):
+            net.storage_scp(Peer("127.0.0.1", 104, "PACS", "DICOMFS", 0.3), port, [])
+    finally:
+        holder.close()

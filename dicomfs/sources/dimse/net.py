@@ -218,6 +218,7 @@ def storage_scp(peer: Peer, port: int, handlers: Sequence[tuple[Any, Callable[..
         assert cx.abstract_syntax is not None
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     deadline = time.monotonic() + peer.timeout
+    waiting = False
     while True:
         try:
             return ae.start_server(("", port), block=False, evt_handlers=[*socket_handlers(), *handlers])
@@ -225,6 +226,10 @@ def storage_scp(peer: Peer, port: int, handlers: Sequence[tuple[Any, Callable[..
             if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
                 raise SourceError(f"cannot listen on port {port} for C-MOVE: {exc.strerror or exc} "
                                   "(choose another with --move-port)") from None
+            if not waiting:
+                log.info("port %d for C-MOVE is in use (another dicomfs moving from this PACS?): waiting up to "
+                         "%.0f s for it", port, peer.timeout)
+                waiting = True
             time.sleep(PORT_RETRY)
 
 
