@@ -280,3 +280,25 @@ def test_a_move_port_held_elsewhere_is_waited_for_then_one_line(caplog: pytest.L
             net.storage_scp(Peer("127.0.0.1", 104, "PACS", "DICOMFS", 0.3), port, [])
     finally:
         holder.close()
+
+
+def test_the_move_storage_scp_takes_the_pacs_ae_title_alone() -> None:
+    """Only the PACS (its AE title, as the source names it) may open an association to the Storage
+    SCP a C-MOVE listens with; any other calling AE title is rejected."""
+    from pynetdicom import AE
+
+    from dicomfs.sources.dimse import net
+    from tests.servers import free_port
+
+    port = free_port()
+    scp = net.storage_scp(Peer("127.0.0.1", 104, "PACS", "DICOMFS", 5.0), port, [])
+    try:
+        for calling, accepted in (("INTRUDER", False), ("PACS", True)):
+            ae = AE(ae_title=calling)
+            ae.add_requested_context("1.2.840.10008.5.1.4.1.1.7")  # secondary capture storage
+            assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFS")
+            assert assoc.is_established == accepted and assoc.is_rejected != accepted, calling
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        scp.shutdown()
