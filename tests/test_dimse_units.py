@@ -302,3 +302,30 @@ def test_the_move_storage_scp_takes_the_pacs_ae_title_alone() -> None:
                 assoc.release()
     finally:
         scp.shutdown()
+
+
+def test_moved_instances_from_anyone_but_the_pacs_are_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """On a C-MOVE's Storage SCP, an association from another address than the PACS's gets its
+    instances refused (and not counted as the retrieve's progress); the PACS's are delivered."""
+    from types import SimpleNamespace
+
+    from dicomfs.sources.dimse import retrieve
+
+    delivered: list[str] = []
+    job = retrieve.Job("dimse://PACS@10.0.0.5:104", "PACS", "1.2", "1.2.3", {"1.2.3.4": "1.2.840.10008.5.1.4.1.1.7"},
+                       lambda key, head, data: delivered.append(key) or True)
+    data_set = b"\x08\x00\x18\x00UI\x08\x001.2.3.4\x00"
+
+    def event(address: str) -> SimpleNamespace:
+        request = SimpleNamespace(AffectedSOPInstanceUID="1.2.3.4", AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.7",
+                                  DataSet=SimpleNamespace(getvalue=lambda: data_set))
+        return SimpleNamespace(assoc=SimpleNamespace(requestor=SimpleNamespace(address=address)), request=request,
+                               context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.1"), data=b"x" * 100)
+
+    pacs = {"10.0.0.5"}
+    assert retrieve.store_moved(job, pacs, event("10.6.6.6")) == retrieve.STORE_REFUSED
+    retrieve.count_moved(job, pacs, event("10.6.6.6"))
+    assert delivered == [] and job.received == 0 and "refused instance '1.2.3.4' from 10.6.6.6" in caplog.text
+    assert retrieve.store_moved(job, pacs, event("10.0.0.5")) == 0x0000
+    retrieve.count_moved(job, pacs, event("10.0.0.5"))
+    assert delivered == ["1.2.3.4"] and job.received == 100

@@ -125,23 +125,8 @@ def move(peer: Peer, job: Job, port: int) -> None:
     from pynetdicom import build_context, evt
 
     addresses = net.addresses_of(peer.host)
-
-    def from_the_pacs(event: Any) -> bool:
-        return str(getattr(event.assoc.requestor, "address", "")) in addresses
-
-    def on_store(event: Any) -> int:
-        if not from_the_pacs(event):
-            log.warning("storage SCP: refused instance %r from %s (not the PACS)",
-                        str(event.request.AffectedSOPInstanceUID)[:80], getattr(event.assoc.requestor, "address", "?"))
-            return STORE_REFUSED
-        net.quick_loop(event.assoc)  # the PACS's association, known from its first instance (idempotent)
-        return store(job, event)
-
-    def on_data(event: Any) -> None:
-        if from_the_pacs(event):
-            count(job, event)
-
-    scp = net.storage_scp(peer, port, [(evt.EVT_C_STORE, on_store), (evt.EVT_DATA_RECV, on_data)])
+    scp = net.storage_scp(peer, port, [(evt.EVT_C_STORE, lambda event: store_moved(job, addresses, event)),
+                                       (evt.EVT_DATA_RECV, lambda event: count_moved(job, addresses, event))])
     try:
         job.assoc = assoc = net.open_association(peer, [build_context(query.STUDY_ROOT_MOVE)])
         try:
@@ -151,6 +136,27 @@ def move(peer: Peer, job: Job, port: int) -> None:
             net.release(assoc)
     finally:
         scp.shutdown()
+
+
+def store_moved(job: Job, addresses: set[str], event: Any) -> int:
+    """``store`` on the Storage SCP of a C-MOVE: refused unless the association comes from one of
+    the PACS's ``addresses``."""
+    if not _from(addresses, event):
+        log.warning("storage SCP: refused instance %r from %s (not the PACS)",
+                    str(event.request.AffectedSOPInstanceUID)[:80], getattr(event.assoc.requestor, "address", "?"))
+        return STORE_REFUSED
+    net.quick_loop(event.assoc)  # the PACS's association, known from its first instance (idempotent)
+    return store(job, event)
+
+
+def count_moved(job: Job, addresses: set[str], event: Any) -> None:
+    """``count`` on the Storage SCP of a C-MOVE, for the PACS's associations alone."""
+    if _from(addresses, event):
+        count(job, event)
+
+
+def _from(addresses: set[str], event: Any) -> bool:
+    return str(getattr(event.assoc.requestor, "address", "")) in addresses
 
 
 def stop(job: Job, model: str) -> None:
