@@ -1,9 +1,10 @@
-"""Pausing Python's cyclic garbage collector while a large JSON document is built or rewritten,
-and handing the memory such a document took back to the system afterwards.
+"""Pausing Python's cyclic garbage collector while a large JSON document or listing is built or
+rewritten, and handing the memory such a document took back to the system afterwards.
 
 Parsing a whole series' metadata creates about a million small objects, and each batch of them
 sets off a collection that walks every object alive: with the collector paused the same parse
-takes a third of the time (measured: 1.0 s -> 0.32 s for 29 MB from Orthanc). The collector is
+takes a third of the time (measured: 1.0 s -> 0.32 s for 29 MB from Orthanc). The IDC index's
+168,000 studies, and their folders, are made the same way. The collector is
 one per process, so the pause is too: a counter (under a lock) lets pauses in several worker
 threads overlap, and the collector runs again when the last one ends. Nothing here is cyclic, so
 nothing is lost by waiting. Must not be used around anything that may block for long.
