@@ -6,11 +6,11 @@ instances come from one prefix listing (names and exact sizes) and a ranged read
 first bytes (its SOP Instance UID, by the one naming rule of ``uids.instance_key``, and the
 InstanceNumber and SOPClassUID the readable views name files by), done once per object and kept
 in the source's work folder (objects under a series UUID never change: a revised series gets a new
-UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time, each handed to the sink
-whole as soon as it is in (an object that contradicts its listing is logged and left out: EIO for
-that file only; one that breaks off is resumed by the blob store, the others go on); one instance
-opened alone is one GET, read, hashed and written in a worker thread. Must not cache blobs (the
-blob store does) or know about views.
+UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time, each read and hashed in
+a worker thread and handed to the sink whole as soon as it is in (an object that contradicts its
+listing is logged and left out: EIO for that file only; one that breaks off is resumed by the blob
+store, the others go on); one instance opened alone is one GET, read, hashed and written in a
+worker thread. Must not cache blobs (the blob store does) or know about views.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 HEAD_BYTES = 16 * 1024  # where a Part 10 file names its SOP instance (group 0002, then 0008)
 SOP_CLASS_UID, INSTANCE_NUMBER = 0x00080016, 0x00200013  # kept from the head, for names
 PARALLEL_OBJECTS = 8  # objects of one series in flight at once
+PROGRESS_STEP = 4 << 20  # bytes of one object read before its progress is told (the transfer limits watch it)
 PARALLEL_HEADS = 16
 MAX_INSTANCES = 100_000
 SERIES_READ_WITH_SEARCH = 20_000  # studies
@@ -294,18 +295,34 @@ def head_attrs(values: Mapping[int, bytes]) -> DicomJson:
 
 
 async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytearray:
-    """One object, checked against its listed size and, where its ETag is the MD5 of its bytes
-    (an object uploaded in one part), against that."""
-    body = bytearray()
-    async with bucket.stream(info.name) as chunks:
-        async for chunk in chunks:
-            sink.arrived(len(chunk))
-            body += chunk
-            _check_length(info, len(body))
-    _check_length(info, len(body), whole=True)
-    if _etag_md5(info) is not None:
-        _check_md5(info, await trio.to_thread.run_sync(lambda: hashlib.md5(body, usedforsecurity=False).hexdigest()))
-    return body  # (the sink's writer keeps it until written: nothing changes it after this)
+    """One object, read in a worker thread (urllib3, large reads; its progress handed to the event
+    loop every ``PROGRESS_STEP`` bytes), checked against its listed size and, where its ETag is the
+    MD5 of its bytes (an object uploaded in one part), against that, hashed as it comes."""
+    loop = trio.lowlevel.current_trio_token()
+
+    def read(stop: StopSignal) -> bytearray:
+        body = bytearray()
+        md5 = hashlib.md5(usedforsecurity=False) if _etag_md5(info) is not None else None
+        told = 0
+        try:
+            with bucket.stream_in_thread(info.name, 0, None, stop) as chunks:
+                for chunk in chunks:
+                    body += chunk
+                    _check_length(info, len(body))
+                    if md5 is not None:
+                        md5.update(chunk)
+                    if len(body) - told >= PROGRESS_STEP:
+                        loop.run_sync_soon(sink.arrived, len(body) - told)
+                        told = len(body)
+        finally:
+            if len(body) > told:
+                loop.run_sync_soon(sink.arrived, len(body) - told)
+        _check_length(info, len(body), whole=True)
+        if md5 is not None:
+            _check_md5(info, md5.hexdigest())
+        return body
+
+    return await run_stoppable(read)  # (the sink's writer keeps the body until written: nothing changes it after)
 
 
 def _whole_in_thread(bucket: S3Bucket, info: ObjectInfo, key: str, sink: BlockingSink, stop: StopSignal) -> None:
