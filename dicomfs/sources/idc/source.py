@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 HEAD_BYTES = 16 * 1024  # where a Part 10 file names its SOP instance (group 0002, then 0008)
 SOP_CLASS_UID, INSTANCE_NUMBER = 0x00080016, 0x00200013  # kept from the head, for names
 PARALLEL_OBJECTS = 8  # objects of one series in flight at once
-PROGRESS_STEP = 1 << 20  # bytes of one object read before its progress is told (the transfer limits watch it)
 PARALLEL_HEADS = 16
 MAX_INSTANCES = 100_000
 SERIES_READ_WITH_SEARCH = 20_000  # studies
@@ -295,28 +294,21 @@ def head_attrs(values: Mapping[int, bytes]) -> DicomJson:
 
 
 async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytearray:
-    """One object, read in a worker thread (urllib3, large reads; its progress handed to the event
-    loop every ``PROGRESS_STEP`` bytes), checked against its listed size and, where its ETag is the
-    MD5 of its bytes (an object uploaded in one part), against that, hashed as it comes."""
+    """One object, read in a worker thread (urllib3, large reads; each read's progress handed to the
+    event loop), checked against its listed size and, where its ETag is the MD5 of its bytes (an
+    object uploaded in one part), against that, hashed as it comes."""
     loop = trio.lowlevel.current_trio_token()
 
     def read(stop: StopSignal) -> bytearray:
         body = bytearray()
         md5 = hashlib.md5(usedforsecurity=False) if _etag_md5(info) is not None else None
-        told = 0
-        try:
-            with bucket.stream_in_thread(info.name, 0, None, stop) as chunks:
-                for chunk in chunks:
-                    body += chunk
-                    _check_length(info, len(body))
-                    if md5 is not None:
-                        md5.update(chunk)
-                    if len(body) - told >= PROGRESS_STEP:
-                        loop.run_sync_soon(sink.arrived, len(body) - told)
-                        told = len(body)
-        finally:
-            if len(body) > told:
-                loop.run_sync_soon(sink.arrived, len(body) - told)
+        with bucket.stream_in_thread(info.name, 0, None, stop) as chunks:
+            for chunk in chunks:
+                loop.run_sync_soon(sink.arrived, len(chunk))
+                body += chunk
+                _check_length(info, len(body))
+                if md5 is not None:
+                    md5.update(chunk)
         _check_length(info, len(body), whole=True)
         if md5 is not None:
             _check_md5(info, md5.hexdigest())
