@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -294,51 +294,45 @@ def head_attrs(values: Mapping[int, bytes]) -> DicomJson:
 
 
 async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytearray:
-    """One object, read in a worker thread (urllib3, large reads; each read's progress handed to the
-    event loop), checked against its listed size and, where its ETag is the MD5 of its bytes (an
-    object uploaded in one part), against that, hashed as it comes."""
+    """One object, read in a worker thread (``_read_checked``; each read's progress handed to the
+    event loop), whole."""
     loop = trio.lowlevel.current_trio_token()
-
-    def read(stop: StopSignal) -> bytearray:
-        body = bytearray()
-        md5 = hashlib.md5(usedforsecurity=False) if _etag_md5(info) is not None else None
-        with bucket.stream_in_thread(info.name, 0, None, stop) as chunks:
-            for chunk in chunks:
-                loop.run_sync_soon(sink.arrived, len(chunk))
-                body += chunk
-                _check_length(info, len(body))
-                if md5 is not None:
-                    md5.update(chunk)
-        _check_length(info, len(body), whole=True)
-        if md5 is not None:
-            _check_md5(info, md5.hexdigest())
-        return body
-
-    return await run_stoppable(read)  # (the sink's writer keeps the body until written: nothing changes it after)
+    body = bytearray()
+    await run_stoppable(partial(_read_checked, bucket, info, body.extend,
+                                lambda size: loop.run_sync_soon(sink.arrived, size)))
+    return body  # (the sink's writer keeps it until written: nothing changes it after this)
 
 
 def _whole_in_thread(bucket: S3Bucket, info: ObjectInfo, key: str, sink: BlockingSink, stop: StopSignal) -> None:
-    """``_whole`` for one object read alone, in a worker thread (``run_stoppable``): its bytes go
-    to the instance's writer as they come, hashed on the way, and the instance is finished only
-    once its size and MD5 ETag are checked (an object that fails them is never readable)."""
-    md5 = hashlib.md5(usedforsecurity=False) if _etag_md5(info) is not None else None
+    """One object read alone, in a worker thread (``run_stoppable``): its bytes go to the
+    instance's writer as they come, and the instance is finished only once ``_read_checked`` has
+    checked them (an object that fails is never readable)."""
     writer = sink.begin(key, info.size)
-    length = 0
     try:
-        with bucket.stream_in_thread(info.name, 0, None, stop) as chunks:
-            for chunk in chunks:
-                sink.arrived(len(chunk))
-                length += len(chunk)
-                _check_length(info, length)
-                if md5 is not None:
-                    md5.update(chunk)
-                writer.write(chunk)
-        _check_length(info, length, whole=True)
-        if md5 is not None:
-            _check_md5(info, md5.hexdigest())
+        _read_checked(bucket, info, writer.write, sink.arrived, stop)
         writer.finish()
     finally:
         sink.publish()
+
+
+def _read_checked(bucket: S3Bucket, info: ObjectInfo, take: Callable[[bytes], object],
+                  arrived: Callable[[int], object], stop: StopSignal) -> None:
+    """Blocking (urllib3, large reads): every piece of one object to ``take`` as it comes (its size
+    to ``arrived``), checked against the object's listed size and, where its ETag is the MD5 of its
+    bytes (an object uploaded in one part), against that, hashed on the way."""
+    md5 = hashlib.md5(usedforsecurity=False) if _etag_md5(info) is not None else None
+    length = 0
+    with bucket.stream_in_thread(info.name, 0, None, stop) as chunks:
+        for chunk in chunks:
+            arrived(len(chunk))
+            length += len(chunk)
+            _check_length(info, length)
+            if md5 is not None:
+                md5.update(chunk)
+            take(chunk)
+    _check_length(info, length, whole=True)
+    if md5 is not None:
+        _check_md5(info, md5.hexdigest())
 
 
 def _etag_md5(info: ObjectInfo) -> str | None:
