@@ -1,0 +1,45 @@
+"""Unit tests of the prefetch's selection and plan (``dicomfs/prefetch.py``) against the scripted
+in-memory archive of the catalog's tests; time is trio's mocked clock."""
+
+from __future__ import annotations
+
+import trio
+from trio.testing import MockClock
+
+from dicomfs.errors import ProtocolError
+from dicomfs.prefetch import select_studies
+from dicomfs.query import Query
+from tests.test_catalog import Archive as CatalogArchive
+from tests.test_catalog import catalog
+
+
+class Archive(CatalogArchive):
+    def __init__(self) -> None:
+        super().__init__()
+        for uid, attrs in self.studies.items():
+            attrs["0020000D"] = {"vr": "UI", "Value": [uid]}
+
+
+async def test_the_series_of_a_named_study_are_asked_for_while_it_is_looked_up(autojump_clock: MockClock) -> None:
+    archive = Archive()
+    archive.slow = True  # every answer takes 1 s
+    cat = catalog(archive, None)
+    started = trio.current_time()
+    studies, missing = await select_studies(cat, ["1.1"], False, Query())
+    assert [s.uid for s in studies] == ["1.1"] and missing == []
+    assert archive.asked["series"] == 1  # asked already, beside the study lookup ...
+    await cat.series_of("1.1")  # ... so the plan's question is answered from the catalog
+    assert archive.asked["series"] == 1
+    assert trio.current_time() - started == 1  # one answer's time, not two in a row
+
+
+async def test_a_series_listing_that_fails_beside_the_lookup_is_left_to_the_plan(autojump_clock: MockClock) -> None:
+    archive = Archive()
+    cat = catalog(archive, None)
+
+    async def refused(study_uid: str) -> list[object]:
+        raise ProtocolError("a malformed series listing (scripted)")
+
+    archive.list_series = refused  # type: ignore[method-assign, assignment]
+    studies, missing = await select_studies(cat, ["1.1", "9.9"], False, Query())
+    assert [s.uid for s in studies] == ["1.1"] and missing == ["study 9.9: not found in the archive"]
