@@ -224,3 +224,23 @@ def test_proxies_from_the_environment_keep_httpx_default_transport(monkeypatch: 
     proxied = HttpClient(Credentials())
     assert not isinstance(proxied._client._transport, LargeReadTransport)
     assert any(key.pattern.startswith("https") for key in proxied._client._mounts)  # httpx mounted the proxy
+
+
+def test_worker_thread_retrieves_go_through_the_environment_s_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib3
+
+    from dicomfs.sources.threadhttp import BlockingHttp
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "pacs.local")
+    blocking = BlockingHttp(Credentials())
+    proxied = blocking._pool("http://archive.example.org/dicom-web/studies/1/series/2")
+    assert isinstance(proxied, urllib3.ProxyManager) and proxied.proxy is not None
+    assert proxied.proxy.host == "proxy.invalid"
+    assert blocking._pool("http://archive.example.org/other") is proxied  # decided once per host
+    direct = blocking._pool("http://pacs.local/dicom-web/studies/1")
+    assert not isinstance(direct, urllib3.ProxyManager)
+    assert blocking._pool("https://archive.example.org/x") is direct  # no proxy named for https
