@@ -2,7 +2,8 @@
 
 Owns the top-level parser (each module of ``dicomfs.commands`` adds its subcommand), study UIDs
 given after options, the umask 077 under which every command runs (the cache holds patient data;
-the user's own umask is kept in ``args.user_umask`` for outputs), and turning what a command
+the user's own umask is kept in ``args.user_umask`` for outputs), keeping what is loaded before a
+command runs out of the garbage collector's walks (``gc.freeze``), and turning what a command
 raises into one line and an exit status. Must not own any command's arguments or behaviour.
 """
 
