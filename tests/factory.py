@@ -86,6 +86,10 @@ class MemorySink:
         self.sizes: dict[str, int | None] = {}
         self.arrivals = 0
         self.published = 0
+        self.waiting: list[str] = []  # what ``awaited`` says readers wait for
+
+    def awaited(self) -> list[str]:
+        return self.waiting
 
     def arrived(self, size: int) -> None:
         self.arrivals += size

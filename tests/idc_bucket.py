@@ -32,6 +32,7 @@ class IdcBucket:
     expected: dict[str, str] = field(default_factory=dict)  # studies/<St>/<Se>/<SOP>.dcm -> sha256
     objects: dict[str, int] = field(default_factory=dict)  # object key -> size
     series_prefix: dict[str, str] = field(default_factory=dict)  # SeriesInstanceUID -> "<uuid>/"
+    object_of: dict[str, str] = field(default_factory=dict)  # studies/<St>/<Se>/<SOP>.dcm -> object key
     rows: list[dict[str, object]] = field(default_factory=list)
 
     def add_series(self, collection: str, files: list[bytes], *, extra_objects: dict[str, bytes] | None = None) -> str:
@@ -43,8 +44,9 @@ class IdcBucket:
             ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), stop_before_pixels=True)
             key = f"{series_uuid}/{uuid.uuid4()}.dcm"
             objects[key] = data
-            self.expected[f"studies/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"] = \
-                hashlib.sha256(data).hexdigest()
+            path = f"studies/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+            self.expected[path] = hashlib.sha256(data).hexdigest()
+            self.object_of[path] = key
         objects.update({f"{series_uuid}/{name}": data for name, data in (extra_objects or {}).items()})
         self.handle.upload(objects)
         self.objects.update({k: len(v) for k, v in objects.items()})

@@ -122,6 +122,32 @@ async def test_concurrent_readers_share_one_download(tmp_path: Path) -> None:
     await with_store(tmp_path, source, body)
 
 
+async def test_a_download_tells_its_source_which_instances_readers_wait_for(tmp_path: Path) -> None:
+    """A source that fetches a series piece by piece takes first what readers wait for
+    (``SeriesSink.awaited``): the readers of a download are known to it from its start, and one
+    that has its instance is no longer counted."""
+    source = ScriptedSource({SERIES.key: FILES})
+    awaited: list[set[str]] = []
+    sinks: list[SeriesSink] = []
+    fetch = source.fetch_series
+
+    async def watching(series: SeriesRecord, sink: SeriesSink) -> None:
+        sinks.append(sink)
+        awaited.append(set(sink.awaited()))
+        await fetch(series, sink)
+
+    source.fetch_series = watching  # type: ignore[method-assign]
+
+    async def body(store: BlobStore) -> None:
+        async with trio.open_nursery() as readers:
+            for key in ("1.2.3.4", "1.2.3.1", "1.2.3.4"):
+                readers.start_soon(read_all, store, key)
+        assert awaited == [{"1.2.3.4", "1.2.3.1"}]
+        assert set(sinks[0].awaited()) == set()  # every reader has its instance
+
+    await with_store(tmp_path, source, body)
+
+
 async def test_one_size_is_looked_up_alone(tmp_path: Path) -> None:
     """A lookup asks for one file's size: the store answers from the manifest's entry for it, not
     by making the sizes of every member of the series (1,500 of them in a large series, per lookup)."""

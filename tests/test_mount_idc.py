@@ -5,6 +5,7 @@ parquet in idc-index's schema that the tests write."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicomfs.sources.idc.source import PARALLEL_OBJECTS
 from tests.factory import make_instance
 from tests.fsutil import hashes, listdir, p10_hashes, read_errno, sh
 from tests.idc_bucket import IdcBucket
@@ -138,6 +140,32 @@ def test_transfer_accounting(idc: tuple[IdcBucket, Path, S3Server], tmp_path: Pa
         copied = {f"studies/{BIG_STUDY}/{BIG_SERIES}/{k}": v for k, v in hashes(tmp_path / "copy").items()}
         assert copied == {k: v for k, v in store.expected.items() if BIG_SERIES + "/" in k}
         assert len(copied) == 120
+
+
+def test_the_instance_a_reader_waits_for_is_fetched_before_the_rest_of_its_series(
+        idc: tuple[IdcBucket, Path, S3Server], mount_factory: Callable[..., Mount]) -> None:
+    """A viewer that jumps to an instance while its series is fetched waits for that object, not
+    for the objects before it in the bucket's order (the order a series is fetched in)."""
+    store, _, server = idc
+    in_order = sorted((key, path) for path, key in store.object_of.items() if BIG_SERIES + "/" in path)
+    (_, first), (last_key, last) = in_order[0], in_order[-1]
+    with CountingProxy(server.port, lambda path: "list" if "list-type" in path else "object") as proxy:
+        mount = _mount(idc, mount_factory, endpoint=proxy.url)
+        sh("ls", "-l", str(mount.path / "studies" / BIG_STUDY / BIG_SERIES))  # the listing and the headers
+        heads = len(proxy.paths)
+        proxy.throttle = 0.2  # each object now takes at least 0.2 s: the series fetch takes seconds
+        assert hashes_of(mount, first) == store.expected[first]
+        assert hashes_of(mount, last) == store.expected[last]  # the series' fetch is under way by now
+        fetched = proxy.paths[heads:]
+        # at most: the first instance fetched alone, the objects in flight when the reader came, then it
+        assert f"/{store.handle.name}/{last_key}" in fetched[:PARALLEL_OBJECTS + 2], fetched
+        proxy.throttle = 0
+        wait_until(lambda: {f"/{store.handle.name}/{key}" for key, _ in in_order} <= set(proxy.paths), 60,
+                   "the rest of the series")
+
+
+def hashes_of(mount: Mount, path: str) -> str:
+    return hashlib.sha256((mount.path / path).read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("how", ["series", "alone"])

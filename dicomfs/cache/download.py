@@ -17,7 +17,8 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ class SeriesDownload:
         self.replaced: int | None = None  # instances in the cached copy this one replaced
         self._make_room = make_room
         self._changed = trio.Event()
+        self._awaited: Counter[str] = Counter()  # instance key -> readers waiting for it
         self._send, self._receive = trio.open_memory_channel[_Write](WRITE_QUEUE)
 
     # --- SeriesSink -------------------------------------------------------------------------
@@ -109,6 +111,9 @@ class SeriesDownload:
 
     def wants(self, key: str) -> bool:
         return key not in self.delivered
+
+    def awaited(self) -> Collection[str]:
+        return self._awaited.keys()
 
     async def begin(self, key: str, size: int | None) -> _MemberWriter:
         return _MemberWriter(self, key, self.reserved, size)
@@ -195,18 +200,28 @@ class SeriesDownload:
         self._changed = trio.Event()
 
     async def wait_member(self, key: str) -> _Member | None:
-        """Wait until ``key`` is complete; None if the download already ended and was committed."""
-        while True:
-            member = self.members.get(key)
-            if member is not None:
-                return None if self.finished else member
-            if key in self.rejected:
-                raise IntegrityError(f"instance {key}: {self.rejected[key]}")
-            if self.finished:
-                if self.error is not None:
-                    raise _as_dicomfs_error(self.error, f"{self.blob_key} could not be fetched")
-                raise IntegrityError(f"instance {key} is listed but missing from its series retrieve")
-            await self._changed.wait()
+        """Wait until ``key`` is complete; None if the download already ended and was committed.
+        While it waits, ``key`` is among the ``awaited`` instances."""
+        member = self.members.get(key)
+        if member is not None:
+            return None if self.finished else member
+        self._awaited[key] += 1
+        try:
+            while True:
+                member = self.members.get(key)
+                if member is not None:
+                    return None if self.finished else member
+                if key in self.rejected:
+                    raise IntegrityError(f"instance {key}: {self.rejected[key]}")
+                if self.finished:
+                    if self.error is not None:
+                        raise _as_dicomfs_error(self.error, f"{self.blob_key} could not be fetched")
+                    raise IntegrityError(f"instance {key} is listed but missing from its series retrieve")
+                await self._changed.wait()
+        finally:
+            self._awaited[key] -= 1
+            if not self._awaited[key]:
+                del self._awaited[key]
 
     async def open_member(self, key: str) -> InstanceHandle | None:
         member = await self.wait_member(key)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -96,6 +96,11 @@ class SeriesSink(Protocol):
 
     def wants(self, key: str) -> bool:
         """False if this instance is already stored (a resumed download may skip it)."""
+        ...
+
+    def awaited(self) -> Collection[str]:
+        """The instances readers are waiting for now: a source that fetches a series piece by
+        piece (an object per instance) takes these next."""
         ...
 
     async def begin(self, key: str, size: int | None) -> MemberWriter: ...

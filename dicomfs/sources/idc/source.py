@@ -6,8 +6,9 @@ instances come from one prefix listing (names and exact sizes) and a ranged read
 first bytes (its SOP Instance UID, by the one naming rule of ``uids.instance_key``, and the
 InstanceNumber and SOPClassUID the readable views name files by), done once per object and kept
 in the source's work folder (objects under a series UUID never change: a revised series gets a new
-UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time, each read and hashed in
-a worker thread and handed to the sink whole as soon as it is in (an object that contradicts its
+UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time (in the bucket's order,
+but an instance a reader waits for is taken next), each read and hashed in a worker thread and
+handed to the sink whole as soon as it is in (an object that contradicts its
 listing is logged and left out: EIO for that file only; one that breaks off is resumed by the blob
 store, the others go on); one instance opened alone is one GET, read, hashed and written in a
 worker thread. Must not cache blobs (the blob store does) or know about views.
@@ -232,29 +233,43 @@ class IdcSource:
         location = await self._location(series)
         bucket = self._bucket(location.bucket)
         objects = await self._objects(series)
-        wanted = [(key, info) for key, (info, _) in sorted(objects.items(), key=lambda kv: kv[1][0].name)
-                  if sink.wants(key)]
+        # in the bucket's order, but an instance a reader is waiting for is taken next
+        pending = {key: info for key, (info, _) in sorted(objects.items(), key=lambda kv: kv[1][0].name)
+                   if sink.wants(key)}
         writing = trio.Lock()
-        limit = trio.CapacityLimiter(PARALLEL_OBJECTS)
         broken: list[TransferBroken] = []
 
-        async def one(key: str, info: ObjectInfo) -> None:
-            async with limit:
+        def next_object() -> tuple[str, ObjectInfo] | None:
+            for key in sink.awaited():
+                info = pending.pop(key, None)
+                if info is not None:
+                    return key, info
+            if not pending:
+                return None
+            key = next(iter(pending))
+            return key, pending.pop(key)
+
+        async def deliver(key: str, body: bytearray) -> None:
+            async with writing:  # a sink takes one member at a time
+                await _deliver(sink, key, body)
+
+        async def reader(nursery: trio.Nursery) -> None:
+            while (taken := next_object()) is not None:
+                key, info = taken
                 try:
                     body = await _whole(bucket, info, sink)
                 except (IntegrityError, ProtocolError) as exc:
                     # this object is not what its listing says: EIO for its file, the rest is served
                     log.error("series %s: instance %s is not served: %s", series.uid, key, exc)
-                    return
+                    continue
                 except TransferBroken as exc:  # the others go on; the blob store resumes this one
                     broken.append(exc)
-                    return
-            async with writing:  # a sink takes one member at a time
-                await _deliver(sink, key, body)
+                    continue
+                nursery.start_soon(deliver, key, body)  # while this reader takes the next object
 
         async with trio.open_nursery() as nursery:
-            for key, info in wanted:
-                nursery.start_soon(one, key, info)
+            for _ in range(min(PARALLEL_OBJECTS, len(pending))):
+                nursery.start_soon(reader, nursery)
         if broken:
             raise TransferBroken(f"{len(broken)} of the series' objects broke off (first: {broken[0]})")
 
