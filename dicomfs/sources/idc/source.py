@@ -26,7 +26,8 @@ import cachetools
 import diskcache
 import trio
 
-from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBroken
+from dicomfs.breaker import is_outage
+from dicomfs.errors import IntegrityError, NotFound, ProtocolError, SourceError, TransferBroken
 from dicomfs.gcpause import paused
 from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
@@ -37,7 +38,7 @@ from dicomfs.sources.bucket import ObjectInfo
 from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.sources.idc.index import IdcIndex, SeriesLocation
 from dicomfs.sources.s3 import S3Bucket
-from dicomfs.tasks import StopSignal, run_stoppable
+from dicomfs.tasks import StopSignal, open_nursery, run_stoppable
 from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 HEAD_BYTES = 16 * 1024  # where a Part 10 file names its SOP instance (group 0002, then 0008)
 SOP_CLASS_UID, INSTANCE_NUMBER = 0x00080016, 0x00200013  # kept from the head, for names
 PARALLEL_OBJECTS = 8  # objects of one series in flight at once
+PART10_MINIMUM = 132 + 12  # preamble, DICM and one element: anything shorter is no DICOM file
 PARALLEL_HEADS = 16
 MAX_INSTANCES = 100_000
 SERIES_READ_WITH_SEARCH = 20_000  # studies
@@ -146,8 +148,18 @@ class IdcSource:
     async def _list_objects(self, series: SeriesRecord) -> dict[str, tuple[ObjectInfo, DicomJson]]:
         location = await self._location(series)
         bucket = self._bucket(location.bucket)
-        _, listed = await bucket.list(location.prefix, delimiter=None)
-        listed = [o for o in listed if o.name.endswith(".dcm") and "/" not in o.name[len(location.prefix):]]
+        _, found = await bucket.list(location.prefix, delimiter=None)
+        listed = []
+        for info in found:
+            if not info.name.endswith(".dcm"):
+                continue  # not an instance (IDC puts nothing else there)
+            inside = info.name.startswith(location.prefix) and "/" not in info.name[len(location.prefix):]
+            if not inside or info.size < PART10_MINIMUM:
+                why = "not directly below the series' prefix" if not inside else f"{info.size} bytes, too short"
+                log.warning("series %s: listed object %s/%s is %s: skipped", series.uid, location.bucket,
+                            info.name[:200], why)
+                continue
+            listed.append(info)
         if len(listed) > MAX_INSTANCES:
             raise ProtocolError(f"series {series.uid}: {len(listed)} objects is implausibly many")
 
@@ -160,11 +172,17 @@ class IdcSource:
 
         async def name(info: ObjectInfo) -> None:
             async with self._limit:
-                head = await self._read_head(bucket, info.name, info.size)
+                try:
+                    head = await self._read_head(bucket, info.name, info.size)
+                except SourceError as exc:
+                    if is_outage(exc):
+                        raise  # the bucket as a whole, not this object: the listing fails
+                    log.warning("object %s/%s cannot be read (%s): skipped", bucket.bucket, info.name, exc)
+                    return
             if head is not None:
                 read[head_key(info)] = names[info.name] = head
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for info in listed:
                 if info.name not in names:
                     nursery.start_soon(name, info)
@@ -267,7 +285,7 @@ class IdcSource:
                     continue
                 nursery.start_soon(deliver, key, body)  # while this reader takes the next object
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for _ in range(min(PARALLEL_OBJECTS, len(pending))):
                 nursery.start_soon(reader, nursery)
         if broken:

@@ -1,0 +1,110 @@
+"""Unit tests of the IDC source's series listing (``dicomfs.sources.idc.source``) against a scripted
+bucket: what a hostile or failing bucket listing does to it. The proof against a real S3 server is
+tests/test_mount_idc.py."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from dicomfs.errors import SourceError, SourceUnavailable
+from dicomfs.records import SeriesRecord
+from dicomfs.sources.bucket import ObjectInfo
+from dicomfs.sources.idc.index import SeriesLocation
+from dicomfs.sources.idc.source import IdcSource
+from tests.factory import make_instance
+
+STUDY, SERIES = "1.2.826.0.1.3680043.8.498.5", "1.2.826.0.1.3680043.8.498.5.1"
+PREFIX = "0b1e6c4d-uuid/"
+
+
+class ScriptedBucket:
+    bucket = "idc-scripted"
+
+    def __init__(self, objects: dict[str, bytes], listed: list[ObjectInfo] | None = None) -> None:
+        self.objects = objects
+        self.listed = listed if listed is not None else [ObjectInfo(k, len(v)) for k, v in objects.items()]
+        self.failing: dict[str, SourceError] = {}
+        self.asked: list[str] = []
+
+    async def list(self, prefix: str, *, delimiter: str | None = "/") -> tuple[list[str], list[ObjectInfo]]:
+        return [], self.listed
+
+    @asynccontextmanager
+    async def stream(self, name: str, start: int, end: int | None) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.asked.append(name)
+        if name in self.failing:
+            raise self.failing[name]
+        data = self.objects[name][start:end]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield data
+
+        yield chunks()
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Index:
+    release = "scripted"
+
+    def close(self) -> None:
+        pass
+
+
+def source(tmp_path: Path, bucket: ScriptedBucket) -> IdcSource:
+    idc = IdcSource(Index(), tmp_path)  # type: ignore[arg-type]
+    idc._locations[SERIES] = SeriesLocation(bucket.bucket, PREFIX, 3, 0)
+    idc._bucket = lambda name: bucket  # type: ignore[assignment, method-assign, return-value]
+    return idc
+
+
+def files(count: int) -> dict[str, bytes]:
+    return {f"{PREFIX}{n:02d}.dcm": make_instance(STUDY, SERIES, f"{SERIES}.{n}", pixel_bytes=64, number=n)
+            for n in range(count)}
+
+
+async def test_an_object_whose_header_is_refused_is_left_out_with_a_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bucket = ScriptedBucket(files(3))
+    bucket.failing[f"{PREFIX}01.dcm"] = SourceError(f"object {PREFIX}01.dcm not found (HTTP 404)")
+    idc = source(tmp_path, bucket)
+    with caplog.at_level(logging.WARNING):
+        instances = await idc.list_instances(SeriesRecord(STUDY, SERIES))
+    assert sorted(i.key for i in instances) == [f"{SERIES}.0", f"{SERIES}.2"]
+    assert any("01.dcm cannot be read" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+    bucket.failing.clear()  # not remembered as read: listed again, it is there
+    assert len(await idc.list_instances(SeriesRecord(STUDY, SERIES))) == 3
+    await idc.aclose()
+
+
+async def test_a_bucket_that_is_down_fails_the_listing_with_its_own_error(tmp_path: Path) -> None:
+    bucket = ScriptedBucket(files(3))
+    for name in bucket.objects:
+        bucket.failing[name] = SourceUnavailable("the bucket answered HTTP 503 (scripted)")
+    idc = source(tmp_path, bucket)
+    with pytest.raises(SourceUnavailable, match="HTTP 503"):  # itself, not a group of them
+        await idc.list_instances(SeriesRecord(STUDY, SERIES))
+    await idc.aclose()
+
+
+async def test_listed_objects_outside_the_prefix_or_too_short_are_never_asked_for(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    objects = files(2)
+    listed = [ObjectInfo(k, len(v)) for k, v in objects.items()]
+    listed += [ObjectInfo(f"{PREFIX}../../escape.dcm", 4000), ObjectInfo("other-uuid/x.dcm", 4000),
+               ObjectInfo(f"{PREFIX}empty.dcm", 0), ObjectInfo(f"{PREFIX}tiny.dcm", 100)]
+    bucket = ScriptedBucket(objects, listed)
+    idc = source(tmp_path, bucket)
+    with caplog.at_level(logging.WARNING):
+        instances = await idc.list_instances(SeriesRecord(STUDY, SERIES))
+    assert sorted(i.key for i in instances) == [f"{SERIES}.0", f"{SERIES}.1"]
+    assert sorted(bucket.asked) == sorted(objects)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 4, skipped
+    await idc.aclose()
