@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Callable
 
 import httpx
@@ -87,6 +88,7 @@ class MemorySink:
         self.arrivals = 0
         self.published = 0
         self.waiting: list[str] = []  # what ``awaited`` says readers wait for
+        self.pieces: Counter[str] = Counter()  # how many writes each instance came in
 
     def awaited(self) -> list[str]:
         return self.waiting
@@ -120,6 +122,7 @@ class _MemoryWriter:
 
     def write_now(self, data: bytes | memoryview) -> None:
         self._buffer.extend(data)
+        self._sink.pieces[self._key] += 1
 
     def finish_now(self) -> None:
         self._sink.files[self._key] = bytes(self._buffer)

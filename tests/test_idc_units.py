@@ -5,21 +5,23 @@ tests/test_mount_idc.py."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
 
+import dicomfs.sources.idc.source as idc_source
 from dicomfs.errors import SourceError, SourceUnavailable
 from dicomfs.records import SeriesRecord
 from dicomfs.sources.bucket import ObjectInfo
 from dicomfs.sources.idc.index import SeriesLocation
 from dicomfs.sources.idc.source import IdcSource
-from tests.factory import make_instance
+from tests.factory import MemorySink, make_instance
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.5", "1.2.826.0.1.3680043.8.498.5.1"
 PREFIX = "0b1e6c4d-uuid/"
+CHUNK = 1000  # what one read of an object brings
 
 
 class ScriptedBucket:
@@ -45,6 +47,12 @@ class ScriptedBucket:
             yield data
 
         yield chunks()
+
+    @contextmanager
+    def stream_in_thread(self, name: str, start: int, end: int | None, stop: object) -> Iterator[Iterator[bytes]]:
+        self.asked.append(name)
+        data = self.objects[name][start:end]
+        yield iter([data[n:n + CHUNK] for n in range(0, len(data), CHUNK)])
 
     async def aclose(self) -> None:
         pass
@@ -107,4 +115,21 @@ async def test_listed_objects_outside_the_prefix_or_too_short_are_never_asked_fo
     assert sorted(bucket.asked) == sorted(objects)
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 4, skipped
+    await idc.aclose()
+
+
+async def test_an_object_too_large_to_hold_whole_is_streamed_into_its_series(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = files(2)
+    big = f"{PREFIX}big.dcm"
+    objects[big] = make_instance(STUDY, SERIES, f"{SERIES}.9", pixel_bytes=20_000, number=9)
+    monkeypatch.setattr(idc_source, "WHOLE_AT_MOST", 10_000)
+    bucket = ScriptedBucket(objects)
+    idc = source(tmp_path, bucket)
+    sink = MemorySink()
+    await idc.fetch_series(SeriesRecord(STUDY, SERIES), sink)  # type: ignore[arg-type]
+    assert sink.files == {f"{SERIES}.{n}": data for n, data in ((0, objects[f"{PREFIX}00.dcm"]),
+                                                                (1, objects[f"{PREFIX}01.dcm"]), (9, objects[big]))}
+    assert sink.pieces[f"{SERIES}.9"] == -(-len(objects[big]) // CHUNK)  # as the reads brought it
+    assert sink.pieces[f"{SERIES}.0"] == sink.pieces[f"{SERIES}.1"] == 1  # the small ones whole
     await idc.aclose()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicomfs.sources.idc.source import PARALLEL_OBJECTS
+from dicomfs.sources.idc.source import PARALLEL_OBJECTS, WHOLE_AT_MOST
 from tests.factory import make_instance
 from tests.fsutil import hashes, listdir, p10_hashes, read_errno, sh
 from tests.idc_bucket import IdcBucket
@@ -166,6 +166,27 @@ def test_the_instance_a_reader_waits_for_is_fetched_before_the_rest_of_its_serie
 
 def hashes_of(mount: Mount, path: str) -> str:
     return hashlib.sha256((mount.path / path).read_bytes()).hexdigest()
+
+
+def test_an_object_too_large_to_hold_whole_is_streamed_into_its_series_byte_exact(
+        tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    """A series with an object above ``WHOLE_AT_MOST`` (slide microscopy objects run to
+    gigabytes): it is written into the series' blob as it comes, beside objects read whole; every
+    file byte-exact, the cache verified."""
+    study, series = "1.2.826.0.1.3680043.8.498.12", "1.2.826.0.1.3680043.8.498.12.1"
+    with S3Server() as server:
+        store = IdcBucket(server.create_bucket("idc-large", public=True))
+        store.add_series("coll_large", [
+            make_instance(study, series, f"{series}.{k}", number=k, modality="SM",
+                          pixel_bytes=WHOLE_AT_MOST + (1 << 20) if k == 2 else 5000) for k in (1, 2, 3)])
+        index = store.write_index(tmp_path / "idc_index.parquet")
+        mount = mount_factory("idc", "--idc-index", str(index), "--endpoint", server.endpoint,
+                              env=server.env(signed=False))
+        sh("cp", "-r", str(mount.path / "studies" / study), str(tmp_path / "copy"))
+        copied = {f"studies/{study}/{k}": v for k, v in hashes(tmp_path / "copy").items()}
+        assert copied == store.expected
+        mount.stop()
+        assert dicomfs("cache", "verify", "--cache-dir", str(mount.cache_dir)).returncode == 0
 
 
 @pytest.mark.parametrize("how", ["series", "alone"])

@@ -8,7 +8,8 @@ InstanceNumber and SOPClassUID the readable views name files by), done once per 
 in the source's work folder (objects under a series UUID never change: a revised series gets a new
 UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time (in the bucket's order,
 but an instance a reader waits for is taken next), each read and hashed in a worker thread and
-handed to the sink whole as soon as it is in (an object that contradicts its
+handed to the sink whole as soon as it is in, or, above ``WHOLE_AT_MOST``, streamed into it (so
+memory holds at most ``PARALLEL_OBJECTS`` objects of that size); an object that contradicts its
 listing is logged and left out: EIO for that file only; one that breaks off is resumed by the blob
 store, the others go on); one instance opened alone is one GET, read, hashed and written in a
 worker thread. Must not cache blobs (the blob store does) or know about views.
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 HEAD_BYTES = 16 * 1024  # where a Part 10 file names its SOP instance (group 0002, then 0008)
 SOP_CLASS_UID, INSTANCE_NUMBER = 0x00080016, 0x00200013  # kept from the head, for names
 PARALLEL_OBJECTS = 8  # objects of one series in flight at once
+WHOLE_AT_MOST = 16 << 20  # a larger object is streamed into its series' blob, not read whole first
 PART10_MINIMUM = 132 + 12  # preamble, DICM and one element: anything shorter is no DICOM file
 PARALLEL_HEADS = 16
 MAX_INSTANCES = 100_000
@@ -267,14 +269,16 @@ class IdcSource:
             key = next(iter(pending))
             return key, pending.pop(key)
 
-        async def deliver(key: str, body: bytearray) -> None:
-            async with writing:  # a sink takes one member at a time
-                await _deliver(sink, key, body)
-
-        async def reader(nursery: trio.Nursery) -> None:
+        async def reader() -> None:
             while (taken := next_object()) is not None:
                 key, info = taken
                 try:
+                    if info.size > WHOLE_AT_MOST:
+                        # streamed into the blob as it comes, in a worker thread (not held whole:
+                        # slide microscopy objects run to gigabytes); the sink takes it alone
+                        async with writing:
+                            await run_stoppable(partial(_whole_in_thread, bucket, info, key, sink.in_thread()))
+                        continue
                     body = await _whole(bucket, info, sink)
                 except (IntegrityError, ProtocolError) as exc:
                     # this object is not what its listing says: EIO for its file, the rest is served
@@ -283,11 +287,12 @@ class IdcSource:
                 except TransferBroken as exc:  # the others go on; the blob store resumes this one
                     broken.append(exc)
                     continue
-                nursery.start_soon(deliver, key, body)  # while this reader takes the next object
+                async with writing:  # a sink takes one member at a time (and a reader holds one body)
+                    await _deliver(sink, key, body)
 
         async with open_nursery() as nursery:
             for _ in range(min(PARALLEL_OBJECTS, len(pending))):
-                nursery.start_soon(reader, nursery)
+                nursery.start_soon(reader)
         if broken:
             raise TransferBroken(f"{len(broken)} of the series' objects broke off (first: {broken[0]})")
 
@@ -337,9 +342,10 @@ async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytear
 
 
 def _whole_in_thread(bucket: S3Bucket, info: ObjectInfo, key: str, sink: BlockingSink, stop: StopSignal) -> None:
-    """One object read alone, in a worker thread (``run_stoppable``): its bytes go to the
-    instance's writer as they come, and the instance is finished only once ``_read_checked`` has
-    checked them (an object that fails is never readable)."""
+    """One object (read alone, or too large to hold whole), in a worker thread
+    (``run_stoppable``): its bytes go to the instance's writer as they come, and the instance is
+    finished only once ``_read_checked`` has checked them (an object that fails is never
+    readable; what it wrote is overwritten by the next member or cut off at the commit)."""
     writer = sink.begin(key, info.size)
     try:
         _read_checked(bucket, info, writer.write, sink.arrived, stop)
