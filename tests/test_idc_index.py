@@ -3,6 +3,7 @@ schema, query translation, and broken index files. Mounts are in tests/test_moun
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import duckdb
@@ -64,3 +65,30 @@ def test_names_come_from_the_head_values_kept() -> None:
     assert head_attrs({INSTANCE_NUMBER: b"1\\2", SOP_CLASS_UID: b"1.2..3"}) == {}
     assert head_attrs({INSTANCE_NUMBER: b"x", SOP_CLASS_UID: b""}) == {}
     assert head_attrs({}) == {}
+
+
+def test_index_rows_that_cannot_be_served_are_left_out_with_a_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.idc_bucket import IdcBucket
+
+    good = {"collection_id": "c", "PatientID": "P", "StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.1",
+            "Modality": "CT", "instanceCount": 1, "aws_bucket": "idc-open-data", "crdc_series_uuid": "abc-1",
+            "series_size_MB": 1.0}
+    rows = [good, {**good, "StudyInstanceUID": "not a uid", "SeriesInstanceUID": "1.2.4.1"},
+            {**good, "SeriesInstanceUID": "1.2.3..2"}, {**good, "SeriesInstanceUID": "1.2.3.3",
+                                                        "crdc_series_uuid": "../../etc"}]
+    path = IdcBucket(handle=None).write_index(tmp_path / "idc_index.parquet", rows)  # type: ignore[arg-type]
+    index = IdcIndex(path)
+    try:
+        with caplog.at_level(logging.WARNING):
+            studies, _ = index.studies()
+            series = index.series(["1.2.3"])["1.2.3"]
+            assert index.series_location("1.2.3.3") is None
+        assert [s.uid for s in studies] == ["1.2.3"]
+        assert [record.uid for record, _ in series] == ["1.2.3.1"]
+        lines = [r.getMessage() for r in caplog.records]
+        assert any("StudyInstanceUID is malformed" in line and "not a uid" in line for line in lines), lines
+        assert any("'1.2.3..2'" in line and "malformed SeriesInstanceUID" in line for line in lines), lines
+        assert sum("'1.2.3.3'" in line and "series UUID" in line for line in lines) == 2, lines
+    finally:
+        index.close()

@@ -11,6 +11,7 @@ not do network I/O.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from dicomfs import dicomjson
 from dicomfs.errors import UsageError
 from dicomfs.records import DicomJson, SeriesRecord, StudyRecord, dicom_datetime_ns
 from dicomfs.uids import is_uid
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from dicomfs.query import Term
@@ -76,6 +79,10 @@ class StudyTable:
                    "GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID", parameters)
         uids = [uid for (uid,) in db.execute("SELECT uid FROM studies").fetchall()]
         keep = [isinstance(uid, str) and is_uid(uid) for uid in uids]
+        if not all(keep):
+            bad = [uid for uid, ok in zip(uids, keep, strict=True) if not ok]
+            log.warning("the index has %d studies whose StudyInstanceUID is malformed (the first: %.80r): left out",
+                        len(bad), bad[0])
         columns: dict[str, tuple[str, int, list[Any]]] = {}
         for n, (tag, vr, single, _) in enumerate(_TABLE_COLUMNS):
             shared: dict[Any, Any] = {}
@@ -219,6 +226,9 @@ class IdcIndex:
             study_uid, uid = row[0], row[1]
             license_name, bucket, uuid, count, megabytes = row[2 + len(_SERIES_COLUMNS):]
             if not isinstance(uid, str) or not is_uid(uid) or not _safe_name(bucket) or not _safe_name(uuid):
+                log.warning("index row of series %.80r (study %.80r) left out: %s", uid, study_uid,
+                            "a malformed SeriesInstanceUID" if not isinstance(uid, str) or not is_uid(uid)
+                            else "a bucket or series UUID that cannot be part of an object's name")
                 continue
             attrs = _attrs(_SERIES_COLUMNS, row[2:2 + len(_SERIES_COLUMNS)])
             if license_name:
@@ -231,7 +241,11 @@ class IdcIndex:
     def series_location(self, series_uid: str) -> SeriesLocation | None:
         rows = self._rows("SELECT aws_bucket, crdc_series_uuid, instanceCount, series_size_MB FROM idx "
                           "WHERE SeriesInstanceUID = ? LIMIT 1", [series_uid])
-        if not rows or not _safe_name(rows[0][0]) or not _safe_name(rows[0][1]):
+        if not rows:
+            return None
+        if not _safe_name(rows[0][0]) or not _safe_name(rows[0][1]):
+            log.warning("index row of series %.80r left out: a bucket or series UUID that cannot be part of an "
+                        "object's name", series_uid)
             return None
         bucket, uuid, count, megabytes = rows[0]
         return SeriesLocation(bucket, f"{uuid}/", int(count or 0), int((megabytes or 0) * 1_000_000))
