@@ -258,6 +258,8 @@ class IdcSource:
                    if sink.wants(key)}
         writing = trio.Lock()
         broken: list[TransferBroken] = []
+        loop = trio.lowlevel.current_trio_token()  # (progress from a streaming thread is told on the loop,
+        # as the other readers' is: the download's counters then have one writer)
 
         def next_object() -> tuple[str, ObjectInfo] | None:
             for key in sink.awaited():
@@ -277,7 +279,8 @@ class IdcSource:
                         # streamed into the blob as it comes, in a worker thread (not held whole:
                         # slide microscopy objects run to gigabytes); the sink takes it alone
                         async with writing:
-                            await run_stoppable(partial(_whole_in_thread, bucket, info, key, sink.in_thread()))
+                            await run_stoppable(partial(_whole_in_thread, bucket, info, key, sink.in_thread(),
+                                                        arrived=lambda size: loop.run_sync_soon(sink.arrived, size)))
                         continue
                     body = await _whole(bucket, info, sink)
                 except (IntegrityError, ProtocolError) as exc:
@@ -341,14 +344,15 @@ async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytear
     return body  # (the sink's writer keeps it until written: nothing changes it after this)
 
 
-def _whole_in_thread(bucket: S3Bucket, info: ObjectInfo, key: str, sink: BlockingSink, stop: StopSignal) -> None:
+def _whole_in_thread(bucket: S3Bucket, info: ObjectInfo, key: str, sink: BlockingSink, stop: StopSignal, *,
+                     arrived: Callable[[int], object] | None = None) -> None:
     """One object (read alone, or too large to hold whole), in a worker thread
     (``run_stoppable``): its bytes go to the instance's writer as they come, and the instance is
     finished only once ``_read_checked`` has checked them (an object that fails is never
     readable; what it wrote is overwritten by the next member or cut off at the commit)."""
     writer = sink.begin(key, info.size)
     try:
-        _read_checked(bucket, info, writer.write, sink.arrived, stop)
+        _read_checked(bucket, info, writer.write, arrived or sink.arrived, stop)
         writer.finish()
     finally:
         sink.publish()
