@@ -1,7 +1,8 @@
 """Attribute queries from the command line: parse ``KEY=VALUE`` terms and match DICOM JSON.
 
 Owns what a query means: which level (study, series, instance) a key belongs to, wildcard
-(``*``, ``?``), date range (``YYYYMMDD-YYYYMMDD``, open ends allowed) and person-name matching,
+(``*``, ``?``), date range (``YYYYMMDD-YYYYMMDD``, open ends allowed), person-name and list
+matching (``CT\\MR``: any of the values; ``CT,MR`` too where a value cannot hold a comma),
 and how a term is written into a QIDO-RS query string for servers that do not percent-decode
 (characters a URL cannot carry literally are sent as ``*`` and the term is re-checked here).
 Must not do I/O.
@@ -43,6 +44,12 @@ _URL_SAFE = re.compile(r"[A-Za-z0-9*?.,^\-/_:]")
 _NOT_SENT = frozenset({"NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
                        "NumberOfSeriesRelatedInstances"})
 _NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
+# A value with several values (PS3.4 C.2.2.2: the key matches when any of them does) separates
+# them by a backslash, DICOM's value delimiter, except in VRs whose one value may hold one; and
+# by a comma, QIDO-RS's list separator (PS3.18 8.3.4.1; OHIF's modality filter), in VRs whose
+# values cannot hold a comma.
+_ONE_VALUE_VRS = frozenset({"LT", "ST", "UT", "UR", "UN"})
+_COMMA_LIST_VRS = frozenset({"UI", "CS"})
 _RANGE_VRS = frozenset({"DA", "DT", "TM"})
 
 
@@ -57,10 +64,16 @@ class Term:
 
     @property
     def is_range(self) -> bool:
-        if self.vr not in _RANGE_VRS or "-" not in self.value:
-            return False
-        # A date-time may end in a UTC offset ("...120000-0500"): that is not a range.
-        return not (self.vr == "DT" and re.fullmatch(r"\d{8,}(\.\d+)?-\d{4}", self.value))
+        return _is_range(self.value, self.vr)
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """The values the term lists: one, or several when it is a list (``CT\\MR``; ``CT,MR``
+        where a value cannot hold a comma), any of which matching is a match."""
+        if self.vr in _ONE_VALUE_VRS:
+            return (self.value,)
+        items = re.split(r"[\\,]" if self.vr in _COMMA_LIST_VRS else r"\\", self.value)
+        return tuple(v for v in items if v) or (self.value,)
 
     def matches(self, attrs: DicomJson) -> bool | None:
         """True or False; None when ``attrs`` does not carry the attribute at all."""
@@ -70,18 +83,20 @@ class Term:
         values = [_text(v) for v in element.get("Value") or []]
         if self.value.strip("*") == "":
             return True  # universal match: present, even empty
-        if self.fuzzy and self.vr == "PN" and "*" not in self.value and "?" not in self.value:
-            wanted = self.value.casefold()
-            return any(part.startswith(wanted) for v in values for part in re.split(r"[\^= ]+", v.casefold()))
-        if self.is_range:
-            low, high = self.value.split("-", 1)
+        return any(self._matches_one(wanted, values) for wanted in self.values)
+
+    def _matches_one(self, wanted: str, values: list[str]) -> bool:
+        """Whether one of the attribute's ``values`` matches the one value ``wanted``."""
+        if self.fuzzy and self.vr == "PN" and "*" not in wanted and "?" not in wanted:
+            start = wanted.casefold()
+            return any(part.startswith(start) for v in values for part in re.split(r"[\^= ]+", v.casefold()))
+        if _is_range(wanted, self.vr):
+            low, high = wanted.split("-", 1)
             return any(_in_range(v, low, high) for v in values)
-        if "*" in self.value or "?" in self.value:
-            pattern = _wildcard_regex(self.value, ignore_case=self.vr == "PN")
+        if "*" in wanted or "?" in wanted:
+            pattern = _wildcard_regex(wanted, ignore_case=self.vr == "PN")
             return any(pattern.fullmatch(v) for v in values)
-        if self.vr == "UI" and ("\\" in self.value or "," in self.value):
-            return any(v in re.split(r"[\\,]", self.value) for v in values)
-        return any(_equal(v, self.value, self.vr) for v in values)
+        return any(_equal(v, wanted, self.vr) for v in values)
 
     def qido(self, level: str) -> tuple[str, str, bool] | None:
         """``(key, value, exact)`` to put into a QIDO query at ``level``, or None when the term
@@ -91,6 +106,8 @@ class Term:
             return None  # (fuzzy matching is ours: archives each do their own)
         if self.vr in _RANGE_VRS and ("*" in self.value or "?" in self.value):
             return None  # DICOM allows no wildcards on dates and times; servers answer 400
+        if self.vr != "UI" and len(self.values) > 1:
+            return None  # a list: Orthanc reads a comma literally, a backslash cannot go unencoded
         keyword = self.keyword
         if level == "study" and keyword == "Modality":
             keyword = "ModalitiesInStudy"
@@ -137,7 +154,7 @@ def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str
             continue
         tag, vr = _look_up(keyword, item)
         term = Term(keyword, tag, vr, value, _level_of(keyword), fuzzy=fuzzy and vr == "PN")
-        if term.is_range and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", value):
+        if any(_is_range(v, vr) and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", v) for v in term.values):
             raise UsageError(f"invalid range {value!r} for {keyword} (use YYYYMMDD-YYYYMMDD)")
         terms.append(term)
     return Query(tuple(terms))
@@ -169,6 +186,13 @@ def _level_of(keyword: str) -> str:
     if keyword in SERIES_KEYWORDS:
         return "series"
     return "instance"
+
+
+def _is_range(value: str, vr: str) -> bool:
+    if vr not in _RANGE_VRS or "-" not in value:
+        return False
+    # A date-time may end in a UTC offset ("...120000-0500"): that is not a range.
+    return not (vr == "DT" and re.fullmatch(r"\d{8,}(\.\d+)?-\d{4}", value))
 
 
 def _text(value: Any) -> str:

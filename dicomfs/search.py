@@ -2,8 +2,10 @@
 
 Owns the walk a query needs. Study-level terms go to the archive when it can search
 (``StudySearcher``, QIDO-RS) and are checked here otherwise, on the study's attributes or, for
-archives that list studies without attributes (COD), on the attributes of its first instance.
-Series- and instance-level terms keep a study when any of its series or instances match.
+archives that list studies without attributes (COD), on the attributes of its first instance;
+attributes derived from the listings below (ModalitiesInStudy, the counts) are matched on
+``summary``'s values, the ones the QIDO objects show. Series- and instance-level terms keep a
+study when any of its series or instances match.
 ``Shown`` is the one answer to "which studies does this mount show" (all, or a query's), kept
 like a listing. Must not fetch instance data, only listings and metadata through the catalog.
 """
@@ -18,7 +20,7 @@ import trio
 from dicomfs.query import Query, Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import StudySearcher
-from dicomfs.summary import Summaries
+from dicomfs.summary import SERIES_DERIVED, Summaries
 from dicomfs.tasks import map_bounded
 
 if TYPE_CHECKING:
@@ -42,10 +44,11 @@ class Search:
             study_terms = unchecked  # the archive matched the rest
         else:
             candidates = list((await self.catalog.studies()).values())
+        tags = {t.tag for t in study_terms}
 
         async def keep(study: StudyRecord) -> bool:
             if study_terms and not await self._terms_hold(
-                    study_terms, study.attrs, lambda: self.summaries.study_attrs(study)):
+                    study_terms, study.attrs, lambda: self.summaries.study_attrs_for(study, tags)):
                 return False
             if query.at("series") or query.at("instance"):
                 return bool(await self.series_in(study, query, first_only=True))
@@ -70,7 +73,7 @@ class Search:
 
         async def keep(series: SeriesRecord) -> bool:
             if series_terms and not await self._terms_hold(
-                    series_terms, series.attrs, lambda: self._first_instance_attrs(series)):
+                    series_terms, series.attrs, lambda: self._series_attrs_for(series, series_terms)):
                 return False
             if query.at("instance"):
                 return bool(await self.instances_in(series, query))
@@ -89,9 +92,14 @@ class Search:
         instances = (await self.catalog.instances_of(series)).values()
         return [i for i in instances if all(t.matches(i.attrs) for t in terms)]
 
-    async def _first_instance_attrs(self, series: SeriesRecord) -> DicomJson:
+    async def _series_attrs_for(self, series: SeriesRecord, terms: Sequence[Term]) -> DicomJson:
+        """The attributes of the series' first instance, with ``summary``'s derived ones (its
+        instance count) when a term asks for one."""
         instances = await self.catalog.instances_of(series)
-        return next(iter(instances.values())).attrs if instances else {}
+        attrs = next(iter(instances.values())).attrs if instances else {}
+        if SERIES_DERIVED.intersection(t.tag for t in terms):
+            attrs = {**attrs, **await self.summaries.series_summary(series)}
+        return attrs
 
     async def _terms_hold(self, terms: Sequence[Term], attrs: DicomJson,
                           fallback: Callable[[], Awaitable[DicomJson]]) -> bool:

@@ -4,11 +4,14 @@ Owns, in one place for ``ls``, the readable views and the static DICOMweb tree: 
 attributes completed from its first instance (archives that list studies bare, COD), a series'
 attributes completed from its instances, instance counts, and the study summary (ModalitiesInStudy,
 NumberOfStudyRelatedSeries/Instances). A value the archive gives is kept; only what it leaves out
-is computed. Must not fetch instance data: everything comes from the catalog's listings.
+is computed. The same summary is what searches match derived attributes on (``search``), so a
+study is found by exactly the values its QIDO object shows. Must not fetch instance data:
+everything comes from the catalog's listings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -24,6 +27,9 @@ if TYPE_CHECKING:
 PARALLEL = 8
 MODALITIES, STUDY_SERIES, STUDY_INSTANCES, SERIES_INSTANCES = "00080061", "00201206", "00201208", "00201209"
 MODALITY = "00080060"
+# What the summaries add: attributes of a study or series that only its listings below imply.
+STUDY_DERIVED = frozenset({MODALITIES, STUDY_SERIES, STUDY_INSTANCES})
+SERIES_DERIVED = frozenset({SERIES_INSTANCES})
 # Study-level attributes an instance also carries (a bare study listing is completed from them).
 _STUDY_TAGS_OF_INSTANCES = frozenset(COMMON_KEYS[k][0] for k in STUDY_KEYWORDS if k in COMMON_KEYS)
 
@@ -60,6 +66,13 @@ class Summaries:
                 break
         return merged
 
+    async def study_attrs_for(self, study: StudyRecord, tags: Iterable[str]) -> DicomJson:
+        """The study's attributes as far as matching ``tags`` needs them: ``study_summary`` when
+        one is derived (it costs the study's series listings), else ``study_attrs``."""
+        if STUDY_DERIVED.intersection(tags):
+            return await self.study_summary(study)
+        return await self.study_attrs(study)
+
     async def series_attrs(self, series: SeriesRecord) -> DicomJson:
         """The series' attributes; when the archive lists series without them (no Modality: COD),
         completed from the instances, each attribute from the first instance (by key) that has it:
@@ -88,7 +101,7 @@ class Summaries:
         """``study_attrs`` with ModalitiesInStudy and the series and instance counts added where
         the archive does not give them."""
         attrs = dict(await self.study_attrs(study))
-        if all(tag in attrs for tag in (MODALITIES, STUDY_SERIES, STUDY_INSTANCES)):
+        if STUDY_DERIVED.issubset(attrs):
             return attrs
         series = list((await self.catalog.series_of(study.uid)).values())
         if MODALITIES not in attrs:

@@ -75,6 +75,21 @@ def test_numbers_multi_values_absent_and_case_of_codes() -> None:
     assert matches("StudyInstanceUID=1.2.3,1.2.5", StudyInstanceUID="1.2.4") is False
 
 
+def test_lists_match_when_any_of_their_values_does() -> None:
+    # PS3.4 C.2.2.2: a backslash list; QIDO-RS's comma list where a value cannot hold a comma
+    for term in ("ModalitiesInStudy=MR\\CT", "ModalitiesInStudy=MR,CT", "ModalitiesInStudy=PT\\C?"):
+        assert matches(term, ModalitiesInStudy=["CT", "SR"]) is True, term
+    assert matches("ModalitiesInStudy=MR\\PT", ModalitiesInStudy=["CT", "SR"]) is False
+    assert matches("Modality=MR,CT", Modality="CT") is True
+    assert matches("PatientName=Roe*\\doe^john", PatientName="Doe^John") is True
+    assert matches("StudyDate=20190101\\20200101-20201231", StudyDate="20200615") is True
+    # a comma belongs to a text value, and a backslash to a value of the VRs that allow one
+    assert matches("StudyDescription=Head, Neck", StudyDescription="Head, Neck") is True
+    assert matches("StudyDescription=Head,Neck", StudyDescription="Neck") is False
+    assert matches("PatientComments=a\\b", PatientComments="a\\b") is True  # LT: one value
+    assert matches("PatientComments=a\\b", PatientComments="a") is False
+
+
 def test_qido_form_keeps_what_servers_read_literally() -> None:
     def sent(term: str, level: str = "study") -> tuple[str, str, bool] | None:
         return parse_query([term]).terms[0].qido(level)
@@ -90,6 +105,16 @@ def test_qido_form_keeps_what_servers_read_literally() -> None:
     assert sent("StudyInstanceUID=1.2.3\\1.2.4") == ("StudyInstanceUID", "1.2.3,1.2.4", True)
     assert sent("StudyDate=2020*") is None  # DICOM allows no wildcards on dates: checked locally
     assert sent("NumberOfStudyRelatedSeries=2") is None  # computed by servers, not matched
+    assert sent("ModalitiesInStudy=MR\\CT") is None  # a list not of UIDs: checked locally
+    assert sent("ModalitiesInStudy=MR,CT") is None
+
+
+def test_lists_go_to_c_find_backslash_separated() -> None:
+    from dicomfs.sources.dimse.query import study_matching
+
+    terms = parse_query(["ModalitiesInStudy=MR,CT", "PatientID=A\\B", "StudyDescription=Head, Neck"]).terms
+    assert study_matching(terms) == {"ModalitiesInStudy": "MR\\CT", "PatientID": "A\\B",
+                                     "StudyDescription": "Head, Neck"}
 
 
 @pytest.mark.parametrize("bad, message", [

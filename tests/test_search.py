@@ -81,6 +81,19 @@ async def test_series_and_instance_terms_keep_the_studies_they_match_in() -> Non
         assert await _uids(archive, "PatientName=ROE*", level="instance") == ["1.2.1.1", "1.2.1.2"]
 
 
+async def test_derived_attributes_match_the_values_the_summaries_give() -> None:
+    for bare in (False, True):  # (neither listing carries them)
+        archive = Archive(bare)
+        assert await _uids(archive, "ModalitiesInStudy=CT") == ["1.1"]
+        assert await _uids(archive, "ModalitiesInStudy=SR\\MR") == ["1.1", "1.2"]  # any of a list
+        assert await _uids(archive, "ModalitiesInStudy=PT,MR") == ["1.2"]
+        assert await _uids(archive, "ModalitiesInStudy=PT") == []
+        assert await _uids(archive, "NumberOfStudyRelatedSeries=2") == ["1.1"]
+        assert await _uids(archive, "NumberOfStudyRelatedInstances=2", "PatientName=ROE*") == ["1.2"]
+        assert await _uids(archive, "NumberOfSeriesRelatedInstances=2", level="series") == ["1.1.1", "1.1.2", "1.2.1"]
+        assert await _uids(archive, "NumberOfSeriesRelatedInstances=3", level="series") == []
+
+
 async def test_an_archive_that_searches_is_asked_and_only_loose_terms_are_checked_again() -> None:
     archive = SearchingArchive()
     assert await _uids(archive, "PatientName=ROE*", "StudyDate=20230101") == ["1.2"]

@@ -80,6 +80,16 @@ def test_demo_searches_equal_dicomfs_ls(serve: Callable[..., DicomfsServe], demo
         filters = dict(q.split("=", 1) for q in query)
         theirs = ls_uids("demo", tmp_path / "ls-cache", "study", *query)
         assert uids(client.search_for_studies(search_filters=filters), "0020000D") == theirs, query
+    # ModalitiesInStudy (what OHIF's modality filter sends), which a folder's listings never carry:
+    # matched on the studies' own 00080061, by ls alike; a list matches any of its values
+    with_ct = ls_uids("demo", tmp_path / "ls-cache", "study", "Modality=CT")
+    assert with_ct and ls_uids("demo", tmp_path / "ls-cache", "study", "ModalitiesInStudy=CT") == with_ct
+    assert uids(client.search_for_studies(search_filters={"ModalitiesInStudy": "CT"}), "0020000D") == with_ct
+    objects = client.search_for_studies()
+    assert {o["0020000D"]["Value"][0] for o in objects if "CT" in o["00080061"].get("Value", [])} == with_ct
+    with_mr_or_ct = ls_uids("demo", tmp_path / "ls-cache", "study", "ModalitiesInStudy=MR\\CT")
+    assert with_mr_or_ct > with_ct
+    assert uids(client.search_for_studies(search_filters={"ModalitiesInStudy": "MR\\CT"}), "0020000D") == with_mr_or_ct
     # series and instances, in a study and everywhere
     series = ls_uids("demo", tmp_path / "ls-cache", "series", "Modality=MR")
     assert uids(client.search_for_series(search_filters={"Modality": "MR"}), "0020000E") == series
@@ -150,6 +160,11 @@ def test_demo_frames_are_pydicoms(serve: Callable[..., DicomfsServe], demo_dir: 
             got = client.retrieve_instance_frames(study, series, sop, frame_numbers=order,
                                                   media_types=(("application/octet-stream", "*"),))
             assert got == [expected[n - 1] for n in order], path.name
+            # the pixel data's BulkDataURI (relative to the study): every frame
+            meta = client.retrieve_instance_metadata(study, series, sop)
+            every = httpx.get(f"{server.root}/studies/{study}/{meta['7FE00010']['BulkDataURI']}",
+                              headers={"Accept": ANY_FRAME}, timeout=60)
+            assert [data for _, data in parts(every)] == expected, path.name
             multi += 1
         response = httpx.get(f"{server.root}/studies/{study}/series/{series}/instances/{sop}/frames/1",
                              headers={"Accept": ANY_FRAME})
@@ -285,6 +300,10 @@ def test_bad_requests_are_4xx_and_the_server_keeps_serving(serve: Callable[..., 
         ("GET", f"/dicomweb/studies/{study}/series/{series}/instances/{unknown}/frames/1", {}, 404),
         ("GET", f"/dicomweb/studies/{study}/series/{series}/instances/{name[:-4]}/frames/0", {}, 404),
         ("GET", f"/dicomweb/studies/{study}/series/{series}/instances/{name[:-4]}/frames/99999", {}, 404),
+        ("GET", "/dicomweb/studies/index.json.gz", {}, 404),  # the static tree's own files: no URLs here
+        ("GET", f"/dicomweb/studies/{study}/series/index.json.gz", {}, 404),
+        ("GET", f"/dicomweb/studies/{study}/series/{series}/instances/index.json.gz", {}, 404),
+        ("HEAD", "/dicomweb/studies/index.json.gz", {}, 404),
         ("GET", "/dicomweb/studies?NoSuchKeyword=1", {}, 400),
         ("GET", "/dicomweb/studies?StudyDate=soon-later", {}, 400),
         ("GET", "/dicomweb/studies?limit=-5", {}, 400),
@@ -306,7 +325,7 @@ def test_bad_requests_are_4xx_and_the_server_keeps_serving(serve: Callable[..., 
         got, response_headers, body = http_request(server.port, method, path, headers,
                                                    b"x" if method == "POST" else None)
         assert got == status, (method, path[:80], got, body[:200])
-        if got >= 400 and got != 431:  # (hypercorn refuses an oversized head itself, with no body)
+        if got >= 400 and got != 431 and method != "HEAD":  # (hypercorn refuses an oversized head itself)
             assert body.count(b"\n") == 1 and len(body) < 600, body  # one line that says why
         if got == 405:
             assert response_headers["allow"] == "GET, HEAD, OPTIONS"

@@ -1,13 +1,27 @@
-"""Unit tests of the DICOMweb server's pure parts: Accept negotiation, QIDO parameters, frame files."""
+"""Unit tests of the DICOMweb server: its pure parts (Accept negotiation, QIDO parameters, frame
+files), and the app itself over the demo files, in process (httpx's ASGI transport, no server)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
 import pytest
 
 from dicomfs import frames
+from dicomfs.archive import ArchiveOptions, open_archive
 from dicomfs.server.accept import NotAcceptable, accepts_json, frame_form, instance_form, parse_accept
 from dicomfs.server.qido import BadRequest, parse_request
+from dicomfs.server.run import app_for
+from dicomfs.sources import SourceOptions, parse_source
+from dicomfs.sources.base import Credentials
 from dicomfs.webfiles import ALL
+from tests.reference import parts, reference_frames, source_files
 
 JLS = "1.2.840.10008.1.2.4.80"
 ELE = frames.EXPLICIT_VR_LITTLE_ENDIAN
@@ -104,3 +118,109 @@ def test_frame_files_split_back_into_their_parts() -> None:
     assert content_type == f"image/jls;transfer-syntax={JLS}" and bytes(view) == frame
     with pytest.raises(frames.ProtocolError):
         frames.split_frame_file(b"--other\r\n\r\nxyz")
+
+
+# --- the app over the demo files ----------------------------------------------------------------------
+ANY_FRAME = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+
+
+@asynccontextmanager
+async def demo_client(demo_dir: Path, cache: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app serving the demo files (as ``dicomfs serve <folder>`` does)."""
+    options = ArchiveOptions(parse_source(str(demo_dir)), cache, Credentials(), SourceOptions(), 1 << 30)
+    async with open_archive(options) as archive, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app_for(archive)), base_url="http://dicomfs/dicomweb",
+            timeout=60) as client:
+        yield client
+
+
+def tags(objects: list[dict[str, Any]], key: str, tag: str) -> dict[str, list[Any]]:
+    """The values of ``tag`` in each of the QIDO objects, by their ``key`` UID."""
+    return {o[key]["Value"][0]: list(o.get(tag, {}).get("Value") or []) for o in objects}
+
+
+def study_uids(response: httpx.Response) -> set[str]:
+    assert response.status_code == 200, response.text
+    return set(tags(response.json(), "0020000D", "0020000D"))
+
+
+async def test_derived_study_attributes_match_as_the_study_objects_show_them(demo_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    async with demo_client(demo_dir, tmp_path / "cache") as http:
+        shown = (await http.get("/studies")).json()
+        modalities = tags(shown, "0020000D", "00080061")
+        with_ct = {uid for uid, found in modalities.items() if "CT" in found}
+        with_mr_or_ct = {uid for uid, found in modalities.items() if {"MR", "CT"} & set(found)}
+        assert with_ct and with_mr_or_ct > with_ct
+        assert study_uids(await http.get("/studies", params={"ModalitiesInStudy": "CT"})) == with_ct
+        assert study_uids(await http.get("/studies", params={"00080061": "CT"})) == with_ct
+        assert study_uids(await http.get("/studies", params={"Modality": "CT"})) == with_ct
+        for listed in ("MR\\CT", "MR,CT", "PT\\MR\\CT"):  # any of the values (OHIF sends commas)
+            assert study_uids(await http.get("/studies", params={"ModalitiesInStudy": listed})) == with_mr_or_ct
+        assert study_uids(await http.get("/studies", params={"ModalitiesInStudy": "PT"})) == set()
+        for tag in ("00201206", "00201208"):  # NumberOfStudyRelatedSeries / Instances
+            counts = tags(shown, "0020000D", tag)
+            some = min(counts.values())
+            assert study_uids(await http.get("/studies", params={tag: str(some[0])})) == {
+                uid for uid, count in counts.items() if count == some}, tag
+        # and a series' instance count, in a study
+        listing = (await http.get(f"/studies/{min(with_ct)}/series")).json()
+        series = tags(listing, "0020000E", "00201209")
+        some = min(series.values())
+        found = (await http.get(f"/studies/{min(with_ct)}/series",
+                                params={"NumberOfSeriesRelatedInstances": str(some[0])})).json()
+        assert set(tags(found, "0020000E", "0020000E")) == {uid for uid, count in series.items() if count == some}
+
+
+async def test_frames_without_a_list_are_every_frame_as_the_pixel_datas_bulk_data_uri_says(
+        demo_dir: Path, tmp_path: Path) -> None:
+    files = source_files(demo_dir)
+    multi = next(sop for sop, path in sorted(files.items())
+                 if int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames") or 1) > 2)
+    single = next(sop for sop, path in sorted(files.items())
+                  if "Rows" in (ds := pydicom.dcmread(path, stop_before_pixels=True))
+                  and int(ds.get("NumberOfFrames") or 1) == 1)
+    async with demo_client(demo_dir, tmp_path / "cache") as http:
+        for sop in (multi, single):
+            ds = pydicom.dcmread(files[sop], stop_before_pixels=True)
+            study, instance = ds.StudyInstanceUID, f"series/{ds.SeriesInstanceUID}/instances/{sop}"
+            [meta] = (await http.get(f"/studies/{study}/{instance}/metadata")).json()
+            uri = meta["7FE00010"]["BulkDataURI"]
+            assert uri == f"{instance}/frames"  # relative to the study
+            syntax, expected = reference_frames(files[sop])
+            every = await http.get(f"/studies/{study}/{uri}", headers={"Accept": ANY_FRAME})
+            assert every.status_code == 200, every.text
+            assert [data for _, data in parts(every)] == expected  # the source's bytes, as pydicom cuts them
+            assert all(t.endswith(f";transfer-syntax={syntax}") for t, _ in parts(every))
+            listed = f"/studies/{study}/{uri}/{','.join(str(n) for n in range(1, len(expected) + 1))}"
+            for accept in (ANY_FRAME, None, "application/octet-stream", "multipart/related; type=image/jls"):
+                headers = {"Accept": accept} if accept else {}
+                one, other = (await http.get(f"/studies/{study}/{uri}", headers=headers),
+                              await http.get(listed, headers=headers))
+                assert (one.status_code, one.headers.get("content-type"), one.content) == (
+                    other.status_code, other.headers.get("content-type"), other.content), (sop, accept)
+            head = await http.head(f"/studies/{study}/{uri}", headers={"Accept": ANY_FRAME})
+            assert head.status_code == 200 and head.content == b""
+            assert head.headers["etag"] == every.headers["etag"]
+
+
+async def test_the_static_trees_own_file_names_are_not_found(demo_dir: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    ds = pydicom.dcmread(next(iter(sorted(source_files(demo_dir).values()))), stop_before_pixels=True)
+    study, series = f"studies/{ds.StudyInstanceUID}", f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    instance = f"{series}/instances/{ds.SOPInstanceUID}"
+    names = ["studies/index.json.gz", f"{study}/index.json.gz", f"{study}/series/index.json.gz",
+             f"{series}/instances/index.json.gz", f"{series}/metadata.gz", f"{series}/series-singleton.json.gz",
+             f"{instance}/metadata.gz", f"{instance}/frames/1.mht", "studies/index.json.gz/series",
+             "studies/index.json.gz/metadata", f"{series}/instances/index.json.gz/metadata"]
+    caplog.set_level(logging.WARNING)
+    async with demo_client(demo_dir, tmp_path / "cache") as http:
+        for name in names:
+            for method in ("GET", "HEAD"):
+                response = await http.request(method, f"/{name}")
+                assert response.status_code == 404, (method, name, response.status_code)
+                if method == "GET":
+                    assert response.text.startswith("not found: ") and response.text.count("\n") == 1, name
+        assert (await http.get("/studies")).status_code == 200  # it goes on serving
+        assert (await http.get(f"/{instance}/metadata")).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback logged

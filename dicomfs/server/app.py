@@ -30,7 +30,7 @@ from dicomfs.server.accept import MediaRange, NotAcceptable, accepts_json, parse
 from dicomfs.server.qido import BadRequest, Qido, parse_request
 from dicomfs.server.viewer import Viewer
 from dicomfs.server.wado import JSON, Body, Wado
-from dicomfs.webtree import WebNode
+from dicomfs.webtree import WebKind, WebNode
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class DicomwebApp:
             return await self._search(request, p[0])
         if n < 2 or p[0] != "studies":
             raise NotFound("/".join(p)[:200])
-        study = await self.wado.resolve("studies", p[1])
+        study = await self.wado.resolve(WebKind.STUDY, "studies", p[1])
         if n == 2:
             return await self.wado.instances(study, request.accept)
         if n == 3 and p[2] == "metadata":
@@ -178,10 +178,10 @@ class DicomwebApp:
         if n == 3 and p[2] in ("series", "instances"):
             return await self._search(request, p[2], study=study)
         if n == 6 and p[2] == "bulkdata":
-            return await self.wado.bulk(await self.wado.resolve(*p), request.accept)
+            return await self.wado.bulk(await self.wado.resolve(WebKind.BULK_FILE, *p), request.accept)
         if p[2] != "series" or n < 4:
             raise NotFound("/".join(p)[:200])
-        series = await self.wado.resolve("studies", p[1], "series", p[3])
+        series = await self.wado.resolve(WebKind.SERIES, "series", p[3], below=study)
         if n == 4:
             return await self.wado.instances(series, request.accept)
         if n == 5 and p[4] == "metadata":
@@ -190,13 +190,13 @@ class DicomwebApp:
             return await self._search(request, "instances", study=study, series=series)
         if n < 6 or p[4] != "instances":
             raise NotFound("/".join(p)[:200])
-        instance = await self.wado.layout.lookup(await self.wado.layout.lookup(series, "instances"), p[5])
+        instance = await self.wado.resolve(WebKind.INSTANCE, "instances", p[5], below=series)
         if n == 6:
             return await self.wado.instances(instance, request.accept)
         if n == 7 and p[6] == "metadata":
             return await self.wado.metadata(instance)
-        if n == 8 and p[6] == "frames":
-            return await self.wado.frames(instance, p[7], request.accept)
+        if n in (7, 8) and p[6] == "frames":  # (no list: every frame)
+            return await self.wado.frames(instance, p[7] if n == 8 else None, request.accept)
         raise NotFound("/".join(p)[:200])
 
     async def _search(self, request: Request, level: str, study: WebNode | None = None,

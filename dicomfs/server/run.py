@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, cast
 
 import trio
 
-from dicomfs.archive import ArchiveOptions, open_archive
+from dicomfs.archive import Archive, ArchiveOptions, open_archive
 from dicomfs.errors import UsageError
 from dicomfs.sdnotify import sd_notify
 from dicomfs.server.app import ROOT, DicomwebApp
@@ -64,10 +64,7 @@ async def serve(options: ServeOptions, on_ready: Callable[[str], None], *, syste
     viewer = Viewer(options.viewer, "/" + ROOT) if options.viewer is not None else None
     _check_can_listen(options.host, options.port)  # before the archive is opened: a typo costs nothing
     async with open_archive(options.archive) as archive:
-        assert archive.blobs is not None
-        files = WebFiles(archive.catalog, archive.blobs, studies=archive.shown.studies)
-        app = DicomwebApp(Qido(archive.catalog, archive.shown, files), Wado(archive.catalog, archive.blobs, files),
-                          cors_origin=options.cors_origin, viewer=viewer)
+        app = app_for(archive, cors_origin=options.cors_origin, viewer=viewer)
         config = Config()
         config.bind = [f"[{options.host}]:{options.port}" if ":" in options.host else f"{options.host}:{options.port}"]
         config.accesslog = logging.getLogger("dicomfs.access") if options.access_log else None
@@ -96,6 +93,14 @@ async def serve(options: ServeOptions, on_ready: Callable[[str], None], *, syste
             log.info("stopping")
             # hypercorn stops accepting and gives requests in flight the grace; then this ends them
             nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE + 1
+
+
+def app_for(archive: Archive, *, cors_origin: str | None = None, viewer: Viewer | None = None) -> DicomwebApp:
+    """The app serving an opened archive (with a blob store) through one renderer."""
+    assert archive.blobs is not None
+    files = WebFiles(archive.catalog, archive.blobs, studies=archive.shown.studies)
+    return DicomwebApp(Qido(archive.catalog, archive.shown, files), Wado(archive.catalog, archive.blobs, files),
+                       cors_origin=cors_origin, viewer=viewer)
 
 
 def _check_can_listen(host: str, port: int) -> None:

@@ -1,8 +1,9 @@
 """WADO-RS for the DICOMweb server: metadata, frames, bulk data, and instances as stored.
 
 Owns turning a URL's UIDs into records through the static tree's layout (``webtree``: the same
-names, the same checks, ENOENT there is 404 here), the study's metadata (its series' joined),
-frame lists (one part per frame), bulk data (raw, or one part when multipart is asked for),
+names, the same checks, ENOENT there is 404 here; the tree's own files, ``index.json.gz`` and the
+like, are 404 too), the study's metadata (its series' joined), frame lists (one part per frame;
+``frames`` alone: every frame), bulk data (raw, or one part when multipart is asked for),
 retrieves of instances, series and studies streamed from the blob store instance by instance
 (never a whole series in memory), and the form of each body from ``Accept`` (``accept``). Rendered
 bytes come from ``webfiles``, the same as the mount's ``dicomweb/`` files. Must not know HTTP
@@ -51,11 +52,15 @@ class Wado:
         self.files = files
         self.layout = WebLayout(catalog, files)
 
-    async def resolve(self, *names: str) -> WebNode:
-        """The static tree's node at ``names`` below ``dicomweb/``; NotFound if it names nothing."""
-        node = ROOT
+    async def resolve(self, kind: WebKind, *names: str, below: WebNode = ROOT) -> WebNode:
+        """The static tree's node at ``names`` below ``below`` (``dicomweb/``), which must be a
+        ``kind``: NotFound if it names nothing, or names one of the tree's own files
+        (``index.json.gz``, ``metadata.gz``, …), which are the mount's layout, not resources."""
+        node = below
         for name in names:
             node = await self.layout.lookup(node, name)
+        if node.kind is not kind:
+            raise NotFound("/".join(node.path)[:200])
         return node
 
     # --- metadata -----------------------------------------------------------------------------
@@ -72,9 +77,13 @@ class Wado:
         return Body(JSON, data, gzipped=True, immutable=node.kind is WebKind.INSTANCE)
 
     # --- frames -------------------------------------------------------------------------------
-    async def frames(self, instance: WebNode, numbers: str, ranges: list[MediaRange]) -> Body:
-        """Frames ``numbers`` ("1" or "1,3,2") of an instance, as stored."""
-        wanted = numbers.split(",")
+    async def frames(self, instance: WebNode, numbers: str | None, ranges: list[MediaRange]) -> Body:
+        """Frames ``numbers`` ("1" or "1,3,2") of an instance, as stored; None: all its frames, as
+        "1,2,…,n" (the URL of its pixel data's ``BulkDataURI``)."""
+        if numbers is None:
+            wanted = [str(n) for n in range(1, await self.files.frame_count(instance) + 1)]
+        else:
+            wanted = numbers.split(",")
         if len(wanted) > MAX_FRAMES_ASKED:
             raise NotFound(f"more than {MAX_FRAMES_ASKED} frames asked for")
         folder = await self.layout.lookup(instance, "frames")  # (the layout checks each number)

@@ -64,7 +64,7 @@ def identifier(level: str, matching: dict[str, str] | None = None) -> Dataset:
 
 def study_matching(terms: Sequence[Term]) -> dict[str, str]:
     """Matching keys for a STUDY level C-FIND from ``--query`` terms, as C-FIND matches natively:
-    ``*`` and ``?`` wildcards, ``low-high`` ranges, UID lists (backslash-separated). Terms C-FIND
+    ``*`` and ``?`` wildcards, ``low-high`` ranges, lists (backslash-separated). Terms C-FIND
     cannot take (computed counts, wildcards on dates) are left out; the caller checks every term
     again on the answers anyway (an archive may match loosely, or not support a key)."""
     matching: dict[str, str] = {}
@@ -75,9 +75,7 @@ def study_matching(terms: Sequence[Term]) -> dict[str, str]:
         if term.vr in _DATE_TIME_VRS and ("*" in value or "?" in value):
             continue
         keyword = "ModalitiesInStudy" if term.keyword == "Modality" else term.keyword
-        if term.vr == "UI":
-            value = value.replace(",", "\\")
-        matching[keyword] = value
+        matching[keyword] = "\\".join(term.values)  # a list (UIDs, modalities) as C-FIND writes it
     return matching
 
 
