@@ -1,13 +1,19 @@
 """The DIMSE source's pure parts: C-FIND identifiers and answers, presentation contexts, the
 Part 10 wrapper (checked by pydicom and dcmtk's dcmftest), the source string, and what the daemon
-and its retrieve workers say to each other through a real pipe."""
+and its retrieve workers say to each other through a real pipe; and how its failures reach the
+caller, against PACS of our own (pynetdicom SCPs in the test's process, on loopback): a C-FIND
+unanswered, cancelled, or without a context; a C-GET that times out, or is refused."""
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -329,3 +335,299 @@ def test_moved_instances_from_anyone_but_the_pacs_are_refused(caplog: pytest.Log
     assert retrieve.store_moved(job, pacs, event("10.0.0.5")) == 0x0000
     retrieve.count_moved(job, pacs, event("10.0.0.5"))
     assert delivered == ["1.2.3.4"] and job.received == 100
+
+
+# --- failures against a PACS of our own: pynetdicom SCPs in this process, on loopback -----------
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+WAIT = 30.0  # the longest an SCP's handler holds its answer back (the test releases it sooner)
+
+
+@contextmanager
+def scp(supported: list[str], handlers: list[Any], *, storage_scu: bool = False,
+        timeout: float = 5.0) -> Iterator[Peer]:
+    """A PACS called ``PACS`` on a free loopback port that supports ``supported`` (and sends
+    instances by C-GET with ``storage_scu``); the peer that reaches it with ``timeout``."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="PACS")
+    for syntax in supported:
+        ae.add_supported_context(syntax)
+    if storage_scu:
+        ae.add_supported_context(SECONDARY_CAPTURE, scu_role=True, scp_role=True)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    assert server is not None
+    try:
+        yield Peer("127.0.0.1", server.server_address[1], "PACS", "DICOMFS", timeout)
+    finally:
+        server.shutdown()
+
+
+def _study(uid: str) -> Dataset:
+    return answer(QueryRetrieveLevel="STUDY", StudyInstanceUID=uid)
+
+
+async def test_a_c_find_left_unanswered_is_an_outage_the_catalog_rides_out(tmp_path: Path) -> None:
+    """The association opens, the C-FIND is never answered: the caller gets one SourceUnavailable
+    (not a group of them), so the breaker opens and the catalog serves its stored listing."""
+    import threading
+
+    import trio
+    from pynetdicom import evt
+
+    from dicomfs.breaker import is_outage
+    from dicomfs.catalog import Catalog
+    from dicomfs.errors import SourceUnavailable
+    from dicomfs.sources.dimse import VERIFICATION, DimseSource
+
+    hanging, release = threading.Event(), threading.Event()
+
+    def on_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        if hanging.is_set():
+            release.wait(WAIT)
+        else:
+            yield 0xFF00, _study("1.2.3.4")
+        yield 0x0000, None
+
+    with trio.fail_after(60), scp([VERIFICATION, query.STUDY_ROOT_FIND], [(evt.EVT_C_FIND, on_find)],
+                                  timeout=1.0) as peer:
+        source = DimseSource(peer)
+        catalog = Catalog(source, tmp_path / "store", listing_ttl=0.0)  # every listing asks the PACS
+        try:
+            assert list(await catalog.studies()) == ["1.2.3.4"]
+            hanging.set()
+            with pytest.raises(SourceUnavailable, match="did not answer about the studies") as caught:
+                await source.list_studies()
+            assert is_outage(caught.value)
+            assert list(await catalog.studies()) == ["1.2.3.4"]  # the stored listing
+        finally:
+            release.set()
+            catalog.close()
+            await source.aclose()
+
+
+def test_a_pacs_without_study_root_find_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A PACS that does Verification and Patient Root C-FIND but not Study Root: ``dicomfs ls``
+    says so in one line (no ValueError from pynetdicom, in a group or not), and so does a query."""
+    import trio
+
+    from dicomfs import cli
+    from dicomfs.sources.dimse import VERIFICATION, DimseSource
+
+    with scp([VERIFICATION, PATIENT_ROOT_FIND], []) as peer:
+        assert cli.main(["ls", peer.description, "--cache-dir", str(tmp_path / "cache")]) == 1
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and "for Study Root C-FIND (no common presentation context)" in lines[0], lines
+
+        async def listing() -> None:
+            source = DimseSource(peer)
+            try:
+                with trio.fail_after(30), pytest.raises(ProtocolError, match="no common presentation context"):
+                    await source.list_studies()
+            finally:
+                await source.aclose()
+
+        trio.run(listing)
+
+
+async def test_a_c_find_given_up_is_cancelled_and_its_sharers_ask_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller of an IMAGE-level C-FIND gives up: the PACS is sent a C-CANCEL, the caller's
+    cancellation goes on (not a SourceError about status 0xFE00), and a caller that was sharing
+    that C-FIND asks again instead of failing."""
+    import threading
+    import time
+
+    import trio
+    import trio.testing
+    from pynetdicom import evt
+
+    from dicomfs.sources.dimse import VERIFICATION, DimseSource
+
+    started, cancelled = threading.Event(), threading.Event()
+    finds: list[int] = []
+
+    def instance() -> Dataset:
+        return answer(QueryRetrieveLevel="IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3",
+                      SOPInstanceUID="1.2.3.4", SOPClassUID=SECONDARY_CAPTURE)
+
+    def on_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        finds.append(event.message_id)
+        yield 0xFF00, instance()
+        if len(finds) == 1:  # the first is held until cancelled
+            started.set()
+            deadline = time.monotonic() + WAIT
+            while not cancelled.is_set() and time.monotonic() < deadline:
+                if event.is_cancelled:  # (true once: pynetdicom forgets the C-CANCEL it reports)
+                    cancelled.set()
+                else:
+                    time.sleep(0.01)
+            if cancelled.is_set():
+                yield 0xFE00, None
+                return
+        yield 0x0000, None
+
+    async def warm(count: int = 1) -> None:
+        pass
+
+    with trio.fail_after(60), scp([VERIFICATION, query.STUDY_ROOT_FIND], [(evt.EVT_C_FIND, on_find)]) as peer:
+        source = DimseSource(peer)
+        monkeypatch.setattr(source.workers, "warm", warm)
+        series = SeriesRecord("1.2", "1.2.3")
+        leader = trio.CancelScope()
+        outcome: dict[str, object] = {}
+
+        async def first() -> None:
+            with leader:
+                await source.list_instances(series)
+                outcome["first"] = "answered"
+            outcome["first cancelled"] = leader.cancelled_caught
+
+        async def second() -> None:
+            outcome["second"] = [i.key for i in await source.list_instances(series)]
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                await trio.to_thread.run_sync(started.wait, WAIT)
+                nursery.start_soon(second)
+                await trio.testing.wait_all_tasks_blocked()  # the second waits on the first's C-FIND
+                leader.cancel()
+        finally:
+            await source.aclose()
+    assert outcome == {"first cancelled": True, "second": ["1.2.3.4"]}
+    assert cancelled.is_set() and len(finds) == 2  # the PACS saw the C-CANCEL; the second asked again
+
+
+class _Sink:
+    """A series sink that keeps what arrives."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, bytes] = {}
+
+    def in_thread(self) -> Any:
+        raise AssertionError("the DIMSE source delivers on the event loop")
+
+    def arrived(self, size: int) -> None:
+        pass
+
+    def wants(self, key: str) -> bool:
+        return True
+
+    def awaited(self) -> list[str]:
+        return []
+
+    async def begin(self, key: str, size: int | None) -> Any:
+        sink = self
+
+        class Writer:
+            data = b""
+
+            async def write(self, data: bytes | bytearray | memoryview) -> None:
+                self.data += bytes(data)
+
+            async def finish(self) -> None:
+                sink.instances[key] = self.data
+
+        return Writer()
+
+
+def _pacs_with_get(on_get: Any, timeout: float = 5.0) -> Any:
+    """A PACS that lists series 1.2/1.2.3 (one secondary capture, 1.2.3.4) and answers C-GET with
+    ``on_get``."""
+    from pynetdicom import evt
+
+    from dicomfs.sources.dimse import VERIFICATION
+
+    def on_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        yield 0xFF00, answer(QueryRetrieveLevel="IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3",
+                             SOPInstanceUID="1.2.3.4", SOPClassUID=SECONDARY_CAPTURE)
+        yield 0x0000, None
+
+    return scp([VERIFICATION, query.STUDY_ROOT_FIND, query.STUDY_ROOT_GET],
+               [(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)], storage_scu=True, timeout=timeout)
+
+
+def _instance() -> Dataset:
+    from tests.factory import make_instance
+
+    return pydicom.dcmread(io.BytesIO(make_instance("1.2", "1.2.3", "1.2.3.4")))
+
+
+@pytest.mark.mount  # retrieves run in worker processes
+async def test_a_c_get_slow_to_start_is_a_timeout_not_a_refusal(caplog: pytest.LogCaptureFixture) -> None:
+    """A PACS that sends nothing within --timeout of a C-GET (near-line storage, a busy PACS):
+    pynetdicom aborts the association, and that is a timeout that names the option, not a
+    refusal: ``--retrieve auto`` stays with C-GET, and the next C-GET brings the series."""
+    import threading
+
+    import trio
+
+    from dicomfs.errors import SourceUnavailable
+    from dicomfs.sources.dimse import DimseSource
+
+    release = threading.Event()
+    gets: list[int] = []
+
+    def on_get(event: Any) -> Iterator[Any]:
+        gets.append(event.message_id)
+        if len(gets) == 1:
+            release.wait(WAIT)  # the first C-GET: nothing for longer than the timeout
+        yield 1
+        yield 0xFF00, _instance()
+        yield 0x0000, None
+
+    with trio.fail_after(60), _pacs_with_get(on_get, timeout=1.0) as peer:
+        source = DimseSource(peer)
+        series = SeriesRecord("1.2", "1.2.3")
+        try:
+            with pytest.raises(SourceUnavailable, match=r"did not answer the C-GET of series 1\.2\.3 within "
+                                                        r"--timeout 1 s") as caught:
+                await source.fetch_series(series, _Sink())
+            assert type(caught.value) is SourceUnavailable  # an outage, not a GetRefused
+            release.set()
+            sink = _Sink()
+            await source.fetch_series(series, sink)
+            assert list(sink.instances) == ["1.2.3.4"] and len(gets) == 2  # by C-GET again
+            assert not source._use_move and "C-MOVE" not in caplog.text
+        finally:
+            release.set()
+            await source.aclose()
+
+
+@pytest.mark.mount  # retrieves run in worker processes
+@pytest.mark.parametrize("refusal", ["status", "abort"])
+async def test_a_c_get_refused_switches_to_c_move_saying_so_once(refusal: str, caplog: pytest.LogCaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PACS that refuses C-GET, by a refusal status (0xA702) or by aborting the association as
+    Orthanc does: ``--retrieve auto`` moves this series and the next ones by C-MOVE, and says so
+    once."""
+    import trio
+
+    from dicomfs.sources.dimse import DimseSource
+
+    gets: list[int] = []
+
+    def on_get(event: Any) -> Iterator[Any]:
+        gets.append(event.message_id)
+        if refusal == "abort":
+            event.assoc.abort()
+            return
+        yield 1
+        yield 0xA702, None
+
+    with trio.fail_after(60), _pacs_with_get(on_get) as peer:
+        source = DimseSource(peer)
+        moved: list[str] = []
+
+        async def move(series: SeriesRecord, listed: dict[str, str], sink: Any) -> None:
+            moved.append(series.uid)
+
+        monkeypatch.setattr(source, "_move", move)
+        series = SeriesRecord("1.2", "1.2.3")
+        try:
+            await source.fetch_series(series, _Sink())
+            await source.fetch_series(series, _Sink())
+        finally:
+            await source.aclose()
+    assert len(gets) == 1 and moved == ["1.2.3", "1.2.3"] and source._use_move
+    assert caplog.text.count("using C-MOVE to dicomfs's storage SCP") == 1

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
+FIND = "Study Root C-FIND"
 
 
 class DimseSource:
@@ -62,16 +63,23 @@ class DimseSource:
 
     # --- listings -------------------------------------------------------------------------
     async def check(self) -> None:
+        """An association for queries, which must take Study Root C-FIND (without it nothing can
+        be listed), and a C-ECHO on it if the PACS does Verification."""
         await trio.to_thread.run_sync(net.check_tls, self.peer)
         async with self.pool.query() as assoc:
+            net.require(self.peer, assoc, query.STUDY_ROOT_FIND, FIND)
+            if not net.accepts(assoc, VERIFICATION):
+                return  # (the association is the proof that the PACS answers)
             answer = await trio.to_thread.run_sync(assoc.send_c_echo)
         if not answer or getattr(answer, "Status", None) != status.SUCCESS:
             raise SourceUnavailable(f"{self.description} did not answer C-ECHO")
 
     async def _find(self, identifier: Dataset, what: str) -> list[Dataset]:
         """Every answer of one C-FIND (pending answers are collected as they come; a caller that
-        gives up has a C-CANCEL sent)."""
+        gives up has a C-CANCEL sent, and its cancellation goes on: ``net.in_thread``)."""
         async with self.pool.query() as assoc:
+            net.require(self.peer, assoc, query.STUDY_ROOT_FIND, FIND)
+
             def work() -> list[Dataset]:
                 answers: list[Dataset] = []
                 for answer, found in assoc.send_c_find(identifier, query.STUDY_ROOT_FIND, msg_id=1):
@@ -136,9 +144,10 @@ class DimseSource:
             except GetRefused as exc:
                 if self.retrieve != "auto":
                     raise
-                log.warning("%s; using C-MOVE to dicomfs's storage SCP on port %d from now on (register AE "
-                            "title %s with this machine's address and that port at the PACS)", exc,
-                            self.move_port, self.peer.calling_ae)
+                if not self._use_move:  # (once: retrieves refused at the same time say it once)
+                    log.warning("%s; using C-MOVE to dicomfs's storage SCP on port %d from now on (register AE "
+                                "title %s with this machine's address and that port at the PACS)", exc,
+                                self.move_port, self.peer.calling_ae)
                 self._use_move = True
         await self._move(series, listed, sink)
 

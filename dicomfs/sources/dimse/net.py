@@ -7,10 +7,12 @@ ACK of ours, nor our replies for one of its) and the retrieve associations' shor
 (``quick_loop``), the pool that keeps at most ``--max-associations`` open (idle query
 associations are reused, closed to make room, and released by a reaper after ``IDLE_SECONDS``),
 one-line errors that tell the user what to change (association rejected, no common presentation
-context, unreachable; a request left unanswered is asked once more), the Storage SCP a C-MOVE
-delivers to (``storage_scp``: the PACS's AE title alone, on the move port), and ``in_thread``:
-blocking pynetdicom work in a worker thread that the event loop can cancel (C-CANCEL, then
-A-ABORT). Must not know what is queried or retrieved (``query``, the source).
+context, for the association or for one service on it, unreachable; a request left unanswered is
+asked once more), who ended an association (``Ending``: a timeout of ours or the PACS), the
+Storage SCP a C-MOVE delivers to (``storage_scp``: the PACS's AE title alone, on the move port),
+and ``in_thread``: blocking pynetdicom work in a worker thread that the event loop can cancel
+(C-CANCEL, then A-ABORT; the caller then sees its cancellation, not what the stopped request
+ended with). Must not know what is queried or retrieved (``query``, the source).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable
+from dicomfs.tasks import StopSignal, run_stoppable
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -168,8 +171,7 @@ def association_error(peer: Peer, assoc: Association) -> SourceError:
             return SourceUnavailable(f"{peer.description} turned the association away for now ({reason})")
         return AccessRefused(f"{peer.description} rejected the association ({reason})")
     if answer is not None and getattr(answer, "result", None) == 0:
-        return ProtocolError(f"{peer.description} accepted none of the presentation contexts dicomfs "
-                             "proposed (no common presentation context)")
+        return no_common_context(peer)
     # No answer: pynetdicom says "aborted" for a connection that failed too; ask the network
     try:
         with socket.create_connection((peer.host, peer.port), timeout=min(peer.timeout, 10.0)):
@@ -183,6 +185,61 @@ def association_error(peer: Peer, assoc: Association) -> SourceError:
 
 class _NoAnswer(SourceUnavailable):
     """The PACS took the connection and ended it without answering the association request."""
+
+
+def no_common_context(peer: Peer, service: str | None = None) -> ProtocolError:
+    """The one line for a PACS that accepted none of the presentation contexts we proposed (for
+    ``service``: the association stands, but not for that)."""
+    purpose = f" for {service}" if service else ""
+    return ProtocolError(f"{peer.description} accepted none of the presentation contexts dicomfs proposed{purpose} "
+                         "(no common presentation context)")
+
+
+def accepts(assoc: Association, abstract_syntax: str) -> bool:
+    """Whether ``assoc`` has a context in which we may ask for ``abstract_syntax`` (the test
+    pynetdicom makes before a request, and answers with a ``ValueError`` when it fails)."""
+    return any(cx.abstract_syntax == abstract_syntax and cx.as_scu for cx in assoc.accepted_contexts)
+
+
+def require(peer: Peer, assoc: Association, abstract_syntax: str, service: str) -> None:
+    """Raise ``no_common_context`` unless ``assoc`` may carry ``service`` (``abstract_syntax``)."""
+    if not accepts(assoc, abstract_syntax):
+        raise no_common_context(peer, service)
+
+
+class Ending:
+    """Who ended an association first, told by its ACSE events (``handlers``): ``"us"`` (an
+    A-ABORT of ours, which pynetdicom sends when a reply has not come within the DIMSE timeout
+    and a ``stop`` sends too, or our A-RELEASE), or ``"peer"`` (an A-ABORT or A-RELEASE request
+    from the PACS, or the connection closed under us); None while it stands. pynetdicom answers
+    a request with an empty status either way: this tells a PACS that turned the request away
+    from one that did not answer in time."""
+
+    def __init__(self) -> None:
+        self.by: str | None = None
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        from pynetdicom import evt
+
+        return [(evt.EVT_ACSE_SENT, self._sent), (evt.EVT_ACSE_RECV, self._received)]
+
+    def _sent(self, event: Any) -> None:
+        from pynetdicom.pdu_primitives import A_ABORT, A_RELEASE
+
+        if self.by is None and isinstance(event.primitive, (A_ABORT, A_RELEASE)):
+            self.by = "us"
+
+    def _received(self, event: Any) -> None:
+        from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
+
+        if self.by is None and isinstance(event.primitive, (A_ABORT, A_P_ABORT, A_RELEASE)):
+            self.by = "peer"
+
+
+def timed_out(description: str, what: str, timeout: float) -> SourceUnavailable:
+    """The one line for a request the PACS did not answer in time."""
+    return SourceUnavailable(f"{description} did not answer {what} within --timeout {timeout:g} s "
+                             "(a PACS that takes longer needs a larger --timeout)")
 
 
 def addresses_of(host: str) -> set[str]:
@@ -270,23 +327,18 @@ def release(assoc: Association) -> None:
 
 
 async def in_thread(work: Callable[[], T], stop: Callable[[], None]) -> T:
-    """``work()`` in a worker thread. If the caller is cancelled meanwhile, ``stop()`` (called on
-    the event loop, must not block) makes the work end soon; the cancellation goes on after it."""
-    finished = trio.Event()
+    """``work()`` in a worker thread; its result, or its error as it was raised (never in a
+    group). If the caller is cancelled meanwhile, ``stop()`` (called on the event loop, must not
+    block) makes the work end soon, and the caller gets its ``Cancelled`` once it has: not what
+    the stopped request ended with (a C-CANCEL's status 0xFE00, an abort's empty answer), which
+    would tell the caller, and those sharing its work, that the PACS failed."""
+    def job(signal: StopSignal) -> T:
+        signal.check()  # stopped before it started: nothing to ask for, nothing to cancel
+        signal.on_stop(stop)
+        signal.check()
+        return work()
 
-    async def on_cancel() -> None:
-        try:
-            await finished.wait()
-        except trio.Cancelled:
-            stop()
-            raise
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_cancel)
-        try:
-            return await trio.to_thread.run_sync(work)
-        finally:
-            finished.set()
+    return await run_stoppable(job)
 
 
 def cancel_then_abort(assoc: Association, msg_id: int, query_model: str) -> Callable[[], None]:

@@ -44,6 +44,7 @@ class Job:
     delivered: int = 0  # instances handed over
     stopped: threading.Event = field(default_factory=threading.Event)
     assoc: Association | None = None  # the C-GET's or C-MOVE's association, once open
+    ending: net.Ending = field(default_factory=net.Ending)  # who ended that association
     model: str = query.STUDY_ROOT_GET  # the information model of the retrieve (what a C-CANCEL names)
 
     def identifier(self) -> Dataset:
@@ -75,17 +76,23 @@ def count(job: Job, event: Any) -> None:
 
 
 def follow(job: Job, responses: Iterable[tuple[Any, Any]], what: str, assoc: Association) -> None:
-    """Follow a C-GET or C-MOVE to its end: a failure is an error (a refused C-GET a
-    ``GetRefused``: some PACS, Orthanc among them, refuse by ending the association before sending
-    anything); instances it could not send are logged, the others were delivered."""
+    """Follow a C-GET or C-MOVE to its end: a failure is an error; instances it could not send
+    are logged, the others were delivered. An empty answer (pynetdicom's, when the association
+    ended) is told apart by who ended it (``job.ending``): we did, because the PACS had not
+    answered within the DIMSE timeout (a PACS slow to start: near-line storage, a busy one), so
+    a timeout; or the PACS did, before sending anything, which for a C-GET is a ``GetRefused``
+    (some PACS, Orthanc among them, refuse C-GET by aborting the association)."""
     about = f"series {job.series_uid}"
     for answer, found in responses:
         if not answer and not job.stopped.is_set():
-            if what == "C-GET" and not job.delivered and net.ended_by_peer(assoc):
-                raise status.GetRefused(f"{job.description} ended the association when asked for C-GET")
+            net.ended_by_peer(assoc)  # (pynetdicom hands out the empty answer before it records the end)
             if job.delivered:  # it broke off midway: what came is kept, the rest may be resumed
                 raise TransferBroken(f"the {what} of {about} broke off after {job.delivered} instances "
                                      "(no answer: timed out, or the association was aborted)")
+            if job.ending.by == "us":
+                raise net.timed_out(job.description, f"the {what} of {about}", assoc.dimse_timeout or 0.0)
+            if what == "C-GET" and job.ending.by == "peer":
+                raise status.GetRefused(f"{job.description} ended the association when asked for C-GET")
         code = status.code_of(answer, job.description, about)
         if code in status.PENDING:
             continue
@@ -108,10 +115,11 @@ def get(peer: Peer, job: Job) -> None:
 
     cxs, roles = contexts.retrieve_contexts(query.STUDY_ROOT_GET, job.listed.values())
     job.assoc = assoc = net.open_association(peer, cxs, roles=roles, handlers=[
-        (evt.EVT_C_STORE, lambda event: store(job, event)), (evt.EVT_DATA_RECV, lambda event: count(job, event))])
+        (evt.EVT_C_STORE, lambda event: store(job, event)), (evt.EVT_DATA_RECV, lambda event: count(job, event)),
+        *job.ending.handlers()])
     net.quick_loop(assoc)
     try:
-        if not any(cx.abstract_syntax == query.STUDY_ROOT_GET for cx in assoc.accepted_contexts):
+        if not net.accepts(assoc, query.STUDY_ROOT_GET):
             raise status.GetRefused(f"{job.description} accepts no Study Root C-GET")
         follow(job, assoc.send_c_get(job.identifier(), query.STUDY_ROOT_GET, msg_id=1), "C-GET", assoc)
     finally:
@@ -128,7 +136,8 @@ def move(peer: Peer, job: Job, port: int) -> None:
     scp = net.storage_scp(peer, port, [(evt.EVT_C_STORE, lambda event: store_moved(job, addresses, event)),
                                        (evt.EVT_DATA_RECV, lambda event: count_moved(job, addresses, event))])
     try:
-        job.assoc = assoc = net.open_association(peer, [build_context(query.STUDY_ROOT_MOVE)])
+        job.assoc = assoc = net.open_association(peer, [build_context(query.STUDY_ROOT_MOVE)],
+                                                 handlers=job.ending.handlers())
         try:
             follow(job, assoc.send_c_move(job.identifier(), peer.calling_ae, query.STUDY_ROOT_MOVE, msg_id=1),
                    "C-MOVE", assoc)
