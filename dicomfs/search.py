@@ -40,7 +40,8 @@ class Search:
         study_terms = list(query.at("study"))
         source = self.catalog.source
         if study_terms and isinstance(source, StudySearcher):
-            candidates, unchecked = await source.search_studies(study_terms)
+            candidates, unchecked = await source.search_studies(
+                study_terms, narrowing=[*query.at("series"), *query.at("instance")])
             study_terms = unchecked  # the archive matched the rest
         else:
             candidates = list((await self.catalog.studies()).values())

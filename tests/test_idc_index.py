@@ -92,3 +92,34 @@ def test_index_rows_that_cannot_be_served_are_left_out_with_a_log_line(
         assert sum("'1.2.3.3'" in line and "series UUID" in line for line in lines) == 2, lines
     finally:
         index.close()
+
+
+def test_series_terms_narrow_the_studies_and_leave_their_attributes_whole(tmp_path: Path) -> None:
+    """``--query Modality=CT`` (a series-level term) leaves out, in the index's own query, the
+    studies none of whose series match (the IDC index has a row per series), and a study kept
+    still shows every series' modality and count; a list matches any of its values."""
+    from tests.idc_bucket import IdcBucket
+
+    row = {"collection_id": "c", "PatientID": "P", "instanceCount": 1, "aws_bucket": "idc-open-data",
+           "series_size_MB": 1.0}
+    rows = [{**row, "StudyInstanceUID": "1.2.1", "SeriesInstanceUID": "1.2.1.1", "Modality": "CT",
+             "crdc_series_uuid": "a-1"},
+            {**row, "StudyInstanceUID": "1.2.1", "SeriesInstanceUID": "1.2.1.2", "Modality": "MR",
+             "crdc_series_uuid": "a-2"},
+            {**row, "StudyInstanceUID": "1.2.2", "SeriesInstanceUID": "1.2.2.1", "Modality": "MR",
+             "crdc_series_uuid": "b-1"},
+            {**row, "StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.1", "Modality": "SEG",
+             "crdc_series_uuid": "c-1"}]
+    index = IdcIndex(IdcBucket(handle=None).write_index(tmp_path / "idc_index.parquet", rows))  # type: ignore[arg-type]
+    try:
+        studies, _ = index.studies((), parse_query(["Modality=CT"], INDEX_KEYS).terms)
+        assert [s.uid for s in studies] == ["1.2.1"]
+        assert studies[0].attrs["00080061"]["Value"] == ["CT", "MR"]  # every series of the study
+        assert studies[0].attrs["00201206"]["Value"] == [2]
+        studies, _ = index.studies((), parse_query(["Modality=CT\\SEG"], INDEX_KEYS).terms)
+        assert [s.uid for s in studies] == ["1.2.1", "1.2.3"]
+        studies, _ = index.studies(parse_query(["StudyInstanceUID=1.2.2"], INDEX_KEYS).terms,
+                                   parse_query(["Modality=CT"], INDEX_KEYS).terms)
+        assert studies == []
+    finally:
+        index.close()

@@ -48,9 +48,12 @@ class SearchingArchive(Archive):
     def __init__(self) -> None:
         super().__init__()
         self.searched: list[list[str]] = []
+        self.narrowed: list[list[str]] = []
 
-    async def search_studies(self, terms: Sequence[Term]) -> tuple[list[StudyRecord], list[Term]]:
+    async def search_studies(self, terms: Sequence[Term], narrowing: Sequence[Term] = ()
+                             ) -> tuple[list[StudyRecord], list[Term]]:
         self.searched.append([t.keyword for t in terms])
+        self.narrowed.append([t.keyword for t in narrowing])
         studies = [s for s in await self.list_studies() if all(t.matches(s.attrs) for t in terms
                                                                if t.keyword != "PatientName")]
         return studies, [t for t in terms if t.keyword == "PatientName"]
@@ -98,6 +101,13 @@ async def test_an_archive_that_searches_is_asked_and_only_loose_terms_are_checke
     archive = SearchingArchive()
     assert await _uids(archive, "PatientName=ROE*", "StudyDate=20230101") == ["1.2"]
     assert archive.searched == [["PatientName", "StudyDate"]]
+
+
+async def test_series_and_instance_terms_are_offered_to_an_archive_that_can_narrow_the_studies() -> None:
+    """(The IDC index can: one row per series.) They are still checked on the series here."""
+    archive = SearchingArchive()
+    assert await _uids(archive, "PatientName=DOE*", "Modality=C*", level="series") == ["1.1.1"]
+    assert archive.searched == [["PatientName"]] and archive.narrowed == [["Modality"]]
 
 
 async def test_summaries_complete_what_a_bare_listing_leaves_out() -> None:

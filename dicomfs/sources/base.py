@@ -169,9 +169,13 @@ class FetchPreparer(Protocol):
 class StudySearcher(Protocol):
     """A source that can narrow a study listing on the archive's side (QIDO-RS, C-FIND)."""
 
-    async def search_studies(self, terms: Sequence[Term]) -> tuple[list[StudyRecord], list[Term]]:
+    async def search_studies(self, terms: Sequence[Term], narrowing: Sequence[Term] = ()
+                             ) -> tuple[list[StudyRecord], list[Term]]:
         """Studies the archive says match the study-level ``terms``, and the terms the caller must
-        still check on them (those the archive could not be asked exactly, or may match loosely)."""
+        still check on them (those the archive could not be asked exactly, or may match loosely).
+        ``narrowing``: series- and instance-level terms, which the caller checks on the series
+        anyway; an archive that can may leave out the studies none of whose series match them
+        (the IDC index: one row per series), one that cannot ignores them."""
         ...
 
 

@@ -81,7 +81,8 @@ class DicomwebSource:
         rows = await self._qido(f"{self.root}/studies?{STUDY_FIELDS}")
         return [StudyRecord(uid, attrs) for uid, attrs in _valid(rows, STUDY_UID, "study")]
 
-    async def search_studies(self, terms: Sequence[Term]) -> tuple[list[StudyRecord], list[Term]]:
+    async def search_studies(self, terms: Sequence[Term], narrowing: Sequence[Term] = ()
+                             ) -> tuple[list[StudyRecord], list[Term]]:
         sent: list[tuple[str, str]] = []
         unchecked: list[Term] = []
         for term in terms:

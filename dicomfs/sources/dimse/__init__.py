@@ -97,7 +97,8 @@ class DimseSource:
     async def list_studies(self) -> list[StudyRecord]:
         return query.studies(await self._find(query.identifier("STUDY"), "the studies"))
 
-    async def search_studies(self, terms: Sequence[Term]) -> tuple[list[StudyRecord], list[Term]]:
+    async def search_studies(self, terms: Sequence[Term], narrowing: Sequence[Term] = ()
+                             ) -> tuple[list[StudyRecord], list[Term]]:
         matching = query.study_matching(terms)
         answers = await self._find(query.identifier("STUDY", matching), "the studies")
         return query.studies(answers), list(terms)  # a PACS may match loosely: all checked again

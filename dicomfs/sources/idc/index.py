@@ -203,11 +203,19 @@ class IdcIndex:
             return rows
 
     # --- studies ------------------------------------------------------------------------------
-    def studies(self, terms: Sequence[Term] = ()) -> tuple[list[StudyRecord], list[Term]]:
+    def studies(self, terms: Sequence[Term] = (), narrowing: Sequence[Term] = ()
+                ) -> tuple[list[StudyRecord], list[Term]]:
         """The studies whose rows match the terms that translate to SQL exactly, and the terms
-        left for the caller to check. Their attributes are rows of one ``StudyTable`` (the whole
-        index is 168,000 studies: as DICOM JSON dicts they would take 500 MB)."""
+        left for the caller to check; of those, only studies with a series (a row) that matches
+        the ``narrowing`` terms that translate (their study attributes still from every row).
+        Their attributes are rows of one ``StudyTable`` (the whole index is 168,000 studies: as
+        DICOM JSON dicts they would take 500 MB)."""
         where, parameters, unchecked = _where(terms)
+        narrow, narrow_parameters, _ = _where(narrowing)  # (the caller checks all of them on the series)
+        if narrow:
+            where = f"{where} AND" if where else "WHERE"
+            where += f" StudyInstanceUID IN (SELECT StudyInstanceUID FROM idx {narrow})"
+            parameters += narrow_parameters
         with self._connection() as db:
             table = StudyTable.read(db, where, parameters)
         return [StudyRecord.dated(uid, cast(DicomJson, RowAttrs(table, n)), mtime)
@@ -334,10 +342,12 @@ def _where(terms: Sequence[Term]) -> tuple[str, list[Any], list[Term]]:
         if column is None or term.is_range or term.vr in ("DA", "TM", "DT", "PN", "IS") or value.strip("*") == "":
             unchecked.append(term)
             continue
-        if term.vr == "UI" and ("\\" in value or "," in value):
-            uids = [v for v in value.replace(",", "\\").split("\\") if v]
-            clauses.append(f"{column} IN ({', '.join('?' * len(uids))})")
-            parameters.extend(uids)
+        if len(term.values) > 1:  # a list (``CT\\MR``): any of its values
+            if any("*" in v or "?" in v for v in term.values):
+                unchecked.append(term)
+                continue
+            clauses.append(f"{column} IN ({', '.join('?' * len(term.values))})")
+            parameters.extend(v.strip() for v in term.values)
         elif "*" in value or "?" in value:
             escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             clauses.append(f"{column} LIKE ? ESCAPE '\\'")

@@ -107,10 +107,12 @@ class IdcSource:
         studies, _ = await trio.to_thread.run_sync(paused, self.index.studies)  # (168,000 records)
         return studies
 
-    async def search_studies(self, terms: Sequence[Term]) -> tuple[list[StudyRecord], list[Term]]:
-        """The studies matching ``terms``; the series of a search's studies are read with them, in
-        one scan of the index (a search walks them next: one scan per study costs 0.1 s each)."""
-        studies, unchecked = await trio.to_thread.run_sync(paused, self.index.studies, terms)
+    async def search_studies(self, terms: Sequence[Term], narrowing: Sequence[Term] = ()
+                             ) -> tuple[list[StudyRecord], list[Term]]:
+        """The studies matching ``terms`` that have a series matching the index columns among
+        ``narrowing``; the series of a search's studies are read with them, in one scan of the
+        index (a search walks them next: one scan per study costs 0.1 s each)."""
+        studies, unchecked = await trio.to_thread.run_sync(paused, self.index.studies, terms, narrowing)
         if len(studies) <= SERIES_READ_WITH_SEARCH:
             self._series_read.update(await trio.to_thread.run_sync(self.index.series, [s.uid for s in studies]))
         return studies, unchecked
