@@ -153,7 +153,7 @@ def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str
             terms.append(Term(keyword, key, vr, value, level))
             continue
         tag, vr = _look_up(keyword, item)
-        term = Term(keyword, tag, vr, value, _level_of(keyword), fuzzy=fuzzy and vr == "PN")
+        term = Term(keyword, tag, vr, value, level_of(keyword), fuzzy=fuzzy and vr == "PN")
         if any(_is_range(v, vr) and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", v) for v in term.values):
             raise UsageError(f"invalid range {value!r} for {keyword} (use YYYYMMDD-YYYYMMDD)")
         terms.append(term)
@@ -180,7 +180,8 @@ def _look_up(keyword: str, item: str) -> tuple[str, str]:
     return entry
 
 
-def _level_of(keyword: str) -> str:
+def level_of(keyword: str) -> str:
+    """The query model's level of a DICOM keyword: study, series, or else instance."""
     if keyword in STUDY_KEYWORDS:
         return "study"
     if keyword in SERIES_KEYWORDS:

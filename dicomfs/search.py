@@ -38,10 +38,11 @@ class Search:
 
     async def studies(self, query: Query) -> list[StudyRecord]:
         study_terms = list(query.at("study"))
+        narrowing = [*query.at("series"), *query.at("instance")]
         source = self.catalog.source
-        if study_terms and isinstance(source, StudySearcher):
-            candidates, unchecked = await source.search_studies(
-                study_terms, narrowing=[*query.at("series"), *query.at("instance")])
+        if isinstance(source, StudySearcher) and (
+                study_terms or (narrowing and getattr(source, "narrows_by_series", False))):
+            candidates, unchecked = await source.search_studies(study_terms, narrowing=narrowing)
             study_terms = unchecked  # the archive matched the rest
         else:
             candidates = list((await self.catalog.studies()).values())
@@ -94,10 +95,15 @@ class Search:
         return [i for i in instances if all(t.matches(i.attrs) for t in terms)]
 
     async def _series_attrs_for(self, series: SeriesRecord, terms: Sequence[Term]) -> DicomJson:
-        """The attributes of the series' first instance, with ``summary``'s derived ones (its
-        instance count) when a term asks for one."""
-        instances = await self.catalog.instances_of(series)
-        attrs = next(iter(instances.values())).attrs if instances else {}
+        """The attributes of the series' first instance (or, where the archive lists series from
+        local data, which is all it can tell of them, the series' own: the IDC index, whose
+        instances would be read from the bucket to name themselves only), with ``summary``'s
+        derived ones (its instance count) when a term asks for one."""
+        if getattr(self.catalog.source, "local_listings", False):
+            attrs = series.attrs
+        else:
+            instances = await self.catalog.instances_of(series)
+            attrs = next(iter(instances.values())).attrs if instances else {}
         if SERIES_DERIVED.intersection(t.tag for t in terms):
             attrs = {**attrs, **await self.summaries.series_summary(series)}
         return attrs

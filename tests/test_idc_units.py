@@ -10,10 +10,11 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 import dicomfs.sources.idc.source as idc_source
 from dicomfs.errors import SourceError, SourceUnavailable
-from dicomfs.records import SeriesRecord
+from dicomfs.records import SeriesRecord, StudyRecord
 from dicomfs.sources.bucket import ObjectInfo
 from dicomfs.sources.idc.index import SeriesLocation
 from dicomfs.sources.idc.source import IdcSource
@@ -132,4 +133,36 @@ async def test_an_object_too_large_to_hold_whole_is_streamed_into_its_series(
                                                                 (1, objects[f"{PREFIX}01.dcm"]), (9, objects[big]))}
     assert sink.pieces[f"{SERIES}.9"] == -(-len(objects[big]) // CHUNK)  # as the reads brought it
     assert sink.pieces[f"{SERIES}.0"] == sink.pieces[f"{SERIES}.1"] == 1  # the small ones whole
+    await idc.aclose()
+
+
+async def test_a_large_search_reads_its_studies_series_in_batches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond ``SERIES_READ_WITH_SEARCH`` studies, the series of the studies a search walks are
+    read ``SERIES_BATCH`` studies at a time (one scan of the index each: 0.1 s), not one by one."""
+    monkeypatch.setattr(idc_source, "SERIES_READ_WITH_SEARCH", 10)
+    monkeypatch.setattr(idc_source, "SERIES_BATCH", 10)
+    uids = [f"1.2.{n}" for n in range(25)]
+    scans: list[list[str]] = []
+
+    class SearchIndex(Index):
+        def studies(self, terms: object, narrowing: object) -> tuple[list[StudyRecord], list[object]]:
+            return [StudyRecord(uid, {}) for uid in uids], []
+
+        def series(self, study_uids: list[str]) -> dict[str, list[tuple[SeriesRecord, SeriesLocation]]]:
+            scans.append(list(study_uids))
+            return {uid: [(SeriesRecord(uid, f"{uid}.1"), SeriesLocation("b", "p/", 1, 1))] for uid in study_uids}
+
+    idc = IdcSource(SearchIndex(), tmp_path)  # type: ignore[arg-type]
+    studies, _ = await idc.search_studies([], [])
+    for study in studies:  # in the search's order
+        assert [s.uid for s in await idc.list_series(study.uid)] == [f"{study.uid}.1"]
+    assert scans == [uids[:10], uids[10:20], uids[20:]]
+    scans.clear()
+    await idc.search_studies([], [])
+    async with trio.open_nursery() as nursery:  # as a search walks them: several at a time, in any order
+        for study in studies:
+            nursery.start_soon(idc.list_series, study.uid)
+    read = [uid for scan in scans for uid in scan]
+    assert sorted(read) == sorted(uids) and len(scans) == 3, scans  # each study's series read once, by blocks
     await idc.aclose()

@@ -108,6 +108,11 @@ async def test_series_and_instance_terms_are_offered_to_an_archive_that_can_narr
     archive = SearchingArchive()
     assert await _uids(archive, "PatientName=DOE*", "Modality=C*", level="series") == ["1.1.1"]
     assert archive.searched == [["PatientName"]] and archive.narrowed == [["Modality"]]
+    assert await _uids(archive, "Modality=MR") == ["1.2"]  # series terms alone: listed, not searched
+    assert len(archive.searched) == 1
+    archive.narrows_by_series = True  # type: ignore[attr-defined]  # (the IDC index)
+    assert await _uids(archive, "Modality=MR") == ["1.2"]
+    assert archive.searched[1:] == [[]] and archive.narrowed[1:] == [["Modality"]]
 
 
 async def test_summaries_complete_what_a_bare_listing_leaves_out() -> None:
@@ -121,3 +126,27 @@ async def test_summaries_complete_what_a_bare_listing_leaves_out() -> None:
         assert summary["00100010"]["Value"] == [{"Alphabetic": "DOE^JOHN"}]
         series = (await catalog.series_of("1.1"))["1.1.2"]
         assert (await summaries.series_summary(series))["00080060"]["Value"] == ["SR"]
+
+
+async def test_series_listed_from_local_data_are_matched_on_their_own_attributes() -> None:
+    """(The IDC index: its instances would be read from the bucket, and name themselves only.)"""
+    archive = Archive()
+    list_series = archive.list_series
+
+    async def lacking(study_uid: str) -> list[SeriesRecord]:  # series 1.1.2's listing lacks its Modality
+        return [SeriesRecord(s.study_uid, s.uid, {} if s.uid == "1.1.2" else s.attrs)
+                for s in await list_series(study_uid)]
+
+    archive.list_series = lacking  # type: ignore[method-assign]
+    listed: list[str] = []
+    list_instances = archive.list_instances
+
+    async def counting(series: SeriesRecord) -> list[InstanceRecord]:
+        listed.append(series.uid)
+        return await list_instances(series)
+
+    archive.list_instances = counting  # type: ignore[method-assign]
+    archive.local_listings = True  # type: ignore[attr-defined]
+    assert await _uids(archive, "Modality=CT", level="series") == ["1.1.1"]
+    assert await _uids(archive, "Modality=SR", level="series") == []  # (its instances say SR)
+    assert listed == []

@@ -108,7 +108,8 @@ class SeriesSink(Protocol):
 
 class Source(Protocol):
     """Optionally also ``local_listings = True``: studies and series are listed from local data
-    (the IDC index), so the catalog does not keep them in its store."""
+    (the IDC index), so the catalog does not keep them in its store, and a series' listing is
+    all the archive can tell of it (a search does not look on its instances for more)."""
 
     description: str  # safe to log: no credentials
     serves_files_in_place: bool  # every instance has a ``local_file``: nothing to cache
@@ -175,7 +176,8 @@ class StudySearcher(Protocol):
         still check on them (those the archive could not be asked exactly, or may match loosely).
         ``narrowing``: series- and instance-level terms, which the caller checks on the series
         anyway; an archive that can may leave out the studies none of whose series match them
-        (the IDC index: one row per series), one that cannot ignores them."""
+        (the IDC index: one row per series; it says so with ``narrows_by_series = True``, and is
+        then asked for a search with such terms alone too), one that cannot ignores them."""
         ...
 
 

@@ -52,6 +52,7 @@ PART10_MINIMUM = 132 + 12  # preamble, DICM and one element: anything shorter is
 PARALLEL_HEADS = 16
 MAX_INSTANCES = 100_000
 SERIES_READ_WITH_SEARCH = 20_000  # studies
+SERIES_BATCH = 2_000  # studies whose series one scan of the index reads, beyond those (a scan: ~0.1 s however many)
 Head = tuple[str, DicomJson]  # what an object's first bytes tell: its instance key, attributes for names
 LOCATIONS_KEPT = 65_536  # series whose bucket prefix is remembered
 
@@ -59,6 +60,7 @@ LOCATIONS_KEPT = 65_536  # series whose bucket prefix is remembered
 class IdcSource:
     serves_files_in_place = False
     local_listings = True  # studies and series come from the index file (see ``Source``)
+    narrows_by_series = True  # a search's series terms narrow its studies in the index (``StudySearcher``)
 
     def __init__(self, index: IdcIndex, work_dir: Path, *, endpoint: str | None = None, sign: bool = False,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -76,6 +78,9 @@ class IdcSource:
         self._heads = diskcache.Cache(str(work_dir / "idc-heads"))  # object -> what its header told (Head)
         self._limit = trio.CapacityLimiter(PARALLEL_HEADS)
         self._listings: SingleFlight[dict[str, tuple[ObjectInfo, DicomJson]]] = SingleFlight()
+        self._searched: list[str] = []  # the studies of the last search, in order, and where each is
+        self._searched_at: dict[str, int] = {}
+        self._reading_series = trio.Lock()
 
     async def aclose(self) -> None:
         for bucket in self._buckets.values():
@@ -113,17 +118,37 @@ class IdcSource:
         ``narrowing``; the series of a search's studies are read with them, in one scan of the
         index (a search walks them next: one scan per study costs 0.1 s each)."""
         studies, unchecked = await trio.to_thread.run_sync(paused, self.index.studies, terms, narrowing)
+        self._searched = [s.uid for s in studies]
+        self._searched_at = {uid: n for n, uid in enumerate(self._searched)}
         if len(studies) <= SERIES_READ_WITH_SEARCH:
-            self._series_read.update(await trio.to_thread.run_sync(self.index.series, [s.uid for s in studies]))
+            self._series_read.update(await trio.to_thread.run_sync(self.index.series, self._searched))
         return studies, unchecked
 
     async def list_series(self, study_uid: str) -> list[SeriesRecord]:
         found = self._series_read.pop(study_uid, None)
         if found is None:
-            found = (await trio.to_thread.run_sync(self.index.series, [study_uid]))[study_uid]
+            async with self._reading_series:  # (callers at the same time: one batch read for them all)
+                found = self._series_read.pop(study_uid, None)
+                if found is None:
+                    found = await self._read_series(study_uid)
         for record, location in found:
             self._locations[record.uid] = location
         return [record for record, _ in found]
+
+    async def _read_series(self, study_uid: str) -> list[tuple[SeriesRecord, SeriesLocation]]:
+        """The study's series, read with those of its block of ``SERIES_BATCH`` studies of the last
+        search (which walks its studies next, several at a time in any order), in one scan of the
+        index."""
+        at = self._searched_at.get(study_uid)
+        start = (at // SERIES_BATCH) * SERIES_BATCH if at is not None else 0  # its block, whatever the walk's order
+        batch = [study_uid] if at is None else [study_uid, *(
+            uid for uid in self._searched[start:start + SERIES_BATCH] if uid in self._searched_at and uid != study_uid)]
+        for uid in batch:  # (read once per search: asked again later, a study is read alone)
+            self._searched_at.pop(uid, None)
+        read = await trio.to_thread.run_sync(self.index.series, batch)
+        found = read.pop(study_uid)
+        self._series_read.update(read)
+        return found
 
     async def _location(self, series: SeriesRecord) -> SeriesLocation:
         location = self._locations.get(series.uid)
