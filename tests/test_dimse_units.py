@@ -631,3 +631,27 @@ async def test_a_c_get_refused_switches_to_c_move_saying_so_once(refusal: str, c
             await source.aclose()
     assert len(gets) == 1 and moved == ["1.2.3", "1.2.3"] and source._use_move
     assert caplog.text.count("using C-MOVE to dicomfs's storage SCP") == 1
+
+
+def test_refusals_name_what_the_pacs_must_be_told() -> None:
+    """An association rejected for our calling AE title names it and the address the PACS sees;
+    an unknown C-MOVE destination (0xA801) names the AE title, address and port to register."""
+    from pynetdicom import build_context
+
+    from dicomfs.errors import AccessRefused
+    from dicomfs.sources.dimse import net, status
+    from tests.servers import free_port
+
+    port = free_port()
+    scp = net.storage_scp(Peer("127.0.0.1", 104, "OTHER", "X", 5.0), port, [])  # accepts the AE title OTHER alone
+    try:
+        with pytest.raises(AccessRefused) as refused:
+            net.open_association(Peer("127.0.0.1", port, "ANY", "DICOMFS", 5.0),
+                                 [build_context("1.2.840.10008.5.1.4.1.1.7")])
+    finally:
+        scp.shutdown()
+    line = str(refused.value)
+    assert "'DICOMFS'" in line and "127.0.0.1" in line and "\n" not in line, line
+    moved = status.failure("dimse://PACS@pacs:104", "C-MOVE", "series 1.2", 0xA801,
+                           "AE title 'DICOMFS' at 10.1.2.3 port 11112")
+    assert "AE title 'DICOMFS' at 10.1.2.3 port 11112" in str(moved) and "0xA801" in str(moved)

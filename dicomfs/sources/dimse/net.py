@@ -165,8 +165,8 @@ def association_error(peer: Peer, assoc: Association) -> SourceError:
         if answer.result_source == 1 and answer.diagnostic in (1, 3):
             return AccessRefused(
                 f"{peer.description} rejected the association ({reason}): the PACS must know our AE title "
-                f"{peer.calling_ae!r}; register it there with this machine's address (for C-MOVE also "
-                "the --move-port), or give --ae-title the one it knows")
+                f"{peer.calling_ae!r}; register it there with this machine's address ({local_address(peer)}; for "
+                "C-MOVE also the --move-port), or give --ae-title the one it knows")
         if answer.result == 2:
             return SourceUnavailable(f"{peer.description} turned the association away for now ({reason})")
         return AccessRefused(f"{peer.description} rejected the association ({reason})")
@@ -181,6 +181,17 @@ def association_error(peer: Peer, assoc: Association) -> SourceError:
     return _NoAnswer(f"{peer.description} ended the association without an answer "
                      "(a TLS port spoken to without TLS, or the other way round?)"
                      if peer.tls is None else f"{peer.description} ended the association without an answer")
+
+
+def local_address(peer: Peer) -> str:
+    """The address this machine reaches the PACS from (what the PACS sees; no packet is sent)."""
+    try:
+        family = socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_DGRAM)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((peer.host, peer.port))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "unknown here"
 
 
 class _NoAnswer(SourceUnavailable):

@@ -45,6 +45,7 @@ class Job:
     stopped: threading.Event = field(default_factory=threading.Event)
     assoc: Association | None = None  # the C-GET's or C-MOVE's association, once open
     ending: net.Ending = field(default_factory=net.Ending)  # who ended that association
+    destination: str | None = None  # a C-MOVE's: our AE title, address and port, as the PACS must know them
     model: str = query.STUDY_ROOT_GET  # the information model of the retrieve (what a C-CANCEL names)
 
     def identifier(self) -> Dataset:
@@ -105,7 +106,7 @@ def follow(job: Job, responses: Iterable[tuple[Any, Any]], what: str, assoc: Ass
             return
         if job.stopped.is_set():
             raise SourceError(f"the {what} of {about} was stopped")
-        raise status.failure(job.description, what, about, code)
+        raise status.failure(job.description, what, about, code, job.destination)
 
 
 def get(peer: Peer, job: Job) -> None:
@@ -133,6 +134,7 @@ def move(peer: Peer, job: Job, port: int) -> None:
     from pynetdicom import build_context, evt
 
     addresses = net.addresses_of(peer.host)
+    job.destination = f"AE title {peer.calling_ae!r} at {net.local_address(peer)} port {port}"
     scp = net.storage_scp(peer, port, [(evt.EVT_C_STORE, lambda event: store_moved(job, addresses, event)),
                                        (evt.EVT_DATA_RECV, lambda event: count_moved(job, addresses, event))])
     try:

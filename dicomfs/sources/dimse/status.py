@@ -28,18 +28,20 @@ def code_of(status: Any, description: str, what: str) -> int:
     """The status code of a DIMSE answer; no answer at all means the PACS went silent or away."""
     code = getattr(status, "Status", None) if status else None
     if code is None:
-        raise SourceUnavailable(f"{description} did not answer about {what} (timed out, or the association "
-                                "was aborted)")
+        raise SourceUnavailable(f"{description} did not answer about {what} (not within --timeout, or it ended "
+                                "the association; a PACS that takes longer needs a larger --timeout)")
     return int(code)
 
 
-def failure(description: str, service: str, what: str, code: int) -> SourceError:
-    """A failure status of a C-FIND, C-GET or C-MOVE as one line that says what it means."""
+def failure(description: str, service: str, what: str, code: int, destination: str | None = None) -> SourceError:
+    """A failure status of a C-FIND, C-GET or C-MOVE as one line that says what it means
+    (``destination``: where a C-MOVE was to send, for the line that asks the PACS to know it)."""
     from pynetdicom import status
 
     if code == 0xA801:
         return ProtocolError(f"{description} does not know the C-MOVE destination (status 0xA801): register "
-                             "dicomfs's AE title there with this machine's address and the --move-port")
+                             f"{destination or 'dicomfs, with this address and the --move-port,'} there as a "
+                             "destination")
     table = {**status.GENERAL_STATUS, **getattr(status, _TABLES[service])}
     meaning = table.get(code, ("", ""))[1] or ("unable to process" if 0xC000 <= code <= 0xCFFF else "unknown")
     error = SourceError(f"{description}: {service} of {what} failed with status 0x{code:04X} ({meaning})")
