@@ -202,9 +202,6 @@ class SeriesDownload:
     async def wait_member(self, key: str) -> _Member | None:
         """Wait until ``key`` is complete; None if the download already ended and was committed.
         While it waits, ``key`` is among the ``awaited`` instances."""
-        member = self.members.get(key)
-        if member is not None:
-            return None if self.finished else member
         self._awaited[key] += 1
         try:
             while True:

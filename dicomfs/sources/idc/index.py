@@ -311,9 +311,9 @@ class IdcIndex:
 
 def query_keys() -> dict[str, tuple[str, str, str]]:
     """What ``--query`` accepts for an IDC source besides DICOM keywords, and the DICOM keywords
-    the index has at another level than the query model's (BodyPartExamined and Manufacturer
-    are a series' columns here, PatientAge a study's): matched there, from the index, not on
-    instances (which would mean reading every object's header from the bucket)."""
+    the index has at another level than the query model's (PatientAge: a study's column here, an
+    instance's attribute there): matched there, from the index, not on instances (which would
+    mean reading every object's header from the bucket)."""
     from dicomfs.query import level_of
 
     return {**INDEX_KEYS, **{keyword: (tag, vr, level) for keyword, tag, vr, level in _DICOM_COLUMNS

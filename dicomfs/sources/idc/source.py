@@ -139,10 +139,12 @@ class IdcSource:
         """The study's series, read with those of its block of ``SERIES_BATCH`` studies of the last
         search (which walks its studies next, several at a time in any order), in one scan of the
         index."""
+        batch = [study_uid]
         at = self._searched_at.get(study_uid)
-        start = (at // SERIES_BATCH) * SERIES_BATCH if at is not None else 0  # its block, whatever the walk's order
-        batch = [study_uid] if at is None else [study_uid, *(
-            uid for uid in self._searched[start:start + SERIES_BATCH] if uid in self._searched_at and uid != study_uid)]
+        if at is not None:  # its block, whatever the order the search walks them in
+            start = at - at % SERIES_BATCH
+            batch += [uid for uid in self._searched[start:start + SERIES_BATCH]
+                      if uid in self._searched_at and uid != study_uid]
         for uid in batch:  # (read once per search: asked again later, a study is read alone)
             self._searched_at.pop(uid, None)
         read = await trio.to_thread.run_sync(self.index.series, batch)
@@ -285,8 +287,6 @@ class IdcSource:
                    if sink.wants(key)}
         writing = trio.Lock()
         broken: list[TransferBroken] = []
-        loop = trio.lowlevel.current_trio_token()  # (progress from a streaming thread is told on the loop,
-        # as the other readers' is: the download's counters then have one writer)
 
         def next_object() -> tuple[str, ObjectInfo] | None:
             for key in sink.awaited():
@@ -307,7 +307,7 @@ class IdcSource:
                         # slide microscopy objects run to gigabytes); the sink takes it alone
                         async with writing:
                             await run_stoppable(partial(_whole_in_thread, bucket, info, key, sink.in_thread(),
-                                                        arrived=lambda size: loop.run_sync_soon(sink.arrived, size)))
+                                                        arrived=_told_on_the_loop(sink)))
                         continue
                     body = await _whole(bucket, info, sink)
                 except (IntegrityError, ProtocolError) as exc:
@@ -364,11 +364,16 @@ def head_attrs(values: Mapping[int, bytes]) -> DicomJson:
 async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytearray:
     """One object, read in a worker thread (``_read_checked``; each read's progress handed to the
     event loop), whole."""
-    loop = trio.lowlevel.current_trio_token()
     body = bytearray()
-    await run_stoppable(partial(_read_checked, bucket, info, body.extend,
-                                lambda size: loop.run_sync_soon(sink.arrived, size)))
+    await run_stoppable(partial(_read_checked, bucket, info, body.extend, _told_on_the_loop(sink)))
     return body  # (the sink's writer keeps it until written: nothing changes it after this)
+
+
+def _told_on_the_loop(sink: SeriesSink) -> Callable[[int], object]:
+    """``sink.arrived`` for a worker thread of one of several readers: run on the event loop, so
+    the download's progress counters keep one writer. (Made on the loop.)"""
+    loop = trio.lowlevel.current_trio_token()
+    return lambda size: loop.run_sync_soon(sink.arrived, size)
 
 
 def _whole_in_thread(bucket: S3Bucket, info: ObjectInfo, key: str, sink: BlockingSink, stop: StopSignal, *,
