@@ -25,6 +25,7 @@ import httpx
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom.data import get_testdata_file
 
 from tests.factory import make_instance
 from tests.faultproxy import TcpProxy
@@ -39,6 +40,8 @@ MULLER = "1.2.826.0.1.3680043.8.498.60"  # a study whose patient is MÜLLER^HANS
 DATED = "1.2.826.0.1.3680043.8.498.61"  # a study of 2024-01-15
 LARGE = "1.2.826.0.1.3680043.8.498.62"  # one series of 1,500 instances
 SLOW = "1.2.826.0.1.3680043.8.498.63"  # one series behind a slow link
+LOSSLESS = "1.2.826.0.1.3680043.8.498.64"  # a study of one JPEG Lossless (process 14, SV1) instance
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 PADDING = 0xFFFCFFFC
 
 
@@ -76,7 +79,20 @@ def archive_files(demo_dir: Path) -> dict[str, bytes]:
               for n in range(1, 4)]
     files += [make_instance(DATED, f"{DATED}.1", f"{DATED}.1.{n}", number=n, study_date="20240115",
                             patient="DATED^PATIENT") for n in range(1, 3)]
+    files.append(jpeg_lossless())
     return {rel_of(data): data for data in files}
+
+
+def jpeg_lossless() -> bytes:
+    """pydicom's bundled JPEG Lossless instance (the one syntax of that family the demo lacks),
+    under UIDs of its own."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    assert ds.file_meta.TransferSyntaxUID == JPEG_LOSSLESS_SV1
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = LOSSLESS, f"{LOSSLESS}.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{LOSSLESS}.1.1"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def start_pacs(workdir: Path, files: dict[str, bytes], allow_get: bool = True, **extra: object) -> Pacs:
@@ -129,6 +145,7 @@ def test_the_tree_is_the_archive_and_every_file_its_stored_instance(
     syntaxes = {str(pydicom.dcmread(io.BytesIO(d), stop_before_pixels=True).file_meta.TransferSyntaxUID)
                 for d in copied.values()}
     assert len(syntaxes) >= 10  # as stored: nothing was transcoded
+    assert JPEG_LOSSLESS_SV1 in syntaxes
     for path in sorted((tmp_path / "copy").rglob("*.dcm")):
         dump = subprocess.run(["dcmdump", "-q", str(path)], capture_output=True, timeout=60)
         assert dump.returncode == 0, path
