@@ -224,3 +224,24 @@ async def test_the_static_trees_own_file_names_are_not_found(demo_dir: Path, tmp
         assert (await http.get("/studies")).status_code == 200  # it goes on serving
         assert (await http.get(f"/{instance}/metadata")).status_code == 200
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback logged
+
+
+async def test_metadata_is_json_and_says_so_to_a_client_that_wants_xml(demo_dir: Path, tmp_path: Path) -> None:
+    """WADO-RS metadata has one form here, DICOM JSON: a request that accepts only another (the
+    XML form of PS3.18) is a 406 with one line, not JSON it did not ask for."""
+    ds = pydicom.dcmread(next(iter(sorted(source_files(demo_dir).values()))), stop_before_pixels=True)
+    series = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    urls = [f"/studies/{ds.StudyInstanceUID}/metadata", f"{series}/metadata",
+            f"{series}/instances/{ds.SOPInstanceUID}/metadata"]
+    async with demo_client(demo_dir, tmp_path / "cache") as http:
+        for url in urls:
+            for accept, status in ((None, 200), ("application/dicom+json", 200), ("application/json", 200),
+                                   ("*/*", 200), ("application/*", 200),
+                                   ("multipart/related; type=\"application/dicom+xml\"", 406),
+                                   ("application/dicom+xml", 406), ("text/html", 406)):
+                response = await http.get(url, headers={"Accept": accept} if accept else {})
+                assert response.status_code == status, (url, accept, response.text[:200])
+                if status == 406:
+                    assert response.text.count("\n") == 1 and "application/dicom+json" in response.text
+                else:
+                    assert response.headers["content-type"].startswith("application/dicom+json")

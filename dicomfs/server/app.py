@@ -174,7 +174,7 @@ class DicomwebApp:
         if n == 2:
             return await self.wado.instances(study, request.accept)
         if n == 3 and p[2] == "metadata":
-            return await self.wado.metadata(study)
+            return await self._metadata(request, study)
         if n == 3 and p[2] in ("series", "instances"):
             return await self._search(request, p[2], study=study)
         if n == 6 and p[2] == "bulkdata":
@@ -185,7 +185,7 @@ class DicomwebApp:
         if n == 4:
             return await self.wado.instances(series, request.accept)
         if n == 5 and p[4] == "metadata":
-            return await self.wado.metadata(series)
+            return await self._metadata(request, series)
         if n == 5 and p[4] == "instances":
             return await self._search(request, "instances", study=study, series=series)
         if n < 6 or p[4] != "instances":
@@ -194,10 +194,15 @@ class DicomwebApp:
         if n == 6:
             return await self.wado.instances(instance, request.accept)
         if n == 7 and p[6] == "metadata":
-            return await self.wado.metadata(instance)
+            return await self._metadata(request, instance)
         if n in (7, 8) and p[6] == "frames":  # (no list: every frame)
             return await self.wado.frames(instance, p[7] if n == 8 else None, request.accept)
         raise NotFound("/".join(p)[:200])
+
+    async def _metadata(self, request: Request, node: WebNode) -> Body:
+        if not accepts_json(request.accept):
+            raise NotAcceptable("metadata is application/dicom+json (dicomfs has no XML form)")
+        return await self.wado.metadata(node)
 
     async def _search(self, request: Request, level: str, study: WebNode | None = None,
                       series: WebNode | None = None) -> Body:
