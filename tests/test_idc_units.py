@@ -18,6 +18,7 @@ from dicomfs.records import SeriesRecord, StudyRecord
 from dicomfs.sources.bucket import ObjectInfo
 from dicomfs.sources.idc.index import SeriesLocation
 from dicomfs.sources.idc.source import IdcSource
+from dicomfs.sources.s3 import S3Bucket
 from tests.factory import MemorySink, make_instance
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.5", "1.2.826.0.1.3680043.8.498.5.1"
@@ -166,3 +167,20 @@ async def test_a_large_search_reads_its_studies_series_in_batches(
     read = [uid for scan in scans for uid in scan]
     assert sorted(read) == sorted(uids) and len(scans) == 3, scans  # each study's series read once, by blocks
     await idc.aclose()
+
+
+def test_idc_buckets_are_asked_for_in_their_own_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user whose AWS_REGION is set for their own work (eu-west-1) still reaches IDC's buckets in
+    us-east-1, instead of a PermanentRedirect for every request; an s3:// bucket keeps following
+    the configured region."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    idc = IdcSource(Index(), tmp_path)  # type: ignore[arg-type]
+    try:
+        bucket = idc._bucket("idc-open-data")
+        assert bucket.region == "us-east-1"
+        assert bucket.object_url("a/b.dcm") == "https://idc-open-data.s3.us-east-1.amazonaws.com/a/b.dcm"
+        assert S3Bucket("my-bucket", sign=False).region == "eu-west-1"
+    finally:
+        idc._heads.close()

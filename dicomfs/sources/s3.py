@@ -1,7 +1,8 @@
 """Amazon S3 and S3-compatible stores (MinIO, Ceph) for bucket sources: listings, URLs, signing.
 
 Owns where a bucket is (``--endpoint``, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, else
-AWS S3 in ``AWS_REGION``/``AWS_DEFAULT_REGION``, default us-east-1; path-style addressing for
+AWS S3 in the region its owner names (IDC's buckets: us-east-1), else ``AWS_REGION``/``AWS_DEFAULT_REGION``,
+default us-east-1; path-style addressing for
 custom endpoints and bucket names with dots, virtual-hosted for AWS), a ListObjectsV2 page and its
 continuation token, and authentication: credentials from the standard AWS chain (botocore's
 resolver: environment, shared credentials and config files, ``AWS_PROFILE``, …), every request
@@ -95,12 +96,12 @@ class SigV4(httpx.Auth):
 class S3Bucket(ObjectReader):
     def __init__(self, bucket: str, *, endpoint: str | None = None, sign: bool = True,
                  credentials: AwsCredentials | None = None, transport: httpx.AsyncBaseTransport | None = None,
-                 page_size: int = 1000, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """``endpoint`` None: the configured one, else AWS S3. ``credentials`` None: the AWS chain's
-        (unless ``sign`` is False)."""
+                 page_size: int = 1000, timeout: float = DEFAULT_TIMEOUT, region_name: str | None = None) -> None:
+        """``endpoint`` None: the configured one, else AWS S3 in ``region_name`` (None: the
+        configured region). ``credentials`` None: the AWS chain's (unless ``sign`` is False)."""
         self.bucket = bucket
         self.description = f"s3://{bucket}"
-        self.region = region()
+        self.region = region_name or region()
         self.page_size = page_size
         endpoint = endpoint or configured_endpoint()
         if endpoint:

@@ -44,6 +44,7 @@ from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
 
+IDC_REGION = "us-east-1"  # where IDC's public buckets are, whatever AWS_REGION says for the user's own
 HEAD_BYTES = 16 * 1024  # where a Part 10 file names its SOP instance (group 0002, then 0008)
 SOP_CLASS_UID, INSTANCE_NUMBER = 0x00080016, 0x00200013  # kept from the head, for names
 PARALLEL_OBJECTS = 8  # objects of one series in flight at once
@@ -92,7 +93,7 @@ class IdcSource:
         bucket = self._buckets.get(name)
         if bucket is None:
             bucket = self._buckets[name] = S3Bucket(name, endpoint=self._endpoint, sign=self._sign,
-                                                    timeout=self._timeout)
+                                                    timeout=self._timeout, region_name=IDC_REGION)
         return bucket
 
     def local_file(self, instance: InstanceRecord) -> Path | None:
