@@ -26,9 +26,11 @@ Per link, ``--repeat`` interleaved repetitions (the order of the steps rotates),
 5. peak RSS (VmHWM) of every daemon, and the prefetch's maximum RSS;
 6. the floors, where a target is out of reach for any pyfuse3 filesystem here: ``cp -r`` of the
    study through ``bench/passthrough.py`` with every byte already local (in the page cache) — no
-   wire, no cache, nothing to wait for: what the cold copy could take at best — and the
-   passthrough's CPU per GB while it serves the warm re-read (the CPU a daemon spends serving
-   alone, before it receives or stores a byte).
+   wire, no cache, nothing to wait for — the same copy while ``curl`` writes the study to a file
+   from the server, both started at once (the work of a cold copy, receiving and storing the bytes
+   and serving them through FUSE, done by curl and the passthrough on the same cores: what the
+   cold copy could take at best), and the passthrough's CPU per GB while it serves the warm
+   re-read (the CPU a daemon spends serving alone, before it receives or stores a byte).
 
 Every cold copy is compared with the uploaded files (sha256), every prefetch's cache with
 ``dicomfs cache verify``. Raw figures: ``bench/results/wire-<link>-latest.json``; the
@@ -60,6 +62,7 @@ from bench.run import (  # noqa: E402
     COMMAND_TIMEOUT,
     DOC,
     RESULTS,
+    STORED_ACCEPT,
     Study,
     build_study,
     curl_study,
@@ -164,12 +167,20 @@ class Wire:
                     mount.stop()
 
     def floor(self, study: Study) -> None:
-        """``cp -r`` of the study's original files through the passthrough, all in the page cache."""
+        """``cp -r`` of the study's original files through the passthrough, all in the page cache;
+        and the same copy while ``curl`` writes the study to a file from the server, both at once:
+        the work of a cold copy (receive and store, serve through FUSE) done by curl and the
+        passthrough on the same cores."""
         base = self.fresh("floor")
-        wall, status = passthrough_copy(self.work / "original" / study.uid, base)
-        if status != 0:
-            self.checks.append(f"floor copy of {study.uid}: status {status}")
-        self.record("floor_cp_s", wall)
+        receive = ["curl", "-sS", "--fail", "-o", str(base / "study.multipart"), "-H", f"Accept: {STORED_ACCEPT}",
+                   f"{self.server.dicomweb}/studies/{study.uid}"]
+        sides = [("floor_cp_s", None), ("floor_both_s", receive)]
+        for name, alongside in sides if self.runs % 2 else sides[::-1]:
+            wall, status = passthrough_copy(self.work / "original" / study.uid, base, alongside)
+            if status != 0:
+                self.checks.append(f"floor copy of {study.uid} ({name}): status {status}")
+            self.record(name, wall)
+            (base / "study.multipart").unlink(missing_ok=True)
         shutil.rmtree(base, ignore_errors=True)
 
     def curl(self, study: Study) -> None:
@@ -276,6 +287,11 @@ def render() -> str:
             *([f"| {on_link} | the floor: `cp -r` of the study through the pyfuse3 passthrough, every byte local "
                f"| {med['floor_cp_s']:.2f} s | curl {med['curl_s']:.2f} s | {med['floor_cp_s'] / med['curl_s']:.2f}× "
                f"({report.ratio_spread(s, 'floor_cp_s', 'curl_s')}) | — |"] if "floor_cp_s" in s else []),
+            *([f"| {on_link} | the floor of a cold copy: that `cp -r` while `curl` writes the study to a file "
+               f"from the server, both at once (the same work: receive and store, serve through FUSE) "
+               f"| {med['floor_both_s']:.2f} s | curl {med['curl_s']:.2f} s | "
+               f"{med['floor_both_s'] / med['curl_s']:.2f}× "
+               f"({report.ratio_spread(s, 'floor_both_s', 'curl_s')}) | — |"] if "floor_both_s" in s else []),
             f"| {on_link} | `prefetch --jobs {JOBS}` of all ({total_mb:.0f} MB) | {med['prefetch_s']:.2f} s | "
             f"curl ×{JOBS} {med['curl_all_s']:.2f} s | **{med['prefetch_s'] / med['curl_all_s']:.2f}×** "
             f"({report.ratio_spread(s, 'prefetch_s', 'curl_all_s')}) | {TARGETS['prefetch'][kind]} |",
