@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
@@ -36,6 +37,7 @@ class Archive:
         self.most_at_once = 0
         self.gates: dict[str, trio.Event] = {}
         self.listings = 0  # series listings asked for
+        self.instance_listings: list[str] = []  # series whose instances were listed, in order
 
     async def check(self) -> None:
         pass
@@ -48,6 +50,7 @@ class Archive:
         return list(reversed(SERIES))  # the archive's order is not the one readahead follows
 
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        self.instance_listings.append(series.uid)
         return [InstanceRecord(STUDY, series.uid, key, size=len(data)) for key, data in FILES[series.uid].items()]
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
@@ -152,6 +155,26 @@ async def test_the_next_starts_when_the_bytes_are_in_and_a_readers_series_jumps_
     archive = await run(tmp_path, body)
     # series 4 was not fetched again: readahead skipped it
     assert archive.started == [s.uid for s in (SERIES[0], SERIES[1], SERIES[3], SERIES[2], SERIES[4])]
+
+
+async def test_the_next_series_is_listed_while_the_one_before_downloads(tmp_path: Path) -> None:
+    """A reader entering a series folder waits for its listing (``cp -r`` stood still 50-90 ms
+    at each series of a study for it): readahead has the catalog list each queued series while
+    the one before it downloads, one series ahead, each once."""
+    async def body(archive: Archive, blobs: BlobStore, readahead: Readahead) -> None:
+        archive.gates[SERIES[1].uid] = trio.Event()  # the first series read ahead is held
+        await read(blobs, readahead, SERIES[0])
+        while archive.started[-1:] != [SERIES[1].uid] or len(archive.instance_listings) < 2:
+            await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        # series 1 downloading: it and the next are listed, nothing beyond
+        assert archive.instance_listings == [SERIES[1].uid, SERIES[2].uid]
+        archive.gates[SERIES[1].uid].set()
+        await settled(blobs, archive, 5)
+        await trio.testing.wait_all_tasks_blocked()
+
+    archive = await run(tmp_path, body)
+    assert archive.instance_listings == [s.uid for s in SERIES[1:]]  # (series 0 was read, not listed)
 
 
 async def test_no_readahead_beyond_the_budget_until_a_reader_catches_up(tmp_path: Path) -> None:
