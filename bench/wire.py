@@ -29,8 +29,10 @@ Per link, ``--repeat`` interleaved repetitions (the order of the steps rotates),
    wire, no cache, nothing to wait for — the same copy while ``curl`` writes the study to a file
    from the server, both started at once (the work of a cold copy, receiving and storing the bytes
    and serving them through FUSE, done by curl and the passthrough on the same cores: what the
-   cold copy could take at best), and the passthrough's CPU per GB while it serves the warm
-   re-read (the CPU a daemon spends serving alone, before it receives or stores a byte).
+   cold copy could take at best), the same with ``curl`` asking the server what dicomfs asks (the
+   series listing, each series' instance listing, each series: what this design costs the
+   server), and the passthrough's CPU per GB while it serves the warm re-read (the CPU a daemon
+   spends serving alone, before it receives or stores a byte).
 
 Every cold copy is compared with the uploaded files (sha256), every prefetch's cache with
 ``dicomfs cache verify``. Raw figures: ``bench/results/wire-<link>-latest.json``; the
@@ -168,19 +170,30 @@ class Wire:
 
     def floor(self, study: Study) -> None:
         """``cp -r`` of the study's original files through the passthrough, all in the page cache;
-        and the same copy while ``curl`` writes the study to a file from the server, both at once:
-        the work of a cold copy (receive and store, serve through FUSE) done by curl and the
-        passthrough on the same cores."""
+        and the same copy while ``curl`` fetches the study from the server, both at once: the work
+        of a cold copy (receive and store, serve through FUSE) done by curl and the passthrough on
+        the same cores. ``curl`` fetches it in one request (``floor_both_s``), or asks what dicomfs
+        asks (``floor_asked_s``: the study's series listed, then each series' instances, then each
+        series, one after another on one connection)."""
         base = self.fresh("floor")
-        receive = ["curl", "-sS", "--fail", "-o", str(base / "study.multipart"), "-H", f"Accept: {STORED_ACCEPT}",
-                   f"{self.server.dicomweb}/studies/{study.uid}"]
-        sides = [("floor_cp_s", None), ("floor_both_s", receive)]
-        for name, alongside in sides if self.runs % 2 else sides[::-1]:
+        root = f"{self.server.dicomweb}/studies/{study.uid}"
+        series = sorted({name.split("/")[0] for name in study.files})
+        whole = ["curl", "-sS", "--fail", "-H", f"Accept: {STORED_ACCEPT}", "-o", str(base / "study.multipart"), root]
+        asked = ["curl", "-sS", "--fail", "-o", "/dev/null", f"{root}/series"]
+        for uid in series:
+            asked += ["-o", "/dev/null", f"{root}/series/{uid}/instances"]
+        asked += ["--next", "-sS", "--fail", "-H", f"Accept: {STORED_ACCEPT}"]
+        for uid in series:
+            asked += ["-o", str(base / f"{uid}.multipart"), f"{root}/series/{uid}"]
+        sides = [("floor_cp_s", None), ("floor_both_s", whole), ("floor_asked_s", asked)]
+        for name, alongside in sides[self.runs % 3:] + sides[:self.runs % 3]:
             wall, status = passthrough_copy(self.work / "original" / study.uid, base, alongside)
-            if status != 0:
-                self.checks.append(f"floor copy of {study.uid} ({name}): status {status}")
+            received = sum(p.stat().st_size for p in base.glob("*.multipart"))
+            if status != 0 or (alongside and received < study.total_bytes):
+                self.checks.append(f"floor copy of {study.uid} ({name}): status {status}, {received} bytes received")
             self.record(name, wall)
-            (base / "study.multipart").unlink(missing_ok=True)
+            for path in base.glob("*.multipart"):
+                path.unlink()
         shutil.rmtree(base, ignore_errors=True)
 
     def curl(self, study: Study) -> None:
@@ -292,6 +305,10 @@ def render() -> str:
                f"| {med['floor_both_s']:.2f} s | curl {med['curl_s']:.2f} s | "
                f"{med['floor_both_s'] / med['curl_s']:.2f}× "
                f"({report.ratio_spread(s, 'floor_both_s', 'curl_s')}) | — |"] if "floor_both_s" in s else []),
+            *([f"| {on_link} | the same, `curl` asking what dicomfs asks (the series listing, each series' "
+               f"instances, each series, one after another) | {med['floor_asked_s']:.2f} s | "
+               f"curl {med['curl_s']:.2f} s | {med['floor_asked_s'] / med['curl_s']:.2f}× "
+               f"({report.ratio_spread(s, 'floor_asked_s', 'curl_s')}) | — |"] if "floor_asked_s" in s else []),
             f"| {on_link} | `prefetch --jobs {JOBS}` of all ({total_mb:.0f} MB) | {med['prefetch_s']:.2f} s | "
             f"curl ×{JOBS} {med['curl_all_s']:.2f} s | **{med['prefetch_s'] / med['curl_all_s']:.2f}×** "
             f"({report.ratio_spread(s, 'prefetch_s', 'curl_all_s')}) | {TARGETS['prefetch'][kind]} |",
