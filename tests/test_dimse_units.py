@@ -531,26 +531,67 @@ class _Sink:
         return Writer()
 
 
-def _pacs_with_get(on_get: Any, timeout: float = 5.0) -> Any:
-    """A PACS that lists series 1.2/1.2.3 (one secondary capture, 1.2.3.4) and answers C-GET with
-    ``on_get``."""
+def _pacs_with_get(on_get: Any, timeout: float = 5.0, instances: int = 1) -> Any:
+    """A PACS that lists series 1.2/1.2.3 (``instances`` secondary captures, 1.2.3.4 and on) and
+    answers C-GET with ``on_get``."""
     from pynetdicom import evt
 
     from dicomfs.sources.dimse import VERIFICATION
 
     def on_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
-        yield 0xFF00, answer(QueryRetrieveLevel="IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3",
-                             SOPInstanceUID="1.2.3.4", SOPClassUID=SECONDARY_CAPTURE)
+        for n in range(4, 4 + instances):
+            yield 0xFF00, answer(QueryRetrieveLevel="IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3",
+                                 SOPInstanceUID=f"1.2.3.{n}", SOPClassUID=SECONDARY_CAPTURE)
         yield 0x0000, None
 
     return scp([VERIFICATION, query.STUDY_ROOT_FIND, query.STUDY_ROOT_GET],
                [(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)], storage_scu=True, timeout=timeout)
 
 
-def _instance() -> Dataset:
+def _instance(sop: str = "1.2.3.4") -> Dataset:
     from tests.factory import make_instance
 
-    return pydicom.dcmread(io.BytesIO(make_instance("1.2", "1.2.3", "1.2.3.4")))
+    return pydicom.dcmread(io.BytesIO(make_instance("1.2", "1.2.3", sop)))
+
+
+@pytest.mark.mount  # retrieves run in worker processes
+@pytest.mark.parametrize("ending", ["silence", "abort"])
+async def test_a_c_get_broken_off_midway_says_who_ended_it(ending: str) -> None:
+    """A PACS that sends one instance of two and then falls silent past --timeout, or aborts the
+    association: the retrieve broke off, after 1 instance, and the one line says which of the two
+    happened (and, for the first, which option to raise)."""
+    import threading
+
+    import trio
+
+    from dicomfs.errors import TransferBroken
+    from dicomfs.sources.dimse import DimseSource
+
+    release = threading.Event()
+
+    def on_get(event: Any) -> Iterator[Any]:
+        yield 2
+        yield 0xFF00, _instance("1.2.3.4")
+        if ending == "abort":
+            event.assoc.abort()
+            return
+        release.wait(WAIT)
+        yield 0xFF00, _instance("1.2.3.5")
+        yield 0x0000, None
+
+    expected = {"silence": r"\(the PACS sent nothing more within --timeout 1 s\)",
+                "abort": r"\(the PACS ended the association\)"}[ending]
+    with trio.fail_after(60), _pacs_with_get(on_get, timeout=1.0, instances=2) as peer:
+        source = DimseSource(peer)
+        sink = _Sink()
+        try:
+            with pytest.raises(TransferBroken, match=r"the C-GET of series 1\.2\.3 broke off after 1 instances "
+                                                     + expected):
+                await source.fetch_series(SeriesRecord("1.2", "1.2.3"), sink)
+            assert list(sink.instances) == ["1.2.3.4"]
+        finally:
+            release.set()
+            await source.aclose()
 
 
 @pytest.mark.mount  # retrieves run in worker processes

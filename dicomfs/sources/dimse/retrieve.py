@@ -88,8 +88,9 @@ def follow(job: Job, responses: Iterable[tuple[Any, Any]], what: str, assoc: Ass
         if not answer and not job.stopped.is_set():
             net.ended_by_peer(assoc)  # (pynetdicom hands out the empty answer before it records the end)
             if job.delivered:  # it broke off midway: what came is kept, the rest may be resumed
-                raise TransferBroken(f"the {what} of {about} broke off after {job.delivered} instances "
-                                     "(no answer: timed out, or the association was aborted)")
+                why = {"us": f"the PACS sent nothing more within --timeout {assoc.dimse_timeout or 0.0:g} s",
+                       "peer": "the PACS ended the association"}.get(job.ending.by or "", "the association ended")
+                raise TransferBroken(f"the {what} of {about} broke off after {job.delivered} instances ({why})")
             if job.ending.by == "us":
                 raise net.timed_out(job.description, f"the {what} of {about}", assoc.dimse_timeout or 0.0)
             if what == "C-GET" and job.ending.by == "peer":
