@@ -318,6 +318,43 @@ def test_dicom_tls(tmp_path: Path, demo_dir: Path) -> None:
         pacs.server.stop()
 
 
+def test_dicom_tls_with_a_client_certificate(tmp_path: Path, demo_dir: Path) -> None:
+    """A PACS that requires a TLS client certificate: without one, or with one it does not trust,
+    one line says which and what to give; with ours, it serves."""
+    def certificate(name: str, *extra: str) -> tuple[Path, Path]:
+        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}-key.pem"
+        sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+           "-days", "2", "-subj", f"/CN={name}", *extra)
+        return cert, key
+
+    server_cert, server_key = certificate("127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1")
+    ours, our_key = certificate("dicomfs")
+    stranger, stranger_key = certificate("stranger")
+    trusted = tmp_path / "trusted.pem"
+    trusted.write_bytes(server_cert.read_bytes() + ours.read_bytes())
+    files = {rel: data for rel, data in archive_files(demo_dir).items() if rel.startswith(DATED)}
+    pacs = start_pacs(tmp_path / "pacs", files, DicomTlsEnabled=True, DicomTlsCertificate=str(server_cert),
+                      DicomTlsPrivateKey=str(server_key), DicomTlsTrustedCertificates=str(trusted),
+                      DicomTlsRemoteCertificateRequired=True)
+    try:
+        source = pacs.source.replace("dimse://", "dimse+tls://")
+        ca = ("--tls-ca", str(server_cert))
+        result = dicomfs("ls", source, "--cache-dir", str(tmp_path / "c1"), *ca)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert "requires a TLS client certificate" in result.stderr and "--tls-cert" in result.stderr
+        result = dicomfs("ls", source, "--cache-dir", str(tmp_path / "c2"), *ca, "--tls-cert", str(stranger),
+                         "--tls-key", str(stranger_key))
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert "does not accept our TLS client certificate" in result.stderr
+        result = dicomfs("prefetch", source, DATED, "--cache-dir", str(tmp_path / "c3"), *ca, "--tls-cert", str(ours),
+                         "--tls-key", str(our_key), "--to", str(tmp_path / "out"))
+        assert result.returncode == 0, result.stderr
+        written = {str(p.relative_to(tmp_path / "out")): p.read_bytes() for p in (tmp_path / "out").rglob("*.dcm")}
+        assert written.keys() == files.keys() and all(same_instance(written[r], files[r]) for r in files)
+    finally:
+        pacs.server.stop()
+
+
 def test_a_series_of_1500_instances(pacs: Pacs, mount_factory: Callable[..., Mount]) -> None:
     series = f"{LARGE}.1"
     files = {f"{LARGE}/{series}/{series}.{n}.dcm": make_instance(LARGE, series, f"{series}.{n}", pixel_bytes=16,

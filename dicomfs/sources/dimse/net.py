@@ -301,19 +301,41 @@ def storage_scp(peer: Peer, port: int, handlers: Sequence[tuple[Any, Callable[..
             time.sleep(PORT_RETRY)
 
 
+CLIENT_CERT_WAIT = 0.02  # seconds, at least, for a PACS's word on our TLS client certificate (``check_tls``)
+_CLIENT_CERT_REFUSED = frozenset({"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                                  "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+                                  "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED",
+                                  "TLSV1_ALERT_ACCESS_DENIED"})
+
+
 def check_tls(peer: Peer) -> None:
     """A TLS handshake with the PACS alone, so that a certificate problem is one clear line
-    (pynetdicom only says the connection failed). Blocking."""
+    (pynetdicom only says the connection failed, or that the PACS ended the association): its
+    certificate not trusted, ours missing or not accepted. Blocking."""
     if peer.tls is None:
         return
     try:
         with socket.create_connection((peer.host, peer.port), timeout=peer.timeout) as raw:
-            with peer.tls.wrap_socket(raw, server_hostname=peer.host):
-                pass
+            started = time.monotonic()
+            with peer.tls.wrap_socket(raw, server_hostname=peer.host) as tls:
+                # TLS 1.3: a PACS that wants (another) client certificate says so with an alert
+                # after our side of the handshake is done, within a round trip; a DICOM server
+                # says nothing else before we ask, so silence for twice the handshake is a yes.
+                tls.settimeout(min(max(2 * (time.monotonic() - started), CLIENT_CERT_WAIT), peer.timeout))
+                try:
+                    tls.recv(1)
+                except TimeoutError:
+                    pass
     except ssl.SSLCertVerificationError as exc:
         raise AccessRefused(f"{peer.description}: its TLS certificate is not trusted "
                             f"({exc.verify_message or exc.reason}); give its CA with --tls-ca") from None
     except ssl.SSLError as exc:
+        if exc.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+            raise AccessRefused(f"{peer.description} requires a TLS client certificate: give ours with "
+                                "--tls-cert and --tls-key") from None
+        if exc.reason in _CLIENT_CERT_REFUSED:
+            raise AccessRefused(f"{peer.description} does not accept our TLS client certificate (--tls-cert): "
+                                f"it must be one the PACS trusts ({exc.reason.lower()})") from None
         raise AccessRefused(f"{peer.description}: the TLS handshake failed ({exc.reason or exc})") from None
     except OSError as exc:
         raise SourceUnavailable(f"cannot reach {peer.description}: {exc.strerror or exc}") from None
