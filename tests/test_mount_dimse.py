@@ -295,14 +295,30 @@ def test_c_get_refused_falls_back_to_c_move(tmp_path: Path, demo_dir: Path,
         pacs.server.stop()
 
 
-def test_dicom_tls(tmp_path: Path, demo_dir: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def certificate(folder: Path, name: str, *extra: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``name`` and its key (openssl)."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}-key.pem"
     sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-       "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1")
+       "-days", "2", "-subj", f"/CN={name}", *extra)
+    return cert, key
+
+
+def start_tls_pacs(tmp_path: Path, demo_dir: Path, trusted: list[Path],
+                   clients_need_certificates: bool) -> tuple[Pacs, Path, dict[str, bytes]]:
+    """A PACS on DICOM TLS with the study DATED: the PACS, its certificate, its files. It trusts
+    the client certificates ``trusted``."""
+    cert, key = certificate(tmp_path, "127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1")
+    bundle = tmp_path / "trusted.pem"
+    bundle.write_bytes(b"".join(p.read_bytes() for p in (cert, *trusted)))
     files = {rel: data for rel, data in archive_files(demo_dir).items() if rel.startswith(DATED)}
     pacs = start_pacs(tmp_path / "pacs", files, DicomTlsEnabled=True, DicomTlsCertificate=str(cert),
-                      DicomTlsPrivateKey=str(key), DicomTlsTrustedCertificates=str(cert),
-                      DicomTlsRemoteCertificateRequired=False)
+                      DicomTlsPrivateKey=str(key), DicomTlsTrustedCertificates=str(bundle),
+                      DicomTlsRemoteCertificateRequired=clients_need_certificates)
+    return pacs, cert, files
+
+
+def test_dicom_tls(tmp_path: Path, demo_dir: Path) -> None:
+    pacs, cert, files = start_tls_pacs(tmp_path, demo_dir, [], clients_need_certificates=False)
     try:
         source = pacs.source.replace("dimse://", "dimse+tls://")
         result = dicomfs("ls", source, "--cache-dir", str(tmp_path / "c1"))
@@ -321,21 +337,9 @@ def test_dicom_tls(tmp_path: Path, demo_dir: Path) -> None:
 def test_dicom_tls_with_a_client_certificate(tmp_path: Path, demo_dir: Path) -> None:
     """A PACS that requires a TLS client certificate: without one, or with one it does not trust,
     one line says which and what to give; with ours, it serves."""
-    def certificate(name: str, *extra: str) -> tuple[Path, Path]:
-        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}-key.pem"
-        sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-           "-days", "2", "-subj", f"/CN={name}", *extra)
-        return cert, key
-
-    server_cert, server_key = certificate("127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1")
-    ours, our_key = certificate("dicomfs")
-    stranger, stranger_key = certificate("stranger")
-    trusted = tmp_path / "trusted.pem"
-    trusted.write_bytes(server_cert.read_bytes() + ours.read_bytes())
-    files = {rel: data for rel, data in archive_files(demo_dir).items() if rel.startswith(DATED)}
-    pacs = start_pacs(tmp_path / "pacs", files, DicomTlsEnabled=True, DicomTlsCertificate=str(server_cert),
-                      DicomTlsPrivateKey=str(server_key), DicomTlsTrustedCertificates=str(trusted),
-                      DicomTlsRemoteCertificateRequired=True)
+    ours, our_key = certificate(tmp_path, "dicomfs")
+    stranger, stranger_key = certificate(tmp_path, "stranger")
+    pacs, server_cert, files = start_tls_pacs(tmp_path, demo_dir, [ours], clients_need_certificates=True)
     try:
         source = pacs.source.replace("dimse://", "dimse+tls://")
         ca = ("--tls-ca", str(server_cert))
