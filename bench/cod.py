@@ -38,7 +38,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,8 +198,8 @@ class Bench:
                 shutil.rmtree(cache, ignore_errors=True)
 
     def repetition(self, number: int) -> None:
-        copy = [self.curl_tar, lambda: self.cold_copy(number), self.floor]
-        first = [self.curl_range, lambda: self.dicomfs_first_byte(number)]
+        copy: list[Callable[[], None]] = [self.curl_tar, lambda: self.cold_copy(number), self.floor]
+        first: list[Callable[[], None]] = [self.curl_range, lambda: self.dicomfs_first_byte(number)]
         if number % 2:
             copy.reverse()
             first.reverse()

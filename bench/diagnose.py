@@ -25,7 +25,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,13 @@ class _Discard:
     def wants(self, key: str) -> bool:
         return True
 
+    def awaited(self) -> Collection[str]:
+        return ()
+
     async def begin(self, key: str, size: int | None) -> _Discard:
         return self
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         pass
 
     async def finish(self) -> None:
@@ -133,12 +136,13 @@ async def _open_all(source: Source, work: list[tuple[SeriesRecord, list[Instance
 
 async def _cod_stages(endpoint: str, bucket: str, prefix: str, study_uid: str, series_uid: str, tar_name: str,
                       probe: str, ranges: dict[str, tuple[int, int]], cache_dir: Path) -> dict[str, float]:
-    source = CodSource(GcsBucket(endpoint, bucket, Credentials()), prefix)
+    gcs = GcsBucket(endpoint, bucket, Credentials())
+    source = CodSource(gcs, prefix)
     try:
         record = next(s for s in await source.list_series(study_uid) if s.uid == series_uid)
         instances = sorted(await source.list_instances(record), key=lambda i: i.key)
         one = next(i for i in instances if i.key == probe)
-        url = source.bucket.object_url(tar_name)
+        url = gcs.object_url(tar_name)
         probe_range, first = ranges[probe], min(start for start, _ in ranges.values())
 
         async def httpx_get(client: httpx.AsyncClient, start: int, end: str) -> None:

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -58,7 +59,9 @@ TIMEOUT = 600.0
 def build_series(count: int) -> tuple[str, str, list[bytes]]:
     import io
 
-    template = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    path = pydicom.data.get_testdata_file("CT_small.dcm")
+    assert isinstance(path, str)  # a path (read=False), never None: pydicom ships CT_small.dcm
+    template = pydicom.dcmread(path)
     study, series = generate_uid(), generate_uid()
     files = []
     for number in range(1, count + 1):
@@ -73,7 +76,7 @@ def build_series(count: int) -> tuple[str, str, list[bytes]]:
     return study, series, files
 
 
-def timed_get(client: httpx.Client, url: str) -> tuple[float, list[dict]]:
+def timed_get(client: httpx.Client, url: str) -> tuple[float, list[dict[str, Any]]]:
     """Seconds until the whole body has arrived (decompressed, as a client reads it); the JSON is
     parsed after the clock stops (parsing costs the same on both sides, and is the client's)."""
     started = time.perf_counter()
@@ -92,7 +95,7 @@ def peak_rss_mib(pid: int | None) -> float:
     return float("nan")
 
 
-def check(ours: list[dict], theirs: list[dict]) -> bool:
+def check(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> bool:
     mine = {m["00080018"]["Value"][0]: m for m in ours}
     other = {m["00080018"]["Value"][0]: m for m in theirs}
     if set(mine) != set(other):
@@ -154,7 +157,7 @@ def main() -> int:
     return 0 if all(checks) else 1
 
 
-def render(results: dict) -> str:
+def render(results: dict[str, Any]) -> str:
     s = results["samples"]
     orthanc, first, cached = (statistics.median(s[k]) for k in ("orthanc", "first", "cached"))
     per_rep = ", ".join(f"{f / o:.2f}" for f, o in zip(s["first"], s["orthanc"], strict=False))

@@ -48,7 +48,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -107,7 +109,12 @@ def run_parallel(argvs: list[list[str]], env: dict[str, str]) -> tuple[float, li
     started = time.perf_counter()
     processes = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, env={**os.environ, **env}) for argv in argvs]
-    watchdog = threading.Timer(TIMEOUT, lambda: [p.kill() for p in processes])
+
+    def kill_all() -> None:
+        for p in processes:
+            p.kill()
+
+    watchdog = threading.Timer(TIMEOUT, kill_all)
     watchdog.start()
     try:
         statuses = [p.wait() for p in processes]
@@ -232,10 +239,11 @@ class Bench:
         shutil.rmtree(out)
 
     def repetition(self, number: int) -> None:
-        steps = [("copy", lambda: self.copy("copy")), ("getscu", lambda: self.getscu_one("getscu", NODELAY)),
-                 ("prefetch", self.prefetch), ("getscu_all", self.getscu_all),
-                 ("copy_move", lambda: self.copy("copy_move", "--retrieve", "move")),
-                 ("getscu_nagle", lambda: self.getscu_one("getscu_nagle", {})), ("pynetdicom", self.pynetdicom_floor)]
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("copy", lambda: self.copy("copy")), ("getscu", lambda: self.getscu_one("getscu", NODELAY)),
+            ("prefetch", self.prefetch), ("getscu_all", self.getscu_all),
+            ("copy_move", lambda: self.copy("copy_move", "--retrieve", "move")),
+            ("getscu_nagle", lambda: self.getscu_one("getscu_nagle", {})), ("pynetdicom", self.pynetdicom_floor)]
         shift = number % len(steps)
         order = steps[shift:] + steps[:shift]
         print(f"repetition {number + 1}/{self.args.repeat}: {', '.join(name for name, _ in order)}", flush=True)
@@ -273,19 +281,19 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
 
 # --- the report -------------------------------------------------------------------------------
 def median(results: dict[str, object], name: str) -> float:
-    samples: dict[str, list[float]] = results["samples"]  # type: ignore[assignment]
+    samples = cast(dict[str, list[float]], results["samples"])
     return statistics.median(samples[name])
 
 
 def ratio_text(results: dict[str, object], ours: str, theirs: str) -> tuple[float, str]:
-    samples: dict[str, list[float]] = results["samples"]  # type: ignore[assignment]
+    samples = cast(dict[str, list[float]], results["samples"])
     ratio = median(results, ours) / median(results, theirs)
     spread = [a / b for a, b in zip(samples[ours], samples[theirs], strict=False)]
     return ratio, f"{ratio:.2f}× ({min(spread):.2f}–{max(spread):.2f})"
 
 
 def rows(results: dict[str, object]) -> list[tuple[str, str, str, str, bool | None]]:
-    study, total = int(results["study_bytes"]), int(results["total_bytes"])  # type: ignore[call-overload]
+    study, total = cast(int, results["study_bytes"]), cast(int, results["total_bytes"])
 
     def times(ours: str, theirs: str, size: int) -> str:
         a, b = median(results, ours), median(results, theirs)
@@ -311,7 +319,7 @@ def rows(results: dict[str, object]) -> list[tuple[str, str, str, str, bool | No
 
 
 def cpu_rows(results: dict[str, object]) -> list[str]:
-    study, total = int(results["study_bytes"]), int(results["total_bytes"])  # type: ignore[call-overload]
+    study, total = cast(int, results["study_bytes"]), cast(int, results["total_bytes"])
     lines = []
     for label, name, size in (("dicomfs daemon, cold `cp -r` (C-GET)", "copy_cpu_s", study),
                               ("dicomfs daemon, cold `cp -r` (C-MOVE)", "copy_move_cpu_s", study),
@@ -324,9 +332,9 @@ def cpu_rows(results: dict[str, object]) -> list[str]:
 
 
 def render(results: dict[str, object]) -> str:
-    machine: dict[str, object] = results["machine"]  # type: ignore[assignment]
-    checks: dict[str, str] = results["checks"]  # type: ignore[assignment]
-    samples: dict[str, list[float]] = results["samples"]  # type: ignore[assignment]
+    machine = cast(dict[str, object], results["machine"])
+    checks = cast(dict[str, str], results["checks"])
+    samples = cast(dict[str, list[float]], results["samples"])
     begin, end = markers(link.INSIDE in os.environ)
     lines = [begin, "", f"Run of `python -m bench.dimse --studies {results['studies']} --instances "
              f"{results['instances_per_study']} --series {results['series_per_study']} --repeat {results['repeat']}"
@@ -334,7 +342,7 @@ def render(results: dict[str, object]) -> str:
              + f" on {machine.get('date', '?')}, dicomfs {machine.get('dicomfs_commit', '?')}, "
              f"{machine.get('cpu', '?')} ({machine.get('nproc', '?')} CPUs), Orthanc {machine.get('orthanc', '?')} "
              f"(its environment as shipped), {results['link']}: {results['studies']} studies of "
-             f"{int(results['study_bytes']) / 1e6:.0f} MB ({results['instances_per_study']} instances in "  # type: ignore[call-overload]
+             f"{cast(int, results['study_bytes']) / 1e6:.0f} MB ({results['instances_per_study']} instances in "
              f"{results['series_per_study']} series). Load average {machine['load_before']} before, "
              f"{machine['load_after']} after. Medians; spread of the per-repetition ratios in brackets.", "",
              "| dicomfs vs | time (throughput) | ratio | target | met |", "| --- | --- | --- | --- | --- |"]

@@ -222,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.metadata
 
     from bench.report import machine_facts
+    real_index: Path | None
     try:
         from dicomfs.sources.idc import IdcIndex, default_index
 
-        real_index: Path | None = default_index()
+        real_index = default_index()
         release = IdcIndex(real_index).release
     except Exception:  # the extra is not installed
         real_index, release = None, ""

@@ -146,10 +146,11 @@ class Mount:
                 self.process.kill()
                 self.process.wait(timeout=STOP_TIMEOUT)
         elif self.pid is not None:
+            pid = self.pid  # narrowed for the lambda
             try:
-                wait_until(lambda: not alive(self.pid), STOP_TIMEOUT, "the daemon to exit")
+                wait_until(lambda: not alive(pid), STOP_TIMEOUT, "the daemon to exit")
             except TimeoutError:
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 time.sleep(0.2)
         unmount(self.path)  # a killed daemon leaves a dead mount
 

@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -150,7 +151,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
 
 
 def rows(results: dict[str, object]) -> list[tuple[str, str, str, str, bool]]:
-    samples: dict[str, list[float]] = results["samples"]  # type: ignore[assignment]
+    samples = cast(dict[str, list[float]], results["samples"])
     ours = statistics.median(samples["dicomfs"])
     out = []
     for base, (target_text, target) in TARGETS.items():
@@ -163,9 +164,9 @@ def rows(results: dict[str, object]) -> list[tuple[str, str, str, str, bool]]:
 
 
 def render(results: dict[str, object]) -> str:
-    machine: dict[str, object] = results["machine"]  # type: ignore[assignment]
-    checks: dict[str, dict[str, object]] = results["checks"]  # type: ignore[assignment]
-    total = int(results["total_bytes"])  # type: ignore[arg-type]
+    machine = cast(dict[str, object], results["machine"])
+    checks = cast(dict[str, dict[str, object]], results["checks"])
+    total = cast(int, results["total_bytes"])
     lines = [BEGIN, "", f"Run of `python -m bench.prefetch --studies {results['studies']} --instances "
              f"{results['instances_per_study']} --series {results['series_per_study']} --repeat {results['repeat']}` "
              f"on {machine.get('date', '?')}, dicomfs {machine.get('dicomfs_commit', '?')}, {machine.get('cpu', '?')} "
@@ -175,7 +176,7 @@ def render(results: dict[str, object]) -> str:
              "| dicomfs prefetch vs | time | ratio | target | met |", "| --- | --- | --- | --- | --- |"]
     for name, times, ratio, target, met in rows(results):
         lines.append(f"| {name} | {times} | {ratio} | {target} | {'yes' if met else '**no**'} |")
-    samples: dict[str, list[float]] = results["samples"]  # type: ignore[assignment]
+    samples = cast(dict[str, list[float]], results["samples"])
     lines += ["", "Raw seconds per repetition: " + "; ".join(
         f"{tool.replace('_', '-')} {', '.join(f'{v:.2f}' for v in samples[tool])}" for tool in TOOLS), "",
         "Bytes checked against the uploads (sha256), first repetition: " + "; ".join(

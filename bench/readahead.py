@@ -23,6 +23,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 mount.stop()
                 shutil.rmtree(base, ignore_errors=True)
 
-        steps = [lambda: copy("study"), lambda: copy("series"),
-                 lambda: samples.setdefault("curl_s", []).append(curl_study(server, study))]
+        steps: list[Callable[[], None]] = [lambda: copy("study"), lambda: copy("series"),
+                                           lambda: samples.setdefault("curl_s", []).append(curl_study(server, study))]
         for rep in range(args.repeat):
             for step in steps[rep % 3:] + steps[:rep % 3]:
                 step()

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -314,10 +314,10 @@ class Bench:
 
     def warm(self, number: int, cache: Path) -> None:
         """Re-read through fresh mounts: dicomfs on the cache just filled vs the passthrough."""
-        sides = [("dicomfs", lambda: self.dicomfs("mnt-warm", cache), "mnt-warm/studies/" + self.study.uid),
-                 ("passthrough", lambda: PassthroughMount(self.files, self.work / "mnt-pass",
-                                                          self.work / "passthrough.log"),
-                  "mnt-pass/" + self.study.uid)]
+        sides: list[tuple[str, Callable[[], Mount], str]] = [
+            ("dicomfs", lambda: self.dicomfs("mnt-warm", cache), "mnt-warm/studies/" + self.study.uid),
+            ("passthrough", lambda: PassthroughMount(self.files, self.work / "mnt-pass", self.work / "passthrough.log"),
+             "mnt-pass/" + self.study.uid)]
         if number % 2:
             sides.reverse()  # alternate who goes first
         for dropped in (True, False) if self.can_drop else (False,):

@@ -39,6 +39,7 @@ from bench import report  # noqa: E402
 from dicomfs.cache import BlobStore  # noqa: E402
 from dicomfs.catalog import Catalog  # noqa: E402
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord  # noqa: E402
+from dicomfs.sources.base import SeriesSink  # noqa: E402
 from tests.test_operations import Mounted, operations  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -51,6 +52,7 @@ class ListedSource:
     """Studies with QIDO-style attributes; series and instances are never asked for here."""
 
     description = "in-memory archive"
+    serves_files_in_place = False
 
     def __init__(self, count: int, per_patient: int) -> None:
         self.studies = []
@@ -80,6 +82,9 @@ class ListedSource:
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
         raise AssertionError("listing patients/ must not list instances")
 
+    async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
+        raise AssertionError("listing patients/ must not fetch")
+
     def local_file(self, instance: InstanceRecord) -> None:
         return None
 
@@ -89,8 +94,8 @@ async def measure(count: int, per_patient: int, repeat: int) -> dict[str, object
     samples: dict[str, list[float]] = {"studies": [], "patients (cold view)": [], "patients (warm view)": []}
     entries: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        blobs = BlobStore(Path(scratch), 1 << 30, source)  # type: ignore[arg-type]
-        catalog = Catalog(source, None, listing_ttl=3600)  # type: ignore[arg-type]
+        blobs = BlobStore(Path(scratch), 1 << 30, source)
+        catalog = Catalog(source, None, listing_ttl=3600)
         async with trio.open_nursery() as nursery:
             await nursery.start(blobs.run)
             await catalog.studies()  # the warm catalog
@@ -122,13 +127,13 @@ async def measure(count: int, per_patient: int, repeat: int) -> dict[str, object
 def write_folder_archive(folder: Path, count: int) -> None:
     """``count`` studies of one tiny instance each, one study per patient, as P10 files."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     folder.mkdir(parents=True)
     for n in range(count):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-        meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.10.{n}.1.1"
+        meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
+        meta.MediaStorageSOPInstanceUID = UID(f"1.2.826.0.1.3680043.10.{n}.1.1")
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta

@@ -50,8 +50,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -78,7 +79,20 @@ PIXEL_BYTES = 1 << 20
 JOBS = 4
 BEGIN, END = "<!-- bench-wire:begin -->", "<!-- bench-wire:end -->"
 LINKS = ("loopback", "1gbit", "10gbit")
-TARGETS = {  # measurement -> {link kind: target}
+
+
+class Targets(TypedDict):
+    """measurement -> {link kind: target}, or one target for every link"""
+
+    cold: dict[str, str]
+    prefetch: dict[str, str]
+    one: dict[str, str]
+    cpu: str
+    warm: str
+    rss: str
+
+
+TARGETS: Targets = {  # measurement -> {link kind: target}
     "cold": {"1gbit": "≤ 1.05×", "fast": "≤ 2.5×"},
     "prefetch": {"1gbit": "≤ 1.03×", "fast": "≤ 1.6×"},
     "one": {"1gbit": "≤ 1.05×", "fast": "—"},
@@ -148,9 +162,9 @@ class Wire:
         read_all(cache)
         original = self.work / "original"
         read_all(original / study.uid)
-        sides = [("warm_dicomfs_s", lambda: self.mount(base / "warm", cache), "studies/" + study.uid),
-                 ("warm_passthrough_s", lambda: PassthroughMount(original, base / "pass", base / "pass.log"),
-                  study.uid)]
+        sides: list[tuple[str, Callable[[], DicomfsMount | PassthroughMount], str]] = [
+            ("warm_dicomfs_s", lambda: self.mount(base / "warm", cache), "studies/" + study.uid),
+            ("warm_passthrough_s", lambda: PassthroughMount(original, base / "pass", base / "pass.log"), study.uid)]
         if self.runs % 2:
             sides.reverse()
         for name, make, below in sides:
@@ -238,8 +252,9 @@ class Wire:
 
     def repetition(self, number: int) -> None:
         study = self.studies[number % len(self.studies)]
-        steps = [lambda: self.cold_and_warm(study), lambda: self.curl(study), self.prefetch, self.parallel_curl,
-                 lambda: self.prefetch([study]), lambda: self.floor(study)]
+        steps: list[Callable[[], None]] = [lambda: self.cold_and_warm(study), lambda: self.curl(study), self.prefetch,
+                                           self.parallel_curl, lambda: self.prefetch([study]),
+                                           lambda: self.floor(study)]
         for step in steps[number % len(steps):] + steps[:number % len(steps)]:
             step()
 

@@ -15,6 +15,7 @@ import json
 import struct
 import tarfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import google_crc32c
 import pydicom
@@ -29,7 +30,7 @@ def hashed(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:40]
 
 
-def frame_table(data: bytes) -> dict:
+def frame_table(data: bytes) -> dict[str, list[int]]:
     """CustomOffsetTable(+Lengths) of a multi-frame file, relative to the file's first byte."""
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -41,7 +42,8 @@ def frame_table(data: bytes) -> dict:
         pos = at + 12  # tag, "OB", reserved, undefined length
         _, bot_length = struct.unpack_from("<4sI", data, pos)
         pos += 8 + bot_length
-        offsets, lengths = [], []
+        offsets: list[int] = []
+        lengths: list[int] = []
         while len(offsets) < frames:
             item, length = struct.unpack_from("<4sI", data, pos)
             assert item == b"\xfe\xff\x00\xe0", "one fragment per frame expected"
@@ -65,7 +67,7 @@ class CodSeriesFiles:
     hashed_keys: bool = False
     gzip_metadata: bool = True
     damaged: bool = False
-    extra_top_level: dict = field(default_factory=lambda: {"thumbnail": {"uri": "x"}, "custom": 1})
+    extra_top_level: dict[str, Any] = field(default_factory=lambda: {"thumbnail": {"uri": "x"}, "custom": 1})
 
     @property
     def study_key(self) -> str:
@@ -92,7 +94,7 @@ def write_series(prefix: str, series: CodSeriesFiles) -> tuple[dict[str, bytes],
     tar_bytes = tar_buffer.getvalue()
     with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r") as written:  # offsets as tar reads them
         data_offsets = {member.name: member.offset_data for member in written.getmembers()}
-    entries: dict[str, dict] = {}
+    entries: dict[str, dict[str, Any]] = {}
     expected: dict[str, bytes] = {}
     for sop, data in series.files.items():
         key = series.key(sop)
@@ -101,7 +103,7 @@ def write_series(prefix: str, series: CodSeriesFiles) -> tuple[dict[str, bytes],
         dicom_json = ds.file_meta.to_json_dict()
         dicom_json.update(ds.to_json_dict(bulk_data_threshold=4096,
                                           bulk_data_element_handler=lambda el: f"bulk/{el.tag:08X}"))
-        entry: dict = {
+        entry: dict[str, Any] = {
             "headers": {"start_byte": start, "end_byte": start + len(data)},
             "offset_tables": frame_table(data),
             "crc32c": crc32c_b64(data),

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
@@ -20,8 +20,8 @@ def make_instance(study: str, series: str, sop: str | None = None, *, pixel_byte
     """A valid Part 10 file: a secondary capture with ``pixel_bytes`` of 8-bit pixels."""
     sop = sop or generate_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
-    meta.MediaStorageSOPInstanceUID = sop
+    meta.MediaStorageSOPClassUID = UID(SECONDARY_CAPTURE)
+    meta.MediaStorageSOPInstanceUID = UID(sop)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
@@ -114,13 +114,13 @@ class _MemoryWriter:
     def __init__(self, sink: MemorySink, key: str) -> None:
         self._sink, self._key, self._buffer = sink, key, bytearray()
 
-    async def write(self, data: bytes | memoryview) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         self.write_now(data)
 
     async def finish(self) -> None:
         self.finish_now()
 
-    def write_now(self, data: bytes | memoryview) -> None:
+    def write_now(self, data: bytes | bytearray | memoryview) -> None:
         self._buffer.extend(data)
         self._sink.pieces[self._key] += 1
 

@@ -4,6 +4,7 @@ and a plain split of the multipart answers."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -34,7 +35,7 @@ def reference_frames(path: Path) -> tuple[str, list[bytes]]:
     return EXPLICIT_LE, [data[i * length:(i + 1) * length] for i in range(count)]
 
 
-def value(element: dict | None) -> object:
+def value(element: dict[str, Any] | None) -> Any:
     return None if element is None else element.get("Value")
 
 

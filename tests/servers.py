@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -89,7 +89,7 @@ class _ServerProcess(_OnLoopback):
         self.stop()
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -148,7 +148,8 @@ class OrthancServer(_ServerProcess):
             raise RuntimeError(f"Orthanc exited with {self.process.returncode}: see {self.workdir}/orthanc.log")
         try:
             with urllib.request.urlopen(self._request("/system"), timeout=2) as response:
-                return response.status == 200
+                status: int = response.status
+                return status == 200
         except OSError:
             return False
 
@@ -206,9 +207,10 @@ class OrthancServer(_ServerProcess):
         """The DIMSE source of this Orthanc: ``dimse://<AE title>@127.0.0.1:<DICOM port>``."""
         return f"dimse://{self.aet}@127.0.0.1:{self.dicom_port}"
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         with urllib.request.urlopen(self._request("/statistics"), timeout=10) as response:
-            return json.loads(response.read())
+            statistics: dict[str, Any] = json.loads(response.read())
+            return statistics
 
 
 
@@ -329,14 +331,17 @@ class CountingProxy(_OnLoopback):
         self.server.server_close()
 
 
+# what an AnsweringServer's ``answer`` is: (path, headers) -> (status, headers, body)
+Answer = Callable[[str, dict[str, str]], tuple[int, dict[str, str], bytes | Iterable[bytes]]]
+
+
 class AnsweringServer(_OnLoopback):
     """A loopback HTTP server whose GETs ``answer(path, headers)`` decides: (status, headers,
     body), the body bytes or an iterable of pieces, sent as they come (HTTP/1.0: the end of the
     body is the end of the connection unless a Content-Length is given). For unit tests of an
     HTTP client that needs a real socket."""
 
-    def __init__(self, answer: Callable[[str, dict[str, str]], tuple[int, dict[str, str], bytes | Iterable[bytes]]]
-                 ) -> None:
+    def __init__(self, answer: Answer) -> None:
         self.requests: list[tuple[str, dict[str, str]]] = []
         server = self
 
@@ -420,7 +425,8 @@ class GcsEmulator(_ServerProcess):
             raise RuntimeError(f"the GCS emulator exited with {self.process.returncode}")
         try:
             with urllib.request.urlopen(f"{self.endpoint}/storage/v1/b/{self.bucket}", timeout=2) as response:
-                return response.status == 200
+                status: int = response.status
+                return status == 200
         except OSError:
             return False
 
@@ -483,11 +489,12 @@ class S3Server(_ServerProcess):
             raise RuntimeError(f"moto_server exited with {self.process.returncode}")
         try:
             with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2) as response:
-                return response.status == 200
+                status: int = response.status
+                return status == 200
         except OSError:
             return False
 
-    def _client(self, service: str, key: str | None = None, secret: str | None = None):  # noqa: ANN202
+    def _client(self, service: str, key: str | None = None, secret: str | None = None) -> Any:  # a boto3 client
         import boto3
         from botocore.config import Config
 
@@ -551,12 +558,12 @@ class DicomfsServe(_ServerProcess):
     def start(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
+            self.process = process = subprocess.Popen(
                 [sys.executable, "-m", "dicomfs", "serve", self.source, "--port", str(self.port), "--cache-dir",
                  str(self.workdir / "cache"), *self.extra], stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, **(self.env or {})})
         try:
-            wait_until(lambda: f"serving {self.source} at" in self.log or self.process.poll() is not None, 60,
+            wait_until(lambda: f"serving {self.source} at" in self.log or process.poll() is not None, 60,
                        "dicomfs serve to listen")
         except TimeoutError:
             self.stop()

@@ -23,7 +23,7 @@ from dicomfs.breaker import Breaker
 from dicomfs.cache import BlobStore, Manifest
 from dicomfs.errors import IntegrityError, SourceError, SourceUnavailable, TransferBroken
 from dicomfs.records import InstanceRecord, SeriesRecord
-from dicomfs.sources.base import SeriesSink
+from dicomfs.sources.base import BlockingSink, SeriesSink
 from dicomfs.tasks import Stopped, StopSignal, run_stoppable
 from dicomfs.transferlimits import TransferLimits
 from tests.factory import make_instance
@@ -72,7 +72,7 @@ def instance(key: str) -> InstanceRecord:
     return InstanceRecord("1.2", "1.2.3", key)
 
 
-async def read_all(store: BlobStore, key: str) -> bytes:
+async def read_all(store: BlobStore, key: str) -> bytes | bytearray | memoryview:
     handle = await store.open_instance(SERIES, instance(key))
     try:
         return await handle.read(0, 1 << 20)
@@ -88,7 +88,8 @@ async def wait_cached(store: BlobStore, series: SeriesRecord) -> None:
             await trio.sleep(0.01)
 
 
-async def with_store(tmp_path: Path, source: ScriptedSource, body, size_limit: int = 1 << 30,
+async def with_store(tmp_path: Path, source: ScriptedSource, body: Callable[[BlobStore], Awaitable[None]],
+                     size_limit: int = 1 << 30,
                      **options: object) -> None:
     store = BlobStore(tmp_path / "cache", size_limit, source, **options)  # type: ignore[arg-type]
     try:
@@ -103,7 +104,7 @@ async def with_store(tmp_path: Path, source: ScriptedSource, body, size_limit: i
 
 async def test_concurrent_readers_share_one_download(tmp_path: Path) -> None:
     source = ScriptedSource({SERIES.key: FILES})
-    results: dict[str, bytes] = {}
+    results: dict[str, bytes | bytearray | memoryview] = {}
 
     async def body(store: BlobStore) -> None:
         async def reader(key: str) -> None:
@@ -468,7 +469,7 @@ class ThreadedSource(ScriptedSource):
         self.calls[series.key] += 1
         await run_stoppable(partial(self._job, self.series[series.key], sink.in_thread()))
 
-    def _job(self, files: dict[str, bytes], sink, stop: StopSignal) -> None:
+    def _job(self, files: dict[str, bytes], sink: BlockingSink, stop: StopSignal) -> None:
         try:
             for index, (key, data) in enumerate(files.items()):
                 writer = sink.begin(key, len(data))

@@ -6,7 +6,7 @@ import base64
 import gzip
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -26,12 +26,12 @@ from tests.servers import AnsweringServer
 
 pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
-def paged_listing(prefixes: list[str], page: int):
+def paged_listing(prefixes: list[str], page: int) -> Callable[[httpx.Request], httpx.Response]:
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.headers["Authorization"] == "Bearer tok"
         assert request.headers["X-Goog-User-Project"] == "billing-project"
         start = int(request.url.params.get("pageToken") or 0)
-        body: dict = {"kind": "storage#objects", "prefixes": prefixes[start:start + page]}
+        body: dict[str, object] = {"kind": "storage#objects", "prefixes": prefixes[start:start + page]}
         if start + page < len(prefixes):
             body["nextPageToken"] = str(start + page)
         return httpx.Response(200, json=body)
@@ -73,7 +73,7 @@ FILES = {f"1.2.3.{n}": make_instance("1.2", "1.2.3", f"1.2.3.{n}", number=n) for
 
 @pytest.mark.parametrize("options", [{"version": 1}, {"version": 2}, {"version": 2, "gzip_metadata": False},
                                      {"version": 1, "hashed_keys": True}])
-def test_index_versions_and_encodings(options: dict) -> None:
+def test_index_versions_and_encodings(options: dict[str, object]) -> None:
     raw, tar = index_of(FILES, **options)
     index = parse_series_index(raw, len(tar))
     assert len(index.instances) == 3
@@ -165,7 +165,7 @@ async def test_fetch_instance_uses_one_range_request() -> None:
     seen: list[str | None] = []
     name = "p/studies/1.2/series/1.2.3"
 
-    def answer(path: str, headers: dict[str, str]):
+    def answer(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         if "prefix=" in path:
             listing = {"items": [{"name": f"{name}.tar", "size": str(len(tar))},
                                  {"name": f"{name}/metadata.json", "size": "1"}]}

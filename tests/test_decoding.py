@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from collections.abc import Callable
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_a_gzip_bomb_is_refused_at_the_limit_without_inflating_it() -> None:
     ("identity", lambda data: data),
     (None, lambda data: data),
 ])
-def test_accepted_codings_decode_exactly(coding: str | None, compress) -> None:
+def test_accepted_codings_decode_exactly(coding: str | None, compress: Callable[[bytes], bytes]) -> None:
     body = json.dumps([{"k": i} for i in range(10_000)]).encode()
     decoder = BoundedDecoder(coding, len(body), "the answer")
     raw = compress(body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -86,7 +87,7 @@ def test_qido_object_takes_listed_tags_and_computed_counts() -> None:
     assert out == {"00100010": attrs["00100010"], "00201208": {"vr": "IS", "Value": [3]}}
 
 
-def _bulk_paths(document: dict, prefix: tuple[str, ...] = ()) -> dict[str, str]:
+def _bulk_paths(document: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, str]:
     found = {}
     for tag, element in document.items():
         if "BulkDataURI" in element:
@@ -124,7 +125,9 @@ def _assert_same(ours: Dataset, source: Dataset, where: str) -> None:
 def test_pydicom_round_trip_of_a_real_file(name: str) -> None:
     """Dataset.from_json of our metadata (bulk data resolved through our bulk data values) equals
     the source file's non-pixel elements."""
-    path = Path(pydicom.data.get_testdata_file(name))
+    file = pydicom.data.get_testdata_file(name)
+    assert isinstance(file, str), name
+    path = Path(file)
     p10 = path.read_bytes()
     ds = pydicom.dcmread(path, defer_size=dicomjson.BULK_THRESHOLD)
     out = dicomjson.normalise(dicomjson.dataset_json(ds), lambda p: "bulkdata/" + ".".join(p))

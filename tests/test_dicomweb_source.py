@@ -4,6 +4,7 @@ for series retrieves (urllib3 in a worker thread), a loopback server answering a
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -16,16 +17,16 @@ from dicomfs.sources.dicomweb import SERIES_ACCEPT, DicomwebSource
 from dicomfs.sources.http import RetryPolicy
 from tests.factory import MemorySink as Sink
 from tests.factory import make_instance, multipart, streamed
-from tests.servers import AnsweringServer
+from tests.servers import Answer, AnsweringServer
 
 ROOT = "http://archive.test/dicom-web"
 
 
-def study_row(uid: object) -> dict:
+def study_row(uid: object) -> dict[str, dict[str, object]]:
     return {"0020000D": {"vr": "UI", "Value": [uid]}, "00080020": {"vr": "DA", "Value": ["20240102"]}}
 
 
-def source_for(handler, **kwargs) -> DicomwebSource:
+def source_for(handler: Callable[[httpx.Request], httpx.Response], **kwargs: int) -> DicomwebSource:
     source = DicomwebSource(ROOT, Credentials(), transport=httpx.MockTransport(streamed(handler)), **kwargs)
     source.http.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
     return source
@@ -34,7 +35,7 @@ def source_for(handler, **kwargs) -> DicomwebSource:
 MULTIPART = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=dicomfs-test-boundary'}
 
 
-def retrieving(answer) -> tuple[AnsweringServer, DicomwebSource]:
+def retrieving(answer: Answer) -> tuple[AnsweringServer, DicomwebSource]:
     server = AnsweringServer(answer)
     source = DicomwebSource(f"{server.url}/dicom-web", Credentials())
     source.blocking.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
@@ -132,7 +133,7 @@ async def test_series_retrieve_names_parts_by_sop_uid(lengths: bool) -> None:
     files = {f"1.2.3.4.{i}": make_instance("1.2.3", "1.2.3.4", f"1.2.3.4.{i}", number=i) for i in range(5)}
     body = multipart(list(files.values()), lengths=lengths)
 
-    def answer(path: str, headers: dict[str, str]):
+    def answer(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], list[bytes]]:
         assert headers["accept"] == SERIES_ACCEPT
         assert path == "/dicom-web/studies/1.2.3/series/1.2.3.4"
         return 200, MULTIPART, [body[i:i + 1000] for i in range(0, len(body), 1000)]  # in many pieces
@@ -151,7 +152,7 @@ async def test_series_retrieve_rejects_truncated_and_non_dicom_parts() -> None:
     bodies = {"truncated": multipart([good])[:-40], "junk": multipart([b"\0" * 200])}
     statuses = {"truncated": 200, "junk": 200, "missing": 404}
 
-    def answer(path: str, headers: dict[str, str]):
+    def answer(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         which = path.split("/")[3]  # the "study" UID names the case
         return statuses[which], MULTIPART, bodies.get(which, b"")
 
@@ -168,7 +169,7 @@ async def test_series_retrieve_rejects_truncated_and_non_dicom_parts() -> None:
 async def test_series_retrieve_sends_credentials_and_retries_5xx_but_names_no_secret() -> None:
     calls = []
 
-    def answer(path: str, headers: dict[str, str]):
+    def answer(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         calls.append(headers.get("authorization"))
         return 503, {"Content-Length": "0"}, b""
 
@@ -196,7 +197,7 @@ async def test_cancelling_a_series_retrieve_stops_its_thread_at_once() -> None:
     released = threading.Event()
     stalled = []
 
-    def stalling():
+    def stalling() -> Iterator[bytes]:
         yield multipart([good])[:500]
         released.wait(30)  # the archive stops sending
         stalled.append("over")

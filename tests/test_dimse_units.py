@@ -124,6 +124,7 @@ def test_the_part10_wrapper_makes_files_pydicom_and_dcmtk_read(name: str, tmp_pa
     assert ds.file_meta.TransferSyntaxUID == syntax
     assert ds.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
     assert ds.file_meta.ImplementationClassUID == part10.IMPLEMENTATION_CLASS_UID
+    assert ds.file_meta.ImplementationVersionName is not None
     assert ds.file_meta.ImplementationVersionName.startswith("DICOMFS_")
     assert ds.file_meta.SourceApplicationEntityTitle == "ORTHANC"
     assert all(ds[e.tag].value == e.value for e in original)  # every element, pixel data included
@@ -318,8 +319,13 @@ def test_moved_instances_from_anyone_but_the_pacs_are_refused(caplog: pytest.Log
     from dicomfs.sources.dimse import retrieve
 
     delivered: list[str] = []
+
+    def deliver(key: str, head: bytes, data: bytes) -> bool:
+        delivered.append(key)
+        return True
+
     job = retrieve.Job("dimse://PACS@10.0.0.5:104", "PACS", "1.2", "1.2.3", {"1.2.3.4": "1.2.840.10008.5.1.4.1.1.7"},
-                       lambda key, head, data: delivered.append(key) or True)
+                       deliver)
     data_set = b"\x08\x00\x18\x00UI\x08\x001.2.3.4\x00"
 
     def event(address: str) -> SimpleNamespace:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import UID
 
 from dicomfs.p10 import parse_file_meta
 from tests.factory import make_instance
@@ -76,7 +77,7 @@ def mismatched_instance(study: str, series: str, sop: str) -> bytes:
     ds = pydicom.dcmread(Path(pydicom.data.__file__).parent / "test_files" / "rtdose.dcm")
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
     ds.PatientID, ds.PatientName = "TEST-1", "HARDENING^PATIENT"  # the same patient as its series
-    ds.file_meta.MediaStorageSOPInstanceUID = sop + ".999"
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop + ".999")
     out = io.BytesIO()
     ds.save_as(out)  # as it is: enforce_file_format would make the file meta agree
     data = out.getvalue()

@@ -17,7 +17,9 @@ from dicomfs.sources.idc.index import INDEX_KEYS, REQUIRED, IdcIndex, _where, de
 def test_the_installed_index_release_has_every_column_dicomfs_reads() -> None:
     """Installed by the test command (the idc extra): a release that renames a column fails here."""
     path = default_index()
-    columns = {row[0] for row in duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()}
+    described = duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{path}')")
+    assert described is not None  # None only for a statement that returns no rows
+    columns = {row[0] for row in described.fetchall()}
     assert set(REQUIRED) <= columns, set(REQUIRED) - columns
     assert set(INDEX_KEYS) <= columns
     index = IdcIndex(path)

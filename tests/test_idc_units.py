@@ -129,7 +129,7 @@ async def test_an_object_too_large_to_hold_whole_is_streamed_into_its_series(
     bucket = ScriptedBucket(objects)
     idc = source(tmp_path, bucket)
     sink = MemorySink()
-    await idc.fetch_series(SeriesRecord(STUDY, SERIES), sink)  # type: ignore[arg-type]
+    await idc.fetch_series(SeriesRecord(STUDY, SERIES), sink)
     assert sink.files == {f"{SERIES}.{n}": data for n, data in ((0, objects[f"{PREFIX}00.dcm"]),
                                                                 (1, objects[f"{PREFIX}01.dcm"]), (9, objects[big]))}
     assert sink.pieces[f"{SERIES}.9"] == -(-len(objects[big]) // CHUNK)  # as the reads brought it

@@ -59,7 +59,7 @@ def test_inodes_and_mtimes_survive_a_remount(mount_factory: Callable[..., Mount]
                                              demo_expected: dict[str, str]) -> None:
     mount = mount_factory("demo")
 
-    def snapshot() -> dict[str, tuple[int, int, int]]:
+    def snapshot() -> dict[str, tuple[str, ...]]:
         out = sh("find", str(mount.path), "-printf", "%P %i %T@ %s\n").stdout
         return {line.split()[0]: tuple(line.split()[1:]) for line in out.splitlines() if line.split()}
 

@@ -26,6 +26,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
+from pydicom.uid import UID
 
 from tests.factory import make_instance
 from tests.faultproxy import TcpProxy
@@ -86,10 +87,12 @@ def archive_files(demo_dir: Path) -> dict[str, bytes]:
 def jpeg_lossless() -> bytes:
     """pydicom's bundled JPEG Lossless instance (the one syntax of that family the demo lacks),
     under UIDs of its own."""
-    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    path = get_testdata_file("SC_rgb_jpeg_gdcm.dcm")
+    assert isinstance(path, str)
+    ds = pydicom.dcmread(path)
     assert ds.file_meta.TransferSyntaxUID == JPEG_LOSSLESS_SV1
     ds.StudyInstanceUID, ds.SeriesInstanceUID = LOSSLESS, f"{LOSSLESS}.1"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{LOSSLESS}.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(f"{LOSSLESS}.1.1")
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()

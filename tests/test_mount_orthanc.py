@@ -283,7 +283,7 @@ def test_readahead_in_a_named_view_follows_its_folders(
 
     with CountingProxy(orthanc.port) as proxy:
         mount = mount_factory(proxy.dicomweb)
-        series_of = {}  # inode of an instance -> its series UID, from studies/
+        series_of: dict[int, str] = {}  # inode of an instance -> its series UID, from studies/
         for study in entries(mount.path / "studies"):
             for series in entries(study):
                 series_of.update((inode, series.name) for inode in entries(series).values())

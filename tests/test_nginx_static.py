@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -41,23 +42,23 @@ JLS = "1.2.826.0.1.3680043.8.498.10.1.2"  # two JPEG-LS frames
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
-def ui(*values: str) -> dict:
+def ui(*values: str) -> dict[str, Any]:
     return {"vr": "UI", "Value": list(values)}
 
 
-def cs(*values: str) -> dict:
+def cs(*values: str) -> dict[str, Any]:
     return {"vr": "CS", "Value": list(values)}
 
 
-def us(value: int) -> dict:
+def us(value: int) -> dict[str, Any]:
     return {"vr": "US", "Value": [value]}
 
 
-def integer(value: int) -> dict:
+def integer(value: int) -> dict[str, Any]:
     return {"vr": "IS", "Value": [value]}
 
 
-def study_object(uid: str, patient: str, patient_id: str) -> dict:
+def study_object(uid: str, patient: str, patient_id: str) -> dict[str, dict[str, Any]]:
     return {"00080020": {"vr": "DA", "Value": ["20240102"]}, "00080061": cs("MR"),
             "00081030": {"vr": "LO", "Value": [f"study {uid[-2:]}"]},
             "00100010": {"vr": "PN", "Value": [{"Alphabetic": patient}]},
@@ -65,7 +66,7 @@ def study_object(uid: str, patient: str, patient_id: str) -> dict:
             "00201206": integer(1), "00201208": integer(2)}
 
 
-def instance_metadata(sop: str, syntax: str, number_of_frames: int, bulk: str) -> dict:
+def instance_metadata(sop: str, syntax: str, number_of_frames: int, bulk: str) -> dict[str, dict[str, Any]]:
     return {"00080016": ui(MR_STORAGE), "00080018": ui(sop), "00080060": cs("MR"),
             "00083002": ui(syntax), "0020000D": ui(STUDY), "0020000E": ui(SERIES),
             "00200013": integer(1 if sop == NATIVE else 2), "00280002": us(1), "00280004": cs("MONOCHROME2"),
@@ -84,12 +85,12 @@ def frame_file(frame: bytes, media_type: str, syntax: str) -> bytes:
 @dataclass
 class Tree:
     root: Path  # the "mount point": the tree is root/dicomweb
-    studies: list
-    series: list
-    instances: list
-    metadata: list  # the series metadata: every instance's full DICOM JSON
-    frames: dict  # (sop, n) -> frame bytes
-    bulk: dict  # URL path below dicomweb/ -> bytes
+    studies: list[dict[str, dict[str, Any]]]
+    series: list[dict[str, dict[str, Any]]]
+    instances: list[dict[str, dict[str, Any]]]
+    metadata: list[dict[str, dict[str, Any]]]  # the series metadata: every instance's full DICOM JSON
+    frames: dict[tuple[str, int], bytes]  # (sop, n) -> frame bytes
+    bulk: dict[str, bytes]  # URL path below dicomweb/ -> bytes
 
     def file(self, relative: str) -> bytes:
         return (self.root / "dicomweb" / relative).read_bytes()

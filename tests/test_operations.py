@@ -79,7 +79,7 @@ class Mounted:
         original = pyfuse3.readdir_reply
         pyfuse3.readdir_reply = reply  # the real one needs a kernel request
         try:
-            await self.ops.readdir(fh, 0, None)
+            await self.ops.readdir(fh, 0, None)  # type: ignore[arg-type]  # the patched readdir_reply needs no token
         finally:
             pyfuse3.readdir_reply = original
             await self.ops.releasedir(fh)
@@ -135,9 +135,9 @@ async def test_demo_tree_matches_the_files(demo_dir: Path, tmp_path: Path) -> No
             for series in await fs.listdir(f"studies/{study}"):
                 entries = await fs.listdir(f"studies/{study}/{series}")
                 for name, attr in entries.items():
-                    path = f"studies/{study}/{series}/{name}"
-                    seen[path] = await fs.read(path)
-                    assert attr.st_size == len(seen[path])  # sizes known without reading
+                    file = f"studies/{study}/{series}/{name}"
+                    seen[file] = await fs.read(file)
+                    assert attr.st_size == len(seen[file])  # sizes known without reading
                     assert attr.st_mode & 0o777 == 0o444
         assert seen == expected
         assert len(seen) == 54

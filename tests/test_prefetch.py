@@ -417,7 +417,7 @@ def test_bad_input_gets_one_line_and_a_status(archive: Archive, tmp_path: Path) 
         ((web, "--all", "--jobs", "0"), 2, "--jobs"),
         ((f"http://127.0.0.1:{free_port()}/dicom-web", "--all"), 1, "cannot reach"),
     ]:
-        result = prefetch(*args[:1], cache, *args[1:])
+        result = prefetch(args[0], cache, *args[1:])
         assert result.returncode == status and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     unreachable = f"http://127.0.0.1:{free_port()}/dicom-web"

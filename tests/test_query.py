@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pydicom
 import pytest
@@ -12,7 +13,7 @@ from dicomfs.progress import Progress
 from dicomfs.query import parse_query
 
 
-def attrs(**keywords: object) -> dict:
+def attrs(**keywords: object) -> dict[str, Any]:
     ds = pydicom.Dataset()
     for keyword, value in keywords.items():
         setattr(ds, keyword, value)
@@ -150,4 +151,6 @@ def test_the_built_in_keys_agree_with_the_dicom_dictionary() -> None:
     from dicomfs.query import COMMON_KEYS
 
     for keyword, (tag, vr) in COMMON_KEYS.items():
-        assert (f"{tag_for_keyword(keyword):08X}", dictionary_VR(tag_for_keyword(keyword))) == (tag, vr), keyword
+        number = tag_for_keyword(keyword)
+        assert number is not None, keyword
+        assert (f"{number:08X}", dictionary_VR(number)) == (tag, vr), keyword

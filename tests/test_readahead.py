@@ -79,8 +79,8 @@ class Archive:
 async def run(tmp_path: Path, body: Callable[[Archive, BlobStore, Readahead], Awaitable[None]],
               **options: object) -> Archive:
     archive = Archive()
-    catalog = Catalog(archive, None)  # type: ignore[arg-type]
-    blobs = BlobStore(tmp_path / "cache", 1 << 30, archive)  # type: ignore[arg-type]
+    catalog = Catalog(archive, None)
+    blobs = BlobStore(tmp_path / "cache", 1 << 30, archive)
     readahead = Readahead(blobs, catalog, **options)  # type: ignore[arg-type]
     try:
         async with trio.open_nursery() as nursery:
@@ -234,8 +234,8 @@ class InstanceArchive(Archive):
 async def test_off_mode_fetches_each_instance_alone(tmp_path: Path) -> None:
     for alone in (True, False):
         archive = InstanceArchive()
-        catalog = Catalog(archive, None)  # type: ignore[arg-type]
-        blobs = BlobStore(tmp_path / f"cache-{alone}", 1 << 30, archive,  # type: ignore[arg-type]
+        catalog = Catalog(archive, None)
+        blobs = BlobStore(tmp_path / f"cache-{alone}", 1 << 30, archive,
                           instances_alone=alone)
         readahead = Readahead(blobs, catalog, mode=Mode.OFF if alone else Mode.SERIES)
         try:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -64,8 +65,8 @@ def ls_uids(source: str, cache: Path, level: str, *query: str) -> set[str]:
     return {json.loads(line)[key] for line in out.splitlines()}
 
 
-def uids(objects: list[dict], tag: str) -> set[str]:
-    return {value(o[tag])[0] for o in objects}  # type: ignore[index]
+def uids(objects: list[dict[str, Any]], tag: str) -> set[str]:
+    return {value(o[tag])[0] for o in objects}
 
 
 # --- the demo: searches, retrieves, frames, metadata --------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 
 from dicomfs import frames
 from dicomfs.archive import ArchiveOptions, open_archive
+from dicomfs.errors import ProtocolError
 from dicomfs.server.accept import NotAcceptable, accepts_json, frame_form, instance_form, parse_accept
 from dicomfs.server.qido import BadRequest, parse_request
 from dicomfs.server.run import app_for
@@ -116,7 +117,7 @@ def test_frame_files_split_back_into_their_parts() -> None:
     frame = b"\x00\x01--" + frames.BOUNDARY.encode() + b"\r\n\r\n"
     content_type, view = frames.split_frame_file(frames.frame_file(frame, JLS))
     assert content_type == f"image/jls;transfer-syntax={JLS}" and bytes(view) == frame
-    with pytest.raises(frames.ProtocolError):
+    with pytest.raises(ProtocolError):
         frames.split_frame_file(b"--other\r\n\r\nxyz")
 
 
@@ -128,8 +129,10 @@ ANY_FRAME = "multipart/related; type=application/octet-stream; transfer-syntax=*
 async def demo_client(demo_dir: Path, cache: Path) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the app serving the demo files (as ``dicomfs serve <folder>`` does)."""
     options = ArchiveOptions(parse_source(str(demo_dir)), cache, Credentials(), SourceOptions(), 1 << 30)
+    # the app types its ASGI scope and messages as dict, httpx as MutableMapping
     async with open_archive(options) as archive, httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app_for(archive)), base_url="http://dicomfs/dicomweb",
+            transport=httpx.ASGITransport(app=app_for(archive)),  # type: ignore[arg-type]
+            base_url="http://dicomfs/dicomweb",
             timeout=60) as client:
         yield client
 

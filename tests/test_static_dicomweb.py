@@ -242,9 +242,13 @@ def test_an_unreadable_frame_is_eio_and_the_rest_is_served(tmp_path: Path,
                                                            mount_factory: Callable[..., Mount]) -> None:
     folder = tmp_path / "src"
     folder.mkdir()
-    good = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+    good_file = pydicom.data.get_testdata_file("CT_small.dcm")
+    assert isinstance(good_file, str)  # a path (read=False), not a Dataset, and found
+    good = Path(good_file)
     shutil.copy(good, folder / "good.dcm")
-    bad = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small.dcm"))
+    bad_file = pydicom.data.get_testdata_file("MR_small.dcm")
+    assert isinstance(bad_file, str)
+    bad = pydicom.dcmread(bad_file)
     bad.PixelData = bad.PixelData[:1000]  # shorter than Rows x Columns x 2
     bad.save_as(folder / "bad.dcm")
     mount = mount_factory(str(folder))

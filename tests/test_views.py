@@ -7,6 +7,7 @@ attributes a DICOMweb server's would; the real mounts are in test_mount_views.py
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,10 @@ async def _walk(fs: Mounted, path: str) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-async def _views_of(archive: ListedArchive, cache: Path, options: ViewOptions | None = None) -> dict[str, dict]:  # type: ignore[type-arg]
+Files = Mapping[str, tuple[int, int, int] | bytes]  # a view's (inode, links, size), or "_bytes": the bytes read
+
+
+async def _views_of(archive: ListedArchive, cache: Path, options: ViewOptions | None = None) -> dict[str, Files]:
     blobs = BlobStore(cache, 1 << 30, archive)  # type: ignore[arg-type]
     catalog = Catalog(archive, None)  # type: ignore[arg-type]
     import trio
@@ -202,7 +206,7 @@ async def _views_of(archive: ListedArchive, cache: Path, options: ViewOptions | 
     async with trio.open_nursery() as nursery:
         await nursery.start(blobs.run)
         fs = Mounted(operations(catalog, blobs, views=options))
-        found = {view: await _walk(fs, view) for view in await fs.listdir("")}
+        found: dict[str, Files] = {view: await _walk(fs, view) for view in await fs.listdir("")}
         found["_bytes"] = {p: await fs.read(f"patients/{p}") for p in found["patients"]}
         nursery.cancel_scope.cancel()
     blobs.close()

@@ -181,7 +181,9 @@ async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path,
 
     from dicomfs import dicomjson, frames, webfiles
 
-    path = Path(pydicom.data.get_testdata_file(name))
+    file = pydicom.data.get_testdata_file(name)
+    assert isinstance(file, str), name
+    path = Path(file)
     data = path.read_bytes()
     ds = pydicom.dcmread(path)
     key = str(ds.SOPInstanceUID)
