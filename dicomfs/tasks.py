@@ -10,6 +10,7 @@ whose hooks break its blocking call, e.g. shut a socket down). Must not know wha
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -52,16 +53,22 @@ async def open_nursery() -> AsyncIterator[trio.Nursery]:
 
 
 async def map_bounded(items: list[T], call: Callable[[T], Awaitable[R]], limit: trio.CapacityLimiter) -> list[R]:
-    """``call`` of every item, concurrently but at most ``limit`` at a time; results in order."""
+    """``call`` of every item, concurrently but at most ``limit`` at a time (a limiter others may
+    share); results in order. As many tasks as the limiter has tokens, each taking the next item:
+    a task per item held ~10 KB each while it waited its turn (a search of the IDC index over
+    22,731 studies peaked at 430 MB)."""
     results: list[Any] = [None] * len(items)
+    pending = iter(enumerate(items))
 
-    async def one(index: int, item: T) -> None:
-        async with limit:
-            results[index] = await call(item)
+    async def worker() -> None:
+        for index, item in pending:  # (shared: each takes the next; trio runs one at a time)
+            async with limit:
+                results[index] = await call(item)
 
+    tokens = limit.total_tokens
     async with open_nursery() as nursery:
-        for index, item in enumerate(items):
-            nursery.start_soon(one, index, item)
+        for _ in range(len(items) if tokens == math.inf else min(len(items), max(int(tokens), 1))):
+            nursery.start_soon(worker)
     return results
 
 
