@@ -12,8 +12,8 @@ import errno
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pyfuse3
@@ -29,21 +29,51 @@ MAX_READ = 1 << 20  # the largest read the kernel asks of a FUSE file system (25
 BLOCK_SIZE = 4096
 
 
-@contextmanager
-def _errno_at_the_edge(what: str) -> Iterator[None]:
-    try:
-        yield
-    except pyfuse3.FUSEError:
-        raise
-    except DicomfsError as exc:
-        if exc.errno == errno.EINTR:
-            log.info("%s", exc)
-        elif exc.errno != errno.ENOENT:
-            log.warning("%s: %s", what, exc)
-        raise pyfuse3.FUSEError(exc.errno) from None
-    except Exception:
-        log.exception("%s: unexpected error", what)
-        raise pyfuse3.FUSEError(errno.EIO) from None
+class _Edge:
+    """Around a request's work: dicomfs errors become their errno, anything else EIO with the
+    traceback logged. (A class: it is around every request, where a generator's cost showed.)"""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, pyfuse3.FUSEError):
+            return
+        if isinstance(exc, DicomfsError):
+            if exc.errno == errno.EINTR:
+                log.info("%s", exc)
+            elif exc.errno != errno.ENOENT:
+                log.warning("%s: %s", self.what, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        if isinstance(exc, Exception):
+            log.error("%s: unexpected error", self.what, exc_info=exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+class _Request(_Edge):
+    """``_Edge`` around ``waiting.Waits.bounded``: a request that may wait for the archive."""
+
+    __slots__ = ("wait",)
+
+    def __init__(self, what: str, wait: AbstractContextManager[None]) -> None:
+        super().__init__(what)
+        self.wait = wait
+
+    def __enter__(self) -> None:
+        self.wait.__enter__()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.wait.__exit__(kind, exc, tb)  # type: ignore[arg-type]  # (the stub wants a traceback)
+        except BaseException as raised:  # the wait's own ending (timeout, killed, shutdown)
+            super().__exit__(type(raised), raised, raised.__traceback__)
+            raise
+        super().__exit__(kind, exc, tb)
 
 
 def entry_attributes(attrs: Attributes, uid: int, gid: int) -> pyfuse3.EntryAttributes:
@@ -81,11 +111,9 @@ class DicomOperations(pyfuse3.Operations):
     def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
         return entry_attributes(attrs, self._uid, self._gid)
 
-    @contextmanager
-    def _request(self, what: str, ctx: Any) -> Iterator[None]:
+    def _request(self, what: str, ctx: Any) -> _Request:
         """A request that may wait for the archive: bounded, and errors mapped to errno."""
-        with _errno_at_the_edge(what), self.waits.bounded(getattr(ctx, "pid", 0), what):
-            yield
+        return _Request(what, self.waits.bounded(getattr(ctx, "pid", 0), what))
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         text = os.fsdecode(name)
@@ -114,7 +142,7 @@ class DicomOperations(pyfuse3.Operations):
         entries = self._dirs.get(fh)
         if entries is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        with _errno_at_the_edge("readdir"):
+        with _Edge("readdir"):
             for index in range(start_id, len(entries)):
                 node, size = entries[index]
                 attrs = self.tree.listed_attributes(node, size)
@@ -128,21 +156,25 @@ class DicomOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        with self._request("open", ctx):
+        with _Edge("open"):
             node = self.tree.get(inode)
             if node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            handle, keep_cache = await self.tree.open(node)
-            fh = next(self._handles)
-            self._files[fh] = handle
-            return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+            opened = self.tree.open_now(node)  # a cached instance: no wait, so nothing to bound
+        if opened is None:
+            with self._request("open", ctx):
+                opened = await self.tree.open(node)
+        handle, keep_cache = opened
+        fh = next(self._handles)
+        self._files[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def read(  # type: ignore[override]  # pyfuse3 replies with any buffer; its stub says bytes
             self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         handle = self._files.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        with _errno_at_the_edge("read"):
+        with _Edge("read"):
             # pyfuse3 sends the reply as soon as this returns, before any other request runs:
             # one buffer serves every read (no fresh, zeroed megabyte per read)
             return await handle.read(off, size, self._reply)

@@ -102,9 +102,10 @@ class Readahead:
             study = self._studies[series.study_uid] = _Study(series.study_uid, series, clock.now(),
                                                              order or _by_uid)
             self._nursery.start_soon(self._follow, study)
-        study.last_read = clock.now()
-        study.opened.add(series.uid)
-        study.poke()
+        study.last_read = clock.now()  # (the waits look at it again on their own: no poke for this)
+        if series.uid not in study.opened:  # (every open of a file comes here: only news wakes the queue)
+            study.opened.add(series.uid)
+            study.poke()
 
     async def _follow(self, study: _Study) -> None:
         try:

@@ -135,6 +135,13 @@ class Tree:
             return RenderedFile(self.notes[node.name]), True
         return await self.views[node.view].open(node), not node.follows_listings
 
+    def open_now(self, node: Node) -> tuple[Handle, bool] | None:
+        """``open``, when its answer is ready without waiting; else None (then ``open``)."""
+        if not node.view:
+            return None
+        handle = self.views[node.view].open_now(node)
+        return None if handle is None else (handle, not node.follows_listings)
+
     def _attributes(self, node: Node, size: int | None) -> Attributes:
         mtime = node.study.mtime_ns if node.study is not None else 0
         if node.is_dir:

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import trio
@@ -31,13 +30,41 @@ _SIGKILL_BIT = 1 << (signal.SIGKILL - 1)  # the kernel adds SIGKILL to every thr
 
 
 class _Wait:
-    __slots__ = ("scope", "pid", "since", "reason")
+    """One waiting request: a context manager (a class, not a generator: it is around every
+    lookup, getattr and open, and the generator's own cost was a fifth of it)."""
 
-    def __init__(self, scope: trio.CancelScope, pid: int, since: float) -> None:
-        self.scope = scope
+    __slots__ = ("waits", "scope", "pid", "since", "what", "reason")
+
+    def __init__(self, waits: Waits, pid: int, what: str) -> None:
+        now = trio.current_time()
+        self.waits = waits
+        self.scope = trio.CancelScope(deadline=now + waits.timeout)
         self.pid = pid
-        self.since = since
+        self.since = now
+        self.what = what
         self.reason = ""
+
+    def __enter__(self) -> None:
+        waits = self.waits
+        if waits._closing:
+            self.reason = "shutdown"
+            self.scope.cancel()
+        waits._waiting.add(self)
+        self.scope.__enter__()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.scope.__exit__(kind, exc, tb)  # type: ignore[arg-type]  # (trio's stub wants a traceback)
+        finally:
+            self.waits._waiting.discard(self)
+        if not self.scope.cancelled_caught:
+            return
+        if self.reason == "killed":
+            raise Interrupted(f"{self.what}: stopped waiting, the process that asked is being killed")
+        if self.reason == "shutdown":
+            raise DicomfsError(f"{self.what}: dicomfs is shutting down")
+        raise WaitTimeout(f"{self.what}: gave up after {self.waits.timeout:.0f} s (--read-timeout); "
+                          "the download goes on")
 
 
 class Waits:
@@ -49,29 +76,11 @@ class Waits:
         self._waiting: set[_Wait] = set()
         self._closing = False
 
-    @contextmanager
-    def bounded(self, pid: int | None, what: str) -> Iterator[None]:
+    def bounded(self, pid: int | None, what: str) -> AbstractContextManager[None]:
         """Around the work of one request from process (thread) ``pid``: raises ``WaitTimeout``
         after the deadline, ``Interrupted`` when the process is being killed, ``DicomfsError``
         when dicomfs is shutting down."""
-        now = trio.current_time()
-        wait = _Wait(trio.CancelScope(deadline=now + self.timeout), pid or 0, now)
-        if self._closing:
-            wait.reason = "shutdown"
-            wait.scope.cancel()
-        self._waiting.add(wait)
-        try:
-            with wait.scope:
-                yield
-        finally:
-            self._waiting.discard(wait)
-        if not wait.scope.cancelled_caught:
-            return
-        if wait.reason == "killed":
-            raise Interrupted(f"{what}: stopped waiting, the process that asked is being killed")
-        if wait.reason == "shutdown":
-            raise DicomfsError(f"{what}: dicomfs is shutting down")
-        raise WaitTimeout(f"{what}: gave up after {self.timeout:.0f} s (--read-timeout); the download goes on")
+        return _Wait(self, pid or 0, what)
 
     async def run(self) -> None:
         """Every ``CHECK_INTERVAL``, end the waits of processes that are being killed."""

@@ -10,7 +10,7 @@ import errno
 import os
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 
 import pyfuse3
@@ -28,7 +28,7 @@ from dicomfs.tree import ROOT_INODE, Tree
 from dicomfs.views import ViewOptions, make_views
 from dicomfs.views.base import path_inode
 from tests.factory import make_instance
-from tests.test_blobstore import ScriptedSource
+from tests.test_blobstore import ScriptedSource, wait_cached
 
 
 class ScriptedArchive(ScriptedSource):
@@ -59,8 +59,9 @@ class ScriptedArchive(ScriptedSource):
 
 
 class Mounted:
-    def __init__(self, ops: DicomOperations) -> None:
+    def __init__(self, ops: DicomOperations, blobs: BlobStore | None = None) -> None:
         self.ops = ops
+        self.blobs = blobs
 
     async def resolve(self, path: str) -> int:
         inode = ROOT_INODE
@@ -109,7 +110,7 @@ async def mounted(source: object, cache: Path) -> AsyncIterator[Mounted]:
     catalog = Catalog(source, cache / "catalog")  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(blobs.run)
-        yield Mounted(operations(catalog, blobs))
+        yield Mounted(operations(catalog, blobs), blobs)
         nursery.cancel_scope.cancel()
     catalog.close()
     blobs.close()
@@ -257,3 +258,61 @@ def test_instances_beyond_a_series_block_keep_their_path_inodes(monkeypatch: pyt
     got = [inodes.inode(study, series, InstanceRecord("1.2", "1.2.3", k)) for k in keys]
     assert got[1] == got[0] + 1 and got[2] == got[0] + 2  # numbered: three fit in a block of four
     assert got[3:] == [path_inode("studies", "1.2", "1.2.3", f"{k}.dcm") for k in keys[3:]]
+
+
+async def test_a_cached_instance_opens_without_a_wait(tmp_path: Path) -> None:
+    """Once a series is cached, opening its files neither waits nor sets up a bounded wait (the
+    deadline scope was a fifth of a warm open's cost); while its download runs, and for a blob
+    evicted under the mount, an open takes the waiting path and still gets the right bytes."""
+    files = {f"1.2.3.{i}": make_instance("1.2", "1.2.3", f"1.2.3.{i}", pixel_bytes=700 + i) for i in range(4)}
+    archive = ScriptedArchive({"1.2/1.2.3": files})
+    async with mounted(archive, tmp_path / "cache") as fs:
+        bounded: Counter[str] = Counter()
+        real_bounded = fs.ops.waits.bounded
+
+        def counting(pid: int | None, what: str) -> AbstractContextManager[None]:
+            bounded[what.split()[0]] += 1
+            return real_bounded(pid, what)
+
+        fs.ops.waits.bounded = counting  # type: ignore[method-assign]
+        folder = "studies/1.2/1.2.3"
+        await fs.listdir(folder)
+        paused = trio.Event()
+        releasing = trio.Event()
+
+        async def hold(key: str) -> None:
+            if key == "1.2.3.3":
+                paused.set()
+                await releasing.wait()
+
+        archive.before_instance = hold
+        async with trio.open_nursery() as nursery:
+            got: dict[str, bytes] = {}
+
+            async def read_first() -> None:
+                got["first"] = await fs.read(f"{folder}/1.2.3.0.dcm")
+
+            nursery.start_soon(read_first)
+            with trio.fail_after(5):
+                await paused.wait()
+            # the download runs: an open of a file not yet in waits for it, bounded
+            opens_before = bounded["open"]
+            nursery.start_soon(lambda: fs.read(f"{folder}/1.2.3.3.dcm"))
+            await trio.sleep(0.05)
+            assert bounded["open"] == opens_before + 1
+            releasing.set()
+        assert got["first"] == files["1.2.3.0"] and fs.blobs is not None
+        await wait_cached(fs.blobs, SeriesRecord("1.2", "1.2.3"))
+        archive.before_instance = None
+        bounded.clear()
+        for key, data in files.items():
+            assert await fs.read(f"{folder}/{key}.dcm") == data
+        assert bounded["open"] == 0  # cached: every open answered at once
+        assert archive.calls == Counter({"1.2/1.2.3": 1})
+        # The blob evicted under the mount (another process's `cache clear`): the known path is
+        # gone, the open waits for the series again and reads the same bytes.
+        blob_files = list((tmp_path / "cache" / "blobs").rglob("*.val"))
+        assert len(blob_files) == 1
+        blob_files[0].unlink()
+        assert await fs.read(f"{folder}/1.2.3.1.dcm") == files["1.2.3.1"]
+        assert bounded["open"] == 1 and archive.calls == Counter({"1.2/1.2.3": 2})

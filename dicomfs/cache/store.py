@@ -342,7 +342,21 @@ class BlobStore:
             self._blob_paths[blob_key] = (path, fresh)
             self._manifest_memory[blob_key] = fresh
             opened = fd, path, fresh
-        fd, path, manifest = opened  # offsets always from the manifest that came with this file
+        return self._handle(blob_key, key, *opened)
+
+    def open_now(self, series: SeriesRecord, instance: InstanceRecord) -> InstanceHandle | None:
+        """``open_instance``'s answer when no wait is needed: the series' blob is one this store
+        has opened before (its path and manifest in memory) and no download of it runs. None
+        otherwise (not an error: ``open_instance`` then does the rest)."""
+        if series.key in self._downloads or self.source.local_file(instance) is not None:
+            return None
+        opened = self._open_known_path(series.key)
+        return None if opened is None else self._handle(series.key, instance.key, *opened)
+
+    def _handle(self, blob_key: str, key: str, fd: int, path: str, manifest: Manifest) -> InstanceHandle | None:
+        """Member ``key`` of the blob open at ``fd``, or None (the fd closed) if the blob does not
+        hold it, or is not the file its manifest describes."""
+        # offsets always from the manifest that came with this file
         if key not in manifest.members:
             os.close(fd)
             return None

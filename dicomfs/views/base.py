@@ -91,6 +91,11 @@ class View(Protocol):
     async def open(self, node: Node) -> Handle:
         ...
 
+    def open_now(self, node: Node) -> Handle | None:
+        """``open``'s answer when it is ready without waiting (an instance already in the cache),
+        else None: the tree then calls ``open``. A warm ``cat`` opens every file this way."""
+        ...
+
 
 def path_inode(*parts: str) -> int:
     """A stable 63-bit inode number for a path below the root (never 0 or the root's)."""
@@ -192,5 +197,13 @@ class InstanceFiles:
         assert node.series is not None and node.instance is not None
         handle = await self.blobs.open_instance(node.series, node.instance)
         if self.readahead is not None:  # (after the open: the series' own download is running now)
+            self.readahead.reading(node.series, order)
+        return handle
+
+    def open_now(self, node: Node, order: SeriesOrder | None = None) -> Handle | None:
+        """``open``, when the instance is in the cache and nothing is to be waited for; else None."""
+        assert node.series is not None and node.instance is not None
+        handle = self.blobs.open_now(node.series, node.instance)
+        if handle is not None and self.readahead is not None:
             self.readahead.reading(node.series, order)
         return handle

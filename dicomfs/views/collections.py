@@ -18,6 +18,11 @@ from dicomfs.views.named import NamedView
 Notes = Callable[[str], Awaitable[dict[str, str]]]
 
 
+def _may_be_note(node: Node) -> bool:
+    """Whether a node is where a collection's notes are: a file in a collection's folder."""
+    return not node.is_dir and len(node.path) == 2
+
+
 class CollectionsView:
     shows_instances = True
 
@@ -49,12 +54,15 @@ class CollectionsView:
         note = await self._note_bytes(node)
         return RenderedFile(note) if note is not None else await self.named.open(node)
 
+    def open_now(self, node: Node) -> Handle | None:
+        return None if _may_be_note(node) else self.named.open_now(node)
+
     def _note(self, folder: Node, name: str) -> Node:
         path = (*folder.path, name)
         return Node(self.name, path_inode(self.name, *path), name, False, path=path)
 
     async def _note_bytes(self, node: Node) -> bytes | None:
-        if node.is_dir or len(node.path) != 2:
+        if not _may_be_note(node):
             return None
         data = (await self._notes_of(node.path[0])).get(node.name)
         if data is None:

@@ -48,6 +48,9 @@ class DicomwebView:
         assert node.web is not None
         return RenderedFile(*await self.files.open(node.web))
 
+    def open_now(self, node: Node) -> Handle | None:
+        return None  # (rendered on open: may ask the archive)
+
     def _node(self, web: WebNode) -> Node:
         return Node(DICOMWEB, path_inode(DICOMWEB, *web.path), web.name, web.is_dir, study=web.study,
                     series=web.series, instance=web.instance, follows_listings=web.kind in LISTING_FILES,

@@ -116,6 +116,9 @@ class NamedView:
     async def open(self, node: Node) -> Handle:
         return await self.files.open(node, self._series_order(node.path))
 
+    def open_now(self, node: Node) -> Handle | None:
+        return self.files.open_now(node, self._series_order(node.path))
+
     def _series_order(self, path: tuple[str, ...]) -> SeriesOrder | None:
         """The order in which ``cp -r`` reaches the study's series in this view, for the instance
         at ``path``: by the inodes of the folders beside the instance's folder (GNU cp sorts a

@@ -89,3 +89,6 @@ class StudiesView:
 
     async def open(self, node: Node) -> Handle:
         return await self.files.open(node, self._series_order)
+
+    def open_now(self, node: Node) -> Handle | None:
+        return self.files.open_now(node, self._series_order)
