@@ -92,6 +92,9 @@ def test_qido_parameters() -> None:
     assert fuzzy.matches({"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}})
     assert not fuzzy.matches({"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Ann"}]}})
     assert fuzzy.qido("study") is None  # checked here, never sent to the archive
+    # a browser's cache buster (jQuery's `_=<time>`) is not a query term
+    busted = parse_request([("PatientID", "a"), ("_", "1764000000000")])
+    assert [(t.keyword, t.value) for t in busted.query.terms] == [("PatientID", "a")]
 
 
 @pytest.mark.parametrize(("params", "reason"), [

@@ -45,6 +45,11 @@ class QidoRequest:
     include: Include = ()
 
 
+# ``_=<time>``: what a browser client (jQuery's ``cache: false``, some viewers) adds to make each
+# request's URL new; not a query term, and refusing it would refuse those clients.
+CACHE_BUSTER = "_"
+
+
 def parse_request(params: list[tuple[str, str]]) -> QidoRequest:
     """The query string's ``(key, value)`` pairs -> a QidoRequest. Raises BadRequest."""
     terms: list[str] = []
@@ -64,6 +69,8 @@ def parse_request(params: list[tuple[str, str]]) -> QidoRequest:
             if value not in ("true", "false"):
                 raise BadRequest(f"fuzzymatching must be true or false, not {value[:40]!r}")
             fuzzy = value == "true"
+        elif key == CACHE_BUSTER:
+            continue
         elif key == "includefield":
             for field in value.split(","):
                 if field == "all":
