@@ -31,7 +31,7 @@ _SIGKILL_BIT = 1 << (signal.SIGKILL - 1)  # the kernel adds SIGKILL to every thr
 
 class _Wait:
     """One waiting request: a context manager (a class, not a generator: it is around every
-    lookup, getattr and open, and the generator's own cost was a fifth of it)."""
+    lookup, getattr, opendir and open that may wait, and the generator's own cost showed)."""
 
     __slots__ = ("waits", "scope", "pid", "since", "what", "reason")
 
@@ -49,8 +49,8 @@ class _Wait:
         if waits._closing:
             self.reason = "shutdown"
             self.scope.cancel()
-        waits._waiting.add(self)
         self.scope.__enter__()
+        waits._waiting.add(self)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         try:

@@ -1,7 +1,8 @@
 """QIDO-RS for the DICOMweb server: a request's query parameters, the search, the result page.
 
 Owns what the parameters mean (attribute keys by keyword or tag, ``limit``, ``offset``,
-``includefield``, ``fuzzymatching``; anything else is a ``BadRequest`` with a one-line reason),
+``includefield``, ``fuzzymatching``; a browser's cache buster ``_`` is ignored; anything else is a
+``BadRequest`` with a one-line reason),
 that a search only ever finds studies the server shows (``serve --query``), the order of results
 (by UID, so pages are stable) and paging before rendering (a page of 25 renders 25 objects).
 Matching itself is ``query`` and ``search``'s, the result objects ``webfiles``' (the same as in
