@@ -311,19 +311,20 @@ async def test_a_cached_instance_opens_without_a_wait(tmp_path: Path) -> None:
         # The cached series fetched again (it lists an instance its blob lacks): while that
         # download runs, an open joins it (bounded), not the copy it replaces.
         series = SeriesRecord("1.2", "1.2.3")
-        fs.blobs.missing_recheck = 0
+        blobs = fs.blobs
+        blobs.missing_recheck = 0
         paused, releasing = trio.Event(), trio.Event()
         archive.before_instance = hold
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: fs.blobs.fetch_series(series, expect={*files, "1.2.3.9"}))
+            nursery.start_soon(lambda: blobs.fetch_series(series, expect={*files, "1.2.3.9"}))
             with trio.fail_after(5):
                 await paused.wait()
-            assert fs.blobs.open_now(series, InstanceRecord("1.2", "1.2.3", "1.2.3.1")) is None
+            assert blobs.open_now(series, InstanceRecord("1.2", "1.2.3", "1.2.3.1")) is None
             assert await fs.read(f"{folder}/1.2.3.1.dcm") == files["1.2.3.1"]
             assert bounded["open"] == 1
             releasing.set()
         archive.before_instance = None
-        await wait_cached(fs.blobs, series)
+        await wait_cached(blobs, series)
         assert archive.calls == Counter({"1.2/1.2.3": 2})
         bounded.clear()
         assert await fs.read(f"{folder}/1.2.3.2.dcm") == files["1.2.3.2"]
