@@ -22,7 +22,8 @@ Per link, ``--repeat`` interleaved repetitions (the order of the steps rotates),
    to the receiving process: curl pays it too);
 4. warm re-read: ``cat`` of every file of the study through a fresh mount of the cache the cold
    copy filled vs the same files through ``bench/passthrough.py`` (a minimal pyfuse3 passthrough),
-   both with their backing files in the page cache;
+   both with their backing files in the page cache; ``WARM_PAIRS`` pairs per repetition, the side
+   that goes first alternating (one pair's ratio moved by a tenth either way between runs);
 5. peak RSS (VmHWM) of every daemon, and the prefetch's maximum RSS;
 6. the floors, where a target is out of reach for any pyfuse3 filesystem here: ``cp -r`` of the
    study through ``bench/passthrough.py`` with every byte already local (in the page cache) — no
@@ -77,6 +78,7 @@ from tests.servers import OrthancServer, require_tools  # noqa: E402
 
 PIXEL_BYTES = 1 << 20
 JOBS = 4
+WARM_PAIRS = 3  # warm re-reads of each side per repetition
 BEGIN, END = "<!-- bench-wire:begin -->", "<!-- bench-wire:end -->"
 LINKS = ("loopback", "1gbit", "10gbit")
 
@@ -165,8 +167,12 @@ class Wire:
         sides: list[tuple[str, Callable[[], DicomfsMount | PassthroughMount], str]] = [
             ("warm_dicomfs_s", lambda: self.mount(base / "warm", cache), "studies/" + study.uid),
             ("warm_passthrough_s", lambda: PassthroughMount(original, base / "pass", base / "pass.log"), study.uid)]
-        if self.runs % 2:
-            sides.reverse()
+        for pair in range(WARM_PAIRS):
+            self.warm_pair(study, sides[::-1] if (self.runs + pair) % 2 else sides)
+
+    def warm_pair(self, study: Study,
+                  sides: list[tuple[str, Callable[[], DicomfsMount | PassthroughMount], str]]) -> None:
+        """One warm re-read on each side, in the order given."""
         for name, make, below in sides:
             mount = make()
             if isinstance(mount, PassthroughMount):
