@@ -79,6 +79,7 @@ from tests.servers import OrthancServer, require_tools  # noqa: E402
 PIXEL_BYTES = 1 << 20
 JOBS = 4
 WARM_PAIRS = 3  # warm re-reads of each side per repetition
+WarmSide = tuple[str, Callable[[], DicomfsMount | PassthroughMount], str]  # sample name, mount, folder below it
 BEGIN, END = "<!-- bench-wire:begin -->", "<!-- bench-wire:end -->"
 LINKS = ("loopback", "1gbit", "10gbit")
 
@@ -164,14 +165,13 @@ class Wire:
         read_all(cache)
         original = self.work / "original"
         read_all(original / study.uid)
-        sides: list[tuple[str, Callable[[], DicomfsMount | PassthroughMount], str]] = [
+        sides: list[WarmSide] = [
             ("warm_dicomfs_s", lambda: self.mount(base / "warm", cache), "studies/" + study.uid),
             ("warm_passthrough_s", lambda: PassthroughMount(original, base / "pass", base / "pass.log"), study.uid)]
         for pair in range(WARM_PAIRS):
             self.warm_pair(study, sides[::-1] if (self.runs + pair) % 2 else sides)
 
-    def warm_pair(self, study: Study,
-                  sides: list[tuple[str, Callable[[], DicomfsMount | PassthroughMount], str]]) -> None:
+    def warm_pair(self, study: Study, sides: list[WarmSide]) -> None:
         """One warm re-read on each side, in the order given."""
         for name, make, below in sides:
             mount = make()
