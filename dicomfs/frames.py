@@ -12,6 +12,7 @@ that. Must not decode, transcode or otherwise touch pixel values beyond byte ord
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
@@ -97,6 +98,7 @@ def media_type(transfer_syntax: str) -> str:
     return _MEDIA_TYPES.get(transfer_syntax, OCTET_STREAM)
 
 
+@functools.lru_cache(maxsize=64)
 def _part_header(transfer_syntax: str) -> bytes:
     if not is_uid(transfer_syntax):
         raise ProtocolError(f"invalid transfer syntax UID {transfer_syntax[:70]!r}")
@@ -141,7 +143,8 @@ _MAX_DIMENSION = 1 << 16  # Rows, Columns (US), samples and bits are 16-bit valu
 
 def _json_int(attrs: Mapping[str, Any], key: str) -> int | None:
     element = attrs.get(key)
-    values = element.get("Value") if isinstance(element, Mapping) else None
+    # (``dict`` first: the ABC check alone was a fifth of a 1,500-instance series' canonical form)
+    values = element.get("Value") if isinstance(element, dict) or isinstance(element, Mapping) else None
     if not isinstance(values, list) or not values:
         return None
     value = values[0]
@@ -162,7 +165,8 @@ def native_frame_length(attrs: Mapping[str, Any]) -> int | None:
     if rows is None or columns is None or samples is None or bits is None:
         return None
     photometric = attrs.get("00280004")
-    values = photometric.get("Value") if isinstance(photometric, Mapping) else None
+    values = (photometric.get("Value") if isinstance(photometric, dict) or isinstance(photometric, Mapping)
+              else None)
     name = values[0] if isinstance(values, list) and values else ""
     return _frame_length(rows, columns, samples, bits, name if isinstance(name, str) else "")
 

@@ -162,3 +162,20 @@ def test_large_binary_values_become_bulk_data_and_small_ones_stay_inline() -> No
     assert out["00282000"] == {"vr": "OB", "BulkDataURI": "bulkdata/00282000"}
     assert out["00091010"] == {"vr": "OB", "InlineBinary": "AgICAgICAgICAg=="}
     assert seen == ["00081140.0.00660023", "00282000"]
+
+
+@pytest.mark.parametrize("keys", [["00100010", "00080060", "00200013"], ["00080060", "00100010", "00200013"]])
+@pytest.mark.parametrize("syntax", [None, "1.2.840.10008.1.2.1"])
+def test_normalise_gives_tag_order_in_order_or_not(keys: list[str], syntax: str | None) -> None:
+    """Elements come out in tag order whether they came in order (the common case, passed on
+    without a sort) or not, with or without AvailableTransferSyntaxUID added, in items too."""
+    values = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]},
+              "00080060": {"vr": "CS", "Value": ["CT"]}, "00200013": {"vr": "IS", "Value": [3]}}
+    raw: dict[str, object] = {key: values[key] for key in keys}
+    raw["00400275"] = {"vr": "SQ", "Value": [{key: values[key] for key in keys}]}
+    if syntax:
+        raw["00020010"] = {"vr": "UI", "Value": [syntax]}
+    out = dicomjson.normalise(raw, lambda path: "x")
+    assert list(out) == sorted(out) == sorted({*keys, "00400275", *(["00083002"] if syntax else [])})
+    item = out["00400275"]["Value"][0]
+    assert list(item) == sorted(keys)
