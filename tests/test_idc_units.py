@@ -4,6 +4,7 @@ tests/test_mount_idc.py."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -13,12 +14,13 @@ import pytest
 import trio
 
 import dicomfs.sources.idc.source as idc_source
-from dicomfs.errors import SourceError, SourceUnavailable
+from dicomfs.errors import IntegrityError, SourceError, SourceUnavailable
 from dicomfs.records import SeriesRecord, StudyRecord
-from dicomfs.sources.bucket import ObjectInfo
+from dicomfs.sources.bucket import Chunks, ObjectInfo
 from dicomfs.sources.idc.index import SeriesLocation
 from dicomfs.sources.idc.source import IdcSource
 from dicomfs.sources.s3 import S3Bucket
+from dicomfs.tasks import StopSignal
 from tests.factory import MemorySink, make_instance
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.5", "1.2.826.0.1.3680043.8.498.5.1"
@@ -34,6 +36,7 @@ class ScriptedBucket:
         self.listed = listed if listed is not None else [ObjectInfo(k, len(v)) for k, v in objects.items()]
         self.failing: dict[str, SourceError] = {}
         self.asked: list[str] = []
+        self.headers: dict[str, dict[str, str]] = {}  # an object's answer's headers (by name)
 
     async def list(self, prefix: str, *, delimiter: str | None = "/") -> tuple[list[str], list[ObjectInfo]]:
         return [], self.listed
@@ -51,10 +54,10 @@ class ScriptedBucket:
         yield chunks()
 
     @contextmanager
-    def stream_in_thread(self, name: str, start: int, end: int | None, stop: object) -> Iterator[Iterator[bytes]]:
+    def stream_in_thread(self, name: str, start: int, end: int | None, stop: object) -> Iterator[Chunks]:
         self.asked.append(name)
         data = self.objects[name][start:end]
-        yield iter([data[n:n + CHUNK] for n in range(0, len(data), CHUNK)])
+        yield Chunks(iter([data[n:n + CHUNK] for n in range(0, len(data), CHUNK)]), self.headers.get(name, {}))
 
     async def aclose(self) -> None:
         pass
@@ -184,3 +187,38 @@ def test_idc_buckets_are_asked_for_in_their_own_region(tmp_path: Path, monkeypat
         assert S3Bucket("my-bucket", sign=False).region == "eu-west-1"
     finally:
         idc._heads.close()
+
+
+@pytest.mark.parametrize(("headers", "checked"), [
+    ({}, True),
+    ({"x-amz-server-side-encryption": "AES256"}, True),  # SSE-S3: the ETag is the MD5
+    ({"x-amz-server-side-encryption": "aws:kms"}, False),
+    ({"x-amz-server-side-encryption": "aws:kms:dsse"}, False),
+    ({"x-amz-server-side-encryption-customer-algorithm": "AES256"}, False),  # SSE-C
+])
+def test_an_etag_is_taken_for_an_md5_unless_the_object_is_encrypted_with_a_kms_or_customer_key(
+        headers: dict[str, str], checked: bool) -> None:
+    """S3 gives objects encrypted with a KMS key or a customer's key a 32-hex ETag that is not the
+    MD5 of their bytes: such an object's bytes are read without that check (one refused as
+    damaged would be EIO however often it is read), everything else is held to it."""
+    data = b"DICM" * 3000
+    bucket = ScriptedBucket({"o": data})
+    bucket.headers["o"] = headers
+    info = ObjectInfo("o", len(data), etag="0123456789abcdef0123456789abcdef")  # not data's MD5
+    taken: list[bytes] = []
+
+    def read() -> None:
+        idc_source._read_checked(bucket, info, taken.append, lambda size: None,  # type: ignore[arg-type]
+                                 StopSignal())
+
+    if checked:
+        with pytest.raises(IntegrityError, match="do not match its ETag"):
+            read()
+    else:
+        read()
+        assert b"".join(taken) == data
+    genuine = ObjectInfo("o", len(data), etag=hashlib.md5(data, usedforsecurity=False).hexdigest())
+    taken.clear()
+    idc_source._read_checked(bucket, genuine, taken.append, lambda size: None,  # type: ignore[arg-type]
+                             StopSignal())
+    assert b"".join(taken) == data

@@ -2,7 +2,8 @@
 
 Owns the object store protocol (``Bucket``: ``list``, ``read``, ``stream`` and, for a retrieve in a
 worker thread, ``stream_in_thread``, ``aclose``), the
-``ObjectInfo`` a listing yields, and what every store shares: following a listing's pages, a
+``ObjectInfo`` a listing yields, the ``Chunks`` a read in a worker thread yields (with the answer's
+headers), and what every store shares: following a listing's pages, a
 bounded whole-object read and a ranged stream that checks the range it got (or skips to it when a
 server ignores Range). The stores (``gcs``, ``s3``) own their URLs, one listing page and
 authentication.
@@ -11,7 +12,7 @@ Must not know what the objects contain.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +34,17 @@ class ObjectInfo:
     etag: str | None = None  # without quotes (S3; an MD5 for objects uploaded in one part)
 
 
+class Chunks:
+    """An object's bytes as a worker thread reads them (iterate), with its answer's headers."""
+
+    def __init__(self, pieces: Iterator[bytes], headers: Mapping[str, str]) -> None:
+        self._pieces = pieces
+        self.headers = headers  # (case-insensitive where the HTTP library's are)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._pieces
+
+
 class Bucket(Protocol):
     description: str  # ``gs://bucket`` or ``s3://bucket``: safe to log
 
@@ -47,7 +59,7 @@ class Bucket(Protocol):
                ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
 
     def stream_in_thread(self, name: str, start: int, end: int | None,
-                         stop: StopSignal) -> AbstractContextManager[Iterator[bytes]]: ...
+                         stop: StopSignal) -> AbstractContextManager[Chunks]: ...
 
     async def aclose(self) -> None: ...
 
@@ -109,11 +121,11 @@ class ObjectReader:
             yield _skipping(response.aiter_raw(), skip)
 
     @contextmanager
-    def stream_in_thread(self, name: str, start: int, end: int | None, stop: StopSignal) -> Iterator[Iterator[bytes]]:
+    def stream_in_thread(self, name: str, start: int, end: int | None, stop: StopSignal) -> Iterator[Chunks]:
         """``stream`` for a retrieve running in a worker thread (``tasks.run_stoppable``)."""
         with self.blocking.stream(self.object_url(name), _range(start, end), stop) as body:
             skip = _skip(name, start, body.status, body.headers.get("content-range", ""))
-            yield _skipping_now(body.chunks(), skip)
+            yield Chunks(_skipping_now(body.chunks(), skip), body.headers)
 
 
 def _range(start: int, end: int | None) -> dict[str, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -179,7 +179,7 @@ class _Member:
         self.received = 0
 
 
-def _route(chunks: Iterator[bytes], position: int, entries: list[CodInstance], sink: BlockingSink) -> bool:
+def _route(chunks: Iterable[bytes], position: int, entries: list[CodInstance], sink: BlockingSink) -> bool:
     """Cut ``entries`` (sorted by start) out of a byte stream that begins at ``position``.
 
     Instances whose CRC32C does not match are logged and not finished (so never served).

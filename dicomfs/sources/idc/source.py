@@ -395,10 +395,13 @@ def _read_checked(bucket: S3Bucket, info: ObjectInfo, take: Callable[[bytes], ob
                   arrived: Callable[[int], object], stop: StopSignal) -> None:
     """Blocking (urllib3, large reads): every piece of one object to ``take`` as it comes (its size
     to ``arrived``), checked against the object's listed size and, where its ETag is the MD5 of its
-    bytes (an object uploaded in one part), against that, hashed on the way."""
+    bytes (an object uploaded in one part, not encrypted with a KMS or customer key), against
+    that, hashed on the way."""
     md5 = hashlib.md5(usedforsecurity=False) if _etag_md5(info) is not None else None
     length = 0
     with bucket.stream_in_thread(info.name, 0, None, stop) as chunks:
+        if md5 is not None and not etag_is_md5(chunks.headers):
+            md5 = None
         for chunk in chunks:
             arrived(len(chunk))
             length += len(chunk)
@@ -411,8 +414,16 @@ def _read_checked(bucket: S3Bucket, info: ObjectInfo, take: Callable[[bytes], ob
         _check_md5(info, md5.hexdigest())
 
 
+def etag_is_md5(headers: Mapping[str, str]) -> bool:
+    """False when an object's answer says its ETag is not the MD5 of its bytes whatever it looks
+    like: objects encrypted with a KMS key or a customer's key (S3's SSE-KMS, DSSE-KMS, SSE-C)."""
+    encryption = (headers.get("x-amz-server-side-encryption") or "").strip().lower()
+    return not encryption.startswith("aws:kms") and not headers.get("x-amz-server-side-encryption-customer-algorithm")
+
+
 def _etag_md5(info: ObjectInfo) -> str | None:
-    """The object's MD5 as its ETag gives it (an object uploaded in one part), or None."""
+    """The object's MD5 as its ETag gives it (an object uploaded in one part, and not encrypted
+    with a KMS or customer key: ``etag_is_md5``), or None."""
     etag = (info.etag or "").lower()
     return etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
 
