@@ -31,7 +31,9 @@ class ObjectInfo:
     size: int
     crc32c: str | None = None  # base64 of the big-endian CRC32C (GCS)
     updated: str | None = None
-    etag: str | None = None  # without quotes (S3; an MD5 for objects uploaded in one part)
+    # without quotes (S3; an MD5 for objects uploaded in one part, unless encrypted with a KMS or
+    # customer key)
+    etag: str | None = None
 
 
 class Chunks:

@@ -422,8 +422,8 @@ def etag_is_md5(headers: Mapping[str, str]) -> bool:
 
 
 def _etag_md5(info: ObjectInfo) -> str | None:
-    """The object's MD5 as its ETag gives it (an object uploaded in one part, and not encrypted
-    with a KMS or customer key: ``etag_is_md5``), or None."""
+    """The object's MD5 as its listed ETag gives it (an object uploaded in one part), or None.
+    Whether the object's answer rules that out (a KMS or customer key) is ``etag_is_md5``'s."""
     etag = (info.etag or "").lower()
     return etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
 
