@@ -1,13 +1,15 @@
 """``dicomfs ls``: search results as a readable table or as JSON lines for scripts.
 
-Owns the columns shown at each level and their formatting. The search itself is ``search``'s and
+Owns the columns shown at each level and their formatting, and handing rows on a batch at a time
+as the search finds them (``row_batches``). The search itself is ``search``'s and
 derived attributes (counts, modalities) are ``summary``'s; this module must not filter or compute.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import aclosing
 from typing import Any
 
 import trio
@@ -15,7 +17,7 @@ import trio
 from dicomfs.catalog import Catalog
 from dicomfs.query import Query
 from dicomfs.records import DicomJson
-from dicomfs.search import Search
+from dicomfs.search import BATCH, Search
 from dicomfs.tasks import map_bounded
 
 COLUMNS = {
@@ -34,21 +36,34 @@ PARALLEL = 8
 async def rows(catalog: Catalog, query: Query, level: str) -> list[dict[str, Any]]:
     """One dict per match: the level's columns by keyword, plus ``attributes`` (DICOM JSON,
     completed by ``summary`` exactly as the static DICOMweb tree completes it)."""
+    async with aclosing(row_batches(catalog, query, level)) as batches:
+        return [row async for batch in batches for row in batch]
+
+
+async def row_batches(catalog: Catalog, query: Query, level: str) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """``rows``, in order, a batch at a time as the search finds them (``ls --json`` prints each
+    batch at once and holds no more than it)."""
     search = Search(catalog)
     summaries = search.summaries
     limit = trio.CapacityLimiter(PARALLEL)
     if level == "study":
-        studies = await search.studies(query)
-        summaries_of = await map_bounded(studies, summaries.study_summary, limit)
-        return [_row("study", attrs, StudyInstanceUID=study.uid)
-                for study, attrs in zip(studies, summaries_of, strict=True)]
-    if level == "series":
-        series = await search.series(query)
-        summaries_of = await map_bounded(series, summaries.series_summary, limit)
-        return [_row("series", attrs, StudyInstanceUID=s.study_uid, SeriesInstanceUID=s.uid)
-                for s, attrs in zip(series, summaries_of, strict=False)]
-    return [_row("instance", instance.attrs, SeriesInstanceUID=instance.series_uid, SOPInstanceUID=instance.key,
-                 Size=instance.size) for instance in await search.instances(query)]
+        studies = await search.studies(query)  # (compact records: the IDC index's are rows of one table)
+        for start in range(0, len(studies), BATCH):
+            chunk = studies[start:start + BATCH]
+            summaries_of = await map_bounded(chunk, summaries.study_summary, limit)
+            yield [_row("study", attrs, StudyInstanceUID=study.uid)
+                   for study, attrs in zip(chunk, summaries_of, strict=True)]
+    elif level == "series":
+        async with aclosing(search.series_batches(query)) as series_batches:
+            async for series in series_batches:
+                summaries_of = await map_bounded(series, summaries.series_summary, limit)
+                yield [_row("series", attrs, StudyInstanceUID=s.study_uid, SeriesInstanceUID=s.uid)
+                       for s, attrs in zip(series, summaries_of, strict=True)]
+    else:
+        async with aclosing(search.instance_batches(query)) as instance_batches:
+            async for instances in instance_batches:
+                yield [_row("instance", instance.attrs, SeriesInstanceUID=instance.series_uid,
+                            SOPInstanceUID=instance.key, Size=instance.size) for instance in instances]
 
 
 def _row(level: str, attrs: DicomJson, **given: Any) -> dict[str, Any]:

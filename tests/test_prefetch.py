@@ -482,12 +482,17 @@ def test_two_prefetches_at_once_share_the_work(archive: Archive, tmp_path: Path)
     assert verify.returncode == 0 and f"checked {total} blobs" in verify.stdout
 
 
+@pytest.mark.parametrize("form", ["table", "--json"])
 @pytest.mark.parametrize("reader", ["head -n 2", "true"])
-def test_ls_into_a_pipe_that_closes_early_ends_quietly(tmp_path: Path, reader: str) -> None:
-    """``true`` closes the pipe before dicomfs writes a byte; ``head`` after two lines."""
-    command = f"{sys.executable} -m dicomfs ls demo --level instance --cache-dir {tmp_path / 'cache'} | {reader}"
+def test_ls_into_a_pipe_that_closes_early_ends_quietly(tmp_path: Path, reader: str, form: str) -> None:
+    """``true`` closes the pipe before dicomfs writes a byte; ``head`` after two lines. JSON lines
+    are printed while the archive is open (a batch at a time): the same quiet end."""
+    flag = "--json" if form == "--json" else ""
+    command = (f"{sys.executable} -m dicomfs ls demo --level instance {flag} --cache-dir {tmp_path / 'cache'} "
+               f"| {reader}")
     result = subprocess.run(["bash", "-c", command + "; echo ${PIPESTATUS[0]} >&2"], capture_output=True,
                             text=True, timeout=PREFETCH_TIMEOUT, stdin=subprocess.DEVNULL)
     if reader.startswith("head"):
-        assert len(result.stdout.splitlines()) == 2 and result.stdout.startswith("SeriesInstanceUID")
+        assert len(result.stdout.splitlines()) == 2
+        assert result.stdout.startswith('{"level": "instance"' if flag else "SeriesInstanceUID")
     assert result.stderr.strip() in ("0", "141"), result.stderr  # dicomfs said nothing else

@@ -150,3 +150,50 @@ async def test_series_listed_from_local_data_are_matched_on_their_own_attributes
     assert await _uids(archive, "Modality=CT", level="series") == ["1.1.1"]
     assert await _uids(archive, "Modality=SR", level="series") == []  # (its instances say SR)
     assert listed == []
+
+
+class WideArchive(Archive):
+    """Many studies of many series, and when each study's series were listed."""
+
+    def __init__(self, studies: int, series: int) -> None:
+        super().__init__()
+        self.study_attrs = {f"2.{n}": {"00080020": _v("DA", "20240105")} for n in range(studies)}
+        self.series = {uid: [(f"{uid}.{k}", "CT") for k in range(series)] for uid in self.study_attrs}
+        self.listed: list[str] = []
+
+    async def list_series(self, study_uid: str) -> list[SeriesRecord]:
+        self.listed.append(study_uid)
+        return await super().list_series(study_uid)
+
+
+async def test_series_come_in_batches_as_the_walk_finds_them() -> None:
+    """A batch is handed on as soon as it is full, before the walk reaches the last study (so a
+    caller printing it holds one batch, not the whole result); the batches, joined, are the
+    whole result in the same order."""
+    archive = WideArchive(studies=40, series=10)
+    search = Search(Catalog(archive, None))  # type: ignore[arg-type]
+    listed_at_each_batch: list[int] = []
+    batches: list[list[SeriesRecord]] = []
+    async for batch in search.series_batches(parse_query([]), size=25):
+        listed_at_each_batch.append(len(archive.listed))
+        batches.append(batch)
+    assert listed_at_each_batch[0] < 40 and listed_at_each_batch == sorted(listed_at_each_batch)
+    assert all(len(batch) >= 25 for batch in batches[:-1])
+    whole = [s.uid for s in await Search(Catalog(WideArchive(40, 10), None)).series(parse_query([]))]  # type: ignore[arg-type]
+    assert [s.uid for batch in batches for s in batch] == whole and len(whole) == 400
+
+
+async def test_listing_rows_come_in_batches_equal_to_the_whole_listing() -> None:
+    from contextlib import aclosing
+
+    from dicomfs import listing
+
+    for level in ("study", "series", "instance"):
+        archive = WideArchive(studies=5, series=400)  # 2,000 series, 4,000 instances: several batches
+        batches: list[list[dict[str, object]]] = []
+        async with aclosing(listing.row_batches(Catalog(archive, None), parse_query([]), level)) as rows:  # type: ignore[arg-type]
+            async for batch in rows:
+                batches.append(batch)
+        whole = await listing.rows(Catalog(WideArchive(5, 400), None), parse_query([]), level)  # type: ignore[arg-type]
+        assert [row for batch in batches for row in batch] == whole
+        assert len(batches) > 1 or level == "study", level

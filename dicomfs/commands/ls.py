@@ -1,14 +1,15 @@
 """``dicomfs ls``: its arguments, and listing what an archive holds (a table or JSON lines).
 
 Owns finding the archive of a path inside a dicomfs mount (listed with that mount's cache), and
-printing the rows. Must not search or format rows itself (``search``, ``listing``) nor open a
-blob store.
+printing the rows (JSON lines a batch at a time as they are found; a table once all are in). Must
+not search or format rows itself (``search``, ``listing``) nor open a blob store.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,17 +48,38 @@ def run(args: argparse.Namespace) -> int:
     options = archive_options(args, with_blobs=False, spec=mounted[1] if mounted is not None else None)
     query, options = options.query, dataclasses.replace(options, query=None)
     configure_logging("WARNING", "dicomfs: %(message)s")
+    # A listing makes records and rows by the hundred thousand, none of them cyclic: the cyclic
+    # collector's walks took a third of a 592,600-series listing (61 -> 43 s with it off, the same
+    # peak memory). This process ends with the listing.
+    gc.disable()
     return trio.run(_run_ls, options, query or Query(), args.level, args.json)
 
 
 async def _run_ls(options: ArchiveOptions, query: Query, level: str, as_json: bool) -> int:
-    from dicomfs.archive import open_archive
-    from dicomfs.listing import json_lines, rows, table
+    from contextlib import aclosing
 
+    from dicomfs.archive import open_archive
+    from dicomfs.listing import json_lines, row_batches, rows, table
+
+    if not as_json:  # a table's columns fit its widest cell: it is printed once every row is in
+        async with open_archive(options) as archive:
+            found = await rows(archive.catalog, query, level)
+        for line in table(found, level):
+            print(line)
+        return 0
+    # JSON lines are printed a batch at a time as the search finds them: the first at once, and
+    # memory for one batch (a whole IDC collection's 592,600 series took 2.2 GB as one list)
+    reader_gone = False
     async with open_archive(options) as archive:
-        found = await rows(archive.catalog, query, level)
-        for row in found:
-            row["source"] = archive.source.description  # (IDC: which release of the index)
-    for line in json_lines(found) if as_json else table(found, level):
-        print(line)
+        async with aclosing(row_batches(archive.catalog, query, level)) as batches:
+            async for batch in batches:
+                for row in batch:
+                    row["source"] = archive.source.description  # (IDC: which release of the index)
+                try:
+                    print("\n".join(json_lines(batch)), flush=True)
+                except BrokenPipeError:  # (``| head``): stop searching; reported once the archive is closed
+                    reader_gone = True
+                    break
+    if reader_gone:
+        raise BrokenPipeError
     return 0
