@@ -41,8 +41,8 @@ async def rows(catalog: Catalog, query: Query, level: str) -> list[dict[str, Any
 
 
 async def row_batches(catalog: Catalog, query: Query, level: str) -> AsyncGenerator[list[dict[str, Any]], None]:
-    """``rows``, in order, a batch at a time as the search finds them (``ls --json`` prints each
-    batch at once and holds no more than it)."""
+    """``rows``, in order, a batch (``BATCH`` rows or more: a study's series, a series' instances
+    come whole) at a time as the search finds them (``ls --json`` prints each batch at once)."""
     search = Search(catalog)
     summaries = search.summaries
     limit = trio.CapacityLimiter(PARALLEL)

@@ -40,6 +40,9 @@ class SingleFlight(Generic[T]):
                 finally:
                     del self._flights[key]
                     flight.done.set()
+                    # an error's traceback holds this frame: without this, frame, flight and error
+                    # would make a cycle that only the cyclic collector frees
+                    flight = None
             await flight.done.wait()
             if flight.outcome is not None:
                 return flight.outcome[0]

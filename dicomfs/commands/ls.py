@@ -48,11 +48,16 @@ def run(args: argparse.Namespace) -> int:
     options = archive_options(args, with_blobs=False, spec=mounted[1] if mounted is not None else None)
     query, options = options.query, dataclasses.replace(options, query=None)
     configure_logging("WARNING", "dicomfs: %(message)s")
-    # A listing makes records and rows by the hundred thousand, none of them cyclic: the cyclic
-    # collector's walks took a third of a 592,600-series listing (61 -> 43 s with it off, the same
-    # peak memory). This process ends with the listing.
+    # A listing makes records and rows by the hundred thousand, freed by their reference counts:
+    # the cyclic collector's walks of them took a third of a 592,600-series listing (61 -> 43 s
+    # without them, the same peak memory). Off for the listing only.
+    enabled = gc.isenabled()
     gc.disable()
-    return trio.run(_run_ls, options, query or Query(), args.level, args.json)
+    try:
+        return trio.run(_run_ls, options, query or Query(), args.level, args.json)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 async def _run_ls(options: ArchiveOptions, query: Query, level: str, as_json: bool) -> int:
@@ -67,8 +72,9 @@ async def _run_ls(options: ArchiveOptions, query: Query, level: str, as_json: bo
         for line in table(found, level):
             print(line)
         return 0
-    # JSON lines are printed a batch at a time as the search finds them: the first at once, and
-    # memory for one batch (a whole IDC collection's 592,600 series took 2.2 GB as one list)
+    # JSON lines are printed a batch at a time (a thousand rows or more) as the search finds them,
+    # not held until the end (a whole IDC collection's 592,600 series took 2.2 GB as one list);
+    # after an error, what was found before it has been printed (the exit status says it failed)
     reader_gone = False
     async with open_archive(options) as archive:
         async with aclosing(row_batches(archive.catalog, query, level)) as batches:
