@@ -173,6 +173,38 @@ async def test_a_large_search_reads_its_studies_series_in_batches(
     await idc.aclose()
 
 
+async def test_the_whole_listing_walked_in_order_reads_its_series_in_batches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a search (``ls idc --level series``, ``find``), studies asked for in the listing's
+    order have their series read ``SERIES_BATCH`` studies at a time after the second; studies
+    asked for out of order are read alone, with nothing read ahead for them."""
+    monkeypatch.setattr(idc_source, "SERIES_BATCH", 10)
+    uids = [f"1.3.{n}" for n in range(45)]
+    scans: list[list[str]] = []
+
+    class ListingIndex(Index):
+        def studies(self) -> tuple[list[StudyRecord], list[object]]:
+            return [StudyRecord(uid, {}) for uid in uids], []
+
+        def series(self, study_uids: list[str]) -> dict[str, list[tuple[SeriesRecord, SeriesLocation]]]:
+            scans.append(list(study_uids))
+            return {uid: [(SeriesRecord(uid, f"{uid}.1"), SeriesLocation("b", "p/", 1, 1))] for uid in study_uids}
+
+    idc = IdcSource(ListingIndex(), tmp_path)  # type: ignore[arg-type]
+    studies = await idc.list_studies()
+    for study in studies:
+        assert [s.uid for s in await idc.list_series(study.uid)] == [f"{study.uid}.1"]
+    assert scans == [uids[:1], uids[1:11], uids[11:21], uids[21:31], uids[31:41], uids[41:]]
+    scans.clear()
+    for uid in (uids[30], uids[5], uids[20]):  # out of order: alone
+        await idc.list_series(uid)
+    assert scans == [[uids[30]], [uids[5]], [uids[20]]]
+    scans.clear()
+    await idc.list_series(uids[21])  # right after the one before it: read ahead again
+    assert scans == [uids[21:31]]
+    await idc.aclose()
+
+
 def test_idc_buckets_are_asked_for_in_their_own_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A user whose AWS_REGION is set for their own work (eu-west-1) still reaches IDC's buckets in
     us-east-1, instead of a PermanentRedirect for every request; an s3:// bucket keeps following
