@@ -64,10 +64,6 @@ class Search:
         async with aclosing(self.series_batches(query)) as batches:
             return [series async for batch in batches for series in batch]
 
-    async def instances(self, query: Query) -> list[InstanceRecord]:
-        async with aclosing(self.instance_batches(query)) as batches:
-            return [instance async for batch in batches for instance in batch]
-
     async def series_batches(self, query: Query, size: int = BATCH) -> AsyncGenerator[list[SeriesRecord], None]:
         """``series``, a study's series at a time gathered into batches of about ``size``, as they
         are found: a caller that hands each on holds one batch, not the whole result (592,600

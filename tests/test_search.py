@@ -61,9 +61,11 @@ class SearchingArchive(Archive):
 
 async def _uids(archive: Archive, *query: str, level: str = "study") -> list[str]:
     search = Search(Catalog(archive, None))  # type: ignore[arg-type]
-    found = await getattr(search, {"study": "studies", "series": "series", "instance": "instances"}[level])(
-        parse_query(list(query)))
-    return sorted(r.key if isinstance(r, InstanceRecord) else r.uid for r in found)
+    terms = parse_query(list(query))
+    if level == "instance":
+        return sorted([i.key async for batch in search.instance_batches(terms) for i in batch])
+    found = await (search.studies(terms) if level == "study" else search.series(terms))
+    return sorted(r.uid for r in found)
 
 
 async def test_study_terms_with_wildcards_and_ranges() -> None:

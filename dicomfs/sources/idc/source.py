@@ -153,30 +153,35 @@ class IdcSource:
             batch += [uid for uid in self._searched[start:start + SERIES_BATCH]
                       if uid in self._searched_at and uid != study_uid]
         else:
-            batch += self._walked_to(study_uid)
+            batch += self._walk_ahead(study_uid)
         for uid in batch:  # (read once per search: asked again later, a study is read alone)
             self._searched_at.pop(uid, None)
-        read = await trio.to_thread.run_sync(self.index.series, batch)
+        read = await trio.to_thread.run_sync(self._scan_series, batch, len(batch) == 1)
         found = read.pop(study_uid)
         self._series_read.update(read)
         return found
 
-    def _walked_to(self, study_uid: str) -> list[str]:
-        """The studies to read with ``study_uid`` as a walk of the whole listing: the next
-        ``SERIES_BATCH`` when the walk reached it in order, none otherwise; and where the walk
-        goes next."""
+    def _walk_ahead(self, study_uid: str) -> list[str]:
+        """The ``SERIES_BATCH`` studies after ``study_uid`` when a walk of the whole listing reached
+        it in order (and the walk moved past them), else none."""
         at = self._walk_next
         if at is None or at >= len(self._listing_order) or self._listing_order[at] != study_uid:
-            try:
-                at = self._listing_order.index(study_uid)  # (a miss costs a scan of the index anyway)
-            except ValueError:
-                self._walk_next = None
-                return []
-            self._walk_next = at + 1
             return []
         ahead = self._listing_order[at + 1:at + SERIES_BATCH]
         self._walk_next = at + 1 + len(ahead)
         return ahead
+
+    def _scan_series(self, batch: list[str], alone: bool) -> dict[str, list[tuple[SeriesRecord, SeriesLocation]]]:
+        """Blocking: one scan of the index for ``batch``'s series; for a study read ``alone``, the
+        walk of the whole listing goes on after it (found here, off the event loop: 168,000 UIDs)."""
+        read = self.index.series(batch)
+        if alone:
+            order = self._listing_order
+            try:
+                self._walk_next = order.index(batch[0]) + 1
+            except ValueError:  # not in the whole listing (a search's study)
+                self._walk_next = None
+        return read
 
     async def _location(self, series: SeriesRecord) -> SeriesLocation:
         location = self._locations.get(series.uid)
