@@ -78,7 +78,7 @@ class Search:
             yield batch
 
     async def instance_batches(self, query: Query, size: int = BATCH) -> AsyncGenerator[list[InstanceRecord], None]:
-        """``instances`` in batches of about ``size``, as ``series_batches``."""
+        """The instances matching ``query``, in batches of about ``size``, as ``series_batches``."""
         batch: list[InstanceRecord] = []
         async with aclosing(self.series_batches(query, size)) as series_batches:
             async for series_batch in series_batches:
