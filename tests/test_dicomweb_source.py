@@ -1,131 +1,200 @@
-"""The DICOMweb source against a mock transport (QIDO: paging, empty answers, hostile answers) and,
-for series retrieves (urllib3 in a worker thread), a loopback server answering as a test says."""
+"""The DICOMweb source against a loopback server answering as a test says: QIDO (paging, empty,
+hostile and malformed answers, retries, refusals) and series retrieves (urllib3 in a worker
+thread); and the source URL's normal form."""
 
 from __future__ import annotations
 
+import json
+import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 import trio
 
-from dicomfs.errors import ProtocolError, SourceError, SourceUnavailable
+from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable
 from dicomfs.records import SeriesRecord
+from dicomfs.sources import parse_source
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.dicomweb import SERIES_ACCEPT, DicomwebSource
 from dicomfs.sources.http import RetryPolicy
 from tests.factory import MemorySink as Sink
-from tests.factory import make_instance, multipart, streamed
+from tests.factory import make_instance, multipart
 from tests.servers import Answer, AnsweringServer
 
-ROOT = "http://archive.test/dicom-web"
+JSON = {"Content-Type": "application/dicom+json"}
+Reply = tuple[int, dict[str, str], bytes]
 
 
 def study_row(uid: object) -> dict[str, dict[str, object]]:
     return {"0020000D": {"vr": "UI", "Value": [uid]}, "00080020": {"vr": "DA", "Value": ["20240102"]}}
 
 
-def source_for(handler: Callable[[httpx.Request], httpx.Response], **kwargs: int) -> DicomwebSource:
-    source = DicomwebSource(ROOT, Credentials(), transport=httpx.MockTransport(streamed(handler)), **kwargs)
-    source.http.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
-    return source
+def rows(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
+    body = json.dumps(data).encode()
+    return status, {**JSON, "Content-Length": str(len(body)), **(headers or {})}, body
+
+
+def params(path: str) -> dict[str, str]:
+    return {key: values[-1] for key, values in parse_qs(urlsplit(path).query).items()}
+
+
+def retrieving(answer: Answer, credentials: Credentials | None = None,
+               page_size: int = 1000) -> tuple[AnsweringServer, DicomwebSource]:
+    server = AnsweringServer(answer)
+    source = DicomwebSource(f"{server.url}/dicom-web", credentials or Credentials(), page_size=page_size)
+    source.blocking.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
+    return server, source
+
+
+async def studies_of(answer: Callable[[str, dict[str, str]], Reply], page_size: int = 1000) -> list[str]:
+    server, source = retrieving(answer, page_size=page_size)
+    with server:
+        return [study.uid for study in await source.list_studies()]
 
 
 MULTIPART = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=dicomfs-test-boundary'}
-
-
-def retrieving(answer: Answer) -> tuple[AnsweringServer, DicomwebSource]:
-    server = AnsweringServer(answer)
-    source = DicomwebSource(f"{server.url}/dicom-web", Credentials())
-    source.blocking.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
-    return server, source
 
 
 async def test_qido_pages_through_large_listings() -> None:
     uids = [f"1.2.3.{i}" for i in range(2500)]
     seen_queries = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen_queries.append(str(request.url))
-        limit = int(request.url.params["limit"])
-        offset = int(request.url.params["offset"])
-        return httpx.Response(200, json=[study_row(u) for u in uids[offset:offset + limit]])
+    def answer(path: str, headers: dict[str, str]) -> Reply:
+        seen_queries.append(path)
+        limit, offset = int(params(path)["limit"]), int(params(path)["offset"])
+        return rows([study_row(u) for u in uids[offset:offset + limit]])
 
-    source = source_for(handler, page_size=1000)
-    studies = await source.list_studies()
-    assert [s.uid for s in studies] == uids
+    assert await studies_of(answer, page_size=1000) == uids
     assert len(seen_queries) == 3
 
 
 async def test_qido_follows_a_server_that_caps_pages_and_says_so() -> None:
     uids = [f"1.2.3.{i}" for i in range(250)]
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        offset = int(request.url.params["offset"])
+    def answer(path: str, headers: dict[str, str]) -> Reply:
+        offset = int(params(path)["offset"])
         page = uids[offset:offset + 100]
-        headers = {"Warning": "299 archive: result truncated"} if len(page) == 100 else {}
-        return httpx.Response(200, json=[study_row(u) for u in page], headers=headers)
+        return rows([study_row(u) for u in page], headers={"Warning": "299 archive: result truncated"}
+                    if len(page) == 100 else {})
 
-    assert [s.uid for s in await source_for(handler).list_studies()] == uids
+    assert await studies_of(answer) == uids
 
 
 async def test_qido_stops_when_a_server_ignores_offset() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json=[study_row(f"1.2.{i}") for i in range(5)])
-
-    assert len(await source_for(handler, page_size=5).list_studies()) == 5
+    assert len(await studies_of(lambda path, headers: rows([study_row(f"1.2.{i}") for i in range(5)]),
+                                page_size=5)) == 5
 
 
-@pytest.mark.parametrize("response", [httpx.Response(204), httpx.Response(200, json=[]),
-                                      httpx.Response(200, content=b"")])
-async def test_empty_answers_mean_empty(response: httpx.Response) -> None:
-    assert await source_for(lambda request: response).list_studies() == []
+@pytest.mark.parametrize("reply", [(204, {}, b""), rows([]), (200, {"Content-Length": "0"}, b"")])
+async def test_empty_answers_mean_empty(reply: Reply) -> None:
+    assert await studies_of(lambda path, headers: reply) == []
+
+
+async def test_a_gzip_answer_is_inflated() -> None:
+    import gzip
+
+    body = gzip.compress(json.dumps([study_row("1.2.3")]).encode())
+    seen: list[str] = []
+
+    def answer(path: str, headers: dict[str, str]) -> Reply:
+        seen.append(headers.get("accept-encoding", ""))
+        return 200, {**JSON, "Content-Encoding": "gzip", "Content-Length": str(len(body))}, body
+
+    assert await studies_of(answer) == ["1.2.3"]
+    assert "gzip" in seen[0]
 
 
 async def test_hostile_uids_are_skipped() -> None:
-    rows = [study_row(u) for u in ["1.2.3", "../../etc", "1.2/3", "1.2\x003", "9" * 300, 17, None]]
-    rows.append({"0020000D": {"vr": "UI"}})
-    rows.append(study_row("1.2.3"))  # duplicate
+    hostile = [study_row(u) for u in ["1.2.3", "../../etc", "1.2/3", "1.2\x003", "9" * 300, 17, None]]
+    hostile.append({"0020000D": {"vr": "UI"}})
+    hostile.append(study_row("1.2.3"))  # duplicate
 
-    studies = await source_for(lambda r: httpx.Response(200, json=rows)).list_studies()
-    assert [s.uid for s in studies] == ["1.2.3"]
+    assert await studies_of(lambda path, headers: rows(hostile)) == ["1.2.3"]
 
 
 @pytest.mark.parametrize("body", [b"{not json", b'{"an": "object"}', b"[1, 2]"])
 async def test_malformed_json_is_a_protocol_error(body: bytes) -> None:
     with pytest.raises(ProtocolError):
-        await source_for(lambda r: httpx.Response(200, content=body)).list_studies()
+        await studies_of(lambda path, headers: (200, {"Content-Length": str(len(body))}, body))
 
 
 async def test_retries_on_5xx_and_429_then_succeeds() -> None:
-    answers = [httpx.Response(503), httpx.Response(429, headers={"Retry-After": "0"}),
-               httpx.Response(200, json=[study_row("1.2")])]
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return answers.pop(0)
-
-    assert [s.uid for s in await source_for(handler).list_studies()] == ["1.2"]
+    answers = [(503, {"Content-Length": "0"}, b""), (429, {"Retry-After": "0", "Content-Length": "0"}, b""),
+               rows([study_row("1.2")])]
+    assert await studies_of(lambda path, headers: answers.pop(0)) == ["1.2"]
+    assert not answers
 
 
 async def test_unreachable_archive_is_source_unavailable() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    with pytest.raises(SourceUnavailable):
-        await source_for(handler).check()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    source = DicomwebSource(f"http://127.0.0.1:{port}/dicom-web", Credentials())
+    source.blocking.retry = RetryPolicy(attempts=2, first_delay=0.001, max_delay=0.01)
+    with pytest.raises(SourceUnavailable, match="cannot reach"):
+        await source.check()
 
 
 async def test_auth_failure_names_no_secret() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.headers["Authorization"] == "Bearer s3cr3t-token"
-        return httpx.Response(401)
+    sent: list[str | None] = []
 
-    source = DicomwebSource(ROOT, Credentials(token="s3cr3t-token"), transport=httpx.MockTransport(handler))
-    with pytest.raises(SourceUnavailable) as info:
-        await source.check()
+    def answer(path: str, headers: dict[str, str]) -> Reply:
+        sent.append(headers.get("authorization"))
+        return 401, {"Content-Length": "0"}, b""
+
+    server, source = retrieving(answer, Credentials(token="s3cr3t-token"))
+    with server:
+        with pytest.raises(AccessRefused) as info:
+            await source.check()
+    assert sent == ["Bearer s3cr3t-token"]
     assert "s3cr3t" not in str(info.value)
     assert "s3cr3t" not in repr(Credentials(token="s3cr3t-token", password="pw"))
+
+
+async def test_cancelling_a_query_stops_it_at_once() -> None:
+    """A query waiting on a stalled archive ends when trio cancels it, not at the timeout."""
+    released = threading.Event()
+
+    def stalling(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], Iterator[bytes]]:
+        def body() -> Iterator[bytes]:
+            yield b"[" + json.dumps(study_row("1.2.3")).encode()
+            released.wait(30)  # the archive stops sending
+        return 200, JSON, body()
+
+    server, source = retrieving(stalling)
+    with server:
+        with trio.move_on_after(0.5) as scope:
+            await source.list_studies()
+        released.set()
+    assert scope.cancelled_caught
+
+
+# The normal form of a DICOMweb URL is the one httpx writes: one archive, one location, one
+# default cache folder, whichever way its URL was typed (and the same as before httpx was left
+# out of the usual case).
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8042/dicom-web/", "http://127.0.0.1:8042/dicom-web", "http://h", "http://h:8042",
+    "http://h:80/x", "https://h:443", "https://h:443/x", "http://h:443/x", "https://h:80/x",
+    "http://h/a//b/../c/./d", "http://h/a/..", "http://h/.well/x", "http://h/a..b/", "http://h/~u/x",
+    "http://h/x'y", "http://h/a:b@c", "http://h:65535/x", "http://h:65536/x",
+    "http://pacs.example.org:8080/dcm4chee-arc/aets/DCM4CHEE/rs",
+    "HTTP://Host.EXAMPLE:80/Dicom-Web", "https://h:443/a b/c?x=1#f", "http://[::1]:8042/dicom-web",
+    "https://b\u00fccher.de/dw", "http://h/dw/%41", "HTTPS://h:443/x", "http://H:8042/Dicom-Web/",
+    "http://h:08042/x", "http://h:/x", "http://h/x?", "http://h/x?a=b c", "http://h/\u00e9", "http://h./x",
+])
+def test_a_dicomweb_url_takes_httpx_s_normal_form(url: str) -> None:
+    assert parse_source(url).location == str(httpx.URL(url)).rstrip("/")
+
+
+def test_a_plain_dicomweb_url_does_not_load_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "httpx", None)  # importing it now fails
+    assert parse_source("http://127.0.0.1:8042/dicom-web/").location == "http://127.0.0.1:8042/dicom-web"
+    with pytest.raises(ImportError):
+        parse_source("http://H:8042/x/")  # (this one needs it)
 
 
 @pytest.mark.parametrize("lengths", [True, False])
@@ -173,9 +242,7 @@ async def test_series_retrieve_sends_credentials_and_retries_5xx_but_names_no_se
         calls.append(headers.get("authorization"))
         return 503, {"Content-Length": "0"}, b""
 
-    server = AnsweringServer(answer)
-    source = DicomwebSource(f"{server.url}/dicom-web", Credentials(user="u", password="s3cr3t-pw"))
-    source.blocking.retry = RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.01)
+    server, source = retrieving(answer, Credentials(user="u", password="s3cr3t-pw"))
     with server:
         with pytest.raises(SourceUnavailable, match="HTTP 503") as info:
             await source.fetch_series(SeriesRecord("1.2.3", "1.2.3.4"), Sink())
@@ -214,7 +281,7 @@ async def test_cancelling_a_series_retrieve_stops_its_thread_at_once() -> None:
 
 
 def test_proxies_from_the_environment_keep_httpx_default_transport(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dicomfs.sources.http import HttpClient
+    from dicomfs.sources.asynchttp import HttpClient
     from dicomfs.sources.transport import LargeReadTransport
 
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):

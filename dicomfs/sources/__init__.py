@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -68,7 +69,20 @@ def parse_source(text: str) -> SourceSpec:
     return SourceSpec(kind="folder", location=str(path.resolve()))
 
 
+# A URL already in the form httpx writes it (lower-case scheme and host, no default port, no dot
+# segments, nothing to escape, no query): taken as it is, without loading httpx for it.
+_PLAIN_URL = re.compile(r"(?P<scheme>https?)://[a-z0-9-]+(?:\.[a-z0-9-]+)*(?::(?P<port>[1-9][0-9]{0,4}))?"
+                        r"(?P<path>(?:/[A-Za-z0-9._~!$&'()*+,;=:@-]*)*)")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
 def _dicomweb_spec(url: str) -> SourceSpec:
+    """The archive's root URL in one normal form (httpx's), so that one archive always has the
+    same location, and so the same default cache folder (``SourceSpec.source_id``)."""
+    plain = _PLAIN_URL.fullmatch(url)
+    if (plain is not None and plain["port"] != _DEFAULT_PORTS[plain["scheme"]]
+            and int(plain["port"] or 1) <= 65535 and not {".", ".."} & set(plain["path"].split("/"))):
+        return SourceSpec(kind="dicomweb", location=url.rstrip("/"))
     import httpx
 
     try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dicomfs.errors import ProtocolError
-from dicomfs.sources.http import HttpClient
+from dicomfs.sources.asynchttp import HttpClient
 from dicomfs.sources.threadhttp import BlockingHttp
 from dicomfs.tasks import StopSignal
 

@@ -1,21 +1,20 @@
 """DICOMweb source: QIDO-RS for listings, one WADO-RS series retrieve per series blob.
 
-Owns the DICOMweb dialect: paged QIDO queries (httpx, on the event loop), the exact Accept header
-that yields the stored bytes (``transfer-syntax=*``, identity encoding), and naming each multipart
-part by its SOPInstanceUID (the data set's, else the file meta's: ``uids.instance_key``). A series
-retrieve runs in one worker thread (``threadhttp``, ``SeriesSink.in_thread``). Must not cache
-anything or know about files on disk.
+Owns the DICOMweb dialect: paged QIDO queries, the exact Accept header that yields the stored
+bytes (``transfer-syntax=*``, identity encoding), and naming each multipart part by its
+SOPInstanceUID (the data set's, else the file meta's: ``uids.instance_key``). Every request runs
+in a worker thread through ``threadhttp`` (a query, or a series retrieve end to end with
+``SeriesSink.in_thread``): a DICOMweb archive needs no httpx. Must not cache anything or know
+about files on disk.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from dicomfs.errors import ProtocolError
 from dicomfs.multipart import (
@@ -29,7 +28,7 @@ from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.sources.base import BlockingMemberWriter, BlockingSink, Credentials, SeriesSink
-from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
+from dicomfs.sources.http import DEFAULT_TIMEOUT, MAX_JSON_BYTES
 from dicomfs.sources.threadhttp import BlockingHttp
 from dicomfs.tasks import StopSignal, run_stoppable
 from dicomfs.uids import instance_key, is_uid
@@ -59,7 +58,6 @@ class DicomwebSource:
         root: str,
         credentials: Credentials,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
         page_size: int = PAGE_SIZE,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
@@ -67,15 +65,13 @@ class DicomwebSource:
         self.description = self.root
         self.page_size = page_size
         tls = not self.root.lower().startswith("http://")
-        self.http = HttpClient(credentials, transport=transport, timeout=timeout, tls=tls)
-        self.blocking = BlockingHttp(credentials, timeout=timeout, tls=tls)  # series retrieves, in threads
+        self.blocking = BlockingHttp(credentials, timeout=timeout, tls=tls)  # every request, in threads
 
     async def aclose(self) -> None:
-        await self.http.aclose()
         self.blocking.close()
 
     async def check(self) -> None:
-        await self.http.get_json(f"{self.root}/studies?limit=1")
+        await self._get_json(f"{self.root}/studies?limit=1")
 
     async def list_studies(self) -> list[StudyRecord]:
         rows = await self._qido(f"{self.root}/studies?{STUDY_FIELDS}")
@@ -110,7 +106,7 @@ class DicomwebSource:
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
         url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}/metadata"
-        rows, _ = await self.http.get_json(url, limit=MAX_SERIES_METADATA_BYTES)
+        rows, _ = await self._get_json(url, limit=MAX_SERIES_METADATA_BYTES)
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             raise ProtocolError(f"series metadata from {self.root} is not a JSON array of objects")
         return dict(_valid(rows, SOP_UID, "instance"))
@@ -130,7 +126,7 @@ class DicomwebSource:
         offset = 0
         for _ in range(MAX_PAGES):
             sep = "&" if "?" in url else "?"
-            page, headers = await self.http.get_json(f"{url}{sep}limit={self.page_size}&offset={offset}")
+            page, headers = await self._get_json(f"{url}{sep}limit={self.page_size}&offset={offset}")
             if page is None:
                 page = []
             if not isinstance(page, list) or not all(isinstance(row, dict) for row in page):
@@ -144,6 +140,10 @@ class DicomwebSource:
             if len(page) < self.page_size and "warning" not in headers:
                 break
         return rows
+
+    async def _get_json(self, url: str, limit: int = MAX_JSON_BYTES) -> tuple[Any, Mapping[str, str]]:
+        """A JSON GET in a worker thread (cancelling the task stops it at once)."""
+        return await run_stoppable(partial(self.blocking.get_json, url, limit=limit))
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         """One WADO-RS retrieve, run end to end in a worker thread (receive, multipart parsing,

@@ -14,9 +14,10 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from dicomfs.errors import ProtocolError
+from dicomfs.sources.asynchttp import HttpClient
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.bucket import ObjectInfo, ObjectReader
-from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
+from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.sources.threadhttp import BlockingHttp
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"

@@ -23,9 +23,10 @@ from urllib.parse import quote
 import httpx
 
 from dicomfs.errors import AccessRefused, ProtocolError
+from dicomfs.sources.asynchttp import HttpClient
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.bucket import ObjectInfo, ObjectReader
-from dicomfs.sources.http import DEFAULT_TIMEOUT, HttpClient
+from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.sources.threadhttp import BlockingHttp
 
 if TYPE_CHECKING:

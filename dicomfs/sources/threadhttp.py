@@ -1,12 +1,14 @@
-"""HTTP for retrieves that run in a worker thread: a urllib3 pool, read in large pieces.
+"""HTTP in worker threads: a urllib3 pool, read in large pieces.
 
 Owns the blocking side of a source's HTTP: one urllib3 pool per source (and per proxy, as the
-environment names them), a streamed GET under the one retry policy and error mapping of
-``http.py`` (its ``RetryPolicy``, statuses, messages and ``Authorization`` rule), and breaking a
-blocked read when trio stops the retrieve (``StopSignal``: the socket is shut down). urllib3 and
-not httpx's sync client: on a series retrieve from a loopback Orthanc urllib3 took 0.12-0.15 s of
-CPU per GB, httpx 0.46-0.59 s (h11 copies every body byte into and out of its buffer). Must not
-know DICOM, and must never put a credential into a log line or an error message.
+environment names them), a streamed GET and a bounded JSON GET under the one retry policy and
+error mapping of ``http.py`` (its ``RetryPolicy``, statuses, messages and ``Authorization`` rule),
+and breaking a blocked read when trio stops the job (``StopSignal``: the socket is shut down).
+Retrieves of every source and a DICOMweb archive's queries use it. urllib3 and not httpx's sync
+client: on a series retrieve from a loopback Orthanc urllib3 took 0.12-0.15 s of CPU per GB, httpx
+0.46-0.59 s (h11 copies every body byte into and out of its buffer); and a DICOMweb command that
+never imports httpx starts 40-50 ms sooner. Must not know DICOM, and must never put a credential
+into a log line or an error message.
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from dicomfs.decoding import ACCEPTED_CODINGS, BoundedDecoder, parse_json
+from dicomfs.gcpause import paused
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.http import (
     DEFAULT_TIMEOUT,
+    LARGE_JSON_BYTES,
+    MAX_JSON_BYTES,
     RETRY_STATUS,
     RetryPolicy,
     auth_header,
@@ -63,7 +69,7 @@ class BlockingHttp:
                  retry: RetryPolicy | None = None, max_connections: int = 16, tls: bool = True,
                  extra_headers: dict[str, str] | None = None, sign: Sign | None = None,
                  hint: Callable[[Mapping[str, str]], str | None] | None = None) -> None:
-        """As ``http.HttpClient``; ``sign(url, headers)``: the headers that sign one request (an S3
+        """As ``asynchttp.HttpClient``; ``sign(url, headers)``: the headers that sign one request (an S3
         bucket's SigV4), made anew for every attempt."""
         self.retry = retry or RetryPolicy()
         self._headers = {"User-Agent": "dicomfs", **(extra_headers or {})}
@@ -118,6 +124,28 @@ class BlockingHttp:
             yield body
         finally:
             body.close()
+
+    def get_json(self, url: str, stop: StopSignal, *, headers: Mapping[str, str] | None = None,
+                 limit: int = MAX_JSON_BYTES) -> tuple[Any, Mapping[str, str]]:
+        """GET a JSON document of at most ``limit`` bytes (inflated: a compressed answer is
+        inflated step by step and counted) and its answer's headers. ``204`` and an empty body
+        are None."""
+        asked = {"Accept": "application/dicom+json, application/json", "Accept-Encoding": ACCEPTED_CODINGS,
+                 **(headers or {})}
+        with self.stream(url, asked, stop) as body:
+            decoder = BoundedDecoder(body.headers.get("content-encoding"), limit,
+                                     f"the JSON answer from {describe(url)}")
+            pieces: list[Any] = []
+            for chunk in body.chunks():
+                pieces.extend(decoder.feed(chunk))
+            decoder.finish()
+        data = b"".join(pieces)
+        del pieces
+        if body.status == 204 or not data.strip():
+            return None, body.headers
+        if len(data) < LARGE_JSON_BYTES:
+            return parse_json(data, describe(url)), body.headers
+        return paused(parse_json, data, describe(url)), body.headers  # (a series' metadata: 61,000 objects)
 
     def _send(self, url: str, headers: dict[str, str], stop: StopSignal) -> urllib3.BaseHTTPResponse:
         retries = urllib3.Retry(total=MAX_REDIRECTS, connect=0, read=0, status=0, other=0,
