@@ -3,7 +3,7 @@
 Owns what every command that talks to an archive shares (``mount``, ``prefetch``, ``ls``): a
 shared hold on the cache directory, the source, the archive's one breaker (shared by catalog and
 blob store), the catalog in the cache, the studies shown, checking the archive or going offline on the stored
-catalog when it cannot be reached (while the blob store opens), and running the blob store.
+catalog when it cannot be reached (while catalog and blob store open), and running the blob store.
 Must not implement any command.
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -62,23 +63,14 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
         try:
             if options.cache_size and isinstance(source, FetchPreparer):
                 await source.prepare_fetches()  # a blob store will open: retrieves may come
-            breaker = Breaker(source.description)
-            catalog = Catalog(source, layout.paths(options.cache_dir).catalog, listing_ttl=options.listing_ttl,
-                              breaker=breaker)
-            try:
-                blobs = await _check_and_open_blobs(options, source, catalog, breaker)
-                try:
-                    async with open_nursery() as nursery:
-                        if blobs is not None:
-                            await nursery.start(blobs.run)
-                        opened = True
-                        yield Archive(source, catalog, blobs, Shown(catalog, options.query))
-                        nursery.cancel_scope.cancel()
-                finally:
+            with ExitStack() as closing:
+                catalog, blobs = await _open_checked(options, source, closing)
+                async with open_nursery() as nursery:
                     if blobs is not None:
-                        blobs.close()
-            finally:
-                catalog.close()
+                        await nursery.start(blobs.run)
+                    opened = True
+                    yield Archive(source, catalog, blobs, Shown(catalog, options.query))
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await source.aclose()
@@ -88,39 +80,50 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
             shutil.rmtree(options.cache_dir, ignore_errors=True)
 
 
-async def _check_and_open_blobs(options: ArchiveOptions, source: Source, catalog: Catalog,
-                                breaker: Breaker) -> BlobStore | None:
-    """The archive checked and the blob store opened at once: the check waits on the network,
-    the opening on the disk (diskcache's sqlite files, the process folder: 10-20 ms for a fresh
-    cache), each in a worker thread. A store opened when the check fails is closed again."""
-    if not options.cache_size:
-        await check_or_go_offline(source, catalog)
-        return None
+async def _open_checked(options: ArchiveOptions, source: Source,
+                        closing: ExitStack) -> tuple[Catalog, BlobStore | None]:
+    """The catalog and the blob store, opened while the archive is checked: the check waits on
+    the network, the openings on the disk (a fresh cache's three sqlite files: 10-20 ms), each in
+    a worker thread. Whatever was opened is closed by ``closing``, also when something failed.
+    An archive that cannot be reached is gone offline from, on the stored catalog, when the cache
+    holds one (prefetched studies stay readable); refused credentials are always an error."""
+    breaker = Breaker(source.description)  # one for the catalog and the blob store
     size = options.cache_size
-    opened: list[BlobStore] = []
+    catalogs: list[Catalog] = []
+    stores: list[BlobStore] = []
+    unreachable: list[SourceUnavailable] = []
 
-    def open_blobs() -> None:
-        opened.append(BlobStore(options.cache_dir, size, source, breaker=breaker, limits=options.limits,
+    def open_catalog() -> None:
+        catalogs.append(Catalog(source, layout.paths(options.cache_dir).catalog, listing_ttl=options.listing_ttl,
+                                breaker=breaker))
+
+    def open_blobs(size: int) -> None:
+        stores.append(BlobStore(options.cache_dir, size, source, breaker=breaker, limits=options.limits,
                                 missing_recheck=options.listing_ttl))
+
+    async def check() -> None:
+        try:
+            with breaker.guard():
+                await source.check()
+        except SourceUnavailable as exc:
+            if isinstance(exc, AccessRefused):
+                raise
+            unreachable.append(exc)
 
     try:
         async with open_nursery() as nursery:
-            nursery.start_soon(check_or_go_offline, source, catalog)
-            await trio.to_thread.run_sync(open_blobs)
-    except BaseException:
-        for blobs in opened:
-            blobs.close()
-        raise
-    return opened[0]
-
-
-async def check_or_go_offline(source: Source, catalog: Catalog) -> None:
-    """Check the archive; when it cannot be reached but the cache holds a stored catalog, carry
-    on with that (prefetched studies stay readable). Credentials refused is always an error."""
-    try:
-        with catalog.breaker.guard():
-            await source.check()
-    except SourceUnavailable as exc:
-        if isinstance(exc, AccessRefused) or not await catalog.has_stored_listing():
-            raise
-        catalog.report_offline(exc)
+            nursery.start_soon(check)
+            if size:
+                nursery.start_soon(partial(trio.to_thread.run_sync, open_blobs, size))
+            await trio.to_thread.run_sync(open_catalog)
+    finally:  # (a thread's opening outlives a cancellation: it is closed all the same)
+        for catalog in catalogs:
+            closing.callback(catalog.close)
+        for blobs in stores:
+            closing.callback(blobs.close)  # (first: the stack closes in reverse)
+    catalog = catalogs[0]
+    if unreachable:
+        if not await catalog.has_stored_listing():
+            raise unreachable[0]
+        catalog.report_offline(unreachable[0])
+    return catalog, stores[0] if stores else None
