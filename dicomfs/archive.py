@@ -10,7 +10,7 @@ Must not implement any command.
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -84,46 +84,60 @@ async def _open_checked(options: ArchiveOptions, source: Source,
                         closing: ExitStack) -> tuple[Catalog, BlobStore | None]:
     """The catalog and the blob store, opened while the archive is checked: the check waits on
     the network, the openings on the disk (a fresh cache's three sqlite files: 10-20 ms), each in
-    a worker thread. Whatever was opened is closed by ``closing``, also when something failed.
-    An archive that cannot be reached is gone offline from, on the stored catalog, when the cache
-    holds one (prefetched studies stay readable); refused credentials are always an error."""
+    a worker thread. Whatever was opened is closed by ``closing``, also when something failed;
+    the check's failure is the one reported when both fail. An archive that cannot be reached is
+    gone offline from, on the stored catalog, when the cache holds one (prefetched studies stay
+    readable); refused credentials are always an error. (Opening a cache whose archive then
+    refuses us changes nothing the next start would not: its work folder, ballast, size limit.)"""
     breaker = Breaker(source.description)  # one for the catalog and the blob store
     size = options.cache_size
     catalogs: list[Catalog] = []
     stores: list[BlobStore] = []
-    unreachable: list[SourceUnavailable] = []
+    failed: dict[str, BaseException] = {}
 
     def open_catalog() -> None:
-        catalogs.append(Catalog(source, layout.paths(options.cache_dir).catalog, listing_ttl=options.listing_ttl,
-                                breaker=breaker))
+        catalog = Catalog(source, layout.paths(options.cache_dir).catalog, listing_ttl=options.listing_ttl,
+                          breaker=breaker)
+        catalogs.append(catalog)
+        catalog.close()  # this thread's sqlite connection: diskcache opens one per thread, as used
 
     def open_blobs(size: int) -> None:
-        stores.append(BlobStore(options.cache_dir, size, source, breaker=breaker, limits=options.limits,
-                                missing_recheck=options.listing_ttl))
+        blobs = BlobStore(options.cache_dir, size, source, breaker=breaker, limits=options.limits,
+                          missing_recheck=options.listing_ttl)
+        stores.append(blobs)
+        blobs.close_connections()
+
+    async def attempt(what: str, step: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await step()
+        except Exception as exc:  # (each reported below, in a fixed order)
+            failed[what] = exc
 
     async def check() -> None:
-        try:
-            with breaker.guard():
-                await source.check()
-        except SourceUnavailable as exc:
-            if isinstance(exc, AccessRefused):
-                raise
-            unreachable.append(exc)
+        with breaker.guard():
+            await source.check()
 
     try:
         async with open_nursery() as nursery:
-            nursery.start_soon(check)
+            nursery.start_soon(attempt, "check", check)
             if size:
-                nursery.start_soon(partial(trio.to_thread.run_sync, open_blobs, size))
-            await trio.to_thread.run_sync(open_catalog)
+                nursery.start_soon(attempt, "blobs", partial(trio.to_thread.run_sync, open_blobs, size))
+            await attempt("catalog", partial(trio.to_thread.run_sync, open_catalog))
     finally:  # (a thread's opening outlives a cancellation: it is closed all the same)
         for catalog in catalogs:
             closing.callback(catalog.close)
         for blobs in stores:
             closing.callback(blobs.close)  # (first: the stack closes in reverse)
+    unreachable = failed.pop("check", None)
+    if unreachable is not None and (not isinstance(unreachable, SourceUnavailable)
+                                    or isinstance(unreachable, AccessRefused)):
+        raise unreachable
+    for what in ("catalog", "blobs"):
+        if what in failed:
+            raise failed[what]
     catalog = catalogs[0]
-    if unreachable:
+    if unreachable is not None:
         if not await catalog.has_stored_listing():
-            raise unreachable[0]
-        catalog.report_offline(unreachable[0])
+            raise unreachable
+        catalog.report_offline(unreachable)
     return catalog, stores[0] if stores else None

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable
+from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable, UsageError
 from dicomfs.records import SeriesRecord
 from dicomfs.sources import parse_source
 from dicomfs.sources.base import Credentials
@@ -185,9 +185,17 @@ async def test_cancelling_a_query_stops_it_at_once() -> None:
     "HTTP://Host.EXAMPLE:80/Dicom-Web", "https://h:443/a b/c?x=1#f", "http://[::1]:8042/dicom-web",
     "https://b\u00fccher.de/dw", "http://h/dw/%41", "HTTPS://h:443/x", "http://H:8042/Dicom-Web/",
     "http://h:08042/x", "http://h:/x", "http://h/x?", "http://h/x?a=b c", "http://h/\u00e9", "http://h./x",
+    "http://10.0.0.255:8042/x", "http://0.0.0.0/x", "http://1.2.3/x", "http://1.2.3.4.5/x", "https://xn--bcher-kva.de/dw",
 ])
 def test_a_dicomweb_url_takes_httpx_s_normal_form(url: str) -> None:
     assert parse_source(url).location == str(httpx.URL(url)).rstrip("/")
+
+
+@pytest.mark.parametrize("url", ["http://256.1.1.1/x", "http://01.2.3.4/x", "http://1.2.3.456/x", "http://xn--a/x",
+                                 "http://xn--ls8h/x", "http://user:pw@h/x", "http:///x"])
+def test_a_dicomweb_url_httpx_refuses_is_refused(url: str) -> None:
+    with pytest.raises(UsageError):
+        parse_source(url)
 
 
 def test_a_plain_dicomweb_url_does_not_load_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,3 +320,63 @@ def test_worker_thread_retrieves_go_through_the_environment_s_proxy(monkeypatch:
     direct = blocking._pool("http://pacs.local/dicom-web/studies/1")
     assert not isinstance(direct, urllib3.ProxyManager)
     assert blocking._pool("https://archive.example.org/x") is direct  # no proxy named for https
+
+
+async def test_at_most_sixteen_queries_at_once() -> None:
+    """Queries run in worker threads of their own, 16 at most (as httpx's pool allowed): a slow
+    archive cannot take every thread the disk work needs."""
+    lock = threading.Lock()
+    now = [0]
+    most = [0]
+
+    def answer(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], Iterator[bytes]]:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+            if now[0] > 16:
+                beyond.set()
+
+        def body() -> Iterator[bytes]:
+            beyond.wait(1.0)  # each answer is held a second, unless a 17th query came meanwhile
+            with lock:
+                now[0] -= 1
+            yield json.dumps([]).encode()
+        return 200, JSON, body()
+
+    beyond = threading.Event()
+    server, source = retrieving(answer)
+    with server:
+        async with trio.open_nursery() as nursery:
+            for n in range(24):
+                nursery.start_soon(source.list_series, f"1.2.{n}")
+    assert most[0] == 16
+
+
+def test_a_proxy_s_user_and_password_are_sent_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    from dicomfs.sources.threadhttp import BlockingHttp, proxy_auth
+
+    assert proxy_auth("http://proxy.invalid:3128") == {}
+    sent = proxy_auth("http://us%40er:p%3Ass@proxy.invalid:3128")
+    assert sent == {"proxy-authorization": "Basic " + base64.b64encode(b"us@er:p:ss").decode()}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://us%40er:p%3Ass@proxy.invalid:3128")
+    pool = BlockingHttp(Credentials())._pool("http://archive.example.org/dicom-web/studies")
+    assert pool.proxy_headers == sent  # type: ignore[attr-defined]
+
+
+def test_a_site_s_certificates_reach_the_thread_client_as_they_reach_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    import certifi
+
+    from dicomfs.sources.threadhttp import trusted_certificates
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    assert trusted_certificates() == (certifi.where(), None)
+    monkeypatch.setenv("SSL_CERT_DIR", "/etc/site-cas")
+    assert trusted_certificates() == (None, "/etc/site-cas")
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/site-ca.pem")
+    assert trusted_certificates() == ("/etc/site-ca.pem", None)

@@ -115,6 +115,12 @@ class BlobStore:
         self.manifests.close()
         self._folder.close()
 
+    def close_connections(self) -> None:
+        """Close the calling thread's sqlite connections (diskcache keeps one per thread and opens
+        it again when that thread uses the store): for a worker thread that opened the store."""
+        self.index.close()
+        self.manifests.close()
+
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Own the downloads and the maintenance task; returns when cancelled."""
         try:

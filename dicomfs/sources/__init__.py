@@ -69,10 +69,11 @@ def parse_source(text: str) -> SourceSpec:
     return SourceSpec(kind="folder", location=str(path.resolve()))
 
 
-# A URL already in the form httpx writes it (lower-case scheme and host, no default port, no dot
-# segments, nothing to escape, no query): taken as it is, without loading httpx for it.
-_PLAIN_URL = re.compile(r"(?P<scheme>https?)://[a-z0-9-]+(?:\.[a-z0-9-]+)*(?::(?P<port>[1-9][0-9]{0,4}))?"
-                        r"(?P<path>(?:/[A-Za-z0-9._~!$&'()*+,;=:@-]*)*)")
+# A URL already in the form httpx writes it (lower-case scheme and host name, no default port, no
+# dot segments, nothing to escape, no query): taken as it is, without loading httpx for it. Hosts
+# httpx checks further (IPv4 addresses, IDNA labels) go through httpx.
+_PLAIN_URL = re.compile(r"(?P<scheme>https?)://(?P<host>[a-z0-9-]+(?:\.[a-z0-9-]+)*)"
+                        r"(?::(?P<port>[1-9][0-9]{0,4}))?(?P<path>(?:/[A-Za-z0-9._~!$&'()*+,;=:@-]*)*)")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
@@ -80,22 +81,31 @@ def _dicomweb_spec(url: str) -> SourceSpec:
     """The archive's root URL in one normal form (httpx's), so that one archive always has the
     same location, and so the same default cache folder (``SourceSpec.source_id``)."""
     plain = _PLAIN_URL.fullmatch(url)
-    if (plain is not None and plain["port"] != _DEFAULT_PORTS[plain["scheme"]]
-            and int(plain["port"] or 1) <= 65535 and not {".", ".."} & set(plain["path"].split("/"))):
+    if plain is not None and _plain_as_httpx_writes_it(plain):
         return SourceSpec(kind="dicomweb", location=url.rstrip("/"))
     import httpx
 
     try:
         parsed = httpx.URL(url)
+        host = parsed.host
     except Exception:
         raise UsageError("the DICOMweb URL is not valid") from None
     if parsed.userinfo:
         raise UsageError(
             "put no credentials in the URL: use --user with DICOMFS_PASSWORD, or DICOMFS_TOKEN"
         )
-    if not parsed.host:
+    if not host:
         raise UsageError("the DICOMweb URL has no host")
     return SourceSpec(kind="dicomweb", location=str(parsed).rstrip("/"))
+
+
+def _plain_as_httpx_writes_it(plain: re.Match[str]) -> bool:
+    labels = plain["host"].split(".")
+    return (plain["port"] != _DEFAULT_PORTS[plain["scheme"]] and int(plain["port"] or 1) <= 65535
+            and not {".", ".."} & set(plain["path"].split("/"))
+            and (not all(label.isdigit() for label in labels)  # an IPv4 address: only as httpx writes it
+                 or len(labels) == 4 and all(str(int(label)) == label and int(label) <= 255 for label in labels))
+            and not any(label.startswith("xn--") for label in labels))  # IDNA: httpx checks it
 
 
 def _bucket_spec(text: str) -> SourceSpec:

@@ -16,6 +16,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from dicomfs.errors import ProtocolError
 from dicomfs.multipart import (
     MultipartParser,
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SERIES_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 PAGE_SIZE = 1000
+QUERIES_AT_ONCE = 16  # as httpx's pool allowed before queries moved to threads
 MAX_PAGES = 100_000
 MAX_SERIES_METADATA_BYTES = 512 * 1024 * 1024  # a whole series' metadata (inflated)
 MAX_NAMING_BYTES = 1 << 20  # a part not named by its first MiB is named by its file meta
@@ -65,7 +68,10 @@ class DicomwebSource:
         self.description = self.root
         self.page_size = page_size
         tls = not self.root.lower().startswith("http://")
-        self.blocking = BlockingHttp(credentials, timeout=timeout, tls=tls)  # every request, in threads
+        # every request, in worker threads: queries (at most QUERIES_AT_ONCE, with their own
+        # threads, so that a stalled archive cannot take those of disk work) and retrieves
+        self.blocking = BlockingHttp(credentials, timeout=timeout, tls=tls, max_connections=2 * QUERIES_AT_ONCE)
+        self._queries = trio.CapacityLimiter(QUERIES_AT_ONCE)
 
     async def aclose(self) -> None:
         self.blocking.close()
@@ -142,8 +148,15 @@ class DicomwebSource:
         return rows
 
     async def _get_json(self, url: str, limit: int = MAX_JSON_BYTES) -> tuple[Any, Mapping[str, str]]:
-        """A JSON GET in a worker thread (cancelling the task stops it at once)."""
-        return await run_stoppable(partial(self.blocking.get_json, url, limit=limit))
+        """A JSON GET in a worker thread. A cancelled one returns at once: its thread, which owns
+        nothing but the answer, is left to end by itself (stopped at its next read; a connect
+        that hangs lasts until its timeout) instead of being waited for."""
+        stop = StopSignal()
+        try:
+            return await trio.to_thread.run_sync(partial(self.blocking.get_json, url, stop, limit=limit),
+                                                 abandon_on_cancel=True, limiter=self._queries)
+        finally:
+            stop.set()  # (after an answer: nothing left to stop)
 
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         """One WADO-RS retrieve, run end to end in a worker thread (receive, multipart parsing,

@@ -14,6 +14,7 @@ into a log line or an error message.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import urllib.parse
@@ -79,9 +80,8 @@ class BlockingHttp:
         self._sign = sign
         self._hint = hint
         self._timeout = urllib3.Timeout(connect=connect_timeout, read=timeout)
-        # like httpx: certifi's certificates, loaded only for an https archive
         self._max_connections = max_connections
-        self._ca_certs = certifi.where() if tls else None
+        self._ca_certs, self._ca_dir = trusted_certificates() if tls else (None, None)  # (for https only)
         self._pools: dict[str | None, urllib3.PoolManager] = {}
         # The environment's proxies, read once as httpx does when its client is made (reading
         # them cost 0.1 ms a request), and each host's proxy once decided.
@@ -105,8 +105,10 @@ class BlockingHttp:
             self._proxy_of[where] = proxy
         pool = self._pools.get(proxy)
         if pool is None:
-            pool = (urllib3.ProxyManager(proxy, maxsize=self._max_connections, ca_certs=self._ca_certs) if proxy
-                    else urllib3.PoolManager(maxsize=self._max_connections, ca_certs=self._ca_certs))
+            pool = (urllib3.ProxyManager(proxy, proxy_headers=proxy_auth(proxy), maxsize=self._max_connections,
+                                         ca_certs=self._ca_certs, ca_cert_dir=self._ca_dir) if proxy
+                    else urllib3.PoolManager(maxsize=self._max_connections, ca_certs=self._ca_certs,
+                                             ca_cert_dir=self._ca_dir))
             pool.pool_classes_by_scheme = {"http": _Pool, "https": _TlsPool}
             self._pools[proxy] = pool
         return pool
@@ -183,6 +185,24 @@ class BlockingHttp:
                 attempt += 1
                 continue
             return response
+
+
+def trusted_certificates() -> tuple[str | None, str | None]:
+    """The certificates a TLS archive is checked against (a file, a folder), chosen as httpx
+    chooses them: the file ``SSL_CERT_FILE`` names, else the folder ``SSL_CERT_DIR`` names, else
+    certifi's (so a site's own CA reaches both clients the same way)."""
+    if os.environ.get("SSL_CERT_FILE"):
+        return os.environ["SSL_CERT_FILE"], None
+    if os.environ.get("SSL_CERT_DIR"):
+        return None, os.environ["SSL_CERT_DIR"]
+    return certifi.where(), None
+
+
+def proxy_auth(proxy: str) -> dict[str, str]:
+    """``Proxy-Authorization`` for a proxy URL with a user and password in it (httpx sends it from
+    the URL; urllib3 only when told)."""
+    auth = urllib3.util.parse_url(proxy).auth
+    return urllib3.make_headers(proxy_basic_auth=urllib.parse.unquote(auth)) if auth else {}
 
 
 _job = threading.local()  # .stop: the StopSignal of the job sending a request in this thread
