@@ -15,7 +15,13 @@ alternates from one repetition to the next):
    object (which names its instance), 16 at a time, then every object;
 2. first byte of one instance through a fresh mount with an empty cache dir, after an untimed
    ``ls`` of its series folder (the listing and the header reads are not counted): ``open()`` to
-   the first ``read()`` byte vs one ``curl`` of that object with a Range header for all of it.
+   the first ``read()`` byte vs one ``curl`` of that object with a Range header for all of it; and
+   the floor of that first byte, in two parts: what any Python reader that checks the object must
+   do before it has a byte to give (the object's GET as dicomfs sends it on a new connection, read
+   in 1 MiB pieces and MD5-hashed, in a child process warmed by one GET of another object first,
+   timed inside it as curl times itself),
+   and ``open()`` to the first ``read()`` of the same bytes through ``bench/passthrough.py`` (a
+   minimal pyfuse3 filesystem over a local copy).
 
 Then, with the real index of the installed idc-index-data package (168,507 studies), ``--index-
 repeat`` times: a fresh mount whose endpoint answers nothing (no network), ``ls studies | wc -l``
@@ -43,8 +49,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
-from bench.cod import FIRST_BYTE, curl  # noqa: E402
-from bench.mounts import DicomfsMount, cpu_seconds, memory_kib, run_timed, stop_on_sigterm  # noqa: E402
+from bench.cod import curl, first_byte  # noqa: E402
+from bench.mounts import (  # noqa: E402
+    DicomfsMount,
+    PassthroughMount,
+    cpu_seconds,
+    memory_kib,
+    run_timed,
+    stop_on_sigterm,
+)
 from bench.run import COMMAND_TIMEOUT, DOC, RESULTS  # noqa: E402
 from dicomfs.sources.idc.source import HEAD_BYTES, PARALLEL_HEADS  # noqa: E402
 from tests.factory import make_instance  # noqa: E402
@@ -57,12 +70,31 @@ BEGIN, END = "<!-- bench-idc:begin -->", "<!-- bench-idc:end -->"
 DEAD = "http://127.0.0.1:9"
 
 
-def first_byte(path: Path) -> tuple[float, str]:
-    _, status, out = run_timed([sys.executable, "-c", FIRST_BYTE, str(path)], capture=True, timeout=COMMAND_TIMEOUT)
-    if status != 0:
-        raise RuntimeError(f"reading {path} failed with status {status}")
-    elapsed, digest = out.split()
-    return float(elapsed), digest
+# What a Python reader that checks an object must do before it can hand out a byte of it: the GET
+# dicomfs sends for one instance (no Range, identity), read as dicomfs reads it and MD5-hashed,
+# timed from before the request like curl's time_total, in a process whose code is warm as a
+# daemon's is (one untimed GET of another object first; moto closes every connection, so the
+# timed one connects anew, as dicomfs's does). The body is kept for the passthrough.
+FETCH_FLOOR = """
+import hashlib, sys, time, urllib3
+pool = urllib3.PoolManager()
+
+def get(url):
+    response = pool.request("GET", url, headers={"Accept-Encoding": "identity"}, preload_content=False,
+                            decode_content=False)
+    md5, pieces = hashlib.md5(usedforsecurity=False), []
+    while piece := response.read1(1 << 20):
+        md5.update(piece)
+        pieces.append(piece)
+    return response, md5, pieces
+
+get(sys.argv[1])
+started = time.perf_counter()
+response, md5, pieces = get(sys.argv[2])
+elapsed = time.perf_counter() - started
+open(sys.argv[3], "wb").write(b"".join(pieces))
+print(elapsed, md5.hexdigest() == response.headers["etag"].strip('"'))
+"""
 
 
 def parallel_curls(urls: list[str], config: Path, jobs: int = 8, headers: tuple[str, ...] = ()) -> float:
@@ -149,6 +181,29 @@ class Bench:
         self.add("curl_range_s", result["total"])
         self.add("curl_range_first_s", result["first"])
 
+    def first_byte_floor(self) -> None:
+        key, other = self.objects[len(self.objects) // 2], self.objects[0]
+        local = self.work / "floor"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir()
+        bucket = f"{self.server.endpoint}/{self.store.handle.name}"
+        _, status, out = run_timed([sys.executable, "-c", FETCH_FLOOR, f"{bucket}/{other}", f"{bucket}/{key}",
+                                    str(local / "object")],
+                                   capture=True, timeout=COMMAND_TIMEOUT)
+        if status != 0:
+            raise RuntimeError(f"the fetch floor exited with {status}")
+        elapsed, checked = out.split()
+        self.checks.append(checked == "True")
+        self.add("floor_fetch_s", float(elapsed))
+        passthrough = PassthroughMount(local, self.work / "floor-mnt", self.work / "passthrough.log")
+        passthrough.start()
+        try:
+            elapsed_fuse, digest = first_byte(passthrough.path / "object")
+            self.checks.append(digest == hashlib.sha256((local / "object").read_bytes()).hexdigest())
+            self.add("floor_fuse_s", elapsed_fuse)
+        finally:
+            passthrough.stop()
+
     def full_index(self) -> None:
         mount = self.mount("--endpoint", DEAD)
         try:
@@ -197,6 +252,20 @@ def render(results: dict[str, Any]) -> str:
              f"{ranged * 1000:.1f} ms (first byte {median(s, 'curl_range_first_s') * 1000:.1f} ms) | "
              f"**{first / ranged:.2f}×** ({report.ratio_spread(s, 'dicomfs_first_byte_s', 'curl_range_s')}) | "
              "≤ 1.5× |"]
+    if "floor_fetch_s" in s:
+        fetch, fuse = median(s, "floor_fetch_s"), median(s, "floor_fuse_s")
+        floor = {"floor_s": [a + b for a, b in zip(s["floor_fetch_s"], s["floor_fuse_s"], strict=True)],
+                 "curl_range_s": s["curl_range_s"]}
+        lines += [f"| the floor of the first byte, 1: the object's GET and its MD5 in a warm Python process "
+                  f"(urllib3, as dicomfs reads it; no FUSE, no cache) | — | {fetch * 1000:.1f} ms | "
+                  f"{fetch / ranged:.2f}× the ranged `curl` "
+                  f"({report.ratio_spread(s, 'floor_fetch_s', 'curl_range_s')}) | — |",
+                  f"| the floor, 2: `open()` to first `read()` of the same bytes through the pyfuse3 passthrough "
+                  f"| — | {fuse * 1000:.2f} ms | — | — |",
+                  f"| the floor, 1 + 2 | — | {median(floor, 'floor_s') * 1000:.1f} ms | "
+                  f"{median(floor, 'floor_s') / ranged:.2f}× the ranged `curl` "
+                  f"({report.ratio_spread(floor, 'floor_s', 'curl_range_s')}); dicomfs "
+                  f"{first / median(floor, 'floor_s'):.2f}× this floor | — |"]
     if "index_ls_s" in s:
         lines.append(f"| `ls studies \\| wc -l` of the full index ({int(median(s, 'index_studies')):,} studies, "
                      f"{results['index_release']}, no network) | {median(s, 'index_ls_s'):.2f} s | | | ≤ 5 s |")
@@ -241,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             for ours, theirs in pairs:
                 for step in ((ours, theirs) if rep % 2 == 0 else (theirs, ours)):
                     step()
+            bench.first_byte_floor()
             print(f"repetition {rep + 1}: cold copy {bench.samples['dicomfs_cold_s'][-1]:.3f} s, curls "
                   f"{bench.samples['curl8_s'][-1]:.3f} s, first byte {bench.samples['dicomfs_first_byte_s'][-1]:.4f} "
                   f"s, ranged curl {bench.samples['curl_range_s'][-1]:.4f} s", flush=True)
