@@ -8,6 +8,7 @@ import json
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
@@ -333,17 +334,18 @@ async def test_at_most_sixteen_queries_at_once() -> None:
         with lock:
             now[0] += 1
             most[0] = max(most[0], now[0])
-            if now[0] > 16:
-                beyond.set()
+            if now[0] >= 16:
+                full.set()
 
         def body() -> Iterator[bytes]:
-            beyond.wait(1.0)  # each answer is held a second, unless a 17th query came meanwhile
+            full.wait(10)  # every answer is held until 16 queries are in flight,
+            time.sleep(0.3)  # and a while longer, for a 17th to come if it may
             with lock:
                 now[0] -= 1
             yield json.dumps([]).encode()
         return 200, JSON, body()
 
-    beyond = threading.Event()
+    full = threading.Event()
     server, source = retrieving(answer)
     with server:
         async with trio.open_nursery() as nursery:
