@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import trio
 
-from dicomfs.decoding import ACCEPTED_CODINGS, BoundedDecoder, parse_json
+from dicomfs.decoding import BoundedDecoder
 from dicomfs.errors import SourceError
-from dicomfs.gcpause import paused
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.http import (
     DEFAULT_TIMEOUT,
+    JSON_HEADERS,
     LARGE_JSON_BYTES,
     MAX_JSON_BYTES,
     RETRY_STATUS,
@@ -32,6 +32,7 @@ from dicomfs.sources.http import (
     body_error,
     check_encoding,
     describe,
+    json_document,
     proxied,
     status_error,
     transport_error,
@@ -135,9 +136,7 @@ class HttpClient:
                        limit: int = MAX_JSON_BYTES) -> tuple[Any, httpx.Headers]:
         """GET a JSON document of at most ``limit`` bytes (inflated: compressed answers are
         inflated step by step and counted). ``204`` and an empty body are returned as None."""
-        all_headers = {"Accept": "application/dicom+json, application/json", "Accept-Encoding": ACCEPTED_CODINGS}
-        all_headers.update(headers or {})
-        async with self.stream(url, all_headers) as response:
+        async with self.stream(url, {**JSON_HEADERS, **(headers or {})}) as response:
             decoder = BoundedDecoder(response.headers.get("content-encoding"), limit,
                                      f"the JSON answer from {describe(url)}")
             pieces: list[Any] = []
@@ -146,13 +145,10 @@ class HttpClient:
             decoder.finish()
             body = b"".join(pieces)
             del pieces
-            if response.status_code == 204 or not body.strip():
-                return None, response.headers
-            what = describe(url)
             if len(body) < LARGE_JSON_BYTES:
-                return parse_json(body, what), response.headers
+                return json_document(body, response.status_code, url), response.headers
             # a whole series' metadata parses for a second or more: not on the event loop
-            return await trio.to_thread.run_sync(paused, parse_json, body, what), response.headers
+            return await trio.to_thread.run_sync(json_document, body, response.status_code, url), response.headers
 
 
 def _transport_error(url: str, exc: httpx.TransportError) -> SourceError:

@@ -5,7 +5,8 @@ exponential backoff honouring Retry-After: a few fast attempts, never a timeout 
 stalled server does not recover in a second), how failures map to the error hierarchy (whole-
 archive failures are ``SourceUnavailable``, a body cut short is ``TransferBroken``), that an answer
 asked for in identity encoding must come that way, the ``Authorization`` header of a token or a
-user and password, and how a URL may appear in a message. The clients apply it: ``asynchttp``
+user and password, what a JSON GET asks for and how its body becomes a document, and how a URL
+may appear in a message. The clients apply it: ``asynchttp``
 (httpx on the event loop: bucket listings and ranges) and ``threadhttp`` (urllib3 in worker
 threads: DICOMweb queries and retrieves, bucket objects). Retries happen before any body is
 handed out; resuming a broken download is the blob store's. Imports no HTTP library (a DICOMweb
@@ -18,8 +19,10 @@ from __future__ import annotations
 import base64
 import random
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from dicomfs.decoding import ACCEPTED_CODINGS, parse_json
 from dicomfs.errors import (
     AccessRefused,
     ProtocolError,
@@ -27,6 +30,7 @@ from dicomfs.errors import (
     SourceUnavailable,
     TransferBroken,
 )
+from dicomfs.gcpause import paused
 from dicomfs.sources.base import Credentials
 from dicomfs.transferlimits import DEFAULT_WINDOW
 
@@ -35,6 +39,7 @@ OUTAGE_STATUS = {429, 502, 503, 504}  # the archive (or its gateway) as a whole 
 LARGE_JSON_BYTES = 1 << 20
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a QIDO page or a bucket listing page, inflated
 DEFAULT_TIMEOUT = DEFAULT_WINDOW  # ``--timeout``: a socket read, and the window of the minimum rate
+JSON_HEADERS = {"Accept": "application/dicom+json, application/json", "Accept-Encoding": ACCEPTED_CODINGS}
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,17 @@ def describe(url: str) -> str:
     parts = urlsplit(str(url))
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def json_document(data: bytes, status: int, url: str) -> Any:
+    """The document of a JSON answer's (inflated) body: None for ``204`` or an empty body. Blocking
+    when the body is large (``LARGE_JSON_BYTES``: a whole series' metadata, 61,000 objects, is
+    parsed with the cyclic collector paused); the event loop hands those to a worker thread."""
+    if status == 204 or not data.strip():
+        return None
+    if len(data) < LARGE_JSON_BYTES:
+        return parse_json(data, describe(url))
+    return paused(parse_json, data, describe(url))
 
 
 def check_encoding(url: str, asked: dict[str, str] | None, coding: str | None) -> None:

@@ -35,12 +35,11 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from dicomfs.decoding import ACCEPTED_CODINGS, BoundedDecoder, parse_json
-from dicomfs.gcpause import paused
+from dicomfs.decoding import BoundedDecoder
 from dicomfs.sources.base import Credentials
 from dicomfs.sources.http import (
     DEFAULT_TIMEOUT,
-    LARGE_JSON_BYTES,
+    JSON_HEADERS,
     MAX_JSON_BYTES,
     RETRY_STATUS,
     RetryPolicy,
@@ -48,6 +47,7 @@ from dicomfs.sources.http import (
     body_error,
     check_encoding,
     describe,
+    json_document,
     status_error,
     transport_error,
 )
@@ -132,9 +132,7 @@ class BlockingHttp:
         """GET a JSON document of at most ``limit`` bytes (inflated: a compressed answer is
         inflated step by step and counted) and its answer's headers. ``204`` and an empty body
         are None."""
-        asked = {"Accept": "application/dicom+json, application/json", "Accept-Encoding": ACCEPTED_CODINGS,
-                 **(headers or {})}
-        with self.stream(url, asked, stop) as body:
+        with self.stream(url, {**JSON_HEADERS, **(headers or {})}, stop) as body:
             decoder = BoundedDecoder(body.headers.get("content-encoding"), limit,
                                      f"the JSON answer from {describe(url)}")
             pieces: list[Any] = []
@@ -143,11 +141,7 @@ class BlockingHttp:
             decoder.finish()
         data = b"".join(pieces)
         del pieces
-        if body.status == 204 or not data.strip():
-            return None, body.headers
-        if len(data) < LARGE_JSON_BYTES:
-            return parse_json(data, describe(url)), body.headers
-        return paused(parse_json, data, describe(url)), body.headers  # (a series' metadata: 61,000 objects)
+        return json_document(data, body.status, url), body.headers
 
     def _send(self, url: str, headers: dict[str, str], stop: StopSignal) -> urllib3.BaseHTTPResponse:
         retries = urllib3.Retry(total=MAX_REDIRECTS, connect=0, read=0, status=0, other=0,
