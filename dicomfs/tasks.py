@@ -108,16 +108,18 @@ class StopSignal:
         _quietly(hook)
 
     def forget(self, hook: Callable[[], None]) -> None:
+        """Once this returns, ``hook`` does not run, nor is it running (so what it touches, a
+        socket say, may be closed)."""
         with self._lock:
             if hook in self._hooks:
                 self._hooks.remove(hook)
 
     def set(self) -> None:
-        with self._lock:
+        with self._lock:  # (hooks run under it: see forget; they must not block, nor call back)
             self._event.set()
             hooks, self._hooks = self._hooks, []
-        for hook in hooks:
-            _quietly(hook)
+            for hook in hooks:
+                _quietly(hook)
 
 
 def _quietly(hook: Callable[[], None]) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -54,10 +55,11 @@ class _OnLoopback:
     """A server on 127.0.0.1:``port``; ``dicomweb`` is where Orthanc's DICOMweb root would be."""
 
     port: int
+    scheme = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def dicomweb(self) -> str:
@@ -346,9 +348,9 @@ class AnsweringServer(_OnLoopback):
     """A loopback HTTP server whose GETs ``answer(path, headers)`` decides: (status, headers,
     body), the body bytes or an iterable of pieces, sent as they come (HTTP/1.0: the end of the
     body is the end of the connection unless a Content-Length is given). For unit tests of an
-    HTTP client that needs a real socket."""
+    HTTP client that needs a real socket; ``tls``: HTTPS with that server context."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, *, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, dict[str, str]]] = []
         server = self
 
@@ -375,6 +377,9 @@ class AnsweringServer(_OnLoopback):
 
         self.server = _ManyAtOnce(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 

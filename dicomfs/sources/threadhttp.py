@@ -3,7 +3,8 @@
 Owns the blocking side of a source's HTTP: one urllib3 pool per source (and per proxy, as the
 environment names them), a streamed GET and a bounded JSON GET under the one retry policy and
 error mapping of ``http.py`` (its ``RetryPolicy``, statuses, messages and ``Authorization`` rule),
-and breaking a blocked read when trio stops the job (``StopSignal``: the socket is shut down).
+and breaking a blocked connect or read when trio stops the job (``StopSignal``: the socket is
+shut down).
 Retrieves of every source and a DICOMweb archive's queries use it. urllib3 and not httpx's sync
 client: on a series retrieve from a loopback Orthanc urllib3 took 0.12-0.15 s of CPU per GB, httpx
 0.46-0.59 s (h11 copies every body byte into and out of its buffer); and a DICOMweb command that
@@ -31,9 +32,11 @@ from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
     MaxRetryError,
+    NameResolutionError,
     NewConnectionError,
     ReadTimeoutError,
 )
+from urllib3.util.connection import allowed_gai_family
 
 from dicomfs.decoding import BoundedDecoder
 from dicomfs.sources.base import Credentials
@@ -209,29 +212,91 @@ else:
 
 
 class _Stoppable(_ConnectionBase):
-    """A connection that a stop can break: once a request is sent on it (a new connection or one
-    from the pool), the job's ``StopSignal`` shuts its socket down, which ends a wait for the
-    answer's head as well as a read of its body. (http.client forgets the socket, ``sock =
-    None``, when an answer that closes the connection begins: the hook keeps its own reference.)
+    """A connection that a stop can break, from its first step to the end of the answer.
+
+    - While it connects (the TCP connect, a proxy's tunnel, the TLS handshake) and sends the
+      request, a stop shuts down a duplicate of its socket made for that: the duplicate names the
+      same socket, and stays valid when the TLS layer takes the original over (``wrap_socket``
+      detaches it).
+    - Once the request is sent (on a new connection or one from the pool), a stop shuts the socket
+      itself down, which ends a wait for the answer's head as well as a read of its body.
+      (http.client forgets the socket, ``sock = None``, when an answer that closes the connection
+      begins: the hook keeps its own reference.)
+
+    Not breakable: the host name's resolution (``getaddrinfo``), bounded by the resolver's own
+    timeouts.
     """
 
     sock: socket.socket | None
-    stop_hook: tuple[StopSignal, Callable[[], None]] | None = None
+    stop_hook: tuple[StopSignal, Callable[[], None], socket.socket | None] | None = None
+
+    def _new_conn(self) -> socket.socket:
+        stop: StopSignal | None = getattr(_job, "stop", None)
+        if stop is None:
+            return super()._new_conn()
+        # urllib3's own steps (util.connection.create_connection, and _new_conn's errors), but with
+        # the socket in hand before it connects, so that the stop can reach it.
+        try:
+            return self._connect_watched(stop)
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out. "
+                                            f"(connect timeout={self.timeout})") from exc
+        except OSError as exc:
+            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+
+    def _connect_watched(self, stop: StopSignal) -> socket.socket:
+        error: OSError | None = None
+        for family, kind, proto, _, address in socket.getaddrinfo(
+                self._dns_host.strip("[]"), self.port, allowed_gai_family(), socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            try:
+                for option in self.socket_options or ():
+                    sock.setsockopt(*option)
+                sock.settimeout(self.timeout if isinstance(self.timeout, (int, float)) else None)
+                if self.source_address:
+                    sock.bind(self.source_address)
+                self._watch(stop, sock.dup(), owned=True)
+                sock.connect(address)
+                return sock
+            except OSError as exc:
+                self.forget_stop()
+                sock.close()
+                error = exc
+                if stop.is_set():
+                    break  # not the next address: the job is over
+        raise error or OSError("getaddrinfo returns an empty list")
+
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except BaseException:
+            self.forget_stop()
+            raise
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        super().request(*args, **kwargs)
-        self.forget_stop()
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            self.forget_stop()  # the connect's watch, or a hook left from a job before
         stop: StopSignal | None = getattr(_job, "stop", None)
         if stop is not None and self.sock is not None:
-            hook = partial(self.sock.shutdown, socket.SHUT_RDWR)
-            self.stop_hook = (stop, hook)
-            stop.on_stop(hook)
+            self._watch(stop, self.sock, owned=False)
+
+    def _watch(self, stop: StopSignal, sock: socket.socket, *, owned: bool) -> None:
+        """Let ``stop`` shut ``sock`` down; ``owned``: a duplicate, closed when forgotten."""
+        hook = partial(sock.shutdown, socket.SHUT_RDWR)
+        self.stop_hook = (stop, hook, sock if owned else None)
+        stop.on_stop(hook)
 
     def forget_stop(self) -> None:
         if self.stop_hook is not None:
-            stop, hook = self.stop_hook
-            stop.forget(hook)
+            stop, hook, owned = self.stop_hook
             self.stop_hook = None
+            stop.forget(hook)
+            if owned is not None:
+                owned.close()
 
 
 class _Connection(_Stoppable, urllib3.connection.HTTPConnection):
