@@ -1,8 +1,8 @@
-"""The worker-thread HTTP client's stop reaches every step of a request that can hang: an archive
-that never completes the TCP connect, one that accepts but never answers the TLS handshake, one
-that never answers the request. Each job ends when trio cancels it, not at its timeout (60 s
-here; a hard 30 s limit fails the test). And the way the stop watches a connect leaves HTTPS
-working and no socket behind."""
+"""The worker-thread HTTP client's stop reaches every step of a request that can hang: a host name
+whose resolver does not answer, an archive that never completes the TCP connect, one that
+accepts but never answers the TLS handshake, one that never answers the request. Each job ends
+when trio cancels it, not at its timeout (60 s here; a hard 30 s limit fails the test). And the
+way the stop watches a connect leaves HTTPS working and no socket behind."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import gc
 import os
 import socket
 import ssl
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +77,31 @@ async def get_stopped(client: BlockingHttp, url: str) -> None:
             await run_stoppable(job)
     assert scope.cancelled_caught
     client.close()
+
+
+async def test_a_stop_leaves_a_resolver_that_does_not_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``getaddrinfo`` cannot be broken; the job leaves it behind (the resolver here answers only
+    when the test ends, 20 s at most)."""
+    real = socket.getaddrinfo
+    released = threading.Event()
+    late = []
+
+    def slow_resolver(host: str, *args: object) -> object:
+        if host != "archive.invalid":
+            return real(host, *args)  # type: ignore[arg-type]
+        if args[4:5] == (socket.AI_NUMERICHOST,):  # (port, family, type, proto, flags)
+            raise socket.gaierror(socket.EAI_NONAME, "not an address")
+        released.wait(20)
+        late.append("answered")
+        raise socket.gaierror(socket.EAI_AGAIN, "no answer")
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_resolver)
+    try:
+        await get_stopped(BlockingHttp(Credentials(), timeout=LONG, connect_timeout=LONG),
+                          "http://archive.invalid:8042/x")
+        assert not late  # the job ended while the resolver still said nothing
+    finally:
+        released.set()
 
 
 async def test_a_stop_breaks_a_connect_that_hangs() -> None:

@@ -223,8 +223,8 @@ class _Stoppable(_ConnectionBase):
       (http.client forgets the socket, ``sock = None``, when an answer that closes the connection
       begins: the hook keeps its own reference.)
 
-    Not breakable: the host name's resolution (``getaddrinfo``), bounded by the resolver's own
-    timeouts.
+    A host name is resolved in a thread of its own, which a stop leaves behind (``_resolve``):
+    ``getaddrinfo`` cannot be broken, and a resolver that does not answer takes its timeouts.
     """
 
     sock: socket.socket | None
@@ -248,8 +248,7 @@ class _Stoppable(_ConnectionBase):
 
     def _connect_watched(self, stop: StopSignal) -> socket.socket:
         error: OSError | None = None
-        for family, kind, proto, _, address in socket.getaddrinfo(
-                self._dns_host.strip("[]"), self.port, allowed_gai_family(), socket.SOCK_STREAM):
+        for family, kind, proto, _, address in _resolve(self._dns_host.strip("[]"), self.port, stop):
             sock = socket.socket(family, kind, proto)
             try:
                 for option in self.socket_options or ():
@@ -297,6 +296,38 @@ class _Stoppable(_ConnectionBase):
             stop.forget(hook)
             if owned is not None:
                 owned.close()
+
+
+def _resolve(host: str, port: int, stop: StopSignal) -> list[tuple[Any, ...]]:
+    """The addresses to try for ``host``, as urllib3 asks for them. An address is taken as it is;
+    a name is resolved in a daemon thread while this one waits for it or for the stop, whichever
+    comes first (a stopped job returns, the resolution ends when the resolver gives up)."""
+    family = allowed_gai_family()
+    try:
+        return socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass  # a name
+    answer: list[list[tuple[Any, ...]] | OSError] = []
+    done = threading.Event()
+
+    def resolve() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
+        except OSError as exc:
+            answer.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=resolve, name="dicomfs-resolve", daemon=True).start()
+    stop.on_stop(done.set)
+    try:
+        done.wait()
+    finally:
+        stop.forget(done.set)
+    stop.check()
+    if isinstance(answer[0], OSError):
+        raise answer[0]
+    return answer[0]
 
 
 class _Connection(_Stoppable, urllib3.connection.HTTPConnection):
