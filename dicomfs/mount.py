@@ -86,6 +86,24 @@ def check_mountpoint(path: Path) -> Path:
     return path.resolve()
 
 
+def check_apart(mountpoint: Path, cache_dir: Path, log_file: Path | None, folder: Path | None) -> None:
+    """A one-line UsageError if the cache, the log file or a folder source would be read or
+    written through the mount itself: the daemon would wait for its own answer, a hang no signal
+    ends. (A mount point inside the folder it shows is fine: the folder is scanned before the
+    mount is made.)"""
+    def inside(path: Path, folder: Path) -> bool:
+        return path.resolve().is_relative_to(folder)
+
+    if inside(cache_dir, mountpoint):
+        raise UsageError(f"the cache folder {cache_dir} is inside the mount point {mountpoint}: "
+                         "choose one outside it (--cache-dir)")
+    if log_file is not None and inside(log_file, mountpoint):
+        raise UsageError(f"the log file {log_file} is inside the mount point {mountpoint}: choose one outside it")
+    if folder is not None and inside(folder, mountpoint):
+        raise UsageError(f"the source folder {folder} is inside the mount point {mountpoint}: "
+                         "mount it somewhere else")
+
+
 def runtime_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dicomfs-{os.getuid()}"
     folder = Path(base) / "dicomfs"

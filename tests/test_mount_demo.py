@@ -139,6 +139,29 @@ def test_bad_mount_points_and_options(mount_factory: Callable[..., Mount], tmp_p
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_cache_log_or_folder_inside_the_mount_point_is_refused(tmp_path: Path, demo_dir: Path) -> None:
+    """Each would be read or written through the mount itself: the daemon would wait for its own
+    answer, for good. Refused in one line, before anything is mounted or written."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    folder_below = mountpoint / "dicom"
+    shutil.copytree(demo_dir, folder_below)
+    for args, message in [
+        (("demo", str(mountpoint), "--cache-dir", str(mountpoint / ".cache")), "the cache folder"),
+        (("demo", str(mountpoint), "--cache-dir", str(mountpoint)), "the cache folder"),
+        (("demo", str(mountpoint), "--cache-dir", str(tmp_path / "c"), "--log-file", str(mountpoint / "log")),
+         "the log file"),
+        ((str(folder_below), str(mountpoint), "--cache-dir", str(tmp_path / "c")), "the source folder"),
+        ((str(mountpoint), str(mountpoint), "--cache-dir", str(tmp_path / "c")), "the source folder"),
+    ]:
+        result = dicomfs("mount", *args)
+        assert result.returncode != 0 and message in result.stderr and "inside the mount point" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not is_mounted(mountpoint)
+    assert sorted(path.name for path in mountpoint.iterdir()) == ["dicom"]  # nothing written there
+    assert not (tmp_path / "c").exists()
+
+
 def test_systemd_mode_notifies_and_stops_cleanly(tmp_path: Path, demo_expected: dict[str, str]) -> None:
     notify_path = str(tmp_path / "notify.sock")
     mountpoint = tmp_path / "mnt"

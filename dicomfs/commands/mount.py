@@ -80,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Mount, in the foreground or detached (``argv``: this command's arguments, for the daemon)."""
     from dicomfs.cache import layout
-    from dicomfs.mount import MountOptions, check_mountpoint
+    from dicomfs.mount import MountOptions, check_apart, check_mountpoint
     from dicomfs.readahead import Mode
     from dicomfs.views import COLLECTIONS, DEFAULT_VIEWS, ViewOptions
 
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     log_file = Path(args.log_file).expanduser().absolute() if args.log_file else None
     if detach and log_file is None:
         log_file = layout.paths(archive.cache_dir).log
+    check_apart(mountpoint, archive.cache_dir, log_file, Path(spec.location) if spec.kind == "folder" else None)
     options = MountOptions(archive.spec, mountpoint, archive.cache_dir, archive.cache_size, archive.credentials,
                            allow_other=args.allow_other, listing_ttl=args.listing_ttl,
                            source_options=archive.source_options, query=archive.query, limits=archive.limits,
