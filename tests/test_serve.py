@@ -7,9 +7,11 @@ import gzip
 import hashlib
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,10 @@ import httpx
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import generate_uid
 
 from tests.cod_bucket import BUCKET, Bucket, mount_env
+from tests.factory import make_instance
 from tests.mounting import dicomfs
 from tests.reference import KEY_TAGS, parts, reference_frames, source_files, value
 from tests.servers import DicomfsServe, OrthancServer, free_port, wait_until
@@ -352,6 +356,53 @@ def test_command_errors_are_one_line(tmp_path: Path) -> None:
                                 timeout=120)
         last = result.stderr.strip().splitlines()[-1]  # (argparse prints its usage above)
         assert result.returncode == 2 and message in last and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_request_bodies_are_read_and_their_connections_closed(serve: Callable[..., DicomfsServe]) -> None:
+    """Nothing here takes a body, but one must still be read: hypercorn hands it over through a
+    queue of a few pieces, and a connection whose body nobody read was never closed (a STOW-RS
+    attempt left one behind each time)."""
+    server = serve("demo")
+    assert server.process is not None
+    assert http_request(server.port, "GET", "/dicomweb/studies")[0] == 200  # (what a first request opens)
+    before = open_fds(server.process.pid)
+    body = b"x" * (4 << 20)
+    for _ in range(20):
+        status, _, _ = http_request(server.port, "POST", "/dicomweb/studies",
+                                    {"Content-Type": "application/dicom", "Content-Length": str(len(body))}, body)
+        assert status == 405
+    status, _, _ = http_request(server.port, "GET", "/dicomweb/studies", {"Content-Length": str(len(body))}, body)
+    assert status == 200  # (a GET with a body)
+    wait_until(lambda: open_fds(server.process.pid) <= before + 2, 30,  # type: ignore[union-attr]
+               "the server to close the connections")  # (hypercorn closes one 5 s after its client did)
+
+
+def test_a_client_that_stops_reading_is_disconnected(serve: Callable[..., DicomfsServe], tmp_path: Path) -> None:
+    """A client that takes none of a large answer's bytes holds its request only for
+    ``--send-timeout``; meanwhile the server answers others, and SIGTERM ends it (before, the
+    stalled send held the server's shutdown for good)."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    (folder / "big.dcm").write_bytes(make_instance(study, series, sop, pixel_bytes=48 << 20))
+    server = serve(str(folder), "--send-timeout", "2")
+    assert server.process is not None
+    with socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (a small window, filled at once)
+        stalled.settimeout(30)
+        stalled.connect(("127.0.0.1", server.port))
+        stalled.sendall(f"GET /dicomweb/studies/{study}/series/{series}/instances/{sop} HTTP/1.1\r\n"
+                        f"Host: 127.0.0.1\r\nAccept: {STORED}\r\n\r\n".encode())
+        assert stalled.recv(1) == b"H"  # the answer began; from here on nothing is read
+        assert httpx.get(f"{server.root}/studies", timeout=30).status_code == 200  # others are answered
+        time.sleep(1)
+        server.process.terminate()
+        assert server.process.wait(timeout=60) == 0
+    wait_until(lambda: "stopping" in server.log, 10, "the stop to be logged")
 
 
 def test_serve_stops_on_sigterm(serve: Callable[..., DicomfsServe]) -> None:

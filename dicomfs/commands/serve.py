@@ -21,8 +21,11 @@ from dicomfs.commands.options import (
     archive_options,
     configure_logging,
     port,
+    seconds,
 )
 from dicomfs.errors import UsageError
+
+SEND_TIMEOUT = 60.0  # as nginx's send_timeout
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,6 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     serve.add_argument("--cors-origin", metavar="ORIGIN", help="let pages from ORIGIN (e.g. "
                        "https://viewer.example.org, or *) read the responses (default: none; a --viewer needs none)")
     serve.add_argument("--systemd", action="store_true", help="send READY=1 to $NOTIFY_SOCKET once listening")
+    serve.add_argument("--send-timeout", type=seconds, default=SEND_TIMEOUT, metavar="SECONDS",
+                       help="a client that takes none of its answer's bytes for this long is disconnected "
+                       f"(default {SEND_TIMEOUT:.0f})")
     add_listing_ttl_option(serve)
     add_transfer_options(serve)
     add_log_level_option(serve, "INFO")
@@ -57,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--cors-origin {args.cors_origin!r} is not an origin (scheme://host[:port], or *)")
     viewer = Path(args.viewer).expanduser() if args.viewer else None
     options = ServeOptions(archive_options(args, with_blobs=True), args.host, args.port, args.cors_origin, viewer,
-                           args.access_log)
+                           args.access_log, args.send_timeout)
     configure_logging(args.log_level)
 
     def ready(root: str) -> None:

@@ -126,6 +126,8 @@ class DicomwebApp:
             log.exception("%s %s: unexpected error", method, scope.get("path", "")[:200])
             reply = Reply(500, [], b"internal error (see the server's log)\n")
         reply.headers += self._cors(origin, method, headers)
+        if "content-length" in headers or "transfer-encoding" in headers:
+            await _drain(receive)  # (first: a client still sending would not read the answer)
         await _send(send, reply, head=method == "HEAD")
 
     # --- dispatch -------------------------------------------------------------------------------
@@ -351,6 +353,16 @@ async def _send(send: Send, reply: Reply, *, head: bool) -> None:
         headers.append((b"content-length", str(len(data)).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head or reply.status in (204, 304) else data})
+
+
+async def _drain(receive: Receive) -> None:
+    """Read a request's body to its end and drop it (nothing here takes a body). hypercorn hands
+    a body over through a queue of a few pieces: one nobody reads stops its connection's reader
+    for good, and the connection is never closed."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 async def lifespan(receive: Receive, send: Send) -> None:

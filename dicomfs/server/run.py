@@ -4,8 +4,8 @@ Owns the order of start-up (open the archive as a mount does: cache lock, source
 stored catalog offline, blob store; then bind and listen: a port in use is a one-line error before
 anything is served) and of shut-down (SIGTERM/SIGINT: stop accepting, requests in flight get
 ``SHUTDOWN_GRACE`` seconds, downloads are cancelled, the cache closed), ``READY=1``/``STOPPING=1``
-with ``--systemd``, and hypercorn's configuration (loopback by default, bounded header sizes, no
-access log unless asked). Why hypercorn: an ASGI server with a trio worker, so the app, the blob
+with ``--systemd``, and hypercorn's configuration (loopback by default, bounded header sizes, a
+send timeout, no access log unless asked). Why hypercorn: an ASGI server with a trio worker, so the app, the blob
 store and the sources share one event loop with the rest of dicomfs. Must not answer requests.
 """
 
@@ -33,6 +33,7 @@ from dicomfs.tasks import open_nursery
 from dicomfs.webfiles import WebFiles
 
 if TYPE_CHECKING:
+    from hypercorn.config import Config
     from hypercorn.typing import ASGIFramework  # (hypercorn's types are stricter than the app's dict scope)
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class ServeOptions:
     cors_origin: str | None = None
     viewer: Path | None = None
     access_log: bool = False
+    send_timeout: float = 60.0  # a client that takes no bytes for this long is disconnected
 
 
 def url_of(host: str, port: int) -> str:
@@ -58,14 +60,13 @@ def url_of(host: str, port: int) -> str:
 async def serve(options: ServeOptions, on_ready: Callable[[str], None], *, systemd: bool = False) -> None:
     """Serve until SIGTERM/SIGINT. ``on_ready`` gets the DICOMweb root's URL once it listens.
     Raises DicomfsError (UsageError for a host/port that cannot be bound)."""
-    from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
     viewer = Viewer(options.viewer, "/" + ROOT) if options.viewer is not None else None
     _check_can_listen(options.host, options.port)  # before the archive is opened: a typo costs nothing
     async with open_archive(options.archive) as archive:
         app = app_for(archive, cors_origin=options.cors_origin, viewer=viewer)
-        config = Config()
+        config = _config(options.send_timeout)
         config.bind = [f"[{options.host}]:{options.port}" if ":" in options.host else f"{options.host}:{options.port}"]
         config.accesslog = logging.getLogger("dicomfs.access") if options.access_log else None
         config.errorlog = logging.getLogger("hypercorn.error")
@@ -93,6 +94,27 @@ async def serve(options: ServeOptions, on_ready: Callable[[str], None], *, syste
             log.info("stopping")
             # hypercorn stops accepting and gives requests in flight the grace; then this ends them
             nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE + 1
+
+
+def _config(send_timeout: float) -> Config:
+    """hypercorn's configuration, whose listening sockets disconnect a client that takes none of
+    its answer's bytes for ``send_timeout`` seconds. hypercorn has no write timeout, and sends
+    with its task shielded from cancellation: a client that stops reading (a paused pipe, a
+    suspended process) would hold its request, the blob it reads and the server's shutdown for
+    good. ``TCP_USER_TIMEOUT``, which accepted sockets inherit, has the kernel end such a
+    connection (its zero-window probes go unanswered by data), and the send fails."""
+    from hypercorn.config import Config, Sockets
+
+    class _Config(Config):
+        def create_sockets(self) -> Sockets:
+            sockets = super().create_sockets()
+            for sock in sockets.insecure_sockets + sockets.secure_sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                    min(round(send_timeout * 1000), 2**31 - 1))
+            return sockets
+
+    return _Config()
 
 
 def app_for(archive: Archive, *, cors_origin: str | None = None, viewer: Viewer | None = None) -> DicomwebApp:
