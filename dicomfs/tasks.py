@@ -14,6 +14,7 @@ import math
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 import outcome
@@ -129,10 +130,22 @@ def _quietly(hook: Callable[[], None]) -> None:
         pass  # e.g. the socket was closed already
 
 
-async def run_stoppable(job: Callable[[StopSignal], R]) -> R:
+RETRIEVES_AT_ONCE = 64
+
+
+def retrieve_limiter() -> trio.CapacityLimiter:
+    """The worker threads one source's retrieves may hold at once (a source makes its own): not
+    trio's default 40, which disk work shares (cached reads, manifest lookups, commits, renders).
+    A retrieve holds its thread for a whole series, minutes on a slow link: a scan opening one file
+    of each of 40 series left every cached read waiting behind them."""
+    return trio.CapacityLimiter(RETRIEVES_AT_ONCE)
+
+
+async def run_stoppable(job: Callable[[StopSignal], R], *, limiter: trio.CapacityLimiter | None = None) -> R:
     """``job(stop)`` in a worker thread, owned by the calling task: when the task is cancelled the
     thread is told to stop (``stop`` is set, its hooks run), the task waits for it to return, and
-    then raises ``Cancelled``, whatever the stopped job raised or returned."""
+    then raises ``Cancelled``, whatever the stopped job raised or returned. ``limiter``: whose
+    threads (trio's default: disk work's; a retrieve passes its source's ``retrieve_limiter``)."""
     stop = StopSignal()
     finished = False
 
@@ -147,7 +160,7 @@ async def run_stoppable(job: Callable[[StopSignal], R]) -> R:
         nursery.start_soon(watch)
         try:
             # not abandoned on cancel: the job ends promptly once stopped, and owns what it opened
-            result = await outcome.acapture(trio.to_thread.run_sync, job, stop)
+            result = await outcome.acapture(partial(trio.to_thread.run_sync, limiter=limiter), job, stop)
         finally:
             finished = True
             nursery.cancel_scope.cancel()

@@ -289,6 +289,34 @@ async def test_cancelling_a_series_retrieve_stops_its_thread_at_once() -> None:
     assert sink.arrivals == 500 and not sink.files
 
 
+async def test_retrieves_leave_trio_s_threads_to_disk_work() -> None:
+    """41 series retrieves stalled by their archive (a scan opening one file of each series, on a
+    slow link) hold threads of their own: a disk job in trio's default threads (40 of them) is
+    not kept waiting behind them."""
+    good = make_instance("1.2.3", "1.2.3.4", "1.2.3.4.1")
+    released = threading.Event()
+    started = []
+
+    def stalling() -> Iterator[bytes]:
+        started.append(1)
+        yield multipart([good])[:500]
+        released.wait(30)
+
+    server, source = retrieving(lambda path, headers: (200, MULTIPART, stalling()))
+    with server:
+        try:
+            async with trio.open_nursery() as nursery:
+                for n in range(41):
+                    nursery.start_soon(source.fetch_series, SeriesRecord("1.2.3", f"1.2.3.{n}"), Sink())
+                with trio.fail_after(20):
+                    while len(started) < 40:  # (trio has 40 threads by default)
+                        await trio.sleep(0.05)
+                    assert await trio.to_thread.run_sync(lambda: "read") == "read"
+                nursery.cancel_scope.cancel()
+        finally:
+            released.set()
+
+
 def test_proxies_from_the_environment_keep_httpx_default_transport(monkeypatch: pytest.MonkeyPatch) -> None:
     from dicomfs.sources.asynchttp import HttpClient
     from dicomfs.sources.transport import LargeReadTransport

@@ -32,7 +32,7 @@ from dicomfs.sources.cod_metadata import (
     CodSeries,
     parse_series_index,
 )
-from dicomfs.tasks import StopSignal, run_stoppable
+from dicomfs.tasks import StopSignal, retrieve_limiter, run_stoppable
 from dicomfs.uids import is_key
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class CodSource:
         self._objects: dict[tuple[str, str], SeriesObjects] = {}
         self._indexes: cachetools.LRUCache[tuple[str, str], CodSeries] = cachetools.LRUCache(64)
         self._flights: SingleFlight[CodSeries] = SingleFlight()
+        self._retrieves = retrieve_limiter()
 
     async def aclose(self) -> None:
         await self.bucket.aclose()
@@ -148,7 +149,8 @@ class CodSource:
         wanted = sorted((i for i in index.instances.values() if sink.wants(i.key)), key=lambda i: i.start)
         if not wanted:
             return
-        await run_stoppable(partial(self._cut, self._tar_name(series), wanted, None, sink.in_thread()))
+        await run_stoppable(partial(self._cut, self._tar_name(series), wanted, None, sink.in_thread()),
+                            limiter=self._retrieves)
 
     async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None:
         """One instance by a Range request, read in a worker thread."""
@@ -157,7 +159,8 @@ class CodSource:
         if entry is None:
             raise NotFound(f"instance {instance.key} is not in its series index")
         series = SeriesRecord(instance.study_uid, instance.series_uid)
-        if not await run_stoppable(partial(self._cut, self._tar_name(series), [entry], entry.end, sink.in_thread())):
+        if not await run_stoppable(partial(self._cut, self._tar_name(series), [entry], entry.end, sink.in_thread()),
+                                   limiter=self._retrieves):
             raise IntegrityError(f"instance {entry.key} failed its CRC32C check")
 
     def _cut(self, tar: str, entries: list[CodInstance], end: int | None, sink: BlockingSink,

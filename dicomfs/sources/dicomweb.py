@@ -32,7 +32,7 @@ from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import BlockingMemberWriter, BlockingSink, Credentials, SeriesSink
 from dicomfs.sources.http import DEFAULT_TIMEOUT, MAX_JSON_BYTES
 from dicomfs.sources.threadhttp import BlockingHttp
-from dicomfs.tasks import StopSignal, run_stoppable
+from dicomfs.tasks import StopSignal, retrieve_limiter, run_stoppable
 from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class DicomwebSource:
         # threads, so that a stalled archive cannot take those of disk work) and retrieves
         self.blocking = BlockingHttp(credentials, timeout=timeout, tls=tls, max_connections=2 * QUERIES_AT_ONCE)
         self._queries = trio.CapacityLimiter(QUERIES_AT_ONCE)
+        self._retrieves = retrieve_limiter()
 
     async def aclose(self) -> None:
         self.blocking.close()
@@ -162,7 +163,7 @@ class DicomwebSource:
         """One WADO-RS retrieve, run end to end in a worker thread (receive, multipart parsing,
         checks, writing): the event loop only hears of finished instances."""
         url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}"
-        await run_stoppable(partial(self._retrieve, url, sink.in_thread()))
+        await run_stoppable(partial(self._retrieve, url, sink.in_thread()), limiter=self._retrieves)
 
     def _retrieve(self, url: str, sink: BlockingSink, stop: StopSignal) -> None:
         # identity: DICOM is mostly compressed pixels already, and raw bytes pass with no decoder;

@@ -39,7 +39,7 @@ from dicomfs.sources.bucket import ObjectInfo
 from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.sources.idc.index import IdcIndex, SeriesLocation
 from dicomfs.sources.s3 import S3Bucket
-from dicomfs.tasks import StopSignal, open_nursery, run_stoppable
+from dicomfs.tasks import StopSignal, open_nursery, retrieve_limiter, run_stoppable
 from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class IdcSource:
         self._listed: cachetools.LRUCache[str, dict[str, tuple[ObjectInfo, DicomJson]]] = cachetools.LRUCache(256)
         self._heads = diskcache.Cache(str(work_dir / "idc-heads"))  # object -> what its header told (Head)
         self._limit = trio.CapacityLimiter(PARALLEL_HEADS)
+        self._retrieves = retrieve_limiter()
         self._listings: SingleFlight[dict[str, tuple[ObjectInfo, DicomJson]]] = SingleFlight()
         self._searched: list[str] = []  # the studies of the last search, in order, and where each is
         self._searched_at: dict[str, int] = {}
@@ -338,9 +339,9 @@ class IdcSource:
                         # slide microscopy objects run to gigabytes); the sink takes it alone
                         async with writing:
                             await run_stoppable(partial(_whole_in_thread, bucket, info, key, sink.in_thread(),
-                                                        arrived=_told_on_the_loop(sink)))
+                                                        arrived=_told_on_the_loop(sink)), limiter=self._retrieves)
                         continue
-                    body = await _whole(bucket, info, sink)
+                    body = await _whole(bucket, info, sink, self._retrieves)
                 except (IntegrityError, ProtocolError) as exc:
                     # this object is not what its listing says: EIO for its file, the rest is served
                     log.error("series %s: instance %s is not served: %s", series.uid, key, exc)
@@ -366,7 +367,8 @@ class IdcSource:
             raise NotFound(f"instance {instance.key} is no longer in its series' bucket prefix")
         info, _ = objects[instance.key]
         bucket = self._bucket(location.bucket)
-        await run_stoppable(partial(_whole_in_thread, bucket, info, instance.key, sink.in_thread()))
+        await run_stoppable(partial(_whole_in_thread, bucket, info, instance.key, sink.in_thread()),
+                            limiter=self._retrieves)
 
 
 async def _deliver(sink: SeriesSink, key: str, body: bytearray) -> None:
@@ -392,11 +394,13 @@ def head_attrs(values: Mapping[int, bytes]) -> DicomJson:
     return attrs
 
 
-async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink) -> bytearray:
-    """One object, read in a worker thread (``_read_checked``; each read's progress handed to the
-    event loop), whole."""
+async def _whole(bucket: S3Bucket, info: ObjectInfo, sink: SeriesSink,
+                 limiter: trio.CapacityLimiter) -> bytearray:
+    """One object, read in a worker thread of ``limiter`` (``_read_checked``; each read's progress
+    handed to the event loop), whole."""
     body = bytearray()
-    await run_stoppable(partial(_read_checked, bucket, info, body.extend, _told_on_the_loop(sink)))
+    await run_stoppable(partial(_read_checked, bucket, info, body.extend, _told_on_the_loop(sink)),
+                        limiter=limiter)
     return body  # (the sink's writer keeps it until written: nothing changes it after this)
 
 
