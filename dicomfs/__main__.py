@@ -1,5 +1,5 @@
 """Entry point for ``python -m dicomfs``; it only hands over to the CLI."""
 
-from dicomfs.cli import main
+from dicomfs.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -4,15 +4,20 @@ Owns the top-level parser (each module of ``dicomfs.commands`` adds its subcomma
 given after options, the umask 077 under which every command runs (the cache holds patient data;
 the user's own umask is kept in ``args.user_umask`` for outputs), keeping what is loaded before a
 command runs out of the garbage collector's walks (``gc.freeze``), and turning what a command
-raises into one line and an exit status. Must not own any command's arguments or behaviour.
+raises into one line and an exit status, and ending the process with that status when a
+library's thread would hold its exit (``entry``). Must not own any command's arguments or
+behaviour.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import sys
+import threading
+from typing import NoReturn
 
 from dicomfs import __version__
 from dicomfs.commands import cache, export, ls, mount, prefetch, serve, umount
@@ -64,3 +69,22 @@ def main(argv: list[str] | None = None) -> int:
             print("dicomfs: interrupted: complete series are kept; run the same command again to finish",
                   file=sys.stderr)
         return 130
+
+
+def entry() -> NoReturn:
+    """The console script and ``python -m dicomfs``: ``main``, then the process ends with its
+    status, also when a library's thread would hold the interpreter's exit. pynetdicom's threads
+    are not daemons: one still opening an association with a PACS that says nothing goes on for
+    up to four times ``--timeout`` after the command ended or was interrupted (Ctrl-C waited 19 s
+    with ``--timeout 10``). Everything of ours is closed by then; such a thread only waits."""
+    status = main()
+    if any(thread.is_alive() and not thread.daemon and thread is not threading.main_thread()
+           for thread in threading.enumerate()):
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:
+                pass
+        os._exit(status)
+    sys.exit(status)

@@ -702,3 +702,68 @@ def test_refusals_name_what_the_pacs_must_be_told() -> None:
     moved = status.failure("dimse://PACS@pacs:104", "C-MOVE", "series 1.2", 0xA801,
                            "AE title 'DICOMFS' at 10.1.2.3 port 11112")
     assert "AE title 'DICOMFS' at 10.1.2.3 port 11112" in str(moved) and "0xA801" in str(moved)
+
+
+async def test_a_pacs_that_does_not_answer_a_release_holds_neither_the_pool_nor_its_end() -> None:
+    """An idle query association whose release the PACS never answers: the pool's end waits for
+    it ``RELEASES_AWAITED`` seconds, not pynetdicom's ACSE timeout and then its abort's (20 s each
+    here; a hard 10 s limit fails the test), and a retrieve that needs its place does not get it
+    while the release is under way (the PACS may still count that association)."""
+    import threading
+
+    import trio
+    from pynetdicom import evt
+
+    from dicomfs.sources.dimse import VERIFICATION
+    from dicomfs.sources.dimse.net import AssociationPool
+
+    silent = threading.Event()
+    answered = threading.Event()
+
+    def on_pdu(event: Any) -> None:
+        if type(event.pdu).__name__ == "A_RELEASE_RQ" and silent.is_set():
+            answered.wait(60)  # the PACS's reactor stops here: no A-RELEASE-RP
+
+    with scp([VERIFICATION, query.STUDY_ROOT_FIND], [(evt.EVT_PDU_RECV, on_pdu)], timeout=20.0) as peer:
+        pool = AssociationPool(peer, 1, [query.STUDY_ROOT_FIND, VERIFICATION])
+        try:
+            async with pool.query() as assoc:
+                assert assoc.is_established
+            silent.set()
+            with trio.fail_after(10):
+                with trio.move_on_after(1) as waited:  # the only place is held until the release is over
+                    async with pool.room():
+                        pass
+                assert waited.cancelled_caught
+                await pool.aclose()
+        finally:
+            answered.set()
+
+
+@pytest.mark.mount  # (a process: the command's)
+def test_ctrl_c_while_a_pacs_says_nothing_ends_the_command(tmp_path: Path) -> None:
+    """``dicomfs ls`` of a PACS that accepts the connection and never answers the association
+    request: Ctrl-C ends it at once. (pynetdicom's own threads, which are not daemons, wait for
+    four times ``--timeout`` (240 s here); the command's process no longer waits for them.)"""
+    import signal
+    import sys
+    import time
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the connections; nobody reads them
+        port = silent.getsockname()[1]
+        command = subprocess.Popen([sys.executable, "-m", "dicomfs", "ls", f"dimse://PACS@127.0.0.1:{port}",
+                                    "--timeout", "60", "--cache-dir", str(tmp_path / "cache")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while not list((tmp_path / "cache").glob("*")) and time.monotonic() < deadline:
+                time.sleep(0.05)  # (the command is under way: its cache folder exists)
+            time.sleep(1)
+            command.send_signal(signal.SIGINT)
+            assert command.wait(timeout=30) == 130
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.wait(timeout=30)

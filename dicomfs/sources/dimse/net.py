@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_SECONDS = 10.0  # an idle query association is released after this long
 CANCEL_GRACE = 2.0  # after a C-CANCEL, how long the PACS has to stop before the association is aborted
+RELEASES_AWAITED = 2.0  # at the end, how long releases still under way are waited for
 MAX_PDU = 0  # no limit on the PDUs we receive: fewer, larger reads
 PORT_RETRY = 0.1  # seconds between attempts to listen on a move port that another process holds
 RETRIEVE_LOOP_DELAY = 0.0002  # see quick_loop
@@ -351,12 +352,47 @@ def ended_by_peer(assoc: Association, wait: float = 1.0) -> bool:
 
 
 def release(assoc: Association) -> None:
-    """End an association politely if it still stands; abort it if that fails. Blocking."""
+    """End an association politely if it still stands; abort it if that fails. Blocking (for up to
+    twice the ACSE timeout when the PACS does not answer). Never raises."""
     try:
         if assoc.is_established:
             assoc.release()
     except Exception:  # a half-dead association: just drop it
-        assoc.abort()
+        try:
+            assoc.abort()
+        except Exception:
+            log.debug("aborting an association with %s failed", assoc.acceptor.address, exc_info=True)
+
+
+async def detached(work: Callable[[], T], undo: Callable[[T], None] | None = None) -> T:
+    """``work()`` in a worker thread that a cancellation leaves behind: the caller gets its
+    ``Cancelled`` at once, the thread ends by pynetdicom's own timeouts, and what it made by then
+    is undone in a thread (``undo``: an association released). For the steps nothing can break
+    from outside: opening an association waits in pynetdicom for the ACSE timeout, then for its
+    abort's as long again, and asks twice (with ``--timeout 10`` a Ctrl-C waited 19 s for a PACS
+    that accepts connections and says nothing)."""
+    lock = threading.Lock()
+    made: list[T] = []
+    left = False
+
+    def job() -> T:
+        result = work()
+        with lock:
+            made.append(result)
+            gone = left
+        if gone and undo is not None:
+            undo(result)  # the caller left before it was made
+        return result
+
+    try:
+        return await trio.to_thread.run_sync(job, abandon_on_cancel=True)
+    except trio.Cancelled:
+        with lock:
+            left = True
+            finished = list(made)
+        if finished and undo is not None:  # made, but the caller left before it took it
+            threading.Thread(target=undo, args=(finished[0],), name="dicomfs-undo", daemon=True).start()
+        raise
 
 
 async def in_thread(work: Callable[[], T], stop: Callable[[], None]) -> T:
@@ -407,7 +443,8 @@ class AssociationPool:
         self.peer = peer
         self.limit = max(1, limit)
         self._query_syntaxes = list(query_syntaxes)
-        self._open = 0
+        self._open = 0  # open or opening, and those being released (their places are not free yet)
+        self._releasing = 0
         self._idle: list[tuple[Association, float]] = []  # (association, trio time it went idle)
         self._changed = trio.Condition()
         self._reaping = False
@@ -424,9 +461,7 @@ class AssociationPool:
                     return None
                 if self._idle:  # make room: the oldest idle query association goes
                     old, _ = self._idle.pop(0)
-                    self._open -= 1
-                    await trio.to_thread.run_sync(release, old)
-                    continue
+                    self._release_soon(old)  # (its place is free once it is released: the wait below)
                 await self._changed.wait()
 
     async def _done(self, assoc: Association | None, keep: bool) -> None:
@@ -436,10 +471,10 @@ class AssociationPool:
                 if not self._reaping:
                     self._reaping = True
                     trio.lowlevel.spawn_system_task(self._reap, name="dicomfs: idle DIMSE associations")
+            elif assoc is not None:
+                self._release_soon(assoc)
             else:
                 self._open -= 1
-                if assoc is not None:
-                    await trio.to_thread.run_sync(release, assoc)
             self._changed.notify_all()
 
     async def _release_idle(self, stale_only: bool) -> None:
@@ -450,9 +485,29 @@ class AssociationPool:
             assoc, since = entry
             if not stale_only or not assoc.is_established or now - since >= IDLE_SECONDS:
                 self._idle.remove(entry)
-                self._open -= 1
-                await trio.to_thread.run_sync(release, assoc)
-                self._changed.notify_all()
+                self._release_soon(assoc)
+
+    def _release_soon(self, assoc: Association) -> None:
+        """Release ``assoc`` in a thread of its own, which frees its place once done: a PACS that
+        does not answer holds that thread for up to twice the ACSE timeout, but neither the pool's
+        lock, nor a caller, nor the shutdown (``aclose`` waits ``RELEASES_AWAITED`` at most)."""
+        token = trio.lowlevel.current_trio_token()
+        self._releasing += 1
+
+        def run() -> None:
+            release(assoc)
+            try:
+                trio.from_thread.run(self._released, trio_token=token)
+            except trio.RunFinishedError:
+                pass  # (the process is ending)
+
+        threading.Thread(target=run, name="dicomfs-release", daemon=True).start()
+
+    async def _released(self) -> None:
+        async with self._changed:
+            self._open -= 1
+            self._releasing -= 1
+            self._changed.notify_all()
 
     async def _reap(self) -> None:
         """While associations are idle: release each once it has been idle ``IDLE_SECONDS``.
@@ -483,7 +538,7 @@ class AssociationPool:
         keep = False
         try:
             if assoc is None:
-                assoc = await trio.to_thread.run_sync(self._open_for_queries)
+                assoc = await detached(self._open_for_queries, release)
             yield assoc
             keep = True
         finally:
@@ -501,5 +556,11 @@ class AssociationPool:
                 await self._done(None, keep=False)
 
     async def aclose(self) -> None:
+        """Release the idle associations, and wait for the releases under way, but not long: a
+        PACS that does not answer has them aborted by its own timeout, in threads the process
+        does not wait for."""
         async with self._changed:
             await self._release_idle(stale_only=False)
+            with trio.move_on_after(RELEASES_AWAITED):
+                while self._releasing:
+                    await self._changed.wait()
