@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import traceback
 from typing import NoReturn
 
 from dicomfs import __version__
@@ -77,7 +78,15 @@ def entry() -> NoReturn:
     are not daemons: one still opening an association with a PACS that says nothing goes on for
     up to four times ``--timeout`` after the command ended or was interrupted (Ctrl-C waited 19 s
     with ``--timeout 10``). Everything of ours is closed by then; such a thread only waits."""
-    status = main()
+    try:
+        status = main()
+    except SystemExit as exc:  # (argparse: --help, a usage error)
+        status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    except KeyboardInterrupt:  # (before a command ran)
+        status = 130
+    except BaseException:  # a bug: its traceback, then the same way out
+        traceback.print_exc()
+        status = 1
     if any(thread.is_alive() and not thread.daemon and thread is not threading.main_thread()
            for thread in threading.enumerate()):
         logging.shutdown()

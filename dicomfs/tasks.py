@@ -110,7 +110,8 @@ class StopSignal:
 
     def forget(self, hook: Callable[[], None]) -> None:
         """Once this returns, ``hook`` does not run, nor is it running (so what it touches, a
-        socket say, may be closed)."""
+        socket say, may be closed) — unless ``on_stop`` ran it at once, in the thread that called
+        it (the job's own, which is the one that forgets)."""
         with self._lock:
             if hook in self._hooks:
                 self._hooks.remove(hook)

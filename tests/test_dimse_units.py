@@ -767,3 +767,35 @@ def test_ctrl_c_while_a_pacs_says_nothing_ends_the_command(tmp_path: Path) -> No
             if command.poll() is None:
                 command.kill()
                 command.wait(timeout=30)
+
+
+async def test_an_opening_left_by_its_caller_keeps_its_place_until_it_is_over() -> None:
+    """A query cancelled while its association is still being opened (a PACS that accepts the
+    connection and says nothing) returns at once, but the opening goes on in its thread: its
+    place is not handed to anyone until it is over (the PACS may count it), then it is."""
+    import trio
+
+    from dicomfs.sources.dimse import VERIFICATION
+    from dicomfs.sources.dimse.net import AssociationPool
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the connection; nobody answers
+    peer = Peer("127.0.0.1", silent.getsockname()[1], "PACS", "DICOMFS", 20.0)
+    pool = AssociationPool(peer, 1, [query.STUDY_ROOT_FIND, VERIFICATION])
+    try:
+        with trio.fail_after(30):
+            with trio.move_on_after(0.5) as opening:
+                async with pool.query():
+                    pass
+            assert opening.cancelled_caught  # the caller left at once
+            with trio.move_on_after(1) as waited:
+                async with pool.room():
+                    pass
+            assert waited.cancelled_caught  # the place is still the opening's
+            silent.close()  # the PACS goes away: the opening fails, and its place is free
+            async with pool.room():
+                pass
+            await pool.aclose()
+    finally:
+        silent.close()

@@ -377,6 +377,15 @@ def test_request_bodies_are_read_and_their_connections_closed(serve: Callable[..
         assert status == 405
     status, _, _ = http_request(server.port, "GET", "/dicomweb/studies", {"Content-Length": str(len(body))}, body)
     assert status == 200  # (a GET with a body)
+
+    def pieces() -> Iterator[bytes]:  # (a streamed body: no Content-Length)
+        for _ in range(64):
+            yield b"x" * (64 << 10)
+
+    with httpx.Client(http1=False, http2=True, timeout=60) as h2:  # HTTP/2 with prior knowledge
+        for _ in range(5):
+            answer = h2.post(f"{server.root}/studies", content=pieces())
+            assert answer.http_version == "HTTP/2" and answer.status_code == 405
     wait_until(lambda: open_fds(server.process.pid) <= before + 2, 30,  # type: ignore[union-attr]
                "the server to close the connections")  # (hypercorn closes one 5 s after its client did)
 

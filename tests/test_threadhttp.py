@@ -145,15 +145,22 @@ async def test_a_connect_that_fails_leaves_no_descriptor_behind() -> None:
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
-def test_https_through_the_watched_connect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """GETs over TLS from a server whose certificate a site's CA signed (``SSL_CERT_FILE``): the
-    TLS layer takes over the socket that the stop watched while it connected."""
+@pytest.fixture
+def server_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """A TLS server context for 127.0.0.1 whose certificate a site's CA signed; that CA is the one
+    the client trusts (``SSL_CERT_FILE``)."""
     ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
     pem = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(pem))
     monkeypatch.setenv("SSL_CERT_FILE", str(pem))
+    return context
+
+
+def test_https_through_the_watched_connect(server_context: ssl.SSLContext) -> None:
+    """GETs over TLS from a server whose certificate a site's CA signed (``SSL_CERT_FILE``): the
+    TLS layer takes over the socket that the stop watched while it connected."""
     answer = (200, {"Content-Length": "5"}, b"hello")
     with AnsweringServer(lambda path, headers: answer, tls=server_context) as server:
         client = BlockingHttp(Credentials(), timeout=LONG, connect_timeout=LONG)
@@ -165,3 +172,29 @@ def test_https_through_the_watched_connect(tmp_path: Path, monkeypatch: pytest.M
         client.close()
     assert got == [b"hello", b"hello"]
     assert server.scheme == "https" and len(server.requests) == 2
+
+
+async def test_a_stop_breaks_a_tls_read(server_context: ssl.SSLContext) -> None:
+    """Over TLS the stop shuts down the raw socket under the TLS layer (a duplicate of it), which
+    ends a read of an answer that stalled."""
+    released = threading.Event()
+
+    def stalling() -> Iterator[bytes]:
+        yield b"x" * 1000
+        released.wait(30)
+
+    try:
+        with AnsweringServer(lambda path, headers: (200, {"Content-Length": "100000"}, stalling()),
+                             tls=server_context) as server:
+            await get_stopped(BlockingHttp(Credentials(), timeout=LONG, connect_timeout=LONG), f"{server.url}/x")
+    finally:
+        released.set()
+
+
+def test_a_host_name_with_a_label_too_long_is_one_error() -> None:
+    """As urllib3 says it (not a UnicodeError from the resolver)."""
+    client = BlockingHttp(Credentials())
+    client.retry = RetryPolicy(attempts=1)
+    with pytest.raises(SourceUnavailable, match="failed: LocationParseError"):
+        with client.stream(f"http://{'a' * 64}.example/x", {}, StopSignal()):
+            pass

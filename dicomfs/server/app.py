@@ -126,8 +126,11 @@ class DicomwebApp:
             log.exception("%s %s: unexpected error", method, scope.get("path", "")[:200])
             reply = Reply(500, [], b"internal error (see the server's log)\n")
         reply.headers += self._cors(origin, method, headers)
-        if "content-length" in headers or "transfer-encoding" in headers:
-            await _drain(receive)  # (first: a client still sending would not read the answer)
+        # (first: a client still sending would not read the answer. In HTTP/1 there is no body
+        # without one of these headers: a warm frame is spared the step.)
+        if ("content-length" in headers or "transfer-encoding" in headers
+                or not scope.get("http_version", "1.1").startswith("1")):
+            await _drain(receive)
         await _send(send, reply, head=method == "HEAD")
 
     # --- dispatch -------------------------------------------------------------------------------
@@ -358,7 +361,8 @@ async def _send(send: Send, reply: Reply, *, head: bool) -> None:
 async def _drain(receive: Receive) -> None:
     """Read a request's body to its end and drop it (nothing here takes a body). hypercorn hands
     a body over through a queue of a few pieces: one nobody reads stops its connection's reader
-    for good, and the connection is never closed."""
+    for good, and the connection is never closed. In HTTP/2 (which hypercorn speaks to a client
+    that starts with its preface) a body may come without a Content-Length."""
     while True:
         message = await receive()
         if message["type"] != "http.request" or not message.get("more_body", False):

@@ -111,7 +111,7 @@ def _config(send_timeout: float) -> Config:
             for sock in sockets.insecure_sockets + sockets.secure_sockets:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                                    min(round(send_timeout * 1000), 2**31 - 1))
+                                    min(max(round(send_timeout * 1000), 1), 2**31 - 1))  # (0: no timeout)
             return sockets
 
     return _Config()

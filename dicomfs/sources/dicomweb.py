@@ -150,8 +150,8 @@ class DicomwebSource:
 
     async def _get_json(self, url: str, limit: int = MAX_JSON_BYTES) -> tuple[Any, Mapping[str, str]]:
         """A JSON GET in a worker thread. A cancelled one returns at once: its thread, which owns
-        nothing but the answer, is left to end by itself (stopped at its next read; a connect
-        that hangs lasts until its timeout) instead of being waited for."""
+        nothing but the answer, is left to end by itself (the stop breaks its connect or read)
+        instead of being waited for."""
         stop = StopSignal()
         try:
             return await trio.to_thread.run_sync(partial(self.blocking.get_json, url, stop, limit=limit),

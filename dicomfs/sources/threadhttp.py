@@ -31,6 +31,7 @@ import urllib3.connection
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
+    LocationParseError,
     MaxRetryError,
     NameResolutionError,
     NewConnectionError,
@@ -248,7 +249,12 @@ class _Stoppable(_ConnectionBase):
 
     def _connect_watched(self, stop: StopSignal) -> socket.socket:
         error: OSError | None = None
-        for family, kind, proto, _, address in _resolve(self._dns_host.strip("[]"), self.port, stop):
+        host = self._dns_host.strip("[]")
+        try:
+            host.encode("idna")
+        except UnicodeError:  # (as urllib3 refuses it: a label empty or too long)
+            raise LocationParseError(f"'{host}', label empty or too long") from None
+        for family, kind, proto, _, address in _resolve(host, self.port, stop):
             sock = socket.socket(family, kind, proto)
             try:
                 for option in self.socket_options or ():
@@ -257,7 +263,9 @@ class _Stoppable(_ConnectionBase):
                 if self.source_address:
                     sock.bind(self.source_address)
                 self._watch(stop, sock.dup(), owned=True)
+                stop.check()  # (a stop just before the watch shut down a socket not yet connected)
                 sock.connect(address)
+                stop.check()  # (or one just before the connect began)
                 return sock
             except OSError as exc:
                 self.forget_stop()
@@ -265,6 +273,10 @@ class _Stoppable(_ConnectionBase):
                 error = exc
                 if stop.is_set():
                     break  # not the next address: the job is over
+            except BaseException:
+                self.forget_stop()
+                sock.close()
+                raise
         raise error or OSError("getaddrinfo returns an empty list")
 
     def connect(self) -> None:
@@ -281,7 +293,11 @@ class _Stoppable(_ConnectionBase):
             self.forget_stop()  # the connect's watch, or a hook left from a job before
         stop: StopSignal | None = getattr(_job, "stop", None)
         if stop is not None and self.sock is not None:
-            self._watch(stop, self.sock, owned=False)
+            if type(self.sock) is socket.socket:
+                self._watch(stop, self.sock, owned=False)
+            else:  # TLS: the raw socket under it (SSLSocket.shutdown would drop its state under a
+                # reading thread, and TLS through an HTTPS proxy's tunnel has no shutdown at all)
+                self._watch(stop, socket.socket(fileno=os.dup(self.sock.fileno())), owned=True)
 
     def _watch(self, stop: StopSignal, sock: socket.socket, *, owned: bool) -> None:
         """Let ``stop`` shut ``sock`` down; ``owned``: a duplicate, closed when forgotten."""
@@ -307,13 +323,13 @@ def _resolve(host: str, port: int, stop: StopSignal) -> list[tuple[Any, ...]]:
         return socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
     except socket.gaierror:
         pass  # a name
-    answer: list[list[tuple[Any, ...]] | OSError] = []
+    answer: list[list[tuple[Any, ...]] | Exception] = []
     done = threading.Event()
 
     def resolve() -> None:
         try:
             answer.append(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
-        except OSError as exc:
+        except Exception as exc:
             answer.append(exc)
         finally:
             done.set()
@@ -325,7 +341,7 @@ def _resolve(host: str, port: int, stop: StopSignal) -> list[tuple[Any, ...]]:
     finally:
         stop.forget(done.set)
     stop.check()
-    if isinstance(answer[0], OSError):
+    if isinstance(answer[0], Exception):
         raise answer[0]
     return answer[0]
 

@@ -65,12 +65,12 @@ class DimseSource:
     async def check(self) -> None:
         """An association for queries, which must take Study Root C-FIND (without it nothing can
         be listed), and a C-ECHO on it if the PACS does Verification."""
-        await net.detached(lambda: net.check_tls(self.peer))
+        await net.detached(lambda: net.check_tls(self.peer), limiter=self.pool.threads)
         async with self.pool.query() as assoc:
             net.require(self.peer, assoc, query.STUDY_ROOT_FIND, FIND)
             if not net.accepts(assoc, VERIFICATION):
                 return  # (the association is the proof that the PACS answers)
-            answer = await net.detached(assoc.send_c_echo)
+            answer = await net.detached(assoc.send_c_echo, limiter=self.pool.threads)
         if not answer or getattr(answer, "Status", None) != status.SUCCESS:
             raise SourceUnavailable(f"{self.description} did not answer C-ECHO")
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -364,34 +365,47 @@ def release(assoc: Association) -> None:
             log.debug("aborting an association with %s failed", assoc.acceptor.address, exc_info=True)
 
 
-async def detached(work: Callable[[], T], undo: Callable[[T], None] | None = None) -> T:
-    """``work()`` in a worker thread that a cancellation leaves behind: the caller gets its
-    ``Cancelled`` at once, the thread ends by pynetdicom's own timeouts, and what it made by then
-    is undone in a thread (``undo``: an association released). For the steps nothing can break
-    from outside: opening an association waits in pynetdicom for the ACSE timeout, then for its
-    abort's as long again, and asks twice (with ``--timeout 10`` a Ctrl-C waited 19 s for a PACS
-    that accepts connections and says nothing)."""
+async def detached(work: Callable[[], T], *, limiter: trio.CapacityLimiter,
+                   undo: Callable[[T | None], None] | None = None) -> T:
+    """``work()`` in a worker thread of ``limiter`` that a cancellation leaves behind: the caller
+    gets its ``Cancelled`` at once and the thread ends by pynetdicom's own timeouts. ``undo`` runs
+    once, in a thread, if and only if the caller left: with what ``work`` made, or None if it
+    failed or never ran (an association released, its place in the pool given back). For the steps
+    nothing can break from outside: opening an association waits in pynetdicom for the ACSE
+    timeout, then for its abort's as long again, and asks twice (with ``--timeout 10`` a Ctrl-C
+    waited 19 s for a PACS that accepts connections and says nothing)."""
     lock = threading.Lock()
     made: list[T] = []
-    left = False
+    left = started = ended = False
 
     def job() -> T:
-        result = work()
+        nonlocal started, ended
+        with lock:
+            started = True
+        try:
+            result = work()
+        except BaseException:
+            with lock:
+                ended, gone = True, left
+            if gone and undo is not None:
+                undo(None)
+            raise
         with lock:
             made.append(result)
-            gone = left
+            ended, gone = True, left
         if gone and undo is not None:
             undo(result)  # the caller left before it was made
         return result
 
     try:
-        return await trio.to_thread.run_sync(job, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(job, abandon_on_cancel=True, limiter=limiter)
     except trio.Cancelled:
         with lock:
             left = True
-            finished = list(made)
-        if finished and undo is not None:  # made, but the caller left before it took it
-            threading.Thread(target=undo, args=(finished[0],), name="dicomfs-undo", daemon=True).start()
+            over = ended or not started  # (else the thread undoes when it ends)
+        if over and undo is not None:
+            threading.Thread(target=undo, args=(made[0] if made else None,), name="dicomfs-undo",
+                             daemon=True).start()
         raise
 
 
@@ -444,7 +458,8 @@ class AssociationPool:
         self.limit = max(1, limit)
         self._query_syntaxes = list(query_syntaxes)
         self._open = 0  # open or opening, and those being released (their places are not free yet)
-        self._releasing = 0
+        self._releasing = 0  # of those, being released (or opened for a caller that left)
+        self.threads = trio.CapacityLimiter(max(8, 2 * self.limit))  # for ``detached`` work with the PACS
         self._idle: list[tuple[Association, float]] = []  # (association, trio time it went idle)
         self._changed = trio.Condition()
         self._reaping = False
@@ -459,9 +474,11 @@ class AssociationPool:
                 if self._open < self.limit:
                     self._open += 1
                     return None
-                if self._idle:  # make room: the oldest idle query association goes
+                if self._idle and self._open - self._releasing >= self.limit:
+                    # make room: the oldest idle query association goes (its place is free once
+                    # it is released: the wait below; one release at a time makes the room)
                     old, _ = self._idle.pop(0)
-                    self._release_soon(old)  # (its place is free once it is released: the wait below)
+                    self._release_soon(old)
                 await self._changed.wait()
 
     async def _done(self, assoc: Association | None, keep: bool) -> None:
@@ -491,17 +508,18 @@ class AssociationPool:
         """Release ``assoc`` in a thread of its own, which frees its place once done: a PACS that
         does not answer holds that thread for up to twice the ACSE timeout, but neither the pool's
         lock, nor a caller, nor the shutdown (``aclose`` waits ``RELEASES_AWAITED`` at most)."""
-        token = trio.lowlevel.current_trio_token()
         self._releasing += 1
+        threading.Thread(target=self._release_then_free, args=(trio.lowlevel.current_trio_token(), assoc),
+                         name="dicomfs-release", daemon=True).start()
 
-        def run() -> None:
+    def _release_then_free(self, token: trio.lowlevel.TrioToken, assoc: Association | None) -> None:
+        """In a thread: release ``assoc`` (if any), then free its place (counted in ``_releasing``)."""
+        if assoc is not None:
             release(assoc)
-            try:
-                trio.from_thread.run(self._released, trio_token=token)
-            except trio.RunFinishedError:
-                pass  # (the process is ending)
-
-        threading.Thread(target=run, name="dicomfs-release", daemon=True).start()
+        try:
+            trio.from_thread.run(self._released, trio_token=token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            pass  # (the run is ending)
 
     async def _released(self) -> None:
         async with self._changed:
@@ -535,15 +553,25 @@ class AssociationPool:
     async def query(self) -> AsyncIterator[Association]:
         """An association for C-FIND and C-ECHO: an idle one reused, or a new one."""
         assoc = await self._room(reuse=True)
-        keep = False
+        keep = left = False
         try:
             if assoc is None:
-                assoc = await detached(self._open_for_queries, release)
+                try:
+                    assoc = await detached(self._open_for_queries, limiter=self.threads,
+                                           undo=partial(self._release_then_free, trio.lowlevel.current_trio_token()))
+                except trio.Cancelled:
+                    # the opening goes on without us: its place stays taken until it is over and
+                    # what it opened is released (the undo frees it, as a release does)
+                    self._releasing += 1
+                    left = True
+                    raise
+            assert assoc is not None  # (mypy: T solves to Optional with the undo's type)
             yield assoc
             keep = True
         finally:
-            with trio.CancelScope(shield=True):
-                await self._done(assoc, keep)
+            if not left:
+                with trio.CancelScope(shield=True):
+                    await self._done(assoc, keep)
 
     @asynccontextmanager
     async def room(self) -> AsyncIterator[None]:
