@@ -602,3 +602,102 @@ def test_crc_input_copies_only_what_it_must() -> None:
     assert _crc_input(part) == chunk[10:-10] and _crc_input(part) is not chunk
     assert _crc_input(bytearray(chunk)) == chunk
     assert google_crc32c.extend(0, _crc_input(part)) == google_crc32c.value(chunk[10:-10])
+
+
+# --- cache verify --------------------------------------------------------------------------------
+
+VERIFIED = {f"1.2.{n}": SeriesRecord("1.2", f"1.2.{n}") for n in range(4)}
+
+
+async def _cache_of_four_series(tmp_path: Path) -> None:
+    files = {series.key: {f"{uid}.{i}": make_instance("1.2", uid, f"{uid}.{i}", pixel_bytes=3000, number=i)
+                          for i in range(3)} for uid, series in VERIFIED.items()}
+
+    async def body(store: BlobStore) -> None:
+        for series in VERIFIED.values():
+            await store.fetch_series(series)
+            await wait_cached(store, series)
+
+    await with_store(tmp_path, ScriptedSource(files), body)
+
+
+def _blob_path(tmp_path: Path, key: str) -> Path:
+    from dicomfs.cache import layout
+
+    index, manifests = layout.open_indexes(tmp_path / "cache", None)
+    try:
+        blob = index.get(key, read=True)
+        assert blob is not None
+        with blob:
+            return Path(blob.name)
+    finally:
+        index.close()
+        manifests.close()
+
+
+async def test_verify_drops_what_is_bad_and_keeps_the_rest(tmp_path: Path) -> None:
+    from dicomfs.cache import admin, layout
+
+    await _cache_of_four_series(tmp_path)
+    keys = sorted(series.key for series in VERIFIED.values())
+    good, flipped, missing, cut = keys
+    path = _blob_path(tmp_path, flipped)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(data)
+    _blob_path(tmp_path, missing).unlink()
+    with open(_blob_path(tmp_path, cut), "r+b") as blob:
+        blob.truncate(100)
+
+    report = admin.verify(tmp_path / "cache")
+    middle = f"{flipped.split('/')[1]}.1"  # (the instance whose bytes hold the blob's middle)
+    assert sorted(report.dropped) == [f"{flipped}: instance {middle} fails its CRC32C check",
+                                      f"{missing}: its file is missing",
+                                      f"{cut}: 100 bytes on disk, {len(data)} recorded"]
+    index, manifests = layout.open_indexes(tmp_path / "cache", None)
+    try:
+        assert sorted(index.iterkeys()) == [good] and sorted(manifests.iterkeys()) == [good]
+    finally:
+        index.close()
+        manifests.close()
+    assert admin.verify(tmp_path / "cache").dropped == []
+
+
+async def test_verify_checks_bytes_without_the_commit_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mount's or a prefetch's commit must not wait while gigabytes are checked; and a blob
+    evicted while it was checked is not reported."""
+    import fcntl
+
+    from dicomfs.cache import admin, layout
+
+    await _cache_of_four_series(tmp_path)
+    lock_path = layout.paths(tmp_path / "cache").commit_lock
+    free: list[bool] = []
+    evicted = sorted(series.key for series in VERIFIED.values())[1]
+    path = _blob_path(tmp_path, evicted)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # bad: verify would drop it, but it is evicted meanwhile
+    path.write_bytes(data)
+    extend = google_crc32c.extend
+
+    def checking(crc: int, chunk: bytes) -> int:
+        with open(lock_path, "a+b") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                free.append(True)
+                fcntl.flock(other, fcntl.LOCK_UN)
+            except BlockingIOError:
+                free.append(False)
+        index, manifests = layout.open_indexes(tmp_path / "cache", None)
+        try:
+            index.delete(evicted)
+            manifests.delete(evicted)
+        finally:
+            index.close()
+            manifests.close()
+        return int(extend(crc, chunk))
+
+    monkeypatch.setattr(google_crc32c, "extend", checking)  # (the module admin.verify calls)
+    report = admin.verify(tmp_path / "cache")
+    assert free and all(free)
+    assert report.dropped == []

@@ -18,13 +18,14 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import diskcache
 import google_crc32c
 
 from dicomfs.cache import layout
 from dicomfs.cache.disk import flocked
-from dicomfs.cache.layout import LOCK_NAME, SOURCE_LABEL, open_indexes
+from dicomfs.cache.layout import LOCK_NAME, SOURCE_LABEL, Manifest, open_indexes
 from dicomfs.errors import CacheError
 from dicomfs.sources.base import SourceSpec
 
@@ -174,8 +175,11 @@ class VerifyReport:
 
 def verify(cache_dir: Path) -> VerifyReport:
     """Re-check every blob against its manifest (file present, size, CRC32C of each member) and
-    drop bad ones; delete blob files no entry refers to. Each check holds the commit lock, so no
-    process commits (or replaces) that series meanwhile."""
+    drop bad ones; delete blob files no entry refers to. A blob is read without the commit lock
+    (through its own descriptor: a blob replaced or evicted meanwhile stays readable), which a
+    mount's or a prefetch's commit would otherwise wait for while gigabytes are checked; a bad one
+    is dropped under the lock, and only if its entry still names the file and the manifest that
+    were checked (a series committed anew meanwhile is the next run's)."""
     report = VerifyReport(cache_dir)
     if not layout.has_index(cache_dir):
         return report
@@ -183,11 +187,12 @@ def verify(cache_dir: Path) -> VerifyReport:
     lock = layout.paths(cache_dir).commit_lock
     try:
         for key in list(index.iterkeys()):
+            checked = _check_blob(index, manifests, key, report)
+            if checked is None:
+                continue
+            reason, entry = checked
             with flocked(lock):
-                if key not in index:
-                    continue  # evicted meanwhile
-                reason = _check_blob(index, manifests, key, report)
-                if reason is not None:
+                if key in index and _entry(index, manifests, key) == entry:
                     index.delete(key)
                     manifests.delete(key)
                     report.dropped.append(f"{key}: {reason}")
@@ -197,6 +202,20 @@ def verify(cache_dir: Path) -> VerifyReport:
         index.close()
         manifests.close()
     return report
+
+
+# What an entry is, for telling whether it changed: its blob file's identity (device, inode) or
+# None, and its manifest or None.
+_Entry = tuple[tuple[int, int] | None, Manifest | None]
+
+
+def _entry(index: diskcache.Cache, manifests: diskcache.Cache, key: str) -> _Entry:
+    blob = index.get(key, read=True)
+    if blob is None:
+        return None, manifests.get(key)
+    with blob:
+        st = os.fstat(blob.fileno())
+    return (st.st_dev, st.st_ino), manifests.get(key)
 
 
 def _delete_orphans(index: diskcache.Cache, cache_dir: Path) -> int:
@@ -215,38 +234,44 @@ def _delete_orphans(index: diskcache.Cache, cache_dir: Path) -> int:
     return deleted
 
 
-def _check_blob(index: diskcache.Cache, manifests: diskcache.Cache, key: str, report: VerifyReport) -> str | None:
+def _check_blob(index: diskcache.Cache, manifests: diskcache.Cache, key: str,
+                report: VerifyReport) -> tuple[str, _Entry] | None:
+    """Why the entry ``key`` is bad, and the entry as it was checked; None if it is good (or gone)."""
     blob = index.get(key, read=True)
     manifest = manifests.get(key)
-    if manifest is None:
-        if blob is not None:
-            blob.close()
-        return "no manifest"
     if blob is None:
-        return "its file is missing"
+        return ("its file is missing", (None, manifest)) if key in index else None
     with blob:
-        size = os.fstat(blob.fileno()).st_size
-        if size != manifest.size:
-            return f"{size} bytes on disk, {manifest.size} recorded"
-        report.checked += 1
-        report.bytes_checked += size
-        for member, (offset, length) in manifest.members.items():
-            if offset < 0 or offset + length > size:
-                return f"instance {member} lies outside the blob"
-            expected = (manifest.crcs or {}).get(member)
-            if expected is None:
-                continue
-            blob.seek(offset)
-            crc, left = 0, length
-            while left:
-                chunk = blob.read(min(VERIFY_CHUNK, left))
-                if not chunk:
-                    return f"instance {member} is truncated"
-                crc = google_crc32c.extend(crc, chunk)
-                left -= len(chunk)
-            report.crc_checked += 1
-            if crc != expected:
-                return f"instance {member} fails its CRC32C check"
+        st = os.fstat(blob.fileno())
+        entry: _Entry = ((st.st_dev, st.st_ino), manifest)
+        reason = _check_file(blob, st.st_size, manifest, report)
+    return (reason, entry) if reason is not None else None
+
+
+def _check_file(blob: BinaryIO, size: int, manifest: Manifest | None, report: VerifyReport) -> str | None:
+    if manifest is None:
+        return "no manifest"
+    if size != manifest.size:
+        return f"{size} bytes on disk, {manifest.size} recorded"
+    report.checked += 1
+    report.bytes_checked += size
+    for member, (offset, length) in manifest.members.items():
+        if offset < 0 or offset + length > size:
+            return f"instance {member} lies outside the blob"
+        expected = (manifest.crcs or {}).get(member)
+        if expected is None:
+            continue
+        blob.seek(offset)
+        crc, left = 0, length
+        while left:
+            chunk = blob.read(min(VERIFY_CHUNK, left))
+            if not chunk:
+                return f"instance {member} is truncated"
+            crc = google_crc32c.extend(crc, chunk)
+            left -= len(chunk)
+        report.crc_checked += 1
+        if crc != expected:
+            return f"instance {member} fails its CRC32C check"
     return None
 
 
