@@ -362,7 +362,7 @@ def release(assoc: Association) -> None:
         try:
             assoc.abort()
         except Exception:
-            log.debug("aborting an association with %s failed", assoc.acceptor.address, exc_info=True)
+            log.debug("aborting an association failed", exc_info=True)  # (not its address: it may raise)
 
 
 async def detached(work: Callable[[], T], *, limiter: trio.CapacityLimiter,
