@@ -749,6 +749,8 @@ def test_ctrl_c_while_a_pacs_says_nothing_ends_the_command(tmp_path: Path) -> No
     import sys
     import time
 
+    from tests.servers import wait_until
+
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # the kernel completes the connections; nobody reads them
@@ -757,9 +759,8 @@ def test_ctrl_c_while_a_pacs_says_nothing_ends_the_command(tmp_path: Path) -> No
                                     "--timeout", "60", "--cache-dir", str(tmp_path / "cache")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 30
-            while not list((tmp_path / "cache").glob("*")) and time.monotonic() < deadline:
-                time.sleep(0.05)  # (the command is under way: its cache folder exists)
+            wait_until(lambda: list((tmp_path / "cache").glob("*")), 30,
+                       "the command to be under way (its cache folder exists)")
             time.sleep(1)
             command.send_signal(signal.SIGINT)
             assert command.wait(timeout=30) == 130
