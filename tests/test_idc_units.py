@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from dicomfs.sources.bucket import Chunks, ObjectInfo
 from dicomfs.sources.idc.index import SeriesLocation
 from dicomfs.sources.idc.source import IdcSource
 from dicomfs.sources.s3 import S3Bucket
-from dicomfs.tasks import StopSignal
+from dicomfs.tasks import Stopped, StopSignal
 from tests.factory import MemorySink, make_instance
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.5", "1.2.826.0.1.3680043.8.498.5.1"
@@ -42,21 +43,11 @@ class ScriptedBucket:
     async def list(self, prefix: str, *, delimiter: str | None = "/") -> tuple[list[str], list[ObjectInfo]]:
         return [], self.listed
 
-    @asynccontextmanager
-    async def stream(self, name: str, start: int, end: int | None) -> AsyncIterator[AsyncIterator[bytes]]:
+    @contextmanager
+    def stream_in_thread(self, name: str, start: int, end: int | None, stop: StopSignal) -> Iterator[Chunks]:
         self.asked.append(name)
         if name in self.failing:
             raise self.failing[name]
-        data = self.objects[name][start:end]
-
-        async def chunks() -> AsyncIterator[bytes]:
-            yield data
-
-        yield chunks()
-
-    @contextmanager
-    def stream_in_thread(self, name: str, start: int, end: int | None, stop: object) -> Iterator[Chunks]:
-        self.asked.append(name)
         data = self.objects[name][start:end]
         yield Chunks(iter([data[n:n + CHUNK] for n in range(0, len(data), CHUNK)]), self.headers.get(name, {}))
 
@@ -121,6 +112,44 @@ async def test_listed_objects_outside_the_prefix_or_too_short_are_never_asked_fo
     assert sorted(bucket.asked) == sorted(objects)
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 4, skipped
+    await idc.aclose()
+
+
+class StallingBucket(ScriptedBucket):
+    """Header reads that never answer until stopped; counts the threads reading at once."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        super().__init__(objects)
+        self.lock = threading.Lock()
+        self.reading = self.most = self.stopped = 0
+
+    @contextmanager
+    def stream_in_thread(self, name: str, start: int, end: int | None, stop: StopSignal) -> Iterator[Chunks]:
+        assert threading.current_thread() is not threading.main_thread()  # never on the event loop
+        with self.lock:
+            self.reading += 1
+            self.most = max(self.most, self.reading)
+        try:
+            stop.wait(60)
+        except Stopped:
+            with self.lock:
+                self.stopped += 1
+            raise
+        finally:
+            with self.lock:
+                self.reading -= 1
+        yield Chunks(iter([]), {})  # (never reached: stopped first)
+
+
+async def test_header_reads_run_in_worker_threads_a_bounded_few_at_once_and_stop_when_the_listing_is_cancelled(
+        tmp_path: Path) -> None:
+    bucket = StallingBucket(files(3 * idc_source.PARALLEL_HEADS))
+    idc = source(tmp_path, bucket)
+    with trio.move_on_after(0.5) as waited:
+        await idc.list_instances(SeriesRecord(STUDY, SERIES))
+    assert waited.cancelled_caught
+    assert bucket.most == idc_source.PARALLEL_HEADS  # no more than that many at once, and as many
+    assert bucket.stopped == idc_source.PARALLEL_HEADS and bucket.reading == 0  # each thread stopped and gone
     await idc.aclose()
 
 

@@ -10,7 +10,9 @@ from botocore.credentials import Credentials
 from dicomfs.errors import AccessRefused, ProtocolError, SourceError
 from dicomfs.sources import parse_source
 from dicomfs.sources.s3 import S3Bucket, parse_listing
+from dicomfs.tasks import StopSignal
 from tests.factory import streamed
+from tests.servers import AnsweringServer
 
 NS = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
 
@@ -61,25 +63,25 @@ async def test_every_page_is_followed_and_requests_are_signed() -> None:
     assert "SECRET" not in repr(bucket.http._client.auth)
 
 
-async def test_ranges_are_signed_and_anonymous_requests_carry_no_authorization() -> None:
-    seen: list[httpx.Request] = []
+def test_ranges_are_signed_and_anonymous_requests_carry_no_authorization() -> None:
+    """Object reads go from worker threads (urllib3), on a real socket."""
+    def answer(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        return 206, {"Content-Range": "bytes 5-6/10", "Content-Length": "2"}, b"ab"
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(206, content=b"ab", headers={"Content-Range": "bytes 5-6/10"})
-
-    signed = S3Bucket("bkt", endpoint="http://s3.test", credentials=Credentials("AKID", "SECRET"),
-                      transport=httpx.MockTransport(streamed(handler)))
-    async with signed.stream("dir/a b+c.dcm", 5, 7) as chunks:
-        assert b"".join([c async for c in chunks]) == b"ab"
-    await signed.aclose()
-    assert "range" in seen[0].headers["Authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
-    assert seen[0].url.raw_path == b"/bkt/dir/a%20b%2Bc.dcm"
-    anonymous = S3Bucket("bkt", endpoint="http://s3.test", sign=False, transport=httpx.MockTransport(streamed(handler)))
-    async with anonymous.stream("x", 5, 7) as chunks:
-        assert b"".join([c async for c in chunks]) == b"ab"
-    await anonymous.aclose()
-    assert "Authorization" not in seen[1].headers
+    with AnsweringServer(answer) as server:
+        signed = S3Bucket("bkt", endpoint=server.url, credentials=Credentials("AKID", "SECRET"))
+        with signed.stream_in_thread("dir/a b+c.dcm", 5, 7, StopSignal()) as chunks:
+            assert b"".join(chunks) == b"ab"
+        anonymous = S3Bucket("bkt", endpoint=server.url, sign=False)
+        with anonymous.stream_in_thread("x", 5, 7, StopSignal()) as chunks:
+            assert b"".join(chunks) == b"ab"
+        signed.blocking.close()
+        anonymous.blocking.close()
+    (path, headers), (_, unsigned) = server.requests
+    assert path == "/bkt/dir/a%20b%2Bc.dcm" and headers["range"] == "bytes=5-6"
+    assert headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKID/")
+    assert "range" in headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    assert unsigned["range"] == "bytes=5-6" and "authorization" not in unsigned
 
 
 async def test_a_bucket_refusing_anonymous_requests_says_what_to_set() -> None:

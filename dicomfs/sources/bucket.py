@@ -1,19 +1,17 @@
 """What every object store a bucket source reads looks like: listings and ranged object reads.
 
-Owns the object store protocol (``Bucket``: ``list``, ``read``, ``stream`` and, for a retrieve in a
-worker thread, ``stream_in_thread``, ``aclose``), the
-``ObjectInfo`` a listing yields, the ``Chunks`` a read in a worker thread yields (with the answer's
-headers), and what every store shares: following a listing's pages, a
-bounded whole-object read and a ranged stream that checks the range it got (or skips to it when a
-server ignores Range). The stores (``gcs``, ``s3``) own their URLs, one listing page and
-authentication.
-Must not know what the objects contain.
+Owns the object store protocol (``Bucket``: ``list`` and ``read`` on the event loop, ranged object
+reads in worker threads with ``stream_in_thread``, ``aclose``), the ``ObjectInfo`` a listing
+yields, the ``Chunks`` a read in a worker thread yields (with the answer's headers), and what every
+store shares: following a listing's pages, a bounded whole-object read and a ranged stream that
+checks the range it got (or skips to it when a server ignores Range). The stores (``gcs``, ``s3``)
+own their URLs, one listing page and authentication. Must not know what the objects contain.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,9 +54,6 @@ class Bucket(Protocol):
         ...
 
     async def read(self, name: str, limit: int) -> bytes: ...
-
-    def stream(self, name: str, start: int = 0, end: int | None = None
-               ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
 
     def stream_in_thread(self, name: str, start: int, end: int | None,
                          stop: StopSignal) -> AbstractContextManager[Chunks]: ...
@@ -115,16 +110,10 @@ class ObjectReader:
                     raise ProtocolError(f"{what} is larger than {limit} bytes")
             return bytes(body)
 
-    @asynccontextmanager
-    async def stream(self, name: str, start: int = 0, end: int | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
-        """The bytes ``[start, end)`` of an object (a Range request unless it is the whole object)."""
-        async with self.http.stream(self.object_url(name), _range(start, end)) as response:
-            skip = _skip(name, start, response.status_code, response.headers.get("content-range", ""))
-            yield _skipping(response.aiter_raw(), skip)
-
     @contextmanager
     def stream_in_thread(self, name: str, start: int, end: int | None, stop: StopSignal) -> Iterator[Chunks]:
-        """``stream`` for a retrieve running in a worker thread (``tasks.run_stoppable``)."""
+        """The bytes ``[start, end)`` of an object (a Range request unless it is the whole object),
+        read in a worker thread (``tasks.run_stoppable``: ``stop`` breaks off the request)."""
         with self.blocking.stream(self.object_url(name), _range(start, end), stop) as body:
             skip = _skip(name, start, body.status, body.headers.get("content-range", ""))
             yield Chunks(_skipping_now(body.chunks(), skip), body.headers)
@@ -150,13 +139,6 @@ def _cut(chunk: bytes, skip: int) -> tuple[bytes, int]:
     if skip >= len(chunk):
         return b"", skip - len(chunk)
     return (chunk[skip:] if skip else chunk), 0
-
-
-async def _skipping(chunks: AsyncIterator[bytes], skip: int) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        piece, skip = _cut(chunk, skip)
-        if piece:
-            yield piece
 
 
 def _skipping_now(chunks: Iterator[bytes], skip: int) -> Iterator[bytes]:

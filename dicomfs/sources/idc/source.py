@@ -1,18 +1,18 @@
 """The Imaging Data Commons as a source: listings from the index, instances from S3 buckets.
 
-Owns the IDC layout: a series is the objects ``<aws_bucket>/<crdc_series_uuid>/*.dcm``, one
-Part 10 file each. Studies and series come from the index (``index``: no network). A series'
-instances come from one prefix listing (names and exact sizes) and a ranged read of each object's
-first bytes (its SOP Instance UID, by the one naming rule of ``uids.instance_key``, and the
-InstanceNumber and SOPClassUID the readable views name files by), done once per object and kept
-in the source's work folder (objects under a series UUID never change: a revised series gets a new
-UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a time (in the bucket's order,
-but an instance a reader waits for is taken next), each read and hashed in a worker thread and
-handed to the sink whole as soon as it is in, or, above ``WHOLE_AT_MOST``, streamed into it (so
-memory holds at most ``PARALLEL_OBJECTS`` objects of that size); an object that contradicts its
-listing is logged and left out: EIO for that file only; one that breaks off is resumed by the blob
-store, the others go on); one instance opened alone is one GET, read, hashed and written in a
-worker thread. Must not cache blobs (the blob store does) or know about views.
+Owns the IDC layout: a series is the objects ``<aws_bucket>/<crdc_series_uuid>/*.dcm``, one Part 10
+file each. Studies and series come from the index (``index``: no network). A series' instances come
+from one prefix listing (names and exact sizes) and a ranged read of each object's first bytes in a
+worker thread, ``PARALLEL_HEADS`` at a time (its SOP Instance UID, by the one naming rule of
+``uids.instance_key``, and the InstanceNumber and SOPClassUID the readable views name files by),
+done once per object and kept in the source's work folder (objects under a series UUID never change:
+a revised series gets a new UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a
+time (in the bucket's order, but an instance a reader waits for is taken next), each read and hashed
+in a worker thread and handed to the sink whole as soon as it is in, or, above ``WHOLE_AT_MOST``,
+streamed into it (so memory holds at most ``PARALLEL_OBJECTS`` objects of that size); an object that
+contradicts its listing is logged and left out: EIO for that file only; one that breaks off is
+resumed by the blob store, the others go on); one instance opened alone is one GET, read, hashed and
+written in a worker thread. Must not cache blobs (the blob store does) or know about views.
 """
 
 from __future__ import annotations
@@ -234,14 +234,13 @@ class IdcSource:
         read: dict[str, Head] = {}
 
         async def name(info: ObjectInfo) -> None:
-            async with self._limit:
-                try:
-                    head = await self._read_head(bucket, info.name, info.size)
-                except SourceError as exc:
-                    if is_outage(exc):
-                        raise  # the bucket as a whole, not this object: the listing fails
-                    log.warning("object %s/%s cannot be read (%s): skipped", bucket.bucket, info.name, exc)
-                    return
+            try:
+                head = await self._read_head(bucket, info.name, info.size)
+            except SourceError as exc:
+                if is_outage(exc):
+                    raise  # the bucket as a whole, not this object: the listing fails
+                log.warning("object %s/%s cannot be read (%s): skipped", bucket.bucket, info.name, exc)
+                return
             if head is not None:
                 read[head_key(info)] = names[info.name] = head
 
@@ -285,29 +284,9 @@ class IdcSource:
 
     async def _read_head(self, bucket: S3Bucket, name: str, size: int) -> Head | None:
         """The instance key of one object, and the attributes for names (``head_attrs``), from
-        its first bytes; None (logged) if it is not DICOM."""
-        check = Part10Check(keep=(SOP_CLASS_UID, INSTANCE_NUMBER))
-        head = bytearray()
-        try:
-            async with bucket.stream(name, 0, min(size, HEAD_BYTES)) as chunks:
-                async for chunk in chunks:
-                    head += chunk
-                    if len(head) >= HEAD_BYTES:
-                        break
-            check.feed(bytes(head[:HEAD_BYTES]))
-        except ProtocolError as exc:
-            if check.meta is None:
-                log.warning("object %s/%s is not a DICOM Part 10 file (%s): skipped", bucket.bucket, name, exc)
-                return None
-        if check.meta is None:
-            log.warning("object %s/%s has no complete DICOM file meta in its first %d bytes: skipped", bucket.bucket,
-                        name, HEAD_BYTES)
-            return None
-        key = instance_key(check.dataset_uid, check.meta.sop_instance_uid)
-        if key is None:
-            log.warning("object %s/%s names no valid SOP Instance UID: skipped", bucket.bucket, name)
-            return None
-        return key, head_attrs(check.values)
+        its first bytes, read in a worker thread (``_head_in_thread``); None (logged) if it is not
+        DICOM."""
+        return await run_stoppable(partial(_head_in_thread, bucket, name, size), limiter=self._limit)
 
     # --- bytes ----------------------------------------------------------------------------------
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
@@ -369,6 +348,33 @@ class IdcSource:
         bucket = self._bucket(location.bucket)
         await run_stoppable(partial(_whole_in_thread, bucket, info, instance.key, sink.in_thread()),
                             limiter=self._retrieves)
+
+
+def _head_in_thread(bucket: S3Bucket, name: str, size: int, stop: StopSignal) -> Head | None:
+    """``IdcSource._read_head``'s blocking part (urllib3): the object's first ``HEAD_BYTES``, and
+    what they name."""
+    check = Part10Check(keep=(SOP_CLASS_UID, INSTANCE_NUMBER))
+    head = bytearray()
+    try:
+        with bucket.stream_in_thread(name, 0, min(size, HEAD_BYTES), stop) as chunks:
+            for chunk in chunks:
+                head += chunk
+                if len(head) >= HEAD_BYTES:
+                    break
+        check.feed(bytes(head[:HEAD_BYTES]))
+    except ProtocolError as exc:
+        if check.meta is None:
+            log.warning("object %s/%s is not a DICOM Part 10 file (%s): skipped", bucket.bucket, name, exc)
+            return None
+    if check.meta is None:
+        log.warning("object %s/%s has no complete DICOM file meta in its first %d bytes: skipped", bucket.bucket,
+                    name, HEAD_BYTES)
+        return None
+    key = instance_key(check.dataset_uid, check.meta.sop_instance_uid)
+    if key is None:
+        log.warning("object %s/%s names no valid SOP Instance UID: skipped", bucket.bucket, name)
+        return None
+    return key, head_attrs(check.values)
 
 
 async def _deliver(sink: SeriesSink, key: str, body: bytearray) -> None:
