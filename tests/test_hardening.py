@@ -33,8 +33,8 @@ from dicomfs.p10 import parse_file_meta
 from tests.factory import make_instance
 from tests.faultproxy import FaultProxy, Rule
 from tests.fsutil import listdir, read_errno, sh
-from tests.mounting import Mount, dicomfs, is_mounted
-from tests.servers import OrthancServer, wait_until
+from tests.mounting import MOUNT_TIMEOUT, Mount, dicomfs, is_mounted
+from tests.servers import OrthancServer, free_port, wait_until
 
 pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
@@ -482,6 +482,38 @@ def test_another_user_can_read_nothing_in_the_cache(archive: Archive, other_user
         assert set(found.values()) <= {0o700, 0o600}, found
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_cache_that_is_another_users_is_one_line_for_every_command(tmp_path: Path) -> None:
+    """A cache folder this user may not enter (another user's, or root's for a user): every
+    command that takes ``--cache-dir`` says so in one line and exits non-zero, and changes nothing
+    there. As root, the check reads are refused by dropping the capabilities that bypass file
+    permissions (``setpriv``, util-linux)."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    (theirs / "blobs").mkdir(mode=0o700)  # a cache made before, by its owner
+    os.chown(theirs / "blobs", 65534, 65534)
+    os.chown(theirs, 65534, 65534)  # nobody's
+    (tmp_path / "mnt").mkdir()
+    before = sorted(os.listdir(theirs))
+    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "dicomfs"]
+    commands = [("ls", "demo"), ("prefetch", "demo", "--all"), ("mount", "demo", str(tmp_path / "mnt")),
+                ("serve", "demo", "--port", str(free_port())),
+                ("cache", "stats"), ("cache", "verify"), ("cache", "clear")]
+    for command in commands:
+        result = subprocess.run([*as_user, *command, "--cache-dir", str(theirs)], capture_output=True, text=True,
+                                timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+        assert result.returncode != 0, (command, result.stdout)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dicomfs: error:") and "Permission denied" in lines[0], \
+            (command, result.stderr)
+        assert not is_mounted(tmp_path / "mnt")
+    assert sorted(os.listdir(theirs)) == before
+    # and the folder holding it: ``cache stats`` of every cache under it
+    result = subprocess.run([*as_user, "cache", "stats", "--cache-dir", str(tmp_path)], capture_output=True,
+                            text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert result.stderr == f"dicomfs: error: cannot read {theirs}/blobs: Permission denied\n"
 
 
 def test_what_prefetch_writes_for_the_user_keeps_the_users_umask(archive: Archive, tmp_path: Path) -> None:

@@ -109,9 +109,9 @@ def label(cache_dir: Path, spec: SourceSpec) -> None:
 
 def stored_size_limit(cache_dir: Path) -> int | None:
     """The size limit recorded in an existing cache (diskcache keeps its settings), or None."""
-    if not layout.paths(cache_dir).index_db.exists():
-        return None
     try:
+        if not layout.paths(cache_dir).index_db.exists():
+            return None
         with diskcache.Cache(str(layout.paths(cache_dir).blobs)) as index:
             return int(index.size_limit)
     except Exception:  # an unreadable cache gets the default; opening it will say what is wrong

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dicomfs.commands.options import default_cache_root
-from dicomfs.errors import UsageError
+from dicomfs.errors import CacheError, UsageError
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,10 +22,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def run(args: argparse.Namespace) -> int:
+    root = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root()
+    try:
+        return _run(args, root)
+    except BrokenPipeError:
+        raise  # (the reader of the output went away: the caller's to handle)
+    except OSError as exc:  # a cache, or the root, that is not this user's to read
+        raise CacheError(f"cannot read {exc.filename or root}: {exc.strerror}") from None
+
+
+def _run(args: argparse.Namespace, root: Path) -> int:
     from dicomfs.cache import admin
     from dicomfs.progress import human_bytes
 
-    root = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root()
     caches = admin.caches_under(root)
     if args.cache_dir and not caches:
         raise UsageError(f"{root} is not a dicomfs cache")
