@@ -158,8 +158,25 @@ def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str
         term = Term(keyword, tag, vr, value, level_of(keyword), fuzzy=fuzzy and vr == "PN")
         if any(_is_range(v, vr) and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", v) for v in term.values):
             raise UsageError(f"invalid range {value!r} for {keyword} (use YYYYMMDD-YYYYMMDD)")
+        if vr == "DA":
+            for one in term.values:
+                _check_date(keyword, one)
         terms.append(term)
     return Query(tuple(terms))
+
+
+def _check_date(keyword: str, value: str) -> None:
+    """A date term is ``YYYYMMDD`` or a range of them with either end left out (or a wildcard,
+    matched here): anything else (``2024-01``, ``2024``) would match nothing, silently."""
+    if not value or "*" in value or "?" in value:
+        return
+    low, dash, high = value.partition("-")
+    ends = [end for end in (low, high) if end]
+    if not ends or not all(re.fullmatch(r"[0-9]{8}", end) for end in ends):
+        raise UsageError(f"invalid date {value!r} for {keyword} (use YYYYMMDD, or YYYYMMDD-YYYYMMDD for a range, "
+                         "either end left out for an open one)")
+    if dash and low and high and low > high:
+        raise UsageError(f"the range {value!r} for {keyword} ends before it starts")
 
 
 def dictionary_entry(keyword: str) -> tuple[str, str] | None:

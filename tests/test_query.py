@@ -124,12 +124,24 @@ def test_lists_go_to_c_find_backslash_separated() -> None:
     (["=x"], "not KEY=VALUE"),
     (["PatientNmae=x"], "unknown DICOM keyword"),
     (["StudyDate=2020-01-01"], "invalid range"),
+    (["StudyDate=2024-01"], "invalid date '2024-01' for StudyDate"),  # a month, ISO-style: matched nothing
+    (["StudyDate=2024"], "invalid date"),
+    (["PatientBirthDate=1970.01.01"], "invalid date"),
+    (["StudyDate=20240101\\2024"], "invalid date '2024' for StudyDate"),
+    (["StudyDate=20241231-20240101"], "ends before it starts"),
     (["ReferencedSeriesSequence=1"], "sequence"),
 ])
 def test_bad_terms_are_one_line_usage_errors(bad: list[str], message: str) -> None:
     with pytest.raises(UsageError, match=message) as info:
         parse_query(bad)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("good", ["StudyDate=20240115", "StudyDate=20240101-20241231", "StudyDate=20240101-",
+                                  "StudyDate=-20241231", "StudyDate=2024*", "StudyDate=",
+                                  "StudyDate=20240101\\20240102", "StudyDate=20240101-20240101"])
+def test_dates_in_the_forms_dicom_gives_are_taken(good: str) -> None:
+    assert len(parse_query([good]).terms) == 1
 
 
 def test_progress_line_by_bytes_and_by_series() -> None:
