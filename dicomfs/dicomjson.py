@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from dicomfs.dicomread import read_dataset
 from dicomfs.records import DicomJson
 
 if TYPE_CHECKING:
@@ -290,14 +291,13 @@ def bulk_value(p10: bytes | bytearray, tags: str) -> bytes:
     ProtocolError if it is not there."""
     import io
 
-    import pydicom
     from pydicom.dataelem import RawDataElement
 
     from dicomfs.errors import ProtocolError
 
     parts = tags.split(".")
     try:
-        node: Any = pydicom.dcmread(io.BytesIO(p10))
+        node: Any = read_dataset(io.BytesIO(p10))
         for index, part in enumerate(parts[:-1]):
             node = node[int(part)] if index % 2 else node[int(part, 16)].value
         element = node.get_item(int(parts[-1], 16))

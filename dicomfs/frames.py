@@ -19,6 +19,7 @@ from io import BytesIO
 from struct import unpack_from
 from typing import TYPE_CHECKING, Any
 
+from dicomfs.dicomread import read_dataset
 from dicomfs.errors import ProtocolError
 from dicomfs.uids import is_uid
 
@@ -195,11 +196,10 @@ def cut_frames(p10: bytes | bytearray) -> Frames:
 
     Raises ProtocolError for anything that is not an instance with well-formed pixel data.
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        dataset = pydicom.dcmread(BytesIO(p10), force=False)
+        dataset = read_dataset(BytesIO(p10))
     except InvalidDicomError as exc:
         raise ProtocolError("not a DICOM Part 10 file (no DICM prefix)") from exc
     except Exception as exc:  # pydicom raises many types for malformed input
@@ -339,11 +339,10 @@ def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
     served by reading just those ranges; None when the frames are not stored as served (big
     endian or deflated data) or anything does not match exactly. Every located frame is compared
     with the frame ``cut_frames`` made, so a frame served from its ranges is that frame."""
-    import pydicom
     from pydicom.dataelem import RawDataElement
 
     try:
-        dataset = pydicom.dcmread(BytesIO(p10), defer_size=256)
+        dataset = read_dataset(BytesIO(p10), defer_size=256)
         if dataset.file_meta.get("TransferSyntaxUID") in (EXPLICIT_VR_BIG_ENDIAN, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN):
             return None
         tag = next((tag for tag in _PIXEL_TAGS if tag in dataset), None)

@@ -13,7 +13,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicomfs.dicomread import read_dataset
 from dicomfs.errors import SourceError
+from dicomfs.localfile import open_regular
 from dicomfs.records import DicomJson
 
 if TYPE_CHECKING:
@@ -55,18 +57,21 @@ class _Range(io.RawIOBase):
 def metadata(path: Path | None = None, *, fd: int | None = None, offset: int = 0, length: int = 0) -> DicomJson:
     """The DICOM JSON of the instance in file ``path``, or in ``length`` bytes of ``fd`` from
     ``offset``. Blocking."""
-    import pydicom
-
     from dicomfs.dicomjson import BULK_THRESHOLD, dataset_json
 
-    source: str | _Range
+    own = None
     if path is not None:
-        source, what = str(path), str(path)
-    else:  # (not in a BufferedReader: pydicom would take it for a named file and reopen it by name)
-        assert fd is not None
-        source, what = _Range(fd, offset, length), "a cached instance"
+        fd = own = open_regular(path)
+        offset, length, what = 0, os.fstat(fd).st_size, str(path)
+    else:
+        what = "a cached instance"
+    assert fd is not None
     try:
-        ds = pydicom.dcmread(source, defer_size=BULK_THRESHOLD)
+        # (not in a BufferedReader: pydicom would take it for a named file and reopen it by name)
+        ds = read_dataset(_Range(fd, offset, length), defer_size=BULK_THRESHOLD)
         return dataset_json(ds)
     except Exception as exc:  # pydicom raises many kinds of errors for broken files
         raise SourceError(f"{what} is not readable as DICOM: {exc}") from None
+    finally:
+        if own is not None:
+            os.close(own)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import gzip
+import json
 import os
 import shutil
 import signal
@@ -12,8 +14,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from tests.conftest import sha256
 from tests.fsutil import listdir, p10_hashes, sh, stat_errno
 from tests.mounting import Mount, dicomfs, is_mounted
 from tests.servers import free_port, require_tools, wait_until
@@ -96,6 +100,48 @@ def test_folder_source_is_indexed_once(mount_factory: Callable[..., Mount], demo
     assert p10_hashes(mount.path) == demo_expected
     assert "0 files parsed, 57 unchanged" in mount.log  # the remount reused the index
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # source untouched
+
+
+def test_a_source_file_swapped_for_a_fifo_or_padded_with_zeros_fails_or_serves_alone(
+        mount_factory: Callable[..., Mount], demo_dir: Path, demo_expected: dict[str, str], tmp_path: Path) -> None:
+    """A fifo left where a file was must not hold the reader (an open of a fifo waits for a
+    writer: the reader of the mount stuck in the kernel, beyond SIGKILL); a file with zero bytes
+    after its data set (padded or preallocated by its writer) is served, and its metadata ends
+    with its data set (pydicom read 8 bytes of zeros at a time as elements (0000,0000))."""
+    folder = tmp_path / "folder"
+    shutil.copytree(demo_dir, folder)
+    sources = {}
+    for path in sorted(folder.rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sources[f"studies/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"] = path
+    names = sorted(sources)
+    swapped, padded = names[0], next(n for n in names if n.split("/")[2] != names[0].split("/")[2])
+    with open(sources[padded], "r+b") as file:
+        file.truncate(sources[padded].stat().st_size + (24 << 20))  # 24 MiB of zeros (sparse)
+    mount = mount_factory(str(folder))
+    sources[swapped].unlink()
+    os.mkfifo(sources[swapped])
+    reader = subprocess.Popen([sys.executable, "-c", "import sys\ntry:\n    open(sys.argv[1], 'rb').read()\n"
+                               "except OSError as e:\n    print(e.errno)\n", str(mount.path / swapped)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = reader.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # what this guards against: release the reader, then fail
+        os.close(os.open(sources[swapped], os.O_WRONLY | os.O_NONBLOCK))
+        reader.kill()
+        reader.wait(timeout=60)
+        raise AssertionError("a read of a file swapped for a fifo waited for a writer") from None
+    assert out.strip() == str(errno.EIO)
+    assert "is no longer a regular file" in mount.log
+    assert mount.alive()
+    # The padded file: its bytes as they are, and metadata that ends with its data set.
+    assert sha256(mount.path / padded) == sha256(sources[padded])
+    study, series = padded.split("/")[1:3]
+    metadata = json.loads(gzip.decompress((mount.path / "dicomweb" / "studies" / study / "series" / series
+                                           / "metadata.gz").read_bytes()))
+    assert metadata and all("00000000" not in instance for instance in metadata)
+    others = {name: digest for name, digest in demo_expected.items() if name not in (swapped, padded)}
+    assert {name: sha256(mount.path / name) for name in others} == others  # the rest as before
 
 
 @pytest.mark.parametrize("source, message", [

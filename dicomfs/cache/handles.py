@@ -16,7 +16,8 @@ from typing import Any
 
 import trio
 
-from dicomfs.errors import IntegrityError, SourceError
+from dicomfs.errors import IntegrityError
+from dicomfs.localfile import open_regular
 from dicomfs.records import InstanceRecord
 
 
@@ -63,10 +64,7 @@ class InstanceHandle:
 
 
 def open_local(path: Path, instance: InstanceRecord) -> InstanceHandle:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise SourceError(f"cannot open {path}: {exc.strerror}") from None
+    fd = open_regular(path)  # (never waits: a fifo left in the file's place is refused)
     size = os.fstat(fd).st_size
     if instance.size is not None and size != instance.size:
         os.close(fd)

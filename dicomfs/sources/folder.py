@@ -17,7 +17,9 @@ from typing import Any
 
 import trio
 
+from dicomfs.dicomread import read_dataset
 from dicomfs.errors import NotFound, SourceError
+from dicomfs.localfile import open_regular
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import SeriesSink
 from dicomfs.uids import instance_key, is_uid
@@ -41,8 +43,8 @@ def _parse_file(path: str) -> dict[str, Any] | None:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=list(STUDY_TAGS + SERIES_TAGS + INSTANCE_TAGS))
+        with os.fdopen(open_regular(path), "rb") as file:
+            ds = read_dataset(file, stop_before_pixels=True, specific_tags=STUDY_TAGS + SERIES_TAGS + INSTANCE_TAGS)
     except Exception as exc:  # pydicom raises many kinds of errors for non-DICOM files
         log.debug("not indexed (unreadable as DICOM): %s: %s", path, exc)
         return None
@@ -209,7 +211,8 @@ class FolderSource:
             if not sink.wants(instance.key):
                 continue
             writer = await sink.begin(instance.key, instance.size)
-            with open(path, "rb") as source_file:
+            fd = await trio.to_thread.run_sync(open_regular, path)
+            with os.fdopen(fd, "rb") as source_file:
                 while chunk := await trio.to_thread.run_sync(source_file.read, READ_CHUNK):
                     await writer.write(chunk)
             await writer.finish()
