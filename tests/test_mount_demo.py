@@ -85,6 +85,21 @@ def test_umount_command_waits_for_the_daemon(mount_factory: Callable[..., Mount]
     assert again.returncode != 0 and len(again.stderr.strip().splitlines()) == 1
 
 
+def test_umount_unmounts_dicomfs_mounts_only(tmp_path: Path) -> None:
+    """As root, ``fusermount3 -u`` unmounts any file system: ``dicomfs umount /home`` must not."""
+    other = tmp_path / "tmpfs"
+    other.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(other))
+    try:
+        result = dicomfs("umount", str(other))
+        assert result.returncode == 2 and is_mounted(other)
+        assert result.stderr == f"dicomfs: error: {other} is not a dicomfs mount (it is tmpfs): not unmounted\n"
+    finally:
+        sh("umount", str(other))
+    result = dicomfs("umount", str(other))
+    assert result.returncode == 2 and result.stderr == f"dicomfs: error: {other} is not mounted\n"
+
+
 def test_folder_source_is_indexed_once(mount_factory: Callable[..., Mount], demo_dir: Path,
                                        demo_expected: dict[str, str], tmp_path: Path) -> None:
     folder = tmp_path / "folder"

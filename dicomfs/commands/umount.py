@@ -1,8 +1,8 @@
 """``dicomfs umount``: unmount, and wait for the daemon to exit.
 
-Owns unmounting through ``fusermount3 -u`` (or ``umount``), and stopping a daemon that does not
-see its mount go (SIGTERM, then SIGKILL; its pid from the pid file). Must not touch the cache or
-the mount's state otherwise.
+Owns unmounting through ``fusermount3 -u`` (or ``umount``), of dicomfs mounts only, and stopping
+a daemon that does not see its mount go (SIGTERM, then SIGKILL; its pid from the pid file). Must
+not touch the cache or the mount's state otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from dicomfs.errors import DicomfsError
+from dicomfs.errors import DicomfsError, UsageError
 
 UMOUNT_TIMEOUT = 60.0
 UMOUNT_GRACE = 5.0  # after unmounting, the daemon gets this long to see it before it is told to stop
@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     also held in another mount namespace, as containers do) is told to stop: its pid is known."""
     from dicomfs.mount import pidfile_for
 
-    mountpoint = Path(os.path.abspath(Path(args.mountpoint).expanduser()))
+    mountpoint = Path(os.path.realpath(Path(args.mountpoint).expanduser()))
+    _check_dicomfs_mount(mountpoint)
     pidfile = pidfile_for(mountpoint)
     try:
         pid: int | None = int(pidfile.read_text().strip())
@@ -56,6 +57,21 @@ def run(args: argparse.Namespace) -> int:
                 raise DicomfsError(f"unmounted; the daemon (pid {pid}) did not stop on SIGTERM and was killed")
             return 0
     raise DicomfsError(f"unmounted, but the daemon (pid {pid}) did not exit")
+
+
+def _check_dicomfs_mount(mountpoint: Path) -> None:
+    """UsageError unless the topmost mount at ``mountpoint`` is a dicomfs mount (a stale one
+    included): run as root, ``fusermount3 -u`` unmounts any file system."""
+    from dicomfs.mount import mount_entries
+
+    try:
+        found = [entry for entry in mount_entries() if entry.point == str(mountpoint)]
+    except OSError:
+        return  # cannot tell: fusermount3 says what it finds
+    if not found:
+        raise UsageError(f"{mountpoint} is not mounted")
+    if found[-1].fstype != "fuse.dicomfs":
+        raise UsageError(f"{mountpoint} is not a dicomfs mount (it is {found[-1].fstype}): not unmounted")
 
 
 def _gone_within(pid: int, seconds: float) -> bool:
