@@ -54,7 +54,10 @@ class Archive:
 async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
     """The opened archive. A cache directory created here is removed again if the archive
     turns out to be unusable before anything was done with it (no litter from a typo'd URL)."""
-    fresh = not options.cache_dir.exists()
+    try:
+        fresh = not options.cache_dir.exists()
+    except OSError:
+        fresh = False  # cannot tell (its parent is not ours to look into): CacheUse says so
     lock = CacheUse(options.cache_dir)
     opened = False
     try:

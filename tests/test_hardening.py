@@ -509,6 +509,13 @@ def test_a_cache_that_is_another_users_is_one_line_for_every_command(tmp_path: P
             (command, result.stderr)
         assert not is_mounted(tmp_path / "mnt")
     assert sorted(os.listdir(theirs)) == before
+    # a cache to be made in a folder of theirs: the same line, from every command that makes one
+    for command in commands[:4]:
+        result = subprocess.run([*as_user, *command, "--cache-dir", str(theirs / "mine")], capture_output=True,
+                                text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (command, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Permission denied" in result.stderr, result.stderr
+    assert sorted(os.listdir(theirs)) == before
     # and the folder holding it: ``cache stats`` of every cache under it
     result = subprocess.run([*as_user, "cache", "stats", "--cache-dir", str(tmp_path)], capture_output=True,
                             text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)

@@ -187,11 +187,15 @@ def test_bad_mount_points_and_options(mount_factory: Callable[..., Mount], tmp_p
     for args, message in [
         (("demo", str(tmp_path / "missing")), "does not exist"),
         (("demo", str(tmp_path), "--cache-size", "lots"), "invalid size"),
+        (("demo", str(tmp_path), "--cache-size", "10000000T"), "invalid size '10000000T': too large"),
         (("demo", str(tmp_path), "--user", "bob"), "DICOMFS_PASSWORD"),
     ]:
         result = dicomfs("mount", *args, "--cache-dir", str(tmp_path / "c"))
         assert result.returncode != 0 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+    for ttl in ("-1", "0", "nan", "inf"):
+        result = dicomfs("mount", "demo", str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--listing-ttl", ttl)
+        assert result.returncode == 2 and f"invalid number of seconds '{ttl}'" in result.stderr, result.stderr
     mount = mount_factory("demo")
     result = dicomfs("mount", "demo", str(mount.path), "--cache-dir", str(tmp_path / "other"))
     assert result.returncode != 0 and "already a mount point" in result.stderr
@@ -221,6 +225,23 @@ def test_a_cache_log_or_folder_inside_the_mount_point_is_refused(tmp_path: Path,
         assert not is_mounted(mountpoint)
     assert sorted(path.name for path in mountpoint.iterdir()) == ["dicom"]  # nothing written there
     assert not (tmp_path / "c").exists()
+
+
+def test_a_cache_inside_a_folder_source_is_refused(tmp_path: Path, demo_dir: Path) -> None:
+    """It would be written into the folder dicomfs must only read, and scanned with it."""
+    folder = tmp_path / "folder"
+    shutil.copytree(demo_dir, folder)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    (tmp_path / "mnt").mkdir()
+    for cache in (folder, folder / ".cache"):
+        for command in (("ls", str(folder)), ("prefetch", str(folder), "--all"),
+                        ("mount", str(folder), str(tmp_path / "mnt"))):
+            result = dicomfs(*command, "--cache-dir", str(cache))
+            assert result.returncode == 2, result.stderr
+            assert result.stderr == (f"dicomfs: error: the cache folder {cache} is inside the source folder {folder}: "
+                                     "choose one outside it (--cache-dir)\n")
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    assert not is_mounted(tmp_path / "mnt")
 
 
 def test_systemd_mode_notifies_and_stops_cleanly(tmp_path: Path, demo_expected: dict[str, str]) -> None:

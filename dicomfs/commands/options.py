@@ -39,6 +39,9 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
+MAX_SIZE = (1 << 63) - 1  # what sqlite (the cache index) can count
+
+
 def parse_size(text: str) -> int:
     """``20G``, ``512M``, ``1.5T`` or a plain byte count (binary units)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", text, re.IGNORECASE)
@@ -47,6 +50,8 @@ def parse_size(text: str) -> int:
     size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     if size <= 0:
         raise UsageError(f"invalid size {text!r}: must be positive")
+    if size > MAX_SIZE:
+        raise UsageError(f"invalid size {text!r}: too large")
     return size
 
 
@@ -56,11 +61,15 @@ def default_cache_root() -> Path:
 
 
 def default_cache_size(cache_dir: Path) -> int:
-    """A fifth of the free space where the cache lives (at least 1 GiB)."""
+    """A fifth of the free space where the cache lives (at least 1 GiB; that, if the place
+    cannot be looked at: opening the cache then says why)."""
     probe = cache_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = 0
     return max(free // 5, 1 << 30)
 
 
@@ -159,7 +168,7 @@ def add_cache_size_option(parser: argparse.ArgumentParser) -> None:
 
 def add_listing_ttl_option(parser: argparse.ArgumentParser) -> None:
     """``--listing-ttl`` of the long-running commands (read by ``archive_options``)."""
-    parser.add_argument("--listing-ttl", type=float, default=DEFAULT_LISTING_TTL,
+    parser.add_argument("--listing-ttl", type=seconds, default=DEFAULT_LISTING_TTL,
                         help=f"seconds a study or series listing is trusted (default {DEFAULT_LISTING_TTL:.0f})")
 
 
@@ -177,6 +186,10 @@ def archive_options(args: argparse.Namespace, *, with_blobs: bool,
     spec = spec or parse_source(args.source)
     credentials = credentials_from_environment(args.user, args.password_file, args.token_file)
     cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root() / spec.source_id
+    if spec.kind == "folder" and cache_dir.is_relative_to(Path(spec.location).resolve()):
+        # (the cache would be written into the folder, and scanned with it on the next start)
+        raise UsageError(f"the cache folder {cache_dir} is inside the source folder {spec.location}: "
+                         "choose one outside it (--cache-dir)")
     cache_size = None
     if with_blobs:
         # The limit belongs to the cache: every process using it keeps the one set first (or
