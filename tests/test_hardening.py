@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -521,6 +522,48 @@ def test_a_cache_that_is_another_users_is_one_line_for_every_command(tmp_path: P
                             text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
     assert result.returncode == 1
     assert result.stderr == f"dicomfs: error: cannot read {theirs}/blobs: Permission denied\n"
+
+
+def test_what_a_folder_source_cannot_read_is_said_not_hidden(tmp_path: Path) -> None:
+    """Files and folders of another user's in a folder source: left out with one warning, and
+    tried again next time (not remembered as non-DICOM); the folder itself, or one above it: one
+    line and a non-zero exit, not an empty archive."""
+    folder = tmp_path / "folder"
+    (folder / "theirs").mkdir(parents=True)
+    blobs = {name: make_instance("1.2.826.0.1.3680043.8.498.41", "1.2.826.0.1.3680043.8.498.41.1",
+                                 f"1.2.826.0.1.3680043.8.498.41.1.{n}", number=n)
+             for n, name in enumerate(["mine.dcm", "theirs.dcm", "theirs/inside.dcm"], 1)}
+    for name, blob in blobs.items():
+        (folder / name).write_bytes(blob)
+    for name in ("theirs.dcm", "theirs/inside.dcm", "theirs"):
+        os.chown(folder / name, 65534, 65534)
+        (folder / name).chmod(0o700 if name == "theirs" else 0o600)
+    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "dicomfs"]
+
+    def ls(source: Path, *options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*as_user, "ls", str(source), "--level", "instance", "--json", "--cache-dir",
+                               str(tmp_path / "cache"), *options], capture_output=True, text=True,
+                              timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+
+    result = ls(folder)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["SOPInstanceUID"] for line in result.stdout.splitlines()] == [
+        "1.2.826.0.1.3680043.8.498.41.1.1"]
+    assert result.stderr.startswith(f"dicomfs: {folder}: 2 files or folders could not be read and are not shown "
+                                    "(first: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    index = json.loads((tmp_path / "cache" / "folder-index.json").read_text())["files"]
+    assert list(index) == ["mine.dcm"]  # the others not remembered (as not DICOM): read again next time
+
+    os.chown(folder, 65534, 65534)
+    folder.chmod(0o700)
+    for source, status in ((folder, 1), (folder / "theirs", 2)):
+        result = ls(source)
+        assert result.returncode == status
+        assert result.stderr == f"dicomfs: error: cannot read the source folder {source}: Permission denied\n"
+    result = dicomfs("ls", "", "--cache-dir", str(tmp_path / "cache"))
+    assert result.returncode == 2
+    assert result.stderr == "dicomfs: error: the source is empty (a URL, a folder, idc, or demo)\n"
 
 
 def test_what_prefetch_writes_for_the_user_keeps_the_users_umask(archive: Archive, tmp_path: Path) -> None:

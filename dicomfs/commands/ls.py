@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     given = Path(args.source).expanduser()
     # (an existing path only: "demo" typed in a folder of a mount still means the demo)
-    mounted = mount_containing(given) if "://" not in args.source and given.exists() else None
+    mounted = mount_containing(given) if "://" not in args.source and os.path.exists(given) else None
     if mounted is not None:
         point, spec, cache_dir = mounted
         print(f"dicomfs: {args.source} is in the dicomfs mount {point} of {spec.kind} {spec.location}: "

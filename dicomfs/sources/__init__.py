@@ -63,8 +63,14 @@ def parse_source(text: str) -> SourceSpec:
         scheme = text.split("://", 1)[0]
         raise UsageError(f"unknown source scheme {scheme!r} (use http(s)://, gs://, s3://, cod+https://, dimse://, "
                          "a folder, idc, or demo)")
+    if not text:
+        raise UsageError("the source is empty (a URL, a folder, idc, or demo)")
     path = Path(text).expanduser()
-    if not path.is_dir():
+    try:
+        is_folder = path.is_dir()
+    except OSError as exc:  # (a folder above it not this user's to enter)
+        raise UsageError(f"cannot read the source folder {text}: {exc.strerror}") from None
+    if not is_folder:
         raise UsageError(f"source {text!r} is neither a URL, 'idc', 'demo', nor an existing folder")
     return SourceSpec(kind="folder", location=str(path.resolve()))
 

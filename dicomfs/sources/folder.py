@@ -39,11 +39,13 @@ INSTANCE_TAGS = ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Col
 
 
 def _parse_file(path: str) -> dict[str, Any] | None:
-    """Index entry of one file, or None if it is not a usable Part 10 file. Blocking."""
+    """Index entry of one file, or None if it is not a usable Part 10 file; SourceError if it
+    cannot be opened. Blocking."""
     import pydicom
 
+    fd = open_regular(path)
     try:
-        with os.fdopen(open_regular(path), "rb") as file:
+        with os.fdopen(fd, "rb") as file:
             ds = read_dataset(file, stop_before_pixels=True, specific_tags=STUDY_TAGS + SERIES_TAGS + INSTANCE_TAGS)
     except Exception as exc:  # pydicom raises many kinds of errors for non-DICOM files
         log.debug("not indexed (unreadable as DICOM): %s: %s", path, exc)
@@ -90,16 +92,29 @@ def _read_metadata(paths: dict[str, Path | None]) -> dict[str, DicomJson]:
 
 
 def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
-    """Walk ``root``; reuse entries whose size and mtime are unchanged. Blocking."""
+    """Walk ``root``; reuse entries whose size and mtime are unchanged. What cannot be read (a
+    folder or file of another user's, a path too long) is left out of the index, so that it is
+    tried again next time, and counted in one warning; SourceError if ``root`` itself cannot be
+    read. Blocking."""
     files: dict[str, Any] = {}
     parsed = reused = 0
-    for dirpath, dirnames, filenames in os.walk(root):
+    unreadable: list[str] = []
+
+    def refused(exc: OSError) -> None:
+        if exc.filename is not None and os.path.abspath(exc.filename) == os.path.abspath(root):
+            raise SourceError(f"cannot read the source folder {root}: {exc.strerror}")
+        unreadable.append(f"{exc.filename}: {exc.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refused):
         dirnames.sort()
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             try:
                 st = os.stat(path)
-            except OSError:
+            except FileNotFoundError:
+                continue  # gone since it was listed (or a dangling link)
+            except OSError as exc:
+                unreadable.append(f"{path}: {exc.strerror}")
                 continue
             if not os.path.isfile(path):
                 continue
@@ -109,13 +124,20 @@ def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
                 files[rel] = old
                 reused += 1
                 continue
-            entry = _parse_file(path)
+            try:
+                entry = _parse_file(path)
+            except SourceError as exc:
+                unreadable.append(str(exc))
+                continue
             parsed += 1
             if entry is None:
                 entry = {"skip": True}
             entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
             files[rel] = entry
     log.info("indexed %s: %d files parsed, %d unchanged", root, parsed, reused)
+    if unreadable:
+        log.warning("%s: %d files or folders could not be read and are not shown (first: %s)", root,
+                    len(unreadable), unreadable[0])
     return files
 
 
