@@ -10,6 +10,7 @@ Must not do I/O.
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -166,13 +167,14 @@ def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str
 
 
 def _check_date(keyword: str, value: str) -> None:
-    """A date term is ``YYYYMMDD`` or a range of them with either end left out (or a wildcard,
-    matched here): anything else (``2024-01``, ``2024``) would match nothing, silently."""
+    """A date term is ``YYYYMMDD`` (a day of the calendar) or a range of them with either end left
+    out (or a wildcard, matched here): anything else (``2024-01``, ``2024``, ``20241399``) would
+    match nothing, silently."""
     if not value or "*" in value or "?" in value:
         return
     low, dash, high = value.partition("-")
     ends = [end for end in (low, high) if end]
-    if not ends or not all(re.fullmatch(r"[0-9]{8}", end) for end in ends):
+    if not ends or not all(re.fullmatch(r"[0-9]{8}", end) and _is_calendar_date(end) for end in ends):
         raise UsageError(f"invalid date {value!r} for {keyword} (use YYYYMMDD, or YYYYMMDD-YYYYMMDD for a range, "
                          "either end left out for an open one)")
     if dash and low and high and low > high:
@@ -213,6 +215,15 @@ def _is_range(value: str, vr: str) -> bool:
         return False
     # A date-time may end in a UTC offset ("...120000-0500"): that is not a range.
     return not (vr == "DT" and re.fullmatch(r"\d{8,}(\.\d+)?-\d{4}", value))
+
+
+def _is_calendar_date(text: str) -> bool:
+    """Whether eight digits are a day of the calendar (20241399 is not)."""
+    try:
+        datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return False
+    return True
 
 
 def _text(value: Any) -> str:

@@ -129,6 +129,9 @@ def test_lists_go_to_c_find_backslash_separated() -> None:
     (["PatientBirthDate=1970.01.01"], "invalid date"),
     (["StudyDate=20240101\\2024"], "invalid date '2024' for StudyDate"),
     (["StudyDate=20241231-20240101"], "ends before it starts"),
+    (["StudyDate=20241399"], "invalid date '20241399'"),
+    (["StudyDate=20230229-"], "invalid date"),  # not a leap year
+    (["StudyDate=00000000"], "invalid date"),
     (["ReferencedSeriesSequence=1"], "sequence"),
 ])
 def test_bad_terms_are_one_line_usage_errors(bad: list[str], message: str) -> None:
@@ -139,7 +142,7 @@ def test_bad_terms_are_one_line_usage_errors(bad: list[str], message: str) -> No
 
 @pytest.mark.parametrize("good", ["StudyDate=20240115", "StudyDate=20240101-20241231", "StudyDate=20240101-",
                                   "StudyDate=-20241231", "StudyDate=2024*", "StudyDate=",
-                                  "StudyDate=20240101\\20240102", "StudyDate=20240101-20240101"])
+                                  "StudyDate=20240101\\20240102", "StudyDate=20240101-20240101", "StudyDate=20240229"])
 def test_dates_in_the_forms_dicom_gives_are_taken(good: str) -> None:
     assert len(parse_query([good]).terms) == 1
 
