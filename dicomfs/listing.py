@@ -8,6 +8,7 @@ derived attributes (counts, modalities) are ``summary``'s; this module must not 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
 from typing import Any
@@ -88,6 +89,9 @@ def json_lines(found: list[dict[str, Any]]) -> Iterator[str]:
         yield json.dumps(row, ensure_ascii=False, sort_keys=False)
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
 def table(found: list[dict[str, Any]], level: str) -> Iterator[str]:
     names = [name for name, _ in COLUMNS[level]]
     cells = [[_cell(row.get(name)) for name in names] for row in found]
@@ -99,11 +103,12 @@ def table(found: list[dict[str, Any]], level: str) -> Iterator[str]:
 
 
 def _cell(value: Any) -> str:
+    """A value as one line of a table cell: control characters (a newline or tab an archive put
+    in a name) become a space, so that a row stays one line."""
     if value is None:
         return ""
-    if isinstance(value, list):
-        return "\\".join(str(v) for v in value)
-    return str(value)
+    text = "\\".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    return _CONTROLS.sub(" ", text)
 
 
 def _fit(text: str, width: int) -> str:

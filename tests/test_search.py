@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dicomfs.catalog import Catalog
+from dicomfs.listing import table
 from dicomfs.query import Term, parse_query
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.search import Search
@@ -199,3 +200,12 @@ async def test_listing_rows_come_in_batches_equal_to_the_whole_listing() -> None
         whole = await listing.rows(Catalog(WideArchive(5, 400), None), parse_query([]), level)  # type: ignore[arg-type]
         assert [row for batch in batches for row in batch] == whole
         assert len(batches) > 1 or level == "study", level
+
+
+def test_a_table_row_stays_one_line_whatever_a_name_holds() -> None:
+    rows = [{"StudyInstanceUID": "1.2.3", "PatientName": "Doe\nJohn\tthe\x1b[31mthird", "PatientID": "P\r1",
+             "StudyDate": "20240101", "ModalitiesInStudy": ["CT", "M\x85R"], "StudyDescription": "a\x00b",
+             "Series": 1, "Instances": 2}]
+    header, line = list(table(rows, "study"))
+    assert "Doe John the [31mthird" in line and "P 1" in line and "CT\\M R" in line and "a b" in line
+    assert line.isprintable() and len(header) >= len("StudyInstanceUID  PatientName")
