@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import pydicom
 import pytest
 
 from tests.conftest import sha256
+from tests.factory import make_instance
 from tests.fsutil import listdir, p10_hashes, sh, stat_errno
 from tests.mounting import Mount, dicomfs, is_mounted
 from tests.servers import free_port, require_tools, wait_until
@@ -242,6 +244,21 @@ def test_a_cache_inside_a_folder_source_is_refused(tmp_path: Path, demo_dir: Pat
                                      "choose one outside it (--cache-dir)\n")
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
     assert not is_mounted(tmp_path / "mnt")
+
+
+def test_what_pydicom_finds_odd_in_a_file_is_not_repeated_at_the_user(tmp_path: Path) -> None:
+    """A name longer than its VR allows, an unknown character set: pydicom said each twice (a log
+    line, and a Python warning naming its own source line) for every read of every such file."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    ds = pydicom.dcmread(io.BytesIO(make_instance("1.2.826.0.1.3680043.8.498.51", "1.2.826.0.1.3680043.8.498.51.1",
+                                                  patient="X" * 70)))
+    ds.SpecificCharacterSet = "ISO_IR 999"
+    ds.save_as(folder / "odd.dcm")
+    for _ in range(2):  # indexed, then from the index
+        result = dicomfs("ls", str(folder), "--cache-dir", str(tmp_path / "cache"))
+        assert result.returncode == 0 and "X" * 70 in result.stdout
+        assert result.stderr == ""
 
 
 def test_systemd_mode_notifies_and_stops_cleanly(tmp_path: Path, demo_expected: dict[str, str]) -> None:
