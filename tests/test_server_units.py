@@ -15,8 +15,18 @@ import pytest
 
 from dicomfs import frames
 from dicomfs.archive import ArchiveOptions, open_archive
-from dicomfs.errors import ProtocolError
+from dicomfs.errors import (
+    CacheError,
+    DicomfsError,
+    IntegrityError,
+    NotFound,
+    ProtocolError,
+    SourceError,
+    SourceUnavailable,
+    WaitTimeout,
+)
 from dicomfs.server.accept import NotAcceptable, accepts_json, frame_form, instance_form, parse_accept
+from dicomfs.server.app import _failure
 from dicomfs.server.qido import BadRequest, parse_request
 from dicomfs.server.run import app_for
 from dicomfs.sources import SourceOptions, parse_source
@@ -251,3 +261,28 @@ async def test_metadata_is_json_and_says_so_to_a_client_that_wants_xml(demo_dir:
                     assert response.text.count("\n") == 1 and "application/dicom+json" in response.text
                 else:
                     assert response.headers["content-type"].startswith("application/dicom+json")
+
+
+@pytest.mark.parametrize("error, status, said", [
+    (SourceError("cannot open /srv/dicom/private/ct/1.dcm: Permission denied"), 502, "the archive failed to deliver"),
+    (IntegrityError("/srv/dicom/x.dcm changed size since it was indexed"), 502, "failed a check"),
+    (SourceUnavailable("cannot reach https://pacs.internal:8443/dicom-web: timed out"), 503, "unavailable"),
+    (CacheError("cannot use the cache directory /home/alice/.cache/dicomfs/x: No space"), 507, "cache"),
+    (WaitTimeout("gave up after 300 s"), 504, "in time"),
+])
+def test_a_failure_tells_the_client_its_kind_and_the_log_its_details(
+        error: DicomfsError, status: int, said: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Server-side failures name local paths, archive URLs and cache folders: the log gets them,
+    the client of a DICOMweb server does not."""
+    with caplog.at_level(logging.WARNING, logger="dicomfs.server.app"):
+        reply = _failure(error)
+    assert isinstance(reply.body, bytes)
+    body = reply.body.decode()
+    assert reply.status == status and said in body
+    assert "/" not in body and "server's log" in body
+    assert str(error) in caplog.text
+
+
+def test_a_client_error_is_told_its_reason() -> None:
+    reply = _failure(NotFound("series 1.2.3 is not in study 1.2"))
+    assert reply.status == 404 and reply.body == b"not found: series 1.2.3 is not in study 1.2\n"

@@ -25,7 +25,16 @@ import cachetools
 import trio
 
 from dicomfs import dicomjson
-from dicomfs.errors import DicomfsError, NotFound
+from dicomfs.errors import (
+    AccessRefused,
+    CacheError,
+    DicomfsError,
+    IntegrityError,
+    NotFound,
+    ProtocolError,
+    SourceUnavailable,
+    WaitTimeout,
+)
 from dicomfs.server.accept import MediaRange, NotAcceptable, accepts_json, parse_accept
 from dicomfs.server.qido import BadRequest, Qido, parse_request
 from dicomfs.server.viewer import Viewer
@@ -321,11 +330,25 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags or f"W/{etag}" in tags
 
 
+# What a client is told of a failure on our side or the archive's (the details, which name
+# local paths, archive URLs and cache folders, go to the log): the first class that matches.
+_PUBLIC_FAILURES: tuple[tuple[type[DicomfsError], str], ...] = (
+    (AccessRefused, "the archive refused the server's credentials"),
+    (SourceUnavailable, "the archive is unavailable; try again later"),
+    (WaitTimeout, "the archive did not deliver in time; try again later"),
+    (IntegrityError, "the archive's bytes for this failed a check"),
+    (ProtocolError, "the archive answered with something malformed"),
+    (CacheError, "the server's cache is unusable"),
+    (DicomfsError, "the archive failed to deliver this"),
+)
+
+
 def _failure(exc: DicomfsError) -> Reply:
     status = exc.http_status
     reason = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
     if status >= 500:
         log.warning("%s: %s", status, reason)
+        reason = next(text for kind, text in _PUBLIC_FAILURES if isinstance(exc, kind)) + " (the server's log says why)"
     else:
         log.debug("%s: %s", status, reason)
     if isinstance(exc, NotFound):
