@@ -701,3 +701,26 @@ async def test_verify_checks_bytes_without_the_commit_lock(tmp_path: Path, monke
     report = admin.verify(tmp_path / "cache")
     assert free and all(free)
     assert report.dropped == []
+
+
+async def test_a_local_file_cut_short_or_swapped_says_so_by_its_path(tmp_path: Path) -> None:
+    """A folder source's file is served in place: what goes wrong with it is the file's, named
+    by its path, not a cached blob's."""
+    from dicomfs.cache.handles import open_local
+
+    path = tmp_path / "a.dcm"
+    path.write_bytes(b"x" * 4096)
+    record = InstanceRecord("1.2", "1.2.3", "1.2.3.4", size=4096)
+    handle = open_local(path, record)
+    try:
+        os.truncate(path, 1000)  # cut short while open
+        with pytest.raises(IntegrityError, match=f"^{path} is shorter than when it was indexed"):
+            await handle.read(0, 4096)
+    finally:
+        handle.close()
+    with pytest.raises(IntegrityError, match=f"^{path} changed size since it was indexed"):
+        open_local(path, record)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(SourceError, match=f"^{path} is no longer a regular file$"):
+        open_local(path, record)  # at once: not waiting for a writer

@@ -24,12 +24,14 @@ from dicomfs.records import InstanceRecord
 class InstanceHandle:
     """An open instance: a private fd on the file that holds it, and where in that file."""
 
-    def __init__(self, fd: int, offset: int, length: int, release: Any = None) -> None:
+    def __init__(self, fd: int, offset: int, length: int, release: Any = None, *,
+                 local: Path | None = None) -> None:
         self.fd = fd
         self.offset = offset
         self.length = length
         self._release = release
         self._nowait = True
+        self._local = local  # a source's own file, served in place (for errors: not a cached blob)
 
     async def read(self, off: int, size: int, reply: bytearray | None = None) -> bytes | bytearray | memoryview:
         """``size`` bytes from ``off`` (fewer at the end). With ``reply`` (a buffer the caller has
@@ -53,6 +55,9 @@ class InstanceHandle:
                 self._nowait = False
         data = await trio.to_thread.run_sync(os.pread, self.fd, size, pos)
         if len(data) != size:
+            if self._local is not None:
+                raise IntegrityError(f"{self._local} is shorter than when it was indexed (it is indexed again at the "
+                                     "next start)")
             raise IntegrityError("cached blob is shorter than its manifest")
         return data
 
@@ -68,5 +73,5 @@ def open_local(path: Path, instance: InstanceRecord) -> InstanceHandle:
     size = os.fstat(fd).st_size
     if instance.size is not None and size != instance.size:
         os.close(fd)
-        raise IntegrityError(f"{path} changed size since it was indexed; remount to re-index")
-    return InstanceHandle(fd, 0, size)
+        raise IntegrityError(f"{path} changed size since it was indexed (it is indexed again at the next start)")
+    return InstanceHandle(fd, 0, size, local=path)

@@ -195,8 +195,10 @@ class FolderSource:
             if entry.get("skip"):
                 continue
             study, series, sop = entry["study"], entry["series"], entry["sop"]
-            if (study, series, sop) in self._paths:
-                log.warning("duplicate SOPInstanceUID %s in %s: first copy kept", sop, rel)
+            kept = self._paths.get((study, series, sop))
+            if kept is not None:
+                log.warning("duplicate SOPInstanceUID %s in %s: %s is served (the first found)", sop, rel,
+                            kept.relative_to(self.root))
                 continue
             self._paths[(study, series, sop)] = self.root / rel
             self._studies.setdefault(study, StudyRecord(study, entry["study_attrs"]))
