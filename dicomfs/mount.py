@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import stat
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ import trio
 from dicomfs.archive import ArchiveOptions, open_archive
 from dicomfs.errors import UsageError
 from dicomfs.fs import MAX_READ, DicomOperations
+from dicomfs.mounttable import DICOMFS_TYPE, mount_entries
 from dicomfs.query import Query
 from dicomfs.readahead import Mode, Readahead
 from dicomfs.sdnotify import sd_notify
@@ -132,25 +132,6 @@ def write_record(path: Path, spec: SourceSpec, cache_dir: Path) -> None:
         out.write(text)
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo: where, which device, which file system type."""
-    point: str
-    device: str  # "major:minor", as /sys/class/bdi names the mount's backing device
-    fstype: str
-
-
-def mount_entries() -> list[MountEntry]:
-    """The mounts of this process's mount namespace. Raises OSError when it cannot be read."""
-    entries = []
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts.read().splitlines():
-            fields, _, rest = line.partition(" - ")
-            parts = fields.split(" ")
-            entries.append(MountEntry(_unescape(parts[4]), parts[2], rest.split(" ", 1)[0]))
-    return entries
-
-
 def mount_containing(path: Path) -> tuple[Path, SourceSpec, Path] | None:
     """If ``path`` lies in a dicomfs mount of this namespace: its mount point, source and cache
     directory; None otherwise. A dicomfs mount that left no record is a one-line UsageError."""
@@ -160,7 +141,7 @@ def mount_containing(path: Path) -> tuple[Path, SourceSpec, Path] | None:
     except OSError:
         return None
     for entry in entries:
-        if entry.fstype != "fuse.dicomfs":
+        if entry.fstype != DICOMFS_TYPE:
             continue
         point = entry.point
         if wanted == point or wanted.startswith(point.rstrip("/") + "/"):
@@ -172,11 +153,6 @@ def mount_containing(path: Path) -> tuple[Path, SourceSpec, Path] | None:
             spec = SourceSpec(record["kind"], record["location"], record.get("endpoint"))
             return Path(point), spec, Path(record["cache_dir"])
     return None
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo path field: octal escapes for space, tab, newline and backslash."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def fuse_options(allow_other: bool) -> set[str]:

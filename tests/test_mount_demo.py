@@ -261,6 +261,25 @@ def test_what_pydicom_finds_odd_in_a_file_is_not_repeated_at_the_user(tmp_path: 
         assert result.stderr == ""
 
 
+def test_a_scan_of_a_folder_does_not_walk_into_a_dicomfs_mount_below_it(
+        mount_factory: Callable[..., Mount], demo_dir: Path, demo_expected: dict[str, str], tmp_path: Path) -> None:
+    """A folder mounted at a mount point inside itself is fine (it is scanned before the mount is
+    made); a later scan of the folder (another command, a restart) must not index it again
+    through the mount, file by file (every one a duplicate)."""
+    folder = tmp_path / "folder"
+    shutil.copytree(demo_dir, folder)
+    (folder / "view").mkdir()
+    mount = Mount(str(folder), folder / "view", tmp_path / "cache")
+    mount.start()
+    try:
+        assert p10_hashes(mount.path) == demo_expected
+        result = dicomfs("ls", str(folder), "--level", "instance", "--json", "--cache-dir", str(tmp_path / "other"))
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert len(result.stdout.splitlines()) == len(demo_expected)
+    finally:
+        mount.stop()
+
+
 def test_systemd_mode_notifies_and_stops_cleanly(tmp_path: Path, demo_expected: dict[str, str]) -> None:
     notify_path = str(tmp_path / "notify.sock")
     mountpoint = tmp_path / "mnt"

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_dicomfs_mount(mountpoint: Path) -> None:
     """UsageError unless the topmost mount at ``mountpoint`` is a dicomfs mount (a stale one
     included): run as root, ``fusermount3 -u`` unmounts any file system."""
-    from dicomfs.mount import mount_entries
+    from dicomfs.mounttable import DICOMFS_TYPE, mount_entries
 
     try:
         found = [entry for entry in mount_entries() if entry.point == str(mountpoint)]
@@ -70,7 +70,7 @@ def _check_dicomfs_mount(mountpoint: Path) -> None:
         return  # cannot tell: fusermount3 says what it finds
     if not found:
         raise UsageError(f"{mountpoint} is not mounted")
-    if found[-1].fstype != "fuse.dicomfs":
+    if found[-1].fstype != DICOMFS_TYPE:
         raise UsageError(f"{mountpoint} is not a dicomfs mount (it is {found[-1].fstype}): not unmounted")
 
 

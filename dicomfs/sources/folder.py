@@ -20,6 +20,7 @@ import trio
 from dicomfs.dicomread import read_dataset
 from dicomfs.errors import NotFound, SourceError
 from dicomfs.localfile import open_regular
+from dicomfs.mounttable import dicomfs_mount_points
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import SeriesSink
 from dicomfs.uids import instance_key, is_uid
@@ -92,7 +93,8 @@ def _read_metadata(paths: dict[str, Path | None]) -> dict[str, DicomJson]:
 
 
 def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
-    """Walk ``root``; reuse entries whose size and mtime are unchanged. What cannot be read (a
+    """Walk ``root`` (not into dicomfs mounts below it); reuse entries whose size and mtime are
+    unchanged. What cannot be read (a
     folder or file of another user's, a path too long) is left out of the index, so that it is
     tried again next time, and counted in one warning; SourceError if ``root`` itself cannot be
     read. Blocking."""
@@ -105,8 +107,9 @@ def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
             raise SourceError(f"cannot read the source folder {root}: {exc.strerror}")
         unreadable.append(f"{exc.filename}: {exc.strerror}")
 
+    mounts = dicomfs_mount_points()  # (a mount of dicomfs below the folder: its files again, through itself)
     for dirpath, dirnames, filenames in os.walk(root, onerror=refused):
-        dirnames.sort()
+        dirnames[:] = sorted(name for name in dirnames if os.path.join(dirpath, name) not in mounts)
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             try:
