@@ -21,10 +21,11 @@ class MountEntry:
     fstype: str
 
 
-def mount_entries() -> list[MountEntry]:
+def mount_entries(table: str = "/proc/self/mountinfo") -> list[MountEntry]:
     """The mounts of this process's mount namespace. Raises OSError when it cannot be read."""
     entries = []
-    with open("/proc/self/mountinfo") as mounts:
+    # (the kernel writes a path's bytes as they are, not always UTF-8: as os.walk names them)
+    with open(table, encoding="utf-8", errors="surrogateescape") as mounts:
         for line in mounts.read().splitlines():
             fields, _, rest = line.partition(" - ")
             parts = fields.split(" ")

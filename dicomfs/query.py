@@ -139,12 +139,15 @@ class Query:
 
 
 def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str]] | None = None,
-                *, fuzzy: bool = False) -> Query:
+                *, fuzzy: bool = False, reversed_ranges: bool = False) -> Query:
     """``["PatientName=Doe^J*", "StudyDate=20200101-20201231"]`` -> Query; UsageError if bad.
     ``extra``: keys a source knows besides DICOM keywords (keyword -> (attribute key, VR, level);
     the IDC index's ``collection_id``), matched on the records' attributes under that key.
     ``fuzzy``: person names match where any of their components starts with the value, in any
-    case (QIDO-RS ``fuzzymatching=true``; checked here, never sent to the archive)."""
+    case (QIDO-RS ``fuzzymatching=true``; checked here, never sent to the archive).
+    ``reversed_ranges``: a date range that ends before it starts matches nothing instead of being
+    refused (a QIDO client's own arithmetic: OHIF's study list sends ``<start>-<today>`` for a
+    start date in the future)."""
     terms: list[Term] = []
     for item in items or []:
         keyword, sep, value = item.partition("=")
@@ -161,12 +164,12 @@ def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str
             raise UsageError(f"invalid range {value!r} for {keyword} (use YYYYMMDD-YYYYMMDD)")
         if vr == "DA":
             for one in term.values:
-                _check_date(keyword, one)
+                _check_date(keyword, one, reversed_ranges)
         terms.append(term)
     return Query(tuple(terms))
 
 
-def _check_date(keyword: str, value: str) -> None:
+def _check_date(keyword: str, value: str, reversed_ok: bool) -> None:
     """A date term is ``YYYYMMDD`` (a day of the calendar) or a range of them with either end left
     out (or a wildcard, matched here): anything else (``2024-01``, ``2024``, ``20241399``) would
     match nothing, silently."""
@@ -177,7 +180,7 @@ def _check_date(keyword: str, value: str) -> None:
     if not ends or not all(re.fullmatch(r"[0-9]{8}", end) and _is_calendar_date(end) for end in ends):
         raise UsageError(f"invalid date {value!r} for {keyword} (use YYYYMMDD, or YYYYMMDD-YYYYMMDD for a range, "
                          "either end left out for an open one)")
-    if dash and low and high and low > high:
+    if dash and low and high and low > high and not reversed_ok:
         raise UsageError(f"the range {value!r} for {keyword} ends before it starts")
 
 

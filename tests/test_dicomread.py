@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from dicomfs.dicomread import read_dataset
+from dicomfs.p10 import parse_file_meta
 from tests.factory import make_instance
 
 if TYPE_CHECKING:
@@ -58,3 +59,14 @@ def test_before_the_pixels_and_only_the_tags_asked_for() -> None:
     assert "PixelData" not in ds and ds.SOPInstanceUID == f"{SERIES}.2" and ds.InstanceNumber == 2
     assert "Rows" not in ds
     assert counted.read_bytes < 64 << 10
+
+
+def test_a_file_of_zeros_after_its_file_meta_is_an_empty_data_set() -> None:
+    """Preallocated and never filled: pydicom reads leading group 0000 elements by a loop of its
+    own, before any stop is asked."""
+    blob = make_instance(STUDY, SERIES, f"{SERIES}.3", pixel_bytes=64, number=3)
+    meta_end = parse_file_meta(blob).end
+    counted = Counting(blob[:meta_end] + bytes(4 << 20))
+    ds = read_dataset(counted)
+    assert len(ds) == 0 and ds.file_meta.MediaStorageSOPInstanceUID == f"{SERIES}.3"
+    assert counted.read_bytes < 128 << 10  # (pydicom alone: all 4 MiB, 8 bytes at a time)

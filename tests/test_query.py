@@ -147,6 +147,13 @@ def test_dates_in_the_forms_dicom_gives_are_taken(good: str) -> None:
     assert len(parse_query([good]).terms) == 1
 
 
+def test_a_reversed_date_range_from_a_qido_client_matches_nothing() -> None:
+    query = parse_query(["StudyDate=20991231-20240101"], reversed_ranges=True)
+    assert query.terms[0].matches({"00080020": {"vr": "DA", "Value": ["20240601"]}}) is False
+    with pytest.raises(UsageError, match="invalid date"):  # still a date, though
+        parse_query(["StudyDate=20991399-20240101"], reversed_ranges=True)
+
+
 def test_progress_line_by_bytes_and_by_series() -> None:
     stream = io.StringIO()
     progress = Progress(stream, total_series=4, total_bytes=1000)

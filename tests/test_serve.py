@@ -311,6 +311,8 @@ def test_bad_requests_are_4xx_and_the_server_keeps_serving(serve: Callable[..., 
         ("HEAD", "/dicomweb/studies/index.json.gz", {}, 404),
         ("GET", "/dicomweb/studies?NoSuchKeyword=1", {}, 400),
         ("GET", "/dicomweb/studies?StudyDate=soon-later", {}, 400),
+        ("GET", "/dicomweb/studies?StudyDate=2024-01", {}, 400),
+        ("GET", "/dicomweb/studies?StudyDate=20991231-20240101", {}, 200),  # (OHIF's, for a future start): []
         ("GET", "/dicomweb/studies?limit=-5", {}, 400),
         ("GET", "/dicomweb/studies?limit=99999999999999999999", {}, 400),
         ("GET", "/dicomweb/studies?offset=abc", {}, 400),

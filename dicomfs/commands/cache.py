@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, root)
     except BrokenPipeError:
         raise  # (the reader of the output went away: the caller's to handle)
-    except OSError as exc:  # a cache, or the root, that is not this user's to read
-        raise CacheError(f"cannot read {exc.filename or root}: {exc.strerror}") from None
+    except OSError as exc:  # a cache, or the root, that is not this user's (or a disk that fails)
+        raise CacheError(f"{exc.filename or root}: {exc.strerror}") from None
 
 
 def _run(args: argparse.Namespace, root: Path) -> int:

@@ -96,6 +96,11 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_none(text: str) -> float:
+    """``seconds``, or 0 (``--listing-ttl 0``: every listing asked for again)."""
+    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
+
+
 def rate(text: str) -> int:
     """``--min-rate``: bytes per second, with the units of ``parse_size``; 0 turns it off."""
     if text.strip() == "0":
@@ -169,7 +174,7 @@ def add_cache_size_option(parser: argparse.ArgumentParser) -> None:
 
 def add_listing_ttl_option(parser: argparse.ArgumentParser) -> None:
     """``--listing-ttl`` of the long-running commands (read by ``archive_options``)."""
-    parser.add_argument("--listing-ttl", type=seconds, default=DEFAULT_LISTING_TTL,
+    parser.add_argument("--listing-ttl", type=seconds_or_none, default=DEFAULT_LISTING_TTL,
                         help=f"seconds a study or series listing is trusted (default {DEFAULT_LISTING_TTL:.0f})")
 
 
@@ -187,7 +192,7 @@ def archive_options(args: argparse.Namespace, *, with_blobs: bool,
     spec = spec or parse_source(args.source)
     credentials = credentials_from_environment(args.user, args.password_file, args.token_file)
     cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_root() / spec.source_id
-    if spec.kind == "folder" and cache_dir.is_relative_to(Path(spec.location).resolve()):
+    if spec.kind == "folder" and cache_dir.resolve().is_relative_to(Path(spec.location).resolve()):
         # (the cache would be written into the folder, and scanned with it on the next start)
         raise UsageError(f"the cache folder {cache_dir} is inside the source folder {spec.location}: "
                          "choose one outside it (--cache-dir)")

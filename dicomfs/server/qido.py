@@ -85,7 +85,7 @@ def parse_request(params: list[tuple[str, str]]) -> QidoRequest:
             seen.add(keyword)
             terms.append(f"{keyword}={value}")
     try:
-        query = parse_query(terms, fuzzy=fuzzy)
+        query = parse_query(terms, fuzzy=fuzzy, reversed_ranges=True)
     except UsageError as exc:
         raise BadRequest(str(exc)) from None
     return QidoRequest(query, limit, offset, ALL if include_all else tuple(dict.fromkeys(include)))

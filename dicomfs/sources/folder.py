@@ -27,7 +27,8 @@ from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 2  # 2: instances keyed by their data set's SOPInstanceUID first (uids.instance_key)
+INDEX_VERSION = 3  # 2: instances keyed by their data set's SOPInstanceUID first (uids.instance_key); 3: files
+# that could not be read are no longer in it (before, kept as not DICOM, and so hidden once readable)
 READ_CHUNK = 1 << 20
 
 STUDY_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -168,7 +169,11 @@ class FolderSource:
     async def _load(self) -> None:
         if self._loaded:
             return
-        if not self.root.is_dir():
+        try:
+            is_folder = self.root.is_dir()
+        except OSError as exc:  # (a folder above it not ours to enter; a stale mount)
+            raise SourceError(f"cannot read the source folder {self.root}: {exc.strerror}") from None
+        if not is_folder:
             raise SourceError(f"source folder {self.root} is not accessible")
         files = await trio.to_thread.run_sync(self._refresh_index)
         self._group(files)
