@@ -755,15 +755,23 @@ def test_ctrl_c_while_a_pacs_says_nothing_ends_the_command(tmp_path: Path) -> No
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # the kernel completes the connections; nobody reads them
         port = silent.getsockname()[1]
-        command = subprocess.Popen([sys.executable, "-m", "dicomfs", "ls", f"dimse://PACS@127.0.0.1:{port}",
-                                    "--timeout", "60", "--cache-dir", str(tmp_path / "cache")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # (-X faulthandler: should it not end, SIGABRT makes it print where each thread is)
+        command = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "dicomfs", "ls",
+                                    f"dimse://PACS@127.0.0.1:{port}", "--timeout", "60", "--cache-dir",
+                                    str(tmp_path / "cache")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_until(lambda: list((tmp_path / "cache").glob("*")), 30,
                        "the command to be under way (its cache folder exists)")
             time.sleep(1)
             command.send_signal(signal.SIGINT)
-            assert command.wait(timeout=30) == 130
+            try:
+                status = command.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                command.send_signal(signal.SIGABRT)
+                _, stderr = command.communicate(timeout=30)
+                raise AssertionError("Ctrl-C did not end the command in 30 s; where its threads were:\n"
+                                     + stderr.decode(errors="replace")[-6000:]) from None
+            assert status == 130, command.stderr.read().decode(errors="replace") if command.stderr else ""
         finally:
             if command.poll() is None:
                 command.kill()
