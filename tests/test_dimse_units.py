@@ -758,7 +758,10 @@ def test_ctrl_c_while_a_pacs_says_nothing_ends_the_command(tmp_path: Path) -> No
         # (-X faulthandler: should it not end, SIGABRT makes it print where each thread is)
         command = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "dicomfs", "ls",
                                     f"dimse://PACS@127.0.0.1:{port}", "--timeout", "60", "--cache-dir",
-                                    str(tmp_path / "cache")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                    str(tmp_path / "cache")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   # as from a terminal: a suite run as a background job has SIGINT
+                                   # ignored, and a child keeps that (Python then installs no handler)
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_until(lambda: list((tmp_path / "cache").glob("*")), 30,
                        "the command to be under way (its cache folder exists)")
