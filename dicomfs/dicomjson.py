@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from dicomfs.dicomread import read_dataset
+from dicomfs.dicomread import PIXEL_TAGS, read_dataset
 from dicomfs.records import DicomJson
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ SPLIT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH
 # String VRs whose values need nothing but the split at backslashes.
 _PLAIN_STRING_VRS = frozenset({"AE", "AS", "AT", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI",
                                "UR", "UT"})
-PIXEL_TAGS = frozenset({"7FE00008", "7FE00009", "7FE00010"})
+PIXEL_KEYS = frozenset(f"{tag:08X}" for tag in PIXEL_TAGS)  # (as DICOM JSON spells them)
 TRANSFER_SYNTAX = "00020010"
 AVAILABLE_TRANSFER_SYNTAX = "00083002"
 _INT64 = 1 << 63
@@ -103,7 +103,7 @@ def _dataset_json(ds: Dataset, path: TagPath) -> DicomJson:
         if tag[4:] == "0000" or tag.startswith("0002"):
             continue
         vr = str(raw.VR)
-        if tag in PIXEL_TAGS and not path:
+        if tag in PIXEL_KEYS and not path:
             out[tag] = {"vr": vr if vr in BINARY_VRS else "OW", "BulkDataURI": ""}
             continue
         try:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pydicom.dataset import FileDataset
     from pydicom.tag import BaseTag
 
-PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # pixel data, float and double float
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData: in that order
 HEAD_BYTES = 16 * 1024  # where a Part 10 file's meta group ends (at most: one that does not is read as it is)
 
 

@@ -19,7 +19,7 @@ from io import BytesIO
 from struct import unpack_from
 from typing import TYPE_CHECKING, Any
 
-from dicomfs.dicomread import read_dataset
+from dicomfs.dicomread import PIXEL_TAGS, read_dataset
 from dicomfs.errors import ProtocolError
 from dicomfs.uids import is_uid
 
@@ -69,7 +69,6 @@ def _media_types() -> dict[str, str]:
 
 _MEDIA_TYPES = _media_types()
 
-_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloat...
 _EXTENDED_OFFSET_TABLE = 0x7FE00001
 _EXTENDED_OFFSET_TABLE_LENGTHS = 0x7FE00002
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
@@ -216,7 +215,7 @@ def _cut(dataset: Dataset) -> Frames:
     transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID") or "")
     if not is_uid(transfer_syntax):
         raise ProtocolError("DICOM file without a valid transfer syntax UID")
-    tag = next((tag for tag in _PIXEL_TAGS if tag in dataset), None)
+    tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
     if tag is None:
         raise ProtocolError("DICOM instance without pixel data")
     element = dataset[tag]
@@ -224,7 +223,7 @@ def _cut(dataset: Dataset) -> Frames:
         raise ProtocolError("DICOM instance with an empty pixel data element")
     count = _number_of_frames(dataset)
     if element.is_undefined_length:
-        if is_native(transfer_syntax) or tag != _PIXEL_TAGS[0]:
+        if is_native(transfer_syntax) or tag != PIXEL_TAGS[0]:
             raise ProtocolError("encapsulated pixel data in a native transfer syntax")
         return Frames(transfer_syntax, _cut_encapsulated(dataset, element.value, count))
     if not is_native(transfer_syntax):
@@ -345,7 +344,7 @@ def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
         dataset = read_dataset(BytesIO(p10), defer_size=256)
         if dataset.file_meta.get("TransferSyntaxUID") in (EXPLICIT_VR_BIG_ENDIAN, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN):
             return None
-        tag = next((tag for tag in _PIXEL_TAGS if tag in dataset), None)
+        tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
         if tag is None:
             return None
         raw = dataset.get_item(tag, keep_deferred=True)

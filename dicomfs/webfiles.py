@@ -473,7 +473,7 @@ def _canonical_series(series: SeriesRecord, source: dict[str, DicomJson]) -> Ser
         paths: list[str] = []
 
         def uri(path: dicomjson.TagPath, key: str = key, paths: list[str] = paths) -> str:
-            if len(path) == 1 and path[0] in dicomjson.PIXEL_TAGS:
+            if len(path) == 1 and path[0] in dicomjson.PIXEL_KEYS:
                 return f"series/{series.uid}/instances/{key}/frames"
             tags = ".".join(path)
             paths.append(tags)
@@ -498,7 +498,7 @@ def _frame_count(meta: DicomJson) -> int:
     """Frames of pixel data. Some archives (Orthanc) leave the pixel data element out of the
     metadata of compressed images: an image is anything with pixel data, or with the Image Pixel
     module's rows, columns, bits allocated and photometric interpretation."""
-    if not any(tag in meta for tag in dicomjson.PIXEL_TAGS) and not all(
+    if not any(tag in meta for tag in dicomjson.PIXEL_KEYS) and not all(
             tag in meta for tag in ("00280010", "00280011", "00280100", "00280004")):
         return 0
     count = json_value(meta, "00280008")

@@ -96,9 +96,14 @@ def seconds(text: str) -> float:
     return value
 
 
-def seconds_or_none(text: str) -> float:
+def seconds_or_zero(text: str) -> float:
     """``seconds``, or 0 (``--listing-ttl 0``: every listing asked for again)."""
-    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # (seconds says what is wrong with it)
+    return seconds(text)
 
 
 def rate(text: str) -> int:
@@ -174,7 +179,7 @@ def add_cache_size_option(parser: argparse.ArgumentParser) -> None:
 
 def add_listing_ttl_option(parser: argparse.ArgumentParser) -> None:
     """``--listing-ttl`` of the long-running commands (read by ``archive_options``)."""
-    parser.add_argument("--listing-ttl", type=seconds_or_none, default=DEFAULT_LISTING_TTL,
+    parser.add_argument("--listing-ttl", type=seconds_or_zero, default=DEFAULT_LISTING_TTL,
                         help=f"seconds a study or series listing is trusted (default {DEFAULT_LISTING_TTL:.0f})")
 
 

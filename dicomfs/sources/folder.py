@@ -169,13 +169,7 @@ class FolderSource:
     async def _load(self) -> None:
         if self._loaded:
             return
-        try:
-            is_folder = self.root.is_dir()
-        except OSError as exc:  # (a folder above it not ours to enter; a stale mount)
-            raise SourceError(f"cannot read the source folder {self.root}: {exc.strerror}") from None
-        if not is_folder:
-            raise SourceError(f"source folder {self.root} is not accessible")
-        files = await trio.to_thread.run_sync(self._refresh_index)
+        files = await trio.to_thread.run_sync(self._refresh_index)  # (build_index: the folder's own errors)
         self._group(files)
         self._loaded = True
 
