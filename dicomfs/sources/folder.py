@@ -95,10 +95,9 @@ def _read_metadata(paths: dict[str, Path | None]) -> dict[str, DicomJson]:
 
 def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
     """Walk ``root`` (not into dicomfs mounts below it); reuse entries whose size and mtime are
-    unchanged. What cannot be read (a
-    folder or file of another user's, a path too long) is left out of the index, so that it is
-    tried again next time, and counted in one warning; SourceError if ``root`` itself cannot be
-    read. Blocking."""
+    unchanged. What cannot be read (a folder or file of another user's, a path too long) is left
+    out of the index, so that it is tried again next time, and counted in one warning; SourceError
+    if ``root`` itself cannot be read (missing, not a folder, not ours). Blocking."""
     files: dict[str, Any] = {}
     parsed = reused = 0
     unreadable: list[str] = []
