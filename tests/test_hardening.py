@@ -485,11 +485,18 @@ def test_another_user_can_read_nothing_in_the_cache(archive: Archive, other_user
         shutil.rmtree(shared, ignore_errors=True)
 
 
+def dicomfs_unprivileged(*args: str) -> subprocess.CompletedProcess[str]:
+    """``dicomfs ARGS`` as root without the capabilities that bypass file permissions
+    (``setpriv``, util-linux): what another user's files refuse a user, they refuse it."""
+    return subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+                           "dicomfs", *args], capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+
+
 def test_a_cache_that_is_another_users_is_one_line_for_every_command(tmp_path: Path) -> None:
     """A cache folder this user may not enter (another user's, or root's for a user): every
     command that takes ``--cache-dir`` says so in one line and exits non-zero, and changes nothing
-    there. As root, the check reads are refused by dropping the capabilities that bypass file
-    permissions (``setpriv``, util-linux)."""
+    there."""
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o700)
     (theirs / "blobs").mkdir(mode=0o700)  # a cache made before, by its owner
@@ -497,13 +504,11 @@ def test_a_cache_that_is_another_users_is_one_line_for_every_command(tmp_path: P
     os.chown(theirs, 65534, 65534)  # nobody's
     (tmp_path / "mnt").mkdir()
     before = sorted(os.listdir(theirs))
-    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "dicomfs"]
     commands = [("ls", "demo"), ("prefetch", "demo", "--all"), ("mount", "demo", str(tmp_path / "mnt")),
                 ("serve", "demo", "--port", str(free_port())),
                 ("cache", "stats"), ("cache", "verify"), ("cache", "clear")]
     for command in commands:
-        result = subprocess.run([*as_user, *command, "--cache-dir", str(theirs)], capture_output=True, text=True,
-                                timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+        result = dicomfs_unprivileged(*command, "--cache-dir", str(theirs))
         assert result.returncode != 0, (command, result.stdout)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dicomfs: error:") and "Permission denied" in lines[0], \
@@ -512,14 +517,12 @@ def test_a_cache_that_is_another_users_is_one_line_for_every_command(tmp_path: P
     assert sorted(os.listdir(theirs)) == before
     # a cache to be made in a folder of theirs: the same line, from every command that makes one
     for command in commands[:4]:
-        result = subprocess.run([*as_user, *command, "--cache-dir", str(theirs / "mine")], capture_output=True,
-                                text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+        result = dicomfs_unprivileged(*command, "--cache-dir", str(theirs / "mine"))
         assert result.returncode != 0 and "Traceback" not in result.stderr, (command, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Permission denied" in result.stderr, result.stderr
     assert sorted(os.listdir(theirs)) == before
     # and the folder holding it: ``cache stats`` of every cache under it
-    result = subprocess.run([*as_user, "cache", "stats", "--cache-dir", str(tmp_path)], capture_output=True,
-                            text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+    result = dicomfs_unprivileged("cache", "stats", "--cache-dir", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr == f"dicomfs: error: {theirs}/blobs: Permission denied\n"
 
@@ -538,12 +541,10 @@ def test_what_a_folder_source_cannot_read_is_said_not_hidden(tmp_path: Path) -> 
     for name in ("theirs.dcm", "theirs/inside.dcm", "theirs"):
         os.chown(folder / name, 65534, 65534)
         (folder / name).chmod(0o700 if name == "theirs" else 0o600)
-    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "dicomfs"]
 
-    def ls(source: Path, *options: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*as_user, "ls", str(source), "--level", "instance", "--json", "--cache-dir",
-                               str(tmp_path / "cache"), *options], capture_output=True, text=True,
-                              timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL)
+    def ls(source: Path) -> subprocess.CompletedProcess[str]:
+        return dicomfs_unprivileged("ls", str(source), "--level", "instance", "--json", "--cache-dir",
+                                    str(tmp_path / "cache"))
 
     result = ls(folder)
     assert result.returncode == 0, result.stderr
