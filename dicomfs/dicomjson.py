@@ -8,7 +8,8 @@ AvailableTransferSyntaxUID), ``vr`` plus at most one of ``Value`` / ``BulkDataUR
 NaN/Infinity. Every BulkDataURI is replaced by the URI a callback gives for the element's tag
 path (an archive's own bulk URIs mean nothing on a static server). Also owns the QIDO objects of
 the three levels and the deterministic encoding (compact JSON, gzip with no timestamp), so equal
-input always gives equal bytes and a size never changes. Must not do I/O.
+input always gives equal bytes and a size never changes. Must not do I/O beyond reading the
+file object ``bulk_value`` is handed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from dicomfs.dicomread import PIXEL_TAGS, read_dataset
+from dicomfs.dicomread import DEFLATED, PIXEL_TAGS, Readable, read_dataset, stored_transfer_syntax
 from dicomfs.records import DicomJson
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ AVAILABLE_TRANSFER_SYNTAX = "00083002"
 _INT64 = 1 << 63
 _INT53 = 1 << 53  # larger whole floats stay floats: not every JSON reader holds them as integers
 BULK_THRESHOLD = 1024  # binary values of this many bytes or more become bulk data files
+BULK_DEFER = 1 << 20  # bytes of a value beyond which reading one bulk data value leaves it in the file
 # gzip level of every rendered listing and metadata file: the mount's dicomweb/ tree, ``serve`` and
 # ``export`` (one level, so that an export is the mount's tree byte for byte). 1, not 6: a file is
 # rendered when it is first asked for, and a viewer waits for that. A 1,500-instance series'
@@ -86,25 +88,28 @@ def dataset_json(ds: Dataset) -> DicomJson:
 
 def _dataset_json(ds: Dataset, path: TagPath) -> DicomJson:
     """pydicom's own JSON for each element, bulk values marked (their URI is set later)."""
-    from pydicom.dataelem import DataElement
-    from pydicom.filewriter import correct_ambiguous_vr
+    from pydicom.dataelem import DataElement, RawDataElement
 
     meta = getattr(ds, "file_meta", None)
     syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-    try:
-        # only implicit VR data has ambiguous VRs; the call reads every (also deferred) value
-        if not path and (syntax is None or syntax.is_implicit_VR):
-            correct_ambiguous_vr(ds, True)
-    except Exception as exc:  # an implicit-VR file whose ambiguous VRs cannot be resolved
-        log.debug("ambiguous VRs left as they are: %s", exc)
+    if not path and (syntax is None or syntax.is_implicit_VR):
+        _correct_ambiguous_vrs(ds)
     out: DicomJson = {}
-    for raw in ds.elements():
+    # (keep_deferred: pydicom's ``elements()`` reads every value it left in the file, a 2 GB
+    # slide's pixel data to write "BulkDataURI")
+    for raw in [ds.get_item(key, keep_deferred=True) for key in sorted(ds.keys())]:
         tag = f"{int(raw.tag):08X}"
         if tag[4:] == "0000" or tag.startswith("0002"):
             continue
         vr = str(raw.VR)
         if tag in PIXEL_KEYS and not path:
-            out[tag] = {"vr": vr if vr in BINARY_VRS else "OW", "BulkDataURI": ""}
+            if vr not in BINARY_VRS:  # (implicit VR: encapsulated data is OB, native OW; PS3.5 A.1, A.4)
+                undefined = raw.length == 0xFFFFFFFF if isinstance(raw, RawDataElement) else raw.is_undefined_length
+                vr = "OB" if undefined else "OW"
+            out[tag] = {"vr": vr, "BulkDataURI": ""}
+            continue
+        if isinstance(raw, RawDataElement) and raw.value is None and vr in BINARY_VRS and raw.length >= BULK_THRESHOLD:
+            out[tag] = {"vr": vr, "BulkDataURI": ""}  # (left in the file: bulk data, not read to say so)
             continue
         try:
             element: DataElement = ds[raw.tag]
@@ -119,6 +124,24 @@ def _dataset_json(ds: Dataset, path: TagPath) -> DicomJson:
         except Exception as exc:
             log.warning("element %s cannot be written as DICOM JSON (%s): left out", tag, exc)
     return out
+
+
+def _correct_ambiguous_vrs(ds: Dataset) -> None:
+    """pydicom's VRs for an implicit VR data set's ambiguous elements ("US or SS"...), found from
+    the data set. Its pixel data is set aside meanwhile: pydicom reads every value it left in the
+    file to do this, and implicit VR pixel data is OW whatever it holds (PS3.5 A.1)."""
+    from pydicom.filewriter import correct_ambiguous_vr
+
+    pixels = {tag: ds.get_item(tag, keep_deferred=True) for tag in PIXEL_TAGS if tag in ds}
+    for tag in pixels:
+        del ds[tag]
+    try:
+        correct_ambiguous_vr(ds, True)
+    except Exception as exc:  # an implicit-VR file whose ambiguous VRs cannot be resolved
+        log.debug("ambiguous VRs left as they are: %s", exc)
+    finally:
+        for tag, raw in pixels.items():
+            ds[tag] = raw
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -285,27 +308,34 @@ def gzipped(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
 
 
-def bulk_value(p10: bytes | bytearray, tags: str) -> bytes:
-    """The value of the element at tag path ``tags`` ("0040A730.0.00282000") in a Part 10 file,
-    as stored (binary or not: archives mark text and numbers as bulk data too). Raises
-    ProtocolError if it is not there."""
-    import io
-
+def bulk_value(fp: Readable, tags: str, read_at: Callable[[int, int], bytes]) -> bytes:
+    """The value of the element at tag path ``tags`` ("0040A730.0.00282000") in the Part 10 file
+    ``fp``, as stored (binary or not: archives mark text and numbers as bulk data too). Values
+    larger than ``BULK_DEFER`` are left in the file while it is parsed (pixel data: a slide's),
+    and the one asked for is then read with ``read_at`` (offset, length). Raises ProtocolError if
+    it is not there. Blocking."""
     from pydicom.dataelem import RawDataElement
 
     from dicomfs.errors import ProtocolError
 
     parts = tags.split(".")
     try:
-        node: Any = read_dataset(io.BytesIO(p10))
+        deflated = stored_transfer_syntax(fp) == DEFLATED
+        node: Any = read_dataset(fp, defer_size=None if deflated else BULK_DEFER)
         for index, part in enumerate(parts[:-1]):
             node = node[int(part)] if index % 2 else node[int(part, 16)].value
-        element = node.get_item(int(parts[-1], 16))
+        element = node.get_item(int(parts[-1], 16), keep_deferred=True)
     except Exception as exc:
         raise ProtocolError(f"bulk data {tags} is not in the instance: {exc}") from None
     if element is None:
         raise ProtocolError(f"bulk data {tags} is not in the instance")
     value = element.value
+    if isinstance(element, RawDataElement) and value is None and element.length and element.value_tell is not None:
+        if element.length == 0xFFFFFFFF:
+            raise ProtocolError(f"bulk data {tags} has no stored length")
+        value = read_at(element.value_tell, element.length)
+        if len(value) != element.length:
+            raise ProtocolError(f"bulk data {tags} runs past the end of the instance")
     if isinstance(element, RawDataElement) or isinstance(value, bytes | bytearray):
         return bytes(value or b"")
     raise ProtocolError(f"bulk data {tags} has no stored bytes")

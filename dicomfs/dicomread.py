@@ -5,28 +5,34 @@ padded or preallocated by whatever wrote it) read as elements of group 0000, whi
 set holds, one per 8 bytes: 20 MB of them took pydicom 5.7 s, a worker thread that no timeout can
 stop, and the last of them ended up in the metadata as an element (0000,0000). The read stops at the
 first element of that group, as at the pixel data when asked to, and a data set that begins with
-zeros is an empty one. Blocking. Must not open files (callers hand over a file object:
-``localfile.open_regular`` for a folder's) or interpret the data set.
+zeros is an empty one. Also ``stored_transfer_syntax``, the syntax a file's meta group names,
+for readers that must know it before pydicom reads the data set, and ``RangeFile``, a range of
+an open descriptor as the file object pydicom reads. Blocking. Must not open files
+(callers hand over a file object: ``localfile.open_regular`` for a folder's) or interpret the
+data set.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 from dicomfs.errors import ProtocolError
-from dicomfs.p10 import parse_file_meta
+from dicomfs.p10 import NeedMoreData, parse_file_meta
 
 if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
     from pydicom.dataset import FileDataset
     from pydicom.tag import BaseTag
 
+Readable = BinaryIO | io.RawIOBase  # a seekable file object pydicom reads
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData: in that order
 HEAD_BYTES = 16 * 1024  # where a Part 10 file's meta group ends (at most: one that does not is read as it is)
 
 
-def read_dataset(source: BinaryIO | io.RawIOBase, *, defer_size: int | None = None, stop_before_pixels: bool = False,
+def read_dataset(source: Readable, *, defer_size: int | None = None, stop_before_pixels: bool = False,
                  specific_tags: Sequence[str] | None = None, force: bool = False) -> FileDataset:
     """What ``pydicom.dcmread`` gives for ``source``, read up to the first element of group
     0000 (and before the pixel data with ``stop_before_pixels``)."""
@@ -40,7 +46,73 @@ def read_dataset(source: BinaryIO | io.RawIOBase, *, defer_size: int | None = No
     return read_partial(_cut_at_leading_zeros(source), stop, defer_size=defer_size, force=force, specific_tags=tags)
 
 
-def _cut_at_leading_zeros(source: BinaryIO | io.RawIOBase) -> BinaryIO:
+DEFLATED = "1.2.840.10008.1.2.1.99"  # the data set deflated (pydicom inflates it whole); .2.8.1 deflates frames only
+
+
+def stored_transfer_syntax(source: Readable) -> str | None:
+    """The transfer syntax in the file meta of the Part 10 file ``source`` (left where it was), or
+    None when its meta group does not end in its first ``HEAD_BYTES``. Raises ProtocolError for
+    what is not a Part 10 file. For readers that leave large values in the file, which they
+    cannot do in a deflated data set (its offsets are those of the inflated bytes)."""
+    start = source.tell()
+    head = source.read(HEAD_BYTES) or b""
+    source.seek(start)
+    try:
+        return parse_file_meta(head).transfer_syntax_uid
+    except NeedMoreData:
+        if len(head) < HEAD_BYTES:
+            raise ProtocolError("not a DICOM Part 10 file (it ends in its file meta group)") from None
+        return None
+
+
+class RangeFile(io.RawIOBase):
+    """``length`` bytes of an open descriptor from ``offset``, as the file object pydicom reads:
+    ``pread``, so the descriptor's own position is left alone. Unbuffered on purpose: pydicom
+    takes a ``BufferedReader`` for a named file and opens it again by name for a value it left
+    in the file. ``shorter`` makes the error for a descriptor that ends before ``length`` (by
+    default the range just ends there)."""
+
+    def __init__(self, fd: int, offset: int, length: int, shorter: Callable[[], Exception] | None = None) -> None:
+        self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
+        self._shorter = shorter
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        size = max(0, min(len(view), self._length - self._pos))
+        if not size:
+            return 0
+        got = os.preadv(self._fd, [view[:size]], self._offset + self._pos)
+        if not got and self._shorter is not None:
+            raise self._shorter()
+        self._pos += got
+        return got
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` (fewer at the end), the position left alone."""
+        size = max(0, min(size, self._length - offset))
+        if offset < 0 or not size:
+            return b""
+        data = os.pread(self._fd, size, self._offset + offset)
+        if len(data) != size and self._shorter is not None:
+            raise self._shorter()
+        return data
+
+
+def _cut_at_leading_zeros(source: Readable) -> BinaryIO:
     """``source``, or, when zeros follow its file meta at once (a file its writer preallocated
     and never filled), just its preamble and file meta: pydicom reads a data set's leading group
     0000 elements by a loop of its own, which ``stop`` never sees (4 MiB of zeros: 1 s)."""
@@ -49,7 +121,7 @@ def _cut_at_leading_zeros(source: BinaryIO | io.RawIOBase) -> BinaryIO:
     source.seek(start)
     try:
         end = parse_file_meta(head).end
-    except ProtocolError:
+    except (ProtocolError, NeedMoreData):
         return cast(BinaryIO, source)  # (no Part 10 header that ends in these bytes: as pydicom reads it)
     if head[end:end + 8] == bytes(8):
         return io.BytesIO(bytes(head[:end]))

@@ -4,22 +4,24 @@ Owns two things: where the frames of an instance begin and end inside its Part 1
 (encapsulated fragments and offset tables, native frame lengths, big endian byte order), and the
 exact bytes and size of ``instances/<sop>/frames/<n>.mht``: a one-part ``multipart/related`` body
 with a fixed boundary, so a static HTTP server can announce it with one constant Content-Type.
-Pure: no I/O, no trio. ``cut_frames`` parses with pydicom and blocks; callers run it in a worker
-thread. pydicom is imported when a frame is first cut, not with this module: the mount and
-``serve`` import it on start, and pydicom with what it pulls in (numpy, requests) took 0.25 s of
-that. Must not decode, transcode or otherwise touch pixel values beyond byte order.
+No trio, and no I/O but reads of the file object ``locate_in_file`` is handed (an instance too
+large to hold, parsed one frame at a time). ``cut_frames`` and ``locate_in_file`` parse with
+pydicom and block; callers run them in a worker thread. pydicom is imported when a frame is
+first cut, not with this module: the mount and ``serve`` import it on start, and pydicom with
+what it pulls in (numpy, requests) took 0.25 s of that. Must not decode, transcode or otherwise
+touch pixel values beyond byte order.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from struct import unpack_from
 from typing import TYPE_CHECKING, Any
 
-from dicomfs.dicomread import PIXEL_TAGS, read_dataset
+from dicomfs.dicomread import DEFLATED, PIXEL_TAGS, Readable, read_dataset, stored_transfer_syntax
 from dicomfs.errors import ProtocolError
 from dicomfs.uids import is_uid
 
@@ -34,13 +36,12 @@ CONTENT_TYPE = 'multipart/related; type="application/octet-stream"; boundary=' +
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 _NATIVE = frozenset(
     {
         IMPLICIT_VR_LITTLE_ENDIAN,
         EXPLICIT_VR_LITTLE_ENDIAN,
         EXPLICIT_VR_BIG_ENDIAN,
-        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+        DEFLATED,
     }
 )
 
@@ -72,6 +73,8 @@ _MEDIA_TYPES = _media_types()
 _EXTENDED_OFFSET_TABLE = 0x7FE00001
 _EXTENDED_OFFSET_TABLE_LENGTHS = 0x7FE00002
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
+Pieces = tuple[tuple[int, int], ...]  # (offset in the Part 10 file, length) of a frame's parts
+ReadAt = Callable[[int, int], bytes]  # (offset, length) -> at most that many bytes from there
 _CLOSE_DELIMITER = f"\r\n--{BOUNDARY}--\r\n".encode("ascii")
 _PART_START = f"--{BOUNDARY}\r\nContent-Type: ".encode("ascii")
 
@@ -212,25 +215,41 @@ def cut_frames(p10: bytes | bytearray) -> Frames:
 
 
 def _cut(dataset: Dataset) -> Frames:
-    transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID") or "")
-    if not is_uid(transfer_syntax):
-        raise ProtocolError("DICOM file without a valid transfer syntax UID")
-    tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
-    if tag is None:
-        raise ProtocolError("DICOM instance without pixel data")
+    transfer_syntax = _transfer_syntax(str(dataset.file_meta.get("TransferSyntaxUID") or ""))
+    tag = _pixel_tag(dataset)
     element = dataset[tag]
     if not element.value:
         raise ProtocolError("DICOM instance with an empty pixel data element")
     count = _number_of_frames(dataset)
-    if element.is_undefined_length:
-        if is_native(transfer_syntax) or tag != PIXEL_TAGS[0]:
-            raise ProtocolError("encapsulated pixel data in a native transfer syntax")
+    if _encapsulated(element.is_undefined_length, transfer_syntax, tag):
         return Frames(transfer_syntax, _cut_encapsulated(dataset, element.value, count))
-    if not is_native(transfer_syntax):
-        raise ProtocolError(f"pixel data not encapsulated in transfer syntax {transfer_syntax}")
     big_endian = transfer_syntax == EXPLICIT_VR_BIG_ENDIAN
     frames = _cut_native(dataset, element.value, element.VR if big_endian else None, count)
     return Frames(EXPLICIT_VR_LITTLE_ENDIAN, frames)
+
+
+def _transfer_syntax(value: str) -> str:
+    if not is_uid(value):
+        raise ProtocolError("DICOM file without a valid transfer syntax UID")
+    return value
+
+
+def _pixel_tag(dataset: Dataset) -> int:
+    tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
+    if tag is None:
+        raise ProtocolError("DICOM instance without pixel data")
+    return tag
+
+
+def _encapsulated(undefined_length: bool, transfer_syntax: str, tag: int) -> bool:
+    """Whether pixel data is encapsulated; raises if that does not fit the transfer syntax."""
+    if undefined_length:
+        if is_native(transfer_syntax) or tag != PIXEL_TAGS[0]:
+            raise ProtocolError("encapsulated pixel data in a native transfer syntax")
+        return True
+    if not is_native(transfer_syntax):
+        raise ProtocolError(f"pixel data not encapsulated in transfer syntax {transfer_syntax}")
+    return False
 
 
 def _number_of_frames(dataset: Dataset) -> int:
@@ -243,38 +262,45 @@ def _number_of_frames(dataset: Dataset) -> int:
 def _cut_encapsulated(dataset: Dataset, value: bytes, count: int) -> list[bytes]:
     from pydicom.encaps import generate_frames
 
-    offsets = _extended_offsets(dataset, value, count)
+    table, table_lengths = dataset.get(_EXTENDED_OFFSET_TABLE), dataset.get(_EXTENDED_OFFSET_TABLE_LENGTHS)
+    offsets = _extended_offsets(table.value if table is not None else None,
+                                table_lengths.value if table_lengths is not None else None,
+                                lambda offset, size: value[offset:offset + size], count)
     try:
         frames = list(generate_frames(value, number_of_frames=count, extended_offsets=offsets))
     except Exception as exc:
         raise ProtocolError(f"malformed encapsulated pixel data: {_describe(exc)}") from exc
-    if len(frames) != count:
-        raise ProtocolError(f"encapsulated pixel data holds {len(frames)} frames, not {count}")
-    if offsets is not None:
-        lengths = unpack_from(f"<{count}Q", offsets[1])
-        if any(len(frame) != length for frame, length in zip(frames, lengths, strict=False)):
-            raise ProtocolError("a frame of the extended offset table runs past the pixel data")
+    _check_frames(offsets, [len(frame) for frame in frames], count)
     return frames
 
 
-def _extended_offsets(dataset: Dataset, value: bytes, count: int) -> tuple[bytes, bytes] | None:
-    """The raw Extended Offset Table and its lengths when present, after checking them."""
-    table = dataset.get(_EXTENDED_OFFSET_TABLE)
-    lengths = dataset.get(_EXTENDED_OFFSET_TABLE_LENGTHS)
-    table_value = table.value if table is not None else None
-    lengths_value = lengths.value if lengths is not None else None
+def _check_frames(offsets: tuple[bytes, bytes] | None, lengths: list[int], count: int) -> None:
+    """The frames pydicom assembled (their ``lengths``) are the ``count`` the data set announces,
+    each as long as its extended offset table says (when there is one)."""
+    if len(lengths) != count:
+        raise ProtocolError(f"encapsulated pixel data holds {len(lengths)} frames, not {count}")
+    if offsets is not None:
+        table_lengths = unpack_from(f"<{count}Q", offsets[1])
+        if any(length != table_length for length, table_length in zip(lengths, table_lengths, strict=True)):
+            raise ProtocolError("a frame of the extended offset table runs past the pixel data")
+
+
+def _extended_offsets(table_value: bytes | None, lengths_value: bytes | None, read: ReadAt,
+                      count: int) -> tuple[bytes, bytes] | None:
+    """The raw Extended Offset Table and its lengths when present, after checking them against
+    the encapsulated value (``read``: its bytes at an offset from where it starts)."""
     if not table_value and not lengths_value:
         return None
     if not table_value or not lengths_value:
         raise ProtocolError("extended offset table without its lengths, or lengths without it")
     if len(table_value) != 8 * count or len(lengths_value) != 8 * count:
         raise ProtocolError(f"extended offset table does not have {count} entries")
-    if len(value) < 8 or value[:4] != _ITEM_TAG:
+    head = read(0, 8)
+    if len(head) < 8 or head[:4] != _ITEM_TAG:
         raise ProtocolError("encapsulated pixel data does not start with an item")
-    first_fragment = 8 + unpack_from("<I", value, 4)[0]  # after the basic offset table
+    first_fragment = 8 + unpack_from("<I", head, 4)[0]  # after the basic offset table
     for offset in unpack_from(f"<{count}Q", table_value):
-        start = first_fragment + offset
-        if value[start : start + 4] != _ITEM_TAG:
+        if read(first_fragment + offset, 4) != _ITEM_TAG:
             raise ProtocolError("extended offset table points outside the fragments")
     return bytes(table_value), bytes(lengths_value)
 
@@ -283,6 +309,18 @@ def _cut_native(
     dataset: Dataset, value: bytes, big_endian_vr: str | None, count: int
 ) -> list[bytes]:
     """Native frames in little endian order; ``big_endian_vr`` is the VR of big endian data."""
+    length = _native_length(dataset)
+    needed = _native_needed(length, count, len(value))
+    bits = _positive(dataset.get("BitsAllocated"), "BitsAllocated")
+    # Anything beyond `needed` is padding (one byte for odd lengths, more from some writers);
+    # pydicom ignores it too.
+    if big_endian_vr is not None:
+        value = _to_little_endian(value, needed, big_endian_vr, bits)
+    return [bytes(value[start : start + length]) for start in range(0, needed, length)]
+
+
+def _native_length(dataset: Dataset) -> int:
+    """Bytes in one native frame of ``dataset``'s pixel data."""
     rows = _positive(dataset.get("Rows"), "Rows")
     columns = _positive(dataset.get("Columns"), "Columns")
     samples_value = dataset.get("SamplesPerPixel")
@@ -292,16 +330,15 @@ def _cut_native(
     length = _frame_length(rows, columns, samples, bits, photometric)
     if length is None:
         raise ProtocolError(f"a frame of {rows}x{columns} {bits}-bit pixels is not whole bytes")
+    return length
+
+
+def _native_needed(length: int, count: int, stored: int) -> int:
+    """Bytes ``count`` native frames take, checked against the ``stored`` value's length."""
     needed = length * count
-    if len(value) < needed:
-        raise ProtocolError(
-            f"native pixel data is {len(value)} bytes, {count} frame(s) need {needed}"
-        )
-    # Anything beyond `needed` is padding (one byte for odd lengths, more from some writers);
-    # pydicom ignores it too.
-    if big_endian_vr is not None:
-        value = _to_little_endian(value, needed, big_endian_vr, bits)
-    return [bytes(value[start : start + length]) for start in range(0, needed, length)]
+    if stored < needed:
+        raise ProtocolError(f"native pixel data is {stored} bytes, {count} frame(s) need {needed}")
+    return needed
 
 
 def _to_little_endian(value: bytes, needed: int, vr: str, bits: int) -> bytes:
@@ -329,7 +366,6 @@ def _to_little_endian(value: bytes, needed: int, vr: str, bits: int) -> bytes:
     return bytes(swapped[:needed])
 
 
-Pieces = tuple[tuple[int, int], ...]  # (offset in the Part 10 file, length) of a frame's parts
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
 
 
@@ -342,7 +378,7 @@ def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
 
     try:
         dataset = read_dataset(BytesIO(p10), defer_size=256)
-        if dataset.file_meta.get("TransferSyntaxUID") in (EXPLICIT_VR_BIG_ENDIAN, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN):
+        if dataset.file_meta.get("TransferSyntaxUID") in (EXPLICIT_VR_BIG_ENDIAN, DEFLATED):
             return None
         tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
         if tag is None:
@@ -362,6 +398,98 @@ def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
     return located
 
 
+@dataclass(frozen=True)
+class Located:
+    """Where each frame of an instance lies in its Part 10 file, and the syntax they are served in."""
+
+    transfer_syntax: str
+    pieces: list[Pieces]
+
+
+_STREAM_DEFER = 64 << 10  # values larger than this are left in the file while the data set is read
+_SERVED_AS_STORED = frozenset(_NATIVE - {EXPLICIT_VR_BIG_ENDIAN, DEFLATED})
+
+
+def locate_in_file(fp: Readable, read_at: ReadAt) -> Located | None:
+    """Where each frame of the Part 10 file ``fp`` (seekable, at its start; ``read_at``: its bytes
+    at an offset, for reads here and there that a buffered stream would each fill a buffer for)
+    lies, found without holding more than one frame in memory: a 2 GB slide need not be read
+    into memory to serve one tile. None when the frames are not stored as served (big endian or deflated data: those are
+    cut whole, ``cut_frames``). Raises ProtocolError as ``cut_frames`` does. Encapsulated frames
+    are the ones pydicom assembles, each compared byte for byte with the ranges found for it;
+    native frames are consecutive runs of the value, as ``cut_frames`` slices them. Blocking."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.errors import InvalidDicomError
+
+    syntax = stored_transfer_syntax(fp)
+    if syntax is None or (syntax not in _SERVED_AS_STORED and is_native(syntax)):
+        return None  # (before pydicom reads the data set: a deflated one it would inflate whole)
+    try:
+        dataset = read_dataset(fp, defer_size=_STREAM_DEFER)
+        syntax = _transfer_syntax(str(dataset.file_meta.get("TransferSyntaxUID") or ""))
+        tag = _pixel_tag(dataset)
+        raw = dataset.get_item(tag, keep_deferred=True)
+        count = _number_of_frames(dataset)
+    except InvalidDicomError as exc:
+        raise ProtocolError("not a DICOM Part 10 file (no DICM prefix)") from exc
+    except ProtocolError:
+        raise
+    except Exception as exc:  # pydicom raises many types for malformed input
+        raise ProtocolError(f"not a readable DICOM Part 10 file: {_describe(exc)}") from exc
+    if not isinstance(raw, RawDataElement) or raw.value_tell is None:
+        return None
+    if raw.length == 0:
+        raise ProtocolError("DICOM instance with an empty pixel data element")
+    size = fp.seek(0, 2)
+    if _encapsulated(raw.length == 0xFFFFFFFF, syntax, tag):
+        pieces = _locate_fragments(fp, read_at, dataset, raw.value_tell, size, count)
+        return Located(syntax, pieces) if pieces is not None else None
+    length = _native_length(dataset)
+    needed = _native_needed(length, count, min(raw.length, size - raw.value_tell))  # (as pydicom reads a cut file)
+    return Located(EXPLICIT_VR_LITTLE_ENDIAN,
+                   [((raw.value_tell + start, length),) for start in range(0, needed, length)])
+
+
+def _locate_fragments(fp: Readable, read_at: ReadAt, dataset: Dataset, start: int, size: int,
+                      count: int) -> list[Pieces] | None:
+    """The ranges of each encapsulated frame: the items walked from ``start``, grouped into the
+    frames pydicom assembles (``cut_frames``'s rules: offset tables, one fragment per frame...)."""
+    from pydicom.encaps import generate_frames
+
+    items = _items(read_at, start, size)
+    if not items:
+        raise ProtocolError("malformed encapsulated pixel data: an item runs past the file or is not an item")
+    offsets = _extended_offsets(_value(dataset, _EXTENDED_OFFSET_TABLE, read_at),
+                                _value(dataset, _EXTENDED_OFFSET_TABLE_LENGTHS, read_at),
+                                lambda offset, length: read_at(start + offset, length), count)
+    fp.seek(start)
+    try:
+        located = _match(generate_frames(fp, number_of_frames=count, extended_offsets=offsets), items[1:], read_at)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed encapsulated pixel data: {_describe(exc)}") from exc
+    if located is None:
+        return None
+    _check_frames(offsets, [sum(length for _, length in pieces) for pieces in located], count)
+    return located
+
+
+def _value(dataset: Dataset, tag: int, read_at: ReadAt) -> bytes | None:
+    """A top-level element's value, read from the file if it was left there (deferred)."""
+    from pydicom.dataelem import RawDataElement
+
+    raw = dataset.get_item(tag, keep_deferred=True)
+    if raw is None:
+        return None
+    if isinstance(raw, RawDataElement) and raw.value is None and raw.length and raw.value_tell is not None:
+        value = read_at(raw.value_tell, raw.length)
+        if len(value) != raw.length:
+            raise ProtocolError(f"element {tag:08X} runs past the end of the file")
+        return value
+    return bytes(raw.value or b"")
+
+
 def _locate_native(view: memoryview, start: int, frames: list[bytes]) -> list[Pieces] | None:
     located: list[Pieces] = []
     position = start
@@ -374,20 +502,36 @@ def _locate_native(view: memoryview, start: int, frames: list[bytes]) -> list[Pi
 
 
 def _locate_encapsulated(view: memoryview, start: int, frames: list[bytes]) -> list[Pieces] | None:
-    fragments: list[tuple[int, int]] = []
+    items = _items(lambda offset, length: bytes(view[offset:offset + length]), start, len(view))
+    if not items:
+        return None
+    return _match(frames, items[1:], lambda offset, length: view[offset:offset + length])
+
+
+def _items(read: ReadAt, start: int, size: int) -> list[tuple[int, int]] | None:
+    """(offset, length) of the value of each item of encapsulated pixel data from ``start`` to
+    its sequence delimiter (or the file's end), the basic offset table first; None if anything
+    there is not an item or runs past the file."""
+    items: list[tuple[int, int]] = []
     position = start
-    first = True
-    while position + 8 <= len(view):
-        tag = bytes(view[position:position + 4])
-        length = unpack_from("<I", view, position + 4)[0]
+    while position + 8 <= size:
+        head = read(position, 8)
+        if len(head) < 8:
+            return None
+        tag, length = head[:4], unpack_from("<I", head, 4)[0]
         if tag == _SEQUENCE_DELIMITER:
             break
-        if tag != _ITEM_TAG or position + 8 + length > len(view):
+        if tag != _ITEM_TAG or position + 8 + length > size:
             return None
-        if not first:  # the first item is the basic offset table
-            fragments.append((position + 8, length))
-        first = False
+        items.append((position + 8, length))
         position += 8 + length
+    return items
+
+
+def _match(frames: Iterable[bytes], fragments: list[tuple[int, int]], read: Callable[[int, int], Any]) \
+        -> list[Pieces] | None:
+    """The fragments (in stored order) each frame is made of, each compared byte for byte with
+    the frame; None if they do not make up the frames exactly."""
     located: list[Pieces] = []
     index = 0
     for frame in frames:
@@ -395,7 +539,7 @@ def _locate_encapsulated(view: memoryview, start: int, frames: list[bytes]) -> l
         covered = 0
         while covered < len(frame) and index < len(fragments):
             offset, length = fragments[index]
-            if view[offset:offset + length] != frame[covered:covered + length]:
+            if read(offset, length) != frame[covered:covered + length]:
                 return None
             pieces.append((offset, length))
             covered += length

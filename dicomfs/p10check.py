@@ -20,12 +20,12 @@ import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from dicomfs.dicomread import DEFLATED
 from dicomfs.errors import ProtocolError
 from dicomfs.p10 import MAX_META_BYTES, FileMeta, NeedMoreData, parse_file_meta
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
-DEFLATED = "1.2.840.10008.1.2.1.99"  # (1.2.840.10008.1.2.8.1 deflates frames, not the data set)
 SOP_INSTANCE_UID_TAG = 0x00080018
 PIXEL_DATA_TAG = 0x7FE00010
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD

@@ -22,7 +22,7 @@ import cachetools
 import trio
 
 from dicomfs import clock, dicomjson, frames, instancemeta
-from dicomfs.cache import BlobStore
+from dicomfs.cache import BlobStore, InstanceHandle
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, IntegrityError, NotFound
 from dicomfs.gcpause import paused, release_free_memory
@@ -45,7 +45,8 @@ INSTANCE_JSON_OVERHEAD = 300  # bytes an InstanceJson takes beyond its JSON (the
 PARALLEL = 8
 FRAME_MAP_PIECES = 1_000_000  # frame ranges remembered, all instances together
 HOLD_SLACK = 1.0  # seconds a told size is held beyond the kernel's timeout (reply latency)
-PARALLEL_CUTS = 2  # instances whose frames are being cut at once (each is held in memory whole)
+PARALLEL_CUTS = 2  # instances whose frames are being found at once (each is held in memory whole, or read through)
+STREAM_CUT = 32 << 20  # bytes of an instance beyond which its frames are found without holding it whole
 READ_CHUNK = 8 << 20  # bytes of one read when a whole instance is read
 ALL = ("all",)  # includefield=all: every attribute a QIDO object's source has
 Include = tuple[str, ...]  # tags a QIDO object carries beyond its level's (or ALL)
@@ -147,7 +148,14 @@ class WebFiles:
             fresh = self._fresh(node, now)
             return self._tell(node, fresh, now) if fresh is not None else None
         data = self._files.get(node)
-        return len(data) if data is not None else self._sizes.get(node)
+        if data is not None:
+            return len(data)
+        if node.kind is WebKind.FRAME and node.series is not None and node.instance is not None:
+            frame_map = self._frame_maps.get((node.series.key, node.instance.key))
+            if frame_map is not None and 1 <= node.frame <= len(frame_map.pieces):
+                return frames.frame_file_size(sum(n for _, n in frame_map.pieces[node.frame - 1]),
+                                              frame_map.transfer_syntax)
+        return self._sizes.get(node)
 
     async def size(self, node: WebNode) -> int:
         """The exact size: from the metadata for native frames, otherwise by rendering the file
@@ -343,35 +351,34 @@ class WebFiles:
         return (await self.series_json(series)).bulk
 
     # --- instance bytes -----------------------------------------------------------------------------
-    async def _instance_bytes(self, series: SeriesRecord, instance: InstanceRecord) -> bytes:
+    async def _read_whole(self, handle: InstanceHandle, instance: InstanceRecord) -> bytes:
         """The whole instance, read in pieces (each off the event loop unless in the page cache)."""
-        handle = await self.blobs.open_instance(series, instance)
-        try:
-            chunks = []
-            for offset in range(0, handle.length, READ_CHUNK):
-                chunk = await handle.read(offset, min(READ_CHUNK, handle.length - offset))
-                if not chunk:
-                    raise IntegrityError(f"instance {instance.key} is shorter than recorded")
-                chunks.append(chunk)
-        finally:
-            handle.close()
+        chunks = []
+        for offset in range(0, handle.length, READ_CHUNK):
+            chunk = await handle.read(offset, min(READ_CHUNK, handle.length - offset))
+            if not chunk:
+                raise IntegrityError(f"instance {instance.key} is shorter than recorded")
+            chunks.append(chunk)
         return await trio.to_thread.run_sync(b"".join, chunks)
 
     async def _frame(self, node: WebNode) -> bytes:
-        """A frame file. The first frame asked for in an instance reads the whole instance, cuts
-        every frame and finds where each lies in the instance's bytes (checked byte for byte);
-        later frames are read from those ranges alone, so a 2 GB multi-frame instance costs one
-        full read, not one per frame. Data not stored as served (big endian, deflated) is cut
-        again each time a frame is not in the cache."""
+        """A frame file. The first frame asked for in an instance finds where every frame lies in
+        the instance's bytes (checked byte for byte); later frames are read from those ranges
+        alone, so a 2 GB multi-frame instance costs one pass over it, not one per frame. Data not
+        stored as served (big endian, deflated) is cut again each time a frame is not in the cache."""
         assert node.series is not None and node.instance is not None
         series, instance = node.series, node.instance
         frame_map = self._frame_maps.get((series.key, instance.key))
+        files = None
+        if frame_map is None:
+            found = await self._flights.run(("frames", series.key, instance.key), lambda: self._cut(node))
+            frame_map, files = (found, None) if isinstance(found, _FrameMap) else (None, found)
         if frame_map is not None:
             if node.frame > len(frame_map.pieces):
                 raise NotFound(f"instance {instance.key} has {len(frame_map.pieces)} frames, not {node.frame}")
             data = await self._frame_from_ranges(series, instance, frame_map, node.frame)
         else:
-            files = await self._flights.run(("frames", series.key, instance.key), lambda: self._cut(node))
+            assert files is not None
             if node.frame > len(files):
                 raise NotFound(f"instance {instance.key} has {len(files)} frames, not {node.frame}")
             data = files[node.frame - 1]
@@ -381,23 +388,37 @@ class WebFiles:
                                  f"its metadata says {announced}")
         return data
 
-    async def _cut(self, node: WebNode) -> list[bytes]:
-        """Every frame file of ``node``'s instance; remembers where the frames lie, their sizes,
-        and (when they fit) the files themselves, since a viewer asks for them next."""
+    async def _cut(self, node: WebNode) -> list[bytes] | _FrameMap:
+        """Where the frames of ``node``'s instance lie, and their sizes. An instance up to
+        ``STREAM_CUT`` is read whole and cut, and its frame files are kept (when they fit), since
+        a viewer asks for them next: that is the frame files themselves. A larger one is parsed
+        from its file, one frame in memory at a time: that is where its frames lie (or, if they
+        are not stored as served, it too is cut whole)."""
         assert node.series is not None and node.instance is not None
         series, instance = node.series, node.instance
-        async with self._cut_limit:  # each cut holds a whole instance in memory
-            data = await self._instance_bytes(series, instance)
-            syntax, files, located = await trio.to_thread.run_sync(_cut_and_locate, data)
-        if located is not None:
-            frame_map = _FrameMap(syntax, located, len(data))
-            _keep(self._frame_maps, (series.key, instance.key), frame_map, len(located))
+        async with self._cut_limit:  # each cut holds a whole instance in memory, or reads one through
+            handle = await self.blobs.open_instance(series, instance)
+            try:
+                if handle.length > STREAM_CUT:
+                    located = await trio.to_thread.run_sync(_locate_in_handle, handle)
+                    if located is not None:
+                        frame_map = _FrameMap(located.transfer_syntax, located.pieces, handle.length)
+                        _keep(self._frame_maps, (series.key, instance.key), frame_map, len(frame_map.pieces))
+                        return frame_map  # (the frames' sizes are the map's: known_size)
+                data = await self._read_whole(handle, instance)
+            finally:
+                handle.close()
+            syntax, files, located_pieces = await trio.to_thread.run_sync(_cut_and_locate, data)
+        if located_pieces is not None:
+            frame_map = _FrameMap(syntax, located_pieces, len(data))
+            _keep(self._frame_maps, (series.key, instance.key), frame_map, len(located_pieces))
         del data
         keep = sum(len(f) for f in files) <= self._files.maxsize // 4
         for number, file in enumerate(files, 1):
             sibling = WebNode(WebKind.FRAME, (*node.path[:-1], f"{number}.mht"), node.study, series,
                               instance, frame=number)
-            self._sizes[sibling] = len(file)
+            if located_pieces is None:  # (otherwise the frame map tells the sizes: known_size)
+                self._sizes[sibling] = len(file)
             if keep and number != node.frame:
                 self._files[sibling] = file
         return files
@@ -420,10 +441,22 @@ class WebFiles:
         return await trio.to_thread.run_sync(lambda: frames.frame_file(b"".join(parts), frame_map.transfer_syntax))
 
     async def _bulk(self, node: WebNode) -> bytes:
+        """A bulk data value, parsed from the instance's file (large values left in it until the
+        one asked for is read): a 2 GB slide's ICC profile does not read the slide into memory."""
         assert node.series is not None and node.instance is not None
-        async with self._cut_limit:  # a whole instance in memory, parsed
-            data = await self._instance_bytes(node.series, node.instance)
-            return await trio.to_thread.run_sync(dicomjson.bulk_value, data, node.bulk)
+        async with self._cut_limit:
+            handle = await self.blobs.open_instance(node.series, node.instance)
+            try:
+                file = handle.blocking_file()
+                return await trio.to_thread.run_sync(dicomjson.bulk_value, file, node.bulk, file.read_at)
+            finally:
+                handle.close()
+
+
+def _locate_in_handle(handle: InstanceHandle) -> frames.Located | None:
+    """Blocking: ``frames.locate_in_file`` over an open instance."""
+    file = handle.blocking_file()
+    return frames.locate_in_file(file, file.read_at)
 
 
 def _cut_and_locate(p10: bytearray | bytes) -> tuple[str, list[bytes], list[frames.Pieces] | None]:

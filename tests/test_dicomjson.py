@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -121,10 +122,13 @@ def _assert_same(ours: Dataset, source: Dataset, where: str) -> None:
                 f"{where}: {element.keyword or tag}: {mine.value!r} != {element.value!r}"
 
 
+@pytest.mark.parametrize("defer", [dicomjson.BULK_DEFER, 16], ids=["as-set", "left-in-the-file"])
 @pytest.mark.parametrize("name", DEMO_FILES)
-def test_pydicom_round_trip_of_a_real_file(name: str) -> None:
+def test_pydicom_round_trip_of_a_real_file(name: str, defer: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dataset.from_json of our metadata (bulk data resolved through our bulk data values) equals
-    the source file's non-pixel elements."""
+    the source file's non-pixel elements, also when every value but the smallest is left in the
+    file while it is parsed and read from there when asked for."""
+    monkeypatch.setattr(dicomjson, "BULK_DEFER", defer)
     file = pydicom.data.get_testdata_file(name)
     assert isinstance(file, str), name
     path = Path(file)
@@ -138,7 +142,7 @@ def test_pydicom_round_trip_of_a_real_file(name: str) -> None:
     paths = _bulk_paths(document)
 
     def fetch(tag: str, vr: str, uri: str) -> bytes:
-        return dicomjson.bulk_value(p10, paths[uri])
+        return dicomjson.bulk_value(io.BytesIO(p10), paths[uri], lambda offset, size: p10[offset:offset + size])
 
     pixel_uris = {document[t]["BulkDataURI"] for t in ("7FE00010",) if t in document}
     for uri in pixel_uris:

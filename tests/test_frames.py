@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
@@ -163,6 +164,24 @@ def reference(path: Path) -> tuple[str, list[bytes]]:
     return EXPLICIT_LE, [value[i * length : (i + 1) * length] for i in range(count)]
 
 
+
+def streamed(p10: bytes) -> frames.Frames:
+    """The frames at the ranges ``locate_in_file`` finds, or, where it finds none (data not stored
+    as served), ``cut_frames``'s: as the server and the mount serve an instance too large to cut whole."""
+    located = frames.locate_in_file(BytesIO(p10), lambda offset, size: p10[offset:offset + size])
+    if located is None:
+        return frames.cut_frames(p10)
+    return frames.Frames(located.transfer_syntax,
+                         [b"".join(p10[offset:offset + size] for offset, size in pieces) for pieces in located.pieces])
+
+
+@pytest.fixture(params=["whole", "streamed"])
+def cut(request: pytest.FixtureRequest) -> Callable[[bytes], frames.Frames]:
+    """Both ways dicomfs finds an instance's frames: cut from its bytes in memory, or located in
+    its file without holding it (``locate_in_file``, for instances larger than ``STREAM_CUT``)."""
+    return frames.cut_frames if request.param == "whole" else streamed
+
+
 def test_the_required_files_are_covered() -> None:
     assert REQUIRED <= {path.name for path in CUTTABLE}
     assert set(BIG_ENDIAN_TWINS) <= {path.name for path in CUTTABLE}
@@ -170,14 +189,34 @@ def test_the_required_files_are_covered() -> None:
 
 
 @pytest.mark.parametrize("path", CUTTABLE, ids=ident)
-def test_frames_match_pydicom(path: Path) -> None:
-    cut = frames.cut_frames(path.read_bytes())
+def test_frames_match_pydicom(path: Path, cut: Callable[[bytes], frames.Frames]) -> None:
+    found = cut(path.read_bytes())
     syntax, expected = reference(path)
-    assert cut.transfer_syntax == syntax
-    assert len(cut.frames) == len(expected) >= 1
-    for number, (frame, want) in enumerate(zip(cut.frames, expected, strict=False), start=1):
+    assert found.transfer_syntax == syntax
+    assert len(found.frames) == len(expected) >= 1
+    for number, (frame, want) in enumerate(zip(found.frames, expected, strict=False), start=1):
         assert isinstance(frame, bytes)
         assert frame == want, f"frame {number} differs"
+
+
+@pytest.mark.parametrize("path", CUTTABLE, ids=ident)
+def test_frames_are_located_in_the_file_unless_stored_otherwise(path: Path) -> None:
+    """``locate_in_file`` finds where every frame lies except in big endian and deflated data
+    (served converted, so cut whole), reading no more than a frame's bytes from the file at once."""
+    p10 = path.read_bytes()
+    reads: list[int] = []
+
+    def read_at(offset: int, size: int) -> bytes:
+        reads.append(size)
+        return p10[offset:offset + size]
+
+    located = frames.locate_in_file(BytesIO(p10), read_at)
+    syntax = str(read(path).file_meta.TransferSyntaxUID)
+    assert (located is None) == (syntax in (BIG_ENDIAN, "1.2.840.10008.1.2.1.99"))
+    if located is not None:
+        expected = reference(path)[1]
+        assert [b"".join(p10[o:o + n] for o, n in pieces) for pieces in located.pieces] == expected
+        assert max(reads, default=0) <= max(map(len, expected))  # (no more than a frame at once)
 
 
 @pytest.mark.parametrize("name", sorted(BIG_ENDIAN_TWINS))
@@ -194,9 +233,9 @@ def test_big_endian_twins_hold_the_same_pixels_in_another_order(name: str) -> No
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
-def test_files_pydicom_cannot_cut_are_refused(name: str) -> None:
+def test_files_pydicom_cannot_cut_are_refused(name: str, cut: Callable[[bytes], frames.Frames]) -> None:
     with pytest.raises(ProtocolError, match=BROKEN[name]) as caught:
-        frames.cut_frames(bundled(name).read_bytes())
+        cut(bundled(name).read_bytes())
     assert "\n" not in str(caught.value)
 
 
@@ -351,19 +390,19 @@ def with_extended_offsets(order: list[int]) -> tuple[bytes, list[bytes]]:
     return to_bytes(ds), source
 
 
-def test_extended_offset_table() -> None:
+def test_extended_offset_table(cut: Callable[[bytes], frames.Frames]) -> None:
     p10, source = with_extended_offsets(list(range(30)))
-    cut = frames.cut_frames(p10)
-    assert cut.transfer_syntax == "1.2.840.10008.1.2.4.50"
-    assert cut.frames == source
+    found = cut(p10)
+    assert found.transfer_syntax == "1.2.840.10008.1.2.4.50"
+    assert found.frames == source
     written = read(BytesIO(p10))
     assert "ExtendedOffsetTable" in written
-    assert len(cut.frames) == 30
+    assert len(found.frames) == 30
 
 
-def test_extended_offset_table_decides_the_frame_order() -> None:
+def test_extended_offset_table_decides_the_frame_order(cut: Callable[[bytes], frames.Frames]) -> None:
     p10, source = with_extended_offsets(list(reversed(range(30))))
-    assert frames.cut_frames(p10).frames == source
+    assert cut(p10).frames == source
     # Without the table the fragments would come out in stored (reversed) order.
     stored = read(BytesIO(p10)).PixelData
     assert list(generate_frames(stored, number_of_frames=30)) == source[::-1]
@@ -378,7 +417,7 @@ def test_extended_offset_table_decides_the_frame_order() -> None:
     ],
 )
 def test_a_wrong_extended_offset_table_is_refused(
-    keyword: str, index: int, delta: int, message: str
+    keyword: str, index: int, delta: int, message: str, cut: Callable[[bytes], frames.Frames]
 ) -> None:
     p10, _ = with_extended_offsets(list(range(30)))
     ds = read(BytesIO(p10))
@@ -386,57 +425,57 @@ def test_a_wrong_extended_offset_table_is_refused(
     table[index] += delta
     ds[keyword].value = struct.pack("<30Q", *table)
     with pytest.raises(ProtocolError, match=message):
-        frames.cut_frames(to_bytes(ds))
+        cut(to_bytes(ds))
 
 
 @pytest.mark.parametrize("data", [b"", b"hello", b"\0" * 132, b"\0" * 128 + b"DICM" + b"\xff" * 40])
-def test_not_dicom_is_refused(data: bytes) -> None:
+def test_not_dicom_is_refused(data: bytes, cut: Callable[[bytes], frames.Frames]) -> None:
     with pytest.raises(ProtocolError) as caught:
-        frames.cut_frames(data)
+        cut(data)
     assert str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_truncated_file_is_refused() -> None:
+def test_a_truncated_file_is_refused(cut: Callable[[bytes], frames.Frames]) -> None:
     p10 = bundled("MR_small.dcm").read_bytes()  # pixel data is followed by trailing padding
     pixels = p10.index(b"\xe0\x7f\x10\x00OW") + 12
     for size in (140, len(p10) // 2, pixels, pixels + 8191):
         with pytest.raises(ProtocolError) as caught:
-            frames.cut_frames(p10[:size])
+            cut(p10[:size])
         assert "\n" not in str(caught.value)
 
 
-def test_no_pixel_data_is_refused() -> None:
+def test_no_pixel_data_is_refused(cut: Callable[[bytes], frames.Frames]) -> None:
     with pytest.raises(ProtocolError, match="without pixel data") as caught:
-        frames.cut_frames(bundled("rtplan.dcm").read_bytes())
+        cut(bundled("rtplan.dcm").read_bytes())
     assert "\n" not in str(caught.value)
 
 
-def test_native_data_cut_short_is_refused() -> None:
+def test_native_data_cut_short_is_refused(cut: Callable[[bytes], frames.Frames]) -> None:
     ds = read(bundled("MR_small.dcm"))
     ds.NumberOfFrames = 2  # 8192 bytes hold one 64x64 16-bit frame, not two
     with pytest.raises(ProtocolError, match="8192 bytes, 2 frame") as caught:
-        frames.cut_frames(to_bytes(ds))
+        cut(to_bytes(ds))
     assert "\n" not in str(caught.value)
 
 
-def test_trailing_padding_is_ignored() -> None:
-    padded = frames.cut_frames(bundled("MR_small_padded.dcm").read_bytes())
-    plain = frames.cut_frames(bundled("MR_small.dcm").read_bytes())
+def test_trailing_padding_is_ignored(cut: Callable[[bytes], frames.Frames]) -> None:
+    padded = cut(bundled("MR_small_padded.dcm").read_bytes())
+    plain = cut(bundled("MR_small.dcm").read_bytes())
     assert padded.frames == plain.frames
 
 
-def test_packed_bits_that_are_not_whole_bytes_are_refused() -> None:
+def test_packed_bits_that_are_not_whole_bytes_are_refused(cut: Callable[[bytes], frames.Frames]) -> None:
     ds = read(bundled("liver_1frame.dcm"))
     ds.Rows, ds.Columns = 3, 3  # 9 bits per frame
     with pytest.raises(ProtocolError, match="not whole bytes"):
-        frames.cut_frames(to_bytes(ds))
+        cut(to_bytes(ds))
 
 
-def test_encapsulated_frame_count_must_match() -> None:
+def test_encapsulated_frame_count_must_match(cut: Callable[[bytes], frames.Frames]) -> None:
     ds = read(bundled("SC_rgb_rle_2frame.dcm"))
     ds.NumberOfFrames = 3
     with pytest.raises(ProtocolError, match="frames"):
-        frames.cut_frames(to_bytes(ds))
+        cut(to_bytes(ds))
 
 
 def test_is_native() -> None:

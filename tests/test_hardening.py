@@ -35,7 +35,7 @@ from tests.factory import make_instance
 from tests.faultproxy import FaultProxy, Rule
 from tests.fsutil import listdir, read_errno, sh
 from tests.mounting import MOUNT_TIMEOUT, Mount, dicomfs, is_mounted
-from tests.servers import OrthancServer, free_port, wait_until
+from tests.servers import OrthancServer, free_port, peak_rss_mb, wait_until
 
 pytestmark = pytest.mark.mount  # real servers, processes or mounts (see conftest)
 
@@ -141,14 +141,6 @@ def verify_clean(cache: Path) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 bad, dropped" in result.stdout
     return result.stdout
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 # --- 1. a cached series that lacks a listed instance is repaired, once -------------------------

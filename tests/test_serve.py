@@ -26,7 +26,7 @@ from tests.cod_bucket import BUCKET, Bucket, mount_env
 from tests.factory import make_instance
 from tests.mounting import dicomfs
 from tests.reference import KEY_TAGS, parts, reference_frames, source_files, value
-from tests.servers import DicomfsServe, OrthancServer, free_port, wait_until
+from tests.servers import DicomfsServe, OrthancServer, free_port, peak_rss_mb, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -176,6 +176,78 @@ def test_demo_frames_are_pydicoms(serve: Callable[..., DicomfsServe], demo_dir: 
         [(content_type, _)] = parts(response)
         assert content_type.endswith(f";transfer-syntax={syntax}"), content_type
     assert checked >= 20 and multi >= 1
+
+
+def write_slide(path: Path, study: str, series: str, *, encapsulated: bool, frames: int, frame_bytes: int,
+                number: int) -> str:
+    """A large multi-frame instance (as a slide's level is), with an ICC profile as bulk data."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
+
+    sop = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.77.1.6")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit if encapsulated else ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.PatientID, ds.Modality, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "SLIDE", "SM", "20240101", 1, number
+    side = int(frame_bytes ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = frames, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    optical = Dataset()
+    optical.OpticalPathIdentifier = "1"
+    optical.ICCProfile = os.urandom(4000)
+    ds.OpticalPathSequence = [optical]
+    noise = os.urandom(side * side + frames)
+    if encapsulated:  # frames of different sizes, one fragment each
+        ds.PixelData = encapsulate([noise[i:i + side * side - i % 7] + b"\xff\xd9" for i in range(frames)])
+    else:
+        ds.PixelData = b"".join(noise[i:i + side * side] for i in range(frames))
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return sop
+
+
+def test_a_large_instance_is_served_without_holding_it_in_memory(serve: Callable[..., DicomfsServe],
+                                                                 tmp_path: Path) -> None:
+    """A 2 GB slide's tile costs a pass over the slide, not the slide in memory three times over
+    (its bytes, pydicom's copy, the frames): frames (alone, last, a comma list), the instance's
+    metadata and its bulk data from two ~190 MB instances, encapsulated and native, while the
+    server's peak RSS grows by less than half of one of them."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    study, series = generate_uid(), generate_uid()
+    sops = {write_slide(folder / "jpeg.dcm", study, series, encapsulated=True, frames=3000, frame_bytes=65536,
+                        number=1): folder / "jpeg.dcm",
+            write_slide(folder / "native.dcm", study, series, encapsulated=False, frames=760,
+                        frame_bytes=512 * 512, number=2): folder / "native.dcm"}
+    smallest = min(path.stat().st_size for path in sops.values())
+    assert smallest > 180 << 20
+    server = serve(str(folder))
+    assert server.process is not None
+    pid = server.process.pid
+    client = DICOMwebClient(server.root)
+    assert {v["00080018"]["Value"][0] for v in client.search_for_instances(study, series)} == set(sops)
+    before = peak_rss_mb(pid)
+    for sop, path in sops.items():
+        ds = pydicom.dcmread(path)
+        _, expected = reference_frames(path)
+        meta = client.retrieve_instance_metadata(study, series, sop)
+        assert int(meta["00280008"]["Value"][0]) == len(expected)
+        for numbers in ([1], [len(expected)], [len(expected) // 2, 2, len(expected) - 1]):
+            got = client.retrieve_instance_frames(study, series, sop, frame_numbers=numbers,
+                                                  media_types=(("application/octet-stream", "*"),))
+            assert got == [expected[n - 1] for n in numbers], (path.name, numbers)
+        uri = meta["00480105"]["Value"][0]["00282000"]["BulkDataURI"]
+        icc = httpx.get(f"{server.root}/studies/{study}/{uri}", headers={"Accept": "application/octet-stream"},
+                        timeout=60)
+        assert icc.status_code == 200 and icc.content == ds.OpticalPathSequence[0].ICCProfile
+        del ds, expected
+    grown = peak_rss_mb(pid) - before
+    assert grown < smallest / 2 / (1 << 20), f"peak RSS grew by {grown:.0f} MB serving {smallest >> 20} MB instances"
 
 
 # --- Orthanc and a COD bucket -----------------------------------------------------------------------

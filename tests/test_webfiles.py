@@ -170,12 +170,15 @@ async def test_hostile_metadata_is_contained(tmp_path: Path) -> None:
     await run_mounted(source, tmp_path / "cache", 60.0, test)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["read-whole", "streamed"])
 @pytest.mark.parametrize("name", ["examples_ybr_color.dcm", "rtdose.dcm", "SC_rgb_rle_2frame.dcm",
                                   "MR_small_bigendian.dcm"])
-async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path, name: str,
+async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path, name: str, stream: bool,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """With frame files too large to keep, each later frame is read from where it lies in the
-    instance (not by reading and cutting the whole instance again), and is still pydicom's frame."""
+    instance (not by reading and cutting the whole instance again), and is still pydicom's frame.
+    An instance larger than ``STREAM_CUT`` (``streamed``) is never read whole when its frames are
+    stored as served: where they lie is found by parsing its file."""
     import pydicom
     from pydicom.encaps import generate_frames
 
@@ -195,15 +198,17 @@ async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path,
     source = MetadataArchive({f"{STUDY}/{SERIES}": {key: data}},
                              {key: dicomjson.dataset_json(pydicom.dcmread(path, defer_size=1024))})
     monkeypatch.setattr(webfiles, "FILE_MEMORY", 64)  # nothing fits: every frame is rendered on demand
+    if stream:
+        monkeypatch.setattr(webfiles, "STREAM_CUT", 0)
     whole_reads = 0
-    original = webfiles.WebFiles._instance_bytes
+    original = webfiles.WebFiles._read_whole
 
-    async def counting(self, series, instance):  # type: ignore[no-untyped-def]
+    async def counting(self, handle, instance):  # type: ignore[no-untyped-def]
         nonlocal whole_reads
         whole_reads += 1
-        return await original(self, series, instance)
+        return await original(self, handle, instance)
 
-    monkeypatch.setattr(webfiles.WebFiles, "_instance_bytes", counting)
+    monkeypatch.setattr(webfiles.WebFiles, "_read_whole", counting)
 
     async def test(fs: Mounted) -> None:
         base = f"dicomweb/studies/{STUDY}/series/{SERIES}/instances/{key}/frames"
@@ -212,8 +217,10 @@ async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path,
             body = await fs.read(f"{base}/{number}.mht")
             head, rest = body.split(b"\r\n\r\n", 1)
             assert rest[:-len(f"\r\n--{frames.BOUNDARY}--\r\n")] == expected[number - 1], number
+            frame_inode = await fs.resolve(f"{base}/{number}.mht")
+            assert (await fs.ops.getattr(frame_inode, None)).st_size == len(body), number
         located = frames.locate_frames(data, frames.cut_frames(data)) is not None
-        assert whole_reads == (1 if located else count + 1)
+        assert whole_reads == ((0 if stream else 1) if located else count + 1)
 
     await run_mounted(source, tmp_path / "cache", 60.0, test)
 

@@ -1,8 +1,9 @@
 """Open instances: where an instance's bytes lie in a file, read without blocking the event loop.
 
 Owns ``InstanceHandle`` (a private fd, an offset and a length; reads answered inline from the
-page cache, in a worker thread only when they would block; a release called once on close) and
-opening a source's local file in place (``open_local``). Must not find, fetch or pin anything:
+page cache, in a worker thread only when they would block; a file object for a worker thread
+that parses the instance; a release called once on close) and opening a source's
+local file in place (``open_local``). Must not find, fetch or pin anything:
 ``store`` hands handles out, with offsets from the manifest that came with the file (docs/cache.md,
 invariant 4).
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 import trio
 
+from dicomfs.dicomread import RangeFile
 from dicomfs.errors import IntegrityError
 from dicomfs.localfile import open_regular
 from dicomfs.records import InstanceRecord
@@ -55,11 +57,20 @@ class InstanceHandle:
                 self._nowait = False
         data = await trio.to_thread.run_sync(os.pread, self.fd, size, pos)
         if len(data) != size:
-            if self._local is not None:
-                raise IntegrityError(f"{self._local} is shorter than when it was indexed (it is indexed again at the "
-                                     "next start)")
-            raise IntegrityError("cached blob is shorter than its manifest")
+            raise self._shorter()
         return data
+
+    def blocking_file(self) -> RangeFile:
+        """The instance as a file object (its first byte at position 0) for one worker thread,
+        valid while the handle is open: pydicom parses an instance from it without the whole
+        instance in memory, and its ``read_at`` reads a range."""
+        return RangeFile(self.fd, self.offset, self.length, self._shorter)
+
+    def _shorter(self) -> IntegrityError:
+        if self._local is not None:
+            return IntegrityError(f"{self._local} is shorter than when it was indexed (it is indexed again at the "
+                                  "next start)")
+        return IntegrityError("cached blob is shorter than its manifest")
 
     def close(self) -> None:
         os.close(self.fd)
