@@ -1,6 +1,7 @@
 """An opened archive: the source, its catalog and its blob store, set up and torn down in order.
 
-Owns what every command that talks to an archive shares (``mount``, ``prefetch``, ``ls``): a
+Owns what every command that talks to an archive shares (``mount``, ``serve``, ``prefetch``,
+``export``, ``ls``): a
 shared hold on the cache directory, the source, the archive's one breaker (shared by catalog and
 blob store), the catalog in the cache, the studies shown, checking the archive or going offline on the stored
 catalog when it cannot be reached (while catalog and blob store open), and running the blob store.

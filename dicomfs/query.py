@@ -39,7 +39,7 @@ COMMON_KEYS = {
     "InstanceNumber": ("00200013", "IS"), "PatientBirthDate": ("00100030", "DA"), "PatientSex": ("00100040", "CS"),
     "StudyID": ("00200010", "SH"), "ReferringPhysicianName": ("00080090", "PN"),
 }
-# Characters Orthanc and other servers read literally in a query string (see specs/orthanc.md),
+# Characters Orthanc and other servers read literally in a query string (Orthanc's query parser),
 # which the HTTP client (urllib3) also sends as they are: not ``^``, which it percent-encodes and
 # Orthanc then does not match (a PN's ``^`` goes as ``*``, and the term is checked again here).
 _URL_SAFE = re.compile(r"[A-Za-z0-9*?.,\-/_:]")

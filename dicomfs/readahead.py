@@ -1,19 +1,19 @@
 """Study readahead: while a reader works through one series of a study, fetch the next.
 
 Owns which series are fetched before anyone asks for them and when. When a reader opens an
-instance of a study (``reading``), the study's other series are queued in the order the reader is
-expected to take (the view it reads in says: ``studies/`` in the order ``cp -r`` walks it, by
-inode; otherwise by UID), starting after the series being read; the next one starts as soon as
-the previous one's bytes are in (the download's ``fetched``, not its commit: the wire is never
-idle while the disk catches up), one at a time (starting them all at once measured no gain). Each
-queued series' instances are listed while the series before it downloads, so that a reader
-entering its folder does not wait for that listing. A series a reader opens is no longer queued:
-its own request started it at once. Readahead stops for a study when the bytes fetched ahead of
-its readers would pass the budget (1 GiB, at most a quarter of the cache; the next series is
-taken to be as large as the last one fetched) until a reader opens one of them, and when nobody
-has opened anything in the study for ``idle`` seconds; a readahead that fails is logged and
-stops, nothing else. Must not read instance bytes, retry a failed download (a reader's open will)
-or know about views.
+instance of a study (``reading``), the study's other series are queued in the order the reader
+is expected to take (the view it reads in says: in the order ``cp -r`` walks it, by the inodes
+of the series' folders; by UID only where those folders gather no series), starting after the
+series being read; the next one starts as soon as the previous one's bytes are in (the
+download's ``fetched``, not its commit: the wire is never idle while the disk catches up), one
+at a time (starting them all at once measured no gain). Each queued series' instances are listed
+while the series before it downloads, so that a reader entering its folder does not wait for
+that listing. A series a reader opens is no longer queued: its own request started it at once.
+Readahead stops for a study when the bytes fetched ahead of its readers would pass the budget
+(1 GiB, at most a quarter of the cache; the next series is taken to be as large as the last one
+fetched) until a reader opens one of them, and when nobody has opened anything in the study for
+``idle`` seconds; a readahead that fails is logged and stops, nothing else. Must not read
+instance bytes, retry a failed download (a reader's open will) or know about views.
 """
 
 from __future__ import annotations

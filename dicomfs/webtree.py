@@ -1,4 +1,4 @@
-"""The layout of the static DICOMweb tree below ``<mount>/dicomweb/`` (specs/static-dicomweb.md).
+"""The layout of the static DICOMweb tree below ``<mount>/dicomweb/`` (the Static-DICOMWeb layout).
 
 Owns the names: which folders and files exist at each level, what each is (a ``WebNode``), and
 which archive records it stands for. Directory URLs become ``index.json.gz``, leaf resources

@@ -43,8 +43,8 @@ _ALLOW_OTHER_WARNING = ("--allow-other: every user of this machine can read {mou
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    mount = subparsers.add_parser("mount", help="mount SOURCE (DICOMweb URL, gs:// COD bucket, dimse:// PACS, "
-                                  "folder, or 'demo') on MOUNTPOINT")
+    mount = subparsers.add_parser("mount", help="mount SOURCE (DICOMweb URL, gs:// or s3:// COD bucket, dimse:// "
+                                  "PACS, 'idc', folder, or 'demo') on MOUNTPOINT")
     mount.add_argument("source")
     mount.add_argument("mountpoint")
     add_archive_options(mount)

@@ -123,8 +123,9 @@ def add_archive_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password-file")
     parser.add_argument("--token-file", help="bearer token file (or DICOMFS_TOKEN)")
     parser.add_argument("--endpoint", help="object store endpoint for gs:// sources (default: "
-                        "$STORAGE_EMULATOR_HOST or Google Cloud Storage) and s3:// sources (default: "
-                        "$AWS_ENDPOINT_URL or AWS S3 in $AWS_REGION)")
+                        "$STORAGE_EMULATOR_HOST or Google Cloud Storage), s3:// and idc sources (default: "
+                        "$AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS S3 in $AWS_REGION, "
+                        "$AWS_DEFAULT_REGION or us-east-1)")
     parser.add_argument("--user-project", help="project billed for requester-pays buckets")
     parser.add_argument("--idc-index", metavar="FILE", help="idc source: the IDC index parquet (default: the "
                         "installed idc-index-data package's)")
@@ -180,7 +181,8 @@ def add_cache_size_option(parser: argparse.ArgumentParser) -> None:
 def add_listing_ttl_option(parser: argparse.ArgumentParser) -> None:
     """``--listing-ttl`` of the long-running commands (read by ``archive_options``)."""
     parser.add_argument("--listing-ttl", type=seconds_or_zero, default=DEFAULT_LISTING_TTL,
-                        help=f"seconds a study or series listing is trusted (default {DEFAULT_LISTING_TTL:.0f})")
+                        help=f"seconds a study, series or instance listing is trusted "
+                        f"(default {DEFAULT_LISTING_TTL:.0f})")
 
 
 def add_log_level_option(parser: argparse.ArgumentParser, default: str) -> None:

@@ -1,4 +1,4 @@
-"""HTTP on the event loop for bucket listings and ranged reads: one httpx client per source.
+"""HTTP on the event loop for bucket listings and small whole objects: one httpx client per source.
 
 Owns the httpx side of a source's HTTP: timeouts, connection limits, the environment's proxies
 (httpx's default transport then), requests signed by a store's ``httpx.Auth`` (S3's SigV4) or an

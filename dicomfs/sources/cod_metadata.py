@@ -1,4 +1,4 @@
-"""Parsing and validation of a COD series index (``metadata.json``), see specs/cod-format.md.
+"""Parsing and validation of a COD series index (``metadata.json``) of Cloud Optimized DICOM.
 
 Owns the two instance-entry versions (v1: a DICOM JSON dict; v2: base64 of zstd-compressed JSON),
 gzip/plain detection, and the checks that keep a broken or hostile index from naming bytes that

@@ -7,7 +7,7 @@ archive failures are ``SourceUnavailable``, a body cut short is ``TransferBroken
 asked for in identity encoding must come that way, the ``Authorization`` header of a token or a
 user and password, what a JSON GET asks for and how its body becomes a document, and how a URL
 may appear in a message. The clients apply it: ``asynchttp``
-(httpx on the event loop: bucket listings and ranges) and ``threadhttp`` (urllib3 in worker
+(httpx on the event loop: bucket listings and small whole objects) and ``threadhttp`` (urllib3 in worker
 threads: DICOMweb queries and retrieves, bucket objects). Retries happen before any body is
 handed out; resuming a broken download is the blob store's. Imports no HTTP library (a DICOMweb
 command never loads httpx). Must not know DICOM, and must never put a credential into a log line

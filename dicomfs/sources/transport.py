@@ -1,9 +1,11 @@
 """An httpx transport whose connections read the socket in large pieces.
 
 httpcore reads an HTTP/1.1 body 64 KiB at a time; every piece then costs a trip through h11,
-httpx and trio (cancel scopes, events), which is most of the CPU a series retrieve costs. Asking
-the socket for up to ``READ_SIZE`` at once (the kernel returns what it has) cuts those trips
-several-fold on a fast link. Owns only that; everything else is httpx's default transport.
+httpx and trio (cancel scopes, events), which was most of the CPU of a series retrieve while
+retrieves ran through httpx (they now run in worker threads, ``threadhttp``; httpx carries bucket
+listings and small whole objects). Asking the socket for up to ``READ_SIZE`` at once (the
+kernel returns what it has) cuts those trips several-fold on a fast link. Owns only that;
+everything else is httpx's default transport.
 """
 
 from __future__ import annotations

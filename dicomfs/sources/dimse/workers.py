@@ -1,13 +1,15 @@
-"""The daemon's side of the retrieve workers (``worker``): child processes that run one C-GET at
-a time, and the retrieve that streams a worker's instances into a series sink as they come.
+"""The daemon's side of the retrieve workers (``worker``): child processes that run one C-GET or
+C-MOVE at a time, and the retrieve that streams a worker's instances into a series sink as they
+come.
 
-Owns starting workers (``warm`` starts one ahead of need: a worker takes a third of a second to
-start), handing an idle one out, and ending them: a worker whose retrieve finished, with success
-or with an error it reported, goes back to the idle list; one whose retrieve was given up, or that
-broke, is sent SIGTERM (it cancels its C-GET) and killed if it has not ended after a grace.
-Idle workers end by themselves after ``worker.IDLE_EXIT`` seconds and are replaced when needed.
-Workers run the ``dicomfs`` package this one was imported from. Must not know DIMSE: what a
-request holds is ``pipe``'s, what a worker does is ``worker``'s.
+Owns starting workers (``warm`` starts them ahead of need, up to the association limit: a worker
+takes a third of a second to start), handing an idle one out, and ending them: a worker whose
+retrieve finished, with success or with an error it reported, goes back to the idle list; one
+whose retrieve was given up, or that broke, is sent SIGTERM (it cancels its retrieve) and killed
+if it has not ended after a grace. Idle workers end by themselves after ``worker.IDLE_EXIT``
+seconds and are replaced when needed. Workers run the ``dicomfs`` package this one was imported
+from. Must not know DIMSE: what a request holds is ``pipe``'s, what a worker does is
+``worker``'s.
 """
 
 from __future__ import annotations
