@@ -160,28 +160,39 @@ def parse_query(items: list[str] | None, extra: Mapping[str, tuple[str, str, str
             continue
         tag, vr = _look_up(keyword, item)
         term = Term(keyword, tag, vr, value, level_of(keyword), fuzzy=fuzzy and vr == "PN")
-        if any(_is_range(v, vr) and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", v) for v in term.values):
+        if vr == "DT" and any(_is_range(v, vr) and not re.fullmatch(r"[0-9.:]*-[0-9.:]*", v) for v in term.values):
             raise UsageError(f"invalid range {value!r} for {keyword} (use YYYYMMDD-YYYYMMDD)")
-        if vr == "DA":
+        if vr in ("DA", "TM"):
             for one in term.values:
-                _check_date(keyword, one, reversed_ranges)
+                _check_range_ends(keyword, one, vr, reversed_ranges)
         terms.append(term)
     return Query(tuple(terms))
 
 
-def _check_date(keyword: str, value: str, reversed_ok: bool) -> None:
-    """A date term is ``YYYYMMDD`` (a day of the calendar) or a range of them with either end left
-    out (or a wildcard, matched here): anything else (``2024-01``, ``2024``, ``20241399``) would
-    match nothing, silently."""
+_FORMATS = {"DA": ("date", "YYYYMMDD"), "TM": ("time", "HHMMSS")}  # (a time's HH and HHMM are read too)
+
+
+def _check_range_ends(keyword: str, value: str, vr: str, reversed_ok: bool) -> None:
+    """A date term is ``YYYYMMDD`` (a day of the calendar), a time term ``HH``, ``HHMM``,
+    ``HHMMSS`` or ``HHMMSS.FFFFFF`` (colons allowed, as older archives write them), or a range of
+    them with either end left out (or a wildcard, matched here): anything else (``2024-01``,
+    ``2024``, ``20241399``, ``25``, ``1261``) would match nothing, silently."""
     if not value or "*" in value or "?" in value:
         return
     low, dash, high = value.partition("-")
     ends = [end for end in (low, high) if end]
-    if not ends or not all(re.fullmatch(r"[0-9]{8}", end) and _is_calendar_date(end) for end in ends):
-        raise UsageError(f"invalid date {value!r} for {keyword} (use YYYYMMDD, or YYYYMMDD-YYYYMMDD for a range, "
+    valid = _is_calendar_date if vr == "DA" else _is_time
+    if not ends or not all(valid(end) for end in ends):
+        what, form = _FORMATS[vr]
+        raise UsageError(f"invalid {what} {value!r} for {keyword} (use {form}, or {form}-{form} for a range, "
                          "either end left out for an open one)")
-    if dash and low and high and low > high and not reversed_ok:
+    if dash and low and high and _in_order(low) > _in_order(high) and not reversed_ok:
         raise UsageError(f"the range {value!r} for {keyword} ends before it starts")
+
+
+def _in_order(end: str) -> str:
+    """A range's end as it compares (a time's colons dropped)."""
+    return end.replace(":", "")
 
 
 def dictionary_entry(keyword: str) -> tuple[str, str] | None:
@@ -221,12 +232,25 @@ def _is_range(value: str, vr: str) -> bool:
 
 
 def _is_calendar_date(text: str) -> bool:
-    """Whether eight digits are a day of the calendar (20241399 is not)."""
+    """Whether ``text`` is eight digits naming a day of the calendar (20241399 is not)."""
+    if not re.fullmatch(r"[0-9]{8}", text):
+        return False
     try:
         datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
     except ValueError:
         return False
     return True
+
+
+def _is_time(text: str) -> bool:
+    """Whether ``text`` is a DICOM time (PS3.5 TM: ``HH``, ``HHMM``, ``HHMMSS``, ``HHMMSS.F`` to
+    six fraction digits; ``HH:MM:SS`` as ACR-NEMA wrote it) of a real hour, minute and second (60:
+    a leap second)."""
+    found = re.fullmatch(r"([0-9]{2})(?::?([0-9]{2})(?::?([0-9]{2})(\.[0-9]{1,6})?)?)?", text)
+    if found is None:
+        return False
+    hour, minute, second = (int(part) if part else 0 for part in found.groups()[:3])
+    return hour < 24 and minute < 60 and second <= 60
 
 
 def _text(value: Any) -> str:

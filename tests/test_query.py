@@ -123,7 +123,7 @@ def test_lists_go_to_c_find_backslash_separated() -> None:
     (["PatientName"], "not KEY=VALUE"),
     (["=x"], "not KEY=VALUE"),
     (["PatientNmae=x"], "unknown DICOM keyword"),
-    (["StudyDate=2020-01-01"], "invalid range"),
+    (["StudyDate=2020-01-01"], "invalid date '2020-01-01'"),
     (["StudyDate=2024-01"], "invalid date '2024-01' for StudyDate"),  # a month, ISO-style: matched nothing
     (["StudyDate=2024"], "invalid date"),
     (["PatientBirthDate=1970.01.01"], "invalid date"),
@@ -132,6 +132,12 @@ def test_lists_go_to_c_find_backslash_separated() -> None:
     (["StudyDate=20241399"], "invalid date '20241399'"),
     (["StudyDate=20230229-"], "invalid date"),  # not a leap year
     (["StudyDate=00000000"], "invalid date"),
+    (["StudyTime=25"], "invalid time '25' for StudyTime"),  # no such hour: matched nothing
+    (["StudyTime=1261"], "invalid time"),
+    (["SeriesTime=12.5"], "invalid time"),  # a fraction needs the seconds
+    (["StudyTime=12a-13"], "invalid time"),
+    (["StudyTime=1"], "invalid time"),
+    (["StudyTime=1300-1200"], "ends before it starts"),
     (["ReferencedSeriesSequence=1"], "sequence"),
 ])
 def test_bad_terms_are_one_line_usage_errors(bad: list[str], message: str) -> None:
@@ -145,6 +151,19 @@ def test_bad_terms_are_one_line_usage_errors(bad: list[str], message: str) -> No
                                   "StudyDate=20240101\\20240102", "StudyDate=20240101-20240101", "StudyDate=20240229"])
 def test_dates_in_the_forms_dicom_gives_are_taken(good: str) -> None:
     assert len(parse_query([good]).terms) == 1
+
+
+@pytest.mark.parametrize("good", ["StudyTime=1200", "StudyTime=12", "StudyTime=120000.123456", "StudyTime=12:00:00",
+                                  "StudyTime=1200-1300", "StudyTime=-1300", "StudyTime=1200-", "StudyTime=12*",
+                                  "SeriesTime=235960", "StudyTime=12:00-13:00", "StudyTime="])
+def test_times_in_the_forms_dicom_gives_are_taken(good: str) -> None:
+    assert len(parse_query([good]).terms) == 1
+
+
+def test_a_time_range_matches_by_its_ends() -> None:
+    [term] = parse_query(["StudyTime=1200-1300"]).terms
+    assert [term.matches({"00080030": {"vr": "TM", "Value": [v]}}) for v in ("115959", "123000.5", "130000", "140000")] \
+        == [False, True, True, False]
 
 
 def test_a_reversed_date_range_from_a_qido_client_matches_nothing() -> None:
