@@ -513,10 +513,16 @@ def test_a_cache_that_is_another_users_is_one_line_for_every_command(tmp_path: P
         assert result.returncode != 0 and "Traceback" not in result.stderr, (command, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Permission denied" in result.stderr, result.stderr
     assert sorted(os.listdir(theirs)) == before
-    # and the folder holding it: ``cache stats`` of every cache under it
-    result = dicomfs_unprivileged("cache", "stats", "--cache-dir", str(tmp_path))
-    assert result.returncode == 1
-    assert result.stderr == f"dicomfs: error: {theirs}/blobs: Permission denied\n"
+    # and the folder holding it: ``cache stats`` of every cache under it says which one it could not
+    # read, and goes on with the others (a cache of this user's, listed after theirs)
+    mine = tmp_path / "zmine"
+    assert dicomfs_unprivileged("ls", "demo", "--cache-dir", str(mine)).returncode == 0
+    for action in ("stats", "verify"):
+        result = dicomfs_unprivileged("cache", action, "--cache-dir", str(tmp_path))
+        assert result.returncode == 1, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith("dicomfs: error:") and f"{theirs}" in line and line.endswith("Permission denied")
+        assert result.stdout.startswith(f"{mine}: "), result.stdout
 
 
 def test_what_a_folder_source_cannot_read_is_said_not_hidden(tmp_path: Path) -> None:

@@ -119,12 +119,20 @@ def stored_size_limit(cache_dir: Path) -> int | None:
 
 
 def caches_under(root: Path) -> list[Path]:
-    """The cache directories in a cache root (one per source)."""
+    """The cache directories in a cache root (one per source), with any folder in it that cannot
+    be looked into (another user's: whoever acts on it says why, and goes on with the rest)."""
     if layout.is_cache_dir(root):
         return [root]
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and layout.is_cache_dir(p))
+    return sorted(p for p in root.iterdir() if p.is_dir() and _may_be_cache(p))
+
+
+def _may_be_cache(path: Path) -> bool:
+    try:
+        return layout.is_cache_dir(path)
+    except PermissionError:
+        return True
 
 
 @dataclass
