@@ -1,5 +1,20 @@
-"""Entry point for ``python -m dicomfs``; it only hands over to the CLI."""
+"""Entry point for ``python -m dicomfs`` and the ``dicomfs`` console script: hands over to the CLI.
 
-from dicomfs.cli import entry
+Owns one thing besides: a Ctrl-C that comes while the CLI is still being imported (the first
+tenth of a second or so) ends the command as one that comes later does, with status 130 and no
+traceback.
+"""
 
-entry()
+import sys
+
+
+def main() -> None:
+    try:
+        from dicomfs.cli import entry
+    except KeyboardInterrupt:
+        sys.exit(130)
+    entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> NoReturn:
-    """The console script and ``python -m dicomfs``: ``main``, then the process ends with its
+    """The console script and ``python -m dicomfs`` (``__main__.main``): ``main``, then the process ends with its
     status, also when a library's thread would hold the interpreter's exit. pynetdicom's threads
     are not daemons: one still opening an association with a PACS that says nothing goes on for
     up to four times ``--timeout`` after the command ended or was interrupted (Ctrl-C waited 19 s

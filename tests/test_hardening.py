@@ -678,3 +678,21 @@ def test_a_stale_mount_is_named_as_such(tmp_path: Path, mount_factory: Callable[
     assert "stale mount" in result.stderr and f"dicomfs umount {mount.path}" in result.stderr, result.stderr
     assert dicomfs("umount", str(mount.path)).returncode == 0
     assert not is_mounted(mount.path)
+
+
+def test_ctrl_c_while_the_command_is_still_starting_is_quiet() -> None:
+    """SIGINT while the CLI's modules are being imported (the first tenth of a second of every
+    command) ends it as a later Ctrl-C does: status 130, no traceback."""
+    code = ("import os, runpy, signal, sys\n"
+            "class Interrupt:\n"  # a real SIGINT, at the moment the CLI's import begins
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'dicomfs.cli':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "sys.argv = ['dicomfs', 'ls', 'demo']\n"
+            "runpy.run_module('dicomfs', run_name='__main__', alter_sys=True)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == "", result.stderr
