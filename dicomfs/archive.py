@@ -54,13 +54,15 @@ class Archive:
 @asynccontextmanager
 async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
     """The opened archive. A cache directory created here is removed again if the archive
-    turns out to be unusable before anything was done with it (no litter from a typo'd URL)."""
+    turns out to be unusable before anything was done with it (no litter from a typo'd URL), but
+    not when the command is interrupted meanwhile: what the source stored by then (a folder's
+    index of the files it has read) is kept for the next run."""
     try:
         fresh = not options.cache_dir.exists()
     except OSError:
         fresh = False  # cannot tell (its parent is not ours to look into): CacheUse says so
     lock = CacheUse(options.cache_dir)
-    opened = False
+    opened = interrupted = False
     try:
         label(options.cache_dir, options.spec)
         source = open_source(options.spec, options.credentials, options.cache_dir, options.source_options)
@@ -78,9 +80,12 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
         finally:
             with trio.CancelScope(shield=True):
                 await source.aclose()
+    except (trio.Cancelled, KeyboardInterrupt):
+        interrupted = True
+        raise
     finally:
         lock.release()
-        if fresh and not opened:
+        if fresh and not opened and not interrupted:
             shutil.rmtree(options.cache_dir, ignore_errors=True)
 
 

@@ -70,11 +70,14 @@ class RangeFile(io.RawIOBase):
     ``pread``, so the descriptor's own position is left alone. Unbuffered on purpose: pydicom
     takes a ``BufferedReader`` for a named file and opens it again by name for a value it left
     in the file. ``shorter`` makes the error for a descriptor that ends before ``length`` (by
-    default the range just ends there)."""
+    default the range just ends there); ``check`` is called before every read (a job's stop:
+    it raises to end a parse of 2 GB that nobody waits for any more)."""
 
-    def __init__(self, fd: int, offset: int, length: int, shorter: Callable[[], Exception] | None = None) -> None:
+    def __init__(self, fd: int, offset: int, length: int, shorter: Callable[[], Exception] | None = None,
+                 check: Callable[[], None] | None = None) -> None:
         self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
         self._shorter = shorter
+        self._check = check
 
     def readable(self) -> bool:
         return True
@@ -95,6 +98,8 @@ class RangeFile(io.RawIOBase):
         size = max(0, min(len(view), self._length - self._pos))
         if not size:
             return 0
+        if self._check is not None:
+            self._check()
         got = os.preadv(self._fd, [view[:size]], self._offset + self._pos)
         if not got and self._shorter is not None:
             raise self._shorter()
@@ -106,6 +111,8 @@ class RangeFile(io.RawIOBase):
         size = max(0, min(size, self._length - offset))
         if offset < 0 or not size:
             return b""
+        if self._check is not None:
+            self._check()
         data = os.pread(self._fd, size, self._offset + offset)
         if len(data) != size and self._shorter is not None:
             raise self._shorter()

@@ -30,7 +30,7 @@ from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import MetadataSource
 from dicomfs.summary import Summaries
-from dicomfs.tasks import map_bounded
+from dicomfs.tasks import StopSignal, map_bounded, run_stoppable
 from dicomfs.uids import is_key
 from dicomfs.webtree import LISTING_FILES, MAX_FRAMES, WebKind, WebNode
 
@@ -400,7 +400,7 @@ class WebFiles:
             handle = await self.blobs.open_instance(series, instance)
             try:
                 if handle.length > STREAM_CUT:
-                    located = await trio.to_thread.run_sync(_locate_in_handle, handle)
+                    located = await run_stoppable(functools.partial(_locate_in_handle, handle))
                     if located is not None:
                         frame_map = _FrameMap(located.transfer_syntax, located.pieces, handle.length)
                         _keep(self._frame_maps, (series.key, instance.key), frame_map, len(frame_map.pieces))
@@ -447,16 +447,21 @@ class WebFiles:
         async with self._cut_limit:
             handle = await self.blobs.open_instance(node.series, node.instance)
             try:
-                file = handle.blocking_file()
-                return await trio.to_thread.run_sync(dicomjson.bulk_value, file, node.bulk, file.read_at)
+                return await run_stoppable(functools.partial(_bulk_in_handle, handle, node.bulk))
             finally:
                 handle.close()
 
 
-def _locate_in_handle(handle: InstanceHandle) -> frames.Located | None:
-    """Blocking: ``frames.locate_in_file`` over an open instance."""
-    file = handle.blocking_file()
+def _locate_in_handle(handle: InstanceHandle, stop: StopSignal) -> frames.Located | None:
+    """Blocking: ``frames.locate_in_file`` over an open instance (ends at a read once stopped)."""
+    file = handle.blocking_file(stop.check)
     return frames.locate_in_file(file, file.read_at)
+
+
+def _bulk_in_handle(handle: InstanceHandle, tags: str, stop: StopSignal) -> bytes:
+    """Blocking: ``dicomjson.bulk_value`` of an open instance (ends at a read once stopped)."""
+    file = handle.blocking_file(stop.check)
+    return dicomjson.bulk_value(file, tags, file.read_at)
 
 
 def _cut_and_locate(p10: bytearray | bytes) -> tuple[str, list[bytes], list[frames.Pieces] | None]:

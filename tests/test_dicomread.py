@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from dicomfs.dicomread import read_dataset
+from dicomfs.dicomread import RangeFile, read_dataset
+from dicomfs.errors import IntegrityError
 from dicomfs.p10 import parse_file_meta
+from dicomfs.tasks import Stopped, StopSignal
 from tests.factory import make_instance
 
 if TYPE_CHECKING:
@@ -70,3 +74,36 @@ def test_a_file_of_zeros_after_its_file_meta_is_an_empty_data_set() -> None:
     ds = read_dataset(counted)
     assert len(ds) == 0 and ds.file_meta.MediaStorageSOPInstanceUID == f"{SERIES}.3"
     assert counted.read_bytes < 128 << 10  # (pydicom alone: all 4 MiB, 8 bytes at a time)
+
+
+def test_a_range_file_reads_its_range_and_checks_before_every_read(tmp_path: Path) -> None:
+    """``RangeFile``: the bytes of one range of a descriptor (as pydicom reads them), the end of
+    the range as its end, a descriptor that ends early as the error asked for, and the check run
+    before every read: a stopped job's parse ends at its next read."""
+    data = make_instance(STUDY, SERIES, pixel_bytes=5000)
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 100 + data + b"y" * 50)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        checks: list[int] = []
+        file = RangeFile(fd, 100, len(data), check=lambda: checks.append(1))
+        assert str(read_dataset(file).SOPInstanceUID) == str(read_dataset(io.BytesIO(data)).SOPInstanceUID)
+        assert file.read_at(0, 1 << 20) == data and file.read_at(len(data) - 4, 100) == data[-4:]
+        assert file.seek(0, io.SEEK_END) == len(data) and file.read(10) == b""
+        assert len(checks) >= 3
+
+        stop = StopSignal()
+        stopped = RangeFile(fd, 100, len(data), check=stop.check)
+        assert stopped.read(132)[128:] == b"DICM"
+        stop.set()
+        with pytest.raises(Stopped):
+            stopped.read(10)
+        with pytest.raises(Stopped):
+            stopped.read_at(0, 10)
+
+        short = RangeFile(fd, 100, len(data) + 1000, shorter=lambda: IntegrityError("shorter"))
+        short.seek(len(data) + 50)
+        with pytest.raises(IntegrityError, match="shorter"):
+            short.read(100)
+    finally:
+        os.close(fd)

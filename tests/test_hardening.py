@@ -696,3 +696,44 @@ def test_ctrl_c_while_the_command_is_still_starting_is_quiet() -> None:
                             stdin=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == "", result.stderr
+
+
+def test_ctrl_c_during_a_folder_scan_ends_it_and_keeps_what_it_read(tmp_path: Path) -> None:
+    """A first scan of a large folder takes minutes (30,000 files: 99 s); Ctrl-C (or SIGTERM to a
+    mount still scanning) used to wait for all of it, and then threw away the fresh cache with
+    the index of what had been read. The scan now stops at the next file; the files read by then
+    are kept in the index, so the next run goes on from there."""
+    folder, cache = tmp_path / "folder", tmp_path / "cache"
+    folder.mkdir()
+    study, series = "1.2.826.0.1.3680043.8.498.42", "1.2.826.0.1.3680043.8.498.42.1"
+    template = make_instance(study, series, f"{series}.{0:06d}")
+    count = 4000
+    for n in range(count):  # (the same instance under 4,000 SOP Instance UIDs of the same length)
+        (folder / f"{n:06d}.dcm").write_bytes(template.replace(f"{series}.{0:06d}".encode(),
+                                                               f"{series}.{n:06d}".encode()))
+    process = subprocess.Popen([sys.executable, "-m", "dicomfs", "ls", str(folder), "--cache-dir", str(cache)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        def reading_the_folder() -> bool:  # (the scan is under way: a file of the folder is open)
+            try:
+                return any(os.readlink(f"/proc/{process.pid}/fd/{fd}").startswith(str(folder) + "/")
+                           for fd in os.listdir(f"/proc/{process.pid}/fd"))
+            except OSError:
+                return False
+
+        wait_until(reading_the_folder, 60, "the scan to start", interval=0.002)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=MOUNT_TIMEOUT)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, err
+    assert out == b"" and b"Traceback" not in err, err
+    index = json.loads((cache / "folder-index.json").read_text())["files"]
+    assert 0 < len(index) < count, len(index)  # stopped part way, and what it read was kept
+    result = dicomfs("ls", str(folder), "--level", "series", "--json", "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["Instances"] == count
+    assert len(json.loads((cache / "folder-index.json").read_text())["files"]) == count

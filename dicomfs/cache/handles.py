@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,12 @@ class InstanceHandle:
             raise self._shorter()
         return data
 
-    def blocking_file(self) -> RangeFile:
+    def blocking_file(self, check: Callable[[], None] | None = None) -> RangeFile:
         """The instance as a file object (its first byte at position 0) for one worker thread,
         valid while the handle is open: pydicom parses an instance from it without the whole
-        instance in memory, and its ``read_at`` reads a range."""
-        return RangeFile(self.fd, self.offset, self.length, self._shorter)
+        instance in memory, and its ``read_at`` reads a range. ``check``: called before each
+        read (``StopSignal.check``: the job ends at its next read once trio has stopped it)."""
+        return RangeFile(self.fd, self.offset, self.length, self._shorter, check)
 
     def _shorter(self) -> IntegrityError:
         if self._local is not None:

@@ -23,6 +23,7 @@ from dicomfs.localfile import open_regular
 from dicomfs.mounttable import dicomfs_mount_points
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import SeriesSink
+from dicomfs.tasks import Stopped, StopSignal, run_stoppable
 from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
@@ -80,24 +81,36 @@ def _parse_file(path: str) -> dict[str, Any] | None:
     }
 
 
-def _read_metadata(paths: dict[str, Path | None]) -> dict[str, DicomJson]:
+def _read_metadata(paths: dict[str, Path | None], stop: StopSignal) -> dict[str, DicomJson]:
     """Each file's DICOM JSON; large values become bulk data and are not read (except in
-    implicit-VR files, where resolving ambiguous VRs reads every value). Blocking."""
+    implicit-VR files, where resolving ambiguous VRs reads every value). Blocking; ends at the
+    next file once ``stop`` is set."""
     from dicomfs import instancemeta
 
     out: dict[str, DicomJson] = {}
     for key, path in paths.items():
+        stop.check()
         if path is None:
             raise NotFound(f"instance {key} vanished")
         out[key] = instancemeta.metadata(path)
     return out
 
 
-def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
+class _WalkStopped(Stopped):
+    """``build_index`` was stopped; ``files``: the entries of the files walked by then."""
+
+    def __init__(self, files: dict[str, Any]) -> None:
+        super().__init__("stopped")
+        self.files = files
+
+
+def build_index(root: Path, previous: dict[str, Any], stop: StopSignal | None = None) -> dict[str, Any]:
     """Walk ``root`` (not into dicomfs mounts below it); reuse entries whose size and mtime are
     unchanged. What cannot be read (a folder or file of another user's, a path too long) is left
     out of the index, so that it is tried again next time, and counted in one warning; SourceError
-    if ``root`` itself cannot be read (missing, not a folder, not ours). Blocking."""
+    if ``root`` itself cannot be read (missing, not a folder, not ours). Blocking; once ``stop`` is
+    set, ends at the next file with ``_WalkStopped`` (a scan of 30,000 files takes minutes, and
+    Ctrl-C or SIGTERM waited for it all)."""
     files: dict[str, Any] = {}
     parsed = reused = 0
     unreadable: list[str] = []
@@ -111,6 +124,8 @@ def build_index(root: Path, previous: dict[str, Any]) -> dict[str, Any]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=refused):
         dirnames[:] = sorted(name for name in dirnames if os.path.join(dirpath, name) not in mounts)
         for name in sorted(filenames):
+            if stop is not None and stop.is_set():
+                raise _WalkStopped(files)
             path = os.path.join(dirpath, name)
             try:
                 st = os.stat(path)
@@ -168,11 +183,11 @@ class FolderSource:
     async def _load(self) -> None:
         if self._loaded:
             return
-        files = await trio.to_thread.run_sync(self._refresh_index)  # (build_index: the folder's own errors)
+        files = await run_stoppable(self._refresh_index)  # (build_index: the folder's own errors)
         self._group(files)
         self._loaded = True
 
-    def _refresh_index(self) -> dict[str, Any]:
+    def _refresh_index(self, stop: StopSignal) -> dict[str, Any]:
         previous: dict[str, Any] = {}
         try:
             stored = json.loads(self._index_path.read_text())
@@ -180,16 +195,29 @@ class FolderSource:
                 previous = stored["files"]
         except (OSError, ValueError, KeyError, AttributeError):
             pass
-        files = build_index(self.root, previous)
+        try:
+            files = build_index(self.root, previous, stop)
+        except _WalkStopped as stopped:
+            # What was parsed is kept: the next start goes on from there (an entry is used only
+            # for a file the walk finds again, of the same size and mtime).
+            kept = {**previous, **stopped.files}
+            if kept != previous:
+                self._store_index(kept)
+            log.info("indexing %s stopped after %d files; they are kept for the next start", self.root,
+                     len(stopped.files))
+            raise
         if files != previous:
-            tmp = self._index_path.with_suffix(".tmp")
-            self._index_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as out:
-                json.dump({"version": INDEX_VERSION, "root": str(self.root), "files": files}, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self._index_path)
+            self._store_index(files)
         return files
+
+    def _store_index(self, files: dict[str, Any]) -> None:
+        tmp = self._index_path.with_suffix(".tmp")
+        self._index_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as out:
+            json.dump({"version": INDEX_VERSION, "root": str(self.root), "files": files}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self._index_path)
 
     def _group(self, files: dict[str, Any]) -> None:
         for rel, entry in files.items():
@@ -223,7 +251,7 @@ class FolderSource:
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
         paths = {i.key: self.local_file(i) for i in await self.list_instances(series)}
-        return await trio.to_thread.run_sync(_read_metadata, paths)
+        return await run_stoppable(lambda stop: _read_metadata(paths, stop))
 
     def local_file(self, instance: InstanceRecord) -> Path | None:
         return self._paths.get((instance.study_uid, instance.series_uid, instance.key))
