@@ -15,7 +15,8 @@ touch pixel values beyond byte order.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from struct import unpack_from
@@ -74,6 +75,8 @@ _EXTENDED_OFFSET_TABLE = 0x7FE00001
 _EXTENDED_OFFSET_TABLE_LENGTHS = 0x7FE00002
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 Pieces = tuple[tuple[int, int], ...]  # (offset in the Part 10 file, length) of a frame's parts
+MAX_FRAME_COUNT = 1_000_000  # frames of one instance (a slide level at 40x: a few hundred thousand tiles)
+MAX_FRAGMENTS = 4 * MAX_FRAME_COUNT  # of one instance's encapsulated pixel data
 ReadAt = Callable[[int, int], bytes]  # (offset, length) -> at most that many bytes from there
 _CLOSE_DELIMITER = f"\r\n--{BOUNDARY}--\r\n".encode("ascii")
 _PART_START = f"--{BOUNDARY}\r\nContent-Type: ".encode("ascii")
@@ -256,7 +259,10 @@ def _number_of_frames(dataset: Dataset) -> int:
     value = dataset.get("NumberOfFrames")
     if value is None or value == "":
         return 1
-    return _positive(value, "NumberOfFrames")
+    count = _positive(value, "NumberOfFrames")
+    if count > MAX_FRAME_COUNT:  # (frames of a byte each: 30 MB of pixel data made 30 million objects)
+        raise ProtocolError(f"NumberOfFrames {count} is more than dicomfs serves ({MAX_FRAME_COUNT:,})")
+    return count
 
 
 def _cut_encapsulated(dataset: Dataset, value: bytes, count: int) -> list[bytes]:
@@ -369,7 +375,7 @@ def _to_little_endian(value: bytes, needed: int, vr: str, bits: int) -> bytes:
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
 
 
-def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
+def locate_frames(p10: bytes | bytearray, cut: Frames) -> FrameRanges | None:
     """Where each of ``cut``'s frames lies in ``p10``, byte for byte, so that a frame can later be
     served by reading just those ranges; None when the frames are not stored as served (big
     endian or deflated data) or anything does not match exactly. Every located frame is compared
@@ -398,12 +404,41 @@ def locate_frames(p10: bytes | bytearray, cut: Frames) -> list[Pieces] | None:
     return located
 
 
+class FrameRanges:
+    """Where each frame of an instance lies in its Part 10 file, compactly: the fragments' offsets
+    and lengths in two arrays and, per frame, the index of its first fragment (frame k+1 is
+    fragments ``first[k]`` up to ``first[k + 1]``): 24 bytes a frame, where a list of tuples took
+    ~170 (a slide level holds hundreds of thousands of tiles). ``ranges[k]`` is frame k+1's
+    (offset, length) pieces."""
+
+    __slots__ = ("_offsets", "_lengths", "_first")
+
+    def __init__(self, offsets: array[int], lengths: array[int], first: array[int]) -> None:
+        self._offsets, self._lengths, self._first = offsets, lengths, first
+
+    def __len__(self) -> int:
+        return len(self._first) - 1
+
+    def __getitem__(self, index: int) -> Pieces:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start, end = self._first[index], self._first[index + 1]
+        return tuple(zip(self._offsets[start:end], self._lengths[start:end], strict=True))
+
+    def __iter__(self) -> Iterator[Pieces]:
+        return (self[index] for index in range(len(self)))
+
+    def frame_length(self, index: int) -> int:
+        """Bytes in frame ``index + 1``."""
+        return sum(self._lengths[self._first[index]:self._first[index + 1]])
+
+
 @dataclass(frozen=True)
 class Located:
     """Where each frame of an instance lies in its Part 10 file, and the syntax they are served in."""
 
     transfer_syntax: str
-    pieces: list[Pieces]
+    pieces: FrameRanges
 
 
 _STREAM_DEFER = 64 << 10  # values larger than this are left in the file while the data set is read
@@ -414,10 +449,11 @@ def locate_in_file(fp: Readable, read_at: ReadAt) -> Located | None:
     """Where each frame of the Part 10 file ``fp`` (seekable, at its start; ``read_at``: its bytes
     at an offset, for reads here and there that a buffered stream would each fill a buffer for)
     lies, found without holding more than one frame in memory: a 2 GB slide need not be read
-    into memory to serve one tile. None when the frames are not stored as served (big endian or deflated data: those are
-    cut whole, ``cut_frames``). Raises ProtocolError as ``cut_frames`` does. Encapsulated frames
-    are the ones pydicom assembles, each compared byte for byte with the ranges found for it;
-    native frames are consecutive runs of the value, as ``cut_frames`` slices them. Blocking."""
+    into memory to serve one tile. None when the frames are not stored as served (big endian or
+    deflated data: those are cut whole, ``cut_frames``). Raises ProtocolError as ``cut_frames``
+    does. Encapsulated frames are the ones pydicom assembles, each compared byte for byte with the
+    ranges found for it; native frames are consecutive runs of the value, as ``cut_frames``
+    slices them. Blocking."""
     from pydicom.dataelem import RawDataElement
     from pydicom.errors import InvalidDicomError
 
@@ -446,32 +482,34 @@ def locate_in_file(fp: Readable, read_at: ReadAt) -> Located | None:
         return Located(syntax, pieces) if pieces is not None else None
     length = _native_length(dataset)
     needed = _native_needed(length, count, min(raw.length, size - raw.value_tell))  # (as pydicom reads a cut file)
-    return Located(EXPLICIT_VR_LITTLE_ENDIAN,
-                   [((raw.value_tell + start, length),) for start in range(0, needed, length)])
+    start = raw.value_tell
+    return Located(EXPLICIT_VR_LITTLE_ENDIAN, FrameRanges(array("Q", range(start, start + needed, length)),
+                                                          array("Q", [length]) * count, array("Q", range(count + 1))))
 
 
 def _locate_fragments(fp: Readable, read_at: ReadAt, dataset: Dataset, start: int, size: int,
-                      count: int) -> list[Pieces] | None:
+                      count: int) -> FrameRanges | None:
     """The ranges of each encapsulated frame: the items walked from ``start``, grouped into the
     frames pydicom assembles (``cut_frames``'s rules: offset tables, one fragment per frame...)."""
     from pydicom.encaps import generate_frames
 
-    items = _items(read_at, start, size)
-    if not items:
-        raise ProtocolError("malformed encapsulated pixel data: an item runs past the file or is not an item")
+    fragments = _fragments(read_at, start, size)
+    if fragments is None:
+        raise ProtocolError("malformed encapsulated pixel data: no offset table, an item that runs past the file or "
+                            f"is not an item, or more than {MAX_FRAGMENTS:,} fragments")
     offsets = _extended_offsets(_value(dataset, _EXTENDED_OFFSET_TABLE, read_at),
                                 _value(dataset, _EXTENDED_OFFSET_TABLE_LENGTHS, read_at),
                                 lambda offset, length: read_at(start + offset, length), count)
     fp.seek(start)
     try:
-        located = _match(generate_frames(fp, number_of_frames=count, extended_offsets=offsets), items[1:], read_at)
+        located = _match(generate_frames(fp, number_of_frames=count, extended_offsets=offsets), *fragments, read_at)
     except ProtocolError:
         raise
     except Exception as exc:
         raise ProtocolError(f"malformed encapsulated pixel data: {_describe(exc)}") from exc
     if located is None:
         return None
-    _check_frames(offsets, [sum(length for _, length in pieces) for pieces in located], count)
+    _check_frames(offsets, [located.frame_length(index) for index in range(len(located))], count)
     return located
 
 
@@ -490,30 +528,33 @@ def _value(dataset: Dataset, tag: int, read_at: ReadAt) -> bytes | None:
     return bytes(raw.value or b"")
 
 
-def _locate_native(view: memoryview, start: int, frames: list[bytes]) -> list[Pieces] | None:
-    located: list[Pieces] = []
+def _locate_native(view: memoryview, start: int, frames: list[bytes]) -> FrameRanges | None:
+    offsets, lengths = array("Q"), array("Q")
     position = start
     for frame in frames:
         if view[position:position + len(frame)] != frame:
             return None
-        located.append(((position, len(frame)),))
+        offsets.append(position)
+        lengths.append(len(frame))
         position += len(frame)
-    return located
+    return FrameRanges(offsets, lengths, array("Q", range(len(frames) + 1)))
 
 
-def _locate_encapsulated(view: memoryview, start: int, frames: list[bytes]) -> list[Pieces] | None:
-    items = _items(lambda offset, length: bytes(view[offset:offset + length]), start, len(view))
-    if not items:
+def _locate_encapsulated(view: memoryview, start: int, frames: list[bytes]) -> FrameRanges | None:
+    fragments = _fragments(lambda offset, length: bytes(view[offset:offset + length]), start, len(view))
+    if fragments is None:
         return None
-    return _match(frames, items[1:], lambda offset, length: view[offset:offset + length])
+    return _match(frames, *fragments, lambda offset, length: view[offset:offset + length])
 
 
-def _items(read: ReadAt, start: int, size: int) -> list[tuple[int, int]] | None:
-    """(offset, length) of the value of each item of encapsulated pixel data from ``start`` to
-    its sequence delimiter (or the file's end), the basic offset table first; None if anything
-    there is not an item or runs past the file."""
-    items: list[tuple[int, int]] = []
+def _fragments(read: ReadAt, start: int, size: int) -> tuple[array[int], array[int]] | None:
+    """Where the value of each fragment of encapsulated pixel data from ``start`` lies (its
+    offset, its length), walked to the sequence delimiter (or the file's end), the basic offset
+    table not among them; None if there is no offset table, anything there is not an item or runs
+    past the file, or there are more than ``MAX_FRAGMENTS``."""
+    offsets, lengths = array("Q"), array("Q")
     position = start
+    table = True
     while position + 8 <= size:
         head = read(position, 8)
         if len(head) < 8:
@@ -521,30 +562,31 @@ def _items(read: ReadAt, start: int, size: int) -> list[tuple[int, int]] | None:
         tag, length = head[:4], unpack_from("<I", head, 4)[0]
         if tag == _SEQUENCE_DELIMITER:
             break
-        if tag != _ITEM_TAG or position + 8 + length > size:
+        if tag != _ITEM_TAG or position + 8 + length > size or len(offsets) >= MAX_FRAGMENTS:
             return None
-        items.append((position + 8, length))
+        if not table:
+            offsets.append(position + 8)
+            lengths.append(length)
+        table = False
         position += 8 + length
-    return items
+    return None if table else (offsets, lengths)
 
 
-def _match(frames: Iterable[bytes], fragments: list[tuple[int, int]], read: Callable[[int, int], Any]) \
-        -> list[Pieces] | None:
+def _match(frames: Iterable[bytes], offsets: array[int], lengths: array[int], read: Callable[[int, int], Any]) \
+        -> FrameRanges | None:
     """The fragments (in stored order) each frame is made of, each compared byte for byte with
     the frame; None if they do not make up the frames exactly."""
-    located: list[Pieces] = []
+    first = array("Q", [0])
     index = 0
     for frame in frames:
-        pieces: list[tuple[int, int]] = []
         covered = 0
-        while covered < len(frame) and index < len(fragments):
-            offset, length = fragments[index]
+        while covered < len(frame) and index < len(offsets):
+            offset, length = offsets[index], lengths[index]
             if read(offset, length) != frame[covered:covered + length]:
                 return None
-            pieces.append((offset, length))
             covered += length
             index += 1
         if covered != len(frame):
             return None
-        located.append(tuple(pieces))
-    return located
+        first.append(index)
+    return FrameRanges(offsets, lengths, first)

@@ -91,7 +91,7 @@ class _FrameMap:
     """Where an instance's frames lie in its bytes, and the transfer syntax they announce."""
 
     transfer_syntax: str
-    pieces: list[frames.Pieces]
+    pieces: frames.FrameRanges
     length: int  # of the instance the ranges are in: a copy fetched again must be the same size
 
 
@@ -153,8 +153,7 @@ class WebFiles:
         if node.kind is WebKind.FRAME and node.series is not None and node.instance is not None:
             frame_map = self._frame_maps.get((node.series.key, node.instance.key))
             if frame_map is not None and 1 <= node.frame <= len(frame_map.pieces):
-                return frames.frame_file_size(sum(n for _, n in frame_map.pieces[node.frame - 1]),
-                                              frame_map.transfer_syntax)
+                return frames.frame_file_size(frame_map.pieces.frame_length(node.frame - 1), frame_map.transfer_syntax)
         return self._sizes.get(node)
 
     async def size(self, node: WebNode) -> int:
@@ -464,7 +463,7 @@ def _bulk_in_handle(handle: InstanceHandle, tags: str, stop: StopSignal) -> byte
     return dicomjson.bulk_value(file, tags, file.read_at)
 
 
-def _cut_and_locate(p10: bytearray | bytes) -> tuple[str, list[bytes], list[frames.Pieces] | None]:
+def _cut_and_locate(p10: bytearray | bytes) -> tuple[str, list[bytes], frames.FrameRanges | None]:
     """Blocking (CPU): the announced transfer syntax, every frame file of one instance, and where
     the frames lie in ``p10`` (None if they are not stored as served)."""
     cut = frames.cut_frames(p10)

@@ -499,3 +499,47 @@ def test_the_mount_and_the_server_start_without_pydicom() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_frame_count_beyond_what_dicomfs_serves_is_refused(cut: Callable[[bytes], frames.Frames]) -> None:
+    """A hostile or broken NumberOfFrames (frames of a byte each: 30 MB of pixel data made 30
+    million objects in memory) is one line, not the daemon's memory."""
+    ds = read(bundled("liver_1frame.dcm"))
+    ds.Rows = ds.Columns = 8  # 8 bytes a frame of packed bits
+    ds.NumberOfFrames = frames.MAX_FRAME_COUNT + 1
+    ds.PixelData = bytes(8 * (frames.MAX_FRAME_COUNT + 1))
+    with pytest.raises(ProtocolError, match="more than dicomfs serves") as caught:
+        cut(to_bytes(ds))
+    assert "\n" not in str(caught.value)
+
+
+def test_more_fragments_than_dicomfs_walks_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encapsulated pixel data of millions of tiny items is refused by the file's walk, before
+    any of them is kept (``MAX_FRAGMENTS``, made small here)."""
+    p10, source = with_extended_offsets(list(range(30)))
+    monkeypatch.setattr(frames, "MAX_FRAGMENTS", 10)
+    with pytest.raises(ProtocolError, match="more than 10 fragments"):
+        frames.locate_in_file(BytesIO(p10), lambda offset, size: p10[offset:offset + size])
+    monkeypatch.setattr(frames, "MAX_FRAGMENTS", 30)
+    assert streamed(p10).frames == source
+
+
+def test_frame_ranges_are_the_pieces_of_each_frame() -> None:
+    p10, source = with_extended_offsets(list(range(30)))
+    located = frames.locate_in_file(BytesIO(p10), lambda offset, size: p10[offset:offset + size])
+    assert located is not None and len(located.pieces) == 30
+    for index, pieces in enumerate(located.pieces):
+        assert len(pieces) == 1 and pieces == located.pieces[index]
+        assert located.pieces.frame_length(index) == len(source[index])
+        assert b"".join(p10[o:o + n] for o, n in pieces) == source[index]
+    with pytest.raises(IndexError):
+        located.pieces[30]
+
+
+def test_fragments_stored_out_of_frame_order_are_cut_whole() -> None:
+    """An extended offset table may put frames in any order; such data is not located by ranges
+    (a frame's fragments are taken in stored order) but cut whole, as big endian data is."""
+    p10, source = with_extended_offsets(list(reversed(range(30))))
+    assert frames.locate_in_file(BytesIO(p10), lambda offset, size: p10[offset:offset + size]) is None
+    assert frames.locate_frames(p10, frames.cut_frames(p10)) is None
+    assert streamed(p10).frames == source
