@@ -15,7 +15,9 @@ data set.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -49,6 +51,17 @@ def read_dataset(source: Readable, *, defer_size: int | None = None, stop_before
 
 
 DEFLATED = "1.2.840.10008.1.2.1.99"  # the data set deflated (pydicom inflates it whole); .2.8.1 deflates frames only
+
+
+def quiet_pydicom(debug: bool) -> None:
+    """pydicom says what it finds odd in a file (a value longer than its VR allows, an unknown
+    character set) twice, as a log line and as a Python warning with its own source line, for
+    every file and every read of it: nothing dicomfs serves changes (the bytes are served as
+    stored). Only when debugging. (A filter, not a level: pydicom sets its logger's level when it
+    is imported, later.) For the process that calls it: the CLI's, and each worker process."""
+    if not debug:
+        logging.getLogger("pydicom").addFilter(lambda record: record.levelno >= logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def stored_transfer_syntax(source: Readable) -> str | None:

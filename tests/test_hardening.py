@@ -698,6 +698,23 @@ def test_ctrl_c_while_the_command_is_still_starting_is_quiet() -> None:
     assert "Traceback" not in result.stderr and result.stdout == "", result.stderr
 
 
+def live_processes_in_group(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` that are not zombies (an orphan's zombie waits for
+    a PID 1 that may never reap it: not ours to count)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(name))
+    return found
+
+
 def test_ctrl_c_during_a_folder_scan_ends_it_and_keeps_what_it_read(tmp_path: Path) -> None:
     """A first scan of a large folder takes minutes (30,000 files: 99 s); Ctrl-C (or SIGTERM to a
     mount still scanning) used to wait for all of it, and then threw away the fresh cache with
@@ -711,26 +728,36 @@ def test_ctrl_c_during_a_folder_scan_ends_it_and_keeps_what_it_read(tmp_path: Pa
     for n in range(count):  # (the same instance under 4,000 SOP Instance UIDs of the same length)
         (folder / f"{n:06d}.dcm").write_bytes(template.replace(f"{series}.{0:06d}".encode(),
                                                                f"{series}.{n:06d}".encode()))
+    # (a session of its own, so that Ctrl-C can go to all of its processes, as a terminal's does)
     process = subprocess.Popen([sys.executable, "-m", "dicomfs", "ls", str(folder), "--cache-dir", str(cache)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        def reading_the_folder() -> bool:  # (the scan is under way: a file of the folder is open)
-            try:
-                return any(os.readlink(f"/proc/{process.pid}/fd/{fd}").startswith(str(folder) + "/")
-                           for fd in os.listdir(f"/proc/{process.pid}/fd"))
-            except OSError:
-                return False
+        def reading_the_folder() -> bool:  # (the scan is under way: a file of the folder is open, in it or a worker)
+            pids = [str(process.pid)]
+            for task in os.listdir(f"/proc/{process.pid}/task"):
+                with open(f"/proc/{process.pid}/task/{task}/children") as children:
+                    pids += children.read().split()
+            for pid in pids:
+                try:
+                    if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(folder) + "/")
+                           for fd in os.listdir(f"/proc/{pid}/fd")):
+                        return True
+                except OSError:
+                    continue
+            return False
 
         wait_until(reading_the_folder, 60, "the scan to start", interval=0.002)
-        time.sleep(0.3)
-        process.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGINT)
         out, err = process.communicate(timeout=MOUNT_TIMEOUT)
     finally:
-        process.kill()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == 130, err
     assert out == b"" and b"Traceback" not in err, err
+    wait_until(lambda: not live_processes_in_group(process.pid), 30, "the scan's worker processes to end")
     index = json.loads((cache / "folder-index.json").read_text())["files"]
     assert 0 < len(index) < count, len(index)  # stopped part way, and what it read was kept
     result = dicomfs("ls", str(folder), "--level", "series", "--json", "--cache-dir", str(cache))

@@ -14,10 +14,10 @@ import logging
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicomfs.dicomread import quiet_pydicom
 from dicomfs.errors import UsageError
 from dicomfs.query import parse_query
 from dicomfs.sources import (
@@ -228,11 +228,4 @@ def configure_logging(level: str, fmt: str = "%(asctime)s %(levelname)s %(name)s
     # pynetdicom logs every association, and its own (multi-line) account of each failure, which
     # dicomfs reports in one line of its own: only when debugging
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level == "DEBUG" else logging.CRITICAL)
-    # pydicom says what it finds odd in a file (a value longer than its VR allows, an unknown
-    # character set) twice, as a log line and as a Python warning with its own source line, for
-    # every file and every read of it: nothing dicomfs serves changes (the bytes are served as
-    # stored). Only when debugging.
-    # (A filter, not a level: pydicom sets its logger's level when it is imported, later.)
-    if level != "DEBUG":
-        logging.getLogger("pydicom").addFilter(lambda record: record.levelno >= logging.ERROR)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    quiet_pydicom(level == "DEBUG")

@@ -2,13 +2,12 @@
 
 Owns the scan of the folder and its persistent index (one JSON file in the source's work dir,
 written atomically), revalidated on every start by size and mtime so that only new or changed
-files are parsed again. Files are served in place: nothing is copied into the blob cache.
-Must not write inside the source folder.
+files are parsed again (by ``folderscan``, in worker processes when there are many). Files are
+served in place: nothing is copied into the blob cache. Must not write inside the source folder.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -18,14 +17,13 @@ from typing import Any
 
 import trio
 
-from dicomfs.dicomread import read_dataset
 from dicomfs.errors import NotFound, SourceError
 from dicomfs.localfile import open_regular
 from dicomfs.mounttable import dicomfs_mount_points
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.sources.base import SeriesSink
+from dicomfs.sources.folderscan import parse_files
 from dicomfs.tasks import Stopped, StopSignal, run_stoppable
-from dicomfs.uids import instance_key, is_uid
 
 log = logging.getLogger(__name__)
 
@@ -33,69 +31,10 @@ INDEX_VERSION = 3  # 2: instances keyed by their data set's SOPInstanceUID first
 # that could not be read are no longer in it (before, kept as not DICOM, and so hidden once readable)
 READ_CHUNK = 1 << 20
 
-STUDY_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-              "StudyDescription", "AccessionNumber", "StudyID", "ReferringPhysicianName",
-              "StudyInstanceUID")
-SERIES_TAGS = ("Modality", "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime",
-               "SeriesInstanceUID")
-INSTANCE_TAGS = ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
-                 "NumberOfFrames")
-
-
-def _parse_file(path: str) -> dict[str, Any] | None:
-    """Index entry of one file, or None if it is not a usable Part 10 file; SourceError if it
-    cannot be opened. Blocking."""
-
-    fd = open_regular(path)
-    try:
-        with os.fdopen(fd, "rb") as file:
-            ds = read_dataset(file, stop_before_pixels=True, specific_tags=STUDY_TAGS + SERIES_TAGS + INSTANCE_TAGS)
-    except Exception as exc:  # pydicom raises many kinds of errors for non-DICOM files
-        log.debug("not indexed (unreadable as DICOM): %s: %s", path, exc)
-        return None
-    meta = getattr(ds, "file_meta", None)
-    sop = instance_key(str(ds.get("SOPInstanceUID", "")), str(getattr(meta, "MediaStorageSOPInstanceUID", "")))
-    study = str(ds.get("StudyInstanceUID", ""))
-    series = str(ds.get("SeriesInstanceUID", ""))
-    if meta is None or "TransferSyntaxUID" not in meta:
-        log.debug("not indexed (no file meta information): %s", path)
-        return None
-    if not (is_uid(study) and is_uid(series) and sop is not None):
-        log.warning("not indexed (missing or invalid UIDs): %s", path)
-        return None
-
-    def attrs(keywords: tuple[str, ...]) -> dict[str, Any]:
-        # (each element's own JSON, not a pydicom Dataset built of them and its to_json_dict: the
-        # same keys in the same order, with less work per file of a first scan)
-        out: dict[str, Any] = {}
-        try:
-            for keyword in keywords:
-                tag = _tag_of(keyword)
-                if tag in ds:
-                    out[f"{tag:08X}"] = ds[tag].to_json_dict(None, 1024)
-        except Exception:
-            return {}
-        return out
-
-    return {
-        "study": study, "series": series, "sop": sop,
-        "study_attrs": attrs(STUDY_TAGS), "series_attrs": attrs(SERIES_TAGS),
-        "instance_attrs": attrs(INSTANCE_TAGS),
-    }
-
-
-@functools.cache
-def _tag_of(keyword: str) -> int:
-    from pydicom.datadict import tag_for_keyword
-
-    tag = tag_for_keyword(keyword)
-    assert tag is not None, keyword
-    return tag
-
 
 def _read_metadata(paths: dict[str, Path | None], stop: StopSignal) -> dict[str, DicomJson]:
     """Each file's DICOM JSON; large values become bulk data and are not read (except in
-    implicit-VR files, where resolving ambiguous VRs reads every value). Blocking; ends at the
+    implicit-VR files, where resolving ambiguous VRs reads every value but the pixel data). Blocking; ends at the
     next file once ``stop`` is set."""
     from dicomfs import instancemeta
 
@@ -124,7 +63,8 @@ def build_index(root: Path, previous: dict[str, Any], stop: StopSignal | None = 
     set, ends at the next file with ``_WalkStopped`` (a scan of 30,000 files takes minutes, and
     Ctrl-C or SIGTERM waited for it all)."""
     files: dict[str, Any] = {}
-    parsed = reused = 0
+    to_parse: dict[str, tuple[str, os.stat_result]] = {}  # rel -> (path, stat), in the walk's order
+    reused = 0
     unreadable: list[str] = []
 
     def refused(exc: OSError) -> None:
@@ -132,12 +72,15 @@ def build_index(root: Path, previous: dict[str, Any], stop: StopSignal | None = 
             raise SourceError(f"cannot read the source folder {root}: {exc.strerror}")
         unreadable.append(f"{exc.filename}: {exc.strerror}")
 
+    def stopped() -> _WalkStopped:
+        return _WalkStopped({rel: entry for rel, entry in files.items() if entry is not None})
+
     mounts = dicomfs_mount_points()  # (a mount of dicomfs below the folder: its files again, through itself)
     for dirpath, dirnames, filenames in os.walk(root, onerror=refused):
         dirnames[:] = sorted(name for name in dirnames if os.path.join(dirpath, name) not in mounts)
         for name in sorted(filenames):
             if stop is not None and stop.is_set():
-                raise _WalkStopped(files)
+                raise stopped()
             path = os.path.join(dirpath, name)
             try:
                 st = os.stat(path)
@@ -154,16 +97,22 @@ def build_index(root: Path, previous: dict[str, Any], stop: StopSignal | None = 
                 files[rel] = old
                 reused += 1
                 continue
-            try:
-                entry = _parse_file(path)
-            except SourceError as exc:
-                unreadable.append(str(exc))
+            files[rel] = None  # (its place in the walk's order, filled below)
+            to_parse[rel] = (path, st)
+    rels = {path: rel for rel, (path, _) in to_parse.items()}
+    parsed = 0
+    try:
+        for path, entry in parse_files(list(rels), stop or StopSignal()):
+            rel = rels[path]
+            if isinstance(entry, SourceError):
+                unreadable.append(str(entry))
+                del files[rel]
                 continue
             parsed += 1
-            if entry is None:
-                entry = {"skip": True}
-            entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-            files[rel] = entry
+            st = to_parse[rel][1]
+            files[rel] = {**(entry or {"skip": True}), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except Stopped:
+        raise stopped() from None
     log.info("indexed %s: %d files parsed, %d unchanged", root, parsed, reused)
     if unreadable:
         log.warning("%s: %d files or folders could not be read and are not shown (first: %s)", root,
