@@ -26,7 +26,7 @@ from dicomfs.errors import AccessRefused, SourceUnavailable
 from dicomfs.query import Query
 from dicomfs.search import Shown
 from dicomfs.sources import Credentials, Source, SourceOptions, SourceSpec, open_source
-from dicomfs.sources.base import FetchPreparer
+from dicomfs.sources.base import FetchPreparer, KeepsProgress
 from dicomfs.tasks import open_nursery
 from dicomfs.transferlimits import TransferLimits
 
@@ -54,15 +54,17 @@ class Archive:
 @asynccontextmanager
 async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
     """The opened archive. A cache directory created here is removed again if the archive
-    turns out to be unusable before anything was done with it (no litter from a typo'd URL), but
-    not when the command is interrupted meanwhile: what the source stored by then (a folder's
-    index of the files it has read) is kept for the next run."""
+    turns out to be unusable before anything was done with it (no litter from a typo'd URL, also
+    when the command is interrupted meanwhile), unless it was interrupted after the source stored
+    work there (``KeepsProgress``: a folder's index of the files it has read), kept for the next
+    run."""
     try:
         fresh = not options.cache_dir.exists()
     except OSError:
         fresh = False  # cannot tell (its parent is not ours to look into): CacheUse says so
     lock = CacheUse(options.cache_dir)
     opened = interrupted = False
+    source: Source | None = None
     try:
         label(options.cache_dir, options.spec)
         source = open_source(options.spec, options.credentials, options.cache_dir, options.source_options)
@@ -85,7 +87,8 @@ async def open_archive(options: ArchiveOptions) -> AsyncIterator[Archive]:
         raise
     finally:
         lock.release()
-        if fresh and not opened and not interrupted:
+        progress = interrupted and isinstance(source, KeepsProgress) and source.stored_progress()
+        if fresh and not opened and not progress:
             shutil.rmtree(options.cache_dir, ignore_errors=True)
 
 

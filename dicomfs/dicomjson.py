@@ -40,6 +40,7 @@ SPLIT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH
 _PLAIN_STRING_VRS = frozenset({"AE", "AS", "AT", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI",
                                "UR", "UT"})
 PIXEL_KEYS = frozenset(f"{tag:08X}" for tag in PIXEL_TAGS)  # (as DICOM JSON spells them)
+_FLOAT_PIXEL_VRS = {"7FE00008": "OF", "7FE00009": "OD"}  # FloatPixelData, DoubleFloatPixelData
 TRANSFER_SYNTAX = "00020010"
 AVAILABLE_TRANSFER_SYNTAX = "00083002"
 _INT64 = 1 << 63
@@ -103,13 +104,16 @@ def _dataset_json(ds: Dataset, path: TagPath) -> DicomJson:
             continue
         vr = str(raw.VR)
         if tag in PIXEL_KEYS and not path:
-            if vr not in BINARY_VRS:  # (implicit VR: encapsulated data is OB, native OW; PS3.5 A.1, A.4)
+            if vr not in BINARY_VRS:  # (implicit VR; PS3.5 A.1, A.4: encapsulated data is OB, native OW)
                 undefined = raw.length == 0xFFFFFFFF if isinstance(raw, RawDataElement) else raw.is_undefined_length
-                vr = "OB" if undefined else "OW"
+                vr = _FLOAT_PIXEL_VRS.get(tag) or ("OB" if undefined else "OW")
             out[tag] = {"vr": vr, "BulkDataURI": ""}
             continue
-        if isinstance(raw, RawDataElement) and raw.value is None and vr in BINARY_VRS and raw.length >= BULK_THRESHOLD:
-            out[tag] = {"vr": vr, "BulkDataURI": ""}  # (left in the file: bulk data, not read to say so)
+        if (isinstance(raw, RawDataElement) and raw.value is None and vr in BINARY_VRS and vr != "UN"
+                and raw.length >= BULK_THRESHOLD):
+            # left in the file: bulk data, not read to say so (UN is read: pydicom gives a known
+            # tag its own VR back, a sequence or text)
+            out[tag] = {"vr": vr, "BulkDataURI": ""}
             continue
         try:
             element: DataElement = ds[raw.tag]
@@ -316,15 +320,17 @@ def bulk_value(fp: Readable, tags: str, read_at: Callable[[int, int], bytes]) ->
     it is not there. Blocking."""
     from pydicom.dataelem import RawDataElement
 
-    from dicomfs.errors import ProtocolError
+    from dicomfs.errors import DicomfsError, ProtocolError
 
     parts = tags.split(".")
     try:
-        deflated = stored_transfer_syntax(fp) == DEFLATED
-        node: Any = read_dataset(fp, defer_size=None if deflated else BULK_DEFER)
+        syntax = stored_transfer_syntax(fp)  # (None: a meta group too long to tell; maybe deflated)
+        node: Any = read_dataset(fp, defer_size=BULK_DEFER if syntax not in (None, DEFLATED) else None)
         for index, part in enumerate(parts[:-1]):
             node = node[int(part)] if index % 2 else node[int(part, 16)].value
         element = node.get_item(int(parts[-1], 16), keep_deferred=True)
+    except (DicomfsError, OSError):
+        raise  # (the file shorter than its index, a disk that fails: not the archive's data)
     except Exception as exc:
         raise ProtocolError(f"bulk data {tags} is not in the instance: {exc}") from None
     if element is None:

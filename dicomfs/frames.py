@@ -23,7 +23,7 @@ from struct import unpack_from
 from typing import TYPE_CHECKING, Any
 
 from dicomfs.dicomread import DEFLATED, PIXEL_TAGS, Readable, read_dataset, stored_transfer_syntax
-from dicomfs.errors import ProtocolError
+from dicomfs.errors import DicomfsError, ProtocolError
 from dicomfs.uids import is_uid
 
 if TYPE_CHECKING:
@@ -428,6 +428,11 @@ class FrameRanges:
     def __iter__(self) -> Iterator[Pieces]:
         return (self[index] for index in range(len(self)))
 
+    @property
+    def fragments(self) -> int:
+        """Fragments recorded (at least one a frame): what the ranges take, 16 bytes each."""
+        return len(self._offsets)
+
     def frame_length(self, index: int) -> int:
         """Bytes in frame ``index + 1``."""
         return sum(self._lengths[self._first[index]:self._first[index + 1]])
@@ -446,14 +451,14 @@ _SERVED_AS_STORED = frozenset(_NATIVE - {EXPLICIT_VR_BIG_ENDIAN, DEFLATED})
 
 
 def locate_in_file(fp: Readable, read_at: ReadAt) -> Located | None:
-    """Where each frame of the Part 10 file ``fp`` (seekable, at its start; ``read_at``: its bytes
-    at an offset, for reads here and there that a buffered stream would each fill a buffer for)
-    lies, found without holding more than one frame in memory: a 2 GB slide need not be read
-    into memory to serve one tile. None when the frames are not stored as served (big endian or
-    deflated data: those are cut whole, ``cut_frames``). Raises ProtocolError as ``cut_frames``
-    does. Encapsulated frames are the ones pydicom assembles, each compared byte for byte with the
-    ranges found for it; native frames are consecutive runs of the value, as ``cut_frames``
-    slices them. Blocking."""
+    """Where each frame of the Part 10 file ``fp`` (seekable, at its start; ``read_at``: its
+    bytes at an offset, for reads here and there that a buffered stream would each fill a buffer
+    for) lies, found with no more than one frame's bytes in memory (and where each fragment
+    lies, 16 bytes each): a 2 GB slide need not be read into memory to serve one tile. None when
+    the frames are not stored as served (big endian or deflated data: those are cut whole,
+    ``cut_frames``). Raises ProtocolError as ``cut_frames`` does. Encapsulated frames are the
+    ones pydicom assembles, each compared byte for byte with the ranges found for it; native
+    frames are consecutive runs of the value, as ``cut_frames`` slices them. Blocking."""
     from pydicom.dataelem import RawDataElement
     from pydicom.errors import InvalidDicomError
 
@@ -468,8 +473,8 @@ def locate_in_file(fp: Readable, read_at: ReadAt) -> Located | None:
         count = _number_of_frames(dataset)
     except InvalidDicomError as exc:
         raise ProtocolError("not a DICOM Part 10 file (no DICM prefix)") from exc
-    except ProtocolError:
-        raise
+    except (DicomfsError, OSError):
+        raise  # (ours, the file shorter than its index, a disk that fails: not the archive's data)
     except Exception as exc:  # pydicom raises many types for malformed input
         raise ProtocolError(f"not a readable DICOM Part 10 file: {_describe(exc)}") from exc
     if not isinstance(raw, RawDataElement) or raw.value_tell is None:
@@ -503,7 +508,7 @@ def _locate_fragments(fp: Readable, read_at: ReadAt, dataset: Dataset, start: in
     fp.seek(start)
     try:
         located = _match(generate_frames(fp, number_of_frames=count, extended_offsets=offsets), *fragments, read_at)
-    except ProtocolError:
+    except (DicomfsError, OSError):
         raise
     except Exception as exc:
         raise ProtocolError(f"malformed encapsulated pixel data: {_describe(exc)}") from exc

@@ -186,13 +186,16 @@ def _check_range_ends(keyword: str, value: str, vr: str, reversed_ok: bool) -> N
         what, form = _FORMATS[vr]
         raise UsageError(f"invalid {what} {value!r} for {keyword} (use {form}, or {form}-{form} for a range, "
                          "either end left out for an open one)")
-    if dash and low and high and _in_order(low) > _in_order(high) and not reversed_ok:
+    if dash and low and high and _ends_before_it_starts(low, high) and not reversed_ok:
         raise UsageError(f"the range {value!r} for {keyword} ends before it starts")
 
 
-def _in_order(end: str) -> str:
-    """A range's end as it compares (a time's colons dropped)."""
-    return end.replace(":", "")
+def _ends_before_it_starts(low: str, high: str) -> bool:
+    """Whether no value can be in the range: its ends compared as ``_in_range`` compares a value
+    with them, by their common leading digits (``1030-10`` is 10:30 to 10:59), colons dropped."""
+    low, high = low.replace(":", ""), high.replace(":", "")
+    common = min(len(low), len(high))
+    return low[:common] > high[:common]
 
 
 def dictionary_entry(keyword: str) -> tuple[str, str] | None:

@@ -43,7 +43,7 @@ KNOWN_SIZES = 1_000_000
 SERIES_JSON_MEMORY = 64 << 20  # bytes of canonical series metadata kept (a 1,500-instance CT series: ~9 MB)
 INSTANCE_JSON_OVERHEAD = 300  # bytes an InstanceJson takes beyond its JSON (the object, its key)
 PARALLEL = 8
-FRAME_MAP_PIECES = 1_000_000  # frame ranges remembered, all instances together
+FRAME_MAP_FRAGMENTS = frames.MAX_FRAGMENTS  # where fragments lie, remembered for all instances (~64 MB)
 HOLD_SLACK = 1.0  # seconds a told size is held beyond the kernel's timeout (reply latency)
 PARALLEL_CUTS = 2  # instances whose frames are being found at once (each is held in memory whole, or read through)
 STREAM_CUT = 32 << 20  # bytes of an instance beyond which its frames are found without holding it whole
@@ -130,7 +130,7 @@ class WebFiles:
         self._series_limit = trio.CapacityLimiter(PARALLEL)
         self._cut_limit = trio.CapacityLimiter(PARALLEL_CUTS)
         self._frame_maps: cachetools.LRUCache[tuple[str, str], _FrameMap] = cachetools.LRUCache(
-            FRAME_MAP_PIECES, getsizeof=lambda frame_map: len(frame_map.pieces))
+            FRAME_MAP_FRAGMENTS, getsizeof=lambda frame_map: frame_map.pieces.fragments)
 
     # --- sizes ------------------------------------------------------------------------------------
     def known_size(self, node: WebNode) -> int | None:
@@ -402,7 +402,8 @@ class WebFiles:
                     located = await run_stoppable(functools.partial(_locate_in_handle, handle))
                     if located is not None:
                         frame_map = _FrameMap(located.transfer_syntax, located.pieces, handle.length)
-                        _keep(self._frame_maps, (series.key, instance.key), frame_map, len(frame_map.pieces))
+                        # (always kept, evicting others: every frame's size is the map's, known_size)
+                        self._frame_maps[(series.key, instance.key)] = frame_map
                         return frame_map  # (the frames' sizes are the map's: known_size)
                 data = await self._read_whole(handle, instance)
             finally:
@@ -410,7 +411,7 @@ class WebFiles:
             syntax, files, located_pieces = await trio.to_thread.run_sync(_cut_and_locate, data)
         if located_pieces is not None:
             frame_map = _FrameMap(syntax, located_pieces, len(data))
-            _keep(self._frame_maps, (series.key, instance.key), frame_map, len(located_pieces))
+            self._frame_maps[(series.key, instance.key)] = frame_map
         del data
         keep = sum(len(f) for f in files) <= self._files.maxsize // 4
         for number, file in enumerate(files, 1):

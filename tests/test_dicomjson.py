@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence
 
 from dicomfs import dicomjson
+from dicomfs.dicomread import read_dataset
 
 DEMO_FILES = ("MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "CT_small.dcm",
               "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "image_dfl.dcm", "examples_ybr_color.dcm",
@@ -183,3 +186,113 @@ def test_normalise_gives_tag_order_in_order_or_not(keys: list[str], syntax: str 
     assert list(out) == sorted(out) == sorted({*keys, "00400275", *(["00083002"] if syntax else [])})
     item = out["00400275"]["Value"][0]
     assert list(item) == sorted(keys)
+
+
+def _element_un(tag: int, value: bytes) -> bytes:
+    """An explicit VR little endian element stored as UN (what a router does to tags it does not know)."""
+    value += b" " * (len(value) % 2)
+    return struct.pack("<HHccHI", tag >> 16, tag & 0xFFFF, b"U", b"N", 0, len(value)) + value
+
+
+def _encoded(ds: Dataset, implicit: bool) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, implicit
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def _crafted_files() -> dict[str, bytes]:
+    """Files whose values left in the file (deferred) must not change their JSON: known tags stored
+    as UN (a sequence, a long text), implicit VR float and double pixel data with ambiguous VRs
+    beside them."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    files: dict[str, bytes] = {}
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
+    meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.44.1")
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, meta)
+    first, inner = Dataset(), Dataset()
+    first.SOPClassUID, first.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    inner.ReferencedSOPClassUID, inner.ReferencedSOPInstanceUID = "1.2.3", "1.2." + "3" * 60
+    item = _encoded(inner, True)
+    sequence = b"".join(b"\xfe\xff\x00\xe0" + struct.pack("<I", len(item)) + item for _ in range(12))
+    files["un"] = (head.getvalue() + _encoded(first, False) + _element_un(0x00081115, sequence)
+                   + _element_un(0x0040A160, b"t" * 2000))
+    for kind, tag, vr, bits in (("float", 0x7FE00008, "OF", 32), ("double", 0x7FE00009, "OD", 64),
+                                ("pixel", 0x7FE00010, "OW", 16)):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.44.2")
+        ds.Rows = ds.Columns = 64
+        ds.SamplesPerPixel, ds.PixelRepresentation, ds.BitsAllocated = 1, 1, bits
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.add_new(0x00280106, "SS", -5)  # SmallestImagePixelValue: US or SS
+        ds.add_new(0x00281201, "OW", b"\1\2" * 1024)  # RedPaletteColorLUTData: OW or US
+        ds.add_new(tag, vr, bytes(64 * 64 * bits // 8))
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True, implicit_vr=True, little_endian=True)
+        files[f"implicit-{kind}"] = out.getvalue()
+    return files
+
+
+CRAFTED = _crafted_files()
+
+
+@pytest.mark.parametrize("name", [*DEMO_FILES, *CRAFTED])
+def test_values_left_in_the_file_change_no_metadata(name: str) -> None:
+    """A data set read with its large values left in the file (as ``instancemeta`` reads every
+    header, and pydicom is kept from reading them back) gives the JSON of the same data set read
+    whole: UN elements get their own VR back, float pixel data keeps OF/OD in implicit VR."""
+    if name in CRAFTED:
+        data = CRAFTED[name]
+    else:
+        file = pydicom.data.get_testdata_file(name)
+        assert isinstance(file, str), name
+        data = Path(file).read_bytes()
+    whole = dicomjson.dataset_json(read_dataset(io.BytesIO(data)))
+    assert dicomjson.dataset_json(read_dataset(io.BytesIO(data), defer_size=16)) == whole
+    if name == "un":
+        assert whole["00081115"]["vr"] == "SQ" and whole["0040A160"]["vr"] == "UT"
+    if name.startswith("implicit-"):
+        assert {key: whole[key]["vr"] for key in ("7FE00008", "7FE00009", "7FE00010") if key in whole} == \
+            {"implicit-float": {"7FE00008": "OF"}, "implicit-double": {"7FE00009": "OD"},
+             "implicit-pixel": {"7FE00010": "OW"}}[name]
+
+
+def _range(data: bytes, offset: int, size: int) -> bytes:
+    return data[offset:offset + size]
+
+
+def test_bulk_data_of_a_deflated_file_with_a_long_meta_group() -> None:
+    """A deflated data set's values cannot be left in the file (pydicom's offsets are the inflated
+    bytes'); nor where the meta group is too long to tell the transfer syntax from the first bytes."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+    for padding in (100, 20_000):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.44.3")
+        ds.file_meta.add_new(0x00020102, "OB", b"P" * padding)  # PrivateInformation
+        profile = bytes(range(256)) * (3 << 12)  # 3 MB
+        ds.add_new(0x00282000, "OB", profile)  # ICCProfile
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        data = out.getvalue()
+        got = dicomjson.bulk_value(io.BytesIO(data), "00282000", functools.partial(_range, data))
+        assert got == profile, padding

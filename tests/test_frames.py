@@ -6,6 +6,7 @@ what pydicom itself extracts from the same file, computed here without using dic
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 from collections.abc import Callable
@@ -543,3 +544,26 @@ def test_fragments_stored_out_of_frame_order_are_cut_whole() -> None:
     assert frames.locate_in_file(BytesIO(p10), lambda offset, size: p10[offset:offset + size]) is None
     assert frames.locate_frames(p10, frames.cut_frames(p10)) is None
     assert streamed(p10).frames == source
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_rle_2frame.dcm", "MR_small.dcm"])
+def test_a_file_shorter_than_its_index_says_so(tmp_path: Path, name: str) -> None:
+    """A cached or local file cut short after it was indexed is that (IntegrityError, the file's
+    fault), not malformed data from the archive (ProtocolError)."""
+    from dicomfs import dicomjson
+    from dicomfs.dicomread import RangeFile
+    from dicomfs.errors import IntegrityError
+
+    p10 = bundled(name).read_bytes()
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(p10[:len(p10) // 2])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        file = RangeFile(fd, 0, len(p10), shorter=lambda: IntegrityError("shorter than when it was indexed"))
+        with pytest.raises(IntegrityError):
+            frames.locate_in_file(file, file.read_at)
+        file.seek(0)
+        with pytest.raises(IntegrityError):
+            dicomjson.bulk_value(file, "7FE00010", file.read_at)
+    finally:
+        os.close(fd)

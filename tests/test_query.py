@@ -138,6 +138,7 @@ def test_lists_go_to_c_find_backslash_separated() -> None:
     (["StudyTime=12a-13"], "invalid time"),
     (["StudyTime=1"], "invalid time"),
     (["StudyTime=1300-1200"], "ends before it starts"),
+    (["StudyTime=1100-10"], "ends before it starts"),
     (["ReferencedSeriesSequence=1"], "sequence"),
 ])
 def test_bad_terms_are_one_line_usage_errors(bad: list[str], message: str) -> None:
@@ -155,7 +156,7 @@ def test_dates_in_the_forms_dicom_gives_are_taken(good: str) -> None:
 
 @pytest.mark.parametrize("good", ["StudyTime=1200", "StudyTime=12", "StudyTime=120000.123456", "StudyTime=12:00:00",
                                   "StudyTime=1200-1300", "StudyTime=-1300", "StudyTime=1200-", "StudyTime=12*",
-                                  "SeriesTime=235960", "StudyTime=12:00-13:00", "StudyTime="])
+                                  "SeriesTime=235960", "StudyTime=12:00-13:00", "StudyTime=", "StudyTime=1030-10"])
 def test_times_in_the_forms_dicom_gives_are_taken(good: str) -> None:
     assert len(parse_query([good]).terms) == 1
 

@@ -158,6 +158,15 @@ class InstanceFetcher(Protocol):
 
 
 @runtime_checkable
+class KeepsProgress(Protocol):
+    """A source that stores work in its cache directory while it is checked (a folder's index of
+    the files it has read), worth keeping when the command is interrupted: a fresh cache that
+    holds some is not removed as litter."""
+
+    def stored_progress(self) -> bool: ...
+
+
+@runtime_checkable
 class FetchPreparer(Protocol):
     """A source whose retrieves need something made ready first (DIMSE: worker processes, which
     take a third of a second to start), told as soon as retrieves may come (a blob store will

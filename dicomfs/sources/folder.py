@@ -138,6 +138,9 @@ class FolderSource:
     async def check(self) -> None:
         await self._load()
 
+    def stored_progress(self) -> bool:
+        return self._index_path.exists()
+
     async def aclose(self) -> None:
         pass
 
