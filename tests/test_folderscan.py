@@ -93,3 +93,19 @@ def test_build_index_keeps_the_walks_order_and_the_entries(tmp_path: Path, monke
     processes = build_index(tmp_path / "folder", {})
     assert list(processes.items()) == list(one.items())
     assert "fifo.dcm" not in one and one["notes.txt"]["skip"] is True
+
+
+def test_a_series_metadata_in_processes_is_the_same(tmp_path: Path) -> None:
+    """``file_metadata`` over many files (a folder series' metadata) gives the same DICOM JSON in
+    worker processes as in one thread, and a file that is not DICOM is the same SourceError."""
+    paths = [p for p in a_folder(tmp_path / "folder") if not p.endswith("fifo.dcm")]
+    one = list(folderscan.map_files(folderscan.file_metadata, paths, StopSignal(), parallel_from=len(paths) + 1))
+    processes = list(folderscan.map_files(folderscan.file_metadata, paths, StopSignal(), parallel_from=1))
+    assert [path for path, _ in processes] == paths == [path for path, _ in one]
+    for (path, mine), (_, theirs) in zip(one, processes, strict=True):
+        if isinstance(mine, SourceError):
+            assert isinstance(theirs, SourceError) and str(theirs) == str(mine), path
+        else:
+            assert theirs == mine, path
+    assert sum(isinstance(meta, dict) and "00080018" in meta for _, meta in one) > 50
+    assert isinstance(dict(one)[str(tmp_path / "folder" / "notes.txt")], SourceError)

@@ -116,7 +116,7 @@ def test_qido_parameters() -> None:
     ([("FFFF0000", "x")], "unknown attribute tag"),
     ([("../etc", "x")], "unknown query parameter"),
     ([("PatientID", "a"), ("PatientID", "b")], "given twice"),
-    ([("StudyDate", "yesterday-today")], "invalid range"),
+    ([("StudyDate", "yesterday-today")], "invalid date"),
     ([("fuzzymatching", "maybe")], "fuzzymatching must be"),
     ([("includefield", "NotAKeyword")], "unknown includefield"),
 ])

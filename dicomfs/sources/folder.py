@@ -21,8 +21,9 @@ from dicomfs.errors import NotFound, SourceError
 from dicomfs.localfile import open_regular
 from dicomfs.mounttable import dicomfs_mount_points
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.sources import folderscan
 from dicomfs.sources.base import SeriesSink
-from dicomfs.sources.folderscan import parse_files
+from dicomfs.sources.folderscan import file_metadata, map_files, parse_files
 from dicomfs.tasks import Stopped, StopSignal, run_stoppable
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,19 @@ READ_CHUNK = 1 << 20
 
 def _read_metadata(paths: dict[str, Path | None], stop: StopSignal) -> dict[str, DicomJson]:
     """Each file's DICOM JSON; large values become bulk data and are not read (except in
-    implicit-VR files, where resolving ambiguous VRs reads every value but the pixel data). Blocking; ends at the
-    next file once ``stop`` is set."""
-    from dicomfs import instancemeta
-
-    out: dict[str, DicomJson] = {}
+    implicit-VR files, where resolving ambiguous VRs reads every value but the pixel data); in
+    worker processes for a large series (``folderscan.map_files``). Blocking; ends at the next
+    file, or chunk of files, once ``stop`` is set."""
+    keys: dict[str, str] = {}
     for key, path in paths.items():
-        stop.check()
         if path is None:
             raise NotFound(f"instance {key} vanished")
-        out[key] = instancemeta.metadata(path)
+        keys[str(path)] = key
+    out: dict[str, DicomJson] = {}
+    for name, meta in map_files(file_metadata, list(keys), stop, folderscan.METADATA_PARALLEL_FROM):
+        if isinstance(meta, SourceError):
+            raise meta
+        out[keys[name]] = meta
     return out
 
 

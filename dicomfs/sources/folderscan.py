@@ -1,7 +1,8 @@
-"""Reading the headers of a folder's files for its index: one at a time, or in worker processes.
+"""Reading the headers of a folder's files: one at a time, or in worker processes.
 
 Owns what a file's index entry is (``parse_file``: the UIDs and the listing attributes, read with
-pydicom up to the pixel data) and reading many of them (``parse_files``). A first scan is
+pydicom up to the pixel data), reading many of them (``parse_files``), and running any such job
+over many files (``map_files``: a folder series' metadata too). A first scan is
 pydicom's CPU (1.5-2 ms a file: 30,000 files took a minute), which threads cannot share under the
 GIL: from ``PARALLEL_FROM`` files on, chunks of files go to a pool of processes (``spawn``: the
 daemon has threads by then, which ``fork`` would copy mid-flight), one per core, and their log
@@ -17,9 +18,10 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from dicomfs.dicomread import quiet_pydicom, read_dataset
 from dicomfs.errors import SourceError
@@ -37,9 +39,11 @@ SERIES_TAGS = ("Modality", "SeriesNumber", "SeriesDescription", "SeriesDate", "S
 INSTANCE_TAGS = ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
                  "NumberOfFrames")
 PARALLEL_FROM = 1000  # files to parse before a pool of processes pays for its start (~0.5 s)
+METADATA_PARALLEL_FROM = 200  # files of a series whose metadata is read in processes (~7 ms each)
 MAX_PROCESSES = 8
 CHUNK = 64  # files a process parses per task: what is left to do when a scan is stopped
 
+R = TypeVar("R")
 Entry = dict[str, Any] | None  # a file's index entry; None: not a usable Part 10 file
 Parsed = tuple[str, Entry | SourceError]  # (path, entry or why it could not be opened)
 
@@ -85,6 +89,13 @@ def parse_file(path: str) -> Entry:
     }
 
 
+def file_metadata(path: str) -> dict[str, Any]:
+    """The DICOM JSON of the file at ``path`` (``instancemeta.metadata``), as a job of ``map_files``."""
+    from dicomfs import instancemeta
+
+    return instancemeta.metadata(Path(path))
+
+
 @functools.cache
 def _tag_of(keyword: str) -> int:
     from pydicom.datadict import tag_for_keyword
@@ -99,35 +110,44 @@ def parse_files(paths: list[str], stop: StopSignal, parallel_from: int | None = 
     ``paths``; in worker processes from ``parallel_from`` paths on (default ``PARALLEL_FROM``).
     Blocking; ends at the next file, or chunk of files, once ``stop`` is set (what was yielded by
     then is the caller's)."""
+    return map_files(parse_file, paths, stop, PARALLEL_FROM if parallel_from is None else parallel_from)
+
+
+def map_files(job: Callable[[str], R], paths: list[str], stop: StopSignal,
+              parallel_from: int) -> Iterator[tuple[str, R | SourceError]]:
+    """``job(path)`` of each path (a module-level function: it is sent to the worker processes by
+    name), or the SourceError it raised, in the order of ``paths``; in worker processes from
+    ``parallel_from`` paths on. Blocking; ends at the next file, or chunk, once ``stop`` is set."""
     processes = min(os.cpu_count() or 1, MAX_PROCESSES)
     done = 0
-    if len(paths) >= (PARALLEL_FROM if parallel_from is None else parallel_from) and processes > 1:
+    if len(paths) >= parallel_from and processes > 1:
         try:
-            for parsed in _in_processes(paths, stop, processes):
+            for result in _in_processes(job, paths, stop, processes):
                 done += 1
-                yield parsed
+                yield result
             return
         except BrokenProcessPool as exc:  # (a process killed: the rest one by one, here)
             stop.check()  # (a SIGTERM to the whole service, say)
-            log.warning("parsing files in worker processes failed (%s); going on in one", exc)
+            log.warning("reading files in worker processes failed (%s); going on in one", exc)
     for path in paths[done:]:
         stop.check()
-        yield path, _parse_or_error(path)
+        yield path, _run_or_error(job, path)
 
 
-def _parse_or_error(path: str) -> Entry | SourceError:
+def _run_or_error(job: Callable[[str], R], path: str) -> R | SourceError:
     try:
-        return parse_file(path)
+        return job(path)
     except SourceError as exc:
         return exc
 
 
-def _in_processes(paths: list[str], stop: StopSignal, processes: int) -> Iterator[Parsed]:
+def _in_processes(job: Callable[[str], R], paths: list[str], stop: StopSignal,
+                  processes: int) -> Iterator[tuple[str, R | SourceError]]:
     chunks = [paths[start:start + CHUNK] for start in range(0, len(paths), CHUNK)]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_ignore_interrupts) as pool:
         try:
-            futures = [pool.submit(_parse_chunk, chunk, log.getEffectiveLevel()) for chunk in chunks]
+            futures = [pool.submit(_run_chunk, job, chunk, log.getEffectiveLevel()) for chunk in chunks]
             for future in futures:
                 while True:
                     try:
@@ -158,9 +178,10 @@ class _Collect(logging.Handler):
         self.records.append((record.levelno, record.getMessage()))
 
 
-def _parse_chunk(paths: list[str], level: int) -> tuple[list[Parsed], list[tuple[int, str]]]:
-    """In a worker process: each path's entry, and the log lines parsing them made (at the
-    daemon's level, pydicom's as quiet as the daemon keeps them)."""
+def _run_chunk(job: Callable[[str], R], paths: list[str],
+               level: int) -> tuple[list[tuple[str, R | SourceError]], list[tuple[int, str]]]:
+    """In a worker process: ``job`` of each path, and the log lines it made (at the daemon's level,
+    pydicom's as quiet as the daemon keeps them)."""
     root = logging.getLogger()
     if not any(isinstance(handler, _Collect) for handler in root.handlers):  # (the process's first chunk)
         root.handlers[:] = [_Collect()]
@@ -168,4 +189,4 @@ def _parse_chunk(paths: list[str], level: int) -> tuple[list[Parsed], list[tuple
         quiet_pydicom(level <= logging.DEBUG)
     collect = next(handler for handler in root.handlers if isinstance(handler, _Collect))
     collect.records = []
-    return [(path, _parse_or_error(path)) for path in paths], collect.records
+    return [(path, _run_or_error(job, path)) for path in paths], collect.records
