@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from dicomfs.dicomread import DEFLATED, PIXEL_TAGS, Readable, read_dataset, stored_transfer_syntax
+from dicomfs.dicomread import DEFLATED, PIXEL_TAGS, Readable, read_dataset, stored_transfer_syntax, value_left_in_file
 from dicomfs.records import DicomJson
 
 if TYPE_CHECKING:
@@ -335,13 +335,8 @@ def bulk_value(fp: Readable, tags: str, read_at: Callable[[int, int], bytes]) ->
         raise ProtocolError(f"bulk data {tags} is not in the instance: {exc}") from None
     if element is None:
         raise ProtocolError(f"bulk data {tags} is not in the instance")
-    value = element.value
-    if isinstance(element, RawDataElement) and value is None and element.length and element.value_tell is not None:
-        if element.length == 0xFFFFFFFF:
-            raise ProtocolError(f"bulk data {tags} has no stored length")
-        value = read_at(element.value_tell, element.length)
-        if len(value) != element.length:
-            raise ProtocolError(f"bulk data {tags} runs past the end of the instance")
+    left = value_left_in_file(element, read_at)
+    value = element.value if left is None else left
     if isinstance(element, RawDataElement) or isinstance(value, bytes | bytearray):
         return bytes(value or b"")
     raise ProtocolError(f"bulk data {tags} has no stored bytes")

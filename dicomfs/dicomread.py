@@ -19,7 +19,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from dicomfs.errors import ProtocolError
 from dicomfs.p10 import NeedMoreData, parse_file_meta
@@ -62,6 +62,23 @@ def quiet_pydicom(debug: bool) -> None:
     if not debug:
         logging.getLogger("pydicom").addFilter(lambda record: record.levelno >= logging.ERROR)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+def value_left_in_file(element: Any, read_at: Callable[[int, int], bytes]) -> bytes | None:
+    """The value of an element pydicom left in the file (read with ``defer_size``), read with
+    ``read_at`` (offset, length); None for an element whose value pydicom read. ProtocolError for
+    one of undefined length or that runs past the end of the file."""
+    from pydicom.dataelem import RawDataElement
+
+    if not (isinstance(element, RawDataElement) and element.value is None and element.length
+            and element.value_tell is not None):
+        return None
+    if element.length == 0xFFFFFFFF:
+        raise ProtocolError(f"element {int(element.tag):08X} has no stored length")
+    value = read_at(element.value_tell, element.length)
+    if len(value) != element.length:
+        raise ProtocolError(f"element {int(element.tag):08X} runs past the end of the file")
+    return value
 
 
 def stored_transfer_syntax(source: Readable) -> str | None:

@@ -22,7 +22,7 @@ from io import BytesIO
 from struct import unpack_from
 from typing import TYPE_CHECKING, Any
 
-from dicomfs.dicomread import DEFLATED, PIXEL_TAGS, Readable, read_dataset, stored_transfer_syntax
+from dicomfs.dicomread import DEFLATED, PIXEL_TAGS, Readable, read_dataset, stored_transfer_syntax, value_left_in_file
 from dicomfs.errors import DicomfsError, ProtocolError
 from dicomfs.uids import is_uid
 
@@ -375,33 +375,13 @@ def _to_little_endian(value: bytes, needed: int, vr: str, bits: int) -> bytes:
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
 
 
-def locate_frames(p10: bytes | bytearray, cut: Frames) -> FrameRanges | None:
-    """Where each of ``cut``'s frames lies in ``p10``, byte for byte, so that a frame can later be
-    served by reading just those ranges; None when the frames are not stored as served (big
-    endian or deflated data) or anything does not match exactly. Every located frame is compared
-    with the frame ``cut_frames`` made, so a frame served from its ranges is that frame."""
-    from pydicom.dataelem import RawDataElement
-
+def locate_in_bytes(p10: bytes | bytearray) -> Located | None:
+    """``locate_in_file`` of an instance held in memory (one ``cut_frames`` has cut): None also
+    where it refuses what ``cut_frames`` took (more fragments than it walks), served from the cut."""
     try:
-        dataset = read_dataset(BytesIO(p10), defer_size=256)
-        if dataset.file_meta.get("TransferSyntaxUID") in (EXPLICIT_VR_BIG_ENDIAN, DEFLATED):
-            return None
-        tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
-        if tag is None:
-            return None
-        raw = dataset.get_item(tag, keep_deferred=True)
-        if not isinstance(raw, RawDataElement):  # (deferred, it is one: where its value lies)
-            return None
-        start = raw.value_tell
-        undefined = raw.length == 0xFFFFFFFF
-    except Exception:
+        return locate_in_file(BytesIO(p10), lambda offset, size: bytes(p10[offset:offset + size]))
+    except ProtocolError:
         return None
-    view = memoryview(p10)
-    if undefined:
-        located = _locate_encapsulated(view, start, cut.frames)
-    else:
-        located = _locate_native(view, start, cut.frames)
-    return located
 
 
 class FrameRanges:
@@ -520,36 +500,11 @@ def _locate_fragments(fp: Readable, read_at: ReadAt, dataset: Dataset, start: in
 
 def _value(dataset: Dataset, tag: int, read_at: ReadAt) -> bytes | None:
     """A top-level element's value, read from the file if it was left there (deferred)."""
-    from pydicom.dataelem import RawDataElement
-
     raw = dataset.get_item(tag, keep_deferred=True)
     if raw is None:
         return None
-    if isinstance(raw, RawDataElement) and raw.value is None and raw.length and raw.value_tell is not None:
-        value = read_at(raw.value_tell, raw.length)
-        if len(value) != raw.length:
-            raise ProtocolError(f"element {tag:08X} runs past the end of the file")
-        return value
-    return bytes(raw.value or b"")
-
-
-def _locate_native(view: memoryview, start: int, frames: list[bytes]) -> FrameRanges | None:
-    offsets, lengths = array("Q"), array("Q")
-    position = start
-    for frame in frames:
-        if view[position:position + len(frame)] != frame:
-            return None
-        offsets.append(position)
-        lengths.append(len(frame))
-        position += len(frame)
-    return FrameRanges(offsets, lengths, array("Q", range(len(frames) + 1)))
-
-
-def _locate_encapsulated(view: memoryview, start: int, frames: list[bytes]) -> FrameRanges | None:
-    fragments = _fragments(lambda offset, length: bytes(view[offset:offset + length]), start, len(view))
-    if fragments is None:
-        return None
-    return _match(frames, *fragments, lambda offset, length: view[offset:offset + length])
+    left = value_left_in_file(raw, read_at)
+    return left if left is not None else bytes(raw.value or b"")
 
 
 def _fragments(read: ReadAt, start: int, size: int) -> tuple[array[int], array[int]] | None:

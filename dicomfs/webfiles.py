@@ -469,7 +469,8 @@ def _cut_and_locate(p10: bytearray | bytes) -> tuple[str, list[bytes], frames.Fr
     the frames lie in ``p10`` (None if they are not stored as served)."""
     cut = frames.cut_frames(p10)
     files = [frames.frame_file(frame, cut.transfer_syntax) for frame in cut.frames]
-    return cut.transfer_syntax, files, frames.locate_frames(p10, cut)
+    located = frames.locate_in_bytes(p10)
+    return cut.transfer_syntax, files, located.pieces if located is not None else None
 
 
 def _keep(cache: cachetools.Cache[Any, Any], key: Any, value: Any, size: int | None = None, share: int = 4) -> None:
