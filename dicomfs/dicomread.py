@@ -5,11 +5,12 @@ padded or preallocated by whatever wrote it) read as elements of group 0000, whi
 set holds, one per 8 bytes: 20 MB of them took pydicom 5.7 s, a worker thread that no timeout can
 stop, and the last of them ended up in the metadata as an element (0000,0000). The read stops at the
 first element of that group, as at the pixel data when asked to, and a data set that begins with
-zeros is an empty one. Also ``stored_transfer_syntax``, the syntax a file's meta group names,
-for readers that must know it before pydicom reads the data set, and ``RangeFile``, a range of
-an open descriptor as the file object pydicom reads. Blocking. Must not open files
-(callers hand over a file object: ``localfile.open_regular`` for a folder's) or interpret the
-data set.
+zeros is an empty one. Also what every such reader shares: ``stored_transfer_syntax`` (the
+syntax a file's meta group names, for readers that must know it before pydicom reads the data
+set), ``value_left_in_file`` (a value pydicom deferred, read back), ``RangeFile`` (a range of an
+open descriptor as the file object pydicom reads) and ``quiet_pydicom`` (what pydicom logs and
+warns, kept for debugging). Blocking. Must not open files (callers hand over a file object:
+``localfile.open_regular`` for a folder's) or interpret the data set.
 """
 
 from __future__ import annotations
