@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pydicom.data
 import pytest
@@ -37,6 +38,17 @@ def a_folder(root: Path) -> list[str]:
     return sorted(str(path) for path in root.iterdir())
 
 
+def assert_same(paths: list[str], one: list[tuple[str, Any]], processes: list[tuple[str, Any]]) -> None:
+    """The results of one thread and of processes: the paths in order, each the same result or
+    the same SourceError."""
+    assert [path for path, _ in processes] == paths == [path for path, _ in one]
+    for (path, mine), (_, theirs) in zip(one, processes, strict=True):
+        if isinstance(mine, SourceError):
+            assert isinstance(theirs, SourceError) and str(theirs) == str(mine), path
+        else:
+            assert theirs == mine, path
+
+
 def test_processes_give_what_one_thread_gives(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     paths = a_folder(tmp_path / "folder")
     caplog.set_level(logging.WARNING, logger="dicomfs")
@@ -50,12 +62,7 @@ def test_processes_give_what_one_thread_gives(tmp_path: Path, caplog: pytest.Log
     caplog.clear()
     processes = list(folderscan.parse_files(paths, StopSignal(), parallel_from=1))
     assert logged() == one_log
-    assert [path for path, _ in processes] == paths == [path for path, _ in one]
-    for (path, mine), (_, theirs) in zip(one, processes, strict=True):
-        if isinstance(mine, SourceError):
-            assert isinstance(theirs, SourceError) and str(theirs) == str(mine), path
-        else:
-            assert theirs == mine, path
+    assert_same(paths, one, processes)
     entries = [entry for _, entry in one]
     assert sum(isinstance(e, dict) for e in entries) > 50  # (pydicom's files: mostly usable)
     assert any(e is None for e in entries) and any(isinstance(e, SourceError) for e in entries)
@@ -101,11 +108,6 @@ def test_a_series_metadata_in_processes_is_the_same(tmp_path: Path) -> None:
     paths = [p for p in a_folder(tmp_path / "folder") if not p.endswith("fifo.dcm")]
     one = list(folderscan.map_files(folderscan.file_metadata, paths, StopSignal(), parallel_from=len(paths) + 1))
     processes = list(folderscan.map_files(folderscan.file_metadata, paths, StopSignal(), parallel_from=1))
-    assert [path for path, _ in processes] == paths == [path for path, _ in one]
-    for (path, mine), (_, theirs) in zip(one, processes, strict=True):
-        if isinstance(mine, SourceError):
-            assert isinstance(theirs, SourceError) and str(theirs) == str(mine), path
-        else:
-            assert theirs == mine, path
+    assert_same(paths, one, processes)
     assert sum(isinstance(meta, dict) and "00080018" in meta for _, meta in one) > 50
     assert isinstance(dict(one)[str(tmp_path / "folder" / "notes.txt")], SourceError)
