@@ -24,7 +24,7 @@ import trio
 from dicomfs import clock, dicomjson, frames, instancemeta
 from dicomfs.cache import BlobStore, InstanceHandle
 from dicomfs.catalog import Catalog
-from dicomfs.errors import DicomfsError, IntegrityError, NotFound
+from dicomfs.errors import DicomfsError, IntegrityError, NotFound, ProtocolError
 from dicomfs.gcpause import paused, release_free_memory
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.singleflight import SingleFlight
@@ -47,6 +47,7 @@ FRAME_MAP_FRAGMENTS = frames.MAX_FRAGMENTS  # where fragments lie, remembered fo
 HOLD_SLACK = 1.0  # seconds a told size is held beyond the kernel's timeout (reply latency)
 PARALLEL_CUTS = 2  # instances whose frames are being found at once (each is held in memory whole, or read through)
 STREAM_CUT = 32 << 20  # bytes of an instance beyond which its frames are found without holding it whole
+MAX_WHOLE_CUT = 512 << 20  # bytes of an instance cut in memory all the same (not stored as served): ~4 times that
 READ_CHUNK = 8 << 20  # bytes of one read when a whole instance is read
 ALL = ("all",)  # includefield=all: every attribute a QIDO object's source has
 Include = tuple[str, ...]  # tags a QIDO object carries beyond its level's (or ALL)
@@ -405,6 +406,10 @@ class WebFiles:
                         # (always kept, evicting others: every frame's size is the map's, known_size)
                         self._frame_maps[(series.key, instance.key)] = frame_map
                         return frame_map  # (the frames' sizes are the map's: known_size)
+                if handle.length > MAX_WHOLE_CUT:
+                    raise ProtocolError(f"instance {instance.key} is {handle.length:,} bytes, its frames not stored as "
+                                        f"served (big endian, deflated or reordered): more than dicomfs cuts in "
+                                        f"memory ({MAX_WHOLE_CUT:,})")
                 data = await self._read_whole(handle, instance)
             finally:
                 handle.close()

@@ -225,6 +225,43 @@ async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path,
     await run_mounted(source, tmp_path / "cache", 60.0, test)
 
 
+async def test_a_large_instance_not_stored_as_served_is_refused_not_cut(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames stored other than as served (big endian here) can only be cut from the whole
+    instance in memory: beyond ``MAX_WHOLE_CUT`` (made small here) that is EIO for the frame, not
+    gigabytes of memory; the instance's other files are served."""
+    import pydicom
+
+    from dicomfs import dicomjson, webfiles
+
+    file = pydicom.data.get_testdata_file("MR_small_bigendian.dcm")
+    assert isinstance(file, str)
+    data = Path(file).read_bytes()
+    key = str(pydicom.dcmread(file).SOPInstanceUID)
+    source = MetadataArchive({f"{STUDY}/{SERIES}": {key: data}},
+                             {key: dicomjson.dataset_json(pydicom.dcmread(file, defer_size=1024))})
+    monkeypatch.setattr(webfiles, "STREAM_CUT", 0)
+    monkeypatch.setattr(webfiles, "MAX_WHOLE_CUT", len(data) - 1)
+    reads = 0
+    original = webfiles.WebFiles._read_whole
+
+    async def counting(self, handle, instance):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        return await original(self, handle, instance)
+
+    monkeypatch.setattr(webfiles.WebFiles, "_read_whole", counting)
+
+    async def test(fs: Mounted) -> None:
+        base = f"dicomweb/studies/{STUDY}/series/{SERIES}/instances/{key}"
+        with pytest.raises(pyfuse3.FUSEError) as refused:
+            await fs.read(f"{base}/frames/1.mht")
+        assert refused.value.errno == errno.EIO and reads == 0
+        assert json.loads(gzip.decompress(await fs.read(f"{base}/metadata.gz")))[0]["00080018"]["Value"] == [key]
+
+    await run_mounted(source, tmp_path / "cache", 60.0, test)
+
+
 async def test_canonical_metadata_is_kept_by_its_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A series' canonical metadata is kept as JSON bytes (no compression on the way), and the
     memory it may take is a number of bytes: one series more than fits asks the archive again."""
