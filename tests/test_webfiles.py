@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import pytest
@@ -170,6 +171,21 @@ async def test_hostile_metadata_is_contained(tmp_path: Path) -> None:
     await run_mounted(source, tmp_path / "cache", 60.0, test)
 
 
+def count_whole_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The instances ``WebFiles`` reads whole into memory from now on, one entry per read."""
+    from dicomfs import webfiles
+
+    reads: list[str] = []
+    original = webfiles.WebFiles._read_whole
+
+    async def counting(self: webfiles.WebFiles, handle: Any, instance: Any) -> bytes:
+        reads.append(instance.key)
+        return await original(self, handle, instance)
+
+    monkeypatch.setattr(webfiles.WebFiles, "_read_whole", counting)
+    return reads
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["read-whole", "streamed"])
 @pytest.mark.parametrize("name", ["examples_ybr_color.dcm", "rtdose.dcm", "SC_rgb_rle_2frame.dcm",
                                   "MR_small_bigendian.dcm"])
@@ -200,15 +216,7 @@ async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path,
     monkeypatch.setattr(webfiles, "FILE_MEMORY", 64)  # nothing fits: every frame is rendered on demand
     if stream:
         monkeypatch.setattr(webfiles, "STREAM_CUT", 0)
-    whole_reads = 0
-    original = webfiles.WebFiles._read_whole
-
-    async def counting(self, handle, instance):  # type: ignore[no-untyped-def]
-        nonlocal whole_reads
-        whole_reads += 1
-        return await original(self, handle, instance)
-
-    monkeypatch.setattr(webfiles.WebFiles, "_read_whole", counting)
+    whole_reads = count_whole_reads(monkeypatch)
 
     async def test(fs: Mounted) -> None:
         base = f"dicomweb/studies/{STUDY}/series/{SERIES}/instances/{key}/frames"
@@ -220,7 +228,7 @@ async def test_frames_after_the_first_are_read_from_their_ranges(tmp_path: Path,
             frame_inode = await fs.resolve(f"{base}/{number}.mht")
             assert (await fs.ops.getattr(frame_inode, None)).st_size == len(body), number
         located = frames.locate_in_bytes(data) is not None
-        assert whole_reads == ((0 if stream else 1) if located else count + 1)
+        assert len(whole_reads) == ((0 if stream else 1) if located else count + 1)
 
     await run_mounted(source, tmp_path / "cache", 60.0, test)
 
@@ -242,21 +250,13 @@ async def test_a_large_instance_not_stored_as_served_is_refused_not_cut(tmp_path
                              {key: dicomjson.dataset_json(pydicom.dcmread(file, defer_size=1024))})
     monkeypatch.setattr(webfiles, "STREAM_CUT", 0)
     monkeypatch.setattr(webfiles, "MAX_WHOLE_CUT", len(data) - 1)
-    reads = 0
-    original = webfiles.WebFiles._read_whole
-
-    async def counting(self, handle, instance):  # type: ignore[no-untyped-def]
-        nonlocal reads
-        reads += 1
-        return await original(self, handle, instance)
-
-    monkeypatch.setattr(webfiles.WebFiles, "_read_whole", counting)
+    reads = count_whole_reads(monkeypatch)
 
     async def test(fs: Mounted) -> None:
         base = f"dicomweb/studies/{STUDY}/series/{SERIES}/instances/{key}"
         with pytest.raises(pyfuse3.FUSEError) as refused:
             await fs.read(f"{base}/frames/1.mht")
-        assert refused.value.errno == errno.EIO and reads == 0
+        assert refused.value.errno == errno.EIO and not reads
         assert json.loads(gzip.decompress(await fs.read(f"{base}/metadata.gz")))[0]["00080018"]["Value"] == [key]
 
     await run_mounted(source, tmp_path / "cache", 60.0, test)
