@@ -305,9 +305,13 @@ def _extended_offsets(table_value: bytes | None, lengths_value: bytes | None, re
     if len(head) < 8 or head[:4] != _ITEM_TAG:
         raise ProtocolError("encapsulated pixel data does not start with an item")
     first_fragment = 8 + unpack_from("<I", head, 4)[0]  # after the basic offset table
-    for offset in unpack_from(f"<{count}Q", table_value):
-        if read(first_fragment + offset, 4) != _ITEM_TAG:
+    for offset, length in zip(unpack_from(f"<{count}Q", table_value), unpack_from(f"<{count}Q", lengths_value),
+                              strict=True):
+        item = read(first_fragment + offset, 8)
+        if item[:4] != _ITEM_TAG or len(item) < 8:
             raise ProtocolError("extended offset table points outside the fragments")
+        if length > unpack_from("<I", item, 4)[0]:
+            raise ProtocolError("a frame of the extended offset table runs past its fragment")
     return bytes(table_value), bytes(lengths_value)
 
 
@@ -475,7 +479,8 @@ def locate_in_file(fp: Readable, read_at: ReadAt) -> Located | None:
 def _locate_fragments(fp: Readable, read_at: ReadAt, dataset: Dataset, start: int, size: int,
                       count: int) -> FrameRanges | None:
     """The ranges of each encapsulated frame: the items walked from ``start``, grouped into the
-    frames pydicom assembles (``cut_frames``'s rules: offset tables, one fragment per frame...)."""
+    frames pydicom assembles (``cut_frames``'s rules: offset tables, one fragment per frame...),
+    or, with an extended offset table, the range it gives each frame."""
     from pydicom.encaps import generate_frames
 
     fragments = _fragments(read_at, start, size)
@@ -485,6 +490,12 @@ def _locate_fragments(fp: Readable, read_at: ReadAt, dataset: Dataset, start: in
     offsets = _extended_offsets(_value(dataset, _EXTENDED_OFFSET_TABLE, read_at),
                                 _value(dataset, _EXTENDED_OFFSET_TABLE_LENGTHS, read_at),
                                 lambda offset, length: read_at(start + offset, length), count)
+    if offsets is not None:
+        # One range a frame, where the table says (PS3.3 C.7.6.3.1.8), in its order, which need not
+        # be the stored one: from the item tag after the basic offset table, past each item's header.
+        first_item = start + 8 + unpack_from("<I", read_at(start, 8), 4)[0]
+        fragments = (array("Q", (first_item + offset + 8 for offset in unpack_from(f"<{count}Q", offsets[0]))),
+                     array("Q", unpack_from(f"<{count}Q", offsets[1])))
     fp.seek(start)
     try:
         located = _match(generate_frames(fp, number_of_frames=count, extended_offsets=offsets), *fragments, read_at)

@@ -408,7 +408,7 @@ class WebFiles:
                         return frame_map  # (the frames' sizes are the map's: known_size)
                 if handle.length > MAX_WHOLE_CUT:
                     raise ProtocolError(f"instance {instance.key} is {handle.length:,} bytes, its frames not stored as "
-                                        f"served (big endian, deflated or reordered): more than dicomfs cuts in "
+                                        f"served (big endian or deflated): more than dicomfs cuts in "
                                         f"memory ({MAX_WHOLE_CUT:,})")
                 data = await self._read_whole(handle, instance)
             finally:
