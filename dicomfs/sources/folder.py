@@ -66,6 +66,7 @@ def build_index(root: Path, previous: dict[str, Any], stop: StopSignal | None = 
     if ``root`` itself cannot be read (missing, not a folder, not ours). Blocking; once ``stop`` is
     set, ends at the next file with ``_WalkStopped`` (a scan of 30,000 files takes minutes, and
     Ctrl-C or SIGTERM waited for it all)."""
+    stop = stop or StopSignal()  # (none: a walk nothing stops)
     files: dict[str, Any] = {}
     to_parse: dict[str, tuple[str, os.stat_result]] = {}  # rel -> (path, stat), in the walk's order
     reused = 0
@@ -83,7 +84,7 @@ def build_index(root: Path, previous: dict[str, Any], stop: StopSignal | None = 
     for dirpath, dirnames, filenames in os.walk(root, onerror=refused):
         dirnames[:] = sorted(name for name in dirnames if os.path.join(dirpath, name) not in mounts)
         for name in sorted(filenames):
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 raise stopped()
             path = os.path.join(dirpath, name)
             try:
@@ -106,7 +107,7 @@ def build_index(root: Path, previous: dict[str, Any], stop: StopSignal | None = 
     rels = {path: rel for rel, (path, _) in to_parse.items()}
     parsed = 0
     try:
-        for path, entry in parse_files(list(rels), stop or StopSignal()):
+        for path, entry in parse_files(list(rels), stop):
             rel = rels[path]
             if isinstance(entry, SourceError):
                 unreadable.append(str(entry))
