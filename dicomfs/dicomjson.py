@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from dicomfs.dicomread import DEFLATED, PIXEL_TAGS, Readable, read_dataset, stored_transfer_syntax, value_left_in_file
+from dicomfs.dicomread import (
+    DEFLATED,
+    PIXEL_TAGS,
+    Readable,
+    left_in_file,
+    read_dataset,
+    stored_transfer_syntax,
+    value_left_in_file,
+)
 from dicomfs.records import DicomJson
 
 if TYPE_CHECKING:
@@ -109,8 +117,7 @@ def _dataset_json(ds: Dataset, path: TagPath) -> DicomJson:
                 vr = _FLOAT_PIXEL_VRS.get(tag) or ("OB" if undefined else "OW")
             out[tag] = {"vr": vr, "BulkDataURI": ""}
             continue
-        if (isinstance(raw, RawDataElement) and raw.value is None and vr in BINARY_VRS and vr != "UN"
-                and raw.length >= BULK_THRESHOLD):
+        if left_in_file(raw) and vr in BINARY_VRS and vr != "UN" and raw.length >= BULK_THRESHOLD:
             # left in the file: bulk data, not read to say so (UN is read: pydicom gives a known
             # tag its own VR back, a sequence or text)
             out[tag] = {"vr": vr, "BulkDataURI": ""}

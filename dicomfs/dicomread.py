@@ -20,13 +20,14 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeGuard, cast
 
 from dicomfs.errors import ProtocolError
 from dicomfs.p10 import NeedMoreData, parse_file_meta
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+    from pydicom.dataelem import RawDataElement
     from pydicom.dataset import FileDataset
     from pydicom.tag import BaseTag
 
@@ -65,14 +66,19 @@ def quiet_pydicom(debug: bool) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
+def left_in_file(element: Any) -> TypeGuard[RawDataElement]:
+    """Whether pydicom left the element's value in the file (a data set read with ``defer_size``)."""
+    from pydicom.dataelem import RawDataElement
+
+    return (isinstance(element, RawDataElement) and element.value is None and bool(element.length)
+            and element.value_tell is not None)
+
+
 def value_left_in_file(element: Any, read_at: Callable[[int, int], bytes]) -> bytes | None:
     """The value of an element pydicom left in the file (read with ``defer_size``), read with
     ``read_at`` (offset, length); None for an element whose value pydicom read. ProtocolError for
     one of undefined length or that runs past the end of the file."""
-    from pydicom.dataelem import RawDataElement
-
-    if not (isinstance(element, RawDataElement) and element.value is None and element.length
-            and element.value_tell is not None):
+    if not left_in_file(element):
         return None
     if element.length == 0xFFFFFFFF:
         raise ProtocolError(f"element {int(element.tag):08X} has no stored length")
