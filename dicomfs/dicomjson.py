@@ -28,6 +28,7 @@ from dicomfs.dicomread import (
     DEFLATED,
     PIXEL_TAGS,
     Readable,
+    import_pydicom,
     left_in_file,
     read_dataset,
     stored_transfer_syntax,
@@ -97,6 +98,7 @@ def dataset_json(ds: Dataset) -> DicomJson:
 
 def _dataset_json(ds: Dataset, path: TagPath) -> DicomJson:
     """pydicom's own JSON for each element, bulk values marked (their URI is set later)."""
+    import_pydicom()
     from pydicom.dataelem import DataElement, RawDataElement
 
     meta = getattr(ds, "file_meta", None)
@@ -325,6 +327,7 @@ def bulk_value(fp: Readable, tags: str, read_at: Callable[[int, int], bytes]) ->
     larger than ``BULK_DEFER`` are left in the file while it is parsed (pixel data: a slide's),
     and the one asked for is then read with ``read_at`` (offset, length). Raises ProtocolError if
     it is not there. Blocking."""
+    import_pydicom()
     from pydicom.dataelem import RawDataElement
 
     from dicomfs.errors import DicomfsError, ProtocolError

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeGuard, cast
@@ -37,10 +38,27 @@ _PIXEL_TAG_SET = frozenset(PIXEL_TAGS)
 HEAD_BYTES = 16 * 1024  # where a Part 10 file's meta group ends (at most: one that does not is read as it is)
 
 
+_PYDICOM_IMPORT = threading.Lock()
+
+
+def import_pydicom() -> None:
+    """pydicom imported whole, once, under a lock. Its modules import each other in a cycle, and
+    two threads importing parts of it for the first time at once can each get the other's
+    half-made module ("cannot import name 'dcmread' from partially initialized module
+    'pydicom.filereader'": a ``dicomfs export`` whose bulk data renders started together). Every
+    function that may be the first to use pydicom in a worker thread calls this before its own
+    imports of pydicom; after the first call it costs a lock and two dictionary lookups."""
+    with _PYDICOM_IMPORT:
+        import pydicom  # noqa: F401
+        import pydicom.encaps  # noqa: F401
+        import pydicom.filewriter  # noqa: F401
+
+
 def read_dataset(source: Readable, *, defer_size: int | None = None, stop_before_pixels: bool = False,
                  specific_tags: Sequence[str] | None = None, force: bool = False) -> FileDataset:
     """What ``pydicom.dcmread`` gives for ``source``, read up to the first element of group
     0000 (and before the pixel data with ``stop_before_pixels``)."""
+    import_pydicom()
     from pydicom.filereader import read_partial
     from pydicom.tag import Tag
 
@@ -68,6 +86,7 @@ def quiet_pydicom(debug: bool) -> None:
 
 def left_in_file(element: Any) -> TypeGuard[RawDataElement]:
     """Whether pydicom left the element's value in the file (a data set read with ``defer_size``)."""
+    import_pydicom()
     from pydicom.dataelem import RawDataElement
 
     return (isinstance(element, RawDataElement) and element.value is None and bool(element.length)

@@ -22,7 +22,15 @@ from io import BytesIO
 from struct import unpack_from
 from typing import TYPE_CHECKING, Any
 
-from dicomfs.dicomread import DEFLATED, PIXEL_TAGS, Readable, read_dataset, stored_transfer_syntax, value_left_in_file
+from dicomfs.dicomread import (
+    DEFLATED,
+    PIXEL_TAGS,
+    Readable,
+    import_pydicom,
+    read_dataset,
+    stored_transfer_syntax,
+    value_left_in_file,
+)
 from dicomfs.errors import DicomfsError, ProtocolError
 from dicomfs.uids import is_uid
 
@@ -201,6 +209,7 @@ def cut_frames(p10: bytes | bytearray) -> Frames:
 
     Raises ProtocolError for anything that is not an instance with well-formed pixel data.
     """
+    import_pydicom()
     from pydicom.errors import InvalidDicomError
 
     try:
@@ -443,6 +452,7 @@ def locate_in_file(fp: Readable, read_at: ReadAt) -> Located | None:
     ``cut_frames``). Raises ProtocolError as ``cut_frames`` does. Encapsulated frames are the
     ones pydicom assembles, each compared byte for byte with the ranges found for it; native
     frames are consecutive runs of the value, as ``cut_frames`` slices them. Blocking."""
+    import_pydicom()
     from pydicom.dataelem import RawDataElement
     from pydicom.errors import InvalidDicomError
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dicomfs.dicomread import import_pydicom
 from dicomfs.errors import UsageError
 from dicomfs.records import DicomJson
 
@@ -203,6 +204,7 @@ def dictionary_entry(keyword: str) -> tuple[str, str] | None:
     common = COMMON_KEYS.get(keyword)
     if common is not None:
         return common
+    import_pydicom()  # (on the event loop, while worker threads may be importing it too)
     from pydicom.datadict import dictionary_VR, tag_for_keyword
 
     tag = tag_for_keyword(keyword)

@@ -18,6 +18,7 @@ from typing import TypeVar
 import trio
 
 from dicomfs.catalog import Catalog
+from dicomfs.dicomread import import_pydicom
 from dicomfs.errors import UsageError
 from dicomfs.query import COMMON_KEYS, Query, dictionary_entry, parse_query
 from dicomfs.records import DicomJson, SeriesRecord, StudyRecord
@@ -186,6 +187,7 @@ def _keyword_of(key: str) -> str:
         known = next((k for k, (t, _) in COMMON_KEYS.items() if t == tag), None)
         if known is not None:
             return known
+        import_pydicom()  # (on the event loop, while worker threads may be importing it too)
         from pydicom.datadict import keyword_for_tag
 
         keyword = keyword_for_tag(int(tag, 16))
