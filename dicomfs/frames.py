@@ -4,6 +4,8 @@ Owns two things: where the frames of an instance begin and end inside its Part 1
 (encapsulated fragments and offset tables, native frame lengths, big endian byte order), and the
 exact bytes and size of ``instances/<sop>/frames/<n>.mht``: a one-part ``multipart/related`` body
 with a fixed boundary, so a static HTTP server can announce it with one constant Content-Type.
+Also whether an archive's claim of where the frames lie (COD's offset table) holds, judged from
+the bytes around it (``check_frame_table``, ``frame_in_item``), so a frame can be read alone.
 No trio, and no I/O but reads of the file object ``locate_in_file`` is handed (an instance too
 large to hold, parsed one frame at a time). ``cut_frames`` and ``locate_in_file`` parse with
 pydicom and block; callers run them in a worker thread. pydicom is imported when a frame is
@@ -32,6 +34,7 @@ from dicomfs.dicomread import (
     value_left_in_file,
 )
 from dicomfs.errors import DicomfsError, ProtocolError
+from dicomfs.records import FrameTable
 from dicomfs.uids import is_uid
 
 if TYPE_CHECKING:
@@ -484,6 +487,81 @@ def locate_in_file(fp: Readable, read_at: ReadAt) -> Located | None:
     start = raw.value_tell
     return Located(EXPLICIT_VR_LITTLE_ENDIAN, FrameRanges(array("Q", range(start, start + needed, length)),
                                                           array("Q", [length]) * count, array("Q", range(count + 1))))
+
+
+
+_ITEM_HEADER = 8  # an item's tag and length
+_PIXEL_HEADERS = tuple(b"\xe0\x7f\x10\x00" + vr + b"\x00\x00\xff\xff\xff\xff" for vr in (b"OB", b"OW"))
+
+
+def check_frame_table(prefix: bytes, delimiter: bytes, table: FrameTable) -> str:
+    """Whether the frames of an encapsulated instance are where an archive says (``table``), each
+    one fragment, as pydicom would assemble them, judged from the instance's bytes up to the first
+    frame (``prefix``: its data set, the pixel data's header, the basic offset table and the first
+    item's header) and the 8 bytes after the last frame (``delimiter``); the syntax the frames
+    are served in if so. Each frame's own item is checked when it is read (``frame_in_item``).
+    Raises ProtocolError saying what does not hold: the caller then cuts the instance whole.
+    Blocking (pydicom)."""
+    import_pydicom()
+    count, first = len(table.offsets), table.offsets[0] if table.offsets else 0
+    if not 1 <= count <= MAX_FRAME_COUNT or len(table.lengths) != count or len(prefix) != first:
+        raise ProtocolError("the offset table is empty, too long, or not the length of its lengths")
+    syntax = stored_transfer_syntax(BytesIO(prefix))
+    if syntax is None or is_native(syntax):
+        raise ProtocolError(f"frames in transfer syntax {syntax} are not encapsulated")
+    source = BytesIO(prefix)
+    try:
+        dataset = read_dataset(source, stop_before_pixels=True)
+        declared = _number_of_frames(dataset)
+        eot = (_value(dataset, _EXTENDED_OFFSET_TABLE, _no_reads),
+               _value(dataset, _EXTENDED_OFFSET_TABLE_LENGTHS, _no_reads))
+    except DicomfsError:
+        raise
+    except Exception as exc:  # pydicom raises many types for malformed input
+        raise ProtocolError(f"the instance's data set is not readable: {_describe(exc)}") from exc
+    if declared != count:
+        raise ProtocolError(f"the offset table lists {count} frames, NumberOfFrames is {declared}")
+    at = source.tell()  # (pydicom stopped at the pixel data's tag)
+    if prefix[at:at + 12] not in _PIXEL_HEADERS or prefix[at + 12:at + 16] != _ITEM_TAG:
+        raise ProtocolError("no encapsulated pixel data with an offset table where the data set ends")
+    table_length = unpack_from("<I", prefix, at + 16)[0]
+    first_item = at + 20 + table_length
+    if first_item + _ITEM_HEADER != first or prefix[first_item:first_item + 4] != _ITEM_TAG \
+            or unpack_from("<I", prefix, first_item + 4)[0] != table.lengths[0]:
+        raise ProtocolError("the first frame is not the first item after the basic offset table")
+    relative = [offset - first for offset in table.offsets]
+    for index in range(count - 1):
+        if table.offsets[index + 1] != table.offsets[index] + table.lengths[index] + _ITEM_HEADER:
+            raise ProtocolError(f"frame {index + 2} does not follow frame {index + 1} as the next item")
+    end = table.offsets[-1] + table.lengths[-1]
+    if end + _ITEM_HEADER > table.size or delimiter != _SEQUENCE_DELIMITER + bytes(4):
+        raise ProtocolError("the last frame is not followed by the end of the pixel data")
+    if table_length and (table_length != 4 * count or list(unpack_from(f"<{count}I", prefix, at + 20)) != relative):
+        raise ProtocolError("the basic offset table places the frames elsewhere")
+    if eot[0] is not None or eot[1] is not None:
+        if eot[0] is None or eot[1] is None or len(eot[0]) != 8 * count or len(eot[1]) != 8 * count \
+                or list(unpack_from(f"<{count}Q", eot[0])) != relative \
+                or list(unpack_from(f"<{count}Q", eot[1])) != list(table.lengths):
+            raise ProtocolError("the extended offset table places the frames elsewhere")
+    return _transfer_syntax(syntax)
+
+
+def frame_in_item(data: bytes, length: int, next_length: int | None) -> memoryview:
+    """The frame in ``data``, the bytes of an instance from 8 before a frame ``check_frame_table``
+    accepted to 8 after it: its item's header must say ``length``, and what follows must be the
+    next frame's item header (``next_length``) or, after the last (None), the sequence delimiter.
+    Raises ProtocolError otherwise (the archive's table does not describe these bytes)."""
+    if len(data) != length + 2 * _ITEM_HEADER or data[:4] != _ITEM_TAG or unpack_from("<I", data, 4)[0] != length:
+        raise ProtocolError("a frame's bytes are not the item the offset table says")
+    after = data[-_ITEM_HEADER:]
+    expected = _SEQUENCE_DELIMITER + bytes(4) if next_length is None else _ITEM_TAG + next_length.to_bytes(4, "little")
+    if after != expected:
+        raise ProtocolError("a frame's item is not followed by the next frame's, or the end of the pixel data")
+    return memoryview(data)[_ITEM_HEADER:-_ITEM_HEADER]
+
+
+def _no_reads(offset: int, length: int) -> bytes:
+    raise ProtocolError("a value of the data set was left unread")
 
 
 def _locate_fragments(fp: Readable, read_at: ReadAt, dataset: Dataset, start: int, size: int,

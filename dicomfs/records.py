@@ -57,6 +57,18 @@ class InstanceRecord:
     attrs: DicomJson = field(default_factory=dict, compare=False)
 
 
+
+@dataclass(frozen=True)
+class FrameTable:
+    """Where an archive says an instance's frames lie, without reading it (COD's
+    CustomOffsetTable): each frame's first byte in the Part 10 file (its fragment's value, past
+    the item header, for encapsulated data) and its length. A claim, trusted only once
+    ``frames.check_frame_table`` has checked it against the instance's own bytes."""
+
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    size: int  # of the instance
+
 def json_value(attrs: DicomJson, tag: str) -> Any:
     """First value of ``tag`` in a DICOM JSON object, or None."""
     element = attrs.get(tag)

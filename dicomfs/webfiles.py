@@ -3,7 +3,9 @@
 Owns rendering: QIDO index files and metadata from the catalog's listings and the archive's
 metadata (never from series blobs, except for an archive without a metadata service, DIMSE,
 whose series metadata is read from the headers of its retrieved instances), frames and bulk
-data cut from the instance bytes the blob store serves, and the memory caches of rendered files.
+data cut from the instance bytes the blob store serves (or a frame of a large instance read
+alone from an archive that says where it lies, once that is checked), and the memory caches of
+rendered files.
 A rendered file is a pure function of its inputs (``dicomjson`` encodes deterministically), so a
 size, once told, stays true; a frame size announced from the metadata (native data) is checked
 against the frame actually cut, and a mismatch is an error for that read, never a short or long
@@ -26,9 +28,9 @@ from dicomfs.cache import BlobStore, InstanceHandle
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, IntegrityError, NotFound, ProtocolError
 from dicomfs.gcpause import paused, release_free_memory
-from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
+from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.singleflight import SingleFlight
-from dicomfs.sources.base import MetadataSource
+from dicomfs.sources.base import FrameRangeReader, MetadataSource
 from dicomfs.summary import Summaries
 from dicomfs.tasks import StopSignal, map_bounded, run_stoppable
 from dicomfs.uids import is_key
@@ -49,6 +51,8 @@ PARALLEL_CUTS = 2  # instances whose frames are being found at once (each is hel
 STREAM_CUT = 32 << 20  # bytes of an instance beyond which its frames are found without holding it whole
 MAX_WHOLE_CUT = 512 << 20  # bytes of an instance cut in memory all the same (not stored as served): ~4 times that
 READ_CHUNK = 8 << 20  # bytes of one read when a whole instance is read
+RANGE_FRAMES_FROM = 8 << 20  # bytes of an uncached instance from which a frame is read alone (archive permitting)
+MAX_RANGE_PREFIX = 64 << 20  # bytes before the first frame read to check the archive's offset table
 ALL = ("all",)  # includefield=all: every attribute a QIDO object's source has
 Include = tuple[str, ...]  # tags a QIDO object carries beyond its level's (or ALL)
 
@@ -96,6 +100,18 @@ class _FrameMap:
     length: int  # of the instance the ranges are in: a copy fetched again must be the same size
 
 
+@dataclass(frozen=True)
+class _RangedFrames:
+    """An instance whose frames are read alone from the archive: where its table places them
+    (checked, ``frames.check_frame_table``), and the transfer syntax they announce."""
+
+    transfer_syntax: str
+    table: FrameTable
+
+
+_NOT_RANGED = "cut"  # remembered for an instance whose frames are cut from its bytes, not read alone
+
+
 @dataclass
 class _Listing:
     """A rendered listing file, and who may still count on its size."""
@@ -132,6 +148,8 @@ class WebFiles:
         self._cut_limit = trio.CapacityLimiter(PARALLEL_CUTS)
         self._frame_maps: cachetools.LRUCache[tuple[str, str], _FrameMap] = cachetools.LRUCache(
             FRAME_MAP_FRAGMENTS, getsizeof=lambda frame_map: frame_map.pieces.fragments)
+        self._ranged: cachetools.LRUCache[tuple[str, str], _RangedFrames | str] = cachetools.LRUCache(
+            FRAME_MAP_FRAGMENTS, getsizeof=lambda r: len(r.table.offsets) if isinstance(r, _RangedFrames) else 1)
 
     # --- sizes ------------------------------------------------------------------------------------
     def known_size(self, node: WebNode) -> int | None:
@@ -371,6 +389,9 @@ class WebFiles:
         frame_map = self._frame_maps.get((series.key, instance.key))
         files = None
         if frame_map is None:
+            alone = await self._frame_alone(node)
+            if alone is not None:
+                return alone
             found = await self._flights.run(("frames", series.key, instance.key), lambda: self._cut(node))
             frame_map, files = (found, None) if isinstance(found, _FrameMap) else (None, found)
         if frame_map is not None:
@@ -387,6 +408,62 @@ class WebFiles:
             raise IntegrityError(f"frame {node.frame} of {instance.key} is {len(data)} bytes, "
                                  f"its metadata says {announced}")
         return data
+
+    async def _frame_alone(self, node: WebNode) -> bytes | None:
+        """The frame file read alone from the archive (a tile of a slide level: one small Range
+        request, not the level), or None where that is not how this instance's frames are read:
+        the archive says nothing of where they lie (or what it says does not hold), the instance
+        is smaller than ``RANGE_FRAMES_FROM``, or it is cached or on its way."""
+        assert node.series is not None and node.instance is not None
+        series, instance = node.series, node.instance
+        source = self.catalog.source
+        key = (series.key, instance.key)
+        if not isinstance(source, FrameRangeReader) or instance.size is None or instance.size < RANGE_FRAMES_FROM \
+                or self._ranged.get(key) == _NOT_RANGED or await self.blobs.holds(series, instance):
+            return None
+        ranged = self._ranged.get(key)
+        if ranged is None:
+            ranged = await self._flights.run(("ranged", key), lambda: self._check_ranges(source, node))
+            self._ranged[key] = ranged
+        if not isinstance(ranged, _RangedFrames):
+            return None
+        table = ranged.table
+        if node.frame > len(table.offsets):
+            raise NotFound(f"instance {instance.key} has {len(table.offsets)} frames, not {node.frame}")
+        index = node.frame - 1
+        offset, length = table.offsets[index], table.lengths[index]
+        data = await source.read_instance_range(instance, offset - 8, length + 16)
+        try:
+            frame = frames.frame_in_item(data, length, table.lengths[index + 1] if index + 1 < len(table.offsets)
+                                         else None)
+        except ProtocolError as exc:
+            log.warning("frame %d of instance %s is not where the archive's offset table says (%s): its frames "
+                        "are cut from the whole instance", node.frame, instance.key, exc)
+            self._ranged[key] = _NOT_RANGED
+            return None
+        return frames.frame_file(frame, ranged.transfer_syntax)
+
+    async def _check_ranges(self, source: FrameRangeReader, node: WebNode) -> _RangedFrames | str:
+        """Whether the archive's offset table of ``node``'s instance holds, read from the bytes
+        around it (before the first frame, after the last): the frames to read alone, or
+        ``_NOT_RANGED`` (also, without a read, for native frames: their table may be 8 bytes off)."""
+        assert node.instance is not None
+        instance = node.instance
+        stored = (await self._instance_json(node)).transfer_syntax
+        table = await source.frame_table(instance)
+        if table is None or not table.offsets or not 0 < table.offsets[0] <= MAX_RANGE_PREFIX \
+                or (stored is not None and frames.is_native(stored)):
+            return _NOT_RANGED
+        end = table.offsets[-1] + table.lengths[-1]
+        prefix = await source.read_instance_range(instance, 0, table.offsets[0])
+        delimiter = await source.read_instance_range(instance, end, 8) if end + 8 <= table.size else b""
+        try:
+            syntax = await trio.to_thread.run_sync(frames.check_frame_table, prefix, delimiter, table)
+        except ProtocolError as exc:
+            log.warning("the offset table of instance %s does not hold (%s): its frames are cut from the whole "
+                        "instance", instance.key, exc)
+            return _NOT_RANGED
+        return _RangedFrames(syntax, table)
 
     async def _cut(self, node: WebNode) -> list[bytes] | _FrameMap:
         """Where the frames of ``node``'s instance lie, and their sizes. An instance up to

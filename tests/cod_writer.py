@@ -68,6 +68,7 @@ class CodSeriesFiles:
     gzip_metadata: bool = True
     damaged: bool = False
     extra_top_level: dict[str, Any] = field(default_factory=lambda: {"thumbnail": {"uri": "x"}, "custom": 1})
+    offset_tables: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # SOPInstanceUID -> a table to write
 
     @property
     def study_key(self) -> str:
@@ -105,7 +106,7 @@ def write_series(prefix: str, series: CodSeriesFiles) -> tuple[dict[str, bytes],
                                           bulk_data_element_handler=lambda el: f"bulk/{el.tag:08X}"))
         entry: dict[str, Any] = {
             "headers": {"start_byte": start, "end_byte": start + len(data)},
-            "offset_tables": frame_table(data),
+            "offset_tables": series.offset_tables.get(sop) or frame_table(data),
             "crc32c": crc32c_b64(data),
             "size": len(data),
             "uri": f"gs://bucket/{prefix}/studies/{series.study_key}/series/{series.series_key}.tar"

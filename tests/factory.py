@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pydicom
@@ -52,6 +54,58 @@ def make_instance(study: str, series: str, sop: str | None = None, *, pixel_byte
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def slide(study: str, series: str, *, encapsulated: bool, frames: int, frame_bytes: int, number: int,
+          has_bot: bool = True, split: tuple[int, ...] = ()) -> bytes:
+    """A large multi-frame instance (as a slide's level is), with an ICC profile as bulk data.
+    Encapsulated: JPEG baseline, frames of different sizes, one fragment each (with a basic
+    offset table unless ``has_bot`` is false), except the frames (1-based) in ``split``, stored as
+    two fragments."""
+    from pydicom.dataset import Dataset
+    from pydicom.encaps import encapsulate, itemize_frame
+    from pydicom.uid import JPEGBaseline8Bit
+
+    sop = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.77.1.6")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit if encapsulated else ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.PatientID, ds.Modality, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "SLIDE", "SM", "20240101", 1, number
+    side = int(frame_bytes ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = frames, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    optical = Dataset()
+    optical.OpticalPathIdentifier = "1"
+    optical.ICCProfile = os.urandom(4000)
+    ds.OpticalPathSequence = [optical]
+    noise = os.urandom(side * side + frames)
+    if encapsulated:  # (each frame ends in a JPEG end-of-image marker, as pydicom looks for one)
+        pieces = [noise[i:i + side * side - i % 7] + b"\xff\xd9" for i in range(frames)]
+        if split:
+            items = b"".join(b"".join(itemize_frame(piece, 2 if position in split else 1))
+                               for position, piece in enumerate(pieces, 1))
+            ds.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + items
+            ds["PixelData"].is_undefined_length = True
+        else:
+            ds.PixelData = encapsulate(pieces, has_bot=has_bot)
+    else:
+        ds.PixelData = b"".join(noise[i:i + side * side] for i in range(frames))
+    ds["PixelData"].VR = "OB"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def write_slide(path: Path, study: str, series: str, *, encapsulated: bool, frames: int, frame_bytes: int,
+                number: int) -> str:
+    """``slide`` written to ``path``; its SOP Instance UID."""
+    data = slide(study, series, encapsulated=encapsulated, frames=frames, frame_bytes=frame_bytes, number=number)
+    path.write_bytes(data)
+    return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
 
 
 def multipart(parts: list[bytes], boundary: str = "dicomfs-test-boundary", *, lengths: bool = True) -> bytes:

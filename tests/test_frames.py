@@ -30,6 +30,9 @@ from dicomfs.multipart import (
     PartStart,
     boundary_from_content_type,
 )
+from dicomfs.records import FrameTable
+from tests.cod_writer import frame_table
+from tests.factory import slide
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -569,3 +572,106 @@ def test_a_file_shorter_than_its_index_says_so(tmp_path: Path, name: str) -> Non
             dicomjson.bulk_value(file, "7FE00010", file.read_at)
     finally:
         os.close(fd)
+
+
+# --- an archive's offset table, checked before frames are read alone ----------------------------------
+def claimed(p10: bytes, table: dict[str, list[int]] | None = None) -> tuple[bytes, bytes, FrameTable]:
+    """What ``check_frame_table`` is handed for ``p10`` and a COD offset table (by default the
+    right one): the bytes before the first frame, the 8 after the last, the table."""
+    table = table or frame_table(p10)
+    claim = FrameTable(tuple(table["CustomOffsetTable"]), tuple(table["CustomOffsetTableLengths"]), len(p10))
+    end = claim.offsets[-1] + claim.lengths[-1]
+    return p10[:claim.offsets[0]], p10[end:end + 8], claim
+
+
+def frames_in_items(p10: bytes, claim: FrameTable) -> list[bytes]:
+    found = []
+    for index, (offset, length) in enumerate(zip(claim.offsets, claim.lengths, strict=True)):
+        following = claim.lengths[index + 1] if index + 1 < len(claim.lengths) else None
+        found.append(bytes(frames.frame_in_item(p10[offset - 8:offset + length + 8], length, following)))
+    return found
+
+
+@pytest.mark.parametrize("form", ["basic offset table", "empty basic offset table", "extended offset table"])
+def test_a_frame_table_that_holds_gives_pydicoms_frames(form: str) -> None:
+    if form == "extended offset table":
+        p10, _ = with_extended_offsets(list(range(30)))
+    else:
+        p10 = slide("1.2.3", "1.2.3.4", encapsulated=True, frames=12, frame_bytes=1024, number=1,
+                    has_bot=form == "basic offset table")
+    syntax, reference = frames_of(p10)
+    prefix, delimiter, claim = claimed(p10)
+    assert frames.check_frame_table(prefix, delimiter, claim) == syntax
+    assert frames_in_items(p10, claim) == reference
+
+
+def frames_of(p10: bytes) -> tuple[str, list[bytes]]:
+    ds = read(BytesIO(p10))
+    return str(ds.file_meta.TransferSyntaxUID), list(generate_frames(ds.PixelData,
+                                                                     number_of_frames=int(ds.NumberOfFrames)))
+
+
+Table = dict[str, list[int]]  # a COD offset table
+
+
+def with_table(change: Callable[[Table], object]) -> Callable[[bytes], tuple[bytes, Table]]:
+    def make(p10: bytes) -> tuple[bytes, Table]:
+        table = frame_table(p10)
+        change(table)
+        return p10, table
+    return make
+
+
+def wrong_basic_offset(p10: bytes) -> tuple[bytes, dict[str, list[int]]]:
+    table = frame_table(p10)
+    at = p10.rfind(b"\xe0\x7f\x10\x00") + 20 + 4  # the second frame's entry
+    return p10[:at] + struct.pack("<I", struct.unpack_from("<I", p10, at)[0] + 2) + p10[at + 4:], table
+
+
+def reordered(p10: bytes) -> tuple[bytes, dict[str, list[int]]]:
+    p10, _ = with_extended_offsets([1, 0, *range(2, 30)])
+    return p10, frame_table(p10)  # (stored order: not the table's)
+
+
+@pytest.mark.parametrize("make, message", [
+    (with_table(lambda t: t.update(CustomOffsetTable=[o + 8 for o in t["CustomOffsetTable"]])),
+     "not the first item after the basic offset table"),
+    (with_table(lambda t: [t[k].pop() for k in t]), "lists 11 frames, NumberOfFrames is 12"),
+    (with_table(lambda t: t["CustomOffsetTableLengths"].__setitem__(3, t["CustomOffsetTableLengths"][3] - 2)),
+     "frame 5 does not follow frame 4"),
+    (with_table(lambda t: t["CustomOffsetTableLengths"].__setitem__(0, t["CustomOffsetTableLengths"][0] + 1)),
+     "not the first item"),
+    (with_table(lambda t: t["CustomOffsetTableLengths"].__setitem__(1, 7)), "does not follow"),
+    (wrong_basic_offset, "the basic offset table places the frames elsewhere"),
+    (reordered, "the extended offset table places the frames elsewhere"),
+])
+def test_a_frame_table_that_does_not_hold_is_refused(
+        make: Callable[[bytes], tuple[bytes, dict[str, list[int]]]], message: str) -> None:
+    p10, table = make(slide("1.2.3", "1.2.3.4", encapsulated=True, frames=12, frame_bytes=1024, number=1))
+    with pytest.raises(ProtocolError, match=message):
+        frames.check_frame_table(*claimed(p10, table))
+
+
+def test_a_frame_table_is_refused_for_native_data_or_without_the_pixel_datas_end() -> None:
+    native = slide("1.2.3", "1.2.3.4", encapsulated=False, frames=4, frame_bytes=1024, number=1)
+    with pytest.raises(ProtocolError, match="not encapsulated"):
+        frames.check_frame_table(*claimed(native))
+    p10 = slide("1.2.3", "1.2.3.4", encapsulated=True, frames=4, frame_bytes=1024, number=1)
+    prefix, _, claim = claimed(p10)
+    for delimiter in (b"", b"\xfe\xff\x00\xe0\x00\x00\x00\x00"):
+        with pytest.raises(ProtocolError, match="not followed by the end of the pixel data"):
+            frames.check_frame_table(prefix, delimiter, claim)
+    with pytest.raises(ProtocolError, match="not the length of its lengths"):
+        frames.check_frame_table(prefix[:-1], b"", claim)
+
+
+def test_a_frame_read_alone_must_be_the_item_the_table_says() -> None:
+    p10 = slide("1.2.3", "1.2.3.4", encapsulated=True, frames=4, frame_bytes=1024, number=1)
+    _, _, claim = claimed(p10)
+    offset, length, following = claim.offsets[1], claim.lengths[1], claim.lengths[2]
+    data = p10[offset - 8:offset + length + 8]
+    assert bytes(frames.frame_in_item(data, length, following)) == frames_of(p10)[1][1]
+    for wrong in ((data, length - 2, following), (data, length, following + 2), (data, length, None),
+                  (data[:-1], length, following), (b"\0" * 8 + data[8:], length, following)):
+        with pytest.raises(ProtocolError):
+            frames.frame_in_item(*wrong)

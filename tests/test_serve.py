@@ -23,7 +23,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
 from tests.cod_bucket import BUCKET, Bucket, mount_env
-from tests.factory import make_instance
+from tests.factory import make_instance, write_slide
 from tests.mounting import dicomfs
 from tests.reference import KEY_TAGS, parts, reference_frames, source_files, value
 from tests.servers import DicomfsServe, OrthancServer, free_port, peak_rss_mb, wait_until
@@ -176,39 +176,6 @@ def test_demo_frames_are_pydicoms(serve: Callable[..., DicomfsServe], demo_dir: 
         [(content_type, _)] = parts(response)
         assert content_type.endswith(f";transfer-syntax={syntax}"), content_type
     assert checked >= 20 and multi >= 1
-
-
-def write_slide(path: Path, study: str, series: str, *, encapsulated: bool, frames: int, frame_bytes: int,
-                number: int) -> str:
-    """A large multi-frame instance (as a slide's level is), with an ICC profile as bulk data."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
-
-    sop = generate_uid()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.77.1.6")
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
-    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit if encapsulated else ExplicitVRLittleEndian
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.PatientID, ds.Modality, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "SLIDE", "SM", "20240101", 1, number
-    side = int(frame_bytes ** 0.5)
-    ds.Rows = ds.Columns = side
-    ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = frames, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    optical = Dataset()
-    optical.OpticalPathIdentifier = "1"
-    optical.ICCProfile = os.urandom(4000)
-    ds.OpticalPathSequence = [optical]
-    noise = os.urandom(side * side + frames)
-    if encapsulated:  # frames of different sizes, one fragment each
-        ds.PixelData = encapsulate([noise[i:i + side * side - i % 7] + b"\xff\xd9" for i in range(frames)])
-    else:
-        ds.PixelData = b"".join(noise[i:i + side * side] for i in range(frames))
-    ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
-    return sop
 
 
 def test_a_large_instance_is_served_without_holding_it_in_memory(serve: Callable[..., DicomfsServe],

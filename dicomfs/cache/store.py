@@ -233,6 +233,18 @@ class BlobStore:
         entry = manifest.members.get(key) if manifest is not None else None
         return entry[1] if entry is not None else None
 
+    async def holds(self, series: SeriesRecord, instance: InstanceRecord) -> bool:
+        """Whether the instance is cached (in its series' blob or alone) or being downloaded here:
+        opening it then costs no more than the rest of its download."""
+        alone = layout.instance_blob_key(series.key, instance.key)
+        if series.key in self._downloads or alone in self._downloads:
+            return True
+        for blob_key in (series.key, alone):
+            manifest = await self.manifest(blob_key)
+            if manifest is not None and instance.key in manifest.members:
+                return True
+        return False
+
     async def size_of(self, series: SeriesRecord, instance: InstanceRecord) -> int:
         """The exact size of an instance, downloading its series if nothing else knows it."""
         if instance.size is not None:

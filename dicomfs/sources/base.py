@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord
 
 if TYPE_CHECKING:
     from dicomfs.query import Term
@@ -156,6 +156,21 @@ class InstanceFetcher(Protocol):
 
     async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None: ...
 
+
+
+@runtime_checkable
+class FrameRangeReader(Protocol):
+    """A source that says where an instance's frames lie without reading it, and reads any range
+    of an instance (COD: the offset tables of its index, Range requests into the tar): a tile of
+    a large slide level is then one small request, not the level."""
+
+    async def frame_table(self, instance: InstanceRecord) -> FrameTable | None:
+        """What the archive says of the instance's frames (unchecked), or None if it says nothing."""
+        ...
+
+    async def read_instance_range(self, instance: InstanceRecord, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes of the instance from ``offset`` (within its recorded size)."""
+        ...
 
 @runtime_checkable
 class KeepsProgress(Protocol):

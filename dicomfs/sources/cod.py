@@ -4,7 +4,9 @@ Owns the bucket layout (``<prefix>/studies/<St>/series/<Se>.tar`` and
 ``<Se>/metadata.json``), turning the index into records with exact sizes, and delivering
 instance bytes from the tar: the whole tar in one GET, or one instance by a Range request, read
 and cut in a worker thread (``bucket.stream_in_thread``, ``SeriesSink.in_thread``).
-Every instance is checked against its size and CRC32C before it reaches the sink.
+Every instance is checked against its size and CRC32C before it reaches the sink. Also the
+index's frame tables and any range of an instance as stored (``FrameRangeReader``), which the
+caller checks (``frames.check_frame_table``): a CRC32C covers a whole instance only.
 The bucket is any object store (``bucket.Bucket``: GCS, S3). Must not cache blobs (the blob
 store does), decide when to fetch a range or the whole tar, or know which store it reads.
 """
@@ -22,7 +24,7 @@ import cachetools
 import google_crc32c
 
 from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBroken
-from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import BlockingMemberWriter, BlockingSink, SeriesSink
 from dicomfs.sources.bucket import Bucket, ObjectInfo
@@ -154,14 +156,44 @@ class CodSource:
 
     async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None:
         """One instance by a Range request, read in a worker thread."""
-        index = await self._index(SeriesRecord(instance.study_uid, instance.series_uid))
-        entry = index.instances.get(instance.key)
-        if entry is None:
-            raise NotFound(f"instance {instance.key} is not in its series index")
-        series = SeriesRecord(instance.study_uid, instance.series_uid)
+        series, entry = await self._entry(instance)
         if not await run_stoppable(partial(self._cut, self._tar_name(series), [entry], entry.end, sink.in_thread()),
                                    limiter=self._retrieves):
             raise IntegrityError(f"instance {entry.key} failed its CRC32C check")
+
+    async def frame_table(self, instance: InstanceRecord) -> FrameTable | None:
+        """The index's offset table of the instance (``offset_tables``), as the writer put it."""
+        _, entry = await self._entry(instance)
+        if not entry.frame_offsets:
+            return None
+        offsets, lengths = zip(*entry.frame_offsets, strict=True)
+        return FrameTable(offsets, lengths, entry.size)
+
+    async def read_instance_range(self, instance: InstanceRecord, offset: int, length: int) -> bytes:
+        """``length`` bytes of the instance from ``offset``: one Range request into the tar, read
+        in a worker thread. Not checked by CRC32C (the index has one for the whole instance only):
+        the caller checks what it reads (``frames.check_frame_table``)."""
+        series, entry = await self._entry(instance)
+        if offset < 0 or length < 0 or offset + length > entry.size:
+            raise ProtocolError(f"bytes {offset}-{offset + length} are not within instance {entry.key} "
+                                f"({entry.size} bytes)")
+        start = entry.start + offset
+
+        def read(stop: StopSignal) -> bytes:
+            with self.bucket.stream_in_thread(self._tar_name(series), start, start + length, stop) as chunks:
+                data = b"".join(chunks)
+            if len(data) != length:
+                raise TransferBroken(f"a range of instance {entry.key} ended after {len(data)} of {length} bytes")
+            return data
+
+        return await run_stoppable(read)
+
+    async def _entry(self, instance: InstanceRecord) -> tuple[SeriesRecord, CodInstance]:
+        series = SeriesRecord(instance.study_uid, instance.series_uid)
+        entry = (await self._index(series)).instances.get(instance.key)
+        if entry is None:
+            raise NotFound(f"instance {instance.key} is not in its series index")
+        return series, entry
 
     def _cut(self, tar: str, entries: list[CodInstance], end: int | None, sink: BlockingSink,
              stop: StopSignal) -> bool:
