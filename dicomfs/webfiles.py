@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -28,7 +29,7 @@ from dicomfs.cache import BlobStore, InstanceHandle
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, IntegrityError, NotFound, ProtocolError
 from dicomfs.gcpause import paused, release_free_memory
-from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord, json_value
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import FrameRangeReader, MetadataSource
 from dicomfs.summary import Summaries
@@ -106,7 +107,8 @@ class _RangedFrames:
     (checked, ``frames.check_frame_table``), and the transfer syntax they announce."""
 
     transfer_syntax: str
-    table: FrameTable
+    offsets: array[int]  # (arrays: 16 bytes a frame, where the table's tuples of ints take ~70)
+    lengths: array[int]
 
 
 _NOT_RANGED = "cut"  # remembered for an instance whose frames are cut from its bytes, not read alone
@@ -149,7 +151,7 @@ class WebFiles:
         self._frame_maps: cachetools.LRUCache[tuple[str, str], _FrameMap] = cachetools.LRUCache(
             FRAME_MAP_FRAGMENTS, getsizeof=lambda frame_map: frame_map.pieces.fragments)
         self._ranged: cachetools.LRUCache[tuple[str, str], _RangedFrames | str] = cachetools.LRUCache(
-            FRAME_MAP_FRAGMENTS, getsizeof=lambda r: len(r.table.offsets) if isinstance(r, _RangedFrames) else 1)
+            FRAME_MAP_FRAGMENTS, getsizeof=lambda r: len(r.offsets) if isinstance(r, _RangedFrames) else 1)
 
     # --- sizes ------------------------------------------------------------------------------------
     def known_size(self, node: WebNode) -> int | None:
@@ -427,15 +429,14 @@ class WebFiles:
             self._ranged[key] = ranged
         if not isinstance(ranged, _RangedFrames):
             return None
-        table = ranged.table
-        if node.frame > len(table.offsets):
-            raise NotFound(f"instance {instance.key} has {len(table.offsets)} frames, not {node.frame}")
+        count = len(ranged.offsets)
+        if node.frame > count:
+            raise NotFound(f"instance {instance.key} has {count} frames, not {node.frame}")
         index = node.frame - 1
-        offset, length = table.offsets[index], table.lengths[index]
+        offset, length = ranged.offsets[index], ranged.lengths[index]
         data = await source.read_instance_range(instance, offset - 8, length + 16)
         try:
-            frame = frames.frame_in_item(data, length, table.lengths[index + 1] if index + 1 < len(table.offsets)
-                                         else None)
+            frame = frames.frame_in_item(data, length, ranged.lengths[index + 1] if index + 1 < count else None)
         except ProtocolError as exc:
             log.warning("frame %d of instance %s is not where the archive's offset table says (%s): its frames "
                         "are cut from the whole instance", node.frame, instance.key, exc)
@@ -463,7 +464,7 @@ class WebFiles:
             log.warning("the offset table of instance %s does not hold (%s): its frames are cut from the whole "
                         "instance", instance.key, exc)
             return _NOT_RANGED
-        return _RangedFrames(syntax, table)
+        return _RangedFrames(syntax, array("Q", table.offsets), array("Q", table.lengths))
 
     async def _cut(self, node: WebNode) -> list[bytes] | _FrameMap:
         """Where the frames of ``node``'s instance lie, and their sizes. An instance up to

@@ -1,0 +1,141 @@
+"""A tile of a large COD instance through ``dicomfs serve``: this checkout, an earlier commit, curl.
+
+One COD series in a GCS emulator (PyPI ``gcp-storage-emulator``, the one the tests use) holds a
+slide level: an encapsulated instance of ``--frames`` frames of ~64 KiB. Side by side, in
+alternating order, ``--repeat`` times: a fresh ``dicomfs serve`` of the bucket with an empty
+cache (the instances listing asked for first, untimed, as a viewer does), then the frame in the
+middle of the level timed from request to the last byte, and the next frame after it; the same
+for the ``--base`` commit (checked out with ``git worktree``, run from there); and ``curl`` of
+that frame's byte range straight from the emulator. The tar bytes each serve asked the emulator
+for are counted by a proxy in front of it. Every frame served is compared with pydicom's.
+
+    .venv/bin/python -m bench.cod_frames --base 5185aa2 --frames 2000 --repeat 5
+
+Prints medians; writes nothing into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pydicom
+from pydicom.encaps import generate_frames
+
+from bench.ab import module_of
+from bench.mounts import ROOT
+from tests.cod_bucket import Bucket
+from tests.cod_writer import CodSeriesFiles, frame_table
+from tests.factory import slide
+from tests.reference import parts
+from tests.servers import CountingProxy, GcsEmulator, classify_gcs, free_port, wait_until
+
+STUDY, SERIES = "1.2.826.0.1.3680043.8.498.71", "1.2.826.0.1.3680043.8.498.71.1"
+ANY_FRAME = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+TIMEOUT = 300
+
+
+def serve_once(checkout: Path, emulator: GcsEmulator, work: Path, sop: str, frame: int,
+               reference: list[bytes]) -> tuple[float, float, int]:
+    """A fresh ``dicomfs serve`` from ``checkout``: (seconds to frame ``frame``, to the next one,
+    tar bytes asked of the emulator)."""
+    with CountingProxy(emulator.port, classify_gcs) as proxy:
+        port, log_path = free_port(), work / f"serve-{time.monotonic_ns()}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "dicomfs", "serve", f"gs://{emulator.bucket}/s/dicomweb", "--port", str(port),
+                 "--cache-dir", str(work / f"cache-{time.monotonic_ns()}")], cwd=checkout, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "STORAGE_EMULATOR_HOST": proxy.url})
+        try:
+            wait_until(lambda: "serving" in log_path.read_text(errors="replace") or process.poll() is not None,
+                       60, "dicomfs serve to listen")
+            root = f"http://127.0.0.1:{port}/dicomweb/studies/{STUDY}/series/{SERIES}"
+            httpx.get(f"{root}/instances", timeout=TIMEOUT).raise_for_status()
+            timings = []
+            for number in (frame, frame + 1):
+                started = time.perf_counter()
+                response = httpx.get(f"{root}/instances/{sop}/frames/{number}", headers={"Accept": ANY_FRAME},
+                                     timeout=TIMEOUT)
+                timings.append(time.perf_counter() - started)
+                if response.status_code != 200 or [d for _, d in parts(response)] != [reference[number - 1]]:
+                    raise SystemExit(f"frame {number} from {checkout}: status {response.status_code}, not pydicom's")
+            return timings[0], timings[1], proxy.bytes["tar"]
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="the earlier commit to compare with")
+    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="dicomfs-cod-frames-"))
+    base = work / "base"
+    subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        versions = {f"base ({args.base})": base, "this checkout": ROOT}
+        for name, checkout in versions.items():
+            if not module_of(checkout).startswith(str(checkout)):
+                raise SystemExit(f"{name} would not import its own dicomfs")
+        data = slide(STUDY, SERIES, encapsulated=True, frames=args.frames, frame_bytes=65536, number=1)
+        sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+        reference = list(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=args.frames))
+        frame = args.frames // 2
+        table = frame_table(data)
+        offset, length = table["CustomOffsetTable"][frame - 1], table["CustomOffsetTableLengths"][frame - 1]
+        print(f"a level of {len(data) / 1e6:.1f} MB, {args.frames} frames; frame {frame}: {length} bytes", flush=True)
+        samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in versions}
+        curl: list[float] = []
+        with GcsEmulator("bench-frames") as emulator:
+            Bucket(emulator).add("s/dicomweb", [CodSeriesFiles(STUDY, SERIES, {sop: data}, version=2)])
+            folder = f"s/dicomweb/studies/{STUDY}/series/{SERIES}"
+            objects = f"{emulator.endpoint}/storage/v1/b/{emulator.bucket}/o"
+            index = json.loads(gzip.decompress(httpx.get(f"{objects}/{quote(folder + '/metadata.json', safe='')}",
+                                                         params={"alt": "media"}, timeout=60).content))
+            start = index["cod"]["instances"][sop]["headers"]["start_byte"] + offset
+            tar_url = f"{objects}/{quote(folder + '.tar', safe='')}?alt=media"
+            for rep in range(args.repeat):
+                order = [*versions, "curl"] if rep % 2 == 0 else ["curl", *list(versions)[::-1]]
+                for name in order:
+                    if name == "curl":
+                        started = time.perf_counter()
+                        got = subprocess.run(["curl", "-sS", "--fail", "-r", f"{start}-{start + length - 1}", tar_url],
+                                             capture_output=True, check=True, timeout=TIMEOUT).stdout
+                        curl.append(time.perf_counter() - started)
+                        if got != reference[frame - 1]:
+                            raise SystemExit("curl's range is not the frame")
+                    else:
+                        samples[name].append(serve_once(versions[name], emulator, work, sop, frame, reference))
+                print(f"repetition {rep + 1}/{args.repeat} done", flush=True)
+        for name, runs in samples.items():
+            first, following, moved = zip(*runs, strict=True)
+            print(f"{name}: frame {frame} {statistics.median(first) * 1000:.1f} ms "
+                  f"({min(first) * 1000:.1f}-{max(first) * 1000:.1f}), the next "
+                  f"{statistics.median(following) * 1000:.1f} ms, {statistics.median(moved) / 1e6:.3f} MB of the tar "
+                  "asked for")
+        print(f"curl of the frame's range: {statistics.median(curl) * 1000:.1f} ms")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True,
+                       timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
