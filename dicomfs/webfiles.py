@@ -456,14 +456,15 @@ class WebFiles:
                 or (stored is not None and frames.is_native(stored)):
             return _NOT_RANGED
         end = table.offsets[-1] + table.lengths[-1]
-        prefix = await source.read_instance_range(instance, 0, table.offsets[0])
-        delimiter = await source.read_instance_range(instance, end, 8) if end + 8 <= table.size else b""
-        try:
-            syntax = await trio.to_thread.run_sync(frames.check_frame_table, prefix, delimiter, table)
-        except ProtocolError as exc:
-            log.warning("the offset table of instance %s does not hold (%s): its frames are cut from the whole "
-                        "instance", instance.key, exc)
-            return _NOT_RANGED
+        async with self._cut_limit:  # (each holds up to MAX_RANGE_PREFIX: an index may claim that for every instance)
+            prefix = await source.read_instance_range(instance, 0, table.offsets[0])
+            delimiter = await source.read_instance_range(instance, end, 8) if end + 8 <= table.size else b""
+            try:
+                syntax = await trio.to_thread.run_sync(frames.check_frame_table, prefix, delimiter, table)
+            except ProtocolError as exc:
+                log.warning("the offset table of instance %s does not hold (%s): its frames are cut from the whole "
+                            "instance", instance.key, exc)
+                return _NOT_RANGED
         return _RangedFrames(syntax, array("Q", table.offsets), array("Q", table.lengths))
 
     async def _cut(self, node: WebNode) -> list[bytes] | _FrameMap:
