@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from dicomfs.sources.dimse.imports import import_pynetdicom
+
 MAX_CONTEXTS = 128
 # Most frequent first: when contexts run short, the rare ones go.
 TRANSFER_SYNTAXES = (
@@ -54,6 +56,7 @@ def storage_pairs(sop_classes: Iterable[str], room: int = MAX_CONTEXTS - 1) -> l
 def retrieve_contexts(model: str, sop_classes: Iterable[str]) -> tuple[list[Any], list[Any]]:
     """The contexts and SCP/SCU role items of a C-GET association: the retrieve model, and one
     storage context per (SOP class, transfer syntax) with dicomfs in the SCP role."""
+    import_pynetdicom()
     from pynetdicom import build_context, build_role
 
     pairs = storage_pairs(sop_classes)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from dicomfs.errors import AccessRefused, ProtocolError, SourceError, SourceUnavailable
+from dicomfs.sources.dimse.imports import import_pynetdicom
 from dicomfs.tasks import StopSignal, run_stoppable
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ def quick_loop(assoc: Association) -> None:
 
 def socket_handlers() -> list[tuple[Any, Callable[..., Any]]]:
     """The handlers every association of ours carries, as requestor or as storage SCP."""
+    import_pynetdicom()
     from pynetdicom import evt
 
     return [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_DATA_SENT, quickack)]
@@ -124,6 +126,7 @@ def socket_handlers() -> list[tuple[Any, Callable[..., Any]]]:
 
 def application_entity(peer: Peer, contexts: Sequence[PresentationContext]) -> Any:
     """A pynetdicom AE for one association: our AE title, the timeouts, these contexts."""
+    import_pynetdicom()
     from pynetdicom import AE
 
     ae = AE(ae_title=peer.calling_ae)
@@ -232,6 +235,7 @@ class Ending:
         self.by: str | None = None
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        import_pynetdicom()
         from pynetdicom import evt
 
         return [(evt.EVT_ACSE_SENT, self._sent), (evt.EVT_ACSE_RECV, self._received)]
@@ -277,6 +281,7 @@ def storage_scp(peer: Peer, port: int, handlers: Sequence[tuple[Any, Callable[..
     syntax, and runs in pynetdicom's threads until its ``shutdown()``. A port that another process
     holds (another dicomfs moving from the same PACS) is waited for up to the peer's timeout, then
     a one-line ``SourceError``. Blocking."""
+    import_pynetdicom()
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
 
     ae = AE(ae_title=peer.calling_ae)
@@ -545,6 +550,7 @@ class AssociationPool:
             self._reaping = False
 
     def _open_for_queries(self) -> Association:
+        import_pynetdicom()
         from pynetdicom import build_context
 
         return open_association(self.peer, [build_context(syntax) for syntax in self._query_syntaxes])

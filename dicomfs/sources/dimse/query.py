@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicomfs.query import Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.sources.dimse.imports import import_pynetdicom
 from dicomfs.uids import is_uid
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ _DATE_TIME_VRS = frozenset({"DA", "TM", "DT"})
 def identifier(level: str, matching: dict[str, str] | None = None) -> Dataset:
     """A C-FIND identifier at ``level`` asking for its return keys, with ``matching`` values (by
     keyword). SpecificCharacterSet is ISO_IR 192 when a value is not ASCII."""
+    import_pynetdicom()  # (on the event loop, while a worker thread may be importing pydicom)
     from pydicom.dataset import Dataset
 
     ds = Dataset()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicomfs.errors import SourceError, TransferBroken
 from dicomfs.sources.dimse import contexts, net, part10, query, status
+from dicomfs.sources.dimse.imports import import_pynetdicom
 from dicomfs.sources.dimse.net import Peer
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ def follow(job: Job, responses: Iterable[tuple[Any, Any]], what: str, assoc: Ass
 def get(peer: Peer, job: Job) -> None:
     """The C-GET of the series on an association of its own, its instances arriving on it, one
     presentation context per (SOP class, transfer syntax) so that the PACS sends what it stores."""
+    import_pynetdicom()
     from pynetdicom import evt
 
     cxs, roles = contexts.retrieve_contexts(query.STUDY_ROOT_GET, job.listed.values())
@@ -132,6 +134,7 @@ def move(peer: Peer, job: Job, port: int) -> None:
     """The C-MOVE of the series to ourselves: a Storage SCP on ``port`` for as long as the move
     runs (``net.storage_scp``: the PACS's AE title alone), whose associations must also come from
     the PACS's address; their instances go to ``deliver`` as a C-GET's do."""
+    import_pynetdicom()
     from pynetdicom import build_context, evt
 
     addresses = net.addresses_of(peer.host)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dicomfs.errors import ProtocolError, SourceError, SourceUnavailable
+from dicomfs.sources.dimse.imports import import_pynetdicom
 
 PENDING = frozenset({0xFF00, 0xFF01})
 SUCCESS = 0x0000
@@ -36,6 +37,7 @@ def code_of(status: Any, description: str, what: str) -> int:
 def failure(description: str, service: str, what: str, code: int, destination: str | None = None) -> SourceError:
     """A failure status of a C-FIND, C-GET or C-MOVE as one line that says what it means
     (``destination``: where a C-MOVE was to send, for the line that asks the PACS to know it)."""
+    import_pynetdicom()
     from pynetdicom import status
 
     if code == 0xA801:

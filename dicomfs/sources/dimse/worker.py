@@ -29,6 +29,7 @@ from typing import Any
 
 from dicomfs.errors import SourceError
 from dicomfs.sources.dimse import pipe, query, retrieve
+from dicomfs.sources.dimse.imports import import_pynetdicom
 from dicomfs.sources.dimse.net import CANCEL_GRACE
 
 IDLE_EXIT = 120.0  # seconds without a request before the worker ends (the daemon starts another)
@@ -169,8 +170,7 @@ def _run(out: pipe.FrameWriter, line: bytes, current: dict[str, retrieve.Job]) -
 
 def main() -> int:
     # imported now, while the daemon has nothing for us yet, rather than with the first request
-    import pydicom.filewriter  # noqa: F401
-    import pynetdicom  # noqa: F401
+    import_pynetdicom()
 
     out = pipe.FrameWriter(sys.stdout.fileno())
     try:
