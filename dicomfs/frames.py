@@ -495,13 +495,22 @@ _PIXEL_HEADERS = tuple(b"\xe0\x7f\x10\x00" + vr + b"\x00\x00\xff\xff\xff\xff" fo
 
 
 def check_frame_table(prefix: bytes, delimiter: bytes, table: FrameTable) -> str:
-    """Whether the frames of an encapsulated instance are where an archive says (``table``), each
-    one fragment, as pydicom would assemble them, judged from the instance's bytes up to the first
-    frame (``prefix``: its data set, the pixel data's header, the basic offset table and the first
-    item's header) and the 8 bytes after the last frame (``delimiter``); the syntax the frames
-    are served in if so. Each frame's own item is checked when it is read (``frame_in_item``).
-    Raises ProtocolError saying what does not hold: the caller then cuts the instance whole.
-    Blocking (pydicom)."""
+    """Whether an encapsulated instance's frames are where an archive says (``table``), one item
+    each, judged from the instance's bytes up to the first frame (``prefix``: its data set, the
+    pixel data's header, the offset table and the first item's header) and the 8 bytes after the
+    last (``delimiter``); the syntax the frames are served in if so. Raises ProtocolError saying
+    what does not hold: the caller then cuts the instance whole.
+
+    The instance's own offset table must place every frame where ``table`` does: a basic offset
+    table (where each frame's first item starts, PS3.5 A.4) or an extended one (where each frame
+    lies: pydicom reads those ranges as they are). Without either, only a walk of every item from
+    the first finds the frames (pydicom's rule), and no table of an archive's can stand in for that
+    walk: refused. Then the first frame must be the first item after the basic offset table, each
+    the next one after the previous, and the pixel data (the data set with it: nothing may follow
+    that pydicom would read) must end after the last. Each frame's item header, and the one after
+    it, are checked when it is read (``frame_in_item``). A file whose basic offset table points
+    elsewhere than its items start (malformed) gets the frames its table says here, where a cut of
+    the whole instance follows pydicom's walk. Blocking (pydicom)."""
     import_pydicom()
     count, first = len(table.offsets), table.offsets[0] if table.offsets else 0
     if not 1 <= count <= MAX_FRAME_COUNT or len(table.lengths) != count or len(prefix) != first:
@@ -534,10 +543,12 @@ def check_frame_table(prefix: bytes, delimiter: bytes, table: FrameTable) -> str
         if table.offsets[index + 1] != table.offsets[index] + table.lengths[index] + _ITEM_HEADER:
             raise ProtocolError(f"frame {index + 2} does not follow frame {index + 1} as the next item")
     end = table.offsets[-1] + table.lengths[-1]
-    if end + _ITEM_HEADER > table.size or delimiter != _SEQUENCE_DELIMITER + bytes(4):
-        raise ProtocolError("the last frame is not followed by the end of the pixel data")
+    if end + _ITEM_HEADER != table.size or delimiter != _SEQUENCE_DELIMITER + bytes(4):
+        raise ProtocolError("the last frame is not followed by the end of the pixel data and of the file")
     if table_length and (table_length != 4 * count or list(unpack_from(f"<{count}I", prefix, at + 20)) != relative):
         raise ProtocolError("the basic offset table places the frames elsewhere")
+    if not table_length and eot[0] is None and eot[1] is None:
+        raise ProtocolError("the instance has no offset table of its own (its frames are found by walking its items)")
     if eot[0] is not None or eot[1] is not None:
         if eot[0] is None or eot[1] is None or len(eot[0]) != 8 * count or len(eot[1]) != 8 * count \
                 or list(unpack_from(f"<{count}Q", eot[0])) != relative \

@@ -148,6 +148,7 @@ class WebFiles:
         self._study_limit = trio.CapacityLimiter(PARALLEL)
         self._series_limit = trio.CapacityLimiter(PARALLEL)
         self._cut_limit = trio.CapacityLimiter(PARALLEL_CUTS)
+        self._range_checks = trio.CapacityLimiter(PARALLEL_CUTS)  # (each holds up to MAX_RANGE_PREFIX)
         self._frame_maps: cachetools.LRUCache[tuple[str, str], _FrameMap] = cachetools.LRUCache(
             FRAME_MAP_FRAGMENTS, getsizeof=lambda frame_map: frame_map.pieces.fragments)
         self._ranged: cachetools.LRUCache[tuple[str, str], _RangedFrames | str] = cachetools.LRUCache(
@@ -456,7 +457,7 @@ class WebFiles:
                 or (stored is not None and frames.is_native(stored)):
             return _NOT_RANGED
         end = table.offsets[-1] + table.lengths[-1]
-        async with self._cut_limit:  # (each holds up to MAX_RANGE_PREFIX: an index may claim that for every instance)
+        async with self._range_checks:  # (an index may claim a MAX_RANGE_PREFIX for every instance)
             prefix = await source.read_instance_range(instance, 0, table.offsets[0])
             delimiter = await source.read_instance_range(instance, end, 8) if end + 8 <= table.size else b""
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -86,9 +87,11 @@ def slide(study: str, series: str, *, encapsulated: bool, frames: int, frame_byt
     if encapsulated:  # (each frame ends in a JPEG end-of-image marker, as pydicom looks for one)
         pieces = [noise[i:i + side * side - i % 7] + b"\xff\xd9" for i in range(frames)]
         if split:
-            items = b"".join(b"".join(itemize_frame(piece, 2 if position in split else 1))
-                               for position, piece in enumerate(pieces, 1))
-            ds.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + items
+            framed = [b"".join(itemize_frame(piece, 2 if position in split else 1))
+                      for position, piece in enumerate(pieces, 1)]
+            starts = [sum(map(len, framed[:index])) for index in range(frames)] if has_bot else []
+            table = struct.pack(f"<{len(starts)}I", *starts)
+            ds.PixelData = b"\xfe\xff\x00\xe0" + struct.pack("<I", len(table)) + table + b"".join(framed)
             ds["PixelData"].is_undefined_length = True
         else:
             ds.PixelData = encapsulate(pieces, has_bot=has_bot)

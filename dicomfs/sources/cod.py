@@ -22,6 +22,7 @@ from pathlib import Path
 
 import cachetools
 import google_crc32c
+import trio
 
 from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBroken
 from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord
@@ -38,6 +39,8 @@ from dicomfs.tasks import StopSignal, retrieve_limiter, run_stoppable
 from dicomfs.uids import is_key
 
 log = logging.getLogger(__name__)
+
+PARALLEL_RANGES = 16  # ranges of instances (frames read alone) read at once
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class CodSource:
         self._indexes: cachetools.LRUCache[tuple[str, str], CodSeries] = cachetools.LRUCache(64)
         self._flights: SingleFlight[CodSeries] = SingleFlight()
         self._retrieves = retrieve_limiter()
+        self._ranges = trio.CapacityLimiter(PARALLEL_RANGES)  # (threads of their own: not disk work's)
 
     async def aclose(self) -> None:
         await self.bucket.aclose()
@@ -186,7 +190,7 @@ class CodSource:
                 raise TransferBroken(f"a range of instance {entry.key} ended after {len(data)} of {length} bytes")
             return data
 
-        return await run_stoppable(read)
+        return await run_stoppable(read, limiter=self._ranges)
 
     async def _entry(self, instance: InstanceRecord) -> tuple[SeriesRecord, CodInstance]:
         series = SeriesRecord(instance.study_uid, instance.series_uid)
