@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.mounts import ROOT, cpu_seconds, run_timed
@@ -74,48 +76,63 @@ def one_copy(checkout: Path, source: str, work: Path,
     return elapsed, cpu_mounted, cpu - cpu_mounted, hwm
 
 
+@contextmanager
+def versions_of(base: str, work: Path) -> Iterator[dict[str, Path]]:
+    """``{"base (<base>)": a git worktree of it in ``work``, "this checkout": ROOT}``, each checked
+    to import its own dicomfs when a process starts there; the worktree removed afterwards."""
+    folder = work / "base"
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), base], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        versions = {f"base ({base})": folder, "this checkout": ROOT}
+        for name, checkout in versions.items():
+            loaded = module_of(checkout)
+            if not loaded.startswith(str(checkout)):
+                raise SystemExit(f"{name} would import {loaded}, not its own dicomfs")
+        yield versions
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, capture_output=True,
+                       timeout=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the earlier commit to compare with")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="dicomfs-ab-"))
-    base = work / "base"
-    subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True,
-                   capture_output=True, timeout=120)
     try:
-        versions = {f"base ({args.base})": base, "this checkout": ROOT}
-        for name, checkout in versions.items():
-            loaded = module_of(checkout)
-            if not loaded.startswith(str(checkout)):
-                raise SystemExit(f"{name} would import {loaded}, not its own dicomfs")
-        files = {f"{STUDY}.{s}.{n}.dcm": make_instance(STUDY, f"{STUDY}.{s}", f"{STUDY}.{s}.{n}",
-                                                       pixel_bytes=512 * 1024, number=n)
-                 for s in (1, 2) for n in range(1, 81)}
-        expected = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-        gib = sum(map(len, files.values())) / 2**30
-        samples: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in versions}
-        with OrthancServer(work / "orthanc") as server:
-            server.upload(list(files.values()))
-            for rep in range(args.repeat):
-                order = list(versions) if rep % 2 == 0 else list(versions)[::-1]
-                for name in order:
-                    samples[name].append(one_copy(versions[name], server.dicomweb, work, expected))
-                print(f"repetition {rep + 1}/{args.repeat} done", flush=True)
-        for name, runs in samples.items():
-            times, startups, copies, hwms = zip(*runs, strict=False)
-            print(f"{name}: cold cp -r median {statistics.median(times):.3f} s ({min(times):.3f}-{max(times):.3f}); "
-                  f"daemon CPU: start-up {statistics.median(startups):.2f} s, copy {statistics.median(copies):.2f} s "
-                  f"({statistics.median(copies) / gib:.2f} s per GiB; {min(copies):.2f}-{max(copies):.2f}); "
-                  f"VmHWM median {statistics.median(hwms):.0f} MiB ({min(hwms):.0f}-{max(hwms):.0f})")
-        first, second = (samples[name] for name in versions)
-        ratio = statistics.median(run[0] for run in second) / statistics.median(run[0] for run in first)
-        print(f"cold copy time, this checkout / base: {ratio:.2f}x")
+        with versions_of(args.base, work) as versions:
+            compare(versions, work, args.repeat)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True,
-                       timeout=120)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def compare(versions: dict[str, Path], work: Path, repeat: int) -> None:
+    """Cold copies by each version, alternating, ``repeat`` times; medians printed."""
+    files = {f"{STUDY}.{s}.{n}.dcm": make_instance(STUDY, f"{STUDY}.{s}", f"{STUDY}.{s}.{n}",
+                                                   pixel_bytes=512 * 1024, number=n)
+             for s in (1, 2) for n in range(1, 81)}
+    expected = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    gib = sum(map(len, files.values())) / 2**30
+    samples: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in versions}
+    with OrthancServer(work / "orthanc") as server:
+        server.upload(list(files.values()))
+        for rep in range(repeat):
+            order = list(versions) if rep % 2 == 0 else list(versions)[::-1]
+            for name in order:
+                samples[name].append(one_copy(versions[name], server.dicomweb, work, expected))
+            print(f"repetition {rep + 1}/{repeat} done", flush=True)
+    for name, runs in samples.items():
+        times, startups, copies, hwms = zip(*runs, strict=False)
+        print(f"{name}: cold cp -r median {statistics.median(times):.3f} s ({min(times):.3f}-{max(times):.3f}); "
+              f"daemon CPU: start-up {statistics.median(startups):.2f} s, copy {statistics.median(copies):.2f} s "
+              f"({statistics.median(copies) / gib:.2f} s per GiB; {min(copies):.2f}-{max(copies):.2f}); "
+              f"VmHWM median {statistics.median(hwms):.0f} MiB ({min(hwms):.0f}-{max(hwms):.0f})")
+    first, second = (samples[name] for name in versions)
+    ratio = statistics.median(run[0] for run in second) / statistics.median(run[0] for run in first)
+    print(f"cold copy time, this checkout / base: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,7 @@ import httpx
 import pydicom
 from pydicom.encaps import generate_frames
 
-from bench.ab import module_of
-from bench.mounts import ROOT
+from bench.ab import versions_of
 from tests.cod_bucket import Bucket
 from tests.cod_writer import CodSeriesFiles, frame_table
 from tests.factory import slide
@@ -85,56 +84,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="dicomfs-cod-frames-"))
-    base = work / "base"
-    subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True,
-                   capture_output=True, timeout=120)
     try:
-        versions = {f"base ({args.base})": base, "this checkout": ROOT}
-        for name, checkout in versions.items():
-            if not module_of(checkout).startswith(str(checkout)):
-                raise SystemExit(f"{name} would not import its own dicomfs")
-        data = slide(STUDY, SERIES, encapsulated=True, frames=args.frames, frame_bytes=65536, number=1)
-        sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
-        reference = list(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=args.frames))
-        frame = args.frames // 2
-        table = frame_table(data)
-        offset, length = table["CustomOffsetTable"][frame - 1], table["CustomOffsetTableLengths"][frame - 1]
-        print(f"a level of {len(data) / 1e6:.1f} MB, {args.frames} frames; frame {frame}: {length} bytes", flush=True)
-        samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in versions}
-        curl: list[float] = []
-        with GcsEmulator("bench-frames") as emulator:
-            Bucket(emulator).add("s/dicomweb", [CodSeriesFiles(STUDY, SERIES, {sop: data}, version=2)])
-            folder = f"s/dicomweb/studies/{STUDY}/series/{SERIES}"
-            objects = f"{emulator.endpoint}/storage/v1/b/{emulator.bucket}/o"
-            index = json.loads(gzip.decompress(httpx.get(f"{objects}/{quote(folder + '/metadata.json', safe='')}",
-                                                         params={"alt": "media"}, timeout=60).content))
-            start = index["cod"]["instances"][sop]["headers"]["start_byte"] + offset
-            tar_url = f"{objects}/{quote(folder + '.tar', safe='')}?alt=media"
-            for rep in range(args.repeat):
-                order = [*versions, "curl"] if rep % 2 == 0 else ["curl", *list(versions)[::-1]]
-                for name in order:
-                    if name == "curl":
-                        started = time.perf_counter()
-                        got = subprocess.run(["curl", "-sS", "--fail", "-r", f"{start}-{start + length - 1}", tar_url],
-                                             capture_output=True, check=True, timeout=TIMEOUT).stdout
-                        curl.append(time.perf_counter() - started)
-                        if got != reference[frame - 1]:
-                            raise SystemExit("curl's range is not the frame")
-                    else:
-                        samples[name].append(serve_once(versions[name], emulator, work, sop, frame, reference))
-                print(f"repetition {rep + 1}/{args.repeat} done", flush=True)
-        for name, runs in samples.items():
-            first, following, moved = zip(*runs, strict=True)
-            print(f"{name}: frame {frame} {statistics.median(first) * 1000:.1f} ms "
-                  f"({min(first) * 1000:.1f}-{max(first) * 1000:.1f}), the next "
-                  f"{statistics.median(following) * 1000:.1f} ms, {statistics.median(moved) / 1e6:.3f} MB of the tar "
-                  "asked for")
-        print(f"curl of the frame's range: {statistics.median(curl) * 1000:.1f} ms")
+        with versions_of(args.base, work) as versions:
+            compare(versions, work, args.frames, args.repeat)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True,
-                       timeout=120)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def compare(versions: dict[str, Path], work: Path, frame_count: int, repeat: int) -> None:
+    """Each version's fresh serves and curl, alternating, ``repeat`` times; medians printed."""
+    data = slide(STUDY, SERIES, encapsulated=True, frames=frame_count, frame_bytes=65536, number=1)
+    sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+    reference = list(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=frame_count))
+    frame = frame_count // 2
+    table = frame_table(data)
+    offset, length = table["CustomOffsetTable"][frame - 1], table["CustomOffsetTableLengths"][frame - 1]
+    print(f"a level of {len(data) / 1e6:.1f} MB, {frame_count} frames; frame {frame}: {length} bytes", flush=True)
+    samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in versions}
+    curl: list[float] = []
+    with GcsEmulator("bench-frames") as emulator:
+        Bucket(emulator).add("s/dicomweb", [CodSeriesFiles(STUDY, SERIES, {sop: data}, version=2)])
+        folder = f"s/dicomweb/studies/{STUDY}/series/{SERIES}"
+        objects = f"{emulator.endpoint}/storage/v1/b/{emulator.bucket}/o"
+        index = json.loads(gzip.decompress(httpx.get(f"{objects}/{quote(folder + '/metadata.json', safe='')}",
+                                                     params={"alt": "media"}, timeout=60).content))
+        start = index["cod"]["instances"][sop]["headers"]["start_byte"] + offset
+        tar_url = f"{objects}/{quote(folder + '.tar', safe='')}?alt=media"
+        for rep in range(repeat):
+            order = [*versions, "curl"] if rep % 2 == 0 else ["curl", *list(versions)[::-1]]
+            for name in order:
+                if name == "curl":
+                    started = time.perf_counter()
+                    got = subprocess.run(["curl", "-sS", "--fail", "-r", f"{start}-{start + length - 1}", tar_url],
+                                         capture_output=True, check=True, timeout=TIMEOUT).stdout
+                    curl.append(time.perf_counter() - started)
+                    if got != reference[frame - 1]:
+                        raise SystemExit("curl's range is not the frame")
+                else:
+                    samples[name].append(serve_once(versions[name], emulator, work, sop, frame, reference))
+            print(f"repetition {rep + 1}/{repeat} done", flush=True)
+    for name, runs in samples.items():
+        first, following, moved = zip(*runs, strict=True)
+        print(f"{name}: frame {frame} {statistics.median(first) * 1000:.1f} ms "
+              f"({min(first) * 1000:.1f}-{max(first) * 1000:.1f}), the next "
+              f"{statistics.median(following) * 1000:.1f} ms, {statistics.median(moved) / 1e6:.3f} MB of the tar "
+              "asked for")
+    print(f"curl of the frame's range: {statistics.median(curl) * 1000:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dicomfs.errors import IntegrityError
 from dicomfs.p10 import parse_file_meta
 from dicomfs.tasks import Stopped, StopSignal
 from tests.factory import make_instance
+from tests.importrace import assert_imports_whole
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -109,29 +110,6 @@ def test_a_range_file_reads_its_range_and_checks_before_every_read(tmp_path: Pat
         os.close(fd)
 
 
-RACE = """
-import io, sys, threading
-from dicomfs import dicomjson, dicomread, frames
-data = open(sys.argv[1], "rb").read()
-barrier = threading.Barrier(6)
-errors = []
-def job(kind):
-    barrier.wait()
-    try:
-        [lambda: dicomread.read_dataset(io.BytesIO(data)),
-         lambda: dicomjson.bulk_value(io.BytesIO(data), "00100010", lambda o, n: data[o:o + n]),
-         lambda: frames.locate_in_bytes(data), lambda: frames.cut_frames(data),
-         lambda: dicomread.left_in_file(None),
-         lambda: dicomjson.dataset_json(dicomread.read_dataset(io.BytesIO(data)))][kind]()
-    except ImportError as exc:
-        errors.append(repr(exc))
-threads = [threading.Thread(target=job, args=(kind,)) for kind in range(6)]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join()
-print(errors)
-"""
 
 
 @pytest.mark.mount  # (processes of its own: a first import of pydicom in each)
@@ -140,13 +118,8 @@ def test_worker_threads_that_first_use_pydicom_at_once_get_it_whole() -> None:
     time at once each got the other's half-made module now and then (1 run in 20, an ImportError
     that failed a ``dicomfs export`` in CI). Each run here is a fresh process whose six threads
     start their first pydicom work together; none may see an ImportError."""
-    import subprocess
-    import sys
-
-    from pydicom.data import get_testdata_file
-
-    path = get_testdata_file("CT_small.dcm")
-    assert isinstance(path, str)
-    for _ in range(30):
-        result = subprocess.run([sys.executable, "-c", RACE, path], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+    assert_imports_whole("import io\nfrom dicomfs import dicomjson, dicomread, frames", [
+        "dicomread.read_dataset(io.BytesIO(data))",
+        "dicomjson.bulk_value(io.BytesIO(data), '00100010', lambda o, n: data[o:o + n])",
+        "frames.locate_in_bytes(data)", "frames.cut_frames(data)", "dicomread.left_in_file(None)",
+        "dicomjson.dataset_json(dicomread.read_dataset(io.BytesIO(data)))"], runs=30)

@@ -28,6 +28,7 @@ from dicomfs.records import SeriesRecord
 from dicomfs.sources import parse_source
 from dicomfs.sources.dimse import contexts, part10, pipe, query
 from dicomfs.sources.dimse.net import Peer
+from tests.importrace import assert_imports_whole
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
@@ -813,29 +814,6 @@ async def test_an_opening_left_by_its_caller_keeps_its_place_until_it_is_over() 
         silent.close()
 
 
-IMPORT_RACE = """
-import sys, threading
-from dicomfs import frames
-from dicomfs.sources.dimse import contexts, net, query, status
-data = open(sys.argv[1], "rb").read()
-barrier = threading.Barrier(6)
-errors = []
-def job(kind):
-    barrier.wait()
-    try:
-        [lambda: query.identifier("STUDY"), net.socket_handlers,
-         lambda: net.application_entity(net.Peer("127.0.0.1", 1, "PACS"), []),
-         lambda: contexts.retrieve_contexts(query.STUDY_ROOT_GET, ["1.2.840.10008.5.1.4.1.1.2"]),
-         lambda: status.failure("the PACS", "C-FIND", "the studies", 0xC000), lambda: frames.cut_frames(data)][kind]()
-    except ImportError as exc:
-        errors.append(repr(exc))
-threads = [threading.Thread(target=job, args=(kind,)) for kind in range(6)]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join()
-print(errors)
-"""
 
 
 @pytest.mark.mount  # (processes of its own: a first import of pynetdicom and pydicom in each)
@@ -844,12 +822,9 @@ def test_dimse_work_that_first_uses_pynetdicom_in_threads_at_once_gets_it_whole(
     frame cut in another, all first in their process: each got half-made pydicom modules ("cannot
     import name 'UID' from partially initialized module 'pydicom.uid'") in 40 runs of 40 before
     ``imports.import_pynetdicom``. Each run is a fresh process whose six threads start together."""
-    import sys
-
-    from pydicom.data import get_testdata_file
-
-    path = get_testdata_file("CT_small.dcm")
-    assert isinstance(path, str)
-    for _ in range(8):
-        result = subprocess.run([sys.executable, "-c", IMPORT_RACE, path], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+    setup = "from dicomfs import frames\nfrom dicomfs.sources.dimse import contexts, net, query, status"
+    assert_imports_whole(setup, [
+        "query.identifier('STUDY')", "net.socket_handlers()",
+        "net.application_entity(net.Peer('127.0.0.1', 1, 'PACS'), [])",
+        "contexts.retrieve_contexts(query.STUDY_ROOT_GET, ['1.2.840.10008.5.1.4.1.1.2'])",
+        "status.failure('the PACS', 'C-FIND', 'the studies', 0xC000)", "frames.cut_frames(data)"], runs=8)
