@@ -296,3 +296,29 @@ def test_bulk_data_of_a_deflated_file_with_a_long_meta_group() -> None:
         data = out.getvalue()
         got = dicomjson.bulk_value(io.BytesIO(data), "00282000", functools.partial(_range, data))
         assert got == profile, padding
+
+
+def _bundled_files() -> list[Path]:
+    import pydicom.data
+
+    return sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("path", _bundled_files(), ids=lambda p: p.name)
+def test_a_header_read_up_to_the_pixel_data_gives_the_files_metadata(path: Path) -> None:
+    """``header_metadata`` (an IDC object's header, read by ranges) gives what ``metadata`` gives
+    for the whole file, but for what follows the pixel data, which it does not read (trailing
+    padding), and the pixel data of a deflated data set (whose header it cannot see)."""
+    from dicomfs import instancemeta
+    from dicomfs.errors import SourceError
+
+    try:
+        whole = instancemeta.metadata(path)
+    except SourceError:
+        return  # (not a file the folder source reads either)
+    with open(path, "rb") as source:
+        header = instancemeta.header_metadata(source, str(path))
+    whole.pop("FFFCFFFC", None)  # DataSetTrailingPadding, after the pixel data
+    if whole.get("00020010", {}).get("Value") == ["1.2.840.10008.1.2.1.99"]:
+        whole.pop("7FE00010", None)
+    assert header == whole

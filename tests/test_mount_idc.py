@@ -5,7 +5,9 @@ parquet in idc-index's schema that the tests write."""
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
+import io
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -259,3 +261,38 @@ def test_prefetch_of_a_collection_then_reads_without_the_bucket(idc: tuple[IdcBu
     # not prefetched, no bucket: its series cannot even be listed (EIO, at once)
     assert read_errno(mount.path / other) == errno.EIO
     assert mount.alive()
+
+
+META_STUDY, META_SERIES = "1.2.826.0.1.3680043.8.498.67", "1.2.826.0.1.3680043.8.498.67.1"
+
+
+def test_series_metadata_comes_from_the_headers_alone(idc: tuple[IdcBucket, Path, S3Server], tmp_path: Path,
+                                                      mount_factory: Callable[..., Mount]) -> None:
+    """The static DICOMweb tree's series metadata of an IDC series is each object's header read
+    by ranges, not the series: the same attributes as pydicom reads from the uploaded files (its
+    own bucket, in a collection of its own, of 24 instances of 1 MB), for a small part of the
+    series' bytes."""
+    _, _, server = idc
+    store = IdcBucket(server.create_bucket(f"idc-meta-{tmp_path.name[-12:].lower().strip('_')}", public=True))
+    files = [make_instance(META_STUDY, META_SERIES, f"{META_SERIES}.{k}", pixel_bytes=1 << 20, number=k,
+                           patient="META^DATA", modality="MR") for k in range(1, 25)]
+    store.add_series("coll_meta", files)
+    index = store.write_index(tmp_path / "idc_index.parquet")
+    with CountingProxy(server.port, lambda path: "list" if "list-type" in path else "object") as proxy:
+        mount = mount_factory("idc", "--idc-index", str(index), "--endpoint", proxy.url, env=server.env(signed=False))
+        folder = mount.path / "dicomweb" / "studies" / META_STUDY / "series" / META_SERIES
+        metadata = json.loads(gzip.decompress((folder / "metadata.gz").read_bytes()))
+        moved = proxy.bytes["object"]
+    assert moved < 0.05 * sum(map(len, files)), (moved, sum(map(len, files)))  # their first bytes, twice at most
+    assert len(metadata) == 24
+    for instance in metadata:
+        sop = instance["00080018"]["Value"][0]
+        ds = pydicom.dcmread(io.BytesIO(files[int(sop.rsplit(".", 1)[1]) - 1]), stop_before_pixels=True)
+        reference = json.loads(ds.to_json())
+        for tag in ("00080016", "00200013", "0020000D", "0020000E", "00080060", "00100010", "00280010",
+                    "00280100"):
+            assert instance[tag]["Value"] == reference[tag]["Value"], (sop, tag)
+        assert instance["00083002"]["Value"] == [ds.file_meta.TransferSyntaxUID]  # (AvailableTransferSyntaxUID)
+        stored_vr = pydicom.dcmread(io.BytesIO(files[int(sop.rsplit(".", 1)[1]) - 1]))["PixelData"].VR
+        assert instance["7FE00010"]["vr"] == stored_vr and instance["7FE00010"]["BulkDataURI"].endswith(
+            f"series/{META_SERIES}/instances/{sop}/frames"), instance["7FE00010"]

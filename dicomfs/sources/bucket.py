@@ -2,7 +2,8 @@
 
 Owns the object store protocol (``Bucket``: ``list`` and ``read`` on the event loop, ranged object
 reads in worker threads with ``stream_in_thread``, ``aclose``), the ``ObjectInfo`` a listing
-yields, the ``Chunks`` a read in a worker thread yields (with the answer's headers), and what every
+yields, the ``Chunks`` a read in a worker thread yields (with the answer's headers), an object as
+a file object read by ranges (``ObjectFile``, for a parser in a worker thread), and what every
 store shares: following a listing's pages, a bounded whole-object read and a ranged stream that
 checks the range it got (or skips to it when a server ignores Range). The stores (``gcs``, ``s3``)
 own their URLs, one listing page and authentication. Must not know what the objects contain.
@@ -10,15 +11,19 @@ own their URLs, one listing page and authentication. Must not know what the obje
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from dicomfs.errors import ProtocolError
+from dicomfs.errors import ProtocolError, TransferBroken
 from dicomfs.sources.asynchttp import HttpClient
 from dicomfs.sources.threadhttp import BlockingHttp
 from dicomfs.tasks import StopSignal
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 MAX_LIST_PAGES = 100_000
 
@@ -118,6 +123,68 @@ class ObjectReader:
             skip = _skip(name, start, body.status, body.headers.get("content-range", ""))
             yield Chunks(_skipping_now(body.chunks(), skip), body.headers)
 
+
+
+class ObjectFile(io.RawIOBase):
+    """An object of ``size`` bytes as a read-only file object for one worker thread, read by Range
+    requests of ``first_block`` bytes, each next one twice as large up to ``MAX_BLOCK`` (a
+    header of a few KB costs one request, one with a large value in the middle a few), and held
+    only the last block: pydicom parses a header from it, seeking past the values it leaves in
+    the file without a request. Reads never go past ``size``; a body shorter than asked is a
+    ``TransferBroken``."""
+
+    MAX_BLOCK = 4 << 20
+
+    def __init__(self, bucket: Bucket, name: str, size: int, stop: StopSignal, first_block: int = 64 << 10) -> None:
+        self._bucket, self._name, self._size, self._stop = bucket, name, size, stop
+        self._block, self._start, self._data = first_block, 0, b""
+        self._pos = 0
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        """As much as ``buffer`` holds, up to the object's end (never less: pydicom reads a value
+        with one ``read``, and a short one would be a malformed file to it)."""
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self._pos < self._size:
+            if not self._start <= self._pos < self._start + len(self._data):
+                self._fetch(self._pos)
+            at = self._pos - self._start
+            got = min(len(view) - done, len(self._data) - at)
+            view[done:done + got] = self._data[at:at + got]
+            self._pos += got
+            done += got
+        return done
+
+    def _fetch(self, start: int) -> None:
+        self._stop.check()
+        end = min(self._size, start + self._block)
+        self._block = min(self._block * 2, self.MAX_BLOCK)
+        data = bytearray()
+        with self._bucket.stream_in_thread(self._name, start, end, self._stop) as chunks:
+            for chunk in chunks:
+                data += chunk
+                if len(data) >= end - start:
+                    break  # (a server that ignored the Range sends the rest of the object)
+        if len(data) < end - start:
+            raise TransferBroken(f"object {self._name}: {len(data)} of the {end - start} bytes asked for from "
+                                 f"{start} came")
+        self.requests += 1
+        self._start, self._data = start, bytes(data[:end - start])
 
 def _range(start: int, end: int | None) -> dict[str, str]:
     headers = {"Accept-Encoding": "identity"}

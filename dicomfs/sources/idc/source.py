@@ -6,7 +6,9 @@ from one prefix listing (names and exact sizes) and a ranged read of each object
 worker thread, ``PARALLEL_HEADS`` at a time (its SOP Instance UID, by the one naming rule of
 ``uids.instance_key``, and the InstanceNumber and SOPClassUID the readable views name files by),
 done once per object and kept in the source's work folder (objects under a series UUID never change:
-a revised series gets a new UUID). A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a
+a revised series gets a new UUID). A series' metadata (``MetadataSource``) is each object's header
+read by ranges up to its pixel data, the same number at a time (the catalog stores it).
+A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a
 time (in the bucket's order, but an instance a reader waits for is taken next), each read and hashed
 in a worker thread and handed to the sink whole as soon as it is in, or, above ``WHOLE_AT_MOST``,
 streamed into it (so memory holds at most ``PARALLEL_OBJECTS`` objects of that size); an object that
@@ -27,6 +29,7 @@ import cachetools
 import diskcache
 import trio
 
+from dicomfs import instancemeta
 from dicomfs.breaker import is_outage
 from dicomfs.errors import IntegrityError, NotFound, ProtocolError, SourceError, TransferBroken
 from dicomfs.gcpause import paused
@@ -35,7 +38,7 @@ from dicomfs.query import Term
 from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import BlockingSink, SeriesSink
-from dicomfs.sources.bucket import ObjectInfo
+from dicomfs.sources.bucket import ObjectFile, ObjectInfo
 from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.sources.idc.index import IdcIndex, SeriesLocation
 from dicomfs.sources.s3 import S3Bucket
@@ -288,6 +291,29 @@ class IdcSource:
         DICOM."""
         return await run_stoppable(partial(_head_in_thread, bucket, name, size), limiter=self._limit)
 
+    async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
+        """Every instance's DICOM JSON from its object's header, read by ranges up to the pixel data
+        (``instancemeta.header_metadata``), ``PARALLEL_HEADS`` objects at a time: a series'
+        metadata without its bytes (a slide's levels are gigabytes; their headers a few KB each).
+        An object whose header cannot be read is left out, with a log line; an outage of the
+        bucket fails the whole."""
+        location = await self._location(series)
+        bucket = self._bucket(location.bucket)
+        found: dict[str, DicomJson] = {}
+
+        async def read(key: str, info: ObjectInfo) -> None:
+            try:
+                found[key] = await run_stoppable(partial(_metadata_in_thread, bucket, info), limiter=self._limit)
+            except SourceError as exc:
+                if is_outage(exc):
+                    raise
+                log.warning("object %s/%s: its metadata cannot be read (%s): left out", bucket.bucket, info.name, exc)
+
+        async with open_nursery() as nursery:
+            for key, (info, _) in (await self._objects(series)).items():
+                nursery.start_soon(read, key, info)
+        return found
+
     # --- bytes ----------------------------------------------------------------------------------
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         location = await self._location(series)
@@ -376,6 +402,12 @@ def _head_in_thread(bucket: S3Bucket, name: str, size: int, stop: StopSignal) ->
         return None
     return key, head_attrs(check.values)
 
+
+
+def _metadata_in_thread(bucket: S3Bucket, info: ObjectInfo, stop: StopSignal) -> DicomJson:
+    """``IdcSource.series_metadata``'s blocking part for one object (pydicom over ranged reads)."""
+    return instancemeta.header_metadata(ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES),
+                                        f"object {bucket.bucket}/{info.name}")
 
 async def _deliver(sink: SeriesSink, key: str, body: bytearray) -> None:
     """One whole object to the sink as the instance ``key`` (its size checked by ``_whole``)."""
