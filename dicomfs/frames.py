@@ -4,7 +4,8 @@ Owns two things: where the frames of an instance begin and end inside its Part 1
 (encapsulated fragments and offset tables, native frame lengths, big endian byte order), and the
 exact bytes and size of ``instances/<sop>/frames/<n>.mht``: a one-part ``multipart/related`` body
 with a fixed boundary, so a static HTTP server can announce it with one constant Content-Type.
-Also whether an archive's claim of where the frames lie (COD's offset table) holds, judged from
+Also whether an archive's claim of where the frames lie (COD's offset table, or one made from the
+instance's own offset table read up to its first frame: ``own_frame_table``) holds, judged from
 the bytes around it (``check_frame_table``, ``frame_in_item``), so a frame can be read alone.
 No trio, and no I/O but reads of the file object ``locate_in_file`` is handed (an instance too
 large to hold, parsed one frame at a time). ``cut_frames`` and ``locate_in_file`` parse with
@@ -519,15 +520,7 @@ def check_frame_table(prefix: bytes, delimiter: bytes, table: FrameTable) -> str
     if syntax is None or is_native(syntax):
         raise ProtocolError(f"frames in transfer syntax {syntax} are not encapsulated")
     source = BytesIO(prefix)
-    try:
-        dataset = read_dataset(source, stop_before_pixels=True)
-        declared = _number_of_frames(dataset)
-        eot = (_value(dataset, _EXTENDED_OFFSET_TABLE, _no_reads),
-               _value(dataset, _EXTENDED_OFFSET_TABLE_LENGTHS, _no_reads))
-    except DicomfsError:
-        raise
-    except Exception as exc:  # pydicom raises many types for malformed input
-        raise ProtocolError(f"the instance's data set is not readable: {_describe(exc)}") from exc
+    declared, eot = _before_pixels(source)
     if declared != count:
         raise ProtocolError(f"the offset table lists {count} frames, NumberOfFrames is {declared}")
     at = source.tell()  # (pydicom stopped at the pixel data's tag)
@@ -557,6 +550,37 @@ def check_frame_table(prefix: bytes, delimiter: bytes, table: FrameTable) -> str
     return _transfer_syntax(syntax)
 
 
+
+def own_frame_table(fp: Readable, size: int) -> FrameTable | None:
+    """Where the encapsulated frames of the Part 10 file ``fp`` (at its start; ``size`` bytes)
+    lie by its own offset table, read up to the first frame (an IDC object, read by ranges): the
+    extended offset table's ranges, or, from a basic one, each frame taken as the one item from
+    where it starts to where the next does (the last: to the sequence delimiter the file must end
+    with). A claim as an archive's table is, for ``check_frame_table`` to check; None without an
+    offset table (or frames not encapsulated). Blocking (pydicom)."""
+    import_pydicom()
+    syntax = stored_transfer_syntax(fp)
+    if syntax is None or is_native(syntax):
+        return None
+    count, eot = _before_pixels(fp)
+    at = fp.tell()
+    head = fp.read(20)
+    if head[:12] not in _PIXEL_HEADERS or head[12:16] != _ITEM_TAG:
+        return None
+    table_length = unpack_from("<I", head, 16)[0]
+    first_item = at + 20 + table_length
+    if eot[0] is not None and eot[1] is not None and len(eot[0]) == len(eot[1]) == 8 * count:
+        offsets = [first_item + 8 + offset for offset in unpack_from(f"<{count}Q", eot[0])]
+        return FrameTable(tuple(offsets), unpack_from(f"<{count}Q", eot[1]), size)
+    if table_length != 4 * count or first_item + 8 > size:
+        return None
+    starts = list(unpack_from(f"<{count}I", fp.read(table_length)))
+    ends = [*starts[1:], size - 8 - first_item]  # (where the next frame's item starts; the delimiter)
+    lengths = tuple(end - start - 8 for start, end in zip(starts, ends, strict=True))
+    if min(lengths) < 0:
+        return None
+    return FrameTable(tuple(first_item + 8 + start for start in starts), lengths, size)
+
 def frame_in_item(data: bytes, length: int, next_length: int | None) -> memoryview:
     """The frame in ``data``, the bytes of an instance from 8 before a frame ``check_frame_table``
     accepted to 8 after it: its item's header must say ``length``, and what follows must be the
@@ -570,6 +594,19 @@ def frame_in_item(data: bytes, length: int, next_length: int | None) -> memoryvi
         raise ProtocolError("a frame's item is not followed by the next frame's, or the end of the pixel data")
     return memoryview(data)[_ITEM_HEADER:-_ITEM_HEADER]
 
+
+
+def _before_pixels(fp: Readable) -> tuple[int, tuple[bytes | None, bytes | None]]:
+    """NumberOfFrames and the extended offset table (offsets, lengths) of the data set of the
+    Part 10 file ``fp``, read up to its pixel data (``fp`` is left at the pixel data's tag)."""
+    try:
+        dataset = read_dataset(fp, stop_before_pixels=True)
+        return _number_of_frames(dataset), (_value(dataset, _EXTENDED_OFFSET_TABLE, _no_reads),
+                                            _value(dataset, _EXTENDED_OFFSET_TABLE_LENGTHS, _no_reads))
+    except DicomfsError:
+        raise
+    except Exception as exc:  # pydicom raises many types for malformed input
+        raise ProtocolError(f"the instance's data set is not readable: {_describe(exc)}") from exc
 
 def _no_reads(offset: int, length: int) -> bytes:
     raise ProtocolError("a value of the data set was left unread")

@@ -677,3 +677,29 @@ def test_a_frame_read_alone_must_be_the_item_the_table_says() -> None:
                   (data[:-1], length, following), (b"\0" * 8 + data[8:], length, following)):
         with pytest.raises(ProtocolError):
             frames.frame_in_item(*wrong)
+
+
+@pytest.mark.parametrize("form", ["basic offset table", "extended offset table", "none", "native", "split frame"])
+def test_an_instances_own_frame_table(form: str) -> None:
+    """``own_frame_table`` (an IDC object's frames, from its own offset table read up to the first
+    frame): the COD writer's table where there is one, accepted by ``check_frame_table``; None
+    without one; a frame of two fragments taken as one item, refused when that frame is read."""
+    if form == "extended offset table":
+        p10, _ = with_extended_offsets(list(range(30)))
+    else:
+        p10 = slide("1.2.3", "1.2.3.4", encapsulated=form != "native", frames=12, frame_bytes=1024, number=1,
+                    has_bot=form != "none", split=(3,) if form == "split frame" else ())
+    own = frames.own_frame_table(BytesIO(p10), len(p10))
+    if form in ("none", "native"):
+        assert own is None
+        return
+    assert own is not None
+    prefix, delimiter, claim = claimed(p10, {"CustomOffsetTable": list(own.offsets),
+                                             "CustomOffsetTableLengths": list(own.lengths)})
+    assert frames.check_frame_table(prefix, delimiter, claim) == frames_of(p10)[0]
+    if form == "split frame":
+        with pytest.raises(ProtocolError):  # (at frame 2: the item after it is not the length the table says)
+            frames_in_items(p10, claim)
+    else:
+        assert claim == claimed(p10)[2]  # the COD writer's table
+        assert frames_in_items(p10, claim) == frames_of(p10)[1]

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.encaps import generate_frames
 
+from dicomfs.frames import split_frame_file
 from dicomfs.sources.idc.source import PARALLEL_OBJECTS, WHOLE_AT_MOST
-from tests.factory import make_instance
+from tests.factory import make_instance, slide
 from tests.fsutil import hashes, listdir, p10_hashes, read_errno, sh
 from tests.idc_bucket import IdcBucket
 from tests.mounting import Mount, dicomfs
@@ -296,3 +298,39 @@ def test_series_metadata_comes_from_the_headers_alone(idc: tuple[IdcBucket, Path
         stored_vr = pydicom.dcmread(io.BytesIO(files[int(sop.rsplit(".", 1)[1]) - 1]))["PixelData"].VR
         assert instance["7FE00010"]["vr"] == stored_vr and instance["7FE00010"]["BulkDataURI"].endswith(
             f"series/{META_SERIES}/instances/{sop}/frames"), instance["7FE00010"]
+
+
+SLIDE_STUDY, SLIDE_SERIES = "1.2.826.0.1.3680043.8.498.68", "1.2.826.0.1.3680043.8.498.68.1"
+
+
+def test_a_tile_of_a_slide_level_is_read_alone(idc: tuple[IdcBucket, Path, S3Server], tmp_path: Path,
+                                               mount_factory: Callable[..., Mount]) -> None:
+    """A frame of a 10 MB level with a basic offset table is read alone from its object (its
+    header up to the first frame, the 8 bytes after the last, the frame), pydicom's frame to the
+    byte; a level without an offset table of its own is fetched whole for its first frame, and
+    its frames are pydicom's all the same."""
+    _, _, server = idc
+    store = IdcBucket(server.create_bucket(f"idc-slide-{tmp_path.name[-12:].lower().strip('_')}", public=True))
+    levels = {name: slide(SLIDE_STUDY, SLIDE_SERIES, encapsulated=True, frames=150, frame_bytes=65536, number=n,
+                          has_bot=name == "bot") for n, name in enumerate(("bot", "no-bot"), 1)}
+    store.add_series("coll_slides", list(levels.values()))
+    index = store.write_index(tmp_path / "idc_index.parquet")
+    sop = {name: str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+           for name, data in levels.items()}
+    reference = {name: list(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=150))
+                 for name, data in levels.items()}
+    with CountingProxy(server.port, lambda path: "list" if "list-type" in path else "object") as proxy:
+        mount = mount_factory("idc", "--idc-index", str(index), "--endpoint", proxy.url, env=server.env(signed=False))
+        folder = mount.path / "dicomweb" / "studies" / SLIDE_STUDY / "series" / SLIDE_SERIES / "instances"
+        json.loads(gzip.decompress((folder.parent / "metadata.gz").read_bytes()))  # (the headers: as a viewer starts)
+        before = proxy.bytes["object"]
+        for number in (77, 150, 1):
+            _, frame = split_frame_file((folder / sop["bot"] / "frames" / f"{number}.mht").read_bytes())
+            assert bytes(frame) == reference["bot"][number - 1], number
+        moved = proxy.bytes["object"] - before
+        assert moved < 0.05 * len(levels["bot"]), (moved, len(levels["bot"]))  # three ~64 KB tiles, of 10 MB
+        before = proxy.bytes["object"]
+        for number in (77, 150):
+            _, frame = split_frame_file((folder / sop["no-bot"] / "frames" / f"{number}.mht").read_bytes())
+            assert bytes(frame) == reference["no-bot"][number - 1], number
+        assert proxy.bytes["object"] - before >= len(levels["no-bot"])  # the level, whole

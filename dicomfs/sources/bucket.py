@@ -2,8 +2,9 @@
 
 Owns the object store protocol (``Bucket``: ``list`` and ``read`` on the event loop, ranged object
 reads in worker threads with ``stream_in_thread``, ``aclose``), the ``ObjectInfo`` a listing
-yields, the ``Chunks`` a read in a worker thread yields (with the answer's headers), an object as
-a file object read by ranges (``ObjectFile``, for a parser in a worker thread), and what every
+yields, the ``Chunks`` a read in a worker thread yields (with the answer's headers), exactly one
+range of an object (``read_range``), an object as a file object read by ranges (``ObjectFile``, for
+a parser in a worker thread), and what every
 store shares: following a listing's pages, a bounded whole-object read and a ranged stream that
 checks the range it got (or skips to it when a server ignores Range). The stores (``gcs``, ``s3``)
 own their URLs, one listing page and authentication. Must not know what the objects contain.
@@ -174,17 +175,22 @@ class ObjectFile(io.RawIOBase):
         self._stop.check()
         end = min(self._size, start + self._block)
         self._block = min(self._block * 2, self.MAX_BLOCK)
-        data = bytearray()
-        with self._bucket.stream_in_thread(self._name, start, end, self._stop) as chunks:
-            for chunk in chunks:
-                data += chunk
-                if len(data) >= end - start:
-                    break  # (a server that ignored the Range sends the rest of the object)
-        if len(data) < end - start:
-            raise TransferBroken(f"object {self._name}: {len(data)} of the {end - start} bytes asked for from "
-                                 f"{start} came")
+        self._start, self._data = start, read_range(self._bucket, self._name, start, end, self._stop)
         self.requests += 1
-        self._start, self._data = start, bytes(data[:end - start])
+
+
+def read_range(bucket: Bucket, name: str, start: int, end: int, stop: StopSignal) -> bytes:
+    """Exactly the bytes ``[start, end)`` of an object, in a worker thread (``stream_in_thread``);
+    a body that ends sooner is a ``TransferBroken``."""
+    data = bytearray()
+    with bucket.stream_in_thread(name, start, end, stop) as chunks:
+        for chunk in chunks:
+            data += chunk
+            if len(data) >= end - start:
+                break  # (a server that ignored the Range sends the rest of the object)
+    if len(data) < end - start:
+        raise TransferBroken(f"object {name}: {len(data)} of the {end - start} bytes asked for from {start} came")
+    return bytes(data[:end - start])
 
 def _range(start: int, end: int | None) -> dict[str, str]:
     headers = {"Accept-Encoding": "identity"}

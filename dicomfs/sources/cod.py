@@ -28,7 +28,7 @@ from dicomfs.errors import IntegrityError, NotFound, ProtocolError, TransferBrok
 from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import BlockingMemberWriter, BlockingSink, SeriesSink
-from dicomfs.sources.bucket import Bucket, ObjectInfo
+from dicomfs.sources.bucket import Bucket, ObjectInfo, read_range
 from dicomfs.sources.cod_metadata import (
     MAX_METADATA_BYTES,
     CodInstance,
@@ -182,15 +182,8 @@ class CodSource:
             raise ProtocolError(f"bytes {offset}-{offset + length} are not within instance {entry.key} "
                                 f"({entry.size} bytes)")
         start = entry.start + offset
-
-        def read(stop: StopSignal) -> bytes:
-            with self.bucket.stream_in_thread(self._tar_name(series), start, start + length, stop) as chunks:
-                data = b"".join(chunks)
-            if len(data) != length:
-                raise TransferBroken(f"a range of instance {entry.key} ended after {len(data)} of {length} bytes")
-            return data
-
-        return await run_stoppable(read, limiter=self._ranges)
+        return await run_stoppable(partial(read_range, self.bucket, self._tar_name(series), start, start + length),
+                                   limiter=self._ranges)
 
     async def _entry(self, instance: InstanceRecord) -> tuple[SeriesRecord, CodInstance]:
         series = SeriesRecord(instance.study_uid, instance.series_uid)

@@ -7,7 +7,8 @@ worker thread, ``PARALLEL_HEADS`` at a time (its SOP Instance UID, by the one na
 ``uids.instance_key``, and the InstanceNumber and SOPClassUID the readable views name files by),
 done once per object and kept in the source's work folder (objects under a series UUID never change:
 a revised series gets a new UUID). A series' metadata (``MetadataSource``) is each object's header
-read by ranges up to its pixel data, the same number at a time (the catalog stores it).
+read by ranges up to its pixel data, the same number at a time (the catalog stores it); where its
+frames lie, by its own offset table, and any range of it, for a frame read alone (``FrameRangeReader``).
 A series is fetched as its objects, ``PARALLEL_OBJECTS`` at a
 time (in the bucket's order, but an instance a reader waits for is taken next), each read and hashed
 in a worker thread and handed to the sink whole as soon as it is in, or, above ``WHOLE_AT_MOST``,
@@ -29,16 +30,16 @@ import cachetools
 import diskcache
 import trio
 
-from dicomfs import instancemeta
+from dicomfs import frames, instancemeta
 from dicomfs.breaker import is_outage
 from dicomfs.errors import IntegrityError, NotFound, ProtocolError, SourceError, TransferBroken
 from dicomfs.gcpause import paused
 from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
-from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import BlockingSink, SeriesSink
-from dicomfs.sources.bucket import ObjectFile, ObjectInfo
+from dicomfs.sources.bucket import ObjectFile, ObjectInfo, read_range
 from dicomfs.sources.http import DEFAULT_TIMEOUT
 from dicomfs.sources.idc.index import IdcIndex, SeriesLocation
 from dicomfs.sources.s3 import S3Bucket
@@ -314,6 +315,29 @@ class IdcSource:
                 nursery.start_soon(read, key, info)
         return found
 
+    async def frame_table(self, instance: InstanceRecord) -> FrameTable | None:
+        """Where the instance's frames lie by its own offset table (``frames.own_frame_table``),
+        read by ranges up to its first frame: the index has no table of its own to give."""
+        bucket, info = await self._object(instance)
+        return await run_stoppable(partial(_frame_table_in_thread, bucket, info), limiter=self._limit)
+
+    async def read_instance_range(self, instance: InstanceRecord, offset: int, length: int) -> bytes:
+        """``length`` bytes of the instance's object from ``offset``: one Range request, in a worker
+        thread. Not checked by its MD5 (which covers the whole object): the caller checks it."""
+        bucket, info = await self._object(instance)
+        if offset < 0 or length < 0 or offset + length > info.size:
+            raise ProtocolError(f"bytes {offset}-{offset + length} are not within instance {instance.key} "
+                                f"({info.size} bytes)")
+        return await run_stoppable(partial(read_range, bucket, info.name, offset, offset + length), limiter=self._limit)
+
+    async def _object(self, instance: InstanceRecord) -> tuple[S3Bucket, ObjectInfo]:
+        series = SeriesRecord(instance.study_uid, instance.series_uid)
+        location = await self._location(series)
+        objects = await self._objects(series)
+        if instance.key not in objects:
+            raise NotFound(f"instance {instance.key} is no longer in its series' bucket prefix")
+        return self._bucket(location.bucket), objects[instance.key][0]
+
     # --- bytes ----------------------------------------------------------------------------------
     async def fetch_series(self, series: SeriesRecord, sink: SeriesSink) -> None:
         location = await self._location(series)
@@ -365,13 +389,7 @@ class IdcSource:
 
     async def fetch_instance(self, instance: InstanceRecord, sink: SeriesSink) -> None:
         """One object, read, checked and written in a worker thread (``_whole_in_thread``)."""
-        series = SeriesRecord(instance.study_uid, instance.series_uid)
-        location = await self._location(series)
-        objects = await self._objects(series)
-        if instance.key not in objects:
-            raise NotFound(f"instance {instance.key} is no longer in its series' bucket prefix")
-        info, _ = objects[instance.key]
-        bucket = self._bucket(location.bucket)
+        bucket, info = await self._object(instance)
         await run_stoppable(partial(_whole_in_thread, bucket, info, instance.key, sink.in_thread()),
                             limiter=self._retrieves)
 
@@ -408,6 +426,12 @@ def _metadata_in_thread(bucket: S3Bucket, info: ObjectInfo, stop: StopSignal) ->
     """``IdcSource.series_metadata``'s blocking part for one object (pydicom over ranged reads)."""
     return instancemeta.header_metadata(ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES),
                                         f"object {bucket.bucket}/{info.name}")
+
+
+def _frame_table_in_thread(bucket: S3Bucket, info: ObjectInfo, stop: StopSignal) -> FrameTable | None:
+    """``IdcSource.frame_table``'s blocking part for one object (pydicom over ranged reads)."""
+    return frames.own_frame_table(ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES), info.size)
+
 
 async def _deliver(sink: SeriesSink, key: str, body: bytearray) -> None:
     """One whole object to the sink as the instance ``key`` (its size checked by ``_whole``)."""
