@@ -34,6 +34,7 @@ from dicomfs.dicomread import (
     stored_transfer_syntax,
     value_left_in_file,
 )
+from dicomfs.errors import DicomfsError
 from dicomfs.records import DicomJson
 
 if TYPE_CHECKING:
@@ -134,6 +135,8 @@ def _dataset_json(ds: Dataset, path: TagPath) -> DicomJson:
                 out[tag] = {"vr": vr, "BulkDataURI": ""}
             else:
                 out[tag] = element.to_json_dict(None, 1 << 62)
+        except (DicomfsError, OSError):
+            raise  # (a value left in the file that could not be read back: not the element's fault)
         except Exception as exc:
             log.warning("element %s cannot be written as DICOM JSON (%s): left out", tag, exc)
     return out

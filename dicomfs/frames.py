@@ -7,8 +7,9 @@ with a fixed boundary, so a static HTTP server can announce it with one constant
 Also whether an archive's claim of where the frames lie (COD's offset table, or one made from the
 instance's own offset table read up to its first frame: ``own_frame_table``) holds, judged from
 the bytes around it (``check_frame_table``, ``frame_in_item``), so a frame can be read alone.
-No trio, and no I/O but reads of the file object ``locate_in_file`` is handed (an instance too
-large to hold, parsed one frame at a time). ``cut_frames`` and ``locate_in_file`` parse with
+No trio, and no I/O but reads of the file object ``locate_in_file`` or ``own_frame_table`` is
+handed (an instance too large to hold, parsed one frame at a time; an object read by ranges).
+``cut_frames`` and ``locate_in_file`` parse with
 pydicom and block; callers run them in a worker thread. pydicom is imported when a frame is
 first cut, not with this module: the mount and ``serve`` import it on start, and pydicom with
 what it pulls in (numpy, requests) took 0.25 s of that. Must not decode, transcode or otherwise
@@ -516,6 +517,8 @@ def check_frame_table(prefix: bytes, delimiter: bytes, table: FrameTable) -> str
     count, first = len(table.offsets), table.offsets[0] if table.offsets else 0
     if not 1 <= count <= MAX_FRAME_COUNT or len(table.lengths) != count or len(prefix) != first:
         raise ProtocolError("the offset table is empty, too long, or not the length of its lengths")
+    if not all(0 <= length < 0xFFFFFFFF for length in table.lengths):
+        raise ProtocolError("a frame of the offset table is longer than an item can be")
     syntax = stored_transfer_syntax(BytesIO(prefix))
     if syntax is None or is_native(syntax):
         raise ProtocolError(f"frames in transfer syntax {syntax} are not encapsulated")
@@ -557,7 +560,8 @@ def own_frame_table(fp: Readable, size: int) -> FrameTable | None:
     extended offset table's ranges, or, from a basic one, each frame taken as the one item from
     where it starts to where the next does (the last: to the sequence delimiter the file must end
     with). A claim as an archive's table is, for ``check_frame_table`` to check; None without an
-    offset table (or frames not encapsulated). Blocking (pydicom)."""
+    offset table (or frames not encapsulated). Raises ProtocolError for a file whose data set
+    cannot be read, and what ``fp`` raises. Blocking (pydicom)."""
     import_pydicom()
     syntax = stored_transfer_syntax(fp)
     if syntax is None or is_native(syntax):

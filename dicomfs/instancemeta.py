@@ -50,13 +50,17 @@ def header_metadata(source: Readable, what: str) -> DicomJson:
     """The DICOM JSON of the Part 10 file ``source`` (a file object at its start that reads an
     object of a bucket by ranges) read up to its pixel data, which is named as bulk data: the
     pixel data's own bytes (a slide level's gigabytes, whose end an encapsulated value has no
-    length to skip to) are not read, nor is anything after them. Blocking."""
+    length to skip to) are not parsed, nor is anything after them (the reader may fetch some of
+    them with the header's last block). A failure to read is raised, never an element left out.
+    Blocking."""
     from dicomfs.dicomjson import BULK_THRESHOLD, dataset_json
 
     try:
         ds = read_dataset(source, defer_size=BULK_THRESHOLD, stop_before_pixels=True)
-        attrs = dataset_json(ds)
-        head = source.read(8)  # (pydicom stopped at the pixel data's tag, if there is one)
+        pixels = source.tell()  # (pydicom stopped at the pixel data's tag, if there is one)
+        attrs = dataset_json(ds)  # (which reads the values pydicom left in the file: elsewhere)
+        source.seek(pixels)
+        head = source.read(8)
     except DicomfsError:
         raise
     except Exception as exc:  # pydicom raises many kinds of errors for broken files

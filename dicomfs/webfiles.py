@@ -452,9 +452,15 @@ class WebFiles:
         assert node.instance is not None
         instance = node.instance
         stored = (await self._instance_json(node)).transfer_syntax
-        table = await source.frame_table(instance)
-        if table is None or not table.offsets or not 0 < table.offsets[0] <= MAX_RANGE_PREFIX \
-                or (stored is not None and frames.is_native(stored)):
+        if stored is not None and frames.is_native(stored):
+            return _NOT_RANGED
+        try:
+            table = await source.frame_table(instance)
+        except ProtocolError as exc:  # (what the archive holds: the cut says so again, to the reader)
+            log.warning("where the frames of instance %s lie cannot be read (%s): they are cut from the whole "
+                        "instance", instance.key, exc)
+            return _NOT_RANGED
+        if table is None or not table.offsets or not 0 < table.offsets[0] <= MAX_RANGE_PREFIX:
             return _NOT_RANGED
         end = table.offsets[-1] + table.lengths[-1]
         async with self._range_checks:  # (an index may claim a MAX_RANGE_PREFIX for every instance)

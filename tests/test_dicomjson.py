@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import io
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from pydicom.sequence import Sequence
 
 from dicomfs import dicomjson
 from dicomfs.dicomread import read_dataset
+from dicomfs.sources.bucket import Chunks
 
 DEMO_FILES = ("MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "CT_small.dcm",
               "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "image_dfl.dcm", "examples_ybr_color.dcm",
@@ -304,21 +307,69 @@ def _bundled_files() -> list[Path]:
     return sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm"))
 
 
+class _BytesBucket:
+    """A bucket of one object held in memory, as ``ObjectFile`` reads one (``stream_in_thread``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.requests = 0
+
+    @contextlib.contextmanager
+    def stream_in_thread(self, name: str, start: int, end: int | None, stop: object) -> Iterator[Chunks]:
+        self.requests += 1
+        piece = self.data[start:end]
+        yield Chunks(iter([piece[i:i + 7] for i in range(0, len(piece), 7)]), {})  # (7-byte chunks)
+
+
 @pytest.mark.parametrize("path", _bundled_files(), ids=lambda p: p.name)
 def test_a_header_read_up_to_the_pixel_data_gives_the_files_metadata(path: Path) -> None:
-    """``header_metadata`` (an IDC object's header, read by ranges) gives what ``metadata`` gives
-    for the whole file, but for what follows the pixel data, which it does not read (trailing
-    padding), and the pixel data of a deflated data set (whose header it cannot see)."""
+    """``header_metadata`` over an ``ObjectFile`` (an IDC object's header, read by ranges; blocks
+    from 64 bytes, so that values cross them and the values pydicom left in the file are read
+    back through it) gives what ``metadata`` gives for the whole file, but for what follows the
+    pixel data, which it does not read (trailing padding), and the pixel data of a deflated data
+    set (whose header it cannot see)."""
     from dicomfs import instancemeta
     from dicomfs.errors import SourceError
+    from dicomfs.sources.bucket import ObjectFile
+    from dicomfs.tasks import StopSignal
 
     try:
         whole = instancemeta.metadata(path)
     except SourceError:
         return  # (not a file the folder source reads either)
-    with open(path, "rb") as source:
-        header = instancemeta.header_metadata(source, str(path))
+    data = path.read_bytes()
+    bucket = _BytesBucket(data)
+    header = instancemeta.header_metadata(ObjectFile(bucket, path.name, len(data), StopSignal(),  # type: ignore[arg-type]
+                                                     first_block=64), str(path))
     whole.pop("FFFCFFFC", None)  # DataSetTrailingPadding, after the pixel data
     if whole.get("00020010", {}).get("Value") == ["1.2.840.10008.1.2.1.99"]:
         whole.pop("7FE00010", None)
     assert header == whole
+
+
+def test_a_header_that_cannot_be_read_back_is_an_error_not_a_missing_element() -> None:
+    """A value pydicom left in the file whose read fails (the bucket broke off) fails the header,
+    where it used to be logged and left out of metadata the catalog then kept."""
+    from dicomfs import instancemeta
+    from dicomfs.errors import TransferBroken
+    from dicomfs.sources.bucket import ObjectFile
+    from dicomfs.tasks import StopSignal
+
+    ds = pydicom.dcmread(next(p for p in _bundled_files() if p.name == "CT_small.dcm"))
+    ds.ImageComments = "x" * 3000  # (left in the file, read back)
+    out = io.BytesIO()
+    ds.save_as(out)
+    bucket = _BytesBucket(out.getvalue())
+    file = ObjectFile(bucket, "ct", len(out.getvalue()), StopSignal(), first_block=256)  # type: ignore[arg-type]
+    original = bucket.stream_in_thread
+
+    @contextlib.contextmanager
+    def failing(name: str, start: int, end: int | None, stop: object) -> Iterator[Chunks]:
+        if bucket.requests >= 2:
+            raise TransferBroken("the bucket broke off")
+        with original(name, start, end, stop) as chunks:
+            yield chunks
+
+    bucket.stream_in_thread = failing  # type: ignore[method-assign]
+    with pytest.raises(TransferBroken):
+        instancemeta.header_metadata(file, "ct")

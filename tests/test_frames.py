@@ -641,6 +641,7 @@ def reordered(p10: bytes) -> tuple[bytes, dict[str, list[int]]]:
     (with_table(lambda t: t["CustomOffsetTableLengths"].__setitem__(0, t["CustomOffsetTableLengths"][0] + 1)),
      "not the first item"),
     (with_table(lambda t: t["CustomOffsetTableLengths"].__setitem__(1, 7)), "does not follow"),
+    (with_table(lambda t: t["CustomOffsetTableLengths"].__setitem__(5, 1 << 32)), "longer than an item can be"),
     (wrong_basic_offset, "the basic offset table places the frames elsewhere"),
     (reordered, "the extended offset table places the frames elsewhere"),
     (lambda p10: (slide("1.2.3", "1.2.3.4", encapsulated=True, frames=12, frame_bytes=1024, number=1, has_bot=False),

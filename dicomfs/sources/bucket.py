@@ -129,17 +129,20 @@ class ObjectReader:
 class ObjectFile(io.RawIOBase):
     """An object of ``size`` bytes as a read-only file object for one worker thread, read by Range
     requests of ``first_block`` bytes, each next one twice as large up to ``MAX_BLOCK`` (a
-    header of a few KB costs one request, one with a large value in the middle a few), and held
+    header of a few KB costs one request, one with a large value in the middle a few), holding
     only the last block: pydicom parses a header from it, seeking past the values it leaves in
-    the file without a request. Reads never go past ``size``; a body shorter than asked is a
-    ``TransferBroken``."""
+    the file (a request each when they are read back later, and a block from there). Reads never
+    go past ``size``, nor past ``limit`` (a ``ProtocolError``: a header that large is no header);
+    a body shorter than asked is a ``TransferBroken``."""
 
     MAX_BLOCK = 4 << 20
 
-    def __init__(self, bucket: Bucket, name: str, size: int, stop: StopSignal, first_block: int = 64 << 10) -> None:
+    def __init__(self, bucket: Bucket, name: str, size: int, stop: StopSignal, first_block: int = 64 << 10,
+                 limit: int | None = None) -> None:
         self._bucket, self._name, self._size, self._stop = bucket, name, size, stop
         self._block, self._start, self._data = first_block, 0, b""
         self._pos = 0
+        self._limit = size if limit is None else limit
         self.requests = 0
 
     def readable(self) -> bool:
@@ -173,7 +176,9 @@ class ObjectFile(io.RawIOBase):
 
     def _fetch(self, start: int) -> None:
         self._stop.check()
-        end = min(self._size, start + self._block)
+        if start >= self._limit:
+            raise ProtocolError(f"object {self._name}: more than its first {self._limit:,} bytes would be read")
+        end = min(self._size, self._limit, start + self._block)
         self._block = min(self._block * 2, self.MAX_BLOCK)
         self._start, self._data = start, read_range(self._bucket, self._name, start, end, self._stop)
         self.requests += 1

@@ -55,6 +55,7 @@ PARALLEL_OBJECTS = 8  # objects of one series in flight at once
 WHOLE_AT_MOST = 16 << 20  # a larger object is streamed into its series' blob, not read whole first
 PART10_MINIMUM = 132 + 12  # preamble, DICM and one element: anything shorter is no DICOM file
 PARALLEL_HEADS = 16
+MAX_HEADER = 64 << 20  # bytes of an object read for its metadata or its offset table, at most
 MAX_INSTANCES = 100_000
 SERIES_READ_WITH_SEARCH = 20_000  # studies
 SERIES_BATCH = 2_000  # studies whose series one scan of the index reads, beyond those (a scan: ~0.1 s however many)
@@ -82,6 +83,7 @@ class IdcSource:
         self._listed: cachetools.LRUCache[str, dict[str, tuple[ObjectInfo, DicomJson]]] = cachetools.LRUCache(256)
         self._heads = diskcache.Cache(str(work_dir / "idc-heads"))  # object -> what its header told (Head)
         self._limit = trio.CapacityLimiter(PARALLEL_HEADS)
+        self._ranges = trio.CapacityLimiter(PARALLEL_HEADS)  # frame tables and tiles: not behind a listing's heads
         self._retrieves = retrieve_limiter()
         self._listings: SingleFlight[dict[str, tuple[ObjectInfo, DicomJson]]] = SingleFlight()
         self._searched: list[str] = []  # the studies of the last search, in order, and where each is
@@ -319,7 +321,7 @@ class IdcSource:
         """Where the instance's frames lie by its own offset table (``frames.own_frame_table``),
         read by ranges up to its first frame: the index has no table of its own to give."""
         bucket, info = await self._object(instance)
-        return await run_stoppable(partial(_frame_table_in_thread, bucket, info), limiter=self._limit)
+        return await run_stoppable(partial(_frame_table_in_thread, bucket, info), limiter=self._ranges)
 
     async def read_instance_range(self, instance: InstanceRecord, offset: int, length: int) -> bytes:
         """``length`` bytes of the instance's object from ``offset``: one Range request, in a worker
@@ -328,7 +330,8 @@ class IdcSource:
         if offset < 0 or length < 0 or offset + length > info.size:
             raise ProtocolError(f"bytes {offset}-{offset + length} are not within instance {instance.key} "
                                 f"({info.size} bytes)")
-        return await run_stoppable(partial(read_range, bucket, info.name, offset, offset + length), limiter=self._limit)
+        return await run_stoppable(partial(read_range, bucket, info.name, offset, offset + length),
+                                   limiter=self._ranges)
 
     async def _object(self, instance: InstanceRecord) -> tuple[S3Bucket, ObjectInfo]:
         series = SeriesRecord(instance.study_uid, instance.series_uid)
@@ -424,13 +427,15 @@ def _head_in_thread(bucket: S3Bucket, name: str, size: int, stop: StopSignal) ->
 
 def _metadata_in_thread(bucket: S3Bucket, info: ObjectInfo, stop: StopSignal) -> DicomJson:
     """``IdcSource.series_metadata``'s blocking part for one object (pydicom over ranged reads)."""
-    return instancemeta.header_metadata(ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES),
+    return instancemeta.header_metadata(ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES,
+                                                   limit=MAX_HEADER),
                                         f"object {bucket.bucket}/{info.name}")
 
 
 def _frame_table_in_thread(bucket: S3Bucket, info: ObjectInfo, stop: StopSignal) -> FrameTable | None:
     """``IdcSource.frame_table``'s blocking part for one object (pydicom over ranged reads)."""
-    return frames.own_frame_table(ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES), info.size)
+    return frames.own_frame_table(ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES,
+                                             limit=MAX_HEADER), info.size)
 
 
 async def _deliver(sink: SeriesSink, key: str, body: bytearray) -> None:
