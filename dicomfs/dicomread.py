@@ -8,7 +8,8 @@ first element of that group, as at the pixel data when asked to, and a data set 
 zeros is an empty one. Also what every such reader shares: ``stored_transfer_syntax`` (the
 syntax a file's meta group names, for readers that must know it before pydicom reads the data
 set), ``value_left_in_file`` (a value pydicom deferred, read back), ``RangeFile`` (a range of an
-open descriptor as the file object pydicom reads) and ``quiet_pydicom`` (what pydicom logs and
+open descriptor as the file object pydicom reads, on ``PositionedReader``, the position rules it
+shares with ``bucket.ObjectFile``) and ``quiet_pydicom`` (what pydicom logs and
 warns, kept for debugging). Blocking. Must not open files (callers hand over a file object:
 ``localfile.open_regular`` for a folder's) or interpret the data set.
 """
@@ -123,19 +124,15 @@ def stored_transfer_syntax(source: Readable) -> str | None:
         return None
 
 
-class RangeFile(io.RawIOBase):
-    """``length`` bytes of an open descriptor from ``offset``, as the file object pydicom reads:
-    ``pread``, so the descriptor's own position is left alone. Unbuffered on purpose: pydicom
-    takes a ``BufferedReader`` for a named file and opens it again by name for a value it left
-    in the file. ``shorter`` makes the error for a descriptor that ends before ``length`` (by
-    default the range just ends there); ``check`` is called before every read (a job's stop:
-    it raises to end a parse of 2 GB that nobody waits for any more)."""
+class PositionedReader(io.RawIOBase):
+    """A read-only, seekable file object of ``length`` bytes, as pydicom reads one: where it is
+    and how it seeks; a subclass reads (``readinto``). Unbuffered on purpose: pydicom takes a
+    ``BufferedReader`` for a named file and opens it again by name for a value it left in the
+    file."""
 
-    def __init__(self, fd: int, offset: int, length: int, shorter: Callable[[], Exception] | None = None,
-                 check: Callable[[], None] | None = None) -> None:
-        self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
-        self._shorter = shorter
-        self._check = check
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self._length, self._pos = length, 0
 
     def readable(self) -> bool:
         return True
@@ -150,6 +147,21 @@ class RangeFile(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
         self._pos = max(0, base + pos)
         return self._pos
+
+
+class RangeFile(PositionedReader):
+    """``length`` bytes of an open descriptor from ``offset``, as the file object pydicom reads:
+    ``pread``, so the descriptor's own position is left alone. ``shorter`` makes the error for a
+    descriptor that ends before ``length`` (by default the range just ends there); ``check`` is
+    called before every read (a job's stop: it raises to end a parse of 2 GB that nobody waits
+    for any more)."""
+
+    def __init__(self, fd: int, offset: int, length: int, shorter: Callable[[], Exception] | None = None,
+                 check: Callable[[], None] | None = None) -> None:
+        super().__init__(length)
+        self._fd, self._offset = fd, offset
+        self._shorter = shorter
+        self._check = check
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")

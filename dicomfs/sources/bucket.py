@@ -12,12 +12,12 @@ own their URLs, one listing page and authentication. Must not know what the obje
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from dicomfs.dicomread import PositionedReader
 from dicomfs.errors import ProtocolError, TransferBroken
 from dicomfs.sources.asynchttp import HttpClient
 from dicomfs.sources.threadhttp import BlockingHttp
@@ -126,7 +126,7 @@ class ObjectReader:
 
 
 
-class ObjectFile(io.RawIOBase):
+class ObjectFile(PositionedReader):
     """An object of ``size`` bytes as a read-only file object for one worker thread, read by Range
     requests of ``first_block`` bytes, each next one twice as large up to ``MAX_BLOCK`` (a
     header of a few KB costs one request, one with a large value in the middle a few), holding
@@ -139,32 +139,18 @@ class ObjectFile(io.RawIOBase):
 
     def __init__(self, bucket: Bucket, name: str, size: int, stop: StopSignal, first_block: int = 64 << 10,
                  limit: int | None = None) -> None:
-        self._bucket, self._name, self._size, self._stop = bucket, name, size, stop
+        super().__init__(size)
+        self._bucket, self._name, self._stop = bucket, name, stop
         self._block, self._start, self._data = first_block, 0, b""
-        self._pos = 0
         self._limit = size if limit is None else limit
         self.requests = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         """As much as ``buffer`` holds, up to the object's end (never less: pydicom reads a value
         with one ``read``, and a short one would be a malformed file to it)."""
         view = memoryview(buffer).cast("B")
         done = 0
-        while done < len(view) and self._pos < self._size:
+        while done < len(view) and self._pos < self._length:
             if not self._start <= self._pos < self._start + len(self._data):
                 self._fetch(self._pos)
             at = self._pos - self._start
@@ -178,7 +164,7 @@ class ObjectFile(io.RawIOBase):
         self._stop.check()
         if start >= self._limit:
             raise ProtocolError(f"object {self._name}: more than its first {self._limit:,} bytes would be read")
-        end = min(self._size, self._limit, start + self._block)
+        end = min(self._length, self._limit, start + self._block)
         self._block = min(self._block * 2, self.MAX_BLOCK)
         self._start, self._data = start, read_range(self._bucket, self._name, start, end, self._stop)
         self.requests += 1
