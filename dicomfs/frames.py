@@ -492,7 +492,7 @@ def locate_in_file(fp: Readable, read_at: ReadAt) -> Located | None:
 
 
 
-_ITEM_HEADER = 8  # an item's tag and length
+ITEM_HEADER = 8  # an item's tag and length
 _PIXEL_HEADERS = tuple(b"\xe0\x7f\x10\x00" + vr + b"\x00\x00\xff\xff\xff\xff" for vr in (b"OB", b"OW"))
 
 
@@ -527,19 +527,19 @@ def check_frame_table(prefix: bytes, delimiter: bytes, table: FrameTable) -> str
     if declared != count:
         raise ProtocolError(f"the offset table lists {count} frames, NumberOfFrames is {declared}")
     at = source.tell()  # (pydicom stopped at the pixel data's tag)
-    if prefix[at:at + 12] not in _PIXEL_HEADERS or prefix[at + 12:at + 16] != _ITEM_TAG:
+    found = _first_item(prefix[at:at + 20], at)
+    if found is None:
         raise ProtocolError("no encapsulated pixel data with an offset table where the data set ends")
-    table_length = unpack_from("<I", prefix, at + 16)[0]
-    first_item = at + 20 + table_length
-    if first_item + _ITEM_HEADER != first or prefix[first_item:first_item + 4] != _ITEM_TAG \
+    table_length, first_item = found
+    if first_item + ITEM_HEADER != first or prefix[first_item:first_item + 4] != _ITEM_TAG \
             or unpack_from("<I", prefix, first_item + 4)[0] != table.lengths[0]:
         raise ProtocolError("the first frame is not the first item after the basic offset table")
     relative = [offset - first for offset in table.offsets]
     for index in range(count - 1):
-        if table.offsets[index + 1] != table.offsets[index] + table.lengths[index] + _ITEM_HEADER:
+        if table.offsets[index + 1] != table.offsets[index] + table.lengths[index] + ITEM_HEADER:
             raise ProtocolError(f"frame {index + 2} does not follow frame {index + 1} as the next item")
     end = table.offsets[-1] + table.lengths[-1]
-    if end + _ITEM_HEADER != table.size or delimiter != _SEQUENCE_DELIMITER + bytes(4):
+    if end + ITEM_HEADER != table.size or delimiter != _SEQUENCE_DELIMITER + bytes(4):
         raise ProtocolError("the last frame is not followed by the end of the pixel data and of the file")
     if table_length and (table_length != 4 * count or list(unpack_from(f"<{count}I", prefix, at + 20)) != relative):
         raise ProtocolError("the basic offset table places the frames elsewhere")
@@ -568,35 +568,44 @@ def own_frame_table(fp: Readable, size: int) -> FrameTable | None:
         return None
     count, eot = _before_pixels(fp)
     at = fp.tell()
-    head = fp.read(20)
+    found = _first_item(fp.read(20), at)
+    if found is None:
+        return None
+    table_length, first_item = found
+    if eot[0] is not None and eot[1] is not None and len(eot[0]) == len(eot[1]) == 8 * count:
+        offsets = [first_item + ITEM_HEADER + offset for offset in unpack_from(f"<{count}Q", eot[0])]
+        return FrameTable(tuple(offsets), unpack_from(f"<{count}Q", eot[1]), size)
+    if table_length != 4 * count or first_item + ITEM_HEADER > size:
+        return None
+    starts = list(unpack_from(f"<{count}I", fp.read(table_length)))
+    ends = [*starts[1:], size - ITEM_HEADER - first_item]  # (where the next frame's item starts; the delimiter)
+    lengths = tuple(end - start - ITEM_HEADER for start, end in zip(starts, ends, strict=True))
+    if min(lengths) < 0:
+        return None
+    return FrameTable(tuple(first_item + ITEM_HEADER + start for start in starts), lengths, size)
+
+
+def _first_item(head: bytes, at: int) -> tuple[int, int] | None:
+    """The basic offset table's length and where the first fragment's item starts, from the 20
+    bytes at ``at`` where a data set's pixel data begins; None if they are not encapsulated pixel
+    data (explicit VR little endian, undefined length) opening with an offset table item."""
     if head[:12] not in _PIXEL_HEADERS or head[12:16] != _ITEM_TAG:
         return None
     table_length = unpack_from("<I", head, 16)[0]
-    first_item = at + 20 + table_length
-    if eot[0] is not None and eot[1] is not None and len(eot[0]) == len(eot[1]) == 8 * count:
-        offsets = [first_item + 8 + offset for offset in unpack_from(f"<{count}Q", eot[0])]
-        return FrameTable(tuple(offsets), unpack_from(f"<{count}Q", eot[1]), size)
-    if table_length != 4 * count or first_item + 8 > size:
-        return None
-    starts = list(unpack_from(f"<{count}I", fp.read(table_length)))
-    ends = [*starts[1:], size - 8 - first_item]  # (where the next frame's item starts; the delimiter)
-    lengths = tuple(end - start - 8 for start, end in zip(starts, ends, strict=True))
-    if min(lengths) < 0:
-        return None
-    return FrameTable(tuple(first_item + 8 + start for start in starts), lengths, size)
+    return table_length, at + 20 + table_length
 
 def frame_in_item(data: bytes, length: int, next_length: int | None) -> memoryview:
     """The frame in ``data``, the bytes of an instance from 8 before a frame ``check_frame_table``
     accepted to 8 after it: its item's header must say ``length``, and what follows must be the
     next frame's item header (``next_length``) or, after the last (None), the sequence delimiter.
     Raises ProtocolError otherwise (the archive's table does not describe these bytes)."""
-    if len(data) != length + 2 * _ITEM_HEADER or data[:4] != _ITEM_TAG or unpack_from("<I", data, 4)[0] != length:
+    if len(data) != length + 2 * ITEM_HEADER or data[:4] != _ITEM_TAG or unpack_from("<I", data, 4)[0] != length:
         raise ProtocolError("a frame's bytes are not the item the offset table says")
-    after = data[-_ITEM_HEADER:]
+    after = data[-ITEM_HEADER:]
     expected = _SEQUENCE_DELIMITER + bytes(4) if next_length is None else _ITEM_TAG + next_length.to_bytes(4, "little")
     if after != expected:
         raise ProtocolError("a frame's item is not followed by the next frame's, or the end of the pixel data")
-    return memoryview(data)[_ITEM_HEADER:-_ITEM_HEADER]
+    return memoryview(data)[ITEM_HEADER:-ITEM_HEADER]
 
 
 

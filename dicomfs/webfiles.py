@@ -435,7 +435,7 @@ class WebFiles:
             raise NotFound(f"instance {instance.key} has {count} frames, not {node.frame}")
         index = node.frame - 1
         offset, length = ranged.offsets[index], ranged.lengths[index]
-        data = await source.read_instance_range(instance, offset - 8, length + 16)
+        data = await source.read_instance_range(instance, offset - frames.ITEM_HEADER, length + 2 * frames.ITEM_HEADER)
         try:
             frame = frames.frame_in_item(data, length, ranged.lengths[index + 1] if index + 1 < count else None)
         except ProtocolError as exc:
@@ -465,7 +465,8 @@ class WebFiles:
         end = table.offsets[-1] + table.lengths[-1]
         async with self._range_checks:  # (an index may claim a MAX_RANGE_PREFIX for every instance)
             prefix = await source.read_instance_range(instance, 0, table.offsets[0])
-            delimiter = await source.read_instance_range(instance, end, 8) if end + 8 <= table.size else b""
+            delimiter = (await source.read_instance_range(instance, end, frames.ITEM_HEADER)
+                     if end + frames.ITEM_HEADER <= table.size else b"")
             try:
                 syntax = await trio.to_thread.run_sync(frames.check_frame_table, prefix, delimiter, table)
             except ProtocolError as exc:

@@ -143,7 +143,6 @@ class ObjectFile(PositionedReader):
         self._bucket, self._name, self._stop = bucket, name, stop
         self._block, self._start, self._data = first_block, 0, b""
         self._limit = size if limit is None else limit
-        self.requests = 0
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         """As much as ``buffer`` holds, up to the object's end (never less: pydicom reads a value
@@ -167,7 +166,6 @@ class ObjectFile(PositionedReader):
         end = min(self._length, self._limit, start + self._block)
         self._block = min(self._block * 2, self.MAX_BLOCK)
         self._start, self._data = start, read_range(self._bucket, self._name, start, end, self._stop)
-        self.requests += 1
 
 
 def read_range(bucket: Bucket, name: str, start: int, end: int, stop: StopSignal) -> bytes:
