@@ -8,10 +8,11 @@ times: a fresh ``dicomfs serve`` of the bucket with an empty cache asked, as a v
 the series' metadata, then the frame in the middle of the level, then the next one (each timed
 from request to the last byte); the same for the ``--base`` commit (a ``git worktree``, run from
 there); and ``curl`` of that frame's byte range straight from the bucket. The bucket bytes each
-serve asked for are counted by a proxy in front of it. Every frame served is compared with
-pydicom's.
+serve asked for are counted by a proxy in front of it; ``--latency MS`` makes that proxy wait
+so long before each request it passes on (a cloud bucket's round trip), and puts curl behind
+such a proxy too. Every frame served is compared with pydicom's.
 
-    .venv/bin/python -m bench.tiles --archive cod --base 5185aa2 --frames 2000 --repeat 7
+    .venv/bin/python -m bench.tiles --archive cod --base 5185aa2 --frames 2000 --repeat 7 [--latency 20]
 
 Prints medians; writes nothing into the repository.
 """
@@ -89,10 +90,11 @@ ARCHIVES = {"cod": cod_archive, "idc": idc_archive}
 
 
 def serve_once(checkout: Path, archive: Archive, work: Path, sop: str, frame: int,
-               reference: list[bytes]) -> tuple[float, float, float, int]:
+               reference: list[bytes], latency: float) -> tuple[float, float, float, int]:
     """A fresh ``dicomfs serve`` from ``checkout``: (seconds to the series metadata, to frame
     ``frame``, to the next one; bucket bytes asked for)."""
     with CountingProxy(archive.port, lambda path: "bucket") as proxy:
+        proxy.delay = latency
         port, log_path = free_port(), work / f"serve-{time.monotonic_ns()}.log"
         args = [a.replace("{proxy}", proxy.url) for a in archive.serve_args]
         env = {k: v.replace("{proxy}", proxy.url) for k, v in archive.env.items()}
@@ -127,17 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="the earlier commit to compare with")
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--latency", type=float, default=0.0, help="ms before each bucket request")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="dicomfs-tiles-"))
     try:
         with versions_of(args.base, work) as versions:
-            compare(versions, work, args.archive, args.frames, args.repeat)
+            compare(versions, work, args.archive, args.frames, args.repeat, args.latency / 1000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def compare(versions: dict[str, Path], work: Path, kind: str, frame_count: int, repeat: int) -> None:
+def compare(versions: dict[str, Path], work: Path, kind: str, frame_count: int, repeat: int,
+            latency: float) -> None:
     """Each version's fresh serves and curl, alternating, ``repeat`` times; medians printed."""
     data = slide(STUDY, SERIES, encapsulated=True, frames=frame_count, frame_bytes=65536, number=1)
     sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
@@ -145,25 +149,28 @@ def compare(versions: dict[str, Path], work: Path, kind: str, frame_count: int, 
     frame = frame_count // 2
     table = frame_table(data)
     offset, length = table["CustomOffsetTable"][frame - 1], table["CustomOffsetTableLengths"][frame - 1]
-    print(f"{kind}: a level of {len(data) / 1e6:.1f} MB, {frame_count} frames; frame {frame}: {length} bytes",
-          flush=True)
+    print(f"{kind}: a level of {len(data) / 1e6:.1f} MB, {frame_count} frames; frame {frame}: {length} bytes; "
+          f"{latency * 1000:g} ms before each bucket request", flush=True)
     samples: dict[str, list[tuple[float, float, float, int]]] = {name: [] for name in versions}
     curl: list[float] = []
     with contextlib.ExitStack() as stack:
         archive = ARCHIVES[kind](stack, data, sop, work)
         start = archive.level_start + offset
+        curl_proxy = stack.enter_context(CountingProxy(archive.port, lambda path: "bucket"))
+        curl_proxy.delay = latency
+        level_url = archive.level_url.replace(f"127.0.0.1:{archive.port}", curl_proxy.url.split("//")[1])
         for rep in range(repeat):
             order = [*versions, "curl"] if rep % 2 == 0 else ["curl", *list(versions)[::-1]]
             for name in order:
                 if name == "curl":
                     started = time.perf_counter()
                     got = subprocess.run(["curl", "-sS", "--fail", "-r", f"{start}-{start + length - 1}",
-                                          archive.level_url], capture_output=True, check=True, timeout=TIMEOUT).stdout
+                                          level_url], capture_output=True, check=True, timeout=TIMEOUT).stdout
                     curl.append(time.perf_counter() - started)
                     if got != reference[frame - 1]:
                         raise SystemExit("curl's range is not the frame")
                 else:
-                    samples[name].append(serve_once(versions[name], archive, work, sop, frame, reference))
+                    samples[name].append(serve_once(versions[name], archive, work, sop, frame, reference, latency))
             print(f"repetition {rep + 1}/{repeat} done", flush=True)
     for name, runs in samples.items():
         metadata, first, following, moved = zip(*runs, strict=True)

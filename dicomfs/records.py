@@ -68,6 +68,9 @@ class FrameTable:
     offsets: tuple[int, ...]
     lengths: tuple[int, ...]
     size: int  # of the instance
+    # the instance's first bytes, where the archive read them to find the table (IDC: the table
+    # is the file's own), so that the check need not read them again; b"" where it did not
+    head: bytes = field(default=b"", repr=False, compare=False)
 
 def json_value(attrs: DicomJson, tag: str) -> Any:
     """First value of ``tag`` in a DICOM JSON object, or None."""

@@ -14,6 +14,7 @@ file. Must not know FUSE or the layout's names (``webtree`` does).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from array import array
@@ -29,11 +30,11 @@ from dicomfs.cache import BlobStore, InstanceHandle
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError, IntegrityError, NotFound, ProtocolError
 from dicomfs.gcpause import paused, release_free_memory
-from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
+from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import FrameRangeReader, MetadataSource
 from dicomfs.summary import Summaries
-from dicomfs.tasks import StopSignal, map_bounded, run_stoppable
+from dicomfs.tasks import StopSignal, map_bounded, open_nursery, run_stoppable
 from dicomfs.uids import is_key
 from dicomfs.webtree import LISTING_FILES, MAX_FRAMES, WebKind, WebNode
 
@@ -54,6 +55,7 @@ MAX_WHOLE_CUT = 512 << 20  # bytes of an instance cut in memory all the same (no
 READ_CHUNK = 8 << 20  # bytes of one read when a whole instance is read
 RANGE_FRAMES_FROM = 8 << 20  # bytes of an uncached instance from which a frame is read alone (archive permitting)
 MAX_RANGE_PREFIX = 64 << 20  # bytes before the first frame read to check the archive's offset table
+READ_AHEAD_FRAME = 16 << 20  # bytes of a frame read while its instance's offset table is being checked, at most
 ALL = ("all",)  # includefield=all: every attribute a QIDO object's source has
 Include = tuple[str, ...]  # tags a QIDO object carries beyond its level's (or ALL)
 
@@ -153,6 +155,9 @@ class WebFiles:
             FRAME_MAP_FRAGMENTS, getsizeof=lambda frame_map: frame_map.pieces.fragments)
         self._ranged: cachetools.LRUCache[tuple[str, str], _RangedFrames | str] = cachetools.LRUCache(
             FRAME_MAP_FRAGMENTS, getsizeof=lambda r: len(r.offsets) if isinstance(r, _RangedFrames) else 1)
+        # tables read from the archive whose check is under way (``_first_frames_alone``)
+        self._tables: cachetools.LRUCache[tuple[str, str], FrameTable] = cachetools.LRUCache(
+            2 * MAX_RANGE_PREFIX, getsizeof=lambda table: len(table.head) + 16 * len(table.offsets) + 1)
 
     # --- sizes ------------------------------------------------------------------------------------
     def known_size(self, node: WebNode) -> int | None:
@@ -426,54 +431,122 @@ class WebFiles:
             return None
         ranged = self._ranged.get(key)
         if ranged is None:
-            ranged = await self._flights.run(("ranged", key), lambda: self._check_ranges(source, node))
-            self._ranged[key] = ranged
+            return await self._first_frames_alone(source, node)
         if not isinstance(ranged, _RangedFrames):
             return None
-        count = len(ranged.offsets)
-        if node.frame > count:
-            raise NotFound(f"instance {instance.key} has {count} frames, not {node.frame}")
+        if node.frame > len(ranged.offsets):
+            raise NotFound(f"instance {instance.key} has {len(ranged.offsets)} frames, not {node.frame}")
         index = node.frame - 1
-        offset, length = ranged.offsets[index], ranged.lengths[index]
-        data = await source.read_instance_range(instance, offset - frames.ITEM_HEADER, length + 2 * frames.ITEM_HEADER)
+        data = await source.read_instance_range(instance, ranged.offsets[index] - frames.ITEM_HEADER,
+                                                ranged.lengths[index] + 2 * frames.ITEM_HEADER)
+        return self._frame_in_item(node, ranged, data)
+
+    async def _first_frames_alone(self, source: FrameRangeReader, node: WebNode) -> bytes | None:
+        """``_frame_alone`` while the instance's table is not yet checked: the check (once, for all
+        readers) and this frame's read side by side, so that a first tile costs one round trip
+        after the table, not two; the frame read is used only once the check holds."""
+        assert node.series is not None and node.instance is not None
+        instance = node.instance
+        key = (node.series.key, instance.key)
+        table = self._tables.get(key)
+        if table is None:
+            table = await self._flights.run(("table", key), lambda: self._read_table(source, node))
+            if table is None:
+                return None
+        index = node.frame - 1
+        ahead: list[bytes] = []
+
+        async def read_ahead() -> None:  # (not more than a tile's worth, before the table is known to hold)
+            if index < len(table.offsets) and table.lengths[index] <= READ_AHEAD_FRAME:
+                with contextlib.suppress(ProtocolError):  # (outside the instance: the check says so)
+                    ahead.append(await source.read_instance_range(instance, table.offsets[index] - frames.ITEM_HEADER,
+                                                                  table.lengths[index] + 2 * frames.ITEM_HEADER))
+
+        async with open_nursery() as nursery:
+            nursery.start_soon(read_ahead)
+            ranged = await self._flights.run(("ranged", key), lambda: self._check_ranges(source, node, table))
+            if not isinstance(ranged, _RangedFrames):
+                nursery.cancel_scope.cancel()  # (the frame is cut from the whole instance)
+        if not isinstance(ranged, _RangedFrames):
+            return None
+        if node.frame > len(ranged.offsets):
+            raise NotFound(f"instance {instance.key} has {len(ranged.offsets)} frames, not {node.frame}")
+        if not ahead:  # (the check holds, so the read that failed fails again, and says why)
+            return await self._frame_alone(node)
+        return self._frame_in_item(node, ranged, ahead[0])
+
+    def _frame_in_item(self, node: WebNode, ranged: _RangedFrames, data: bytes) -> bytes | None:
+        """The frame file of ``node`` from ``data``, its item read from where the checked table
+        places it (with the item headers around it); None, and the instance's frames cut from
+        its bytes from now on, where the item is not as the table says."""
+        assert node.series is not None and node.instance is not None
+        index = node.frame - 1
+        next_length = ranged.lengths[index + 1] if index + 1 < len(ranged.lengths) else None
         try:
-            frame = frames.frame_in_item(data, length, ranged.lengths[index + 1] if index + 1 < count else None)
+            frame = frames.frame_in_item(data, ranged.lengths[index], next_length)
         except ProtocolError as exc:
             log.warning("frame %d of instance %s is not where the archive's offset table says (%s): its frames "
-                        "are cut from the whole instance", node.frame, instance.key, exc)
-            self._ranged[key] = _NOT_RANGED
+                        "are cut from the whole instance", node.frame, node.instance.key, exc)
+            self._ranged[(node.series.key, node.instance.key)] = _NOT_RANGED
             return None
         return frames.frame_file(frame, ranged.transfer_syntax)
 
-    async def _check_ranges(self, source: FrameRangeReader, node: WebNode) -> _RangedFrames | str:
-        """Whether the archive's offset table of ``node``'s instance holds, read from the bytes
-        around it (before the first frame, after the last): the frames to read alone, or
-        ``_NOT_RANGED`` (also, without a read, for native frames: their table may be 8 bytes off)."""
-        assert node.instance is not None
+    async def _read_table(self, source: FrameRangeReader, node: WebNode) -> FrameTable | None:
+        """Where the archive says the frames of ``node``'s instance lie (unchecked), kept for
+        ``_check_ranges``; None, and ``_NOT_RANGED`` remembered, where there is nothing to read
+        alone: native frames (their table may be 8 bytes off), no table, or none to read."""
+        assert node.series is not None and node.instance is not None
         instance = node.instance
+        key = (node.series.key, instance.key)
         stored = (await self._instance_json(node)).transfer_syntax
-        if stored is not None and frames.is_native(stored):
-            return _NOT_RANGED
-        try:
-            table = await source.frame_table(instance)
-        except ProtocolError as exc:  # (what the archive holds: the cut says so again, to the reader)
-            log.warning("where the frames of instance %s lie cannot be read (%s): they are cut from the whole "
-                        "instance", instance.key, exc)
-            return _NOT_RANGED
-        if table is None or not table.offsets or not 0 < table.offsets[0] <= MAX_RANGE_PREFIX:
-            return _NOT_RANGED
-        end = table.offsets[-1] + table.lengths[-1]
-        async with self._range_checks:  # (an index may claim a MAX_RANGE_PREFIX for every instance)
-            prefix = await source.read_instance_range(instance, 0, table.offsets[0])
-            delimiter = (await source.read_instance_range(instance, end, frames.ITEM_HEADER)
-                     if end + frames.ITEM_HEADER <= table.size else b"")
+        table = None
+        if stored is None or not frames.is_native(stored):
             try:
-                syntax = await trio.to_thread.run_sync(frames.check_frame_table, prefix, delimiter, table)
-            except ProtocolError as exc:
-                log.warning("the offset table of instance %s does not hold (%s): its frames are cut from the whole "
+                table = await source.frame_table(instance)
+            except ProtocolError as exc:  # (what the archive holds: the cut says so again, to the reader)
+                log.warning("where the frames of instance %s lie cannot be read (%s): they are cut from the whole "
                             "instance", instance.key, exc)
-                return _NOT_RANGED
-        return _RangedFrames(syntax, array("Q", table.offsets), array("Q", table.lengths))
+        if table is None or not table.offsets or not 0 < table.offsets[0] <= MAX_RANGE_PREFIX:
+            self._ranged[key] = _NOT_RANGED
+            return None
+        self._tables[key] = table
+        return table
+
+    async def _check_ranges(self, source: FrameRangeReader, node: WebNode, table: FrameTable) -> _RangedFrames | str:
+        """Whether ``table``, the archive's offset table of ``node``'s instance, holds, read from
+        the bytes around it (before the first frame, unless the archive read them already; after
+        the last), remembered: the frames to read alone, or ``_NOT_RANGED``."""
+        assert node.series is not None and node.instance is not None
+        instance = node.instance
+        key = (node.series.key, instance.key)
+        if (known := self._ranged.get(key)) is not None:  # (checked while this reader waited)
+            return known
+        end = table.offsets[-1] + table.lengths[-1]
+        read: dict[str, bytes] = {"prefix": table.head[:table.offsets[0]], "delimiter": b""}
+
+        async def get(what: str, offset: int, length: int) -> None:
+            read[what] = await source.read_instance_range(instance, offset, length)
+
+        try:
+            async with self._range_checks:  # (an index may claim a MAX_RANGE_PREFIX for every instance)
+                async with open_nursery() as nursery:
+                    if len(read["prefix"]) < table.offsets[0]:
+                        nursery.start_soon(get, "prefix", 0, table.offsets[0])
+                    if end + frames.ITEM_HEADER <= table.size:
+                        nursery.start_soon(get, "delimiter", end, frames.ITEM_HEADER)
+                try:
+                    syntax = await trio.to_thread.run_sync(frames.check_frame_table, read["prefix"],
+                                                           read["delimiter"], table)
+                except ProtocolError as exc:
+                    log.warning("the offset table of instance %s does not hold (%s): its frames are cut from the "
+                                "whole instance", instance.key, exc)
+                    self._ranged[key] = _NOT_RANGED
+                    return _NOT_RANGED
+        finally:
+            self._tables.pop(key, None)
+        ranged = _RangedFrames(syntax, array("Q", table.offsets), array("Q", table.lengths))
+        self._ranged[key] = ranged
+        return ranged
 
     async def _cut(self, node: WebNode) -> list[bytes] | _FrameMap:
         """Where the frames of ``node``'s instance lie, and their sizes. An instance up to

@@ -270,6 +270,9 @@ class CountingProxy(_OnLoopback):
         self.fail_when: Callable[[str], bool] | None = None
         self.fail_status = 500
         self.throttle = 0.0  # seconds to sleep after each 64 KiB forwarded
+        self.delay = 0.0  # seconds to wait before asking upstream (a long round trip)
+        self.active: Counter[str] = Counter()  # requests being answered, by kind
+        self.most_at_once: Counter[str] = Counter()  # the most of a kind answered at once
         self.lock = threading.Lock()
         proxy = self
 
@@ -289,11 +292,21 @@ class CountingProxy(_OnLoopback):
                         proxy.fail_next -= 1
                     elif proxy.fail_when is not None and proxy.fail_when(self.path):
                         failing = True
+                    proxy.active[kind] += 1
+                    proxy.most_at_once[kind] = max(proxy.most_at_once[kind], proxy.active[kind])
+                try:
+                    self.answer(kind, failing)
+                finally:
+                    with proxy.lock:
+                        proxy.active[kind] -= 1
+
+            def answer(self, kind: str, failing: bool) -> None:
                 if failing:
                     self.send_response(proxy.fail_status)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                time.sleep(proxy.delay)
                 try:
                     upstream, response = ask_upstream(self, proxy.upstream_port)
                 except OSError:

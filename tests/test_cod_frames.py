@@ -133,13 +133,36 @@ def test_a_frame_of_a_large_instance_is_read_alone(served: Callable[[], tuple[Di
     assert "does not hold" not in server.log
 
 
+def test_a_first_tile_is_read_beside_the_check_of_its_table(
+        served: Callable[[], tuple[DicomfsServe, CountingProxy]], slides: Slides) -> None:
+    """The first frame asked for in a level is read together with the two reads that check the
+    index's table (three requests at once: one round trip, not three), and served once the check
+    holds; frames asked for at once share the one check."""
+    server, proxy = served()
+    with httpx.Client(timeout=60, headers={"Accept": ANY_FRAME}) as http:
+        # (the series' metadata first, as a viewer does: only the tile's own reads are timed)
+        metadata = http.get(f"{server.root}/studies/{STUDY}/series/{SERIES}/metadata",
+                            headers={"Accept": "application/dicom+json"})
+        assert metadata.status_code == 200
+        before = proxy.counts["tar"]
+        proxy.delay = 1.0  # (every request a long round trip: those asked for together overlap)
+        reference = slides.frames["bot"]
+        assert frames_of(http.get(slides.url(server, "bot", "5"))) == [reference[4]]
+        assert proxy.counts["tar"] - before == 3, proxy.paths
+        assert proxy.most_at_once["tar"] == 3
+        assert frames_of(http.get(slides.url(server, "bot", "9,10,11"))) == reference[8:11]
+        assert proxy.counts["tar"] - before == 6, proxy.paths  # (checked once)
+    assert "does not hold" not in server.log
+
+
 @pytest.mark.parametrize("name", ["shifted", "split", "no-bot"])
 def test_a_table_that_does_not_hold_falls_back_to_the_whole_instance(
         served: Callable[[], tuple[DicomfsServe, CountingProxy]], slides: Slides, name: str) -> None:
     """Offsets 8 bytes on, or an instance without an offset table of its own (whose frames only a
-    walk of all its items finds), refused before any frame is read; a frame of two fragments whose
-    entry spans both, refused when that frame is read: every frame is still pydicom's, cut from
-    the whole instance, fetched once."""
+    walk of all its items finds), refused before any frame is served (the first frame's read
+    beside the check is thrown away); a frame of two fragments whose entry spans both, refused
+    when that frame is read: every frame is still pydicom's, cut from the whole instance, fetched
+    once."""
     server, proxy = served()
     reference = slides.frames[name]
     with httpx.Client(timeout=60, headers={"Accept": ANY_FRAME}) as http:

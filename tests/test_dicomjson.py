@@ -347,6 +347,28 @@ def test_a_header_read_up_to_the_pixel_data_gives_the_files_metadata(path: Path)
     assert header == whole
 
 
+def test_an_object_files_head_is_what_it_read_from_the_start_without_a_gap() -> None:
+    """``ObjectFile(keep_head=True).head``: the blocks read one after another from byte 0 (what
+    the check of an IDC object's frame table takes instead of reading them again); a block read
+    after a seek past unread bytes is not part of it, until the gap is read."""
+    from dicomfs.sources.bucket import ObjectFile
+    from dicomfs.tasks import StopSignal
+
+    data = bytes(range(256)) * 64
+    file = ObjectFile(_BytesBucket(data), "x", len(data), StopSignal(), first_block=100,  # type: ignore[arg-type]
+                      keep_head=True)
+    assert file.read(50) == data[:50] and file.read(200) == data[50:250]
+    assert file.head == data[:300]  # (blocks of 100, then 200 bytes)
+    file.seek(5000)
+    assert file.read(10) == data[5000:5010]
+    assert file.head == data[:300]
+    file.seek(300)
+    assert file.read(10) == data[300:310]
+    assert file.head == data[:1100]  # (the next block: 800 bytes)
+    plain = ObjectFile(_BytesBucket(data), "x", len(data), StopSignal())  # type: ignore[arg-type]
+    assert plain.read(10) == data[:10] and plain.head == b""
+
+
 def test_a_header_that_cannot_be_read_back_is_an_error_not_a_missing_element() -> None:
     """A value pydicom left in the file whose read fails (the bucket broke off) fails the header,
     where it used to be logged and left out of metadata the catalog then kept."""

@@ -306,8 +306,8 @@ SLIDE_STUDY, SLIDE_SERIES = "1.2.826.0.1.3680043.8.498.68", "1.2.826.0.1.3680043
 def test_a_tile_of_a_slide_level_is_read_alone(idc: tuple[IdcBucket, Path, S3Server], tmp_path: Path,
                                                mount_factory: Callable[..., Mount]) -> None:
     """A frame of a 10 MB level with a basic offset table is read alone from its object (its
-    header up to the first frame, the 8 bytes after the last, the frame), pydicom's frame to the
-    byte; a level without an offset table of its own is fetched whole for its first frame, and
+    header up to the first frame, read once, the 8 bytes after the last, the frame), pydicom's
+    frame to the byte; a level without an offset table of its own is fetched whole for its first frame, and
     its frames are pydicom's all the same."""
     _, _, server = idc
     store = IdcBucket(server.create_bucket(f"idc-slide-{tmp_path.name[-12:].lower().strip('_')}", public=True))
@@ -323,12 +323,15 @@ def test_a_tile_of_a_slide_level_is_read_alone(idc: tuple[IdcBucket, Path, S3Ser
         mount = mount_factory("idc", "--idc-index", str(index), "--endpoint", proxy.url, env=server.env(signed=False))
         folder = mount.path / "dicomweb" / "studies" / SLIDE_STUDY / "series" / SLIDE_SERIES / "instances"
         json.loads(gzip.decompress((folder.parent / "metadata.gz").read_bytes()))  # (the headers: as a viewer starts)
-        before = proxy.bytes["object"]
+        before, requests = proxy.bytes["object"], proxy.counts["object"]
         for number in (77, 150, 1):
             _, frame = split_frame_file((folder / sop["bot"] / "frames" / f"{number}.mht").read_bytes())
             assert bytes(frame) == reference["bot"][number - 1], number
         moved = proxy.bytes["object"] - before
         assert moved < 0.05 * len(levels["bot"]), (moved, len(levels["bot"]))  # three ~64 KB tiles, of 10 MB
+        # the header (once: the table's check takes its bytes from that read), the 8 bytes after
+        # the last frame, and each frame
+        assert proxy.counts["object"] - requests == 2 + 3, proxy.paths[-8:]
         before = proxy.bytes["object"]
         for number in (77, 150):
             _, frame = split_frame_file((folder / sop["no-bot"] / "frames" / f"{number}.mht").read_bytes())

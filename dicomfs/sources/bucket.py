@@ -133,16 +133,23 @@ class ObjectFile(PositionedReader):
     only the last block: pydicom parses a header from it, seeking past the values it leaves in
     the file (a request each when they are read back later, and a block from there). Reads never
     go past ``size``, nor past ``limit`` (a ``ProtocolError``: a header that large is no header);
-    a body shorter than asked is a ``TransferBroken``."""
+    a body shorter than asked is a ``TransferBroken``. With ``keep_head``, the blocks read one
+    after another from the start are also kept, as ``head``."""
 
     MAX_BLOCK = 4 << 20
 
     def __init__(self, bucket: Bucket, name: str, size: int, stop: StopSignal, first_block: int = 64 << 10,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, keep_head: bool = False) -> None:
         super().__init__(size)
         self._bucket, self._name, self._stop = bucket, name, stop
         self._block, self._start, self._data = first_block, 0, b""
         self._limit = size if limit is None else limit
+        self._head: bytearray | None = bytearray() if keep_head else None
+
+    @property
+    def head(self) -> bytes:
+        """The object's first bytes as read so far without a gap (``keep_head``; else b"")."""
+        return bytes(self._head or b"")
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         """As much as ``buffer`` holds, up to the object's end (never less: pydicom reads a value
@@ -166,6 +173,8 @@ class ObjectFile(PositionedReader):
         end = min(self._length, self._limit, start + self._block)
         self._block = min(self._block * 2, self.MAX_BLOCK)
         self._start, self._data = start, read_range(self._bucket, self._name, start, end, self._stop)
+        if self._head is not None and start == len(self._head):
+            self._head += self._data
 
 
 def read_range(bucket: Bucket, name: str, start: int, end: int, stop: StopSignal) -> bytes:

@@ -20,6 +20,7 @@ written in a worker thread. Must not cache blobs (the blob store does) or know a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -433,9 +434,11 @@ def _metadata_in_thread(bucket: S3Bucket, info: ObjectInfo, stop: StopSignal) ->
 
 
 def _frame_table_in_thread(bucket: S3Bucket, info: ObjectInfo, stop: StopSignal) -> FrameTable | None:
-    """``IdcSource.frame_table``'s blocking part for one object (pydicom over ranged reads)."""
-    return frames.own_frame_table(ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES,
-                                             limit=MAX_HEADER), info.size)
+    """``IdcSource.frame_table``'s blocking part for one object (pydicom over ranged reads), with
+    the bytes read from its start (the check of the table needs them up to the first frame)."""
+    file = ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES, limit=MAX_HEADER, keep_head=True)
+    table = frames.own_frame_table(file, info.size)
+    return None if table is None else dataclasses.replace(table, head=file.head)
 
 
 async def _deliver(sink: SeriesSink, key: str, body: bytearray) -> None:
