@@ -341,6 +341,10 @@ def test_a_header_read_up_to_the_pixel_data_gives_the_files_metadata(path: Path)
     bucket = _BytesBucket(data)
     header = instancemeta.header_metadata(ObjectFile(bucket, path.name, len(data), StopSignal(),  # type: ignore[arg-type]
                                                      first_block=64), str(path))
+    # the same from first bytes read before (a listing's 16 KiB; here 100 bytes, so that the
+    # header goes on past them)
+    assert instancemeta.header_metadata(ObjectFile(bucket, path.name, len(data), StopSignal(),  # type: ignore[arg-type]
+                                                   first_block=64, first=data[:100]), str(path)) == header
     whole.pop("FFFCFFFC", None)  # DataSetTrailingPadding, after the pixel data
     if whole.get("00020010", {}).get("Value") == ["1.2.840.10008.1.2.1.99"]:
         whole.pop("7FE00010", None)
@@ -350,7 +354,8 @@ def test_a_header_read_up_to_the_pixel_data_gives_the_files_metadata(path: Path)
 def test_an_object_files_head_is_what_it_read_from_the_start_without_a_gap() -> None:
     """``ObjectFile(keep_head=True).head``: the blocks read one after another from byte 0 (what
     the check of an IDC object's frame table takes instead of reading them again); a block read
-    after a seek past unread bytes is not part of it, until the gap is read."""
+    after a seek past unread bytes is not part of it, until the gap is read. ``first``: bytes
+    read before, not asked for again."""
     from dicomfs.sources.bucket import ObjectFile
     from dicomfs.tasks import StopSignal
 
@@ -367,6 +372,12 @@ def test_an_object_files_head_is_what_it_read_from_the_start_without_a_gap() -> 
     assert file.head == data[:1100]  # (the next block: 800 bytes)
     plain = ObjectFile(_BytesBucket(data), "x", len(data), StopSignal())  # type: ignore[arg-type]
     assert plain.read(10) == data[:10] and plain.head == b""
+    # first bytes read before (a listing's): no request for them, the first one for what follows
+    bucket = _BytesBucket(data)
+    given = ObjectFile(bucket, "x", len(data), StopSignal(), first_block=100, keep_head=True,  # type: ignore[arg-type]
+                       first=data[:100])
+    assert given.read(100) == data[:100] and bucket.requests == 0 and given.head == data[:100]
+    assert given.read(10) == data[100:110] and bucket.requests == 1 and given.head == data[:200]
 
 
 def test_a_header_that_cannot_be_read_back_is_an_error_not_a_missing_element() -> None:

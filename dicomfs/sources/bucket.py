@@ -133,18 +133,19 @@ class ObjectFile(PositionedReader):
     only the last block: pydicom parses a header from it, seeking past the values it leaves in
     the file (a request each when they are read back later, and a block from there). Reads never
     go past ``size``, nor past ``limit`` (a ``ProtocolError``: a header that large is no header);
-    a body shorter than asked is a ``TransferBroken``. With ``keep_head``, the blocks read one
-    after another from the start are also kept, as ``head``."""
+    a body shorter than asked is a ``TransferBroken``. ``first``: the object's first bytes, read
+    before (then the first request is for what follows them). With ``keep_head``, the blocks read
+    one after another from the start are also kept, as ``head``."""
 
     MAX_BLOCK = 4 << 20
 
     def __init__(self, bucket: Bucket, name: str, size: int, stop: StopSignal, first_block: int = 64 << 10,
-                 limit: int | None = None, keep_head: bool = False) -> None:
+                 limit: int | None = None, keep_head: bool = False, first: bytes = b"") -> None:
         super().__init__(size)
         self._bucket, self._name, self._stop = bucket, name, stop
-        self._block, self._start, self._data = first_block, 0, b""
+        self._block, self._start, self._data = first_block, 0, first[:size]
         self._limit = size if limit is None else limit
-        self._head: bytearray | None = bytearray() if keep_head else None
+        self._head: bytearray | None = bytearray(self._data) if keep_head else None
 
     @property
     def head(self) -> bytes:

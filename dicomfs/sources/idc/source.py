@@ -61,6 +61,7 @@ MAX_INSTANCES = 100_000
 SERIES_READ_WITH_SEARCH = 20_000  # studies
 SERIES_BATCH = 2_000  # studies whose series one scan of the index reads, beyond those (a scan: ~0.1 s however many)
 Head = tuple[str, DicomJson]  # what an object's first bytes tell: its instance key, attributes for names
+HEADS_KEPT = 32 << 20  # bytes of objects' first bytes kept from a listing, for their metadata and frame tables
 LOCATIONS_KEPT = 65_536  # series whose bucket prefix is remembered
 
 
@@ -83,6 +84,9 @@ class IdcSource:
             cachetools.LRUCache(SERIES_READ_WITH_SEARCH)
         self._listed: cachetools.LRUCache[str, dict[str, tuple[ObjectInfo, DicomJson]]] = cachetools.LRUCache(256)
         self._heads = diskcache.Cache(str(work_dir / "idc-heads"))  # object -> what its header told (Head)
+        # object -> its first HEAD_BYTES, as a listing read them: a series' metadata, asked for next,
+        # starts from them instead of reading them again (a header of a few KB: no request at all)
+        self._head_bytes: cachetools.LRUCache[str, bytes] = cachetools.LRUCache(HEADS_KEPT, getsizeof=len)
         self._limit = trio.CapacityLimiter(PARALLEL_HEADS)
         self._ranges = trio.CapacityLimiter(PARALLEL_HEADS)  # frame tables and tiles: not behind a listing's heads
         self._retrieves = retrieve_limiter()
@@ -234,7 +238,7 @@ class IdcSource:
             raise ProtocolError(f"series {series.uid}: {len(listed)} objects is implausibly many")
 
         def head_key(info: ObjectInfo) -> str:
-            return f"{location.bucket}/{info.name}:{info.size}:{info.etag}"
+            return _object_key(location.bucket, info)
 
         remembered = await trio.to_thread.run_sync(self._known_heads, [head_key(o) for o in listed])
         names = {o.name: remembered[head_key(o)] for o in listed if head_key(o) in remembered}
@@ -242,7 +246,7 @@ class IdcSource:
 
         async def name(info: ObjectInfo) -> None:
             try:
-                head = await self._read_head(bucket, info.name, info.size)
+                head, first = await self._read_head(bucket, info.name, info.size)
             except SourceError as exc:
                 if is_outage(exc):
                     raise  # the bucket as a whole, not this object: the listing fails
@@ -250,6 +254,7 @@ class IdcSource:
                 return
             if head is not None:
                 read[head_key(info)] = names[info.name] = head
+                self._head_bytes[head_key(info)] = first
 
         async with open_nursery() as nursery:
             for info in listed:
@@ -289,10 +294,10 @@ class IdcSource:
             for key, value in read.items():
                 self._heads.set(key, value)
 
-    async def _read_head(self, bucket: S3Bucket, name: str, size: int) -> Head | None:
+    async def _read_head(self, bucket: S3Bucket, name: str, size: int) -> tuple[Head | None, bytes]:
         """The instance key of one object, and the attributes for names (``head_attrs``), from
         its first bytes, read in a worker thread (``_head_in_thread``); None (logged) if it is not
-        DICOM."""
+        DICOM. And those bytes."""
         return await run_stoppable(partial(_head_in_thread, bucket, name, size), limiter=self._limit)
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
@@ -306,8 +311,9 @@ class IdcSource:
         found: dict[str, DicomJson] = {}
 
         async def read(key: str, info: ObjectInfo) -> None:
+            first = self._head_bytes.get(_object_key(location.bucket, info), b"")
             try:
-                found[key] = await run_stoppable(partial(_metadata_in_thread, bucket, info), limiter=self._limit)
+                found[key] = await run_stoppable(partial(_metadata_in_thread, bucket, info, first), limiter=self._limit)
             except SourceError as exc:
                 if is_outage(exc):
                     raise
@@ -322,7 +328,8 @@ class IdcSource:
         """Where the instance's frames lie by its own offset table (``frames.own_frame_table``),
         read by ranges up to its first frame: the index has no table of its own to give."""
         bucket, info = await self._object(instance)
-        return await run_stoppable(partial(_frame_table_in_thread, bucket, info), limiter=self._ranges)
+        first = self._head_bytes.get(_object_key(bucket.bucket, info), b"")
+        return await run_stoppable(partial(_frame_table_in_thread, bucket, info, first), limiter=self._ranges)
 
     async def read_instance_range(self, instance: InstanceRecord, offset: int, length: int) -> bytes:
         """``length`` bytes of the instance's object from ``offset``: one Range request, in a worker
@@ -398,9 +405,14 @@ class IdcSource:
                             limiter=self._retrieves)
 
 
-def _head_in_thread(bucket: S3Bucket, name: str, size: int, stop: StopSignal) -> Head | None:
-    """``IdcSource._read_head``'s blocking part (urllib3): the object's first ``HEAD_BYTES``, and
-    what they name."""
+def _object_key(bucket: str, info: ObjectInfo) -> str:
+    """An object as it is now: its bucket, name, size and ETag (a header read is true of it)."""
+    return f"{bucket}/{info.name}:{info.size}:{info.etag}"
+
+
+def _head_in_thread(bucket: S3Bucket, name: str, size: int, stop: StopSignal) -> tuple[Head | None, bytes]:
+    """``IdcSource._read_head``'s blocking part (urllib3): what the object's first ``HEAD_BYTES``
+    name, and those bytes."""
     check = Part10Check(keep=(SOP_CLASS_UID, INSTANCE_NUMBER))
     head = bytearray()
     try:
@@ -413,30 +425,33 @@ def _head_in_thread(bucket: S3Bucket, name: str, size: int, stop: StopSignal) ->
     except ProtocolError as exc:
         if check.meta is None:
             log.warning("object %s/%s is not a DICOM Part 10 file (%s): skipped", bucket.bucket, name, exc)
-            return None
+            return None, b""
     if check.meta is None:
         log.warning("object %s/%s has no complete DICOM file meta in its first %d bytes: skipped", bucket.bucket,
                     name, HEAD_BYTES)
-        return None
+        return None, b""
     key = instance_key(check.dataset_uid, check.meta.sop_instance_uid)
     if key is None:
         log.warning("object %s/%s names no valid SOP Instance UID: skipped", bucket.bucket, name)
-        return None
-    return key, head_attrs(check.values)
+        return None, b""
+    return (key, head_attrs(check.values)), bytes(head[:HEAD_BYTES])
 
 
 
-def _metadata_in_thread(bucket: S3Bucket, info: ObjectInfo, stop: StopSignal) -> DicomJson:
-    """``IdcSource.series_metadata``'s blocking part for one object (pydicom over ranged reads)."""
+def _metadata_in_thread(bucket: S3Bucket, info: ObjectInfo, first: bytes, stop: StopSignal) -> DicomJson:
+    """``IdcSource.series_metadata``'s blocking part for one object (pydicom over ranged reads,
+    from ``first``, its first bytes if a listing kept them)."""
     return instancemeta.header_metadata(ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES,
-                                                   limit=MAX_HEADER),
+                                                   limit=MAX_HEADER, first=first),
                                         f"object {bucket.bucket}/{info.name}")
 
 
-def _frame_table_in_thread(bucket: S3Bucket, info: ObjectInfo, stop: StopSignal) -> FrameTable | None:
-    """``IdcSource.frame_table``'s blocking part for one object (pydicom over ranged reads), with
-    the bytes read from its start (the check of the table needs them up to the first frame)."""
-    file = ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES, limit=MAX_HEADER, keep_head=True)
+def _frame_table_in_thread(bucket: S3Bucket, info: ObjectInfo, first: bytes, stop: StopSignal) -> FrameTable | None:
+    """``IdcSource.frame_table``'s blocking part for one object (pydicom over ranged reads, from
+    ``first`` as ``_metadata_in_thread``), with the bytes read from its start (the check of the
+    table needs them up to the first frame)."""
+    file = ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES, limit=MAX_HEADER, keep_head=True,
+                      first=first)
     table = frames.own_frame_table(file, info.size)
     return None if table is None else dataclasses.replace(table, head=file.head)
 
