@@ -10,7 +10,8 @@ from request to the last byte); the same for the ``--base`` commit (a ``git work
 there); and ``curl`` of that frame's byte range straight from the bucket. The bucket bytes each
 serve asked for are counted by a proxy in front of it; ``--latency MS`` makes that proxy wait
 so long before each request it passes on (a cloud bucket's round trip), and puts curl behind
-such a proxy too. Every frame served is compared with pydicom's.
+such a proxy too; ``--more N`` puts N more instances (of 64 KiB) in the series, whose headers its
+metadata reads too. Every frame served is compared with pydicom's.
 
     .venv/bin/python -m bench.tiles --archive cod --base 5185aa2 --frames 2000 --repeat 7 [--latency 20]
 
@@ -42,7 +43,7 @@ from pydicom.encaps import generate_frames
 from bench.ab import versions_of
 from tests.cod_bucket import Bucket
 from tests.cod_writer import CodSeriesFiles, frame_table
-from tests.factory import slide
+from tests.factory import make_instance, slide
 from tests.idc_bucket import IdcBucket
 from tests.reference import parts
 from tests.servers import CountingProxy, GcsEmulator, S3Server, free_port, wait_until
@@ -64,9 +65,9 @@ class Archive:
     level_start: int  # the level's first byte in it
 
 
-def cod_archive(stack: contextlib.ExitStack, data: bytes, sop: str, work: Path) -> Archive:
+def cod_archive(stack: contextlib.ExitStack, data: bytes, sop: str, work: Path, more: dict[str, bytes]) -> Archive:
     emulator = stack.enter_context(GcsEmulator("bench-frames"))
-    Bucket(emulator).add("s/dicomweb", [CodSeriesFiles(STUDY, SERIES, {sop: data}, version=2)])
+    Bucket(emulator).add("s/dicomweb", [CodSeriesFiles(STUDY, SERIES, {sop: data, **more}, version=2)])
     folder = f"s/dicomweb/studies/{STUDY}/series/{SERIES}"
     objects = f"{emulator.endpoint}/storage/v1/b/{emulator.bucket}/o"
     index = json.loads(gzip.decompress(httpx.get(f"{objects}/{quote(folder + '/metadata.json', safe='')}",
@@ -76,10 +77,10 @@ def cod_archive(stack: contextlib.ExitStack, data: bytes, sop: str, work: Path) 
                    index["cod"]["instances"][sop]["headers"]["start_byte"])
 
 
-def idc_archive(stack: contextlib.ExitStack, data: bytes, sop: str, work: Path) -> Archive:
+def idc_archive(stack: contextlib.ExitStack, data: bytes, sop: str, work: Path, more: dict[str, bytes]) -> Archive:
     server = stack.enter_context(S3Server())
     store = IdcBucket(server.create_bucket("idc-bench", public=True))
-    store.add_series("bench", [data])
+    store.add_series("bench", [data, *more.values()])
     index = store.write_index(work / "idc_index.parquet")
     key = store.object_of[f"studies/{STUDY}/{SERIES}/{sop}.dcm"]
     return Archive(server.port, ["idc", "--idc-index", str(index), "--endpoint", "{proxy}"],
@@ -130,31 +131,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--latency", type=float, default=0.0, help="ms before each bucket request")
+    parser.add_argument("--more", type=int, default=0, help="more instances (64 KiB) in the series")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="dicomfs-tiles-"))
     try:
         with versions_of(args.base, work) as versions:
-            compare(versions, work, args.archive, args.frames, args.repeat, args.latency / 1000)
+            compare(versions, work, args.archive, args.frames, args.repeat, args.latency / 1000, args.more)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def compare(versions: dict[str, Path], work: Path, kind: str, frame_count: int, repeat: int,
-            latency: float) -> None:
+            latency: float, more_count: int = 0) -> None:
     """Each version's fresh serves and curl, alternating, ``repeat`` times; medians printed."""
     data = slide(STUDY, SERIES, encapsulated=True, frames=frame_count, frame_bytes=65536, number=1)
+    more = {f"{SERIES}.{k}": make_instance(STUDY, SERIES, f"{SERIES}.{k}", pixel_bytes=65536, number=k)
+            for k in range(2, more_count + 2)}
     sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
     reference = list(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=frame_count))
     frame = frame_count // 2
     table = frame_table(data)
     offset, length = table["CustomOffsetTable"][frame - 1], table["CustomOffsetTableLengths"][frame - 1]
     print(f"{kind}: a level of {len(data) / 1e6:.1f} MB, {frame_count} frames; frame {frame}: {length} bytes; "
-          f"{latency * 1000:g} ms before each bucket request", flush=True)
+          f"{latency * 1000:g} ms before each bucket request; {more_count} more instances", flush=True)
     samples: dict[str, list[tuple[float, float, float, int]]] = {name: [] for name in versions}
     curl: list[float] = []
     with contextlib.ExitStack() as stack:
-        archive = ARCHIVES[kind](stack, data, sop, work)
+        archive = ARCHIVES[kind](stack, data, sop, work, more)
         start = archive.level_start + offset
         curl_proxy = stack.enter_context(CountingProxy(archive.port, lambda path: "bucket"))
         curl_proxy.delay = latency
