@@ -40,6 +40,7 @@ HEAD_BYTES = 16 * 1024  # where a Part 10 file's meta group ends (at most: one t
 
 
 _PYDICOM_IMPORT = threading.Lock()
+_PYDICOM_IMPORTED = threading.Event()  # set once pydicom is whole: later calls take no lock
 
 
 def import_pydicom() -> None:
@@ -48,11 +49,15 @@ def import_pydicom() -> None:
     half-made module ("cannot import name 'dcmread' from partially initialized module
     'pydicom.filereader'": a ``dicomfs export`` whose bulk data renders started together). Every
     function that may be the first to use pydicom in a worker thread calls this before its own
-    imports of pydicom; after the first call it costs a lock and two dictionary lookups."""
+    imports of pydicom; once it is imported, a call takes no lock (it is made for every element
+    of a header: 16 threads reading headers contended for the lock)."""
+    if _PYDICOM_IMPORTED.is_set():
+        return
     with _PYDICOM_IMPORT:
         import pydicom  # noqa: F401
         import pydicom.encaps  # noqa: F401
         import pydicom.filewriter  # noqa: F401
+        _PYDICOM_IMPORTED.set()
 
 
 def read_dataset(source: Readable, *, defer_size: int | None = None, stop_before_pixels: bool = False,

@@ -123,3 +123,23 @@ def test_worker_threads_that_first_use_pydicom_at_once_get_it_whole() -> None:
         "dicomjson.bulk_value(io.BytesIO(data), '00100010', lambda o, n: data[o:o + n])",
         "frames.locate_in_bytes(data)", "frames.cut_frames(data)", "dicomread.left_in_file(None)",
         "dicomjson.dataset_json(dicomread.read_dataset(io.BytesIO(data)))"], runs=30)
+
+
+def test_pydicom_once_imported_takes_no_lock() -> None:
+    """``import_pydicom`` is called for every element of a header read (``left_in_file``): once
+    pydicom is whole, it returns without the import lock, which 16 threads reading headers at once
+    contended for. Here it returns while another thread holds that lock."""
+    import threading
+
+    from dicomfs import dicomread
+
+    dicomread.import_pydicom()
+    returned = threading.Event()
+
+    def call() -> None:
+        dicomread.import_pydicom()
+        returned.set()
+
+    with dicomread._PYDICOM_IMPORT:
+        threading.Thread(target=call, daemon=True).start()
+        assert returned.wait(10)
