@@ -455,12 +455,15 @@ class WebFiles:
                 return None
         index = node.frame - 1
         ahead: list[bytes] = []
+        place = (table.offsets[index], table.lengths[index]) if index < len(table.offsets) else None
 
         async def read_ahead() -> None:  # (not more than a tile's worth, before the table is known to hold)
-            if index < len(table.offsets) and table.lengths[index] <= READ_AHEAD_FRAME:
-                with contextlib.suppress(ProtocolError):  # (outside the instance: the check says so)
-                    ahead.append(await source.read_instance_range(instance, table.offsets[index] - frames.ITEM_HEADER,
-                                                                  table.lengths[index] + 2 * frames.ITEM_HEADER))
+            if place is not None and place[1] <= READ_AHEAD_FRAME:
+                # (a read that fails is made again once the check holds, and fails for the reader
+                # then; if the check does not hold, the instance is cut whole)
+                with contextlib.suppress(DicomfsError):
+                    ahead.append(await source.read_instance_range(instance, place[0] - frames.ITEM_HEADER,
+                                                                  place[1] + 2 * frames.ITEM_HEADER))
 
         async with open_nursery() as nursery:
             nursery.start_soon(read_ahead)
@@ -471,7 +474,9 @@ class WebFiles:
             return None
         if node.frame > len(ranged.offsets):
             raise NotFound(f"instance {instance.key} has {len(ranged.offsets)} frames, not {node.frame}")
-        if not ahead:  # (the check holds, so the read that failed fails again, and says why)
+        if not ahead or place != (ranged.offsets[index], ranged.lengths[index]):
+            # (not read ahead: too large, or the read failed; or read where another reader's copy
+            # of the table, the one checked, does not say)
             return await self._frame_alone(node)
         return self._frame_in_item(node, ranged, ahead[0])
 
@@ -506,7 +511,9 @@ class WebFiles:
             except ProtocolError as exc:  # (what the archive holds: the cut says so again, to the reader)
                 log.warning("where the frames of instance %s lie cannot be read (%s): they are cut from the whole "
                             "instance", instance.key, exc)
-        if table is None or not table.offsets or not 0 < table.offsets[0] <= MAX_RANGE_PREFIX:
+        if table is None or not 0 < len(table.offsets) <= frames.MAX_FRAME_COUNT \
+                or not 0 < table.offsets[0] <= MAX_RANGE_PREFIX:
+            # (a table of more frames than dicomfs cuts: the cut refuses the instance too)
             self._ranged[key] = _NOT_RANGED
             return None
         self._tables[key] = table
@@ -520,6 +527,7 @@ class WebFiles:
         instance = node.instance
         key = (node.series.key, instance.key)
         if (known := self._ranged.get(key)) is not None:  # (checked while this reader waited)
+            self._tables.pop(key, None)
             return known
         end = table.offsets[-1] + table.lengths[-1]
         read: dict[str, bytes] = {"prefix": table.head[:table.offsets[0]], "delimiter": b""}

@@ -352,16 +352,16 @@ def test_a_header_read_up_to_the_pixel_data_gives_the_files_metadata(path: Path)
 
 
 def test_an_object_files_head_is_what_it_read_from_the_start_without_a_gap() -> None:
-    """``ObjectFile(keep_head=True).head``: the blocks read one after another from byte 0 (what
+    """``ObjectFile(keep_head=N).head``: the blocks read one after another from byte 0 (what
     the check of an IDC object's frame table takes instead of reading them again); a block read
-    after a seek past unread bytes is not part of it, until the gap is read. ``first``: bytes
-    read before, not asked for again."""
+    after a seek past unread bytes is not part of it, until the gap is read; nor one that would
+    make it longer than N. ``first``: bytes read before, not asked for again."""
     from dicomfs.sources.bucket import ObjectFile
     from dicomfs.tasks import StopSignal
 
     data = bytes(range(256)) * 64
     file = ObjectFile(_BytesBucket(data), "x", len(data), StopSignal(), first_block=100,  # type: ignore[arg-type]
-                      keep_head=True)
+                      keep_head=1100)
     assert file.read(50) == data[:50] and file.read(200) == data[50:250]
     assert file.head == data[:300]  # (blocks of 100, then 200 bytes)
     file.seek(5000)
@@ -374,10 +374,11 @@ def test_an_object_files_head_is_what_it_read_from_the_start_without_a_gap() -> 
     assert plain.read(10) == data[:10] and plain.head == b""
     # first bytes read before (a listing's): no request for them, the first one for what follows
     bucket = _BytesBucket(data)
-    given = ObjectFile(bucket, "x", len(data), StopSignal(), first_block=100, keep_head=True,  # type: ignore[arg-type]
+    given = ObjectFile(bucket, "x", len(data), StopSignal(), first_block=100, keep_head=250,  # type: ignore[arg-type]
                        first=data[:100])
     assert given.read(100) == data[:100] and bucket.requests == 0 and given.head == data[:100]
     assert given.read(10) == data[100:110] and bucket.requests == 1 and given.head == data[:200]
+    assert given.read(200) == data[110:310] and given.head == data[:200]  # (not beyond keep_head)
 
 
 def test_a_header_that_cannot_be_read_back_is_an_error_not_a_missing_element() -> None:

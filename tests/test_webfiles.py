@@ -3,6 +3,7 @@ trust them, and hostile archive metadata contained to the files it concerns."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gzip
 import json
@@ -17,7 +18,8 @@ from trio.testing import MockClock
 
 from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
-from dicomfs.records import DicomJson, SeriesRecord, StudyRecord
+from dicomfs.errors import ProtocolError, TransferBroken
+from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord
 from tests.test_operations import Mounted, ScriptedArchive, operations
 
 STUDY, SERIES = "1.2.840.1", "1.2.840.1.1"
@@ -296,3 +298,93 @@ async def test_canonical_metadata_is_kept_by_its_bytes(tmp_path: Path, monkeypat
         assert asked == {SERIES: 2, other: 1}  # the other series took its room
 
     await run_mounted(source, tmp_path / "cache", 60.0, test)
+
+
+class RangedArchive(MetadataArchive):
+    """A scripted archive that also says where an instance's frames lie and reads any range of it
+    (``FrameRangeReader``), every range asked for recorded; the range ``fail_once`` fails once."""
+
+    def __init__(self, data: bytes, key: str, table: FrameTable, metadata: dict[str, DicomJson]) -> None:
+        super().__init__({f"{STUDY}/{SERIES}": {key: data}}, metadata)
+        self.data, self.table = data, table
+        self.ranges: list[tuple[int, int]] = []
+        self.fail_once: tuple[int, int] | None = None
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        return [InstanceRecord(series.study_uid, series.uid, key, size=len(data))
+                for key, data in self.series[series.key].items()]
+
+    async def frame_table(self, instance: InstanceRecord) -> FrameTable | None:
+        return self.table
+
+    async def read_instance_range(self, instance: InstanceRecord, offset: int, length: int) -> bytes:
+        self.ranges.append((offset, length))
+        await trio.sleep(0.01)  # (the check's reads and the tile's overlap)
+        if (offset, length) == self.fail_once:
+            self.fail_once = None
+            raise TransferBroken("connection reset (scripted)")
+        if offset < 0 or offset + length > len(self.data):
+            raise ProtocolError("outside the instance (scripted)")
+        return self.data[offset:offset + length]
+
+
+def ranged_archive(**table_change: Any) -> tuple[RangedArchive, str, list[bytes]]:
+    """A slide level of 130 frames (8.5 MB: read alone by Range) with a basic offset table, the
+    archive's table of it (changed by ``table_change``), and pydicom's frames."""
+    import io
+
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    from tests.cod_writer import frame_table
+    from tests.factory import slide
+
+    data = slide(STUDY, SERIES, encapsulated=True, frames=130, frame_bytes=65536, number=1)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    key = str(ds.SOPInstanceUID)
+    written = frame_table(data)
+    table = FrameTable(tuple(written["CustomOffsetTable"]), tuple(written["CustomOffsetTableLengths"]), len(data))
+    metadata = {key: {**plain_instance(key), "00280008": {"vr": "IS", "Value": [130]},
+                      "7FE00010": {"vr": "OB", "BulkDataURI": "pixels"}}}
+    archive = RangedArchive(data, key, dataclasses.replace(table, **table_change), metadata)
+    return archive, key, list(generate_frames(ds.PixelData, number_of_frames=130))
+
+
+def frame_path(key: str, number: int) -> str:
+    return f"dicomweb/studies/{STUDY}/series/{SERIES}/instances/{key}/frames/{number}.mht"
+
+
+async def test_a_first_tile_whose_read_beside_the_check_fails_is_read_again(tmp_path: Path) -> None:
+    """The tile read beside the check of its table fails (the connection broke): the check holds,
+    and the tile is read again, not an error for the reader; the check's reads and the tile's went
+    out together (three, then one more)."""
+    from dicomfs.frames import split_frame_file
+
+    archive, key, reference = ranged_archive()
+    tile = (archive.table.offsets[4] - 8, archive.table.lengths[4] + 16)  # (frame 5 with its item headers)
+    archive.fail_once = tile
+
+    async def test(fs: Mounted) -> None:
+        data = await fs.read(frame_path(key, 5))
+        assert bytes(split_frame_file(data)[1]) == reference[4]
+        assert len(archive.ranges) == 4 and archive.ranges.count(tile) == 2 and archive.ranges[-1] == tile, \
+            archive.ranges
+
+    await run_mounted(archive, tmp_path / "cache", 60.0, test)
+
+
+async def test_a_table_of_more_frames_than_dicomfs_cuts_reads_no_range(tmp_path: Path) -> None:
+    """An archive's table of more than ``MAX_FRAME_COUNT`` frames is not checked nor read from
+    (not a range asked for: a hostile index could otherwise have tens of millions of entries
+    held); the frame is cut from the whole instance, pydicom's."""
+    from dicomfs.frames import MAX_FRAME_COUNT, split_frame_file
+
+    huge = MAX_FRAME_COUNT + 1
+    archive, key, reference = ranged_archive(offsets=tuple(range(1000, 1000 + huge)), lengths=(0,) * huge)
+
+    async def test(fs: Mounted) -> None:
+        data = await fs.read(frame_path(key, 7))
+        assert bytes(split_frame_file(data)[1]) == reference[6]
+        assert archive.ranges == []
+
+    await run_mounted(archive, tmp_path / "cache", 60.0, test)

@@ -135,22 +135,23 @@ class ObjectFile(PositionedReader):
     go past ``size``, nor past ``limit`` (a ``ProtocolError``: a header that large is no header);
     a body shorter than asked is a ``TransferBroken``. ``first``: the object's first bytes, read
     before (then the first request is for what follows them). With ``keep_head``, the blocks read
-    one after another from the start are also kept, as ``head``."""
+    one after another from the start are also kept, as ``head``, up to that many bytes."""
 
     MAX_BLOCK = 4 << 20
 
     def __init__(self, bucket: Bucket, name: str, size: int, stop: StopSignal, first_block: int = 64 << 10,
-                 limit: int | None = None, keep_head: bool = False, first: bytes = b"") -> None:
+                 limit: int | None = None, keep_head: int = 0, first: bytes = b"") -> None:
         super().__init__(size)
         self._bucket, self._name, self._stop = bucket, name, stop
         self._block, self._start, self._data = first_block, 0, first[:size]
         self._limit = size if limit is None else limit
-        self._head: bytearray | None = bytearray(self._data) if keep_head else None
+        self._keep = keep_head
+        self._head = bytearray(self._data[:keep_head])
 
     @property
     def head(self) -> bytes:
-        """The object's first bytes as read so far without a gap (``keep_head``; else b"")."""
-        return bytes(self._head or b"")
+        """The object's first bytes as read so far without a gap (up to ``keep_head`` of them)."""
+        return bytes(self._head)
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         """As much as ``buffer`` holds, up to the object's end (never less: pydicom reads a value
@@ -174,7 +175,7 @@ class ObjectFile(PositionedReader):
         end = min(self._length, self._limit, start + self._block)
         self._block = min(self._block * 2, self.MAX_BLOCK)
         self._start, self._data = start, read_range(self._bucket, self._name, start, end, self._stop)
-        if self._head is not None and start == len(self._head):
+        if start == len(self._head) and start + len(self._data) <= self._keep:
             self._head += self._data
 
 

@@ -62,6 +62,7 @@ SERIES_READ_WITH_SEARCH = 20_000  # studies
 SERIES_BATCH = 2_000  # studies whose series one scan of the index reads, beyond those (a scan: ~0.1 s however many)
 Head = tuple[str, DicomJson]  # what an object's first bytes tell: its instance key, attributes for names
 HEADS_KEPT = 32 << 20  # bytes of objects' first bytes kept from a listing, for their metadata and frame tables
+HEAD_KEPT = 4 << 20  # bytes of an object's header kept for the check of its frame table, at most (else it reads them)
 LOCATIONS_KEPT = 65_536  # series whose bucket prefix is remembered
 
 
@@ -450,8 +451,8 @@ def _frame_table_in_thread(bucket: S3Bucket, info: ObjectInfo, first: bytes, sto
     """``IdcSource.frame_table``'s blocking part for one object (pydicom over ranged reads, from
     ``first`` as ``_metadata_in_thread``), with the bytes read from its start (the check of the
     table needs them up to the first frame)."""
-    file = ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES, limit=MAX_HEADER, keep_head=True,
-                      first=first)
+    file = ObjectFile(bucket, info.name, info.size, stop, first_block=HEAD_BYTES, limit=MAX_HEADER,
+                      keep_head=HEAD_KEPT, first=first)
     table = frames.own_frame_table(file, info.size)
     return None if table is None else dataclasses.replace(table, head=file.head)
 
