@@ -333,7 +333,8 @@ def test_dicom_tls(tmp_path: Path, demo_dir: Path) -> None:
                          "--to", str(tmp_path / "out"))
         assert result.returncode == 0, result.stderr
         written = {str(p.relative_to(tmp_path / "out")): p.read_bytes() for p in (tmp_path / "out").rglob("*.dcm")}
-        assert written.keys() == files.keys() and all(same_instance(written[r], files[r]) for r in files)
+        assert written.keys() == files.keys(), (result.stdout, result.stderr)
+        assert all(same_instance(written[r], files[r]) for r in files)
     finally:
         pacs.server.stop()
 
