@@ -11,6 +11,7 @@ Must not know which kind of source it talks to.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -26,6 +27,8 @@ from dicomfs.query import Query, parse_query
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.search import Search
 from dicomfs.tasks import open_nursery
+
+log = logging.getLogger(__name__)
 
 PROGRESS_TICK = 0.1
 
@@ -215,6 +218,16 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
                 missing = listed - stored
                 if missing:
                     raise NotFound(f"{len(missing)} listed instances were not in the retrieve")
+            unlisted = stored - listed
+            if unlisted and not blobs.source.serves_files_in_place:
+                # An archive that cuts its search answers short without saying so (Orthanc with
+                # LimitFindInstances: a page of 3 of 5, no Warning, nothing at a further offset):
+                # the retrieve holds the series, and all of it is kept and written.
+                log.warning("series %s: its retrieve held %d instances its listing did not name (the archive's "
+                            "search answers are cut short?): they are kept and written too", item.series.uid,
+                            len(unlisted))
+                item.instances = [*item.instances, *(InstanceRecord(item.series.study_uid, item.series.uid, key)
+                                                     for key in sorted(unlisted))]
         except DicomfsError as failure:
             outcome.failures.append(f"series {item.series.uid} (study {item.series.study_uid}): {failure}")
             if not item.cached:
