@@ -20,8 +20,9 @@ import trio
 
 from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
-from dicomfs.errors import DicomfsError, NotFound
+from dicomfs.errors import DicomfsError, NotFound, ProtocolError
 from dicomfs.materialise import OutputDir, Written, write_series_files, write_study_zip
+from dicomfs.p10check import Part10Check
 from dicomfs.progress import Progress, human_bytes, human_duration
 from dicomfs.query import Query, parse_query
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
@@ -31,6 +32,8 @@ from dicomfs.tasks import open_nursery
 log = logging.getLogger(__name__)
 
 PROGRESS_TICK = 0.1
+SERIES_TAGS_WITHIN = 1 << 20  # bytes of an instance in which its study and series UIDs are looked for
+_STUDY_UID, _SERIES_UID = 0x0020000D, 0x0020000E
 
 
 @dataclass
@@ -219,15 +222,8 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
                 if missing:
                     raise NotFound(f"{len(missing)} listed instances were not in the retrieve")
             unlisted = stored - listed
-            if unlisted and not blobs.source.serves_files_in_place:
-                # An archive that cuts its search answers short without saying so (Orthanc with
-                # LimitFindInstances: a page of 3 of 5, no Warning, nothing at a further offset):
-                # the retrieve holds the series, and all of it is kept and written.
-                log.warning("series %s: its retrieve held %d instances its listing did not name (the archive's "
-                            "search answers are cut short?): they are kept and written too", item.series.uid,
-                            len(unlisted))
-                item.instances = [*item.instances, *(InstanceRecord(item.series.study_uid, item.series.uid, key)
-                                                     for key in sorted(unlisted))]
+            if to is not None and download is not None and unlisted and not blobs.source.serves_files_in_place:
+                await _write_unlisted_too(blobs, item, sorted(unlisted))
         except DicomfsError as failure:
             outcome.failures.append(f"series {item.series.uid} (study {item.series.study_uid}): {failure}")
             if not item.cached:
@@ -266,6 +262,42 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
     if to is not None:
         await _materialise(plan, blobs, ok, to, zip_output, jobs, outcome)
     return outcome
+
+
+async def _write_unlisted_too(blobs: BlobStore, item: SeriesPlan, unlisted: list[str]) -> None:
+    """An archive that cuts its search answers short without saying so (Orthanc with
+    LimitFindInstances: a page of 3 of 5, no Warning, nothing at a further offset) named fewer
+    instances than the retrieve just made held: those of them that say they are of this series
+    are written too. (Only from a retrieve of this run: what a cached series holds beyond the
+    listing may have been deleted from the archive since.)"""
+    assert item.instances is not None
+    ours = [key for key in unlisted if await _says_it_is_of(blobs, item.series, key)]
+    if ours:
+        log.warning("series %s: its retrieve held %d instances its listing did not name (the archive's search "
+                    "answers are cut short?): they are written too", item.series.uid, len(ours))
+        item.instances = [*item.instances, *(InstanceRecord(item.series.study_uid, item.series.uid, key)
+                                             for key in ours)]
+    if len(ours) < len(unlisted):
+        log.warning("series %s: its retrieve held %d instances of another series (or unreadable): not written",
+                    item.series.uid, len(unlisted) - len(ours))
+
+
+async def _says_it_is_of(blobs: BlobStore, series: SeriesRecord, key: str) -> bool:
+    """Whether the stored instance ``key`` of ``series`` names that study and series in its data
+    set (read from its first ``SERIES_TAGS_WITHIN`` bytes)."""
+    handle = await blobs.open_instance(series, InstanceRecord(series.study_uid, series.uid, key))
+    try:
+        check = Part10Check(keep=(_STUDY_UID, _SERIES_UID))
+        head = await handle.read(0, min(handle.length, SERIES_TAGS_WITHIN))
+        with contextlib.suppress(ProtocolError):  # (a data set cut off where the head ends)
+            check.feed(head)
+    finally:
+        handle.close()
+
+    def uid(tag: int) -> str:
+        return check.values.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
+
+    return uid(_STUDY_UID) == series.study_uid and uid(_SERIES_UID) == series.uid
 
 
 async def _materialise(plan: Plan, blobs: BlobStore, ok: set[str], to: OutputDir, zip_output: bool, jobs: int,
