@@ -88,6 +88,10 @@ class Part10Check:
         self._inflated = 0  # a deflated data set's inflated size and CRC-32 (see the trailer)
         self._inflated_crc = 0
 
+    def kept_uid(self, tag: int) -> str:
+        """A kept UI value as text, without its padding ("" if the tag was not kept)."""
+        return self.values.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
+
     @property
     def identified(self) -> bool:
         """Whether the file meta and the data set's SOPInstanceUID (or its absence) are known."""
@@ -341,7 +345,7 @@ class Part10Check:
         self._capture = None
         self.values[tag] = value
         if tag == SOP_INSTANCE_UID_TAG:
-            self.dataset_uid = value.rstrip(b"\0 ").decode("ascii", "replace")
+            self.dataset_uid = self.kept_uid(tag)
             self._uid_decided = True
 
     def _decide_uid(self) -> None:

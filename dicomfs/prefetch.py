@@ -293,11 +293,7 @@ async def _says_it_is_of(blobs: BlobStore, series: SeriesRecord, key: str) -> bo
             check.feed(head)
     finally:
         handle.close()
-
-    def uid(tag: int) -> str:
-        return check.values.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
-
-    return uid(_STUDY_UID) == series.study_uid and uid(_SERIES_UID) == series.uid
+    return check.kept_uid(_STUDY_UID) == series.study_uid and check.kept_uid(_SERIES_UID) == series.uid
 
 
 async def _materialise(plan: Plan, blobs: BlobStore, ok: set[str], to: OutputDir, zip_output: bool, jobs: int,
