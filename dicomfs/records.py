@@ -83,6 +83,14 @@ def json_value(attrs: DicomJson, tag: str) -> Any:
     return values[0]
 
 
+def json_count(attrs: DicomJson, tag: str) -> int | None:
+    """A count attribute's value (IS: a JSON number, or a string from some archives), else None."""
+    value = json_value(attrs, tag)
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def dicom_datetime_ns(attrs: DicomJson, date_tag: str, time_tag: str) -> int:
     """A stable timestamp from a DICOM date (and time) element, as UTC; 0 when absent."""
     date = json_value(attrs, date_tag)

@@ -18,7 +18,7 @@ import trio
 
 from dicomfs import dicomjson
 from dicomfs.query import COMMON_KEYS, STUDY_KEYWORDS
-from dicomfs.records import DicomJson, SeriesRecord, StudyRecord, json_value
+from dicomfs.records import DicomJson, SeriesRecord, StudyRecord, json_count, json_value
 from dicomfs.tasks import map_bounded
 
 if TYPE_CHECKING:
@@ -88,8 +88,8 @@ class Summaries:
         return merged
 
     async def instance_count(self, series: SeriesRecord) -> int:
-        value = json_value(series.attrs, SERIES_INSTANCES)
-        if isinstance(value, int) and value >= 0:
+        value = json_count(series.attrs, SERIES_INSTANCES)
+        if value is not None:
             return value
         return len(await self.catalog.instances_of(series))
 

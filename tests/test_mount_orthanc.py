@@ -182,6 +182,29 @@ def test_a_series_of_1500_instances(tmp_path: Path, mount_factory: Callable[...,
         server.stop()
 
 
+def test_a_series_whose_instance_search_is_cut_short_shows_every_instance(
+        tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    """Orthanc with LimitFindInstances answers the search for a series' instances with 3 of its 5,
+    no Warning, and nothing at a further offset; its series search counts 5. The series folder
+    shows all five and ``cp -r`` copies them byte for byte (it showed 3: two files silently
+    missing from every copy)."""
+    study, series = "1.2.826.0.1.3680043.8.498.76", "1.2.826.0.1.3680043.8.498.76.1"
+    files = {f"{series}.{k}.dcm": make_instance(study, series, f"{series}.{k}", pixel_bytes=1000, number=k)
+             for k in range(1, 6)}
+    import hashlib
+
+    expected = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    server = OrthancServer(tmp_path / "orthanc", extra={"LimitFindInstances": 2}).start()
+    try:
+        server.upload(list(files.values()))
+        mount = mount_factory(server.dicomweb)
+        assert listdir(mount.path / "studies" / study / series) == sorted(files)
+        sh("cp", "-r", str(mount.path / "studies" / study), str(tmp_path / "copy"))
+        assert hashes(tmp_path / "copy" / series) == expected
+    finally:
+        server.stop()
+
+
 def retrieve_order(dicomweb: str, study: str, series: str) -> list[str]:
     """The SOP Instance UIDs of a WADO-RS series retrieve, in the order the archive sends them."""
     import io

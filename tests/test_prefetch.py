@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.factory import make_instance
+from tests.faultproxy import FaultProxy, Rule
 from tests.fsutil import hashes, listdir, p10_hashes
 from tests.mounting import Mount, dicomfs
 from tests.servers import CountingProxy, OrthancServer, free_port, wait_until
@@ -260,25 +262,40 @@ def test_to_and_zip_write_the_archive_files(archive: Archive, tmp_path: Path) ->
     assert from_zips == expected
 
 
-def test_an_archive_that_cuts_its_instance_search_short_still_gets_every_instance_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("counted", [True, False])
+def test_an_archive_that_cuts_its_instance_search_short_still_gets_every_instance_written(
+        tmp_path: Path, counted: bool) -> None:
     """Orthanc with LimitFindInstances answers the search for a series' instances with 3 of its
     5, says nothing of it (no Warning) and has nothing at a further offset; its retrieve holds all
     5. ``prefetch --to`` writes all five, byte for byte, and says on stderr what it found. (It
-    wrote 3 and reported success.)"""
+    wrote 3 and reported success.) Where the series search counts the series' instances, the
+    listing is completed from the series' metadata; where it does not (a proxy takes the count out
+    of Orthanc's answer), what the retrieve held beyond the listing is written."""
     study, series = "1.2.826.0.1.3680043.8.498.74", "1.2.826.0.1.3680043.8.498.74.1"
     files = {f"{study}/{series}/{series}.{k}.dcm": make_instance(study, series, f"{series}.{k}", pixel_bytes=1000,
                                                                  number=k) for k in range(1, 6)}
     expected = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
-    with OrthancServer(tmp_path / "orthanc", extra={"LimitFindInstances": 2}) as server:
+    with OrthancServer(tmp_path / "orthanc", extra={"LimitFindInstances": 2}) as server, \
+            FaultProxy(server.port) as proxy:
         server.upload(list(files.values()))
+        if not counted:
+            rows = json.loads(urllib.request.urlopen(f"{server.dicomweb}/studies/{study}/series", timeout=30).read())
+            assert rows and all("00201209" in row for row in rows)  # (Orthanc counts them)
+            for row in rows:
+                del row["00201209"]
+            proxy.add(Rule(lambda path: path.split("?")[0].endswith(f"/{study}/series"), "body",
+                           body=json.dumps(rows).encode()))
         out = tmp_path / "out"
-        run = prefetch(server.dicomweb, tmp_path / "cache", study, "--to", str(out))
+        run = prefetch(proxy.dicomweb, tmp_path / "cache", study, "--to", str(out))
         assert run.returncode == 0, run.stderr
         written = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*")
                    if p.is_file()}
         assert written == expected, sorted(written)
-        assert "its retrieve held 2 instances its listing did not name" in run.stderr, run.stderr
+        said = ("named 3 of the 5 it counts; 2 more from the series' metadata" if counted
+                else "its retrieve held 2 instances its listing did not name")
+        assert said in run.stderr, run.stderr
         assert "wrote 5 files" in run.stdout
+        assert proxy.faults["body"] == (0 if counted else 1)
 
 
 def ls_uids(source: str, cache: Path, *args: str) -> list[str]:
