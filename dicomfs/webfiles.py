@@ -4,8 +4,8 @@ Owns rendering: QIDO index files and metadata from the catalog's listings and th
 metadata (never from series blobs, except for an archive without a metadata service, DIMSE,
 whose series metadata is read from the headers of its retrieved instances), frames and bulk
 data cut from the instance bytes the blob store serves (or a frame of a large instance read
-alone from an archive that says where it lies, once that is checked), and the memory caches of
-rendered files.
+alone from an archive that says where it lies, once that is checked, until every frame of the
+instance is plainly wanted: then it is read whole, once), and the memory caches of rendered files.
 A rendered file is a pure function of its inputs (``dicomjson`` encodes deterministically), so a
 size, once told, stays true; a frame size announced from the metadata (native data) is checked
 against the frame actually cut, and a mismatch is an error for that read, never a short or long
@@ -56,6 +56,8 @@ READ_CHUNK = 8 << 20  # bytes of one read when a whole instance is read
 RANGE_FRAMES_FROM = 8 << 20  # bytes of an uncached instance from which a frame is read alone (archive permitting)
 MAX_RANGE_PREFIX = 64 << 20  # bytes before the first frame read to check the archive's offset table
 READ_AHEAD_FRAME = 16 << 20  # bytes of a frame read while its instance's offset table is being checked, at most
+IN_TURN = 32  # frames of an uncached instance asked for one after another (ls -l, cp -r) from which it is read whole
+TURNS_KEPT = 4096  # instances whose last frame asked for is remembered for that
 ALL = ("all",)  # includefield=all: every attribute a QIDO object's source has
 Include = tuple[str, ...]  # tags a QIDO object carries beyond its level's (or ALL)
 
@@ -155,6 +157,9 @@ class WebFiles:
             FRAME_MAP_FRAGMENTS, getsizeof=lambda frame_map: frame_map.pieces.fragments)
         self._ranged: cachetools.LRUCache[tuple[str, str], _RangedFrames | str] = cachetools.LRUCache(
             FRAME_MAP_FRAGMENTS, getsizeof=lambda r: len(r.offsets) if isinstance(r, _RangedFrames) else 1)
+        # (frame, run, every) of each instance: its last frame asked for, how many before it in
+        # turn, and whether every frame of it is wanted (``every_frame_wanted``)
+        self._turns: cachetools.LRUCache[tuple[str, str], tuple[int, int, bool]] = cachetools.LRUCache(TURNS_KEPT)
         # tables read from the archive whose check is under way (``_first_frames_alone``)
         self._tables: cachetools.LRUCache[tuple[str, str], FrameTable] = cachetools.LRUCache(
             2 * MAX_RANGE_PREFIX, getsizeof=lambda table: len(table.head) + 16 * len(table.offsets) + 1)
@@ -429,6 +434,8 @@ class WebFiles:
         if not isinstance(source, FrameRangeReader) or instance.size is None or instance.size < RANGE_FRAMES_FROM \
                 or self._ranged.get(key) == _NOT_RANGED or await self.blobs.holds(series, instance):
             return None
+        if self._in_turn(key, node.frame):
+            return None
         ranged = self._ranged.get(key)
         if ranged is None:
             return await self._first_frames_alone(source, node)
@@ -440,6 +447,24 @@ class WebFiles:
         data = await source.read_instance_range(instance, ranged.offsets[index] - frames.ITEM_HEADER,
                                                 ranged.lengths[index] + 2 * frames.ITEM_HEADER)
         return self._frame_in_item(node, ranged, data)
+
+    def every_frame_wanted(self, node: WebNode) -> None:
+        """Every frame of ``node``'s instance is about to be asked for: its ``frames/`` was listed
+        (``ls -l``, ``cp -r``, ``rsync``, ``tar`` read every frame next), or all its frames were.
+        From the second frame asked for on, an uncached instance is then read whole."""
+        if node.series is not None and node.instance is not None:
+            self._turns[(node.series.key, node.instance.key)] = (0, 0, True)
+
+    def _in_turn(self, key: tuple[str, str], frame: int) -> bool:
+        """Whether the instance is to be read whole rather than ``frame`` alone: every frame of it
+        is wanted and this is a second one, or ``frame`` ends a run of ``IN_TURN`` frames asked for
+        one after another (1, 2, 3 …; the same one again keeps the run). One request a frame
+        would be 50,000 for a slide's largest level; a viewer's tiles are neither (a viewport's
+        row is not that wide)."""
+        last, run, every = self._turns.get(key, (0, 0, False))
+        run = run + 1 if frame == last + 1 else run if frame == last else 1
+        self._turns[key] = (frame, run, every)
+        return run >= IN_TURN or (every and last != 0 and frame != last)
 
     async def _first_frames_alone(self, source: FrameRangeReader, node: WebNode) -> bytes | None:
         """``_frame_alone`` while the instance's table is not yet checked: the check (once, for all

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from pydicom.encaps import generate_frames
 
+from dicomfs.webfiles import IN_TURN
 from tests.cod_bucket import Bucket
 from tests.cod_writer import CodSeriesFiles, frame_table
 from tests.factory import slide
@@ -153,6 +154,30 @@ def test_a_first_tile_is_read_beside_the_check_of_its_table(
         assert frames_of(http.get(slides.url(server, "bot", "9,10,11"))) == reference[8:11]
         assert proxy.counts["tar"] - before == 6, proxy.paths  # (checked once)
     assert "does not hold" not in server.log
+
+
+@pytest.mark.parametrize("asked", ["all", "in turn"])
+def test_every_frame_of_a_level_asked_for_reads_the_level_once(
+        served: Callable[[], tuple[DicomfsServe, CountingProxy]], slides: Slides, asked: str) -> None:
+    """All the frames of a level (the ``frames`` URL of its pixel data's BulkDataURI), or frames
+    asked for one after another (1, 2, 3 …): the level is read whole, once, past its first frames
+    read alone, not one request a frame (160 here)."""
+    server, proxy = served()
+    reference = slides.frames["bot"]
+    with httpx.Client(timeout=60, headers={"Accept": ANY_FRAME}) as http:
+        before = proxy.counts["tar"]
+        if asked == "all":
+            url = slides.url(server, "bot", "1").rsplit("/", 1)[0]
+            assert frames_of(http.get(url)) == reference
+            alone = 1
+        else:
+            for number in range(1, FRAMES + 1):
+                assert frames_of(http.get(slides.url(server, "bot", str(number)))) == [reference[number - 1]], number
+            alone = IN_TURN - 1
+        # the table's check (the bytes before the first frame, the 8 after the last), the frames
+        # read alone, the level
+        assert proxy.counts["tar"] - before == 2 + alone + 1, proxy.paths[-6:]
+        assert proxy.bytes["tar"] < len(slides.files["bot"]) + (alone + 2) * 70_000
 
 
 @pytest.mark.parametrize("name", ["shifted", "split", "no-bot"])

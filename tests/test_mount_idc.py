@@ -19,6 +19,7 @@ from pydicom.encaps import generate_frames
 
 from dicomfs.frames import split_frame_file
 from dicomfs.sources.idc.source import PARALLEL_OBJECTS, WHOLE_AT_MOST
+from dicomfs.webfiles import IN_TURN
 from tests.factory import make_instance, slide
 from tests.fsutil import hashes, listdir, p10_hashes, read_errno, sh
 from tests.idc_bucket import IdcBucket
@@ -339,3 +340,48 @@ def test_a_tile_of_a_slide_level_is_read_alone(idc: tuple[IdcBucket, Path, S3Ser
             _, frame = split_frame_file((folder / sop["no-bot"] / "frames" / f"{number}.mht").read_bytes())
             assert bytes(frame) == reference["no-bot"][number - 1], number
         assert proxy.bytes["object"] - before >= len(levels["no-bot"])  # the level, whole
+
+
+@pytest.mark.parametrize("command", ["ls -l", "cp -r", "one after another"])
+def test_every_frame_of_a_slide_level_in_turn_reads_the_level_once(
+        idc: tuple[IdcBucket, Path, S3Server], tmp_path: Path, mount_factory: Callable[..., Mount],
+        command: str) -> None:
+    """``ls -l`` or ``cp -r`` of a level's ``frames/`` asks for every frame (``cp`` in inode
+    order, which is no order): once its folder is listed, the level is read whole at the second
+    frame asked for. A program that opens frames 1, 2, 3 … by name lists nothing: the level is
+    read whole once ``IN_TURN`` frames were asked for one after another. (Each was one request a
+    frame: 150 here, 50,000 for a slide's largest level.) Sizes and bytes are pydicom's frames."""
+    _, _, server = idc
+    store = IdcBucket(server.create_bucket(f"idc-turn-{tmp_path.name[-12:].lower().strip('_')}", public=True))
+    level = slide(SLIDE_STUDY, SLIDE_SERIES, encapsulated=True, frames=150, frame_bytes=65536, number=1)
+    store.add_series("coll_slides", [level])
+    index = store.write_index(tmp_path / "idc_index.parquet")
+    sop = str(pydicom.dcmread(io.BytesIO(level), stop_before_pixels=True).SOPInstanceUID)
+    reference = list(generate_frames(pydicom.dcmread(io.BytesIO(level)).PixelData, number_of_frames=150))
+    with CountingProxy(server.port, lambda path: "list" if "list-type" in path else "object") as proxy:
+        mount = mount_factory("idc", "--idc-index", str(index), "--endpoint", proxy.url, env=server.env(signed=False))
+        folder = mount.path / "dicomweb" / "studies" / SLIDE_STUDY / "series" / SLIDE_SERIES / "instances" / sop
+        json.loads(gzip.decompress((folder.parent.parent / "metadata.gz").read_bytes()))  # (as a viewer starts)
+        before, requests = proxy.bytes["object"], proxy.counts["object"]
+        names = [f"{number}.mht" for number in range(1, 151)]
+        if command == "ls -l":
+            lines = sh("ls", "-l", "--time-style=+", str(folder / "frames")).stdout.splitlines()[1:]
+            sizes = {line.split()[-1]: int(line.split()[4]) for line in lines}
+            read = {name: (folder / "frames" / name).read_bytes() for name in sizes}
+        elif command == "cp -r":
+            sh("cp", "-r", str(folder / "frames"), str(tmp_path / "frames"))
+            read = {path.name: path.read_bytes() for path in (tmp_path / "frames").iterdir()}
+            sizes = {name: len(data) for name, data in read.items()}
+        else:
+            sizes = {name: (folder / "frames" / name).stat().st_size for name in names}
+            read = {name: (folder / "frames" / name).read_bytes() for name in names}
+        assert sorted(read) == sorted(names)
+        for name, data in read.items():
+            assert sizes[name] == len(data), name
+            _, frame = split_frame_file(data)
+            assert bytes(frame) == reference[int(name.split(".")[0]) - 1], name
+        moved, asked = proxy.bytes["object"] - before, proxy.counts["object"] - requests
+        # the 8 bytes after the last frame (the table's check), the frames read alone, the level
+        alone = 1 if command != "one after another" else IN_TURN - 1
+        assert asked == 1 + alone + 1, (asked, proxy.paths[-8:])
+        assert moved < len(level) + (alone + 1) * 70_000, (moved, len(level))

@@ -82,6 +82,7 @@ class Wado:
         "1,2,…,n" (the URL of its pixel data's ``BulkDataURI``)."""
         if numbers is None:
             wanted = [str(n) for n in range(1, await self.files.frame_count(instance) + 1)]
+            self.files.every_frame_wanted(instance)
         else:
             wanted = numbers.split(",")
         if len(wanted) > MAX_FRAMES_ASKED:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from dicomfs.views.base import Handle, Node, RenderedFile, path_inode
 from dicomfs.webfiles import WebFiles
-from dicomfs.webtree import LISTING_FILES, ROOT, WebLayout, WebNode
+from dicomfs.webtree import LISTING_FILES, ROOT, WebKind, WebLayout, WebNode
 
 DICOMWEB = "dicomweb"
 
@@ -31,6 +31,8 @@ class DicomwebView:
         # Sizes go out only for files that never change: a listing file's size must come from a
         # lookup, which the kernel then trusts from the moment of its reply.
         out = []
+        if node.web.kind is WebKind.FRAMES:
+            self.files.every_frame_wanted(node.web)  # (a listed frames/ is read whole next, mostly)
         for web in await self.layout.children(node.web):
             child = self._node(web)
             out.append((child, None if child.is_dir or child.follows_listings else self.files.known_size(web)))
