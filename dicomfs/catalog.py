@@ -7,7 +7,8 @@ listing when the archive is unreachable: while the archive's breaker is open (``
 listings are served without asking it. Studies that ``prefetch`` stored are
 remembered so that an offline mount lists them even if the whole archive was never listed.
 Which of them a mount shows (its ``--query``) is ``search.Shown``'s business. Also keeps each
-series' full metadata (the static DICOMweb tree's input) the same way. Ages in memory are on
+series' full metadata (the static DICOMweb tree's input) the same way, and completes from it an
+instance listing whose search named fewer than the series counts (``searches_may_stop_short``). Ages in memory are on
 ``clock.now`` (mockable), the store's on wall time. Must not fetch instance data.
 """
 
@@ -25,11 +26,12 @@ import trio
 
 from dicomfs import clock
 from dicomfs.breaker import Breaker, is_outage
-from dicomfs.errors import SourceError
+from dicomfs.errors import DicomfsError, SourceError
 from dicomfs.gcpause import paused
-from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord
+from dicomfs.records import SERIES_INSTANCES, DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_count
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import MetadataSource, Source
+from dicomfs.uids import is_key
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +123,40 @@ class Catalog:
 
     async def instances_of(self, series: SeriesRecord) -> dict[str, InstanceRecord]:
         async def query() -> dict[str, InstanceRecord]:
-            return {i.key: i for i in await self.source.list_instances(series)}
+            listed = {i.key: i for i in await self.source.list_instances(series)}
+            counted = json_count(series.attrs, SERIES_INSTANCES)
+            if counted is not None and len(listed) < counted and getattr(self.source, "searches_may_stop_short", False):
+                listed.update(await self._beyond_the_search(series, listed, counted))
+            return listed
 
         return await self._cached(("instances", series.study_uid, series.uid), self._listings,
                                   self.listing_ttl, query)
+
+    async def _beyond_the_search(self, series: SeriesRecord, listed: dict[str, InstanceRecord], counted: int
+                                 ) -> dict[str, InstanceRecord]:
+        """The instances of ``series``' metadata that its instance search, which named fewer than
+        its series search counts, left out (Orthanc with LimitFindInstances names 3 of 5 with no
+        Warning and nothing at a further offset: a ``cp -r`` of the series folder silently missed
+        two files). Each carries the attributes the search's rows carry (or QIDO's instance-level
+        ones), so that it lists, sorts and matches queries as they do. The metadata is the
+        catalog's (kept, and shared with the static DICOMweb tree); where it cannot be had, the
+        listing stays the search's, said in the log."""
+        from dicomfs.dicomjson import INSTANCE_TAGS  # (only here: not at every command's start)
+
+        try:
+            metadata = await self.series_metadata(series)
+        except DicomfsError as exc:  # (no metadata service, too large, timed out: the breaker heard of an outage)
+            log.warning("%s: the search for the instances of series %s named %d of the %d it counts, and its "
+                        "metadata could not be read for the rest: %s", self.source.description, series.uid,
+                        len(listed), counted, exc)
+            return {}
+        tags = {tag for instance in listed.values() for tag in instance.attrs} or set(INSTANCE_TAGS)
+        missed = {key: InstanceRecord(series.study_uid, series.uid, key,
+                                      attrs={tag: value for tag, value in attrs.items() if tag in tags})
+                  for key, attrs in metadata.items() if key not in listed and is_key(key)}
+        log.warning("%s: the search for the instances of series %s named %d of the %d it counts; %d more from its "
+                    "metadata", self.source.description, series.uid, len(listed), counted, len(missed))
+        return missed
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
         """Every instance's DICOM JSON as the archive's metadata service gives it (see

@@ -83,6 +83,9 @@ def json_value(attrs: DicomJson, tag: str) -> Any:
     return values[0]
 
 
+SERIES_INSTANCES = "00201209"  # NumberOfSeriesRelatedInstances: a series search's count of its instances
+
+
 def json_count(attrs: DicomJson, tag: str) -> int | None:
     """A count attribute's value (IS: a JSON number, or a string from some archives), else None."""
     value = json_value(attrs, tag)

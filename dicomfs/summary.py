@@ -18,14 +18,14 @@ import trio
 
 from dicomfs import dicomjson
 from dicomfs.query import COMMON_KEYS, STUDY_KEYWORDS
-from dicomfs.records import DicomJson, SeriesRecord, StudyRecord, json_count, json_value
+from dicomfs.records import SERIES_INSTANCES, DicomJson, SeriesRecord, StudyRecord, json_count, json_value
 from dicomfs.tasks import map_bounded
 
 if TYPE_CHECKING:
     from dicomfs.catalog import Catalog
 
 PARALLEL = 8
-MODALITIES, STUDY_SERIES, STUDY_INSTANCES, SERIES_INSTANCES = "00080061", "00201206", "00201208", "00201209"
+MODALITIES, STUDY_SERIES, STUDY_INSTANCES = "00080061", "00201206", "00201208"
 MODALITY = "00080060"
 # What the summaries add: attributes of a study or series that only its listings below imply.
 STUDY_DERIVED = frozenset({MODALITIES, STUDY_SERIES, STUDY_INSTANCES})

@@ -57,6 +57,7 @@ RANGE_FRAMES_FROM = 8 << 20  # bytes of an uncached instance from which a frame 
 MAX_RANGE_PREFIX = 64 << 20  # bytes before the first frame read to check the archive's offset table
 READ_AHEAD_FRAME = 16 << 20  # bytes of a frame read while its instance's offset table is being checked, at most
 IN_TURN = 32  # frames of an uncached instance asked for one after another (ls -l, cp -r) from which it is read whole
+EVERY_FRAME_FOR = 5.0  # seconds after its frames/ is listed in which a second frame asked for reads an instance whole
 TURNS_KEPT = 4096  # instances whose last frame asked for is remembered for that
 ALL = ("all",)  # includefield=all: every attribute a QIDO object's source has
 Include = tuple[str, ...]  # tags a QIDO object carries beyond its level's (or ALL)
@@ -157,9 +158,10 @@ class WebFiles:
             FRAME_MAP_FRAGMENTS, getsizeof=lambda frame_map: frame_map.pieces.fragments)
         self._ranged: cachetools.LRUCache[tuple[str, str], _RangedFrames | str] = cachetools.LRUCache(
             FRAME_MAP_FRAGMENTS, getsizeof=lambda r: len(r.offsets) if isinstance(r, _RangedFrames) else 1)
-        # (frame, run, every) of each instance: its last frame asked for, how many before it in
-        # turn, and whether every frame of it is wanted (``every_frame_wanted``)
-        self._turns: cachetools.LRUCache[tuple[str, str], tuple[int, int, bool]] = cachetools.LRUCache(TURNS_KEPT)
+        # (frame, run, wanted) of each instance: its last frame asked for, how many before it in
+        # turn, and when every frame of it was said to be wanted (``every_frame_wanted``), if so
+        self._turns: cachetools.LRUCache[tuple[str, str], tuple[int, int, float | None]] = \
+            cachetools.LRUCache(TURNS_KEPT)
         # tables read from the archive whose check is under way (``_first_frames_alone``)
         self._tables: cachetools.LRUCache[tuple[str, str], FrameTable] = cachetools.LRUCache(
             2 * MAX_RANGE_PREFIX, getsizeof=lambda table: len(table.head) + 16 * len(table.offsets) + 1)
@@ -422,11 +424,12 @@ class WebFiles:
                                  f"its metadata says {announced}")
         return data
 
-    async def _frame_alone(self, node: WebNode) -> bytes | None:
+    async def _frame_alone(self, node: WebNode, turn: bool = True) -> bytes | None:
         """The frame file read alone from the archive (a tile of a slide level: one small Range
         request, not the level), or None where that is not how this instance's frames are read:
         the archive says nothing of where they lie (or what it says does not hold), the instance
-        is smaller than ``RANGE_FRAMES_FROM``, or it is cached or on its way."""
+        is smaller than ``RANGE_FRAMES_FROM``, it is cached or on its way, or every frame of it is
+        wanted (``_in_turn``: it is read whole). ``turn``: count this frame in the run."""
         assert node.series is not None and node.instance is not None
         series, instance = node.series, node.instance
         source = self.catalog.source
@@ -434,7 +437,7 @@ class WebFiles:
         if not isinstance(source, FrameRangeReader) or instance.size is None or instance.size < RANGE_FRAMES_FROM \
                 or self._ranged.get(key) == _NOT_RANGED or await self.blobs.holds(series, instance):
             return None
-        if self._in_turn(key, node.frame):
+        if turn and self._in_turn(key, node.frame):
             return None
         ranged = self._ranged.get(key)
         if ranged is None:
@@ -449,22 +452,27 @@ class WebFiles:
         return self._frame_in_item(node, ranged, data)
 
     def every_frame_wanted(self, node: WebNode) -> None:
-        """Every frame of ``node``'s instance is about to be asked for: its ``frames/`` was listed
-        (``ls -l``, ``cp -r``, ``rsync``, ``tar`` read every frame next), or all its frames were.
-        From the second frame asked for on, an uncached instance is then read whole."""
+        """Every frame of ``node``'s instance is likely to be asked for now: its ``frames/`` was
+        listed (``ls -l``, ``cp -r``, ``rsync``, ``tar`` read every frame next), or all its frames
+        were. A second frame asked for within ``EVERY_FRAME_FOR`` then reads an uncached instance
+        whole. (Only that long: a plain ``ls`` followed, later, by a viewer's tiles, is not that.)"""
         if node.series is not None and node.instance is not None:
-            self._turns[(node.series.key, node.instance.key)] = (0, 0, True)
+            self._turns[(node.series.key, node.instance.key)] = (0, 0, clock.now())
 
     def _in_turn(self, key: tuple[str, str], frame: int) -> bool:
         """Whether the instance is to be read whole rather than ``frame`` alone: every frame of it
-        is wanted and this is a second one, or ``frame`` ends a run of ``IN_TURN`` frames asked for
-        one after another (1, 2, 3 …; the same one again keeps the run). One request a frame
-        would be 50,000 for a slide's largest level; a viewer's tiles are neither (a viewport's
-        row is not that wide)."""
-        last, run, every = self._turns.get(key, (0, 0, False))
+        was just said to be wanted and this is a second one, or ``frame`` ends a run of ``IN_TURN``
+        frames asked for one after another (1, 2, 3 …; the same one again keeps the run). One
+        request a frame would be 50,000 for a slide's largest level; a viewer's tiles are neither
+        (a viewport's row is not that wide). Said once: the whole read forgets the run."""
+        last, run, wanted = self._turns.get(key, (0, 0, None))
         run = run + 1 if frame == last + 1 else run if frame == last else 1
-        self._turns[key] = (frame, run, every)
-        return run >= IN_TURN or (every and last != 0 and frame != last)
+        every = wanted is not None and clock.now() - wanted <= EVERY_FRAME_FOR and last != 0 and frame != last
+        if run >= IN_TURN or every:
+            self._turns.pop(key, None)
+            return True
+        self._turns[key] = (frame, run, wanted)
+        return False
 
     async def _first_frames_alone(self, source: FrameRangeReader, node: WebNode) -> bytes | None:
         """``_frame_alone`` while the instance's table is not yet checked: the check (once, for all
@@ -502,7 +510,7 @@ class WebFiles:
         if not ahead or place != (ranged.offsets[index], ranged.lengths[index]):
             # (not read ahead: too large, or the read failed; or read where another reader's copy
             # of the table, the one checked, does not say)
-            return await self._frame_alone(node)
+            return await self._frame_alone(node, turn=False)  # (this frame's turn was counted)
         return self._frame_in_item(node, ranged, ahead[0])
 
     def _frame_in_item(self, node: WebNode, ranged: _RangedFrames, data: bytes) -> bytes | None:

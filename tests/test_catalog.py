@@ -12,7 +12,7 @@ import trio
 from trio.testing import MockClock
 
 from dicomfs.catalog import Catalog
-from dicomfs.errors import SourceUnavailable
+from dicomfs.errors import NotFound, ProtocolError, SourceUnavailable
 from dicomfs.query import parse_query
 from dicomfs.records import InstanceRecord, SeriesRecord, StudyRecord
 from dicomfs.search import Shown
@@ -159,3 +159,74 @@ async def test_local_listings_are_neither_stored_nor_stopped_by_the_breaker(tmp_
     assert set(await cat.series_of("1.2")) == {"1.2.1"} and archive.asked["series"] == 2
     assert not await cat.has_stored_listing()  # nothing of the index was pickled into the store
     cat.close()
+
+
+class ShortSearchArchive(Archive):
+    """A series of 5 instances whose search names 3 (Orthanc with LimitFindInstances: no Warning,
+    nothing further on); its metadata service has all 5."""
+
+    searches_may_stop_short = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metadata_error: Exception | None = None
+
+    def row(self, number: int) -> dict[str, dict[str, object]]:
+        return {"00080018": {"vr": "UI", "Value": [f"1.1.1.{number}"]}, "00200013": {"vr": "IS", "Value": [number]}}
+
+    async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
+        await self._ask("instances")
+        return [InstanceRecord(series.study_uid, series.uid, f"1.1.1.{n}", attrs=self.row(n)) for n in (1, 2, 3)]
+
+    async def series_metadata(self, series: SeriesRecord) -> dict[str, dict[str, object]]:
+        await self._ask("metadata")
+        if self.metadata_error is not None:
+            raise self.metadata_error
+        return {f"1.1.1.{n}": {**self.row(n), "7FE00010": {"vr": "OB", "BulkDataURI": "http://x/bulk"},
+                               "00100010": {"vr": "PN", "Value": [{"Alphabetic": "DOE^JOHN"}]}} for n in range(1, 6)}
+
+
+def counted(count: object) -> SeriesRecord:
+    return SeriesRecord("1.1", "1.1.1", {} if count is None else {"00201209": {"vr": "IS", "Value": [count]}})
+
+
+@pytest.mark.parametrize("count", [5, "5", " 5"])
+async def test_an_instance_search_that_names_fewer_than_its_series_counts_is_completed_from_the_metadata(
+        tmp_path: Path, mock_clock: MockClock, count: object) -> None:
+    """The two the search left out are listed, with the attributes the search's rows carry (not the
+    bulk data nor the rest of the metadata); the metadata is the catalog's own, asked for once for
+    the listing, the static DICOMweb tree and the listing's next refresh."""
+    archive = ShortSearchArchive()
+    cat = catalog(archive, tmp_path / "store")
+    found = await cat.instances_of(counted(count))
+    assert sorted(found) == [f"1.1.1.{n}" for n in range(1, 6)]
+    assert all(sorted(i.attrs) == ["00080018", "00200013"] for i in found.values())
+    assert found["1.1.1.5"].attrs["00200013"]["Value"] == [5]
+    assert len(await cat.series_metadata(counted(count))) == 5
+    mock_clock.jump(TTL + 1)
+    assert len(await cat.instances_of(counted(count))) == 5
+    assert archive.asked == {"instances": 2, "metadata": 1}
+    cat.close()
+
+
+@pytest.mark.parametrize("count, flag", [(None, True), (3, True), (2, True), ("a lot", True), (-1, True),
+                                         (True, True), (5, False)])
+async def test_the_metadata_is_asked_for_only_when_the_count_says_instances_are_missing(
+        count: object, flag: bool) -> None:
+    archive = ShortSearchArchive()
+    archive.searches_may_stop_short = flag
+    cat = catalog(archive, None)
+    assert len(await cat.instances_of(counted(count))) == 3
+    assert archive.asked == {"instances": 1}
+
+
+@pytest.mark.parametrize("error", [SourceUnavailable("the archive timed out (scripted)"),
+                                   ProtocolError("series metadata is not a JSON array (scripted)"),
+                                   NotFound("no metadata service (scripted)")])
+async def test_a_listing_whose_metadata_cannot_be_read_stays_the_search_s(
+        error: Exception, caplog: pytest.LogCaptureFixture) -> None:
+    archive = ShortSearchArchive()
+    archive.metadata_error = error
+    cat = catalog(archive, None)
+    assert sorted(await cat.instances_of(counted(5))) == ["1.1.1.1", "1.1.1.2", "1.1.1.3"]
+    assert "named 3 of the 5 it counts, and its metadata could not be read" in caplog.text

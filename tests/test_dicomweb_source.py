@@ -90,52 +90,6 @@ async def test_qido_stops_when_a_server_ignores_offset() -> None:
                                 page_size=5)) == 5
 
 
-def instance_row(uid: str, number: int, **more: object) -> dict[str, object]:
-    return {"00080018": {"vr": "UI", "Value": [uid]}, "00200013": {"vr": "IS", "Value": [number]},
-            **{tag: {"vr": "LO", "Value": [value]} for tag, value in more.items()}}
-
-
-async def instances_counted(count: object, listed: int = 3) -> tuple[list[tuple[str, dict[str, object]]], list[str]]:
-    """A series of 5 instances whose search names ``listed`` of them (no Warning, nothing at a
-    further offset), listed with the series' count ``count``: the instances' keys and
-    attributes, and the paths asked for."""
-    every = [instance_row(f"1.2.3.4.{k}", k, **{"00081030": "a study"}) for k in range(1, 6)]
-    metadata = [{**row, "7FE00010": {"vr": "OB", "BulkDataURI": "http://x/bulk"},
-                 "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^J"}]}} for row in every]
-    asked: list[str] = []
-
-    def answer(path: str, headers: dict[str, str]) -> Reply:
-        asked.append(urlsplit(path).path)
-        if path.endswith("/metadata"):
-            return rows(metadata)
-        return rows(every[:listed] if params(path)["offset"] == "0" else [])
-
-    server, source = retrieving(answer)
-    attrs = {} if count is None else {"00201209": {"vr": "IS", "Value": [count]}}
-    with server:
-        found = await source.list_instances(SeriesRecord("1.2.3", "1.2.3.4", attrs))
-    return [(i.key, i.attrs) for i in found], asked
-
-
-@pytest.mark.parametrize("count", [5, "5"])
-async def test_a_search_that_names_fewer_instances_than_the_series_counts_is_completed_from_its_metadata(
-        count: object) -> None:
-    """Orthanc with LimitFindInstances names 3 of 5 with no Warning and nothing further on."""
-    found, asked = await instances_counted(count)
-    assert [key for key, _ in found] == [f"1.2.3.4.{k}" for k in range(1, 6)]
-    # the two from the metadata carry what the search's rows carry, not the bulk data or the rest
-    assert [sorted(attrs) for _, attrs in found] == [["00080018", "00081030", "00200013"]] * 5
-    assert asked[-1] == "/dicom-web/studies/1.2.3/series/1.2.3.4/metadata"
-
-
-@pytest.mark.parametrize("count, listed", [(None, 3), (3, 3), (2, 3), ("a lot", 3), (-1, 3), (True, 0)])
-async def test_the_series_metadata_is_asked_for_only_when_the_count_says_instances_are_missing(
-        count: object, listed: int) -> None:
-    found, asked = await instances_counted(count, listed)
-    assert len(found) == listed
-    assert not any(path.endswith("/metadata") for path in asked)
-
-
 @pytest.mark.parametrize("reply", [(204, {}, b""), rows([]), (200, {"Content-Length": "0"}, b"")])
 async def test_empty_answers_mean_empty(reply: Reply) -> None:
     assert await studies_of(lambda path, headers: reply) == []

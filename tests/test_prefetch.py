@@ -291,7 +291,7 @@ def test_an_archive_that_cuts_its_instance_search_short_still_gets_every_instanc
         written = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*")
                    if p.is_file()}
         assert written == expected, sorted(written)
-        said = ("named 3 of the 5 it counts; 2 more from the series' metadata" if counted
+        said = ("named 3 of the 5 it counts; 2 more from its metadata" if counted
                 else "its retrieve held 2 instances its listing did not name")
         assert said in run.stderr, run.stderr
         assert "wrote 5 files" in run.stdout

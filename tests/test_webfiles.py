@@ -20,7 +20,7 @@ from dicomfs.cache import BlobStore
 from dicomfs.catalog import Catalog
 from dicomfs.errors import ProtocolError, TransferBroken
 from dicomfs.records import DicomJson, FrameTable, InstanceRecord, SeriesRecord, StudyRecord
-from dicomfs.webfiles import IN_TURN
+from dicomfs.webfiles import EVERY_FRAME_FOR, IN_TURN
 from tests.test_operations import Mounted, ScriptedArchive, operations
 
 STUDY, SERIES = "1.2.840.1", "1.2.840.1.1"
@@ -392,24 +392,28 @@ async def test_a_table_of_more_frames_than_dicomfs_cuts_reads_no_range(tmp_path:
 
 
 @pytest.mark.parametrize("listed, asked, whole_from", [
-    (False, [5, 9, 10, 11, 5, 12, 40, 41, 40, 42, 3], None),  # a viewer's tiles
-    (False, [*range(1, IN_TURN), 60, *range(61, 60 + IN_TURN - 1)], None),  # runs one short
-    (False, [*range(1, IN_TURN), IN_TURN - 1, *range(IN_TURN, IN_TURN + 3)], IN_TURN + 1),  # (the same again)
-    (True, [7, 7, 3, 4], 3),  # frames/ listed: its second frame
+    (None, [5, 9, 10, 11, 5, 12, 40, 41, 40, 42, 3], None),  # a viewer's tiles
+    (None, [*range(1, IN_TURN), 60, *range(61, 60 + IN_TURN - 1)], None),  # runs one short
+    (None, [*range(1, IN_TURN), IN_TURN - 1, *range(IN_TURN, IN_TURN + 3)], IN_TURN + 1),  # (the same again)
+    (0.0, [7, 7, 3, 4], 3),  # frames/ listed: its second frame
+    (EVERY_FRAME_FOR + 1, [7, 3, 4], None),  # listed long before: a viewer's tiles
 ])
 async def test_an_instance_is_read_whole_once_every_frame_of_it_is_asked_for(
-        tmp_path: Path, listed: bool, asked: list[int], whole_from: int | None) -> None:
-    """Frames asked for one after another (1, 2, 3 … ``IN_TURN`` of them), or a second frame once
-    the instance's ``frames/`` was listed: the instance is read whole from then on; a viewer's
-    tiles, or runs one shorter, are each read alone. Every frame is pydicom's."""
+        tmp_path: Path, mock_clock: MockClock, listed: float | None, asked: list[int], whole_from: int | None) -> None:
+    """Frames asked for one after another (1, 2, 3 … ``IN_TURN`` of them), or a second frame just
+    after the instance's ``frames/`` was listed (``listed``: seconds before the first is asked
+    for): the instance is read whole from then on; a viewer's tiles, runs one shorter, or tiles
+    asked for long after a listing are each read alone. Every frame is pydicom's."""
     from dicomfs.frames import split_frame_file
 
     archive, key, reference = ranged_archive()
+    mock_clock.rate = 1.0  # (real time, but for the jump)
 
     async def test(fs: Mounted) -> None:
-        if listed:
+        if listed is not None:
             folder = frame_path(key, 1).rsplit("/", 1)[0]
             assert len(await fs.listdir(folder)) == 130
+            mock_clock.jump(listed)
         for count, number in enumerate(asked, 1):
             assert bytes(split_frame_file(await fs.read(frame_path(key, number)))[1]) == reference[number - 1]
             whole = whole_from is not None and count >= whole_from

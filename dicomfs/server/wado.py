@@ -82,11 +82,12 @@ class Wado:
         "1,2,…,n" (the URL of its pixel data's ``BulkDataURI``)."""
         if numbers is None:
             wanted = [str(n) for n in range(1, await self.files.frame_count(instance) + 1)]
-            self.files.every_frame_wanted(instance)
         else:
             wanted = numbers.split(",")
         if len(wanted) > MAX_FRAMES_ASKED:
             raise NotFound(f"more than {MAX_FRAMES_ASKED} frames asked for")
+        if numbers is None:
+            self.files.every_frame_wanted(instance)
         folder = await self.layout.lookup(instance, "frames")  # (the layout checks each number)
         files = [await self.files.content(await self.layout.lookup(folder, f"{n}{FRAME_SUFFIX}")) for n in wanted]
         content_type, frame = frames.split_frame_file(files[0])

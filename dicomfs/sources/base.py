@@ -109,7 +109,10 @@ class SeriesSink(Protocol):
 class Source(Protocol):
     """Optionally also ``local_listings = True``: studies and series are listed from local data
     (the IDC index), so the catalog does not keep them in its store, and a series' listing is
-    all the archive can tell of it (a search does not look on its instances for more)."""
+    all the archive can tell of it (a search does not look on its instances for more).
+    Optionally ``searches_may_stop_short = True``: the archive may answer a series' instance
+    search with fewer than its series search counts, without saying so, and its metadata service
+    (``MetadataSource``) has them all: the catalog completes the listing from it."""
 
     description: str  # safe to log: no credentials
     serves_files_in_place: bool  # every instance has a ``local_file``: nothing to cache

@@ -1,7 +1,6 @@
 """DICOMweb source: QIDO-RS for listings, one WADO-RS series retrieve per series blob.
 
-Owns the DICOMweb dialect: paged QIDO queries (an instance search that names fewer than the
-series' count completed from the series' metadata), the exact Accept header that yields the stored
+Owns the DICOMweb dialect: paged QIDO queries, the exact Accept header that yields the stored
 bytes (``transfer-syntax=*``, identity encoding), and naming each multipart part by its
 SOPInstanceUID (the data set's, else the file meta's: ``uids.instance_key``). Every request runs
 in a worker thread through ``threadhttp`` (a query, or a series retrieve end to end with
@@ -19,7 +18,6 @@ from typing import Any
 
 import trio
 
-from dicomfs import dicomjson
 from dicomfs.errors import ProtocolError
 from dicomfs.multipart import (
     MultipartParser,
@@ -30,7 +28,7 @@ from dicomfs.multipart import (
 )
 from dicomfs.p10check import Part10Check
 from dicomfs.query import Term
-from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_count, json_value
+from dicomfs.records import DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_value
 from dicomfs.sources.base import BlockingMemberWriter, BlockingSink, Credentials, SeriesSink
 from dicomfs.sources.http import DEFAULT_TIMEOUT, MAX_JSON_BYTES
 from dicomfs.sources.threadhttp import BlockingHttp
@@ -47,17 +45,19 @@ MAX_SERIES_METADATA_BYTES = 512 * 1024 * 1024  # a whole series' metadata (infla
 MAX_NAMING_BYTES = 1 << 20  # a part not named by its first MiB is named by its file meta
 
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
-SERIES_INSTANCES = "00201209"  # NumberOfSeriesRelatedInstances
 # Asked for besides each server's defaults, so that listings show and filter on them.
 # Counts and modalities too: the static DICOMweb tree's QIDO files carry them.
 STUDY_FIELDS = "includefield=00081030&includefield=00080061&includefield=00201206&includefield=00201208"
-SERIES_FIELDS = f"includefield=0008103E&includefield={SERIES_INSTANCES}"
+SERIES_FIELDS = "includefield=0008103E&includefield=00201209"
 
 
 class DicomwebSource:
     """An archive reached through QIDO-RS and WADO-RS under one service root URL."""
 
     serves_files_in_place = False
+    # Orthanc with LimitFindInstances answers a series' instance search with 3 of 5, no Warning,
+    # nothing at a further offset: the catalog completes it from the series' metadata (``Source``)
+    searches_may_stop_short = True
 
     def __init__(
         self,
@@ -108,29 +108,11 @@ class DicomwebSource:
         return [SeriesRecord(study_uid, uid, attrs) for uid, attrs in _valid(rows, SERIES_UID, "series")]
 
     async def list_instances(self, series: SeriesRecord) -> list[InstanceRecord]:
-        """The series' instances by QIDO; completed from the series' metadata where the search
-        named fewer than the series' own count says it holds. (Orthanc with LimitFindInstances
-        answers with 3 of 5, no Warning, and nothing at a further offset: paging cannot reach the
-        rest, and a `cp -r` of the series folder silently missed two files.)"""
-        rows = _valid(await self._qido(f"{self.root}/studies/{series.study_uid}/series/{series.uid}/instances"),
-                      SOP_UID, "instance")
-        counted = json_count(series.attrs, SERIES_INSTANCES)
-        if counted is not None and len(rows) < counted:
-            rows = await self._completed(series, rows, counted)
-        return [InstanceRecord(series.study_uid, series.uid, uid, attrs=attrs) for uid, attrs in rows]
-
-    async def _completed(self, series: SeriesRecord, rows: list[tuple[str, dict[str, Any]]], counted: int
-                         ) -> list[tuple[str, dict[str, Any]]]:
-        """``rows`` and the instances of the series' metadata that they miss, each cut to the
-        attributes the search gave (or QIDO's instance-level ones), so that they list, sort and
-        match queries as the others do."""
-        listed = {uid for uid, _ in rows}
-        tags = {tag for _, attrs in rows for tag in attrs} or set(dicomjson.INSTANCE_TAGS)
-        missed = [(uid, {tag: value for tag, value in attrs.items() if tag in tags})
-                  for uid, attrs in (await self.series_metadata(series)).items() if uid not in listed]
-        log.warning("%s: the search for the instances of series %s named %d of the %d it counts; %d more from "
-                    "the series' metadata", self.root, series.uid, len(rows), counted, len(missed))
-        return [*rows, *missed]
+        rows = await self._qido(f"{self.root}/studies/{series.study_uid}/series/{series.uid}/instances")
+        return [
+            InstanceRecord(series.study_uid, series.uid, uid, attrs=attrs)
+            for uid, attrs in _valid(rows, SOP_UID, "instance")
+        ]
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
         url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}/metadata"
