@@ -11,7 +11,9 @@ there); and ``curl`` of that frame's byte range straight from the bucket. The bu
 serve asked for are counted by a proxy in front of it; ``--latency MS`` makes that proxy wait
 so long before each request it passes on (a cloud bucket's round trip), and puts curl behind
 such a proxy too; ``--more N`` puts N more instances (of 64 KiB) in the series, whose headers its
-metadata reads too. Every frame served is compared with pydicom's.
+metadata reads too; ``--all`` then asks for every frame of the level at once (the ``frames`` URL
+of its pixel data's BulkDataURI), beside curl of the whole level. Every frame served is
+compared with pydicom's.
 
     .venv/bin/python -m bench.tiles --archive cod --base 5185aa2 --frames 2000 --repeat 7 [--latency 20]
 
@@ -91,9 +93,10 @@ ARCHIVES = {"cod": cod_archive, "idc": idc_archive}
 
 
 def serve_once(checkout: Path, archive: Archive, work: Path, sop: str, frame: int,
-               reference: list[bytes], latency: float) -> tuple[float, float, float, int]:
+               reference: list[bytes], latency: float, every: bool = False) -> tuple[float, float, float, int, float]:
     """A fresh ``dicomfs serve`` from ``checkout``: (seconds to the series metadata, to frame
-    ``frame``, to the next one; bucket bytes asked for)."""
+    ``frame``, to the next one; bucket bytes asked for; with ``every``, seconds to all the
+    frames, else 0)."""
     with CountingProxy(archive.port, lambda path: "bucket") as proxy:
         proxy.delay = latency
         port, log_path = free_port(), work / f"serve-{time.monotonic_ns()}.log"
@@ -118,7 +121,14 @@ def serve_once(checkout: Path, archive: Archive, work: Path, sop: str, frame: in
                 timings.append(time.perf_counter() - started)
                 if response.status_code != 200 or [d for _, d in parts(response)] != [reference[number - 1]]:
                     raise SystemExit(f"frame {number} from {checkout}: status {response.status_code}, not pydicom's")
-            return timings[0], timings[1], timings[2], proxy.bytes["bucket"]
+            moved, all_frames = proxy.bytes["bucket"], 0.0
+            if every:
+                started = time.perf_counter()
+                response = httpx.get(f"{root}/instances/{sop}/frames", headers={"Accept": ANY_FRAME}, timeout=TIMEOUT)
+                all_frames = time.perf_counter() - started
+                if response.status_code != 200 or [d for _, d in parts(response)] != reference:
+                    raise SystemExit(f"all frames from {checkout}: status {response.status_code}, not pydicom's")
+            return timings[0], timings[1], timings[2], moved, all_frames
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -132,18 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--latency", type=float, default=0.0, help="ms before each bucket request")
     parser.add_argument("--more", type=int, default=0, help="more instances (64 KiB) in the series")
+    parser.add_argument("--all", action="store_true", help="then every frame of the level at once")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="dicomfs-tiles-"))
     try:
         with versions_of(args.base, work) as versions:
-            compare(versions, work, args.archive, args.frames, args.repeat, args.latency / 1000, args.more)
+            compare(versions, work, args.archive, args.frames, args.repeat, args.latency / 1000, args.more, args.all)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def compare(versions: dict[str, Path], work: Path, kind: str, frame_count: int, repeat: int,
-            latency: float, more_count: int = 0) -> None:
+            latency: float, more_count: int = 0, every: bool = False) -> None:
     """Each version's fresh serves and curl, alternating, ``repeat`` times; medians printed."""
     data = slide(STUDY, SERIES, encapsulated=True, frames=frame_count, frame_bytes=65536, number=1)
     more = {f"{SERIES}.{k}": make_instance(STUDY, SERIES, f"{SERIES}.{k}", pixel_bytes=65536, number=k)
@@ -155,8 +166,9 @@ def compare(versions: dict[str, Path], work: Path, kind: str, frame_count: int, 
     offset, length = table["CustomOffsetTable"][frame - 1], table["CustomOffsetTableLengths"][frame - 1]
     print(f"{kind}: a level of {len(data) / 1e6:.1f} MB, {frame_count} frames; frame {frame}: {length} bytes; "
           f"{latency * 1000:g} ms before each bucket request; {more_count} more instances", flush=True)
-    samples: dict[str, list[tuple[float, float, float, int]]] = {name: [] for name in versions}
+    samples: dict[str, list[tuple[float, float, float, int, float]]] = {name: [] for name in versions}
     curl: list[float] = []
+    curl_level: list[float] = []
     with contextlib.ExitStack() as stack:
         archive = ARCHIVES[kind](stack, data, sop, work, more)
         start = archive.level_start + offset
@@ -173,16 +185,27 @@ def compare(versions: dict[str, Path], work: Path, kind: str, frame_count: int, 
                     curl.append(time.perf_counter() - started)
                     if got != reference[frame - 1]:
                         raise SystemExit("curl's range is not the frame")
+                    if every:
+                        started = time.perf_counter()
+                        got = subprocess.run(["curl", "-sS", "--fail", "-r", f"{archive.level_start}-"
+                                              f"{archive.level_start + len(data) - 1}", level_url],
+                                             capture_output=True, check=True, timeout=TIMEOUT).stdout
+                        curl_level.append(time.perf_counter() - started)
+                        if got != data:
+                            raise SystemExit("curl's range is not the level")
                 else:
-                    samples[name].append(serve_once(versions[name], archive, work, sop, frame, reference, latency))
+                    samples[name].append(serve_once(versions[name], archive, work, sop, frame, reference, latency,
+                                                    every))
             print(f"repetition {rep + 1}/{repeat} done", flush=True)
     for name, runs in samples.items():
-        metadata, first, following, moved = zip(*runs, strict=True)
+        metadata, first, following, moved, all_frames = zip(*runs, strict=True)
         print(f"{name}: series metadata {statistics.median(metadata) * 1000:.1f} ms, frame {frame} "
               f"{statistics.median(first) * 1000:.1f} ms ({min(first) * 1000:.1f}-{max(first) * 1000:.1f}), the next "
               f"{statistics.median(following) * 1000:.1f} ms; {statistics.median(moved) / 1e6:.3f} MB asked of the "
-              "bucket")
-    print(f"curl of the frame's range: {statistics.median(curl) * 1000:.1f} ms")
+              "bucket" + (f"; all frames {statistics.median(all_frames) * 1000:.1f} ms "
+                          f"({min(all_frames) * 1000:.1f}-{max(all_frames) * 1000:.1f})" if every else ""))
+    print(f"curl of the frame's range: {statistics.median(curl) * 1000:.1f} ms"
+          + (f"; of the whole level: {statistics.median(curl_level) * 1000:.1f} ms" if every else ""))
 
 
 if __name__ == "__main__":
