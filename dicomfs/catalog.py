@@ -8,7 +8,8 @@ listings are served without asking it. Studies that ``prefetch`` stored are
 remembered so that an offline mount lists them even if the whole archive was never listed.
 Which of them a mount shows (its ``--query``) is ``search.Shown``'s business. Also keeps each
 series' full metadata (the static DICOMweb tree's input) the same way, and completes from it an
-instance listing whose search named fewer than the series counts (``searches_may_stop_short``). Ages in memory are on
+instance listing whose search named fewer than the series counts, and from the study's metadata
+a series listing that named fewer than the study counts (``searches_may_stop_short``). Ages in memory are on
 ``clock.now`` (mockable), the store's on wall time. Must not fetch instance data.
 """
 
@@ -28,15 +29,25 @@ from dicomfs import clock
 from dicomfs.breaker import Breaker, is_outage
 from dicomfs.errors import DicomfsError, SourceError
 from dicomfs.gcpause import paused
-from dicomfs.records import SERIES_INSTANCES, DicomJson, InstanceRecord, SeriesRecord, StudyRecord, json_count
+from dicomfs.records import (
+    SERIES_INSTANCES,
+    STUDY_SERIES,
+    DicomJson,
+    InstanceRecord,
+    SeriesRecord,
+    StudyRecord,
+    json_count,
+    json_value,
+)
 from dicomfs.singleflight import SingleFlight
 from dicomfs.sources.base import MetadataSource, Source
-from dicomfs.uids import is_key
+from dicomfs.uids import is_key, is_uid
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 KNOWN_STUDIES = ("known-studies",)
+STUDY_UID, SERIES_UID = "0020000D", "0020000E"
 
 
 class Catalog:
@@ -114,12 +125,58 @@ class Catalog:
         for the listing TTL, in the store for an offline start."""
         return await self._cached(key, self._listings, self.listing_ttl, compute)
 
-    async def series_of(self, study_uid: str) -> dict[str, SeriesRecord]:
+    async def series_of(self, study: StudyRecord) -> dict[str, SeriesRecord]:
+        """The study's series: its series search's answer, completed from the study's metadata
+        where it named fewer than the study search counts (``_beyond_the_series_search``)."""
+        listed = await self.series_listed(study.uid)
+        counted = json_count(study.attrs, STUDY_SERIES)
+        if counted is None or len(listed) >= counted or not getattr(self.source, "searches_may_stop_short", False):
+            return listed
+
+        async def complete() -> dict[str, SeriesRecord]:
+            return {**listed, **await self._beyond_the_series_search(study, listed, counted)}
+
+        return await self._cached(("series", study.uid, "completed"), self._listings, self.listing_ttl, complete)
+
+    async def series_listed(self, study_uid: str) -> dict[str, SeriesRecord]:
+        """The study's series as its series search names them (``series_of`` is what to show)."""
         async def query() -> dict[str, SeriesRecord]:
             return {s.uid: s for s in await self.source.list_series(study_uid)}
 
         return await self._cached(("series", study_uid), self._listings, self.listing_ttl, query,
                                   local=self._local)
+
+    async def _beyond_the_series_search(self, study: StudyRecord, listed: dict[str, SeriesRecord], counted: int
+                                        ) -> dict[str, SeriesRecord]:
+        """The series of ``study``'s metadata that its series search, which named fewer than the
+        study search counts, left out (Orthanc with LimitFindResults), each with the attributes the
+        search's rows carry (or QIDO's series-level ones) taken from its first instance, and its
+        instances counted. Nothing where the study's metadata cannot be had (said in the log)."""
+        from dicomfs import dicomjson  # (only here: not at every command's start)
+
+        try:
+            metadata = await self._metadata(("study-metadata", study.uid),
+                                             lambda: self.source.study_metadata(study.uid))  # type: ignore[attr-defined]
+        except DicomfsError as exc:
+            log.warning("%s: the search for the series of study %s named %d of the %d it counts, and its metadata "
+                        "could not be read for the rest: %s", self.source.description, study.uid, len(listed),
+                        counted, exc)
+            return {}
+        tags = {tag for series in listed.values() for tag in series.attrs} or set(dicomjson.SERIES_TAGS)
+        found: dict[str, SeriesRecord] = {}
+        for attrs in metadata.values():
+            uid = json_value(attrs, SERIES_UID)
+            if not isinstance(uid, str) or uid in listed or not is_uid(uid) \
+                    or json_value(attrs, STUDY_UID) != study.uid:
+                continue
+            if uid in found:
+                found[uid].attrs[SERIES_INSTANCES]["Value"][0] += 1
+            else:
+                kept = {tag: value for tag, value in attrs.items() if tag in tags}
+                found[uid] = SeriesRecord(study.uid, uid, {**kept, SERIES_INSTANCES: dicomjson.count(1)})
+        log.warning("%s: the search for the series of study %s named %d of the %d it counts; %d more from its "
+                    "metadata", self.source.description, study.uid, len(listed), counted, len(found))
+        return found
 
     async def instances_of(self, series: SeriesRecord) -> dict[str, InstanceRecord]:
         async def query() -> dict[str, InstanceRecord]:
@@ -163,15 +220,14 @@ class Catalog:
         ``MetadataSource``; the caller asks only a source that has one)."""
         source = self.source
         assert isinstance(source, MetadataSource)
+        return await self._metadata(("metadata", series.study_uid, series.uid), lambda: source.series_metadata(series))
 
-        async def query() -> dict[str, DicomJson]:
-            return await source.series_metadata(series)
-
+    async def _metadata(self, key: tuple[str, ...], query: Callable[[], Awaitable[dict[str, DicomJson]]]
+                        ) -> dict[str, DicomJson]:
         # stored as JSON bytes: pickling a large series' dicts takes ten times as long
         # Not kept in memory: a large series' metadata is 300 MB as Python objects (1,500 CT
         # headers), and its one user (webfiles) keeps a compact canonical form of it.
-        return await self._cached(("metadata", series.study_uid, series.uid), None,
-                                  self.metadata_ttl, query, codec=(orjson.dumps, orjson.loads))
+        return await self._cached(key, None, self.metadata_ttl, query, codec=(orjson.dumps, orjson.loads))
 
     async def _cached(self, key: tuple[str, ...], memory: cachetools.TTLCache[Any, Any] | None, ttl: float,
                       query: Callable[[], Awaitable[T]],

@@ -113,7 +113,7 @@ async def select_studies(catalog: Catalog, uids: list[str], everything: bool,
         # The plan asks for these next; asked meanwhile (the catalog keeps the answer), the first
         # retrieve starts one round trip sooner. A failure here is the plan's to report.
         with contextlib.suppress(DicomfsError):
-            await catalog.series_of(uid)
+            await catalog.series_listed(uid)
 
     async with open_nursery() as nursery:
         for uid in dict.fromkeys(uids):
@@ -147,7 +147,7 @@ async def make_plan(catalog: Catalog, blobs: BlobStore, studies: list[StudyRecor
     async def plan_study(study: StudyRecord) -> None:
         try:
             async with limit:
-                series = list((await catalog.series_of(study.uid)).values())
+                series = list((await catalog.series_of(study)).values())
         except DicomfsError as exc:
             plan.failures.append(f"study {study.uid}: {exc}")
             return

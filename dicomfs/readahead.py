@@ -30,7 +30,7 @@ from dicomfs import clock
 from dicomfs.cache import BlobStore, SeriesDownload
 from dicomfs.catalog import Catalog
 from dicomfs.errors import DicomfsError
-from dicomfs.records import SeriesRecord
+from dicomfs.records import SeriesRecord, StudyRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Mode(enum.Enum):
 
 @dataclass
 class _Study:
-    uid: str
+    record: StudyRecord  # (its attrs: the count by which the catalog completes its series listing)
     first: SeriesRecord  # the series a reader opened first: the queue starts after it
     last_read: float
     order: SeriesOrder  # the order readers are expected to take through the study's series
@@ -63,6 +63,10 @@ class _Study:
     changed: trio.Event = field(default_factory=trio.Event)
     running: bool = True
     stopped_idle: bool = False  # ended because nobody read: a reader coming back starts it again
+
+    @property
+    def uid(self) -> str:
+        return self.record.uid
 
     def ahead_bytes(self) -> int:
         return sum(download.received for uid, download in self.ahead.items() if uid not in self.opened)
@@ -92,14 +96,17 @@ class Readahead:
             task_status.started()
             await trio.sleep_forever()
 
-    def reading(self, series: SeriesRecord, order: SeriesOrder | None = None) -> None:
-        """A reader opened an instance of ``series``; ``order``, the key by which it is expected to
-        walk the study's series (the view it reads in knows; by default their UIDs)."""
+    def reading(self, series: SeriesRecord, order: SeriesOrder | None = None,
+                study_record: StudyRecord | None = None) -> None:
+        """A reader opened an instance of ``series`` (of ``study_record``, if known); ``order``, the key by
+        which it is expected to walk the study's series (the view it reads in knows; by default
+        their UIDs)."""
         if self.mode is not Mode.STUDY or self._nursery is None:
             return
         study = self._studies.get(series.study_uid)
         if study is None or (not study.running and study.stopped_idle):
-            study = self._studies[series.study_uid] = _Study(series.study_uid, series, clock.now(),
+            record = study_record if study_record is not None else StudyRecord(series.study_uid)
+            study = self._studies[series.study_uid] = _Study(record, series, clock.now(),
                                                              order or _by_uid)
             self._nursery.start_soon(self._follow, study)
         study.last_read = clock.now()  # (the waits look at it again on their own: no poke for this)
@@ -119,7 +126,7 @@ class Readahead:
             study.stopped_idle = self._idle(study)
 
     async def _read_ahead(self, study: _Study) -> None:
-        listed = sorted((await self.catalog.series_of(study.uid)).values(), key=study.order)
+        listed = sorted((await self.catalog.series_of(study.record)).values(), key=study.order)
         at = next((n for n, s in enumerate(listed) if s.uid == study.first.uid), -1)
         queue = listed[at + 1:] + listed[:max(at, 0)]
         previous = self.blobs.running(study.first)

@@ -84,6 +84,7 @@ def json_value(attrs: DicomJson, tag: str) -> Any:
 
 
 SERIES_INSTANCES = "00201209"  # NumberOfSeriesRelatedInstances: a series search's count of its instances
+STUDY_SERIES = "00201206"  # NumberOfStudyRelatedSeries: a study search's count of its series
 
 
 def json_count(attrs: DicomJson, tag: str) -> int | None:

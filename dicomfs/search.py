@@ -101,7 +101,7 @@ class Search:
                 return bool(await self.instances_in(series, query))
             return True
 
-        candidates = list((await self.catalog.series_of(study.uid)).values())
+        candidates = list((await self.catalog.series_of(study)).values())
         if first_only:
             for series in candidates:
                 if await keep(series):

@@ -18,14 +18,14 @@ import trio
 
 from dicomfs import dicomjson
 from dicomfs.query import COMMON_KEYS, STUDY_KEYWORDS
-from dicomfs.records import SERIES_INSTANCES, DicomJson, SeriesRecord, StudyRecord, json_count, json_value
+from dicomfs.records import SERIES_INSTANCES, STUDY_SERIES, DicomJson, SeriesRecord, StudyRecord, json_count, json_value
 from dicomfs.tasks import map_bounded
 
 if TYPE_CHECKING:
     from dicomfs.catalog import Catalog
 
 PARALLEL = 8
-MODALITIES, STUDY_SERIES, STUDY_INSTANCES = "00080061", "00201206", "00201208"
+MODALITIES, STUDY_INSTANCES = "00080061", "00201208"
 MODALITY = "00080060"
 # What the summaries add: attributes of a study or series that only its listings below imply.
 STUDY_DERIVED = frozenset({MODALITIES, STUDY_SERIES, STUDY_INSTANCES})
@@ -57,7 +57,7 @@ class Summaries:
         if listed is not None:
             return listed
         merged = dict(study.attrs)
-        for series in (await self.catalog.series_of(study.uid)).values():
+        for series in (await self.catalog.series_of(study)).values():
             instances = await self.catalog.instances_of(series)
             if instances:
                 first = next(iter(instances.values()))
@@ -103,7 +103,7 @@ class Summaries:
         attrs = dict(await self.study_attrs(study))
         if STUDY_DERIVED.issubset(attrs):
             return attrs
-        series = list((await self.catalog.series_of(study.uid)).values())
+        series = list((await self.catalog.series_of(study)).values())
         if MODALITIES not in attrs:
             modalities = await map_bounded(series, self.modality, self._limit)
             attrs[MODALITIES] = dicomjson.strings("CS", sorted({m for m in modalities if m}))

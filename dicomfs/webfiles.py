@@ -279,7 +279,7 @@ class WebFiles:
         if kind is WebKind.SERIES_INDEX:
             assert node.study is not None
             study = node.study
-            series = sorted((await self.catalog.series_of(study.uid)).values(), key=lambda s: s.uid)
+            series = sorted((await self.catalog.series_of(study)).values(), key=lambda s: s.uid)
             return await _json_file(await self._each(series, lambda s: self.series_object(study, s),
                                                      self._series_limit, skip_failures=True))
         if kind is WebKind.SERIES_SINGLETON:

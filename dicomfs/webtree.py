@@ -106,7 +106,7 @@ class WebLayout:
                     node.child(WebKind.BULK, "bulkdata")]
         if kind is WebKind.SERIES_LIST:
             assert node.study is not None
-            series = await self.catalog.series_of(node.study.uid)
+            series = await self.catalog.series_of(node.study)
             return [node.child(WebKind.SERIES_INDEX, INDEX),
                     *(node.child(WebKind.SERIES, uid, series=s) for uid, s in sorted(series.items()))]
         if kind is WebKind.SERIES:
@@ -127,7 +127,7 @@ class WebLayout:
             return [node.child(WebKind.FRAME, f"{n}{FRAME_SUFFIX}", frame=n) for n in range(1, count + 1)]
         if kind is WebKind.BULK:
             assert node.study is not None
-            series = await self.catalog.series_of(node.study.uid)
+            series = await self.catalog.series_of(node.study)
             out = []
             for uid, s in sorted(series.items()):
                 if await self.metadata.bulk_paths(s):
@@ -155,7 +155,7 @@ class WebLayout:
                 return node.child(WebKind.STUDY, name, study=study)
         elif kind is WebKind.SERIES_LIST and is_key(name):
             assert node.study is not None
-            series = (await self.catalog.series_of(node.study.uid)).get(name)
+            series = (await self.catalog.series_of(node.study)).get(name)
             if series is not None:
                 return node.child(WebKind.SERIES, name, series=series)
         elif kind in (WebKind.INSTANCES, WebKind.BULK_SERIES) and is_key(name):
@@ -173,7 +173,7 @@ class WebLayout:
                     return node.child(WebKind.FRAME, name, frame=int(digits))
         elif kind is WebKind.BULK and is_key(name):
             assert node.study is not None
-            series = (await self.catalog.series_of(node.study.uid)).get(name)
+            series = (await self.catalog.series_of(node.study)).get(name)
             if series is not None and await self.metadata.bulk_paths(series):
                 return node.child(WebKind.BULK_SERIES, name, series=series)
         elif kind in (WebKind.ROOT, WebKind.STUDY, WebKind.SERIES, WebKind.INSTANCE, WebKind.BULK_INSTANCE):

@@ -72,7 +72,7 @@ async def test_concurrent_callers_share_one_query(autojump_clock: MockClock) -> 
     cat = catalog(archive, None)
     async with trio.open_nursery() as nursery:
         for _ in range(10):
-            nursery.start_soon(cat.series_of, "1.1")
+            nursery.start_soon(cat.series_of, StudyRecord("1.1"))
     assert archive.asked["series"] == 1
 
 
@@ -80,10 +80,11 @@ async def test_the_store_serves_another_catalog_while_fresh(tmp_path: Path, mock
     archive = Archive()
     cat = catalog(archive, tmp_path / "store")
     await cat.studies()
-    await cat.series_of("1.1")
+    await cat.series_of(StudyRecord("1.1"))
     cat.close()
     again = catalog(archive, tmp_path / "store")  # a remount, or another process
-    assert sorted(await again.studies()) == ["1.1", "1.2"] and list(await again.series_of("1.1")) == ["1.1.1"]
+    assert sorted(await again.studies()) == ["1.1", "1.2"]
+    assert list(await again.series_of(StudyRecord("1.1"))) == ["1.1.1"]
     assert archive.asked == {"studies": 1, "series": 1}
     mock_clock.jump(TTL + 1)  # stale in the store too: asked again
     await again.studies()
@@ -96,14 +97,14 @@ async def test_stored_listings_are_served_while_the_archive_is_down(tmp_path: Pa
     archive = Archive()
     cat = catalog(archive, tmp_path / "store")
     await cat.studies()
-    await cat.series_of("1.1")
+    await cat.series_of(StudyRecord("1.1"))
     archive.down = True
     mock_clock.jump(10 * TTL)  # long stale: still better than nothing while offline
     assert sorted(await cat.studies()) == ["1.1", "1.2"]
-    assert list(await cat.series_of("1.1")) == ["1.1.1"]
+    assert list(await cat.series_of(StudyRecord("1.1"))) == ["1.1.1"]
     assert sum("serving stored listings" in r.message for r in caplog.records) == 1  # said once
     with pytest.raises(SourceUnavailable):  # never listed: nothing to fall back on
-        await cat.series_of("1.2")
+        await cat.series_of(StudyRecord("1.2"))
     cat.close()
 
 
@@ -154,9 +155,9 @@ async def test_local_listings_are_neither_stored_nor_stopped_by_the_breaker(tmp_
         await cat.instances_of(SeriesRecord("1.1", "1.1.1"))  # the bucket is down: the breaker opens
     assert cat.breaker.refusing
     assert set(await cat.studies()) == {"1.1", "1.2"}  # the index is read all the same
-    assert set(await cat.series_of("1.2")) == {"1.2.1"}
+    assert set(await cat.series_of(StudyRecord("1.2"))) == {"1.2.1"}
     mock_clock.jump(TTL + 1)
-    assert set(await cat.series_of("1.2")) == {"1.2.1"} and archive.asked["series"] == 2
+    assert set(await cat.series_of(StudyRecord("1.2"))) == {"1.2.1"} and archive.asked["series"] == 2
     assert not await cat.has_stored_listing()  # nothing of the index was pickled into the store
     cat.close()
 
@@ -230,3 +231,65 @@ async def test_a_listing_whose_metadata_cannot_be_read_stays_the_search_s(
     cat = catalog(archive, None)
     assert sorted(await cat.instances_of(counted(5))) == ["1.1.1.1", "1.1.1.2", "1.1.1.3"]
     assert "named 3 of the 5 it counts, and its metadata could not be read" in caplog.text
+
+
+class ShortSeriesSearchArchive(ShortSearchArchive):
+    """A study of 3 series whose series search names 1 (Orthanc with LimitFindResults); its
+    metadata has every instance of the 3 (and, hostile, one of another study and one with a bad
+    series UID)."""
+
+    async def study_metadata(self, study_uid: str) -> dict[str, dict[str, dict[str, object]]]:
+        await self._ask("study metadata")
+        if self.metadata_error is not None:
+            raise self.metadata_error
+
+        def instance(series: str, number: int, study: str = study_uid) -> dict[str, dict[str, object]]:
+            return {"0020000D": {"vr": "UI", "Value": [study]}, "0020000E": {"vr": "UI", "Value": [series]},
+                    "00080060": {"vr": "CS", "Value": ["MR"]}, "0008103E": {"vr": "LO", "Value": [f"s{series}"]},
+                    "00200013": {"vr": "IS", "Value": [number]}, "7FE00010": {"vr": "OB", "BulkDataURI": "x"}}
+
+        rows = [instance("1.1.1", 1), instance("1.1.2", 1), instance("1.1.2", 2), instance("1.1.3", 1),
+                instance("1.9.9", 1, study="1.9"), instance("../etc", 1)]
+        return {f"9.9.{k}": row for k, row in enumerate(rows)}
+
+
+def study_counted(count: object) -> StudyRecord:
+    return StudyRecord("1.1", {} if count is None else {"00201206": {"vr": "IS", "Value": [count]}})
+
+
+async def test_a_series_search_that_names_fewer_than_its_study_counts_is_completed_from_the_metadata(
+        tmp_path: Path, mock_clock: MockClock) -> None:
+    """The two series the search left out are listed, with the attributes the search's rows carry
+    and their instances counted (so that their own instance listings can be checked in turn);
+    nothing of another study or with a bad UID; the study's metadata asked for once."""
+    archive = ShortSeriesSearchArchive()
+    cat = catalog(archive, tmp_path / "store")
+    found = await cat.series_of(study_counted(3))
+    assert sorted(found) == ["1.1.1", "1.1.2", "1.1.3"]
+    assert found["1.1.2"].attrs == {"00080060": {"vr": "CS", "Value": ["MR"]},
+                                    "00201209": {"vr": "IS", "Value": [2]}}
+    assert found["1.1.3"].attrs["00201209"]["Value"] == [1]
+    mock_clock.jump(TTL + 1)
+    assert sorted(await cat.series_of(study_counted(3))) == ["1.1.1", "1.1.2", "1.1.3"]
+    assert archive.asked == {"series": 2, "study metadata": 1}
+    assert list(await cat.series_listed("1.1")) == ["1.1.1"]  # (the search's answer, as it is)
+    cat.close()
+
+
+@pytest.mark.parametrize("count, flag", [(None, True), (1, True), (0, True), ("many", True), (3, False)])
+async def test_the_study_metadata_is_asked_for_only_when_the_count_says_series_are_missing(
+        count: object, flag: bool) -> None:
+    archive = ShortSeriesSearchArchive()
+    archive.searches_may_stop_short = flag
+    cat = catalog(archive, None)
+    assert list(await cat.series_of(study_counted(count))) == ["1.1.1"]
+    assert archive.asked == {"series": 1}
+
+
+async def test_a_series_listing_whose_study_metadata_cannot_be_read_stays_the_search_s(
+        caplog: pytest.LogCaptureFixture) -> None:
+    archive = ShortSeriesSearchArchive()
+    archive.metadata_error = SourceUnavailable("the archive timed out (scripted)")
+    cat = catalog(archive, None)
+    assert list(await cat.series_of(study_counted(3))) == ["1.1.1"]
+    assert "named 1 of the 3 it counts, and its metadata could not be read" in caplog.text

@@ -15,7 +15,7 @@ import pytest
 
 from tests.factory import make_instance
 from tests.fsutil import hashes, listdir, p10_hashes, read_errno, sh
-from tests.mounting import Mount
+from tests.mounting import Mount, dicomfs
 from tests.servers import CountingProxy, OrthancServer, require_tools, wait_until
 
 # Every kind of object the issue names must be among the files checked byte for byte.
@@ -182,25 +182,32 @@ def test_a_series_of_1500_instances(tmp_path: Path, mount_factory: Callable[...,
         server.stop()
 
 
-def test_a_series_whose_instance_search_is_cut_short_shows_every_instance(
+def test_a_study_whose_searches_are_cut_short_shows_every_series_and_instance(
         tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
-    """Orthanc with LimitFindInstances answers the search for a series' instances with 3 of its 5,
-    no Warning, and nothing at a further offset; its series search counts 5. The series folder
-    shows all five and ``cp -r`` copies them byte for byte (it showed 3: two files silently
-    missing from every copy)."""
-    study, series = "1.2.826.0.1.3680043.8.498.76", "1.2.826.0.1.3680043.8.498.76.1"
-    files = {f"{series}.{k}.dcm": make_instance(study, series, f"{series}.{k}", pixel_bytes=1000, number=k)
-             for k in range(1, 6)}
+    """Orthanc with LimitFindResults and LimitFindInstances at 2 answers the search for a study's
+    series with 3 of its 4, and for a series' instances with 3 of its 5, with no Warning and
+    nothing at a further offset; its searches count 4 series and 5 instances. The study folder
+    shows all four series, each all five instances, and ``cp -r`` copies them byte for byte (it
+    showed 3 series of 3: 11 of 20 files silently missing from every copy)."""
+    study = "1.2.826.0.1.3680043.8.498.76"
+    files = {f"{study}.{se}/{study}.{se}.{k}.dcm": make_instance(study, f"{study}.{se}", f"{study}.{se}.{k}",
+                                                                 pixel_bytes=1000, number=k)
+             for se in range(1, 5) for k in range(1, 6)}
     import hashlib
 
     expected = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-    server = OrthancServer(tmp_path / "orthanc", extra={"LimitFindInstances": 2}).start()
+    server = OrthancServer(tmp_path / "orthanc", extra={"LimitFindInstances": 2, "LimitFindResults": 2}).start()
     try:
         server.upload(list(files.values()))
         mount = mount_factory(server.dicomweb)
-        assert listdir(mount.path / "studies" / study / series) == sorted(files)
+        assert listdir(mount.path / "studies" / study) == [f"{study}.{se}" for se in range(1, 5)]
+        assert listdir(mount.path / "studies" / study / f"{study}.3") == [f"{study}.3.{k}.dcm" for k in range(1, 6)]
         sh("cp", "-r", str(mount.path / "studies" / study), str(tmp_path / "copy"))
-        assert hashes(tmp_path / "copy" / series) == expected
+        assert hashes(tmp_path / "copy") == expected
+        run = dicomfs("prefetch", server.dicomweb, study, "--cache-dir", str(tmp_path / "own-cache"), "--to",
+                      str(tmp_path / "out"), check=True)
+        assert hashes(tmp_path / "out" / study) == expected, run.stderr
+        assert "named 3 of the 4 it counts; 1 more from its metadata" in run.stderr
     finally:
         server.stop()
 

@@ -12,6 +12,7 @@ from dicomfs.cache import BlobStore
 from dicomfs.errors import ProtocolError
 from dicomfs.prefetch import select_studies
 from dicomfs.query import Query
+from dicomfs.records import StudyRecord
 from tests.test_catalog import Archive as CatalogArchive
 from tests.test_catalog import catalog
 
@@ -31,7 +32,7 @@ async def test_the_series_of_a_named_study_are_asked_for_while_it_is_looked_up(a
     studies, missing = await select_studies(cat, ["1.1"], False, Query())
     assert [s.uid for s in studies] == ["1.1"] and missing == []
     assert archive.asked["series"] == 1  # asked already, beside the study lookup ...
-    await cat.series_of("1.1")  # ... so the plan's question is answered from the catalog
+    await cat.series_of(StudyRecord("1.1"))  # ... so the plan's question is answered from the catalog
     assert archive.asked["series"] == 1
     assert trio.current_time() - started == 1  # one answer's time, not two in a row
 

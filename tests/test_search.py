@@ -127,7 +127,7 @@ async def test_summaries_complete_what_a_bare_listing_leaves_out() -> None:
         assert summary["00080061"]["Value"] == ["CT", "SR"]
         assert summary["00201206"]["Value"] == [2] and summary["00201208"]["Value"] == [4]
         assert summary["00100010"]["Value"] == [{"Alphabetic": "DOE^JOHN"}]
-        series = (await catalog.series_of("1.1"))["1.1.2"]
+        series = (await catalog.series_of(StudyRecord("1.1")))["1.1.2"]
         assert (await summaries.series_summary(series))["00080060"]["Value"] == ["SR"]
 
 

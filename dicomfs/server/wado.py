@@ -139,7 +139,7 @@ class Wado:
             return [(node.series, i) for _, i in sorted((await self.catalog.instances_of(node.series)).items())]
         assert node.study is not None
         pairs: list[tuple[SeriesRecord, InstanceRecord]] = []
-        for _, series in sorted((await self.catalog.series_of(node.study.uid)).items()):
+        for _, series in sorted((await self.catalog.series_of(node.study)).items()):
             pairs.extend((series, i) for _, i in sorted((await self.catalog.instances_of(series)).items()))
         return pairs
 

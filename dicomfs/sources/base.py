@@ -111,8 +111,9 @@ class Source(Protocol):
     (the IDC index), so the catalog does not keep them in its store, and a series' listing is
     all the archive can tell of it (a search does not look on its instances for more).
     Optionally ``searches_may_stop_short = True``: the archive may answer a series' instance
-    search with fewer than its series search counts, without saying so, and its metadata service
-    (``MetadataSource``) has them all: the catalog completes the listing from it."""
+    search (a study's series search) with fewer than its series (study) search counts, without
+    saying so, and its metadata service has them all: ``series_metadata`` (``MetadataSource``) and
+    ``study_metadata(study_uid)``, from which the catalog completes the listing."""
 
     description: str  # safe to log: no credentials
     serves_files_in_place: bool  # every instance has a ``local_file``: nothing to cache

@@ -41,7 +41,7 @@ SERIES_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 PAGE_SIZE = 1000
 QUERIES_AT_ONCE = 16  # as httpx's pool allowed before queries moved to threads
 MAX_PAGES = 100_000
-MAX_SERIES_METADATA_BYTES = 512 * 1024 * 1024  # a whole series' metadata (inflated)
+MAX_SERIES_METADATA_BYTES = 512 * 1024 * 1024  # a whole series' (or study's) metadata (inflated)
 MAX_NAMING_BYTES = 1 << 20  # a part not named by its first MiB is named by its file meta
 
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
@@ -55,8 +55,9 @@ class DicomwebSource:
     """An archive reached through QIDO-RS and WADO-RS under one service root URL."""
 
     serves_files_in_place = False
-    # Orthanc with LimitFindInstances answers a series' instance search with 3 of 5, no Warning,
-    # nothing at a further offset: the catalog completes it from the series' metadata (``Source``)
+    # Orthanc with LimitFindInstances (LimitFindResults) answers a series' instance search (a
+    # study's series search) with 3 of 5, no Warning, nothing at a further offset: the catalog
+    # completes it from the series' (study's) metadata (``Source``)
     searches_may_stop_short = True
 
     def __init__(
@@ -115,10 +116,17 @@ class DicomwebSource:
         ]
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
-        url = f"{self.root}/studies/{series.study_uid}/series/{series.uid}/metadata"
-        rows, _ = await self._get_json(url, limit=MAX_SERIES_METADATA_BYTES)
+        return await self._metadata(f"studies/{series.study_uid}/series/{series.uid}", "series")
+
+    async def study_metadata(self, study_uid: str) -> dict[str, DicomJson]:
+        """Every instance's DICOM JSON in the study (``searches_may_stop_short``: the catalog finds
+        the series a search left out in it)."""
+        return await self._metadata(f"studies/{study_uid}", "study")
+
+    async def _metadata(self, path: str, level: str) -> dict[str, DicomJson]:
+        rows, _ = await self._get_json(f"{self.root}/{path}/metadata", limit=MAX_SERIES_METADATA_BYTES)
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-            raise ProtocolError(f"series metadata from {self.root} is not a JSON array of objects")
+            raise ProtocolError(f"{level} metadata from {self.root} is not a JSON array of objects")
         return dict(_valid(rows, SOP_UID, "instance"))
 
     def local_file(self, instance: InstanceRecord) -> Path | None:

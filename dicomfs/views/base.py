@@ -197,7 +197,7 @@ class InstanceFiles:
         assert node.series is not None and node.instance is not None
         handle = await self.blobs.open_instance(node.series, node.instance)
         if self.readahead is not None:  # (after the open: the series' own download is running now)
-            self.readahead.reading(node.series, order)
+            self.readahead.reading(node.series, order, node.study)
         return handle
 
     def open_now(self, node: Node, order: SeriesOrder | None = None) -> Handle | None:
@@ -205,5 +205,5 @@ class InstanceFiles:
         assert node.series is not None and node.instance is not None
         handle = self.blobs.open_now(node.series, node.instance)
         if handle is not None and self.readahead is not None:
-            self.readahead.reading(node.series, order)
+            self.readahead.reading(node.series, order, node.study)
         return handle

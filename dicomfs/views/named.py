@@ -188,7 +188,7 @@ class NamedView:
         out = list(items)
         listings: list[object] = []
         if level >= Level.SERIES and out and out[0].series is None:
-            series_of = await map_bounded([i.study.uid for i in out], self.catalog.series_of, self._limit)
+            series_of = await map_bounded([i.study for i in out], self.catalog.series_of, self._limit)
             listings.extend(series_of)
             out = [Item(i.study, s) for i, found in zip(out, series_of, strict=False) for _, s in sorted(found.items())]
         if level is Level.INSTANCE and out and out[0].instance is None:

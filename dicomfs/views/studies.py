@@ -36,7 +36,7 @@ class StudiesView:
             return paused(lambda: [(self._folder(node, uid, study=s), None) for uid, s in sorted(studies.items())])
         if depth == 1:
             assert node.study is not None
-            series = await self.catalog.series_of(node.study.uid)
+            series = await self.catalog.series_of(node.study)
             return [(self._folder(node, uid, series=s), None) for uid, s in sorted(series.items())]
         assert node.study is not None and node.series is not None
         instances = await self.catalog.instances_of(node.series)
@@ -55,7 +55,7 @@ class StudiesView:
                 return self._folder(node, name, study=study)
         elif depth == 1 and is_key(name):
             assert node.study is not None
-            series = (await self.catalog.series_of(node.study.uid)).get(name)
+            series = (await self.catalog.series_of(node.study)).get(name)
             if series is not None:
                 return self._folder(node, name, series=series)
         elif depth == 2:
