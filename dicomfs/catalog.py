@@ -136,7 +136,10 @@ class Catalog:
         async def complete() -> dict[str, SeriesRecord]:
             return {**listed, **await self._beyond_the_series_search(study, listed, counted)}
 
-        return await self._cached(("series", study.uid, "completed"), self._listings, self.listing_ttl, complete)
+        try:
+            return await self._cached(("series", study.uid, "completed"), self._listings, self.listing_ttl, complete)
+        except SourceError:  # (offline, never completed before: the breaker refuses to ask)
+            return listed
 
     async def series_listed(self, study_uid: str) -> dict[str, SeriesRecord]:
         """The study's series as its series search names them (``series_of`` is what to show)."""

@@ -293,3 +293,18 @@ async def test_a_series_listing_whose_study_metadata_cannot_be_read_stays_the_se
     cat = catalog(archive, None)
     assert list(await cat.series_of(study_counted(3))) == ["1.1.1"]
     assert "named 1 of the 3 it counts, and its metadata could not be read" in caplog.text
+
+
+async def test_a_series_listing_never_completed_is_served_as_stored_while_the_archive_is_down(
+        tmp_path: Path, mock_clock: MockClock) -> None:
+    """The search's answer was stored (prefetch asks it while it looks the study up), never the
+    completed listing: while the archive is down, the stored answer is shown, not an error."""
+    archive = ShortSeriesSearchArchive()
+    cat = catalog(archive, tmp_path / "store")
+    assert list(await cat.series_listed("1.1")) == ["1.1.1"]
+    archive.down = True
+    with pytest.raises(SourceUnavailable):
+        await cat.instances_of(SeriesRecord("1.1", "1.1.9"))  # (the breaker opens)
+    assert cat.breaker.refusing
+    assert list(await cat.series_of(study_counted(3))) == ["1.1.1"]
+    cat.close()
