@@ -7,9 +7,9 @@ listing when the archive is unreachable: while the archive's breaker is open (``
 listings are served without asking it. Studies that ``prefetch`` stored are
 remembered so that an offline mount lists them even if the whole archive was never listed.
 Which of them a mount shows (its ``--query``) is ``search.Shown``'s business. Also keeps each
-series' full metadata (the static DICOMweb tree's input) the same way, and completes from it an
-instance listing whose search named fewer than the series counts, and from the study's metadata
-a series listing that named fewer than the study counts (``searches_may_stop_short``). Ages in memory are on
+series' full metadata (the static DICOMweb tree's input) the same way, and completes an instance
+(series) listing whose search named fewer than the series (study) counts from the archive's
+metadata (``searches_may_stop_short``). Ages in memory are on
 ``clock.now`` (mockable), the store's on wall time. Must not fetch instance data.
 """
 
@@ -83,6 +83,8 @@ class Catalog:
         # study and series listings read from a local index (IDC) are not kept in the store: the
         # index is always there, and pickling 168,000 studies costs more than reading them again
         self._local = getattr(source, "local_listings", False)
+        # its searches may name fewer than they count (``Source``): listings completed from metadata
+        self._stops_short = getattr(source, "searches_may_stop_short", False)
 
     def close(self) -> None:
         if self._store is not None:
@@ -127,19 +129,15 @@ class Catalog:
 
     async def series_of(self, study: StudyRecord) -> dict[str, SeriesRecord]:
         """The study's series: its series search's answer, completed from the study's metadata
-        where it named fewer than the study search counts (``_beyond_the_series_search``)."""
+        where it named fewer than the study search counts (``_beyond_the_search``)."""
         listed = await self.series_listed(study.uid)
         counted = json_count(study.attrs, STUDY_SERIES)
-        if counted is None or len(listed) >= counted or not getattr(self.source, "searches_may_stop_short", False):
+        if counted is None or len(listed) >= counted or not self._stops_short:
             return listed
-
-        async def complete() -> dict[str, SeriesRecord]:
-            return {**listed, **await self._beyond_the_series_search(study, listed, counted)}
-
-        try:
-            return await self._cached(("series", study.uid, "completed"), self._listings, self.listing_ttl, complete)
-        except SourceError:  # (offline, never completed before: the breaker refuses to ask)
-            return listed
+        beyond = await self._beyond_the_search(
+            ("series", study.uid, "beyond"), f"the series of study {study.uid}", len(listed), counted,
+            lambda: self._series_beyond(study, listed, counted))
+        return {**beyond, **listed}
 
     async def series_listed(self, study_uid: str) -> dict[str, SeriesRecord]:
         """The study's series as its series search names them (``series_of`` is what to show)."""
@@ -149,22 +147,50 @@ class Catalog:
         return await self._cached(("series", study_uid), self._listings, self.listing_ttl, query,
                                   local=self._local)
 
-    async def _beyond_the_series_search(self, study: StudyRecord, listed: dict[str, SeriesRecord], counted: int
-                                        ) -> dict[str, SeriesRecord]:
-        """The series of ``study``'s metadata that its series search, which named fewer than the
-        study search counts, left out (Orthanc with LimitFindResults), each with the attributes the
-        search's rows carry (or QIDO's series-level ones) taken from its first instance, and its
-        instances counted. Nothing where the study's metadata cannot be had (said in the log)."""
+    async def instances_of(self, series: SeriesRecord) -> dict[str, InstanceRecord]:
+        """The series' instances: its instance search's answer, completed from the series'
+        metadata where it named fewer than the series search counts (``_beyond_the_search``)."""
+        async def query() -> dict[str, InstanceRecord]:
+            return {i.key: i for i in await self.source.list_instances(series)}
+
+        listed = await self._cached(("instances", series.study_uid, series.uid), self._listings,
+                                    self.listing_ttl, query)
+        counted = json_count(series.attrs, SERIES_INSTANCES)
+        if counted is None or len(listed) >= counted or not self._stops_short:
+            return listed
+        beyond = await self._beyond_the_search(("instances", series.study_uid, series.uid, "beyond"),
+                                               f"the instances of series {series.uid}", len(listed), counted,
+                                               lambda: self._instances_beyond(series, listed, counted))
+        return {**beyond, **listed}
+
+    async def _beyond_the_search(self, key: tuple[str, ...], what: str, named: int, counted: int,
+                                 find: Callable[[], Awaitable[dict[str, T]]]) -> dict[str, T]:
+        """What a search that named fewer than it counts left out (Orthanc with LimitFindResults or
+        LimitFindInstances names 3 of 5 with no Warning and nothing at a further offset: a ``cp
+        -r`` silently missed the rest), found by ``find`` in the archive's metadata. Only what it
+        found is kept, never the metadata (a study's may be hundreds of MB), for the metadata TTL:
+        an archive whose count stays wrong is asked again that seldom. Nothing where the metadata
+        cannot be had: said in the log, or, while the archive is down, the breaker's to say (what
+        was found before is served meanwhile)."""
+        try:
+            return await self._cached(key, self._listings, self.metadata_ttl, find)
+        except DicomfsError as exc:
+            if not is_outage(exc):
+                log.warning("%s: the search for %s named %d of the %d it counts, and its metadata could not be read "
+                            "for the rest: %s", self.source.description, what, named, counted, exc)
+            return {}
+
+    async def _series_beyond(self, study: StudyRecord, listed: dict[str, SeriesRecord], counted: int
+                             ) -> dict[str, SeriesRecord]:
+        """The series of ``study``'s metadata that ``listed`` misses, each with the attributes the
+        search's rows carry (or QIDO's series-level ones) from its first instance, and its
+        instances counted (so that their own listings are checked in turn)."""
         from dicomfs import dicomjson  # (only here: not at every command's start)
 
-        try:
-            metadata = await self._metadata(("study-metadata", study.uid),
-                                             lambda: self.source.study_metadata(study.uid))  # type: ignore[attr-defined]
-        except DicomfsError as exc:
-            log.warning("%s: the search for the series of study %s named %d of the %d it counts, and its metadata "
-                        "could not be read for the rest: %s", self.source.description, study.uid, len(listed),
-                        counted, exc)
+        study_metadata = getattr(self.source, "study_metadata", None)
+        if study_metadata is None:
             return {}
+        metadata: dict[str, DicomJson] = await study_metadata(study.uid)
         tags = {tag for series in listed.values() for tag in series.attrs} or set(dicomjson.SERIES_TAGS)
         found: dict[str, SeriesRecord] = {}
         for attrs in metadata.values():
@@ -181,56 +207,38 @@ class Catalog:
                     "metadata", self.source.description, study.uid, len(listed), counted, len(found))
         return found
 
-    async def instances_of(self, series: SeriesRecord) -> dict[str, InstanceRecord]:
-        async def query() -> dict[str, InstanceRecord]:
-            listed = {i.key: i for i in await self.source.list_instances(series)}
-            counted = json_count(series.attrs, SERIES_INSTANCES)
-            if counted is not None and len(listed) < counted and getattr(self.source, "searches_may_stop_short", False):
-                listed.update(await self._beyond_the_search(series, listed, counted))
-            return listed
-
-        return await self._cached(("instances", series.study_uid, series.uid), self._listings,
-                                  self.listing_ttl, query)
-
-    async def _beyond_the_search(self, series: SeriesRecord, listed: dict[str, InstanceRecord], counted: int
-                                 ) -> dict[str, InstanceRecord]:
-        """The instances of ``series``' metadata that its instance search, which named fewer than
-        its series search counts, left out (Orthanc with LimitFindInstances names 3 of 5 with no
-        Warning and nothing at a further offset: a ``cp -r`` of the series folder silently missed
-        two files). Each carries the attributes the search's rows carry (or QIDO's instance-level
-        ones), so that it lists, sorts and matches queries as they do. The metadata is the
-        catalog's (kept, and shared with the static DICOMweb tree); where it cannot be had, the
-        listing stays the search's, said in the log."""
+    async def _instances_beyond(self, series: SeriesRecord, listed: dict[str, InstanceRecord], counted: int
+                                ) -> dict[str, InstanceRecord]:
+        """The instances of ``series``' metadata that ``listed`` misses, each with the attributes
+        the search's rows carry (or QIDO's instance-level ones), so that it lists, sorts and
+        matches queries as they do."""
         from dicomfs.dicomjson import INSTANCE_TAGS  # (only here: not at every command's start)
 
-        try:
-            metadata = await self.series_metadata(series)
-        except DicomfsError as exc:  # (no metadata service, too large, timed out: the breaker heard of an outage)
-            log.warning("%s: the search for the instances of series %s named %d of the %d it counts, and its "
-                        "metadata could not be read for the rest: %s", self.source.description, series.uid,
-                        len(listed), counted, exc)
+        if not isinstance(self.source, MetadataSource):
             return {}
+        metadata = await self.source.series_metadata(series)
         tags = {tag for instance in listed.values() for tag in instance.attrs} or set(INSTANCE_TAGS)
-        missed = {key: InstanceRecord(series.study_uid, series.uid, key,
-                                      attrs={tag: value for tag, value in attrs.items() if tag in tags})
-                  for key, attrs in metadata.items() if key not in listed and is_key(key)}
-        log.warning("%s: the search for the instances of series %s named %d of the %d it counts; %d more from its "
-                    "metadata", self.source.description, series.uid, len(listed), counted, len(missed))
-        return missed
+        found = {key: InstanceRecord(series.study_uid, series.uid, key,
+                                     attrs={tag: value for tag, value in attrs.items() if tag in tags})
+                 for key, attrs in metadata.items() if key not in listed and is_key(key)}
+        log.warning("%s: the search for the instances of series %s named %d of the %d it counts; %d more from "
+                    "its metadata", self.source.description, series.uid, len(listed), counted, len(found))
+        return found
 
     async def series_metadata(self, series: SeriesRecord) -> dict[str, DicomJson]:
         """Every instance's DICOM JSON as the archive's metadata service gives it (see
         ``MetadataSource``; the caller asks only a source that has one)."""
         source = self.source
         assert isinstance(source, MetadataSource)
-        return await self._metadata(("metadata", series.study_uid, series.uid), lambda: source.series_metadata(series))
 
-    async def _metadata(self, key: tuple[str, ...], query: Callable[[], Awaitable[dict[str, DicomJson]]]
-                        ) -> dict[str, DicomJson]:
+        async def query() -> dict[str, DicomJson]:
+            return await source.series_metadata(series)
+
         # stored as JSON bytes: pickling a large series' dicts takes ten times as long
         # Not kept in memory: a large series' metadata is 300 MB as Python objects (1,500 CT
         # headers), and its one user (webfiles) keeps a compact canonical form of it.
-        return await self._cached(key, None, self.metadata_ttl, query, codec=(orjson.dumps, orjson.loads))
+        return await self._cached(("metadata", series.study_uid, series.uid), None,
+                                  self.metadata_ttl, query, codec=(orjson.dumps, orjson.loads))
 
     async def _cached(self, key: tuple[str, ...], memory: cachetools.TTLCache[Any, Any] | None, ttl: float,
                       query: Callable[[], Awaitable[T]],

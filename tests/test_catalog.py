@@ -195,18 +195,23 @@ def counted(count: object) -> SeriesRecord:
 async def test_an_instance_search_that_names_fewer_than_its_series_counts_is_completed_from_the_metadata(
         tmp_path: Path, mock_clock: MockClock, count: object) -> None:
     """The two the search left out are listed, with the attributes the search's rows carry (not the
-    bulk data nor the rest of the metadata); the metadata is the catalog's own, asked for once for
-    the listing, the static DICOMweb tree and the listing's next refresh."""
+    bulk data nor the rest of the metadata); what the metadata added is kept for the metadata TTL
+    (in the store too: a remount), while the search is asked again at each listing TTL."""
     archive = ShortSearchArchive()
     cat = catalog(archive, tmp_path / "store")
     found = await cat.instances_of(counted(count))
     assert sorted(found) == [f"1.1.1.{n}" for n in range(1, 6)]
     assert all(sorted(i.attrs) == ["00080018", "00200013"] for i in found.values())
     assert found["1.1.1.5"].attrs["00200013"]["Value"] == [5]
-    assert len(await cat.series_metadata(counted(count))) == 5
     mock_clock.jump(TTL + 1)
     assert len(await cat.instances_of(counted(count))) == 5
+    remount = catalog(archive, tmp_path / "store")
+    assert len(await remount.instances_of(counted(count))) == 5
+    remount.close()
     assert archive.asked == {"instances": 2, "metadata": 1}
+    mock_clock.jump(cat.metadata_ttl)
+    assert len(await cat.instances_of(counted(count))) == 5
+    assert archive.asked == {"instances": 3, "metadata": 2}
     cat.close()
 
 
@@ -226,11 +231,14 @@ async def test_the_metadata_is_asked_for_only_when_the_count_says_instances_are_
                                    NotFound("no metadata service (scripted)")])
 async def test_a_listing_whose_metadata_cannot_be_read_stays_the_search_s(
         error: Exception, caplog: pytest.LogCaptureFixture) -> None:
+    """An outage is the breaker's (it opens; said once, as for any listing); any other failure
+    is said in the log."""
     archive = ShortSearchArchive()
     archive.metadata_error = error
     cat = catalog(archive, None)
     assert sorted(await cat.instances_of(counted(5))) == ["1.1.1.1", "1.1.1.2", "1.1.1.3"]
-    assert "named 3 of the 5 it counts, and its metadata could not be read" in caplog.text
+    said = "named 3 of the 5 it counts, and its metadata could not be read" in caplog.text
+    assert cat.breaker.refusing == isinstance(error, SourceUnavailable) != said
 
 
 class ShortSeriesSearchArchive(ShortSearchArchive):
@@ -289,10 +297,14 @@ async def test_the_study_metadata_is_asked_for_only_when_the_count_says_series_a
 async def test_a_series_listing_whose_study_metadata_cannot_be_read_stays_the_search_s(
         caplog: pytest.LogCaptureFixture) -> None:
     archive = ShortSeriesSearchArchive()
-    archive.metadata_error = SourceUnavailable("the archive timed out (scripted)")
+    archive.metadata_error = ProtocolError("study metadata is not a JSON array (scripted)")
     cat = catalog(archive, None)
     assert list(await cat.series_of(study_counted(3))) == ["1.1.1"]
     assert "named 1 of the 3 it counts, and its metadata could not be read" in caplog.text
+    archive.metadata_error = SourceUnavailable("the archive timed out (scripted)")
+    cat = catalog(archive, None)
+    assert list(await cat.series_of(study_counted(3))) == ["1.1.1"]
+    assert cat.breaker.refusing  # (the completion's request told the breaker of the outage)
 
 
 async def test_a_series_listing_never_completed_is_served_as_stored_while_the_archive_is_down(
