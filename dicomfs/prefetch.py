@@ -266,11 +266,11 @@ async def execute(plan: Plan, catalog: Catalog, blobs: BlobStore, jobs: int, str
 
 async def _write_unlisted_too(blobs: BlobStore, item: SeriesPlan, unlisted: list[str]) -> None:
     """An archive that cuts its search answers short without saying so (Orthanc with
-    LimitFindInstances: a page of 3 of 5, no Warning, nothing at a further offset), and whose
-    series search gave no count by which the source could complete the listing, named fewer
-    instances than the retrieve just made held: those of them that say they are of this series
-    are written too. (Only from a retrieve of this run: what a cached series holds beyond the
-    listing may have been deleted from the archive since.)"""
+    LimitFindInstances: a page of 3 of 5, no Warning, nothing at a further offset), where the
+    catalog could not complete the listing (the series search gave no count, or the series'
+    metadata could not be read), named fewer instances than the retrieve just made held: those of
+    them that say they are of this series are written too. (Only from a retrieve of this run:
+    what a cached series holds beyond the listing may have been deleted from the archive since.)"""
     assert item.instances is not None
     ours = [key for key in unlisted if await _says_it_is_of(blobs, item.series, key)]
     if ours:
